@@ -1,0 +1,53 @@
+# pwmail: `make demo` runs the whole system here, `make test` sets up and
+# runs the tests. Both install what they need on a fresh Debian 12 (as root).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+APT_STAMP := .apt-installed
+PYTEST_ARGS ?=
+
+.PHONY: all deps venv build nss test demo bench clean
+
+all: build
+
+# Debian packages listed in deps/debian-packages.txt (comments stripped).
+deps: $(APT_STAMP)
+$(APT_STAMP): deps/debian-packages.txt
+	@pkgs=$$(sed -e 's/#.*//' deps/debian-packages.txt | xargs); \
+	missing=$$(for p in $$pkgs; do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done | xargs); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "need root to install: $$missing" >&2; exit 1; fi; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@touch $@
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml setup.py pwcache/build_pwtable.py $(wildcard pwcache/_csrc/*.c pwcache/_csrc/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel cffi
+	$(PIP) install -q -e '.[test]'
+	@touch $@
+
+nss: $(APT_STAMP)
+	$(MAKE) -C nss_module
+
+build: deps venv nss
+
+test: build
+	@set +e; $(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest ran no test: failing" >&2; exit 1; fi; exit $$rc
+
+demo: build
+	$(VENV)/bin/pwmail demo
+
+bench: build
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf build *.egg-info pwcache/_pwtable*.so pwcache/_pwtable.c
+	$(MAKE) -C nss_module clean

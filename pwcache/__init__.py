@@ -1,0 +1,1 @@
+"""pwcache: the password server `pwserver`, its C table, and its clients."""

@@ -1,0 +1,42 @@
+"""`pwmail`: the admin tool. Each subcommand lives in the module of the part
+it belongs to; this file only maps names to them, imported on use so that
+one broken part does not take the others down."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, function, one-line help). The function takes argv (list)
+# and returns an exit code.
+SUBCOMMANDS = {
+    "gen-users": ("pwcache.genusers", "main", "generate synthetic passwd/shadow/group/mailhosts files"),
+    "gen-key": ("pwcache.keys", "main", "write a new network or shadow key file (mode 0600)"),
+    "nss": ("nss_module.install", "main", "install/uninstall libnss_pwserver.so.2 and the nsswitch.conf lines"),
+    "demo": ("pwcache.demo", "main", "run the whole system on this machine and show it working"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: pwmail SUBCOMMAND [ARGS...]", "", "subcommands:"]
+    for name, (_, _, text) in SUBCOMMANDS.items():
+        lines.append(f"  {name:<14} {text}")
+    lines.append("")
+    lines.append("`pwmail SUBCOMMAND --help` tells more.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"pwmail: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = SUBCOMMANDS[name]
+    return getattr(importlib.import_module(module), func)(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
