@@ -1,0 +1,541 @@
+"""The Python client of pwserver, synchronous (`Client`) and asyncio
+(`AsyncClient`).
+
+Both follow docs/protocol.md and share one sans-I/O plan (`QueryPlan`) for
+choosing servers: the first live server at once, the next one after
+`hedge_ms` without an answer (a hedged request), each try waiting at most
+`timeout_ms`. Servers found dead are remembered in the process and in the
+shared health record, so the next lookup (in any process on the host) goes
+straight to a live one; a dead server is tried again after `recheck_s`.
+
+`None` means the server said NOTFOUND; `Unavailable` means no server
+answered. The two are never confused.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from typing import Any, Iterator
+
+from . import config as config_mod
+from .health import HealthRecord
+from .protocol import (
+    KEY_NETWORK,
+    KEY_SHADOW,
+    MAX_TCP_ANSWER,
+    SHADOW_OPS,
+    Answer,
+    GroupEntry,
+    MailhostEntry,
+    Op,
+    PasswdEntry,
+    ProtocolError,
+    ShadowEntry,
+    Status,
+    decode_answer,
+    encode_request,
+    frame,
+    new_request_id,
+    parse_payload,
+    read_keyfile,
+    seal,
+    sealed_key_id,
+    unseal,
+)
+
+__all__ = [
+    "Client", "AsyncClient", "PwError", "Unavailable", "Denied", "BadRequest",
+    "PasswdEntry", "GroupEntry", "ShadowEntry", "MailhostEntry",
+]
+
+MAX_UDP_PACKET = 65536
+
+
+class PwError(Exception):
+    """Base of the client's errors."""
+
+
+class Unavailable(PwError):
+    """No server answered (timeouts, errors): a temporary failure."""
+
+
+class Denied(PwError):
+    """The server refused the request (shadow without the shadow key)."""
+
+
+class BadRequest(PwError):
+    """The server found the request malformed (a bug, or a bad name)."""
+
+
+Server = tuple[str, int]
+
+# Statuses after which the query is over, whatever other servers would say.
+FINAL = {Status.OK, Status.NOTFOUND, Status.DENIED, Status.BADREQUEST}
+
+
+class QueryPlan:
+    """Which server to ask when, for one query (sans-I/O).
+
+    `servers` are in priority order; those the health record says are down
+    go last. Server k (in that order) is asked `k * hedge` seconds after the
+    start, or at once when every server asked so far has failed; each try
+    lasts `timeout` seconds.
+    """
+
+    def __init__(self, servers: list[Server], health: HealthRecord, timeout: float, hedge: float, now: float):
+        wall = time.time()
+        live = [s for s in servers if not health.is_down(key(s), wall)]
+        down = [s for s in servers if s not in live]
+        self.order = live + down
+        self.timeout = timeout
+        self.hedge = hedge
+        self.start = now
+        self.sent: dict[Server, float] = {}
+        self.failed: set[Server] = set()
+
+    def due(self, now: float) -> list[Server]:
+        """Servers to send to now."""
+        out = []
+        for k, srv in enumerate(self.order):
+            if srv in self.sent:
+                continue
+            in_flight = [s for s in self.sent if s not in self.failed and now < self.sent[s] + self.timeout]
+            if not in_flight or now >= self.start + k * self.hedge:
+                out.append(srv)
+                self.sent[srv] = now
+            break  # at most one new server per call; hedges go one by one
+        return out
+
+    def wait(self, now: float) -> float | None:
+        """Seconds until something is due; None when the query has failed."""
+        pending = [self.sent[s] + self.timeout for s in self.sent if s not in self.failed]
+        nxt = len(self.sent)
+        if nxt < len(self.order):
+            pending.append(self.start + nxt * self.hedge)
+            if not any(s not in self.failed and now < self.sent[s] + self.timeout for s in self.sent):
+                return 0.0
+        pending = [t for t in pending if t > now]
+        if not pending:
+            return None
+        return min(pending) - now
+
+    def failure(self, srv: Server) -> None:
+        self.failed.add(srv)
+
+    def settle(self, health: HealthRecord, winner: Server | None) -> None:
+        """Record who was dead: servers asked before the winner that did not
+        answer in time, or every server asked when nobody answered."""
+        for srv, _ in sorted(self.sent.items(), key=lambda kv: kv[1]):
+            if srv == winner:
+                if health.down_until(key(srv)):
+                    health.mark_up(key(srv))
+                break
+            health.mark_down(key(srv))
+
+
+def key(srv: Server) -> str:
+    return config_mod.format_hostport(srv)
+
+
+class _Base:
+    def __init__(self, servers: list[str] | None = None, *, timeout_ms: int | None = None,
+                 hedge_ms: int | None = None, keyfile: str | None = None,
+                 shadow_keyfile: str | None = None, health_file: str | None = "",
+                 recheck_s: float | None = None, config: config_mod.ClientConfig | None = None):
+        cfg = config or config_mod.ClientConfig()
+        if servers:
+            cfg.servers = [config_mod.parse_hostport(s) for s in servers]
+            if health_file == "":
+                health_file = None  # explicit servers: no shared record unless asked
+        self.servers: list[Server] = list(cfg.servers)
+        self.timeout = (timeout_ms if timeout_ms is not None else cfg.timeout_ms) / 1000.0
+        self.hedge = (hedge_ms if hedge_ms is not None else cfg.hedge_ms) / 1000.0
+        keyfile = keyfile or cfg.keyfile
+        shadow_keyfile = shadow_keyfile or cfg.shadow_keyfile
+        self.network_key = read_keyfile(keyfile) if keyfile else None
+        self.shadow_key = None
+        if shadow_keyfile:
+            try:
+                self.shadow_key = read_keyfile(shadow_keyfile)
+            except PermissionError:
+                self.shadow_key = None  # not root: shadow lookups will be denied
+        self.health = HealthRecord(cfg.health_file if health_file == "" else health_file,
+                                   recheck_s if recheck_s is not None else cfg.recheck_s)
+        self._addr_cache: dict[Server, tuple[int, Any]] = {}
+
+    @classmethod
+    def from_config(cls, path: str | None = None, **overrides):
+        return cls(config=config_mod.load(path), **overrides)
+
+    # -- packets ---------------------------------------------------------
+    def _key_for(self, op: Op) -> tuple[int, bytes | None]:
+        if op in SHADOW_OPS and self.shadow_key:
+            return KEY_SHADOW, self.shadow_key
+        if self.network_key:
+            return KEY_NETWORK, self.network_key
+        return 0, None
+
+    def _packet(self, op: Op, arg: Any, rid: int, pad: bool = True) -> bytes:
+        key_id, k = self._key_for(op)
+        if k is None:
+            return encode_request(op, arg, rid, pad_to=256 if pad else 0)
+        return seal(k, key_id, encode_request(op, arg, rid, pad_to=0))
+
+    def _decode(self, packet: bytes) -> tuple[int, Answer]:
+        """(key id, answer) of a packet from a server; raises ProtocolError."""
+        key_id = sealed_key_id(packet)
+        if key_id:
+            k = {KEY_NETWORK: self.network_key, KEY_SHADOW: self.shadow_key}.get(key_id)
+            if k is None:
+                raise ProtocolError(f"answer sealed with key {key_id}, which we do not hold")
+            packet = unseal(k, packet)
+        return key_id, decode_answer(packet)
+
+    def _open(self, op: Op, packet: bytes) -> Answer:
+        key_id, ans = self._decode(packet)
+        self._check_key(op, key_id)
+        return ans
+
+    def _check_key(self, op: Op, key_id: int) -> None:
+        if key_id != self._key_for(op)[0]:
+            raise ProtocolError("answer not sealed with the request's key")
+
+    def _resolve(self, srv: Server):
+        """(family, sockaddr) of a server, resolved once."""
+        hit = self._addr_cache.get(srv)
+        if hit is None:
+            fam, _, _, _, sa = socket.getaddrinfo(srv[0], srv[1], type=socket.SOCK_DGRAM)[0]
+            hit = self._addr_cache[srv] = (fam, sa)
+        return hit
+
+    @staticmethod
+    def _result(op: Op, ans: Answer) -> Any:
+        if ans.status == Status.OK:
+            return parse_payload(op, ans.payload)
+        if ans.status == Status.NOTFOUND:
+            return None
+        if ans.status == Status.DENIED:
+            raise Denied(f"{op.name} denied by the server")
+        raise BadRequest(f"{op.name} refused as a bad request")
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        buf += chunk
+    return bytes(buf)
+
+
+class Client(_Base):
+    """Synchronous client; safe to share between threads and across fork
+    (each thread and process gets its own socket)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._local = threading.local()
+
+    def _sock(self) -> socket.socket:
+        loc = self._local
+        if getattr(loc, "pid", None) != os.getpid():
+            loc.socks = {}
+            loc.pid = os.getpid()
+        return loc.socks
+
+    def _udp(self, family: int) -> socket.socket:
+        socks = self._sock()
+        s = socks.get(family)
+        if s is None:
+            s = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            s.setblocking(False)
+            socks[family] = s
+        return s
+
+    def close(self) -> None:
+        for s in getattr(self._local, "socks", {}).values():
+            s.close()
+        self._local.socks = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def query(self, op: Op, arg: Any = None) -> Any:
+        op = Op(op)
+        if op in (Op.PASSWD_ENUM, Op.GROUP_ENUM, Op.SHADOW_ENUM):
+            return self._tcp_query(self.servers[0], op, arg)
+        rid = new_request_id()
+        packet = self._packet(op, arg, rid)
+        plan = QueryPlan(self.servers, self.health, self.timeout, self.hedge, time.monotonic())
+        addrs: dict[Any, Server] = {}
+        while True:
+            now = time.monotonic()
+            for srv in plan.due(now):
+                try:
+                    fam, sa = self._resolve(srv)
+                    sock = self._udp(fam)
+                    sock.sendto(packet, sa)
+                    addrs[(fam, sa[:2])] = srv
+                except OSError:
+                    plan.failure(srv)
+            wait = plan.wait(time.monotonic())
+            if wait is None:
+                plan.settle(self.health, None)
+                raise Unavailable(f"no password server answered {op.name} "
+                                  f"({', '.join(key(s) for s in plan.sent)})")
+            socks = list(self._sock().values())
+            ready, _, _ = select.select(socks, [], [], wait)
+            for sock in ready:
+                while True:
+                    try:
+                        data, sa = sock.recvfrom(MAX_UDP_PACKET)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:  # ICMP unreachable from one server
+                        break
+                    srv = addrs.get((sock.family, sa[:2]))
+                    if srv is None:
+                        continue  # not from a server we asked
+                    try:
+                        ans = self._open(op, data)
+                    except ProtocolError:
+                        continue
+                    if ans.request_id != rid:
+                        continue  # a late answer to an earlier query
+                    if ans.status == Status.TRUNCATED:
+                        try:
+                            result = self._tcp_query(srv, op, arg)
+                        except Unavailable:
+                            plan.failure(srv)
+                            continue
+                        plan.settle(self.health, srv)
+                        return result
+                    if ans.status not in FINAL:
+                        plan.failure(srv)
+                        continue
+                    plan.settle(self.health, srv)
+                    return self._result(op, ans)
+
+    def _tcp_query(self, srv: Server, op: Op, arg: Any) -> Any:
+        rid = new_request_id()
+        packet = self._packet(op, arg, rid, pad=False)
+        try:
+            with socket.create_connection(srv, timeout=self.timeout) as s:
+                s.sendall(frame(packet))
+                (n,) = struct.unpack(">I", _recv_exact(s, 4))
+                if n > MAX_TCP_ANSWER + 64:
+                    raise ProtocolError(f"TCP answer of {n} bytes")
+                ans = self._open(op, _recv_exact(s, n))
+        except (OSError, ProtocolError) as e:
+            raise Unavailable(f"{key(srv)} over TCP: {e}") from None
+        if ans.request_id != rid:
+            raise Unavailable(f"{key(srv)} over TCP: wrong request id")
+        if ans.status not in FINAL:
+            raise Unavailable(f"{key(srv)} over TCP: {ans.status.name}")
+        return self._result(op, ans)
+
+    # -- the operations ----------------------------------------------------
+    def passwd_by_name(self, name: str) -> PasswdEntry | None:
+        return self.query(Op.PASSWD_BY_NAME, name)
+
+    def passwd_by_uid(self, uid: int) -> PasswdEntry | None:
+        return self.query(Op.PASSWD_BY_UID, uid)
+
+    def group_by_name(self, name: str) -> GroupEntry | None:
+        return self.query(Op.GROUP_BY_NAME, name)
+
+    def group_by_gid(self, gid: int) -> GroupEntry | None:
+        return self.query(Op.GROUP_BY_GID, gid)
+
+    def initgroups(self, name: str) -> list[int] | None:
+        return self.query(Op.INITGROUPS, name)
+
+    def shadow_by_name(self, name: str) -> ShadowEntry | None:
+        return self.query(Op.SHADOW_BY_NAME, name)
+
+    def mailhost(self, name: str) -> MailhostEntry | None:
+        return self.query(Op.MAILHOST, name)
+
+    def stats(self) -> dict[str, int]:
+        return self.query(Op.STATS)
+
+    def ping(self) -> Any:
+        return self.query(Op.PING)
+
+    def enumerate(self, op: Op = Op.PASSWD_ENUM) -> Iterator[Any]:
+        """Every record of a map, page by page over TCP."""
+        index: int | None = 0
+        while index is not None:
+            page = self.query(op, index)
+            if page is None:
+                return
+            index, records = page
+            yield from records
+
+
+class AsyncClient(_Base):
+    """asyncio client: one UDP socket per client, many queries in flight."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._socks: dict[int, socket.socket] = {}
+        self._waiting: dict[int, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _udp(self, family: int) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._close_socks()
+            self._loop = loop
+        s = self._socks.get(family)
+        if s is None:
+            s = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            s.setblocking(False)
+            loop.add_reader(s.fileno(), self._readable, s)
+            self._socks[family] = s
+        return s
+
+    def _readable(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                data, sa = sock.recvfrom(MAX_UDP_PACKET)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            try:
+                key_id, ans = self._decode(data)
+            except ProtocolError:
+                continue  # garbage or forged: dropped
+            queue = self._waiting.get(ans.request_id)
+            if queue is not None:
+                queue.put_nowait((sock.family, sa, key_id, ans))
+
+    def _close_socks(self) -> None:
+        for s in self._socks.values():
+            if self._loop is not None and not self._loop.is_closed():
+                try:
+                    self._loop.remove_reader(s.fileno())
+                except Exception:
+                    pass
+            s.close()
+        self._socks = {}
+
+    async def close(self) -> None:
+        self._close_socks()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def query(self, op: Op, arg: Any = None) -> Any:
+        op = Op(op)
+        if op in (Op.PASSWD_ENUM, Op.GROUP_ENUM, Op.SHADOW_ENUM):
+            return await self._tcp_query(self.servers[0], op, arg)
+        loop = asyncio.get_running_loop()
+        rid = new_request_id()
+        packet = self._packet(op, arg, rid)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._waiting[rid] = queue
+        plan = QueryPlan(self.servers, self.health, self.timeout, self.hedge, loop.time())
+        addrs: dict[Any, Server] = {}
+        try:
+            while True:
+                for srv in plan.due(loop.time()):
+                    try:
+                        fam, sa = self._resolve(srv)
+                        self._udp(fam).sendto(packet, sa)
+                        addrs[(fam, sa[:2])] = srv
+                    except OSError:
+                        plan.failure(srv)
+                wait = plan.wait(loop.time())
+                if wait is None:
+                    plan.settle(self.health, None)
+                    raise Unavailable(f"no password server answered {op.name}")
+                try:
+                    fam, sa, key_id, ans = await asyncio.wait_for(queue.get(), wait)
+                except asyncio.TimeoutError:
+                    continue
+                srv = addrs.get((fam, sa[:2]))
+                if srv is None:
+                    continue  # right id from the wrong address: forged
+                try:
+                    self._check_key(op, key_id)
+                except ProtocolError:
+                    continue
+                if ans.status == Status.TRUNCATED:
+                    try:
+                        result = await self._tcp_query(srv, op, arg)
+                    except Unavailable:
+                        plan.failure(srv)
+                        continue
+                    plan.settle(self.health, srv)
+                    return result
+                if ans.status not in FINAL:
+                    plan.failure(srv)
+                    continue
+                plan.settle(self.health, srv)
+                return self._result(op, ans)
+        finally:
+            del self._waiting[rid]
+
+    async def _tcp_query(self, srv: Server, op: Op, arg: Any) -> Any:
+        rid = new_request_id()
+        packet = self._packet(op, arg, rid, pad=False)
+        writer = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                reader, writer = await asyncio.open_connection(srv[0], srv[1])
+                writer.write(frame(packet))
+                (n,) = struct.unpack(">I", await reader.readexactly(4))
+                if n > MAX_TCP_ANSWER + 64:
+                    raise ProtocolError(f"TCP answer of {n} bytes")
+                ans = self._open(op, await reader.readexactly(n))
+        except (OSError, ProtocolError, asyncio.IncompleteReadError, TimeoutError) as e:
+            raise Unavailable(f"{key(srv)} over TCP: {e!r}") from None
+        finally:
+            if writer is not None:
+                writer.close()
+        if ans.request_id != rid:
+            raise Unavailable(f"{key(srv)} over TCP: wrong request id")
+        if ans.status not in FINAL:
+            raise Unavailable(f"{key(srv)} over TCP: {ans.status.name}")
+        return self._result(op, ans)
+
+    async def passwd_by_name(self, name: str) -> PasswdEntry | None:
+        return await self.query(Op.PASSWD_BY_NAME, name)
+
+    async def passwd_by_uid(self, uid: int) -> PasswdEntry | None:
+        return await self.query(Op.PASSWD_BY_UID, uid)
+
+    async def group_by_name(self, name: str) -> GroupEntry | None:
+        return await self.query(Op.GROUP_BY_NAME, name)
+
+    async def group_by_gid(self, gid: int) -> GroupEntry | None:
+        return await self.query(Op.GROUP_BY_GID, gid)
+
+    async def initgroups(self, name: str) -> list[int] | None:
+        return await self.query(Op.INITGROUPS, name)
+
+    async def shadow_by_name(self, name: str) -> ShadowEntry | None:
+        return await self.query(Op.SHADOW_BY_NAME, name)
+
+    async def mailhost(self, name: str) -> MailhostEntry | None:
+        return await self.query(Op.MAILHOST, name)
+
+    async def stats(self) -> dict[str, int]:
+        return await self.query(Op.STATS)
+
+    async def ping(self) -> Any:
+        return await self.query(Op.PING)
