@@ -98,6 +98,14 @@ def test_loopback_is_up_inside_each_host(bed):
         assert r.stdout.strip() == b"lo ok"
 
 
+def test_host_names_resolve_inside_the_bed_only(bed):
+    code = "import socket,sys; print(socket.gethostbyname(sys.argv[1]))"
+    r = bed.exec("a1", [sys.executable, "-c", code, "c1"])
+    assert r.stdout.decode().strip() == bed.addr("c1")
+    with open("/etc/hosts") as f:
+        assert bed.addr("c1") + "\tc1" not in f.read()
+
+
 def test_processes_run_inside_their_namespace(bed):
     r = bed.exec("b1", ["ip", "netns", "identify", str(os.getpid())])
     assert r.stdout.strip() == b""       # this process: the machine's own namespace

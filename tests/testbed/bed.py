@@ -16,6 +16,7 @@ import ipaddress
 import itertools
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -78,6 +79,18 @@ def _ns_pids(ns: str) -> list[int]:
     return [int(p) for p in out.stdout.split() if p.isdigit()]
 
 
+def _remove_ns(ns: str) -> None:
+    """Remove a namespace of ours; whatever still runs in it was started by
+    a bed (children that left their process group) and goes with it."""
+    from pyroute2 import netns
+
+    for pid in _ns_pids(ns):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        netns.remove(ns)
+
+
 def cleanup_stale(prefix: str = PREFIX) -> list[str]:
     """Remove namespaces of earlier runs whose process is gone (and whatever
     still runs inside them, which those runs started). Returns their names."""
@@ -88,11 +101,7 @@ def cleanup_stale(prefix: str = PREFIX) -> list[str]:
         m = re.match(rf"^{re.escape(prefix)}(\d+)-", ns)
         if not m or _pid_alive(int(m.group(1))):
             continue
-        for pid in _ns_pids(ns):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(Exception):
-            netns.remove(ns)
+        _remove_ns(ns)
         removed.append(ns)
     return removed
 
@@ -409,6 +418,13 @@ class TestBed(_Bed):
         for h in self.hosts.values():
             h.ns = f"{self.tag}-{h.name}"
             h.port = f"v{h.name}"[:15]
+        # Files bind-mounted over /etc/<name> for every process on the bed,
+        # in the private mount namespace `ip netns exec` makes (never seen
+        # outside). /etc/hosts names every host, so "store1" resolves.
+        hosts_file = self.workdir / "etc-hosts"
+        hosts_file.write_text("127.0.0.1\tlocalhost\n::1\tlocalhost\n" +
+                              "".join(f"{h.addr}\t{h.name}\n" for h in self.hosts.values()))
+        self.etc: dict[str, Path] = {"hosts": hosts_file}
 
     def ns(self, host: str) -> str:
         return self._host(host).ns
@@ -450,16 +466,19 @@ class TestBed(_Bed):
         for ns in [h.ns for h in self.hosts.values()] + [self.switch]:
             if ns not in existing:
                 continue
-            # Whatever still runs in there was started by this bed (children
-            # that left their process group): it goes with the namespace.
-            for pid in _ns_pids(ns):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(Exception):
-                netns.remove(ns)
+            _remove_ns(ns)
 
     def _wrap(self, host: str, argv: Sequence[str]) -> list[str]:
-        return ["ip", "netns", "exec", self._host(host).ns, *argv]
+        ns = self._host(host).ns
+        if not self.etc:
+            return ["ip", "netns", "exec", ns, *argv]
+        binds = []
+        for name, path in self.etc.items():
+            if "/" in name or not os.path.exists(f"/etc/{name}"):
+                raise ValueError(f"can only overlay an existing file directly in /etc, not {name!r}")
+            binds.append(f"mount --bind {shlex.quote(str(path))} /etc/{name}")
+        script = " && ".join(binds) + ' && exec "$@"'
+        return ["ip", "netns", "exec", ns, "sh", "-c", script, "sh", *argv]
 
     @contextlib.contextmanager
     def inside(self, host: str) -> Iterator[None]:
