@@ -1,0 +1,227 @@
+"""Durable Maildir delivery (the paper's III.D: one file per message).
+
+A message is durable before anyone is told so: the file is created in
+`tmp/` with O_EXCL, written, fsynced and closed, renamed into `new/`, and
+`new/` is fsynced. The last step is separate (`sync_dir`) so that the
+asyncio daemon can share one directory fsync among concurrent deliveries
+(group commit); `deliver()` does all of it in one call.
+
+File names: `<time>.M<usec>P<pid>Q<n>.<host>,S=<size>,W=<size with CRLF>`,
+the Dovecot/Courier form; `<n>` counts deliveries in this process, and `/`
+and `:` in the host name are written `\\057` and `\\072`.
+
+Failures: a missing storage root (or one without its marker file, i.e. not
+mounted) raises StorageUnavailable; ENOSPC/EDQUOT raise StorageFull; any
+other OSError is passed on. In every case the temporary file is removed and
+nothing appears in `new/`.
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import pathlib
+import socket
+import time
+from dataclasses import dataclass
+
+from delivery.layout import MailboxLayout
+
+# Present at the top of a storage root only when the right file system is
+# mounted there: an empty mount point is refused instead of filled.
+ROOT_MARKER = ".pwmail-root"
+TMP_MAX_AGE = 36 * 3600  # seconds; Maildir's customary limit for tmp/ leftovers
+MAILDIR_MODE = 0o700
+FILE_MODE = 0o600
+LEVEL_MODE = 0o755
+
+_counter = itertools.count(1)
+
+
+class StorageUnavailable(OSError):
+    """The storage root is missing or not mounted: try again later."""
+
+
+class StorageFull(OSError):
+    """No space or quota left: try again later (452)."""
+
+
+def maildir_host() -> str:
+    return socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+
+
+def unique_name(size: int, wsize: int, host: str | None = None) -> str:
+    now = time.time()
+    sec = int(now)
+    usec = int((now - sec) * 1_000_000)
+    return f"{sec}.M{usec}P{os.getpid()}Q{next(_counter)}.{host or maildir_host()},S={size},W={wsize}"
+
+
+def _classify(e: OSError) -> OSError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull(e.errno, f"storage full: {e.strerror}", e.filename)
+    return e
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Staged:
+    """A message written and fsynced in tmp/, not yet visible."""
+    tmp_path: str
+    new_path: str
+    new_dir: str
+
+
+class MaildirWriter:
+    def __init__(self, layout: MailboxLayout, host: str | None = None):
+        self.layout = layout
+        self.host = host or maildir_host()
+
+    # -- mailboxes -------------------------------------------------------
+    def check_root(self) -> None:
+        root = self.layout.root
+        if not (root / ROOT_MARKER).exists():
+            raise StorageUnavailable(errno.ENOENT, f"storage root {root} missing or not mounted "
+                                     f"(no {ROOT_MARKER})", str(root))
+
+    def ensure_maildir(self, user: str, uid: int = -1, gid: int = -1) -> pathlib.Path:
+        """The user's Maildir, created (owned by uid:gid, mode 0700) if absent.
+
+        Hash levels are created as needed (root-owned, 0755); a missing root
+        is never created. Every new directory entry is fsynced.
+        """
+        box = self.layout.path(user)
+        if os.path.isdir(box / "new") and os.path.isdir(box / "tmp"):
+            return box
+        self.check_root()
+        try:
+            parent = self.layout.root
+            for level in self.layout.relative(user).parts[:-1]:
+                parent = parent / level
+                if _mkdir(parent, LEVEL_MODE, -1, -1):
+                    fsync_dir(parent.parent)
+            if _mkdir(box, MAILDIR_MODE, uid, gid):
+                fsync_dir(box.parent)
+            made = False
+            for sub in ("cur", "new", "tmp"):
+                made |= _mkdir(box / sub, MAILDIR_MODE, uid, gid)
+            if made:
+                fsync_dir(box)
+        except OSError as e:
+            raise _classify(e) from e
+        return box
+
+    # -- messages --------------------------------------------------------
+    def stage(self, box: pathlib.Path, content: bytes, uid: int = -1, gid: int = -1) -> Staged:
+        """Write `content` (LF line ends) to tmp/ and fsync it."""
+        name = unique_name(len(content), len(content) + content.count(b"\n"), self.host)
+        tmp_path = f"{box}/tmp/{name}"
+        try:
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        except OSError as e:
+            raise _classify(e) from e
+        try:
+            try:
+                if uid >= 0 or gid >= 0:
+                    os.fchown(fd, uid, gid)
+                view = memoryview(content)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            _unlink_quietly(tmp_path)
+            raise _classify(e) from e
+        return Staged(tmp_path, f"{box}/new/{name}", f"{box}/new")
+
+    def publish(self, staged: Staged) -> None:
+        """Move a staged message into new/ (visible; durable after sync_dir)."""
+        try:
+            os.rename(staged.tmp_path, staged.new_path)
+        except OSError as e:
+            _unlink_quietly(staged.tmp_path)
+            raise _classify(e) from e
+
+    def withdraw(self, staged: Staged) -> None:
+        """Undo publish() when new/ could not be made durable."""
+        _unlink_quietly(staged.new_path)
+        _unlink_quietly(staged.tmp_path)
+
+    def deliver(self, user: str, content: bytes, uid: int = -1, gid: int = -1) -> str:
+        """Create-if-needed, write, publish and sync: returns the path in new/."""
+        box = self.ensure_maildir(user, uid, gid)
+        staged = self.stage(box, content, uid, gid)
+        self.publish(staged)
+        try:
+            fsync_dir(staged.new_dir)
+        except OSError as e:
+            self.withdraw(staged)
+            raise _classify(e) from e
+        return staged.new_path
+
+
+def _mkdir(path: pathlib.Path, mode: int, uid: int, gid: int) -> bool:
+    """mkdir that tolerates a concurrent creator; True when we made it."""
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        return False
+    os.chmod(path, mode)  # umask
+    if uid >= 0 or gid >= 0:
+        os.chown(path, uid, gid)
+    return True
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def clean_tmp(box: str | os.PathLike, max_age: float = TMP_MAX_AGE, now: float | None = None) -> int:
+    """Remove files in box/tmp older than max_age seconds; returns the count."""
+    now = time.time() if now is None else now
+    removed = 0
+    try:
+        entries = os.scandir(os.path.join(box, "tmp"))
+    except OSError:
+        return 0
+    with entries:
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if entry.is_file(follow_symlinks=False) and now - st.st_mtime > max_age:
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError:
+                continue
+    return removed
+
+
+def walk_maildirs(root: str | os.PathLike, max_depth: int = 4):
+    """Yield every Maildir (a directory holding tmp/ and new/) under root."""
+    root = os.fspath(root)
+    stack = [(root, 0)]
+    while stack:
+        path, depth = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                subdirs = [e.path for e in it if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue
+        names = {os.path.basename(p) for p in subdirs}
+        if "tmp" in names and "new" in names:
+            yield path
+        if depth < max_depth:
+            stack.extend((p, depth + 1) for p in subdirs
+                         if os.path.basename(p) not in ("tmp", "new", "cur"))
