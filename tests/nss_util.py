@@ -1,0 +1,311 @@
+"""Helpers for the NSS module's tests (tests/test_nss*.py).
+
+`FakePwServer` is a small, real peer that speaks docs/protocol.md over UDP
+and TCP with the `msgpack` package, built from passwd/group/shadow files.
+Its `mode` makes it misbehave on purpose: "drop" reads every request and
+never answers (a silently dead server, not one that refuses), and `hook`
+lets a test send garbage, wrong ids or packets from another address.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import selectors
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+import msgpack
+from nacl import bindings as sodium
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+NSS_DIR = ROOT / "nss_module"
+LIB = NSS_DIR / "libnss_pwserver.so.2"
+
+OK, NOTFOUND, TRUNCATED, DENIED, BADREQUEST, BADVERSION, UNAVAILABLE = range(7)
+MAX_UDP_ANSWER = 8192
+AMPLIFICATION = 3
+ENUM_PAGE = 1000
+KEY_NETWORK, KEY_SHADOW = 1, 2
+
+
+def build_module() -> pathlib.Path:
+    subprocess.run(["make", "-s", "-C", str(NSS_DIR)], check=True)
+    return LIB
+
+
+# ---- source files ------------------------------------------------------------
+
+
+def parse_passwd(text: str) -> list[list]:
+    out = []
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, pw, uid, gid, gecos, home, shell = line.split(":")
+            out.append([name, pw, int(uid), int(gid), gecos, home, shell])
+    return out
+
+
+def parse_group(text: str) -> list[list]:
+    out = []
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, pw, gid, members = line.split(":")
+            out.append([name, pw, int(gid), [m for m in members.split(",") if m]])
+    return out
+
+
+def parse_shadow(text: str) -> list[list]:
+    out = []
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            f = line.split(":")
+            out.append([f[0], f[1]] + [int(x) if x else -1 for x in f[2:9]])
+    return out
+
+
+def read_key(path) -> bytes:
+    return bytes.fromhex(pathlib.Path(path).read_text().strip())
+
+
+def write_key(path, key: bytes) -> None:
+    path = pathlib.Path(path)
+    path.write_text(key.hex() + "\n")
+    path.chmod(0o600)
+
+
+def seal(key: bytes, key_id: int, body: bytes) -> bytes:
+    head = bytes([0xC1, key_id])
+    nonce = os.urandom(24)
+    return head + nonce + sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(body, head, nonce, key)
+
+
+def unseal(key: bytes, pkt: bytes) -> bytes:
+    return sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(pkt[26:], pkt[:2], pkt[2:26], key)
+
+
+# ---- the fake server -------------------------------------------------------------
+
+
+class FakePwServer:
+    """A pwserver peer on 127.0.0.1 (UDP and TCP on one port), in threads."""
+
+    def __init__(self, passwd: str = "", group: str = "", shadow: str = "", *, mode: str = "serve",
+                 shadow_key: bytes | None = None, network_key: bytes | None = None,
+                 mailhost: str = "store1", port: int = 0, hook=None):
+        self.users = parse_passwd(passwd)
+        self.groups = parse_group(group)
+        self.shadows = parse_shadow(shadow)
+        self.mode = mode
+        self.shadow_key = shadow_key
+        self.network_key = network_key
+        self.mailhost = mailhost
+        self.hook = hook
+        self.requests = 0          # UDP requests received (answered or not)
+        self.answered = 0          # UDP + TCP answers sent
+        self.tcp_requests = 0
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", port))
+        self.port = self.udp.getsockname()[1]
+        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.tcp.bind(("127.0.0.1", self.port))
+        self.tcp.listen(64)
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._serve_udp, daemon=True),
+                         threading.Thread(target=self._serve_tcp, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(5)
+        self.udp.close()
+        self.tcp.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # -- answers ----------------------------------------------------------------
+
+    def record(self, op: int, arg):
+        """(status, payload) for a decoded request."""
+        u = lambda r: r + [self.mailhost]  # noqa: E731
+        if op == 1:
+            hit = [u(r) for r in self.users if r[0] == arg]
+        elif op == 2:
+            hit = [u(r) for r in self.users if r[2] == arg]
+        elif op == 3:
+            hit = [g for g in self.groups if g[0] == arg]
+        elif op == 4:
+            hit = [g for g in self.groups if g[2] == arg]
+        elif op == 5:
+            if not any(r[0] == arg for r in self.users):
+                return NOTFOUND, None
+            return OK, [g[2] for g in self.groups if arg in g[3]]
+        elif op == 6:
+            hit = [s for s in self.shadows if s[0] == arg]
+        elif op in (10, 11, 12):
+            rows = {10: [u(r) for r in self.users], 11: self.groups, 12: self.shadows}[op]
+            page = rows[arg:arg + ENUM_PAGE]
+            nxt = arg + ENUM_PAGE if arg + ENUM_PAGE < len(rows) else None
+            return OK, [nxt, page]
+        elif op == 9:
+            return OK, ["fake", 1, len(self.users)]
+        else:
+            return BADREQUEST, None
+        return (OK, hit[0]) if hit else (NOTFOUND, None)
+
+    def answer(self, pkt: bytes, udp: bool) -> bytes | None:
+        key_id = 0
+        if pkt[:1] == b"\xc1":
+            key_id = pkt[1]
+            key = {KEY_NETWORK: self.network_key, KEY_SHADOW: self.shadow_key}.get(key_id)
+            if key is None:
+                return None
+            try:
+                body = unseal(key, pkt)
+            except Exception:
+                return None
+        elif self.network_key is not None:
+            return None
+        else:
+            body = pkt
+        try:
+            req = msgpack.unpackb(body)
+            version, rid, op, arg = req[:4]
+        except Exception:
+            return None
+        if op in (6, 12) and key_id != KEY_SHADOW:
+            status, payload = DENIED, None
+        elif udp and op in (10, 11, 12):
+            status, payload = TRUNCATED, None
+        else:
+            status, payload = self.record(op, arg)
+        out = msgpack.packb([1, rid, status, payload])
+        if udp and (len(out) > MAX_UDP_ANSWER or (not key_id and len(out) > AMPLIFICATION * len(pkt))):
+            out = msgpack.packb([1, rid, TRUNCATED, None])
+        if key_id:
+            out = seal(key, key_id, out)
+        return out
+
+    # -- loops --------------------------------------------------------------------
+
+    def _serve_udp(self) -> None:
+        self.udp.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                pkt, addr = self.udp.recvfrom(2048)
+            except (socket.timeout, OSError):
+                continue
+            self.requests += 1
+            if self.mode == "drop":
+                continue
+            if self.hook is not None:
+                if self.hook(self, pkt, addr):
+                    continue
+            out = self.answer(pkt, udp=True)
+            if out is not None:
+                self.udp.sendto(out, addr)
+                self.answered += 1
+
+    def _serve_tcp(self) -> None:
+        sel = selectors.DefaultSelector()
+        self.tcp.setblocking(False)
+        sel.register(self.tcp, selectors.EVENT_READ)
+        while not self._stop.is_set():
+            for key, _ in sel.select(0.1):
+                if key.fileobj is self.tcp:
+                    try:
+                        conn, _ = self.tcp.accept()
+                    except OSError:
+                        continue
+                    if self.mode == "drop":
+                        conn.close()
+                        continue
+                    threading.Thread(target=self._tcp_conn, args=(conn,), daemon=True).start()
+        sel.close()
+
+    def _tcp_conn(self, conn: socket.socket) -> None:
+        conn.settimeout(10)
+        try:
+            while True:
+                head = _recv_exact(conn, 4)
+                if head is None:
+                    return
+                (n,) = struct.unpack(">I", head)
+                if n > 1024:
+                    return
+                pkt = _recv_exact(conn, n)
+                if pkt is None:
+                    return
+                self.tcp_requests += 1
+                out = self.answer(pkt, udp=False)
+                if out is None:
+                    return
+                conn.sendall(struct.pack(">I", len(out)) + out)
+                self.answered += 1
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+
+def _recv_exact(conn, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = conn.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
+# ---- configuration and running ----------------------------------------------------
+
+
+def write_conf(path, servers, *, timeout_ms=2000, hedge_ms=50, recheck_s=5, health_file=None,
+               enumerate_=False, shadow_keyfile=None, keyfile=None) -> pathlib.Path:
+    path = pathlib.Path(path)
+    lines = [f"server {s}" for s in servers]
+    lines += [f"timeout_ms {timeout_ms}", f"hedge_ms {hedge_ms}", f"recheck_s {recheck_s}"]
+    lines.append(f"health_file {health_file or path.parent / 'health'}")
+    if enumerate_:
+        lines.append("enumerate yes")
+    if shadow_keyfile:
+        lines.append(f"shadow_keyfile {shadow_keyfile}")
+    if keyfile:
+        lines.append(f"keyfile {keyfile}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def module_env(conf) -> dict:
+    env = dict(os.environ)
+    env["PWSERVER_CONF"] = str(conf)
+    env["LD_LIBRARY_PATH"] = str(NSS_DIR)
+    return env
+
+
+def getent(conf, *args, timeout=30) -> subprocess.CompletedProcess:
+    return subprocess.run(["getent", "-s", "pwserver", *args], env=module_env(conf),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(pred, timeout=5.0, step=0.02) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
