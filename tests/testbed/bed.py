@@ -320,6 +320,24 @@ class _Bed:
                                    f"output:\n{out[-3000:]}")
             time.sleep(0.05)
 
+    def write_on_script(self, env: dict[str, dict[str, str]] | None = None) -> Path:
+        """Write `<workdir>/on`: `on HOST COMMAND...` runs a command on a
+        host of this bed the way `run` does (namespace, /etc overlay), with
+        that host's extra environment (env[host]) and PWMAIL_SYSLOG."""
+        lines = ["#!/bin/sh", "# on HOST COMMAND...: run COMMAND on a host of this test bed",
+                 'host="$1"; shift', 'case "$host" in']
+        for h in self.hosts:
+            extra = dict(env.get(h, {}) if env else {})
+            if self.syslog_address:
+                extra["PWMAIL_SYSLOG"] = self.syslog_address
+            exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in extra.items())
+            lines.append(f'  {h}) {exports}exec {shlex.join(self._wrap(h, []))} "$@";;')
+        lines += [f'  *) echo "hosts: {" ".join(self.hosts)}" >&2; exit 2;;', "esac", ""]
+        path = self.workdir / "on"
+        path.write_text("\n".join(lines))
+        path.chmod(0o755)
+        return path
+
     # -- sockets from this process ----------------------------------------
     @contextlib.contextmanager
     def inside(self, host: str) -> Iterator[None]:
