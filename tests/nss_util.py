@@ -309,3 +309,39 @@ def wait_for(pred, timeout=5.0, step=0.02) -> bool:
             return True
         time.sleep(step)
     return pred()
+
+
+# ---- a small user base used by the tests -----------------------------------------
+
+BIG_GROUP_MEMBERS = [f"m{i:05d}" for i in range(50000)]
+
+PASSWD = "".join(
+    [
+        "alice:x:2001:2001:Alice Example,Room 1,,:/home/alice:/bin/bash\n",
+        "bob:x:2002:100::/home/bob:/bin/sh\n",
+        "carol.d-x:x:2003:2003:Carol \u00e9\u00e8 \u4e2d:/var/mail/c/a/carol:/usr/sbin/nologin\n",
+        "dave:*:2004:2004:Dave:/home/dave:\n",
+    ]
+    + [f"user{i:04d}:x:{5000 + i}:{5000 + i}:User {i}:/home/user{i:04d}:/bin/sh\n" for i in range(2500)]
+)
+GROUP = (
+    "pwstaff:x:3000:alice,bob\n"
+    "pwmail:x:3001:alice,carol.d-x,dave\n"
+    "pwempty:x:3002:\n"
+    "pwbig:x:3003:" + ",".join(BIG_GROUP_MEMBERS) + "\n"
+    "alice:x:2001:\n"
+)
+SHADOW = (
+    "alice:$6$salt$hashhashhash:19000:0:99999:7:::\n"
+    "bob:!:19001:1:2:3:4:20000:\n"
+    "carol.d-x:$y$j9T$abc$def:::::::\n"
+)
+
+
+def write_sources(d) -> dict:
+    d = pathlib.Path(d)
+    paths = {}
+    for name, text in (("passwd", PASSWD), ("group", GROUP), ("shadow", SHADOW)):
+        paths[name] = d / name
+        paths[name].write_text(text)
+    return paths

@@ -1,0 +1,191 @@
+"""libnss_pwserver.so.2 through real glibc: getent -s pwserver, id, and
+Python's pwd/grp in a subprocess, compared field by field with the source
+files the server was given."""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import nss_util as u
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return u.build_module()
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    key = os.urandom(32)
+    u.write_key(d / "shadow.key", key)
+    return {"shadow": key, "shadow_file": d / "shadow.key"}
+
+
+@pytest.fixture(scope="module")
+def server(lib, keys):
+    with u.FakePwServer(u.PASSWD, u.GROUP, u.SHADOW, shadow_key=keys["shadow"]) as s:
+        yield s
+
+
+@pytest.fixture
+def conf(tmp_path, server):
+    return u.write_conf(tmp_path / "pwserver.conf", [server.address])
+
+
+def test_exports_only_nss_entry_points(lib):
+    out = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True, check=True)
+    names = [line.split()[-1] for line in out.stdout.splitlines() if line.strip()]
+    assert names and all(n.startswith("_nss_pwserver_") for n in names), names
+    soname = subprocess.run(["objdump", "-p", str(lib)], capture_output=True, text=True).stdout
+    assert "SONAME               libnss_pwserver.so.2" in soname
+    needed = [line.split()[-1] for line in soname.splitlines() if "NEEDED" in line]
+    assert needed == ["libc.so.6"], needed  # libsodium only through dlopen
+    handle = ctypes.CDLL(str(lib))
+    for name in ("getpwnam_r", "getpwuid_r", "setpwent", "getpwent_r", "endpwent", "getgrnam_r",
+                 "getgrgid_r", "setgrent", "getgrent_r", "endgrent", "initgroups_dyn", "getspnam_r",
+                 "setspent", "getspent_r", "endspent"):
+        assert getattr(handle, "_nss_pwserver_" + name) is not None
+
+
+def passwd_line(r) -> str:
+    return ":".join(str(x) for x in r)
+
+
+@pytest.mark.parametrize("name", ["alice", "bob", "carol.d-x", "dave", "user0000", "user2499"])
+def test_getent_passwd_by_name_and_uid(conf, name):
+    src = next(r for r in u.parse_passwd(u.PASSWD) if r[0] == name)
+    for key in (name, str(src[2])):
+        r = u.getent(conf, "passwd", key)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.rstrip("\n").split(":") == [str(x) for x in src]
+
+
+def test_getent_unknown_is_notfound(conf):
+    for args in (["passwd", "nosuchuser"], ["passwd", "424242"], ["group", "nosuch"],
+                 ["passwd", "bad:name"], ["shadow", "nosuch"]):
+        r = u.getent(conf, *args)
+        assert r.returncode == 2 and r.stdout == "", args
+
+
+@pytest.mark.parametrize("name", ["pwstaff", "pwmail", "pwempty", "alice"])
+def test_getent_group(conf, name):
+    src = next(g for g in u.parse_group(u.GROUP) if g[0] == name)
+    for key in (name, str(src[2])):
+        r = u.getent(conf, "group", key)
+        assert r.returncode == 0, r.stderr
+        gname, gpw, gid, members = r.stdout.rstrip("\n").split(":")
+        assert [gname, gpw, int(gid), [m for m in members.split(",") if m]] == src
+
+
+def test_getent_group_with_50000_members_over_tcp(conf, server):
+    before = server.tcp_requests
+    r = u.getent(conf, "group", "pwbig")
+    assert r.returncode == 0
+    name, _, gid, members = r.stdout.rstrip("\n").split(":")
+    assert (name, int(gid)) == ("pwbig", 3003)
+    assert members.split(",") == u.BIG_GROUP_MEMBERS
+    assert server.tcp_requests > before  # TRUNCATED over UDP, then TCP
+
+
+def test_getent_initgroups(conf):
+    for user, want in (("alice", [3000, 3001]), ("carol.d-x", [3001]), ("bob", [3000]),
+                       ("user0001", [])):
+        r = u.getent(conf, "initgroups", user)
+        assert r.returncode == 0, (user, r.stderr)
+        fields = r.stdout.split()
+        assert fields[0] == user and sorted(int(g) for g in fields[1:]) == want
+
+
+def test_getent_shadow_needs_the_shadow_key(tmp_path, server, keys):
+    plain = u.write_conf(tmp_path / "nokey.conf", [server.address])
+    assert u.getent(plain, "shadow", "alice").returncode == 2
+    keyed = u.write_conf(tmp_path / "key.conf", [server.address], shadow_keyfile=keys["shadow_file"])
+    for src in u.parse_shadow(u.SHADOW):
+        r = u.getent(keyed, "shadow", src[0])
+        assert r.returncode == 0, r.stderr
+        got = r.stdout.rstrip("\n").split(":")
+        want = [src[0], src[1]] + ["" if x == -1 else str(x) for x in src[2:]]
+        assert got == want
+    # a wrong key: the server cannot open the request and stays silent
+    u.write_key(tmp_path / "wrong.key", os.urandom(32))
+    wrong = u.write_conf(tmp_path / "wrong.conf", [server.address], timeout_ms=300,
+                         shadow_keyfile=tmp_path / "wrong.key")
+    assert u.getent(wrong, "shadow", "alice").returncode == 2
+
+
+def test_enumeration_only_when_enabled(tmp_path, server, keys):
+    off = u.write_conf(tmp_path / "off.conf", [server.address])
+    r = u.getent(off, "passwd")
+    assert r.returncode == 0 and r.stdout == ""
+    on = u.write_conf(tmp_path / "on.conf", [server.address], enumerate_=True,
+                      shadow_keyfile=keys["shadow_file"])
+    before = server.tcp_requests
+    r = u.getent(on, "passwd")
+    assert r.returncode == 0
+    assert [line.split(":") for line in r.stdout.splitlines()] == \
+        [[str(x) for x in rec] for rec in u.parse_passwd(u.PASSWD)]
+    assert server.tcp_requests - before >= 3  # 2504 users: three pages over TCP
+    r = u.getent(on, "group")
+    assert [line.split(":")[0] for line in r.stdout.splitlines()] == [g[0] for g in u.parse_group(u.GROUP)]
+    r = u.getent(on, "shadow")
+    assert [line.split(":")[0] for line in r.stdout.splitlines()] == [s[0] for s in u.parse_shadow(u.SHADOW)]
+
+
+# ---- through nsswitch.conf, in a private mount namespace -------------------------
+
+def in_namespace(tmp_path, conf, argv, nsswitch="files pwserver"):
+    """Runs argv with an nsswitch.conf naming pwserver bind-mounted over
+    /etc/nsswitch.conf in a private mount namespace (the real one is never
+    touched)."""
+    ns = tmp_path / "nsswitch.conf"
+    ns.write_text(f"passwd: {nsswitch}\ngroup: {nsswitch}\nshadow: {nsswitch}\n")
+    script = 'mount --bind "$0" /etc/nsswitch.conf && exec "$@"'
+    return subprocess.run(["unshare", "-m", "sh", "-c", script, str(ns), *argv], env=u.module_env(conf),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_id_through_nsswitch(tmp_path, conf):
+    r = in_namespace(tmp_path, conf, ["id", "alice"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "uid=2001(alice) gid=2001(alice) groups=2001(alice),3000(pwstaff),3001(pwmail)"
+    r = in_namespace(tmp_path, conf, ["id", "carol.d-x"])
+    assert r.stdout.strip() == "uid=2003(carol.d-x) gid=2003 groups=2003,3001(pwmail)"
+    r = in_namespace(tmp_path, conf, ["id", "nosuchuser"])
+    assert r.returncode == 1 and "no such user" in r.stderr
+    # files still comes first
+    r = in_namespace(tmp_path, conf, ["id", "-u", "root"])
+    assert r.stdout.strip() == "0"
+
+
+PY_PROBE = """
+import grp, json, pwd, sys
+out = {"pw": [list(pwd.getpwnam(n)) for n in sys.argv[1:]],
+       "uid": [list(pwd.getpwuid(pwd.getpwnam(n).pw_uid)) for n in sys.argv[1:]],
+       "gr": [list(grp.getgrnam(g)) for g in ("pwstaff", "pwmail", "pwempty", "pwbig")],
+       "gid": list(grp.getgrgid(3001))}
+try:
+    pwd.getpwnam("nosuchuser")
+except KeyError:
+    out["missing"] = True
+print(json.dumps(out))
+"""
+
+
+def test_python_pwd_grp_through_nsswitch(tmp_path, conf):
+    names = ["alice", "bob", "carol.d-x", "dave", "user1234"]
+    r = in_namespace(tmp_path, conf, [sys.executable, "-c", PY_PROBE, *names])
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    src = {p[0]: p for p in u.parse_passwd(u.PASSWD)}
+    assert out["pw"] == [src[n] for n in names]
+    assert out["uid"] == [src[n] for n in names]
+    groups = {g[0]: g for g in u.parse_group(u.GROUP)}
+    assert out["gr"] == [groups[g] for g in ("pwstaff", "pwmail", "pwempty", "pwbig")]
+    assert out["gid"] == groups["pwmail"]
+    assert out["missing"] is True
