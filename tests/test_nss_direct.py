@@ -1,0 +1,255 @@
+"""Direct calls into libnss_pwserver.so.2 through cffi (ABI mode), as glibc
+makes them: return codes, *errnop, errno, and the ERANGE path with a 1-byte
+buffer growing until the entry fits (the same entry comes back)."""
+from __future__ import annotations
+
+import os
+
+import cffi
+import pytest
+
+import nss_util as u
+
+SUCCESS, NOTFOUND, UNAVAIL, TRYAGAIN = 1, 0, -1, -2
+ERANGE, ENOENT, EAGAIN, EACCES = 34, 2, 11, 13
+
+CDEF = """
+struct passwd { char *pw_name; char *pw_passwd; uint32_t pw_uid; uint32_t pw_gid;
+                char *pw_gecos; char *pw_dir; char *pw_shell; };
+struct group { char *gr_name; char *gr_passwd; uint32_t gr_gid; char **gr_mem; };
+struct spwd { char *sp_namp; char *sp_pwdp; long sp_lstchg; long sp_min; long sp_max;
+              long sp_warn; long sp_inact; long sp_expire; unsigned long sp_flag; };
+int _nss_pwserver_getpwnam_r(const char *, struct passwd *, char *, size_t, int *);
+int _nss_pwserver_getpwuid_r(uint32_t, struct passwd *, char *, size_t, int *);
+int _nss_pwserver_setpwent(int);
+int _nss_pwserver_getpwent_r(struct passwd *, char *, size_t, int *);
+int _nss_pwserver_endpwent(void);
+int _nss_pwserver_getgrnam_r(const char *, struct group *, char *, size_t, int *);
+int _nss_pwserver_getgrgid_r(uint32_t, struct group *, char *, size_t, int *);
+int _nss_pwserver_setgrent(int);
+int _nss_pwserver_getgrent_r(struct group *, char *, size_t, int *);
+int _nss_pwserver_endgrent(void);
+int _nss_pwserver_initgroups_dyn(const char *, uint32_t, long *, long *, uint32_t **, long, int *);
+int _nss_pwserver_getspnam_r(const char *, struct spwd *, char *, size_t, int *);
+void *malloc(size_t);
+void free(void *);
+"""
+
+ffi = cffi.FFI()
+ffi.cdef(CDEF)
+
+
+@pytest.fixture(scope="module")
+def nss():
+    lib_path = u.build_module()
+    return ffi.dlopen(str(lib_path))
+
+
+@pytest.fixture(scope="module")
+def libc():
+    return ffi.dlopen(None)
+
+
+@pytest.fixture(scope="module")
+def shadow_key(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    key = os.urandom(32)
+    u.write_key(d / "shadow.key", key)
+    return key, d / "shadow.key"
+
+
+@pytest.fixture(scope="module")
+def server(shadow_key):
+    with u.FakePwServer(u.PASSWD, u.GROUP, u.SHADOW, shadow_key=shadow_key[0]) as s:
+        yield s
+
+
+@pytest.fixture
+def conf(tmp_path, server, shadow_key, monkeypatch):
+    path = u.write_conf(tmp_path / "pwserver.conf", [server.address], enumerate_=True,
+                        shadow_keyfile=shadow_key[1])
+    monkeypatch.setenv("PWSERVER_CONF", str(path))
+    return path
+
+
+def s(p) -> str:
+    return ffi.string(p).decode()
+
+
+def passwd_tuple(pw):
+    return [s(pw.pw_name), s(pw.pw_passwd), pw.pw_uid, pw.pw_gid, s(pw.pw_gecos), s(pw.pw_dir), s(pw.pw_shell)]
+
+
+def group_tuple(gr):
+    members, i = [], 0
+    while gr.gr_mem[i] != ffi.NULL:
+        members.append(s(gr.gr_mem[i]))
+        i += 1
+    return [s(gr.gr_name), s(gr.gr_passwd), gr.gr_gid, members]
+
+
+def shadow_tuple(sp):
+    return [s(sp.sp_namp), s(sp.sp_pwdp), sp.sp_lstchg, sp.sp_min, sp.sp_max, sp.sp_warn,
+            sp.sp_inact, sp.sp_expire, -1 if sp.sp_flag == 2**64 - 1 else sp.sp_flag]
+
+
+_KEEP: list = []
+
+
+def grow(call, result_type):
+    """Calls with a 1-byte buffer, doubling it on TRYAGAIN/ERANGE, as glibc
+    does. Returns (status, errno, result, number of ERANGE answers)."""
+    size, eranges = 1, 0
+    while True:
+        buf = ffi.new("char[]", size)
+        result = ffi.new(result_type)
+        err = ffi.new("int *", 0)
+        ffi.errno = 4242
+        st = call(result, buf, size, err)
+        if st == TRYAGAIN and err[0] == ERANGE:
+            eranges += 1
+            size *= 2
+            assert size < 64 << 20
+            continue
+        if st == SUCCESS:
+            assert ffi.errno == 4242  # errno preserved on success
+        _KEEP.append(buf)  # the result's strings live in buf
+        return st, err[0], result, eranges
+
+
+def test_getpwnam_erange_then_same_entry(nss, conf):
+    for src in u.parse_passwd(u.PASSWD)[:6]:
+        st, err, pw, eranges = grow(lambda r, b, n, e: nss._nss_pwserver_getpwnam_r(src[0].encode(), r, b, n, e),
+                                    "struct passwd *")
+        assert st == SUCCESS and eranges >= 1
+        assert passwd_tuple(pw) == src
+        st, err, pw, _ = grow(lambda r, b, n, e: nss._nss_pwserver_getpwuid_r(src[2], r, b, n, e),
+                              "struct passwd *")
+        assert st == SUCCESS and passwd_tuple(pw) == src
+
+
+def test_notfound_sets_errnop(nss, conf):
+    pw = ffi.new("struct passwd *")
+    buf = ffi.new("char[]", 1024)
+    err = ffi.new("int *", 0)
+    assert nss._nss_pwserver_getpwnam_r(b"nosuchuser", pw, buf, 1024, err) == NOTFOUND
+    assert err[0] == ENOENT
+    err[0] = 0
+    assert nss._nss_pwserver_getpwuid_r(4294967295, pw, buf, 1024, err) == NOTFOUND
+    assert err[0] == ENOENT
+    err[0] = 0
+    assert nss._nss_pwserver_getpwnam_r(b"", pw, buf, 1024, err) == NOTFOUND and err[0] == ENOENT
+
+
+def test_unavail_when_no_server_answers(nss, tmp_path, monkeypatch):
+    dead = u.FakePwServer(mode="drop")
+    try:
+        path = u.write_conf(tmp_path / "dead.conf", [dead.address], timeout_ms=200, hedge_ms=50)
+        monkeypatch.setenv("PWSERVER_CONF", str(path))
+        pw = ffi.new("struct passwd *")
+        buf = ffi.new("char[]", 1024)
+        err = ffi.new("int *", 0)
+        assert nss._nss_pwserver_getpwnam_r(b"alice", pw, buf, 1024, err) == UNAVAIL
+        assert err[0] == EAGAIN and ffi.errno == EAGAIN
+        assert dead.requests >= 1
+    finally:
+        dead.stop()
+
+
+def test_group_erange_including_50000_members(nss, conf, server):
+    groups = {g[0]: g for g in u.parse_group(u.GROUP)}
+    for name in ("pwstaff", "pwempty", "pwbig"):
+        before = server.tcp_requests
+        st, err, gr, eranges = grow(lambda r, b, n, e: nss._nss_pwserver_getgrnam_r(name.encode(), r, b, n, e),
+                                    "struct group *")
+        assert st == SUCCESS and eranges >= 1
+        assert group_tuple(gr) == groups[name]
+        if name == "pwbig":
+            assert server.tcp_requests > before
+        st, err, gr, _ = grow(lambda r, b, n, e: nss._nss_pwserver_getgrgid_r(groups[name][2], r, b, n, e),
+                              "struct group *")
+        assert st == SUCCESS and group_tuple(gr) == groups[name]
+
+
+def test_shadow_erange_and_empty_fields(nss, conf):
+    for src in u.parse_shadow(u.SHADOW):
+        st, err, sp, eranges = grow(lambda r, b, n, e: nss._nss_pwserver_getspnam_r(src[0].encode(), r, b, n, e),
+                                    "struct spwd *")
+        assert st == SUCCESS and eranges >= 1
+        assert shadow_tuple(sp) == src
+
+
+def test_shadow_without_key_is_unavail_eacces(nss, tmp_path, server, monkeypatch):
+    path = u.write_conf(tmp_path / "nokey.conf", [server.address])
+    monkeypatch.setenv("PWSERVER_CONF", str(path))
+    sp = ffi.new("struct spwd *")
+    buf = ffi.new("char[]", 1024)
+    err = ffi.new("int *", 0)
+    before = server.requests
+    assert nss._nss_pwserver_getspnam_r(b"alice", sp, buf, 1024, err) == UNAVAIL
+    assert err[0] == EACCES
+    assert server.requests == before  # nothing sent without the key
+
+
+def test_getpwent_erange_returns_the_same_entry(nss, conf):
+    """Enumeration with a 1-byte buffer for every entry: each one first
+    answers ERANGE, then comes back whole; none skipped, none repeated."""
+    got = []
+    assert nss._nss_pwserver_setpwent(0) == SUCCESS
+    while True:
+        st, err, pw, eranges = grow(lambda r, b, n, e: nss._nss_pwserver_getpwent_r(r, b, n, e), "struct passwd *")
+        if st == NOTFOUND:
+            assert err == ENOENT
+            break
+        assert st == SUCCESS and eranges >= 1
+        got.append(passwd_tuple(pw))
+    nss._nss_pwserver_endpwent()
+    assert got == u.parse_passwd(u.PASSWD)
+
+
+def test_getgrent_erange_returns_the_same_entry(nss, conf):
+    got = []
+    nss._nss_pwserver_setgrent(0)
+    while True:
+        st, err, gr, eranges = grow(lambda r, b, n, e: nss._nss_pwserver_getgrent_r(r, b, n, e), "struct group *")
+        if st != SUCCESS:
+            assert st == NOTFOUND
+            break
+        got.append(group_tuple(gr))
+    nss._nss_pwserver_endgrent()
+    assert got == u.parse_group(u.GROUP)
+
+
+def test_enumeration_off_is_notfound(nss, tmp_path, server, monkeypatch):
+    path = u.write_conf(tmp_path / "off.conf", [server.address])
+    monkeypatch.setenv("PWSERVER_CONF", str(path))
+    pw = ffi.new("struct passwd *")
+    buf = ffi.new("char[]", 4096)
+    err = ffi.new("int *", 0)
+    nss._nss_pwserver_setpwent(0)
+    assert nss._nss_pwserver_getpwent_r(pw, buf, 4096, err) == NOTFOUND and err[0] == ENOENT
+
+
+def test_initgroups_dyn_grows_and_respects_limit(nss, conf, libc):
+    start = ffi.new("long *", 1)
+    size = ffi.new("long *", 1)
+    groups = ffi.new("uint32_t **", ffi.cast("uint32_t *", libc.malloc(4)))
+    groups[0][0] = 2001
+    err = ffi.new("int *", 0)
+    try:
+        assert nss._nss_pwserver_initgroups_dyn(b"alice", 2001, start, size, groups, -1, err) == SUCCESS
+        assert sorted(groups[0][i] for i in range(start[0])) == [2001, 3000, 3001]
+        assert size[0] >= start[0]
+        # already present gids are not added twice
+        assert nss._nss_pwserver_initgroups_dyn(b"alice", 2001, start, size, groups, -1, err) == SUCCESS
+        assert start[0] == 3
+    finally:
+        libc.free(groups[0])
+    start[0], size[0] = 0, 1
+    groups[0] = ffi.cast("uint32_t *", libc.malloc(4))
+    try:
+        assert nss._nss_pwserver_initgroups_dyn(b"alice", 0, start, size, groups, 1, err) == SUCCESS
+        assert start[0] == 1 and size[0] == 1
+    finally:
+        libc.free(groups[0])
+    assert nss._nss_pwserver_initgroups_dyn(b"nosuchuser", 0, start, size, groups, -1, err) == NOTFOUND
