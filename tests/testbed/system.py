@@ -120,7 +120,8 @@ class PwmailSystem:
     generated in the bed's work folder."""
 
     def __init__(self, bed: _Bed, *, users: int = 100_000, stores: Sequence[str] = DEFAULT_STORES,
-                 users_dir: str | os.PathLike | None = None, timeout_ms: int = 2000, hedge_ms: int = 50):
+                 users_dir: str | os.PathLike | None = None, timeout_ms: int = 2000, hedge_ms: int = 50,
+                 recheck_s: int = 5):
         self.bed = bed
         self.n_users = users
         self.stores = list(stores)
@@ -129,6 +130,7 @@ class PwmailSystem:
         self.users_dir = Path(users_dir) if users_dir else bed.workdir / "users"
         self.timeout_ms = timeout_ms
         self.hedge_ms = hedge_ms
+        self.recheck_s = recheck_s
         self.shadow_key = bed.workdir / "shadow.key"
         self.settings = bed.workdir / "pwmail.toml"
         self._passwords: dict[str, str] | None = None
@@ -164,7 +166,7 @@ class PwmailSystem:
         for h in self.bed.names():
             self.client_conf(h).write_text(
                 "".join(f"server {self.bed.addr(pw)}:{self.ports.pwserver}\n" for pw in ("pw1", "pw2")) +
-                f"timeout_ms {self.timeout_ms}\nhedge_ms {self.hedge_ms}\n"
+                f"timeout_ms {self.timeout_ms}\nhedge_ms {self.hedge_ms}\nrecheck_s {self.recheck_s}\n"
                 f"shadow_keyfile {self.shadow_key}\n"
                 # One health record per host, as on real machines (all the
                 # namespaces share one file system).
@@ -198,9 +200,16 @@ class PwmailSystem:
         root = self.spool(store)
         root.mkdir(parents=True, exist_ok=True)
         addr = self.bed.addr(store)
+        # pdeliveryd delivers only under a root it was told is mounted (its marker file).
+        r = self.bed.exec(store, [program("pdeliveryd"), "--root", str(root), "--init-root"], env=self.env(store))
+        if r.returncode != 0:
+            raise SystemError_(f"pdeliveryd --init-root on {store} failed ({r.returncode}): "
+                               f"{r.stderr.decode(errors='replace')[-2000:]}")
         self.bed.run(store, [program("pdeliveryd"), "--listen", f"{addr}:{self.ports.lmtp}", "--root", str(root)],
                      name="pdeliveryd", env=self.env(store))
-        self.bed.run(store, [program("pop3d"), "--listen", f"{addr}:{self.ports.pop3d}", "--root", str(root)],
+        # The proxy passes the client's address on (XCLIENT): pop3d trusts pop1 only.
+        self.bed.run(store, [program("pop3d"), "--listen", f"{addr}:{self.ports.pop3d}", "--root", str(root),
+                             "--trusted", f"{self.bed.addr('pop1')}/32"],
                      name="pop3d", env=self.env(store))
         self.wait_listening(store, "pdeliveryd", self.ports.lmtp)
         self.wait_listening(store, "pop3d", self.ports.pop3d)

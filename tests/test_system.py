@@ -1,0 +1,239 @@
+"""The whole system across hosts (issue 6): pwmail on the namespace test bed,
+end to end and under faults. Each test is bounded in time; the bed tears
+everything down even when one fails."""
+from __future__ import annotations
+
+import re
+import signal
+import smtplib
+import threading
+import time
+from email.parser import BytesParser
+
+import pytest
+
+from testbed import TestBed, namespace_support
+from testbed.system import PartMissing, PwmailSystem, hosts_for
+
+USERS = 3000
+TIMEOUT_MS = 1000      # per-try timeout of every pwserver client on the bed
+HEDGE_MS = 50
+RECHECK_S = 2
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def system():
+    reason = namespace_support()
+    if reason:
+        pytest.skip(reason)
+    with TestBed(hosts_for()) as bed:
+        s = PwmailSystem(bed, users=USERS, timeout_ms=TIMEOUT_MS, hedge_ms=HEDGE_MS, recheck_s=RECHECK_S)
+        try:
+            s.start()
+        except PartMissing as e:
+            pytest.skip(str(e))
+        yield s
+
+
+def message_ids_on_disk(s: PwmailSystem, user: str) -> list[str]:
+    ids = []
+    for f in s.messages_on_disk(user):
+        msg = BytesParser().parsebytes(f.read_bytes(), headersonly=True)
+        ids.append(msg["Message-ID"])
+    return ids
+
+
+def mk(s: PwmailSystem, user: str, tag: str) -> tuple[bytes, str]:
+    data = s.message(user, tag, f"body of {tag}\n")
+    mid = BytesParser().parsebytes(data, headersonly=True)["Message-ID"]
+    return data, mid
+
+
+@pytest.mark.timeout(120)
+def test_delivery_and_pop_end_to_end(system):
+    s = system
+    for store in s.stores:
+        user = s.users_on(store, 1)[0]
+        data, mid = mk(s, user, f"e2e {store}")
+        r = s.deliver(user, data)
+        assert r.returncode == 0, r.stderr
+        assert message_ids_on_disk(s, user).count(mid) == 1
+        others = [o for o in s.stores if o != store]
+        assert all(not s.mailbox(user, o).exists() for o in others)
+        msgs = s.pop_fetch(user)
+        assert any(mid.encode() in m for m in msgs)
+
+
+@pytest.mark.timeout(180)
+def test_pw1_cut_lookups_deliveries_and_logins_go_on_through_pw2(system):
+    s, bed = system, system.bed
+    names = s.users_on(s.stores[0], 40)
+    base = sum(s.lookup_latencies(names[:20]))
+    bed.cut("pw1")
+    try:
+        # One long-lived client (as pop-proxy holds): every lookup answered;
+        # the extra cost is bounded per change of state, not per lookup.
+        t0 = time.monotonic()
+        lat = s.lookup_latencies(names)
+        total = time.monotonic() - t0
+        assert len(lat) == len(names)
+        assert total < TIMEOUT_MS / 1000 + len(names) * (HEDGE_MS / 1000) + 2 * base + 1.0
+        # Short-lived processes (pdelivery per message, getent): each goes on.
+        user = names[0]
+        for i in range(3):
+            data, mid = mk(s, user, f"pw1 cut {i}")
+            t0 = time.monotonic()
+            r = s.deliver(user, data)
+            assert r.returncode == 0, r.stderr
+            assert time.monotonic() - t0 < TIMEOUT_MS / 1000 + 5
+            assert message_ids_on_disk(s, user).count(mid) == 1
+        for _ in range(3):
+            rc, out, secs = s.getent(user)
+            assert rc == 0 and out.startswith(user + ":")
+            assert secs < TIMEOUT_MS / 1000 + 1.0
+        assert len(s.pop_fetch(user)) >= 3
+    finally:
+        bed.restore("pw1")
+    # pw1 is back: after the recheck interval, it answers again.
+    time.sleep(RECHECK_S + 0.5)
+    from pwcache.client import Client
+    with bed.inside("client1"), Client([f"{bed.addr('pw1')}:{s.ports.pwserver}"], timeout_ms=TIMEOUT_MS) as c:
+        assert c.passwd_by_name(names[0]) is not None
+
+
+@pytest.mark.timeout(300)
+def test_store2_cut_defers_its_users_then_every_message_exactly_once(system):
+    s, bed = system, system.bed
+    u1 = s.users_on("store1", 3)[2]
+    u2 = s.users_on("store2", 3)[2]
+    sent = {u1: [], u2: []}
+    deferred = []
+    bed.cut("store2")
+    try:
+        for i in range(2):
+            for user in (u1, u2):
+                data, mid = mk(s, user, f"store2 cut {i} {user}")
+                r = s.deliver(user, data, timeout=120)
+                sent[user].append(mid)
+                if user == u1:
+                    assert r.returncode == 0, r.stderr
+                else:
+                    assert r.returncode == 75, (r.returncode, r.stderr)   # EX_TEMPFAIL: kept for retry
+                    deferred.append((user, data))
+    finally:
+        bed.restore("store2")
+    for user, data in deferred:      # the MTA's queue run
+        r = s.deliver(user, data)
+        assert r.returncode == 0, r.stderr
+    for user, mids in sent.items():
+        on_disk = message_ids_on_disk(s, user)
+        assert sorted(m for m in on_disk if m in mids) == sorted(mids)
+        assert all(on_disk.count(m) == 1 for m in mids)
+
+
+@pytest.mark.timeout(300)
+def test_pdeliveryd_sigkill_during_burst_keeps_every_acknowledged_message_once(system):
+    s, bed = system, system.bed
+    users = s.users_on("store1", 20)
+    total, threads_n = 1000, 4
+    acked: list[tuple[str, str]] = []
+    lock = threading.Lock()
+    killed = threading.Event()
+
+    def sender(k: int):
+        conn = None
+        for i in range(k, total, threads_n):
+            if killed.is_set():
+                break
+            user = users[i % len(users)]
+            data, mid = mk(s, user, f"burst {i}")
+            try:
+                if conn is None:
+                    with bed.inside("mx1"):
+                        conn = smtplib.LMTP(timeout=10)
+                    conn.connect(bed.addr("store1"), s.ports.lmtp)
+                conn.sendmail("burst@example.org", [user], data)
+            except (smtplib.SMTPException, OSError):
+                conn = None
+                continue
+            with lock:
+                acked.append((user, mid))
+
+    threads = [threading.Thread(target=sender, args=(k,)) for k in range(threads_n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while len(acked) < 150 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(acked) >= 150, "the burst did not get going"
+    bed.kill("store1", "pdeliveryd", signal.SIGKILL)
+    killed.set()
+    for t in threads:
+        t.join(60)
+    bed.restart("store1", "pdeliveryd")
+    s.wait_listening("store1", "pdeliveryd", s.ports.lmtp)
+    by_user: dict[str, list[str]] = {}
+    for user in users:
+        by_user[user] = message_ids_on_disk(s, user)
+    for user, mid in acked:
+        assert by_user[user].count(mid) == 1, (user, mid)
+    # Nothing partial in new/: each file is whole (its size is in its name).
+    for user in users:
+        new = s.mailbox(user) / "new"
+        for f in new.iterdir() if new.is_dir() else []:
+            m = re.search(r",S=(\d+)", f.name)
+            assert m, f.name
+            assert f.stat().st_size == int(m.group(1)), f.name
+
+
+@pytest.mark.timeout(120)
+def test_pop1_restart_clients_reconnect_and_continue(system):
+    s, bed = system, system.bed
+    user = s.users_on("store2", 4)[3]
+    data, mid = mk(s, user, "before pop1 restart")
+    assert s.deliver(user, data).returncode == 0
+    import poplib
+    with bed.inside("client1"):
+        pop = poplib.POP3(bed.addr("pop1"), s.ports.proxy, timeout=10)
+    pop.user(user)
+    pop.pass_(s.passwords[user])
+    count, _ = pop.stat()
+    assert count >= 1
+    bed.restart("pop1", "pop-proxy")
+    with pytest.raises((poplib.error_proto, OSError, EOFError)):
+        pop.stat()
+        pop.stat()
+    pop.close()
+    s.wait_listening("pop1", "pop-proxy", s.ports.proxy)
+    # pop3d may still hold the old session's lock for a moment.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            msgs = s.pop_fetch(user)
+            break
+        except poplib.error_proto:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    assert any(mid.encode() in m for m in msgs)
+    assert len(msgs) == count
+
+
+@pytest.mark.timeout(60)
+def test_central_log_has_lines_from_every_host(system):
+    s, bed = system, system.bed
+    user = s.users_on("store1", 5)[4]
+    data, mid = mk(s, user, "logged")
+    assert s.deliver(user, data).returncode == 0
+    s.pop_fetch(user)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        hosts = {line.split(" ", 2)[1] for line in bed.log_lines()}
+        if {"pw1", "store1", "pop1"} <= hosts:
+            break
+        time.sleep(0.1)
+    assert {"pw1", "pw2", "store1", "store2", "pop1"} <= hosts
+    assert any(user in line and line.split(" ", 2)[1] == "store1" for line in bed.log_lines())
+    assert any(user in line and line.split(" ", 2)[1] == "pop1" for line in bed.log_lines())
