@@ -388,15 +388,14 @@ int pwp_skip(pwp_reader *r)
 
 /* ---- names ------------------------------------------------------------- */
 
-int pw_valid_name(const char *s, size_t n)
+/* Valid UTF-8 without NUL; `strict` also refuses ':' and newline. */
+static int valid_utf8(const char *s, size_t n, int strict)
 {
     const uint8_t *p = (const uint8_t *)s, *end = p + n;
-    if (n == 0 || n > PW_MAX_NAME)
-        return 0;
     while (p < end) {
         uint8_t c = *p;
         if (c < 0x80) {
-            if (c == 0 || c == ':' || c == '\n')
+            if (c == 0 || (strict && (c == ':' || c == '\n')))
                 return 0;
             p++;
             continue;
@@ -430,6 +429,16 @@ int pw_valid_name(const char *s, size_t n)
         p += extra + 1;
     }
     return 1;
+}
+
+int pw_valid_name(const char *s, size_t n)
+{
+    return n > 0 && n <= PW_MAX_NAME && valid_utf8(s, n, 1);
+}
+
+int pw_valid_utf8(const char *s, size_t n)
+{
+    return valid_utf8(s, n, 0);
 }
 
 /* ---- requests ---------------------------------------------------------- */

@@ -174,5 +174,7 @@ void pw_put_shadow(pwp_buf *b, const pw_shadow_view *v);
 
 /* Valid UTF-8, no NUL; used for every name a peer sends. */
 int pw_valid_name(const char *s, size_t n);
+/* Valid UTF-8, no NUL, any length (record fields loaded from files). */
+int pw_valid_utf8(const char *s, size_t n);
 
 #endif /* PW_WIRE_H */

@@ -1,0 +1,1017 @@
+/*
+ * pw_table.c - parse passwd/shadow/group/mailhosts buffers into a packed,
+ * read-only table (see pw_table.h).
+ *
+ * Load order: mailhosts first (a temporary index, so that each passwd
+ * record is packed once with its host), then passwd, shadow, group; last
+ * the reverse index of group members. Arenas grow by doubling and are
+ * trimmed at the end; large blocks come from mmap through malloc, so a
+ * freed table goes back to the system.
+ */
+#define _GNU_SOURCE
+#include "pw_table.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "pw_wire.h"
+
+#define NONE UINT32_MAX
+
+typedef struct {
+    uint8_t *data;
+    size_t len, cap;
+} arena;
+
+typedef struct {
+    uint32_t *slots; /* entry index + 1; 0 = empty */
+    uint32_t mask;
+} index_t;
+
+typedef struct {
+    uint32_t name_off;  /* in t->pw: inside the passwd record, or a bare copy */
+    uint32_t pw_off;
+    uint32_t sh_off;
+    uint32_t gids_off;  /* in t->gids */
+    uint32_t uid;
+    uint16_t pw_len;    /* 0: no passwd record (a group member only) */
+    uint16_t sh_len;    /* 0: no shadow record */
+    uint16_t ngids;
+    uint16_t host;
+    uint8_t name_len;
+    uint8_t frozen;
+} user_t;
+
+typedef struct {
+    uint32_t name_off;  /* in t->gr */
+    uint32_t rec_off;
+    uint32_t rec_len;
+    uint32_t gid;
+    uint8_t name_len;
+} group_t;
+
+typedef struct {
+    uint32_t off; /* in hostbuf */
+    uint16_t len;
+} host_t;
+
+struct pwt_table {
+    user_t *users;
+    uint32_t nusers, users_cap;
+    group_t *groups;
+    uint32_t ngroups;
+    arena pw, sh, gr, hostbuf;
+    uint32_t *gids;
+    host_t *hosts;
+    uint32_t nhosts, hosts_cap;
+    index_t by_name, by_uid, gr_by_name, gr_by_gid;
+    pwt_load_stats st;
+};
+
+/* ---- small helpers ----------------------------------------------------- */
+
+static int arena_reserve(arena *a, size_t more)
+{
+    if (more <= a->cap - a->len)
+        return 0;
+    size_t cap = a->cap ? a->cap : 1 << 16;
+    while (cap - a->len < more)
+        cap *= 2;
+    if (cap > UINT32_MAX)
+        cap = UINT32_MAX; /* offsets are 32-bit */
+    if (cap - a->len < more)
+        return -1;
+    uint8_t *p = realloc(a->data, cap);
+    if (!p)
+        return -1;
+    a->data = p;
+    a->cap = cap;
+    return 0;
+}
+
+static void arena_trim(arena *a)
+{
+    if (a->len && a->len < a->cap) {
+        uint8_t *p = realloc(a->data, a->len);
+        if (p) {
+            a->data = p;
+            a->cap = a->len;
+        }
+    }
+}
+
+static uint64_t mix64(uint64_t x)
+{
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    return x;
+}
+
+static int index_init(index_t *ix, size_t n)
+{
+    size_t cap = 16;
+    while (cap < 2 * n)
+        cap *= 2;
+    ix->slots = calloc(cap, sizeof *ix->slots);
+    ix->mask = (uint32_t)(cap - 1);
+    return ix->slots ? 0 : -1;
+}
+
+/* Grows (rehashes) when more than half full; `hash_of` recomputes keys. */
+typedef uint64_t (*hash_fn)(const void *ctx, uint32_t i);
+
+static int index_grow(index_t *ix, uint32_t count, const void *ctx, hash_fn hash_of)
+{
+    if ((uint64_t)count * 2 < (uint64_t)ix->mask + 1)
+        return 0;
+    index_t bigger;
+    if (index_init(&bigger, (size_t)count * 2) < 0)
+        return -1;
+    for (uint32_t s = 0; s <= ix->mask; s++) {
+        uint32_t v = ix->slots[s];
+        if (!v)
+            continue;
+        uint32_t j = (uint32_t)hash_of(ctx, v - 1) & bigger.mask;
+        while (bigger.slots[j])
+            j = (j + 1) & bigger.mask;
+        bigger.slots[j] = v;
+    }
+    free(ix->slots);
+    *ix = bigger;
+    return 0;
+}
+
+static void index_put(index_t *ix, uint64_t h, uint32_t i)
+{
+    uint32_t j = (uint32_t)h & ix->mask;
+    while (ix->slots[j])
+        j = (j + 1) & ix->mask;
+    ix->slots[j] = i + 1;
+}
+
+static inline uint64_t name_hash(const char *s, size_t n)
+{
+    return mix64(pw_fnv1a(PW_FNV_BASIS, s, n));
+}
+
+static inline uint64_t id_hash(uint32_t id)
+{
+    return mix64((uint64_t)id + 0x9e3779b97f4a7c15ull);
+}
+
+static inline const char *user_name(const pwt_table *t, const user_t *u)
+{
+    return (const char *)t->pw.data + u->name_off;
+}
+
+static inline const char *group_name(const pwt_table *t, const group_t *g)
+{
+    return (const char *)t->gr.data + g->name_off;
+}
+
+static uint32_t find_user(const pwt_table *t, const char *name, size_t n)
+{
+    if (!t->by_name.slots || n == 0 || n > PW_MAX_NAME)
+        return NONE;
+    uint32_t j = (uint32_t)name_hash(name, n) & t->by_name.mask, v;
+    while ((v = t->by_name.slots[j])) {
+        const user_t *u = &t->users[v - 1];
+        if (u->name_len == n && memcmp(user_name(t, u), name, n) == 0)
+            return v - 1;
+        j = (j + 1) & t->by_name.mask;
+    }
+    return NONE;
+}
+
+static uint32_t find_uid(const pwt_table *t, uint32_t uid)
+{
+    if (!t->by_uid.slots)
+        return NONE;
+    uint32_t j = (uint32_t)id_hash(uid) & t->by_uid.mask, v;
+    while ((v = t->by_uid.slots[j])) {
+        if (t->users[v - 1].uid == uid)
+            return v - 1;
+        j = (j + 1) & t->by_uid.mask;
+    }
+    return NONE;
+}
+
+static uint32_t find_group(const pwt_table *t, const char *name, size_t n)
+{
+    if (!t->gr_by_name.slots || n == 0 || n > PW_MAX_NAME)
+        return NONE;
+    uint32_t j = (uint32_t)name_hash(name, n) & t->gr_by_name.mask, v;
+    while ((v = t->gr_by_name.slots[j])) {
+        const group_t *g = &t->groups[v - 1];
+        if (g->name_len == n && memcmp(group_name(t, g), name, n) == 0)
+            return v - 1;
+        j = (j + 1) & t->gr_by_name.mask;
+    }
+    return NONE;
+}
+
+static uint32_t find_gid(const pwt_table *t, uint32_t gid)
+{
+    if (!t->gr_by_gid.slots)
+        return NONE;
+    uint32_t j = (uint32_t)id_hash(gid) & t->gr_by_gid.mask, v;
+    while ((v = t->gr_by_gid.slots[j])) {
+        if (t->groups[v - 1].gid == gid)
+            return v - 1;
+        j = (j + 1) & t->gr_by_gid.mask;
+    }
+    return NONE;
+}
+
+static uint64_t user_name_hash(const void *ctx, uint32_t i)
+{
+    const pwt_table *t = ctx;
+    return name_hash(user_name(t, &t->users[i]), t->users[i].name_len);
+}
+
+/* ---- line parsing -------------------------------------------------------- */
+
+typedef struct {
+    const char *p;
+    size_t n;
+} field;
+
+static size_t count_lines(const char *buf, size_t len)
+{
+    size_t n = 0;
+    const char *p = buf, *end = buf + len;
+    while (p < end) {
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        n++;
+        if (!nl)
+            break;
+        p = nl + 1;
+    }
+    return n;
+}
+
+/* Next line without its newline (and a trailing \r); 0 at the end. */
+static int next_line(const char **pos, const char *end, field *line)
+{
+    if (*pos >= end)
+        return 0;
+    const char *p = *pos;
+    const char *nl = memchr(p, '\n', (size_t)(end - p));
+    const char *stop = nl ? nl : end;
+    *pos = nl ? nl + 1 : end;
+    if (stop > p && stop[-1] == '\r')
+        stop--;
+    line->p = p;
+    line->n = (size_t)(stop - p);
+    return 1;
+}
+
+static int blank_or_comment(const field *line)
+{
+    for (size_t i = 0; i < line->n; i++) {
+        char c = line->p[i];
+        if (c == '#')
+            return 1;
+        if (c != ' ' && c != '\t')
+            return 0;
+    }
+    return 1;
+}
+
+/* Splits on ':'; returns the number of fields, or -1 past `max`. */
+static int split_colons(const field *line, field *f, int max)
+{
+    const char *p = line->p, *end = p + line->n;
+    int k = 0;
+    for (;;) {
+        const char *c = memchr(p, ':', (size_t)(end - p));
+        if (k == max)
+            return -1;
+        f[k].p = p;
+        f[k].n = (size_t)((c ? c : end) - p);
+        k++;
+        if (!c)
+            return k;
+        p = c + 1;
+    }
+}
+
+static int parse_id(const field *f, uint32_t *out)
+{
+    uint64_t v = 0;
+    if (f->n == 0 || f->n > 10)
+        return -1;
+    for (size_t i = 0; i < f->n; i++) {
+        if (f->p[i] < '0' || f->p[i] > '9')
+            return -1;
+        v = v * 10 + (uint64_t)(f->p[i] - '0');
+    }
+    if (v > PW_MAX_ID)
+        return -1;
+    *out = (uint32_t)v;
+    return 0;
+}
+
+/* shadow(5) numbers: empty is -1. */
+static int parse_long(const field *f, int64_t *out)
+{
+    size_t i = 0;
+    int neg = 0;
+    int64_t v = 0;
+    if (f->n == 0) {
+        *out = -1;
+        return 0;
+    }
+    if (f->p[0] == '-') {
+        neg = 1;
+        i = 1;
+    }
+    if (i == f->n || f->n - i > 18)
+        return -1;
+    for (; i < f->n; i++) {
+        if (f->p[i] < '0' || f->p[i] > '9')
+            return -1;
+        v = v * 10 + (f->p[i] - '0');
+    }
+    *out = neg ? -v : v;
+    return 0;
+}
+
+/* A user or group name as it may appear in a file. NIS compat entries
+ * ("+name", "-name") are not served. */
+static int file_name_ok(const field *f)
+{
+    return pw_valid_name(f->p, f->n) && f->p[0] != '+' && f->p[0] != '-';
+}
+
+/* ---- hosts --------------------------------------------------------------- */
+
+static int intern_host(pwt_table *t, const char *s, size_t n)
+{
+    for (uint32_t i = 0; i < t->nhosts; i++)
+        if (t->hosts[i].len == n && memcmp(t->hostbuf.data + t->hosts[i].off, s, n) == 0)
+            return (int)i;
+    if (t->nhosts >= PWT_MAX_HOSTS || n > PWPL_MAX_HOST_LEN)
+        return -1;
+    if (t->nhosts == t->hosts_cap) {
+        uint32_t cap = t->hosts_cap ? t->hosts_cap * 2 : 8;
+        host_t *h = realloc(t->hosts, (size_t)cap * sizeof *h);
+        if (!h)
+            return -1;
+        t->hosts = h;
+        t->hosts_cap = cap;
+    }
+    if (arena_reserve(&t->hostbuf, n) < 0)
+        return -1;
+    memcpy(t->hostbuf.data + t->hostbuf.len, s, n);
+    t->hosts[t->nhosts].off = (uint32_t)t->hostbuf.len;
+    t->hosts[t->nhosts].len = (uint16_t)n;
+    t->hostbuf.len += n;
+    return (int)t->nhosts++;
+}
+
+/* ---- mailhosts: a temporary map name -> host ----------------------------- */
+
+typedef struct {
+    const char *name; /* into the caller's buffer */
+    uint8_t name_len;
+    uint8_t frozen;
+    uint16_t host;
+} mh_entry;
+
+typedef struct {
+    mh_entry *e;
+    uint32_t n;
+    index_t ix;
+} mh_map;
+
+static uint32_t mh_find(const mh_map *m, const char *name, size_t n)
+{
+    if (!m->ix.slots)
+        return NONE;
+    uint32_t j = (uint32_t)name_hash(name, n) & m->ix.mask, v;
+    while ((v = m->ix.slots[j])) {
+        const mh_entry *e = &m->e[v - 1];
+        if (e->name_len == n && memcmp(e->name, name, n) == 0)
+            return v - 1;
+        j = (j + 1) & m->ix.mask;
+    }
+    return NONE;
+}
+
+/* Splits on blanks into at most `max` words; -1 past that. */
+static int split_words(const field *line, field *w, int max)
+{
+    const char *p = line->p, *end = p + line->n;
+    int k = 0;
+    while (p < end) {
+        while (p < end && (*p == ' ' || *p == '\t'))
+            p++;
+        if (p == end || *p == '#')
+            break;
+        const char *s = p;
+        while (p < end && *p != ' ' && *p != '\t')
+            p++;
+        if (k == max)
+            return -1;
+        w[k].p = s;
+        w[k].n = (size_t)(p - s);
+        k++;
+    }
+    return k;
+}
+
+static int load_mailhosts(pwt_table *t, mh_map *m, const char *buf, size_t len)
+{
+    size_t lines = count_lines(buf, len);
+    m->e = malloc((lines ? lines : 1) * sizeof *m->e);
+    if (!m->e || index_init(&m->ix, lines) < 0)
+        return -1;
+    const char *pos = buf, *end = buf + len;
+    field line, w[3];
+    while (next_line(&pos, end, &line)) {
+        if (blank_or_comment(&line))
+            continue;
+        int k = split_words(&line, w, 3);
+        /* "user host" or "user host frozen" */
+        if (k < 2 || !file_name_ok(&w[0]) || !pw_valid_utf8(w[1].p, w[1].n) ||
+            (k == 3 && !(w[2].n == 6 && memcmp(w[2].p, "frozen", 6) == 0))) {
+            t->st.mailhosts_bad++;
+            continue;
+        }
+        if (mh_find(m, w[0].p, w[0].n) != NONE) {
+            t->st.mailhosts_dup++;
+            continue;
+        }
+        int h = intern_host(t, w[1].p, w[1].n);
+        if (h < 0) {
+            t->st.mailhosts_bad++;
+            continue;
+        }
+        mh_entry *e = &m->e[m->n];
+        e->name = w[0].p;
+        e->name_len = (uint8_t)w[0].n;
+        e->host = (uint16_t)h;
+        e->frozen = k == 3;
+        index_put(&m->ix, name_hash(e->name, e->name_len), m->n);
+        m->n++;
+    }
+    return 0;
+}
+
+/* ---- users --------------------------------------------------------------- */
+
+static int add_user_slot(pwt_table *t)
+{
+    if (t->nusers < t->users_cap)
+        return 0;
+    uint32_t cap = t->users_cap ? t->users_cap * 2 : 1024;
+    user_t *u = realloc(t->users, (size_t)cap * sizeof *u);
+    if (!u)
+        return -1;
+    t->users = u;
+    t->users_cap = cap;
+    return 0;
+}
+
+static int load_passwd(pwt_table *t, const mh_map *mh, const pwpl_rule *rule,
+                       const char *buf, size_t len, uint32_t *hits)
+{
+    size_t lines = count_lines(buf, len);
+    if (index_init(&t->by_name, lines) < 0 || index_init(&t->by_uid, lines) < 0)
+        return -1;
+    t->users_cap = (uint32_t)(lines ? lines : 1);
+    t->users = malloc((size_t)t->users_cap * sizeof *t->users);
+    /* a record is about its line plus the host and a few headers */
+    if (!t->users || arena_reserve(&t->pw, len + lines * 24 + 1) < 0)
+        return -1;
+    const char *pos = buf, *end = buf + len;
+    field line, f[8];
+    while (next_line(&pos, end, &line)) {
+        if (blank_or_comment(&line))
+            continue;
+        uint32_t uid, gid;
+        if (split_colons(&line, f, 8) != 7 || line.n > PWT_MAX_LINE ||
+            !file_name_ok(&f[0]) || parse_id(&f[2], &uid) < 0 ||
+            parse_id(&f[3], &gid) < 0 || !pw_valid_utf8(f[4].p, f[4].n) ||
+            !pw_valid_utf8(f[5].p, f[5].n) || !pw_valid_utf8(f[6].p, f[6].n)) {
+            t->st.passwd_bad++;
+            continue;
+        }
+        if (find_user(t, f[0].p, f[0].n) != NONE) {
+            t->st.passwd_dup_name++; /* the first one wins, as in files */
+            continue;
+        }
+        int host = -1, frozen = 0;
+        uint32_t m = mh_find(mh, f[0].p, f[0].n);
+        if (m != NONE) {
+            host = mh->e[m].host;
+            frozen = mh->e[m].frozen;
+            (*hits)++;
+        } else if (rule) {
+            host = pwpl_pick(rule, f[0].p, f[0].n); /* rule hosts come first */
+        }
+        pw_passwd_view v = {
+            .name = {f[0].p, (uint32_t)f[0].n},
+            /* never a hash: the shadow map serves those (DESIGN.md, 5) */
+            .passwd = {"x", 1},
+            .uid = uid,
+            .gid = gid,
+            .gecos = {f[4].p, (uint32_t)f[4].n},
+            .dir = {f[5].p, (uint32_t)f[5].n},
+            .shell = {f[6].p, (uint32_t)f[6].n},
+            .mailhost = {"", 0},
+        };
+        if (host >= 0) {
+            v.mailhost.p = (const char *)t->hostbuf.data + t->hosts[host].off;
+            v.mailhost.n = t->hosts[host].len;
+        }
+        size_t need = line.n + v.mailhost.n + 32;
+        if (arena_reserve(&t->pw, need) < 0 || add_user_slot(t) < 0)
+            return -1;
+        pwp_buf b;
+        pwp_init(&b, t->pw.data + t->pw.len, need);
+        pw_put_passwd(&b, &v);
+        if (b.overflow || b.len > UINT16_MAX) {
+            t->st.passwd_bad++;
+            continue;
+        }
+        user_t *u = &t->users[t->nusers];
+        memset(u, 0, sizeof *u);
+        u->pw_off = (uint32_t)t->pw.len;
+        u->pw_len = (uint16_t)b.len;
+        u->name_off = u->pw_off + 1 + (f[0].n < 32 ? 1 : 2); /* array, str header */
+        u->name_len = (uint8_t)f[0].n;
+        u->uid = uid;
+        u->host = host >= 0 ? (uint16_t)host : 0;
+        u->frozen = (uint8_t)frozen;
+        if (host < 0)
+            u->host = UINT16_MAX; /* no host: "" */
+        t->pw.len += b.len;
+        index_put(&t->by_name, name_hash(f[0].p, f[0].n), t->nusers);
+        if (find_uid(t, uid) == NONE)
+            index_put(&t->by_uid, id_hash(uid), t->nusers);
+        else
+            t->st.passwd_dup_uid++;
+        t->nusers++;
+    }
+    t->st.users = t->nusers;
+    return 0;
+}
+
+static int load_shadow(pwt_table *t, const char *buf, size_t len)
+{
+    const char *pos = buf, *end = buf + len;
+    field line, f[10];
+    if (arena_reserve(&t->sh, len + 1) < 0)
+        return -1;
+    while (next_line(&pos, end, &line)) {
+        if (blank_or_comment(&line))
+            continue;
+        pw_shadow_view v;
+        if (split_colons(&line, f, 9) != 9 || line.n > PWT_MAX_LINE ||
+            !file_name_ok(&f[0]) || !pw_valid_utf8(f[1].p, f[1].n) ||
+            parse_long(&f[2], &v.lastchg) < 0 || parse_long(&f[3], &v.min) < 0 ||
+            parse_long(&f[4], &v.max) < 0 || parse_long(&f[5], &v.warn) < 0 ||
+            parse_long(&f[6], &v.inact) < 0 || parse_long(&f[7], &v.expire) < 0 ||
+            parse_long(&f[8], &v.flag) < 0) {
+            t->st.shadow_bad++;
+            continue;
+        }
+        uint32_t i = find_user(t, f[0].p, f[0].n);
+        if (i == NONE) {
+            t->st.shadow_orphan++;
+            continue;
+        }
+        if (t->users[i].sh_len) {
+            t->st.shadow_dup++;
+            continue;
+        }
+        v.name.p = f[0].p;
+        v.name.n = (uint32_t)f[0].n;
+        v.hash.p = f[1].p;
+        v.hash.n = (uint32_t)f[1].n;
+        size_t need = line.n + 80;
+        if (arena_reserve(&t->sh, need) < 0)
+            return -1;
+        pwp_buf b;
+        pwp_init(&b, t->sh.data + t->sh.len, need);
+        pw_put_shadow(&b, &v);
+        if (b.overflow || b.len > UINT16_MAX) {
+            t->st.shadow_bad++;
+            continue;
+        }
+        t->users[i].sh_off = (uint32_t)t->sh.len;
+        t->users[i].sh_len = (uint16_t)b.len;
+        t->sh.len += b.len;
+        t->st.shadows++;
+    }
+    return 0;
+}
+
+/* ---- groups -------------------------------------------------------------- */
+
+typedef struct {
+    uint32_t user, gid;
+} membership;
+
+/* The entry of a member name, added (without records) when it is no user,
+ * so that INITGROUPS still answers for it. */
+static uint32_t member_entry(pwt_table *t, const char *name, size_t n)
+{
+    uint32_t i = find_user(t, name, n);
+    if (i != NONE)
+        return i;
+    if (add_user_slot(t) < 0 || arena_reserve(&t->pw, n) < 0 ||
+        index_grow(&t->by_name, t->nusers + 1, t, user_name_hash) < 0)
+        return NONE - 1;
+    user_t *u = &t->users[t->nusers];
+    memset(u, 0, sizeof *u);
+    u->name_off = (uint32_t)t->pw.len;
+    u->name_len = (uint8_t)n;
+    u->host = UINT16_MAX;
+    memcpy(t->pw.data + t->pw.len, name, n);
+    t->pw.len += n;
+    index_put(&t->by_name, name_hash(name, n), t->nusers);
+    return t->nusers++;
+}
+
+static int load_group(pwt_table *t, const char *buf, size_t len,
+                      membership **ms, size_t *nms)
+{
+    size_t lines = count_lines(buf, len), cap = 0;
+    t->groups = malloc((lines ? lines : 1) * sizeof *t->groups);
+    if (!t->groups || index_init(&t->gr_by_name, lines) < 0 ||
+        index_init(&t->gr_by_gid, lines) < 0)
+        return -1;
+    const char *pos = buf, *end = buf + len;
+    field line, f[5];
+    while (next_line(&pos, end, &line)) {
+        if (blank_or_comment(&line))
+            continue;
+        uint32_t gid;
+        if (split_colons(&line, f, 4) != 4 || !file_name_ok(&f[0]) ||
+            parse_id(&f[2], &gid) < 0) {
+            t->st.group_bad++;
+            continue;
+        }
+        if (find_group(t, f[0].p, f[0].n) != NONE) {
+            t->st.group_dup_name++;
+            continue;
+        }
+        /* members: count, then pack */
+        uint32_t nmem = 0;
+        const char *p = f[3].p, *mend = f[3].p + f[3].n;
+        while (p < mend) {
+            const char *c = memchr(p, ',', (size_t)(mend - p));
+            const char *stop = c ? c : mend;
+            if (stop > p && pw_valid_name(p, (size_t)(stop - p)))
+                nmem++;
+            else if (stop > p)
+                t->st.group_bad_member++;
+            p = c ? c + 1 : mend;
+        }
+        size_t need = line.n + 5 * (size_t)nmem + 32;
+        if (arena_reserve(&t->gr, need) < 0)
+            return -1;
+        pwp_buf b;
+        pwp_init(&b, t->gr.data + t->gr.len, need);
+        pwp_put_array(&b, 4);
+        pwp_put_str(&b, f[0].p, f[0].n);
+        pwp_put_str(&b, "x", 1);
+        pwp_put_uint(&b, gid);
+        pwp_put_array(&b, nmem);
+        for (p = f[3].p; p < mend;) {
+            const char *c = memchr(p, ',', (size_t)(mend - p));
+            const char *stop = c ? c : mend;
+            size_t n = (size_t)(stop - p);
+            if (n && pw_valid_name(p, n)) {
+                pwp_put_str(&b, p, n);
+                if (*nms == cap) {
+                    cap = cap ? cap * 2 : 4096;
+                    membership *m = realloc(*ms, cap * sizeof *m);
+                    if (!m)
+                        return -1;
+                    *ms = m;
+                }
+                uint32_t u = member_entry(t, p, n);
+                if (u == NONE - 1)
+                    return -1;
+                (*ms)[(*nms)++] = (membership){u, gid};
+            }
+            p = c ? c + 1 : mend;
+        }
+        if (b.overflow) {
+            t->st.group_bad++;
+            continue;
+        }
+        group_t *g = &t->groups[t->ngroups];
+        g->rec_off = (uint32_t)t->gr.len;
+        g->rec_len = (uint32_t)b.len;
+        g->name_off = g->rec_off + 1 + (f[0].n < 32 ? 1 : 2);
+        g->name_len = (uint8_t)f[0].n;
+        g->gid = gid;
+        t->gr.len += b.len;
+        index_put(&t->gr_by_name, name_hash(f[0].p, f[0].n), t->ngroups);
+        if (find_gid(t, gid) == NONE)
+            index_put(&t->gr_by_gid, id_hash(gid), t->ngroups);
+        else
+            t->st.group_dup_gid++;
+        t->ngroups++;
+    }
+    t->st.groups = t->ngroups;
+    return 0;
+}
+
+/* Reverse index: each entry's gids, contiguous (counting sort). */
+static int build_initgroups(pwt_table *t, const membership *ms, size_t nms)
+{
+    for (size_t i = 0; i < nms; i++) {
+        user_t *u = &t->users[ms[i].user];
+        if (u->ngids == PWT_MAX_USER_GROUPS)
+            t->st.too_many_groups++;
+        else
+            u->ngids++;
+    }
+    size_t total = 0;
+    for (uint32_t i = 0; i < t->nusers; i++) {
+        t->users[i].gids_off = (uint32_t)total;
+        total += t->users[i].ngids;
+        t->users[i].ngids = 0; /* refilled below */
+    }
+    t->gids = malloc((total ? total : 1) * sizeof *t->gids);
+    if (!t->gids)
+        return -1;
+    for (size_t i = 0; i < nms; i++) {
+        uint32_t k = ms[i].user;
+        user_t *u = &t->users[k];
+        size_t limit = (k + 1 < t->nusers ? t->users[k + 1].gids_off : total) - u->gids_off;
+        if (u->ngids < limit) /* the rest were counted in too_many_groups */
+            t->gids[u->gids_off + u->ngids++] = ms[i].gid;
+    }
+    return 0;
+}
+
+/* ---- build --------------------------------------------------------------- */
+
+static void set_err(char *err, size_t cap, const char *msg)
+{
+    if (err && cap)
+        snprintf(err, cap, "%s", msg);
+}
+
+pwt_table *pwt_build(const char *passwd, size_t passwd_len,
+                     const char *shadow, size_t shadow_len,
+                     const char *group, size_t group_len,
+                     const char *mailhosts, size_t mailhosts_len,
+                     const pwpl_rule *rule, char *err, size_t errcap)
+{
+    pwt_table *t = calloc(1, sizeof *t);
+    mh_map mh = {0};
+    membership *ms = NULL;
+    size_t nms = 0;
+    uint32_t hits = 0;
+    if (!t)
+        goto oom;
+    /* the rule's hosts get the same indexes in the table */
+    for (int i = 0; rule && i < pwpl_nhosts(rule); i++) {
+        size_t n;
+        const char *h = pwpl_host(rule, i, &n);
+        if (intern_host(t, h, n) != i)
+            goto oom;
+    }
+    if (load_mailhosts(t, &mh, mailhosts ? mailhosts : "", mailhosts ? mailhosts_len : 0) < 0 ||
+        load_passwd(t, &mh, rule, passwd ? passwd : "", passwd ? passwd_len : 0, &hits) < 0)
+        goto oom;
+    t->st.mailhosts_unknown = mh.n - hits;
+    free(mh.e);
+    free(mh.ix.slots);
+    mh.e = NULL;
+    mh.ix.slots = NULL;
+    if (load_shadow(t, shadow ? shadow : "", shadow ? shadow_len : 0) < 0 ||
+        load_group(t, group ? group : "", group ? group_len : 0, &ms, &nms) < 0 ||
+        build_initgroups(t, ms, nms) < 0)
+        goto oom;
+    free(ms);
+    arena_trim(&t->pw);
+    arena_trim(&t->sh);
+    arena_trim(&t->gr);
+    if (t->nusers < t->users_cap) {
+        user_t *u = realloc(t->users, (size_t)(t->nusers ? t->nusers : 1) * sizeof *u);
+        if (u) {
+            t->users = u;
+            t->users_cap = t->nusers;
+        }
+    }
+    size_t ngids = 0;
+    for (uint32_t i = 0; i < t->nusers; i++)
+        ngids += t->users[i].ngids;
+    t->st.bytes = t->pw.cap + t->sh.cap + t->gr.cap + t->hostbuf.cap +
+                  (size_t)t->users_cap * sizeof(user_t) +
+                  (size_t)t->ngroups * sizeof(group_t) + ngids * 4 +
+                  4 * ((size_t)t->by_name.mask + t->by_uid.mask +
+                       t->gr_by_name.mask + t->gr_by_gid.mask + 4);
+    return t;
+oom:
+    free(mh.e);
+    free(mh.ix.slots);
+    free(ms);
+    pwt_free(t);
+    set_err(err, errcap, "out of memory (or a source past 4 GiB)");
+    return NULL;
+}
+
+void pwt_free(pwt_table *t)
+{
+    if (!t)
+        return;
+    free(t->users);
+    free(t->groups);
+    free(t->pw.data);
+    free(t->sh.data);
+    free(t->gr.data);
+    free(t->hostbuf.data);
+    free(t->gids);
+    free(t->hosts);
+    free(t->by_name.slots);
+    free(t->by_uid.slots);
+    free(t->gr_by_name.slots);
+    free(t->gr_by_gid.slots);
+    free(t);
+}
+
+void pwt_get_stats(const pwt_table *t, pwt_load_stats *st)
+{
+    *st = t->st;
+}
+
+/* ---- files --------------------------------------------------------------- */
+
+typedef struct {
+    const char *data;
+    size_t len;
+} mapped;
+
+static int map_file(const char *path, mapped *m, char *err, size_t errcap)
+{
+    m->data = NULL;
+    m->len = 0;
+    if (!path || !*path)
+        return 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    struct stat sb;
+    if (fd < 0 || fstat(fd, &sb) < 0) {
+        if (err && errcap)
+            snprintf(err, errcap, "%s: %s", path, strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    if (sb.st_size > 0) {
+        void *p = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
+        if (p == MAP_FAILED) {
+            if (err && errcap)
+                snprintf(err, errcap, "%s: mmap: %s", path, strerror(errno));
+            close(fd);
+            return -1;
+        }
+        madvise(p, (size_t)sb.st_size, MADV_SEQUENTIAL);
+        m->data = p;
+        m->len = (size_t)sb.st_size;
+    }
+    close(fd);
+    return 0;
+}
+
+static void unmap_file(mapped *m)
+{
+    if (m->data)
+        munmap((void *)m->data, m->len);
+}
+
+pwt_table *pwt_load_files(const char *passwd, const char *shadow,
+                          const char *group, const char *mailhosts,
+                          const pwpl_rule *rule, char *err, size_t errcap)
+{
+    mapped f[4] = {{0}};
+    const char *paths[4] = {passwd, shadow, group, mailhosts};
+    pwt_table *t = NULL;
+    if (!passwd || !*passwd) {
+        set_err(err, errcap, "no passwd file given");
+        return NULL;
+    }
+    for (int i = 0; i < 4; i++)
+        if (map_file(paths[i], &f[i], err, errcap) < 0)
+            goto out;
+    t = pwt_build(f[0].data, f[0].len, f[1].data, f[1].len, f[2].data,
+                  f[2].len, f[3].data, f[3].len, rule, err, errcap);
+out:
+    for (int i = 0; i < 4; i++)
+        unmap_file(&f[i]);
+    return t;
+}
+
+/* ---- lookups ------------------------------------------------------------- */
+
+const uint8_t *pwt_passwd_by_name(const pwt_table *t, const char *name, size_t n, uint32_t *len)
+{
+    uint32_t i = find_user(t, name, n);
+    if (i == NONE || !t->users[i].pw_len)
+        return NULL;
+    *len = t->users[i].pw_len;
+    return t->pw.data + t->users[i].pw_off;
+}
+
+const uint8_t *pwt_passwd_by_uid(const pwt_table *t, uint32_t uid, uint32_t *len)
+{
+    uint32_t i = find_uid(t, uid);
+    if (i == NONE)
+        return NULL;
+    *len = t->users[i].pw_len;
+    return t->pw.data + t->users[i].pw_off;
+}
+
+const uint8_t *pwt_shadow_by_name(const pwt_table *t, const char *name, size_t n, uint32_t *len)
+{
+    uint32_t i = find_user(t, name, n);
+    if (i == NONE || !t->users[i].sh_len)
+        return NULL;
+    *len = t->users[i].sh_len;
+    return t->sh.data + t->users[i].sh_off;
+}
+
+const uint8_t *pwt_group_by_name(const pwt_table *t, const char *name, size_t n, uint32_t *len)
+{
+    uint32_t i = find_group(t, name, n);
+    if (i == NONE)
+        return NULL;
+    *len = t->groups[i].rec_len;
+    return t->gr.data + t->groups[i].rec_off;
+}
+
+const uint8_t *pwt_group_by_gid(const pwt_table *t, uint32_t gid, uint32_t *len)
+{
+    uint32_t i = find_gid(t, gid);
+    if (i == NONE)
+        return NULL;
+    *len = t->groups[i].rec_len;
+    return t->gr.data + t->groups[i].rec_off;
+}
+
+int pwt_mailhost(const pwt_table *t, const char *name, size_t n,
+                 const char **host, size_t *host_len, int *frozen)
+{
+    uint32_t i = find_user(t, name, n);
+    if (i == NONE || !t->users[i].pw_len)
+        return -1;
+    const user_t *u = &t->users[i];
+    if (u->host == UINT16_MAX) {
+        *host = "";
+        *host_len = 0;
+    } else {
+        *host = (const char *)t->hostbuf.data + t->hosts[u->host].off;
+        *host_len = t->hosts[u->host].len;
+    }
+    *frozen = u->frozen;
+    return 0;
+}
+
+int pwt_initgroups(const pwt_table *t, const char *name, size_t n,
+                   const uint32_t **gids, uint32_t *count)
+{
+    uint32_t i = find_user(t, name, n);
+    if (i == NONE)
+        return -1;
+    *gids = t->gids + t->users[i].gids_off;
+    *count = t->users[i].ngids;
+    return 0;
+}
+
+uint32_t pwt_enum_size(const pwt_table *t, int map)
+{
+    return map == PWT_GROUP ? t->ngroups : t->nusers;
+}
+
+const uint8_t *pwt_enum_record(const pwt_table *t, int map, uint32_t i, uint32_t *len)
+{
+    if (i >= pwt_enum_size(t, map))
+        return NULL;
+    if (map == PWT_GROUP) {
+        *len = t->groups[i].rec_len;
+        return t->gr.data + t->groups[i].rec_off;
+    }
+    const user_t *u = &t->users[i];
+    if (map == PWT_SHADOW) {
+        *len = u->sh_len;
+        return u->sh_len ? t->sh.data + u->sh_off : NULL;
+    }
+    *len = u->pw_len;
+    return u->pw_len ? t->pw.data + u->pw_off : NULL;
+}

@@ -1,0 +1,80 @@
+/*
+ * pw_table.h - the password server's in-memory table.
+ *
+ * Built once from whole passwd(5), shadow(5), group(5) and mailhosts files
+ * (buffers in, table out), then read-only: any number of threads may look
+ * up concurrently. Every record is stored as its msgpack answer payload
+ * (docs/protocol.md, "Records"), ready to copy into an answer. Lookups
+ * return pointers into the table, valid until pwt_free.
+ *
+ * Indexes: open addressing with linear probing on user name, uid, group
+ * name and gid; each user's supplementary gids (INITGROUPS) are a reverse
+ * index of the group member lists, built at load.
+ */
+#ifndef PW_TABLE_H
+#define PW_TABLE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "pw_placement.h"
+
+typedef struct pwt_table pwt_table;
+
+/* What a load found; every skipped line is counted ("_bad": malformed). */
+typedef struct {
+    uint64_t users;            /* passwd entries */
+    uint64_t groups;
+    uint64_t shadows;
+    uint64_t passwd_bad, passwd_dup_name, passwd_dup_uid;
+    uint64_t shadow_bad, shadow_dup, shadow_orphan;
+    uint64_t group_bad, group_dup_name, group_dup_gid, group_bad_member;
+    uint64_t mailhosts_bad, mailhosts_dup, mailhosts_unknown;
+    uint64_t too_many_groups;  /* memberships past PWT_MAX_USER_GROUPS */
+    uint64_t bytes;            /* bytes held by the table */
+} pwt_load_stats;
+
+#define PWT_MAX_USER_GROUPS 65535
+#define PWT_MAX_LINE 65535      /* longer passwd/shadow lines are malformed */
+#define PWT_MAX_HOSTS 65535
+
+/* Which records an enumeration walks. */
+enum pwt_map { PWT_PASSWD = 0, PWT_GROUP = 1, PWT_SHADOW = 2 };
+
+/* Builds a table. Any buffer may be NULL/0 except passwd (may be empty).
+ * `rule` (may be NULL) places users the mailhosts map omits. Returns NULL
+ * only when memory runs out (err says so); malformed lines are counted. */
+pwt_table *pwt_build(const char *passwd, size_t passwd_len,
+                     const char *shadow, size_t shadow_len,
+                     const char *group, size_t group_len,
+                     const char *mailhosts, size_t mailhosts_len,
+                     const pwpl_rule *rule, char *err, size_t errcap);
+
+/* Same, from files (mapped, then unmapped); NULL or "" paths are skipped
+ * except passwd. Returns NULL with a reason in err. */
+pwt_table *pwt_load_files(const char *passwd, const char *shadow,
+                          const char *group, const char *mailhosts,
+                          const pwpl_rule *rule, char *err, size_t errcap);
+
+void pwt_free(pwt_table *t);
+void pwt_get_stats(const pwt_table *t, pwt_load_stats *st);
+
+/* Lookups: the record payload and its length, or NULL. */
+const uint8_t *pwt_passwd_by_name(const pwt_table *t, const char *name, size_t n, uint32_t *len);
+const uint8_t *pwt_passwd_by_uid(const pwt_table *t, uint32_t uid, uint32_t *len);
+const uint8_t *pwt_shadow_by_name(const pwt_table *t, const char *name, size_t n, uint32_t *len);
+const uint8_t *pwt_group_by_name(const pwt_table *t, const char *name, size_t n, uint32_t *len);
+const uint8_t *pwt_group_by_gid(const pwt_table *t, uint32_t gid, uint32_t *len);
+/* The user's host (not NUL-terminated) and frozen flag; -1 if no such user. */
+int pwt_mailhost(const pwt_table *t, const char *name, size_t n,
+                 const char **host, size_t *host_len, int *frozen);
+/* Gids of the groups listing `name` as a member; -1 when the name is
+ * neither a user nor a member of any group. */
+int pwt_initgroups(const pwt_table *t, const char *name, size_t n,
+                   const uint32_t **gids, uint32_t *count);
+
+/* Enumeration: slots 0..pwt_enum_size-1; a slot may hold no record (NULL). */
+uint32_t pwt_enum_size(const pwt_table *t, int map);
+const uint8_t *pwt_enum_record(const pwt_table *t, int map, uint32_t i, uint32_t *len);
+
+#endif /* PW_TABLE_H */

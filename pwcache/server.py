@@ -1,0 +1,608 @@
+"""`pwserver`: the password server daemon (docs/pwserver.md).
+
+Python keeps configuration, loading, reloads, signals, statistics and
+logging; receiving, looking up and answering run in C with the GIL released
+(pwcache/_csrc/pw_server.c): one `pws_serve_udp` loop per serving thread on
+a shared UDP socket, and one TCP thread (selectors) that hands each framed
+request to the same C answer function.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import selectors
+import signal
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from pwcache import settings
+from pwcache._pwtable import ffi, lib
+from pwcache.logsetup import setup_logging
+from pwcache.placement import DEFAULTS as PLACEMENT_DEFAULTS
+from pwcache.placement import PlacementError, PlacementRule
+from pwcache.table import Table, TableError
+
+DEFAULT_PORT = 7773
+DEFAULTS: dict = {
+    "listen": f"127.0.0.1:{DEFAULT_PORT}",
+    "passwd": "",
+    "shadow": "",
+    "group": "",
+    "mailhosts": "",
+    "shadow_key": "",
+    "network_key": "",
+    "allow": ["127.0.0.0/8", "::1/128"],
+    "threads": 2,
+    "poll_seconds": 2.0,
+    "syslog": "",
+}
+SOURCES = ("passwd", "shadow", "group", "mailhosts")
+TCP_IDLE_SECONDS = 10.0
+TCP_MAX_CONNECTIONS = 256
+TCP_MAX_PENDING_OUT = 4 * 1024 * 1024  # stop reading a connection past this
+UDP_RCVBUF = 4 * 1024 * 1024
+
+log = logging.getLogger("pwserver")
+
+
+class ConfigError(Exception):
+    """The command line or pwmail.toml cannot be used."""
+
+
+# ---- the C server ---------------------------------------------------------
+
+
+class ServerCore:
+    """The C serving state (pws_server): keys, allowlist, current table,
+    counters. close() frees it and the table it holds."""
+
+    def __init__(self):
+        self._ptr = lib.pws_new()
+        if self._ptr == ffi.NULL:
+            raise MemoryError("pws_new")
+        self.generation = 0
+        self._keys = []  # keep the key buffers alive as long as the server
+
+    @property
+    def ptr(self):
+        if self._ptr is None:
+            raise ValueError("server is closed")
+        return self._ptr
+
+    def set_keys(self, network_key: bytes | None, shadow_key: bytes | None) -> None:
+        bufs = [ffi.new("uint8_t[32]", k) if k else ffi.NULL for k in (network_key, shadow_key)]
+        self._keys = bufs
+        lib.pws_set_keys(self.ptr, *bufs)
+
+    def allow(self, cidr: str) -> None:
+        try:
+            net = ipaddress.ip_network(cidr, strict=False)
+        except ValueError as e:
+            raise ConfigError(f"bad --allow network {cidr!r}: {e}") from None
+        if lib.pws_allow(self.ptr, net.version, net.network_address.packed, net.prefixlen) < 0:
+            raise ConfigError(f"cannot allow {cidr!r} (too many networks?)")
+
+    def source_allowed(self, slot: int, host: str) -> bool:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+        return bool(lib.pws_source_allowed(self.ptr, slot, addr.version, addr.packed))
+
+    def install(self, table: Table, load_ms: int) -> None:
+        """Publishes `table` (the server takes it) and frees the previous
+        one once no serving thread can still read it."""
+        self.generation += 1
+        old = lib.pws_swap_table(self.ptr, table.detach(), self.generation, load_ms)
+        if old != ffi.NULL:
+            lib.pwt_free(old)
+
+    def slot(self) -> int:
+        slot = lib.pws_slot_acquire(self.ptr)
+        if slot < 0:
+            raise RuntimeError("no free serving slot")
+        return slot
+
+    def release(self, slot: int) -> None:
+        lib.pws_slot_release(self.ptr, slot)
+
+    def answerer(self, tcp: bool) -> "Answerer":
+        return Answerer(self, tcp)
+
+    def counters(self) -> dict[str, int]:
+        return {ffi.string(lib.pws_counter_name(i)).decode(): lib.pws_counter(self.ptr, i)
+                for i in range(lib.pws_ncounters())}
+
+    def serve_udp(self, fd: int, slot: int, stop_fd: int) -> int:
+        return lib.pws_serve_udp(self.ptr, fd, slot, stop_fd)
+
+    def stop(self) -> None:
+        lib.pws_stop(self.ptr)
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            old = lib.pws_swap_table(self._ptr, ffi.NULL, self.generation, 0)
+            if old != ffi.NULL:
+                lib.pwt_free(old)
+            lib.pws_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> "ServerCore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_raw_alloc = ffi.new_allocator(should_clear_after_alloc=False)
+
+
+class Answerer:
+    """One thread's way to the C answer function: a slot and an output
+    buffer (untouched pages cost no memory)."""
+
+    def __init__(self, core: ServerCore, tcp: bool):
+        self.core = core
+        self.tcp = 1 if tcp else 0
+        self.cap = (lib.PW_MAX_TCP_ANSWER + lib.PW_SEAL_OVERHEAD) if tcp else lib.PW_MAX_UDP_ANSWER
+        self.out = _raw_alloc("uint8_t[]", self.cap)
+        self.slot = core.slot()
+
+    def answer(self, request: bytes) -> bytes | None:
+        """The answer packet, or None when the request is dropped."""
+        n = lib.pws_answer(self.core.ptr, self.slot, request, len(request), self.tcp, self.out, self.cap)
+        return ffi.buffer(self.out, n)[:] if n else None
+
+    def close(self) -> None:
+        if self.slot is not None:
+            self.core.release(self.slot)
+            self.slot = None
+
+
+# ---- configuration --------------------------------------------------------
+
+
+@dataclass
+class Config:
+    listen: tuple[str, int]
+    sources: dict[str, str]
+    shadow_key: bytes | None
+    network_key: bytes | None
+    allow: list[str]
+    threads: int
+    poll_seconds: float
+    syslog: str
+    rule: PlacementRule
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--listen wants HOST:PORT, not {text!r}")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return host or "0.0.0.0", int(port)
+
+
+def read_key(path: str, what: str) -> bytes:
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            text = f.read(200)
+    except OSError as e:
+        raise ConfigError(f"{what} key {path}: {e.strerror}") from None
+    key = ffi.new("uint8_t[32]")
+    if lib.pw_parse_key(text, len(text), key) < 0:
+        raise ConfigError(f"{what} key {path}: not 64 hexadecimal characters")
+    if what == "shadow" and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("shadow key %s is readable by others than its owner (mode %o)", path, st.st_mode & 0o777)
+    return bytes(key)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pwserver",
+        description="The pwmail password server: answers passwd, group, shadow, initgroups and "
+                    "mailhost lookups over UDP (and TCP on the same port) from tables held in memory. "
+                    "Runs in the foreground; SIGHUP or a change of a source file reloads; SIGTERM stops.",
+        epilog="Settings also come from [pwserver] in pwmail.toml (--config, $PWMAIL_CONF, "
+               "/etc/pwmail.toml); flags override them. See docs/pwserver.md.")
+    p.add_argument("--listen", metavar="HOST:PORT", help=f"address to serve (default {DEFAULTS['listen']}; port 0 picks one)")
+    p.add_argument("--passwd", metavar="F", help="passwd(5) file (required here or in the settings)")
+    p.add_argument("--shadow", metavar="F", help="shadow(5) file")
+    p.add_argument("--group", metavar="F", help="group(5) file")
+    p.add_argument("--mailhosts", metavar="F", help="mailhosts map: 'user host [frozen]' a line")
+    p.add_argument("--config", metavar="F", help="pwmail.toml to read [pwserver] and [placement] from")
+    p.add_argument("--shadow-key", metavar="F", help="shadow key file: shadow answers only to requests sealed with it")
+    p.add_argument("--network-key", metavar="F", help="network key file: drop every packet not sealed")
+    p.add_argument("--allow", metavar="CIDR", action="append",
+                   help="client network allowed to ask (repeatable; default loopback only)")
+    p.add_argument("--threads", metavar="N", type=int, help=f"UDP serving threads (default {DEFAULTS['threads']})")
+    p.add_argument("--log-stderr", action="store_true", help="also log to stderr")
+    return p
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    try:
+        cfg = settings.section("pwserver", DEFAULTS, args.config)
+        placement = settings.section("placement", PLACEMENT_DEFAULTS, args.config)
+        rule = PlacementRule.from_settings(placement)
+    except (settings.SettingsError, PlacementError) as e:
+        raise ConfigError(str(e)) from None
+    for key in ("listen", "passwd", "shadow", "group", "mailhosts", "shadow_key", "network_key", "allow", "threads"):
+        value = getattr(args, key)
+        if value is not None:
+            cfg[key] = value
+    if not cfg["passwd"]:
+        raise ConfigError("no passwd file: give --passwd F (or passwd in [pwserver])")
+    threads = int(cfg["threads"])
+    if not 1 <= threads <= 32:
+        raise ConfigError("--threads must be 1..32")
+    allow = cfg["allow"]
+    if isinstance(allow, str) or not all(isinstance(a, str) for a in allow):
+        raise ConfigError("allow must be a list of CIDR strings")
+    return Config(
+        listen=parse_listen(cfg["listen"]),
+        sources={k: os.path.abspath(cfg[k]) if cfg[k] else "" for k in SOURCES},
+        shadow_key=read_key(cfg["shadow_key"], "shadow") if cfg["shadow_key"] else None,
+        network_key=read_key(cfg["network_key"], "network") if cfg["network_key"] else None,
+        allow=list(allow), threads=threads, poll_seconds=float(cfg["poll_seconds"]),
+        syslog=cfg["syslog"], rule=rule)
+
+
+# ---- loading --------------------------------------------------------------
+
+
+def source_signature(sources: dict[str, str]) -> tuple:
+    sig = []
+    for name in SOURCES:
+        path = sources[name]
+        try:
+            st = os.stat(path) if path else None
+        except OSError:
+            st = None
+        sig.append((st.st_ino, st.st_size, st.st_mtime_ns) if st else None)
+    return tuple(sig)
+
+
+class Loader:
+    """Builds tables from the sources and installs them; one at a time, in
+    its own thread so that signals and serving never wait for a build."""
+
+    def __init__(self, core: ServerCore, cfg: Config):
+        self.core = core
+        self.cfg = cfg
+        self.signature = None
+        self.users = 0
+        self._wanted = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="pwserver-reload", daemon=True)
+
+    def load(self) -> None:
+        """Loads now (in the calling thread); raises TableError."""
+        sig = source_signature(self.cfg.sources)
+        t0 = time.monotonic()
+        src = self.cfg.sources
+        table = Table.from_files(src["passwd"], src["shadow"], src["group"], src["mailhosts"], self.cfg.rule)
+        stats = table.stats()
+        load_ms = int((time.monotonic() - t0) * 1000)
+        self.core.install(table, load_ms)
+        self.signature = sig
+        self.users = stats["users"]
+        skipped = {k: v for k, v in stats.items() if v and k not in ("users", "groups", "shadows", "bytes")}
+        log.info("loaded generation %d: %d users, %d groups, %d shadow entries in %d ms (%d table bytes)%s",
+                 self.core.generation, stats["users"], stats["groups"], stats["shadows"], load_ms,
+                 stats["bytes"], "; skipped: " + ", ".join(f"{k}={v}" for k, v in skipped.items()) if skipped else "")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request(self) -> None:
+        self._wanted.set()
+
+    def changed(self) -> bool:
+        return source_signature(self.cfg.sources) != self.signature
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wanted.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._stop:
+                return
+            try:
+                self.load()
+            except TableError as e:
+                log.error("reload failed, still serving generation %d: %s", self.core.generation, e)
+
+
+# ---- sockets --------------------------------------------------------------
+
+
+def bind_sockets(host: str, port: int) -> tuple[socket.socket, socket.socket]:
+    """UDP and TCP sockets on the same port (port 0: one free for both)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, addr = infos[0]
+    for _ in range(50):
+        udp = socket.socket(family, socket.SOCK_DGRAM)
+        tcp = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if family == socket.AF_INET6:
+                for s in (udp, tcp):
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+            udp.bind(addr)
+            tcp.bind((addr[0], udp.getsockname()[1]) + tuple(addr[2:]))
+            tcp.listen(128)
+            return udp, tcp
+        except OSError:
+            udp.close()
+            tcp.close()
+            if port != 0:
+                raise
+    raise OSError("no port free for both UDP and TCP")
+
+
+class TcpServer:
+    """TCP on the serving port: 4-byte big-endian framing, many requests per
+    connection, 256 connections, 10 s idle (docs/protocol.md)."""
+
+    def __init__(self, core: ServerCore, sock: socket.socket, stop_fd: int):
+        self.core = core
+        self.sock = sock
+        self.stop_fd = stop_fd
+        self.sel = selectors.DefaultSelector()
+        self.conns: dict[socket.socket, dict] = {}
+        self.thread = threading.Thread(target=self._run, name="pwserver-tcp", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        answerer = self.core.answerer(tcp=True)
+        try:
+            self._loop(answerer)
+        except Exception:
+            log.exception("TCP server failed")
+        finally:
+            answerer.close()
+            for c in list(self.conns):
+                self._close(c)
+            self.sel.close()
+
+    def _loop(self, answerer: Answerer) -> None:
+        self.sock.setblocking(False)
+        self.sel.register(self.sock, selectors.EVENT_READ, "accept")
+        self.sel.register(self.stop_fd, selectors.EVENT_READ, "stop")
+        accepting = True
+        while True:
+            for key, events in self.sel.select(timeout=1.0):
+                if key.data == "stop":
+                    return
+                if key.data == "accept":
+                    self._accept(answerer)
+                else:
+                    self._service(key.fileobj, events, answerer)
+            now = time.monotonic()
+            for c, st in list(self.conns.items()):
+                if now - st["seen"] > TCP_IDLE_SECONDS:
+                    self._close(c)
+            full = len(self.conns) >= TCP_MAX_CONNECTIONS
+            if full and accepting:  # the rest wait in the backlog
+                self.sel.unregister(self.sock)
+                accepting = False
+            elif not full and not accepting:
+                self.sel.register(self.sock, selectors.EVENT_READ, "accept")
+                accepting = True
+
+    def _accept(self, answerer: Answerer) -> None:
+        try:
+            c, addr = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            log.warning("accept: %s", e)
+            return
+        if not self.core.source_allowed(answerer.slot, addr[0]):
+            c.close()
+            return
+        c.setblocking(False)
+        self.conns[c] = {"in": bytearray(), "out": bytearray(), "seen": time.monotonic()}
+        self.sel.register(c, selectors.EVENT_READ, "conn")
+
+    def _service(self, c: socket.socket, events: int, answerer: Answerer) -> None:
+        st = self.conns[c]
+        st["seen"] = time.monotonic()
+        if events & selectors.EVENT_READ:
+            try:
+                data = c.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                data = b""
+            if data == b"":
+                self._close(c)
+                return
+            if data:
+                st["in"] += data
+                if not self._answer_frames(st, answerer):
+                    self._close(c)
+                    return
+        if st["out"]:
+            try:
+                sent = c.send(st["out"])
+                del st["out"][:sent]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self._close(c)
+                return
+        want = selectors.EVENT_WRITE if st["out"] else 0
+        if len(st["out"]) < TCP_MAX_PENDING_OUT:
+            want |= selectors.EVENT_READ
+        self.sel.modify(c, want, "conn")
+
+    def _answer_frames(self, st: dict, answerer: Answerer) -> bool:
+        """Answers every complete frame; False closes the connection."""
+        buf = st["in"]
+        while len(buf) >= 4:
+            (n,) = struct.unpack_from(">I", buf)
+            if n > lib.PW_MAX_REQUEST:
+                answerer.answer(bytes(lib.PW_MAX_REQUEST + 1))  # counted as oversize
+                return False
+            if len(buf) < 4 + n:
+                break
+            ans = answerer.answer(bytes(buf[4:4 + n]))
+            del buf[:4 + n]
+            if ans is None:
+                return False
+            st["out"] += struct.pack(">I", len(ans)) + ans
+        return True
+
+    def _close(self, c: socket.socket) -> None:
+        self.conns.pop(c, None)
+        try:
+            self.sel.unregister(c)
+        except (KeyError, ValueError):
+            pass
+        c.close()
+
+    def join(self) -> None:
+        self.thread.join(timeout=10)
+
+
+# ---- the daemon -----------------------------------------------------------
+
+
+def notify_ready() -> None:
+    """sd_notify(READY=1) when started by a service manager that asks."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(b"READY=1", path)
+    except OSError as e:
+        log.warning("NOTIFY_SOCKET: %s", e)
+
+
+def serve(cfg: Config) -> int:
+    core = ServerCore()
+    stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
+    stopping = threading.Event()
+    reload_wanted = threading.Event()
+    wake = threading.Event()
+
+    def on_stop(signum, frame):
+        stopping.set()
+        wake.set()
+
+    def on_hup(signum, frame):
+        reload_wanted.set()
+        wake.set()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+
+    try:
+        core.set_keys(cfg.network_key, cfg.shadow_key)
+        if (cfg.network_key or cfg.shadow_key) and lib.pw_seal_available() < 0:
+            raise ConfigError("keys given but libsodium (libsodium.so.23) is not installed")
+        for cidr in cfg.allow:
+            core.allow(cidr)
+        loader = Loader(core, cfg)
+        try:
+            loader.load()  # bind only once there is something to serve
+        except TableError as e:
+            raise ConfigError(f"cannot load the tables: {e}") from None
+        udp, tcp = bind_sockets(*cfg.listen)
+    except (ConfigError, OSError) as e:
+        log.error("%s", e)
+        print(f"pwserver: {e}", file=sys.stderr)
+        core.close()
+        os.close(stop_fd)
+        return 1
+
+    host, port = udp.getsockname()[:2]
+    udp_threads = []
+    for i in range(cfg.threads):
+        slot = core.slot()
+
+        def run(slot=slot):
+            rc = core.serve_udp(udp.fileno(), slot, stop_fd)
+            if rc < 0:
+                log.error("UDP serving thread stopped: %s", os.strerror(-rc))
+                stopping.set()
+                wake.set()
+
+        t = threading.Thread(target=run, name=f"pwserver-udp{i}", daemon=True)
+        t.start()
+        udp_threads.append((t, slot))
+    tcp_server = TcpServer(core, tcp, stop_fd)
+    tcp_server.start()
+    loader.start()
+    shown = f"[{host}]" if ":" in host else host
+    log.info("ready on %s:%d (%d users, %d UDP threads)", shown, port, loader.users, cfg.threads)
+    print(f"pwserver: ready on {shown}:{port} ({loader.users} users)", file=sys.stderr, flush=True)
+    notify_ready()
+
+    next_poll = time.monotonic() + cfg.poll_seconds
+    while not stopping.is_set():
+        wake.wait(timeout=max(0.05, next_poll - time.monotonic()))
+        wake.clear()
+        if stopping.is_set():
+            break
+        if reload_wanted.is_set():
+            reload_wanted.clear()
+            log.info("SIGHUP: reloading")
+            loader.request()
+        if time.monotonic() >= next_poll:
+            next_poll = time.monotonic() + cfg.poll_seconds
+            if loader.changed():
+                log.info("a source file changed: reloading")
+                loader.request()
+
+    log.info("stopping")
+    core.stop()
+    os.eventfd_write(stop_fd, 1)
+    for t, slot in udp_threads:
+        t.join(timeout=10)
+        core.release(slot)
+    tcp_server.join()
+    loader.stop()
+    counters = core.counters()
+    log.info("stopped; counters: %s", ", ".join(f"{k}={v}" for k, v in counters.items() if v))
+    udp.close()
+    tcp.close()
+    core.close()
+    os.close(stop_fd)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logger = setup_logging("pwserver", stderr=args.log_stderr)
+    try:
+        cfg = load_config(args)
+    except ConfigError as e:
+        logger.error("%s", e)
+        print(f"pwserver: {e}", file=sys.stderr)
+        return 2
+    if cfg.syslog:
+        setup_logging("pwserver", stderr=args.log_stderr, syslog_address=cfg.syslog)
+    return serve(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

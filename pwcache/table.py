@@ -1,0 +1,197 @@
+"""Thin wrapper over the C table (pwcache/_csrc/pw_table.h).
+
+Checks types and lengths, turns return codes into exceptions and frees C
+memory explicitly (context managers). Lookups return the packed msgpack
+record exactly as the server sends it (docs/protocol.md, "Records").
+"""
+from __future__ import annotations
+
+import os
+
+from pwcache._pwtable import ffi, lib
+from pwcache.placement import PlacementRule
+
+MAX_NAME = 255
+MAX_ID = 2**32 - 2
+_ERRCAP = 512
+
+
+class TableError(Exception):
+    """A table could not be built."""
+
+
+class CRule:
+    """A PlacementRule handed to C (pwpl_rule); close() frees it."""
+
+    def __init__(self, rule: PlacementRule):
+        self._ptr = lib.pwpl_new(lib.PWPL_HASH if rule.kind == "hash" else lib.PWPL_RANGES)
+        if self._ptr == ffi.NULL:
+            raise MemoryError("pwpl_new")
+        try:
+            for host, weight in rule.hosts:
+                raw = host.encode()
+                if lib.pwpl_add_host(self._ptr, raw, len(raw), weight) < 0:
+                    raise TableError(f"placement: cannot add host {host!r}")
+            for first, last, host in rule.ranges:
+                if lib.pwpl_add_range(self._ptr, first, last, host) < 0:
+                    raise TableError(f"placement: cannot add range {first}-{last}")
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def ptr(self):
+        if self._ptr is None:
+            raise ValueError("placement rule is closed")
+        return self._ptr
+
+    def pick(self, name: str | bytes) -> int:
+        raw = _name_bytes(name)
+        return lib.pwpl_pick(self.ptr, raw, len(raw))
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            lib.pwpl_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> "CRule":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _name_bytes(name: str | bytes) -> bytes:
+    if isinstance(name, str):
+        return name.encode("utf-8", "surrogatepass")
+    if isinstance(name, (bytes, bytearray, memoryview)):
+        return bytes(name)
+    raise TypeError(f"name must be str or bytes, not {type(name).__name__}")
+
+
+def _check_id(value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"id must be int, not {type(value).__name__}")
+    if not 0 <= value <= MAX_ID:
+        raise ValueError(f"id {value} out of range 0..{MAX_ID}")
+    return value
+
+
+def _path_arg(path: str | os.PathLike | None):
+    return os.fsencode(path) if path else ffi.NULL
+
+
+class Table:
+    """A loaded table. Use as a context manager or call close()."""
+
+    def __init__(self, ptr):
+        self._ptr = ptr
+
+    @classmethod
+    def from_bytes(cls, passwd: bytes = b"", shadow: bytes = b"", group: bytes = b"",
+                   mailhosts: bytes = b"", rule: PlacementRule | None = None) -> "Table":
+        bufs = []
+        for name, data in (("passwd", passwd), ("shadow", shadow), ("group", group), ("mailhosts", mailhosts)):
+            if not isinstance(data, (bytes, bytearray)):
+                raise TypeError(f"{name} must be bytes, not {type(data).__name__}")
+            bufs.extend((bytes(data), len(data)))
+        return cls._build(lambda crule, err: lib.pwt_build(*bufs, crule, err, _ERRCAP), rule)
+
+    @classmethod
+    def from_files(cls, passwd: str | os.PathLike, shadow=None, group=None, mailhosts=None,
+                   rule: PlacementRule | None = None) -> "Table":
+        if not passwd:
+            raise TableError("a passwd file is required")
+        paths = [_path_arg(p) for p in (passwd, shadow, group, mailhosts)]
+        return cls._build(lambda crule, err: lib.pwt_load_files(*paths, crule, err, _ERRCAP), rule)
+
+    @classmethod
+    def _build(cls, call, rule: PlacementRule | None) -> "Table":
+        err = ffi.new("char[]", _ERRCAP)
+        crule = CRule(rule) if rule is not None else None
+        try:
+            ptr = call(crule.ptr if crule else ffi.NULL, err)
+        finally:
+            if crule:
+                crule.close()
+        if ptr == ffi.NULL:
+            raise TableError(ffi.string(err).decode(errors="replace") or "cannot build the table")
+        return cls(ptr)
+
+    # -- life cycle --------------------------------------------------------
+
+    @property
+    def ptr(self):
+        if self._ptr is None:
+            raise ValueError("table is closed")
+        return self._ptr
+
+    def detach(self):
+        """Gives the C table away (to the server); this object is closed."""
+        ptr, self._ptr = self.ptr, None
+        return ptr
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            lib.pwt_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> "Table":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- lookups -----------------------------------------------------------
+
+    def _by_name(self, fn, name: str | bytes) -> bytes | None:
+        raw = _name_bytes(name)
+        if not 0 < len(raw) <= MAX_NAME:
+            return None
+        n = ffi.new("uint32_t *")
+        rec = fn(self.ptr, raw, len(raw), n)
+        return None if rec == ffi.NULL else bytes(ffi.buffer(rec, n[0]))
+
+    def _by_id(self, fn, value: int) -> bytes | None:
+        n = ffi.new("uint32_t *")
+        rec = fn(self.ptr, _check_id(value), n)
+        return None if rec == ffi.NULL else bytes(ffi.buffer(rec, n[0]))
+
+    def passwd_by_name(self, name: str | bytes) -> bytes | None:
+        return self._by_name(lib.pwt_passwd_by_name, name)
+
+    def passwd_by_uid(self, uid: int) -> bytes | None:
+        return self._by_id(lib.pwt_passwd_by_uid, uid)
+
+    def shadow_by_name(self, name: str | bytes) -> bytes | None:
+        return self._by_name(lib.pwt_shadow_by_name, name)
+
+    def group_by_name(self, name: str | bytes) -> bytes | None:
+        return self._by_name(lib.pwt_group_by_name, name)
+
+    def group_by_gid(self, gid: int) -> bytes | None:
+        return self._by_id(lib.pwt_group_by_gid, gid)
+
+    def mailhost(self, name: str | bytes) -> tuple[str, bool] | None:
+        raw = _name_bytes(name)
+        host, hlen, frozen = ffi.new("const char **"), ffi.new("size_t *"), ffi.new("int *")
+        if not 0 < len(raw) <= MAX_NAME or lib.pwt_mailhost(self.ptr, raw, len(raw), host, hlen, frozen) < 0:
+            return None
+        return ffi.buffer(host[0], hlen[0])[:].decode(), bool(frozen[0])
+
+    def initgroups(self, name: str | bytes) -> list[int] | None:
+        raw = _name_bytes(name)
+        gids, count = ffi.new("const uint32_t **"), ffi.new("uint32_t *")
+        if not 0 < len(raw) <= MAX_NAME or lib.pwt_initgroups(self.ptr, raw, len(raw), gids, count) < 0:
+            return None
+        return [gids[0][i] for i in range(count[0])]
+
+    def stats(self) -> dict[str, int]:
+        return stats_of(self.ptr)
+
+
+def stats_of(ptr) -> dict[str, int]:
+    """Load statistics of a C table (pwt_load_stats as a dict)."""
+    st = ffi.new("pwt_load_stats *")
+    lib.pwt_get_stats(ptr, st)
+    return {name: getattr(st, name) for name, _ in ffi.typeof("pwt_load_stats").fields}
