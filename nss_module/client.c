@@ -708,6 +708,7 @@ typedef struct {
     int64_t sent_at;
     int done;         /* answered, or failed: no longer waited for */
     int silent;       /* sent, and nothing came back */
+    int refused;      /* could not send, or ICMP unreachable */
 } pwc_try;
 
 void pwc_answer_free(pwc_answer *ans)
@@ -844,7 +845,7 @@ int pwc_query(int op, const char *name, uint64_t num, pwc_answer *ans)
             tr->fd = send_udp(s, pkt, (size_t)plen);
             tr->sent_at = t;
             if (tr->fd < 0) {
-                tr->done = 1;
+                tr->done = tr->refused = 1;
             } else {
                 tr->silent = 1;
                 pending++;
@@ -878,8 +879,10 @@ int pwc_query(int op, const char *name, uint64_t num, pwc_answer *ans)
             if (rx == RX_NOTHING)
                 continue;
             tr->done = 1;
-            if (rx == RX_FAILED)
-                continue; /* refused: silent stays set, it is down */
+            if (rx == RX_FAILED) {
+                tr->refused = 1; /* nobody listens there: down */
+                continue;
+            }
             tr->silent = 0;
             if (status == PW_TRUNCATED) {
                 int tst;
@@ -917,10 +920,10 @@ int pwc_query(int op, const char *name, uint64_t num, pwc_answer *ans)
         pwc_try *tr = &tries[k];
         const pwc_server *s = &c.servers[tr->idx];
         int slow = tr->silent && (winner < 0 || end - tr->sent_at >= c.hedge_ms);
-        if (tr->fd >= 0 && !tr->silent) {
+        if (!tr->silent && !tr->refused) {
             if (until[tr->idx])
                 health_mark(&c, s->name, 0);
-        } else if (slow || tr->fd < 0) {
+        } else if (slow || tr->refused) {
             if (!(until[tr->idx] > epoch))
                 health_mark(&c, s->name, now_epoch() + c.recheck_s);
         }

@@ -1,0 +1,151 @@
+"""Failover of libnss_pwserver.so.2 through real glibc (getent): a primary
+that silently drops packets, the shared health record, both servers down,
+and the primary coming back."""
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import time
+
+import pytest
+
+import nss_util as u
+
+TIMEOUT_MS = 2000
+HEDGE_MS = 50
+
+
+@pytest.fixture(scope="module", autouse=True)
+def lib():
+    return u.build_module()
+
+
+@pytest.fixture
+def pair():
+    primary = u.FakePwServer(u.PASSWD, u.GROUP, u.SHADOW, mode="drop")
+    secondary = u.FakePwServer(u.PASSWD, u.GROUP, u.SHADOW)
+    yield primary, secondary
+    primary.stop()
+    secondary.stop()
+
+
+def conf_for(tmp_path, servers, **kw):
+    kw.setdefault("timeout_ms", TIMEOUT_MS)
+    kw.setdefault("hedge_ms", HEDGE_MS)
+    return u.write_conf(tmp_path / "pwserver.conf", [s.address for s in servers],
+                        health_file=tmp_path / "run" / "health", **kw)
+
+
+def health_lines(tmp_path) -> list[list[str]]:
+    path = tmp_path / "run" / "health"
+    if not path.exists():
+        return []
+    return [line.split() for line in path.read_text().splitlines()]
+
+
+def timed_getent(conf, *args):
+    t = time.monotonic()
+    r = u.getent(conf, *args)
+    return r, time.monotonic() - t
+
+
+def test_dropping_primary_secondary_answers_and_health_is_shared(tmp_path, pair):
+    primary, secondary = pair
+    conf = conf_for(tmp_path, pair)
+    r, took = timed_getent(conf, "passwd", "alice")
+    assert r.returncode == 0 and r.stdout.startswith("alice:x:2001:")
+    assert primary.requests == 1 and secondary.answered == 1
+    assert took < TIMEOUT_MS / 1000 / 2  # the hedge, not the timeout
+    # the record: one line "down HOST:PORT UNTIL", written atomically, 0644
+    (line,) = health_lines(tmp_path)
+    assert line[0] == "down" and line[1] == primary.address
+    assert time.time() < int(line[2]) <= time.time() + 5 + 1
+    mode = stat.S_IMODE(os.stat(tmp_path / "run" / "health").st_mode)
+    assert mode == 0o644
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["health"]  # no temporary left
+    # the next process skips the primary entirely
+    r, took = timed_getent(conf, "group", "pwstaff")
+    assert r.returncode == 0 and primary.requests == 1
+
+
+def test_refusing_primary_fails_over_at_once(tmp_path, pair):
+    _, secondary = pair
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nobody listens: ICMP port unreachable
+
+    class Closed:
+        address = f"127.0.0.1:{port}"
+
+    conf = conf_for(tmp_path, [Closed, secondary], hedge_ms=1000)
+    r, took = timed_getent(conf, "passwd", "bob")
+    assert r.returncode == 0 and took < 0.9  # did not wait for the 1 s hedge
+    assert health_lines(tmp_path)[0][1] == Closed.address
+
+
+def run_many(conf, n):
+    """n lookups in n separate short-lived processes; returns seconds."""
+    env = u.module_env(conf)
+    t = time.monotonic()
+    for i in range(n):
+        r = subprocess.run(["getent", "-s", "pwserver", "passwd", f"user{i:04d}"], env=env,
+                           stdout=subprocess.PIPE, timeout=30)
+        assert r.returncode == 0 and r.stdout.startswith(f"user{i:04d}:".encode())
+    return time.monotonic() - t
+
+
+def test_100_processes_while_primary_down_cost_at_most_one_timeout(tmp_path, pair):
+    primary, secondary = pair
+    primary.mode = "serve"
+    normal = run_many(conf_for(tmp_path, pair), 100)
+    assert secondary.requests == 0
+    primary.mode = "drop"
+    (tmp_path / "run" / "health").unlink(missing_ok=True)
+    before = primary.requests
+    down = run_many(conf_for(tmp_path, pair), 100)
+    assert down < TIMEOUT_MS / 1000 + normal, (down, normal)
+    assert primary.requests - before <= 2  # marked down after the first
+    assert secondary.answered >= 98
+
+
+def test_both_down_is_unavail_within_the_timeout_and_files_still_resolve(tmp_path, pair):
+    primary, secondary = pair
+    secondary.mode = "drop"
+    conf = conf_for(tmp_path, pair)
+    r, took = timed_getent(conf, "passwd", "alice")
+    assert r.returncode == 2 and r.stdout == ""
+    assert took < TIMEOUT_MS / 1000 + 0.5
+    assert sorted(line[1] for line in health_lines(tmp_path)) == sorted([primary.address, secondary.address])
+    # known down: later lookups do not wait a full timeout each
+    r, took = timed_getent(conf, "passwd", "alice")
+    assert r.returncode == 2 and took < TIMEOUT_MS / 1000 / 2
+    # users from files resolve through nsswitch.conf "files pwserver"
+    ns = tmp_path / "nsswitch.conf"
+    ns.write_text("passwd: files pwserver\ngroup: files pwserver\n")
+    script = 'mount --bind "$0" /etc/nsswitch.conf && getent passwd root && id -u root && exec id alice'
+    t = time.monotonic()
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script, str(ns)], env=u.module_env(conf),
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.splitlines()[:2] == ["root:x:0:0:root:/root:/bin/bash", "0"]
+    assert r.returncode == 1 and "no such user" in r.stderr
+    assert time.monotonic() - t < TIMEOUT_MS / 1000 + 0.5
+
+
+def test_primary_back_traffic_returns(tmp_path, pair):
+    primary, secondary = pair
+    conf = conf_for(tmp_path, pair, recheck_s=1)
+    r, _ = timed_getent(conf, "passwd", "alice")
+    assert r.returncode == 0 and health_lines(tmp_path)[0][1] == primary.address
+    primary.mode = "serve"
+    time.sleep(1.2)  # past recheck_s: one lookup probes the primary again
+    for _ in range(3):
+        r, _ = timed_getent(conf, "passwd", "alice")
+        assert r.returncode == 0
+    assert health_lines(tmp_path) == []
+    p, s = primary.answered, secondary.answered
+    for _ in range(5):
+        assert timed_getent(conf, "passwd", "bob")[0].returncode == 0
+    assert primary.answered == p + 5 and secondary.answered == s
