@@ -13,6 +13,10 @@ SUBCOMMANDS = {
     "gen-key": ("pwcache.keys", "main", "write a new network or shadow key file (mode 0600)"),
     "nss": ("nss_module.install", "main", "install/uninstall libnss_pwserver.so.2 and the nsswitch.conf lines"),
     "demo": ("pwcache.demo", "main", "run the whole system on this machine and show it working"),
+    "hash-report": ("pwcache.hashreport", "main", "compare mailbox directory hashing schemes on login names"),
+    "placement-report": ("pwcache.placement_report", "main", "users and bytes per storage server, and the imbalance"),
+    "move": ("pwcache.move", "main", "move a mailbox to another storage server, live (no mail lost)"),
+    "rebalance": ("pwcache.move", "rebalance_main", "move the mailboxes a new storage server should hold"),
 }
 
 
