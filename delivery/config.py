@@ -1,0 +1,64 @@
+"""The `[delivery]` section of /etc/pwmail.toml, with its defaults.
+
+Read by both pdeliveryd and pdelivery (one section for the part); command
+line flags override. docs/delivery.md describes each key.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pwcache import settings
+
+from delivery import lmtp
+from delivery.layout import DEFAULT_SCHEME
+
+DEFAULTS: dict[str, Any] = {
+    # where LMTP lives on every storage host (pdelivery connects to MAILHOST:lmtp_port)
+    "lmtp_port": 24,
+    # pdeliveryd
+    "listen": "",                       # HOST:PORT; empty = 0.0.0.0:lmtp_port
+    "root": "/var/spool/mail",
+    "layout": DEFAULT_SCHEME,
+    "users": "pwserver",                # or "passwd:/path/to/passwd"
+    "mailhost_names": [],               # names of this host in the mailhosts map; [] = accept all
+    "recipient_delimiter": "+",
+    "message_size_max": lmtp.MESSAGE_SIZE_MAX,
+    "message_line_max": lmtp.MESSAGE_LINE_MAX,
+    "recipients_max": lmtp.RECIPIENTS_MAX,
+    "command_line_max": lmtp.COMMAND_LINE_MAX,
+    "bad_commands_max": lmtp.BAD_COMMANDS_MAX,
+    "sessions_max": 1000,
+    "idle_timeout": 300.0,              # seconds without a byte from the peer
+    "dedup_window": 86400.0,            # seconds a (queue id, recipient) is remembered
+    "dedup_max": 200_000,               # entries remembered at most
+    "tmp_max_age": 36 * 3600.0,
+    "io_threads": 32,
+    # pdelivery
+    "connect_timeout": 10.0,
+    "timeout": 300.0,                   # per LMTP reply
+    "mailhost_suffix": "",              # appended to the mailhost name before resolving it
+}
+
+
+def load(path: str | None = None) -> dict[str, Any]:
+    return settings.section("delivery", DEFAULTS, path)
+
+
+def limits_from(cfg: dict[str, Any]) -> lmtp.Limits:
+    return lmtp.Limits(command_line_max=int(cfg["command_line_max"]),
+                       message_size_max=int(cfg["message_size_max"]),
+                       message_line_max=int(cfg["message_line_max"]),
+                       recipients_max=int(cfg["recipients_max"]),
+                       bad_commands_max=int(cfg["bad_commands_max"]))
+
+
+def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
+    """`host`, `host:port`, `[v6]:port` -> (host, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default_port
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return host, int(port)
+    return text, default_port

@@ -1,0 +1,263 @@
+"""pdeliveryd: the LMTP server of a storage host (the paper's III.F).
+
+    pdeliveryd --listen HOST:PORT --root DIR [--layout SCHEME] [--users pwserver|passwd:FILE]
+
+Settings come from `[delivery]` in /etc/pwmail.toml (delivery/config.py);
+flags override. SIGTERM: stop listening, finish the transactions in flight,
+say 421 to idle sessions, exit 0. SIGHUP: re-read the settings (limits,
+timeouts, mailhost names) and re-open logging. `--clean-tmp` removes stale
+tmp/ files under the whole root once and exits (for cron); deliveries also
+clean each mailbox's tmp/ as they pass.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+
+from pwcache.logsetup import setup_logging
+
+from delivery import config as dconfig
+from delivery.layout import SCHEMES, MailboxLayout
+from delivery.lmtp import (CLOSED, NEED_DATA, LMTPServerConnection, MessageReceived, PeerError,
+                           RcptRequest, Reply)
+from delivery.maildir import ROOT_MARKER, MaildirWriter, clean_tmp, walk_maildirs
+from delivery.store import MailStore, RecipientCheck
+from delivery.users import PasswdFileLookup, PwserverLookup
+
+log = logging.getLogger("pdeliveryd")
+
+READ_SIZE = 256 * 1024
+R_TOO_MANY_SESSIONS = Reply(421, "4.3.2", "too many sessions, try again later")
+R_IDLE = Reply(421, "4.4.2", "idle timeout, closing")
+R_SHUTDOWN = Reply(421, "4.3.2", "shutting down, try again later")
+
+
+def make_users(spec: str):
+    if spec.startswith("passwd:"):
+        return PasswdFileLookup(spec[len("passwd:"):])
+    if spec == "pwserver":
+        return PwserverLookup()
+    raise SystemExit(f"pdeliveryd: users must be 'pwserver' or 'passwd:FILE', not {spec!r}")
+
+
+class DeliveryServer:
+    """Sessions over the LMTP machine; policy in RecipientCheck / MailStore."""
+
+    def __init__(self, cfg: dict, users, *, hostname: str | None = None):
+        self.cfg = cfg
+        self.users = users
+        self.hostname = hostname or socket.getfqdn()
+        self.layout = MailboxLayout(cfg["root"], cfg["layout"])
+        self.store = MailStore(MaildirWriter(self.layout), io_threads=int(cfg["io_threads"]),
+                               dedup_window=float(cfg["dedup_window"]), dedup_max=int(cfg["dedup_max"]),
+                               tmp_max_age=float(cfg["tmp_max_age"]))
+        self.apply(cfg)
+        self.sessions: set[asyncio.StreamWriter] = set()
+        self.busy: set[asyncio.StreamWriter] = set()
+        self.stopping = False
+        self.server: asyncio.base_events.Server | None = None
+        self.refused_sessions = 0
+
+    def apply(self, cfg: dict) -> None:
+        """Settings that may change at run time (SIGHUP)."""
+        self.cfg = cfg
+        self.limits = dconfig.limits_from(cfg)
+        self.check = RecipientCheck(self.users, cfg["mailhost_names"], cfg["recipient_delimiter"])
+        self.store.dedup.window = float(cfg["dedup_window"])
+        self.store.dedup.max_entries = int(cfg["dedup_max"])
+        self.store.tmp_max_age = float(cfg["tmp_max_age"])
+
+    async def start(self, host: str, port: int) -> None:
+        if not (self.layout.root / ROOT_MARKER).exists():
+            log.warning("storage root %s has no %s: deliveries get 451 until it is mounted",
+                        self.layout.root, ROOT_MARKER)
+        self.server = await asyncio.start_server(self.session, host, port, limit=READ_SIZE,
+                                                 reuse_address=True, backlog=1024)
+        addr = self.server.sockets[0].getsockname()
+        log.info("listening on %s:%d root=%s layout=%s", addr[0], addr[1], self.layout.root, self.layout.scheme)
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.stopping or len(self.sessions) >= int(self.cfg["sessions_max"]):
+            self.refused_sessions += 1
+            writer.write(bytes(R_TOO_MANY_SESSIONS if not self.stopping else R_SHUTDOWN))
+            await _close(writer)
+            return
+        self.sessions.add(writer)
+        peer = writer.get_extra_info("peername")
+        conn = LMTPServerConnection(self.hostname, self.limits, "LMTP pdeliveryd ready")
+        accepted = []            # Recipient of each accepted RCPT, in order
+        idle = float(self.cfg["idle_timeout"])
+        try:
+            while True:
+                try:
+                    ev = conn.next_event()
+                except PeerError as e:
+                    log.info("%s: %s", peer, e)
+                    writer.write(conn.data_to_send())
+                    break
+                if ev is CLOSED:
+                    writer.write(conn.data_to_send())
+                    break
+                if ev is NEED_DATA:
+                    out = conn.data_to_send()
+                    if out:
+                        writer.write(out)
+                        await writer.drain()
+                    if self.stopping and conn.phase == conn.READY:
+                        writer.write(bytes(R_SHUTDOWN))
+                        break
+                    try:
+                        data = await asyncio.wait_for(reader.read(READ_SIZE), idle)
+                    except asyncio.TimeoutError:
+                        writer.write(bytes(R_IDLE))
+                        break
+                    conn.receive_data(data)
+                elif isinstance(ev, RcptRequest):
+                    reply, rec = await self.check.check(ev.address)
+                    if rec is not None:
+                        accepted.append(rec)
+                    conn.answer_rcpt(reply)
+                elif isinstance(ev, MessageReceived):
+                    self.busy.add(writer)
+                    try:
+                        replies = await self.store.deliver(ev, accepted[-len(ev.recipients):])
+                    finally:
+                        self.busy.discard(writer)
+                    accepted.clear()
+                    conn.answer_message(replies)
+                if conn.phase == conn.READY and not conn.recipients:
+                    accepted.clear()       # RSET, LHLO or a refused transaction
+        except (ConnectionError, OSError) as e:
+            log.info("%s: connection lost: %s", peer, e)
+        finally:
+            self.sessions.discard(writer)
+            await _close(writer)
+
+    def request_stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("stopping: %d session(s) open, %d delivering", len(self.sessions), len(self.busy))
+        if self.server is not None:
+            self.server.close()
+        for w in list(self.sessions):
+            if w not in self.busy:
+                # an idle session: tell it, and end its read with EOF
+                try:
+                    w.write(bytes(R_SHUTDOWN))
+                except Exception:
+                    pass
+                w.transport.close()
+
+    async def wait_stopped(self, grace: float = 30.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.sessions and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for w in list(self.sessions):
+            w.transport.abort()
+        await self.users.close()
+        self.store.close()
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    try:
+        writer.close()
+        await writer.wait_closed()
+    except (ConnectionError, OSError):
+        pass
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="pdeliveryd", description="LMTP delivery into hashed Maildirs")
+    p.add_argument("--listen", help="HOST:PORT (default 0.0.0.0:lmtp_port)")
+    p.add_argument("--lmtp-port", type=int, help="port when --listen gives none")
+    p.add_argument("--root", help="storage root (must hold %s)" % ROOT_MARKER)
+    p.add_argument("--layout", choices=SCHEMES)
+    p.add_argument("--users", help="'pwserver' (default) or 'passwd:FILE'")
+    p.add_argument("--config", help="settings file (default $PWMAIL_CONF or /etc/pwmail.toml)")
+    p.add_argument("--hostname", help="name in the greeting and in file names")
+    p.add_argument("--init-root", action="store_true", help="create the root marker in --root and exit")
+    p.add_argument("--clean-tmp", action="store_true", help="remove stale tmp/ files under the root and exit")
+    p.add_argument("--log-stderr", action="store_true")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def effective_config(args) -> dict:
+    cfg = dconfig.load(args.config)
+    for key in ("root", "layout", "users"):
+        if getattr(args, key):
+            cfg[key] = getattr(args, key)
+    if args.lmtp_port:
+        cfg["lmtp_port"] = args.lmtp_port
+    if args.listen:
+        cfg["listen"] = args.listen
+    return cfg
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging("pdeliveryd", stderr=args.log_stderr, level=args.log_level.upper())
+    try:
+        cfg = effective_config(args)
+    except Exception as e:
+        print(f"pdeliveryd: {e}", file=sys.stderr)
+        return 78  # EX_CONFIG
+    if args.init_root:
+        os.makedirs(cfg["root"], exist_ok=True)
+        open(os.path.join(cfg["root"], ROOT_MARKER), "a").close()
+        return 0
+    if args.clean_tmp:
+        n = sum(clean_tmp(box, float(cfg["tmp_max_age"])) for box in walk_maildirs(cfg["root"]))
+        log.info("removed %d stale tmp file(s) under %s", n, cfg["root"])
+        return 0
+    host, port = dconfig.parse_hostport(cfg["listen"] or "0.0.0.0", int(cfg["lmtp_port"]))
+    return asyncio.run(serve(cfg, host, port, args))
+
+
+async def serve(cfg: dict, host: str, port: int, args) -> int:
+    server = DeliveryServer(cfg, make_users(cfg["users"]), hostname=args.hostname)
+    await server.start(host, port)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_term():
+        server.request_stop()
+        stop.set()
+
+    def on_hup():
+        try:
+            new = effective_config(args)
+        except Exception as e:
+            log.error("reload failed, keeping the old settings: %s", e)
+            return
+        for key in ("root", "layout", "listen", "lmtp_port", "users", "io_threads"):
+            if new[key] != server.cfg[key]:
+                log.warning("reload: %s changed; it takes effect at restart", key)
+                new[key] = server.cfg[key]
+        setup_logging("pdeliveryd", stderr=args.log_stderr, level=args.log_level.upper())
+        server.apply(new)
+        log.info("reloaded settings")
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGINT, on_term)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    print(f"pdeliveryd: ready on {host}:{server.port}", file=sys.stderr, flush=True)
+    await stop.wait()
+    await server.wait_stopped()
+    log.info("stopped; %d message(s) delivered", server.store.delivered)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Delivery policy of pdeliveryd: recipients in, per-recipient replies out.
+
+Protocol-free (the LMTP machine is in lmtp.py, the sockets in pdeliveryd.py):
+`RecipientCheck` turns an address into a reply and a Recipient;
+`MailStore` stores one message for its accepted recipients and says, for
+each, what happened. Durability: nothing is acknowledged before the file is
+fsynced, renamed into new/ and new/ is fsynced; the directory fsyncs of
+concurrent deliveries are shared (`DirSyncer`, group commit).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from delivery import message as msg
+from delivery.layout import LayoutError, check_user
+from delivery.lmtp import MessageReceived, Reply
+from delivery.maildir import MaildirWriter, Staged, StorageFull, StorageUnavailable, clean_tmp, fsync_dir
+from delivery.users import LookupUnavailable, Recipient, UserLookup, user_from_address
+
+log = logging.getLogger("pdeliveryd")
+
+R_RCPT_OK = Reply(250, "2.1.5", "recipient OK")
+R_NO_USER = Reply(550, "5.1.1", "no such user")
+R_BAD_ADDRESS = Reply(550, "5.1.3", "bad recipient address")
+R_FROZEN = Reply(450, "4.2.1", "mailbox being moved, try again later")
+R_LOOKUP_DOWN = Reply(451, "4.4.3", "user directory unavailable, try again later")
+R_WRONG_HOST = Reply(451, "4.3.0", "mailbox is not on this host, try again later")
+R_LOOP = Reply(550, "5.4.6", "mail loop: already delivered to this user")
+R_STORAGE_DOWN = Reply(451, "4.3.0", "storage unavailable, try again later")
+R_STORAGE_FULL = Reply(452, "4.3.1", "insufficient storage, try again later")
+R_LOCAL_ERROR = Reply(451, "4.3.0", "local error in processing, try again later")
+
+TMP_CLEAN_EVERY = 12 * 3600     # seconds between tmp/ scans of one mailbox
+TMP_CLEAN_TRACKED = 100_000     # mailboxes whose last scan time is remembered
+
+
+class RecipientCheck:
+    def __init__(self, users: UserLookup, mailhost_names=(), delimiter: str = "+"):
+        self.users = users
+        self.mailhost_names = {h.lower() for h in mailhost_names}
+        self.delimiter = delimiter
+
+    async def check(self, address: str) -> tuple[Reply, Recipient | None]:
+        name = user_from_address(address, self.delimiter)
+        try:
+            check_user(name)
+        except LayoutError:
+            return R_BAD_ADDRESS, None
+        try:
+            rec = await self.users.lookup(name)
+        except LookupUnavailable as e:
+            log.warning("lookup of %s failed: %s", name, e)
+            return R_LOOKUP_DOWN, None
+        if rec is None:
+            return R_NO_USER, None
+        if rec.frozen:
+            return R_FROZEN, None
+        if self.mailhost_names and rec.mailhost and rec.mailhost.lower() not in self.mailhost_names:
+            log.warning("%s lives on %s, not here", name, rec.mailhost)
+            return R_WRONG_HOST, None
+        return R_RCPT_OK, rec
+
+
+class DirSyncer:
+    """Group commit of directory fsyncs: callers wait for a sync that
+    started after their rename; one sync serves everyone queued."""
+
+    def __init__(self, executor: ThreadPoolExecutor):
+        self.executor = executor
+        self._pending: dict[str, list[asyncio.Future]] = {}
+        self._running = False
+        self.batches = 0
+        self.syncs = 0
+
+    async def sync(self, path: str) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(path, []).append(fut)
+        if not self._running:
+            self._running = True
+            asyncio.get_running_loop().create_task(self._run())
+        await fut
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, {}
+                self.batches += 1
+                self.syncs += len(batch)
+                results = await loop.run_in_executor(self.executor, _fsync_all, list(batch))
+                for path, futs in batch.items():
+                    err = results.get(path)
+                    for f in futs:
+                        if not f.done():
+                            f.set_exception(err) if err else f.set_result(None)
+        finally:
+            self._running = False
+
+
+def _fsync_all(paths: list[str]) -> dict[str, OSError]:
+    errors = {}
+    for p in paths:
+        try:
+            fsync_dir(p)
+        except OSError as e:
+            errors[p] = e
+    return errors
+
+
+class DedupTable:
+    """(queue id, user, content digest) delivered recently: acknowledge a
+    retry after a lost 250 without storing a second copy."""
+
+    def __init__(self, window: float, max_entries: int):
+        self.window = window
+        self.max_entries = max_entries
+        self._done: collections.OrderedDict[tuple, float] = collections.OrderedDict()
+        self._inflight: dict[tuple, asyncio.Future] = {}
+        self.hits = 0
+
+    def _expire(self, now: float) -> None:
+        while self._done:
+            key, t = next(iter(self._done.items()))
+            if now - t <= self.window and len(self._done) <= self.max_entries:
+                break
+            self._done.popitem(last=False)
+
+    def seen(self, key: tuple) -> bool:
+        now = time.monotonic()
+        self._expire(now)
+        t = self._done.get(key)
+        return t is not None and now - t <= self.window
+
+    def remember(self, key: tuple) -> None:
+        self._done[key] = time.monotonic()
+        self._done.move_to_end(key)
+        self._expire(time.monotonic())
+
+
+class MailStore:
+    def __init__(self, writer: MaildirWriter, *, io_threads: int = 32, dedup_window: float = 86400,
+                 dedup_max: int = 200_000, tmp_max_age: float = 36 * 3600):
+        self.writer = writer
+        self.executor = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="pdeliveryd-io")
+        self.syncer = DirSyncer(self.executor)
+        self.dedup = DedupTable(dedup_window, dedup_max)
+        self.tmp_max_age = tmp_max_age
+        self._cleaned: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self.delivered = 0
+
+    async def deliver(self, ev: MessageReceived, recipients: list[Recipient]) -> list[Reply]:
+        qid = ev.queue_id or msg.received_queue_id(ev.data)
+        digest = msg.digest(ev.data) if qid else b""
+        return list(await asyncio.gather(*(self._one(ev, addr, rec, qid, digest)
+                                           for addr, rec in zip(ev.recipients, recipients))))
+
+    async def _one(self, ev: MessageReceived, address: str, rec: Recipient, qid: str | None,
+                   digest: bytes) -> Reply:
+        if msg.is_loop(ev.data, rec.name):
+            log.warning("loop: %s already delivered to %s (qid %s)", address, rec.name, qid)
+            return R_LOOP
+        key = (qid, rec.name, digest) if qid else None
+        if key is not None:
+            if self.dedup.seen(key):
+                self.dedup.hits += 1
+                log.info("duplicate of qid=%s for %s acknowledged without a copy", qid, rec.name)
+                return Reply(250, "2.0.0", f"{rec.name} already delivered (duplicate)")
+            inflight = self.dedup._inflight.get(key)
+            if inflight is not None:
+                return await asyncio.shield(inflight)
+            fut = asyncio.get_running_loop().create_future()
+            self.dedup._inflight[key] = fut
+        reply = R_LOCAL_ERROR
+        try:
+            reply = await self._store(ev, address, rec, qid)
+            if key is not None and reply.ok:
+                self.dedup.remember(key)
+            return reply
+        finally:
+            if key is not None:
+                self.dedup._inflight.pop(key, None)
+                fut.set_result(reply)
+
+    async def _store(self, ev: MessageReceived, address: str, rec: Recipient, qid: str | None) -> Reply:
+        loop = asyncio.get_running_loop()
+        content = msg.for_maildir(ev.data, ev.sender, address)
+        staged = None
+        try:
+            staged = await loop.run_in_executor(self.executor, self._write, rec, content)
+            await self.syncer.sync(staged.new_dir)
+        except StorageUnavailable as e:
+            log.error("storage unavailable for %s: %s", rec.name, e)
+            return R_STORAGE_DOWN
+        except StorageFull as e:
+            log.error("storage full for %s: %s", rec.name, e)
+            self._withdraw(staged)
+            return R_STORAGE_FULL
+        except OSError as e:
+            log.error("I/O error delivering to %s: %s", rec.name, e)
+            self._withdraw(staged)
+            return R_LOCAL_ERROR
+        self.delivered += 1
+        name = os.path.basename(staged.new_path)
+        log.info("delivered qid=%s to=%s from=<%s> size=%d file=%s", qid or "-", rec.name, ev.sender,
+                 len(content), name)
+        return Reply(250, "2.0.0", f"{rec.name} delivered {name.split(',')[0]}")
+
+    def _withdraw(self, staged: Staged | None) -> None:
+        if staged is not None:
+            self.writer.withdraw(staged)
+
+    def _write(self, rec: Recipient, content: bytes) -> Staged:
+        box = self.writer.ensure_maildir(rec.name, rec.uid, rec.gid)
+        self._maybe_clean(str(box))
+        staged = self.writer.stage(box, content, rec.uid, rec.gid)
+        self.writer.publish(staged)
+        return staged
+
+    def _maybe_clean(self, box: str) -> None:
+        now = time.monotonic()
+        last = self._cleaned.get(box)
+        if last is not None and now - last < TMP_CLEAN_EVERY:
+            return
+        self._cleaned[box] = now
+        self._cleaned.move_to_end(box)
+        while len(self._cleaned) > TMP_CLEAN_TRACKED:
+            self._cleaned.popitem(last=False)
+        n = clean_tmp(box, self.tmp_max_age)
+        if n:
+            log.info("removed %d stale file(s) from %s/tmp", n, box)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
