@@ -33,6 +33,8 @@ from delivery.layout import LayoutError, check_user
 from delivery.lmtp import (CLOSED, NEED_DATA, LMTPServerConnection, MessageReceived, PeerError,
                            RcptRequest, Reply)
 from delivery.lmtpclient import LMTPUnavailable, crlf, deliver
+from delivery.store import R_BAD_ADDRESS, R_FROZEN, R_LOOKUP_DOWN, R_NO_USER
+from delivery.store import R_RCPT_OK as R_OK
 from delivery.users import user_from_address
 
 EX_OK = 0
@@ -41,11 +43,6 @@ EX_TEMPFAIL = 75
 
 log = logging.getLogger("pdelivery")
 
-R_OK = Reply(250, "2.1.5", "OK")
-R_NO_USER = Reply(550, "5.1.1", "no such user")
-R_BAD_ADDRESS = Reply(550, "5.1.3", "bad recipient address")
-R_LOOKUP_DOWN = Reply(451, "4.4.3", "user directory unavailable")
-R_FROZEN = Reply(450, "4.2.1", "mailbox being moved")
 R_NO_ROUTE = Reply(451, "4.4.0", "no mailhost for user")
 R_READ_LIMIT = Reply(552, "5.3.4", "message too big")
 

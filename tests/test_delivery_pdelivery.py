@@ -1,0 +1,104 @@
+"""pdelivery end to end: real pwserver, real pdeliveryd on two storage
+addresses (127.0.0.2, 127.0.0.3) sharing one LMTP port, sysexits only."""
+import subprocess
+
+import pytest
+
+import pwtest
+from delivery.layout import MailboxLayout
+from delivery_util import Pdeliveryd, client_conf, codes, env_with, free_port_on, messages, write_users
+
+STORES = ["127.0.0.2", "127.0.0.3"]
+MSG = b"From: a@example.org\nSubject: via pdelivery\n\nhello\n.\n..two dots\n"
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pdelivery")
+    users = write_users(d / "users")
+    port = free_port_on(STORES)
+    settings = d / "pwmail.toml"
+    settings.write_text(f"[delivery]\nlmtp_port = {port}\nconnect_timeout = 2.0\n")
+    with pwtest.PwServer(users) as pw:
+        conf = client_conf(d / "pwserver.conf", [pw.address])
+        env = env_with(conf, settings)
+        s2 = Pdeliveryd(d / "store2", STORES[0], port, env)
+        s3 = Pdeliveryd(d / "store3", STORES[1], port, env)
+        try:
+            yield {"d": d, "env": env, "port": port, "conf": conf, "settings": settings,
+                   "s2": s2, "s3": s3, "l2": MailboxLayout(d / "store2"), "l3": MailboxLayout(d / "store3")}
+        finally:
+            s2.stop()
+            s3.stop()
+
+
+def pdelivery(bed, *args, stdin=MSG, env=None):
+    return subprocess.run([str(pwtest.BIN / "pdelivery"), *args], input=stdin, capture_output=True,
+                          env=env or bed["env"], timeout=60)
+
+
+def test_routes_each_user_to_its_mailhost(bed):
+    r = pdelivery(bed, "-f", "a@example.org", "-i", "4AU1Q1", "-d", "juan")
+    assert r.returncode == 0, r.stderr
+    r = pdelivery(bed, "-f", "a@example.org", "-i", "4AU1Q2", "-d", "jo")
+    assert r.returncode == 0, r.stderr
+    [f] = messages(bed["l2"].path("juan"))
+    assert f.read_bytes() == b"Return-Path: <a@example.org>\nDelivered-To: juan\n" + MSG
+    assert len(messages(bed["l3"].path("jo"))) == 1
+    assert not bed["l3"].path("juan").exists() and not bed["l2"].path("jo").exists()
+
+
+def test_unknown_user_is_67_with_511(bed):
+    r = pdelivery(bed, "-f", "a@x", "-d", "nadie")
+    assert r.returncode == 67 and b"5.1.1" in r.stderr
+
+
+def test_frozen_mailbox_is_75(bed):
+    r = pdelivery(bed, "-f", "a@x", "-d", "mudando")
+    assert r.returncode == 75 and b"4.2.1" in r.stderr
+
+
+def test_pwserver_down_is_75(bed, tmp_path):
+    conf = client_conf(tmp_path / "dead.conf", ["127.0.0.1:9"], timeout_ms=200)
+    r = pdelivery(bed, "-f", "a@x", "-d", "juan", env=env_with(conf, bed["settings"]))
+    assert r.returncode == 75 and b"4.4.3" in r.stderr
+
+
+def test_usage_errors_stay_in_sysexits(bed):
+    assert pdelivery(bed, "-d").returncode == 75
+    assert pdelivery(bed, "--bogus").returncode == 75
+    assert pdelivery(bed, "-l", "juan").returncode == 75
+
+
+def test_lmtp_port_flag_overrides_settings(bed):
+    r = pdelivery(bed, "--lmtp-port", "9", "-f", "a@x", "-d", "juan")
+    assert r.returncode == 75 and b"4.4.1" in r.stderr
+
+
+def test_storage_down_then_retry_delivers_once(bed):
+    """Two users on two hosts, one host down: 75; retry after it returns:
+    the copy already stored is acknowledged, not stored twice."""
+    n_ana, n_pepe = len(messages(bed["l2"].path("ana"))), len(messages(bed["l3"].path("pepe")))
+    bed["s3"].stop()
+    try:
+        r = pdelivery(bed, "-f", "a@x", "-i", "4AU1Q9", "-d", "ana", "pepe")
+        assert r.returncode == 75 and b"pepe" in r.stderr
+        assert len(messages(bed["l2"].path("ana"))) == n_ana + 1
+    finally:
+        bed["s3"] = Pdeliveryd(bed["d"] / "store3", STORES[1], bed["port"], bed["env"], init_root=False)
+    r = pdelivery(bed, "-f", "a@x", "-i", "4AU1Q9", "-d", "ana", "pepe")
+    assert r.returncode == 0, r.stderr
+    assert len(messages(bed["l2"].path("ana"))) == n_ana + 1
+    assert len(messages(bed["l3"].path("pepe"))) == n_pepe + 1
+
+
+def test_lmtp_mode_per_recipient(bed):
+    script = (b"LHLO mx.example\r\nMAIL FROM:<a@x>\r\nRCPT TO:<juan>\r\nRCPT TO:<nadie>\r\n"
+              b"RCPT TO:<mudando>\r\nRCPT TO:<pepe>\r\nDATA\r\nSubject: l\r\n\r\nvia -l\r\n.\r\nQUIT\r\n")
+    n_juan, n_pepe = len(messages(bed["l2"].path("juan"))), len(messages(bed["l3"].path("pepe")))
+    r = pdelivery(bed, "-l", stdin=script)
+    assert r.returncode == 0, r.stderr
+    assert codes(r.stdout) == ["220", "250", "250", "250", "550", "450", "250", "354", "250", "250", "221"]
+    assert len(messages(bed["l2"].path("juan"))) == n_juan + 1
+    assert len(messages(bed["l3"].path("pepe"))) == n_pepe + 1
+    assert messages(bed["l3"].path("pepe"))[-1].read_bytes().endswith(b"Subject: l\n\nvia -l\n")
