@@ -1,0 +1,203 @@
+"""Helpers for the pwserver tests: source files, a pwserver process that
+announces its port, and raw protocol packets (msgpack + PyNaCl, written
+from docs/protocol.md independently of the C code)."""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import secrets
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import msgpack
+from nacl import bindings as sodium
+
+BIN = pathlib.Path(sys.executable).parent
+READY = re.compile(r"pwserver: ready on (\S+):(\d+) \((\d+) users\)")
+
+OP = {"passwd": 1, "uid": 2, "group": 3, "gid": 4, "initgroups": 5, "shadow": 6, "mailhost": 7,
+      "stats": 8, "ping": 9, "passwd_enum": 10, "group_enum": 11, "shadow_enum": 12}
+OK, NOTFOUND, TRUNCATED, DENIED, BADREQUEST, BADVERSION, UNAVAILABLE = range(7)
+KEY_NETWORK, KEY_SHADOW = 1, 2
+
+
+def passwd_line(name: str, uid: int, gid: int = 100, gecos: str = "") -> str:
+    return f"{name}:x:{uid}:{gid}:{gecos}:/home/{name}:/bin/sh\n"
+
+
+def write_sources(d: pathlib.Path, users: list[tuple[str, int]], groups: list[tuple[str, int, list[str]]] = (),
+                  mailhosts: dict[str, str] | None = None, shadow: bool = True) -> dict[str, pathlib.Path]:
+    """Writes passwd (and shadow, group, mailhosts) into d; returns paths."""
+    paths = {"passwd": d / "passwd"}
+    paths["passwd"].write_text("".join(passwd_line(n, u) for n, u in users))
+    if shadow:
+        paths["shadow"] = d / "shadow"
+        paths["shadow"].write_text("".join(f"{n}:$6$salt${n}hash:19000:0:99999:7:::\n" for n, _ in users))
+    paths["group"] = d / "group"
+    paths["group"].write_text("".join(f"{g}:x:{gid}:{','.join(m)}\n" for g, gid, m in groups))
+    if mailhosts is not None:
+        paths["mailhosts"] = d / "mailhosts"
+        paths["mailhosts"].write_text("".join(f"{n} {h}\n" for n, h in mailhosts.items()))
+    return paths
+
+
+def write_key(path: pathlib.Path) -> bytes:
+    key = secrets.token_bytes(32)
+    path.write_text(key.hex() + "\n")
+    path.chmod(0o600)
+    return key
+
+
+class Server:
+    """A pwserver process on 127.0.0.1, port chosen by the server; stopped
+    (SIGTERM, then SIGKILL) by PID on exit."""
+
+    def __init__(self, paths: dict[str, pathlib.Path], *args: str, timeout: float = 60.0, listen="127.0.0.1:0"):
+        argv = [str(BIN / "pwserver"), "--listen", listen, "--log-stderr"]
+        for name, path in paths.items():
+            argv += [f"--{name}", str(path)]
+        self.proc = subprocess.Popen(argv + list(args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True, env={**os.environ, "PWMAIL_CONF": "/nonexistent"})
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self.host = self.port = self.users = None
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(timeout) or self.port is None:
+            self.stop()
+            raise RuntimeError("pwserver did not get ready:\n" + self.log())
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            m = READY.search(line)
+            if m:
+                self.host, self.port, self.users = m.group(1), int(m.group(2)), int(m.group(3))
+                self._ready.set()
+        self._ready.set()
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def request(op: int | str, arg=None, *, rid: int | None = None, pad: int = 256, version: int = 1) -> bytes:
+    op = OP.get(op, op)
+    rid = secrets.randbits(64) if rid is None else rid
+    msg = msgpack.packb([version, rid, op, arg])
+    if pad and len(msg) + 3 < pad:
+        msg = msgpack.packb([version, rid, op, arg, bytes(pad - len(msg) - 3)])
+    return msg
+
+
+def seal(key: bytes, key_id: int, plain: bytes) -> bytes:
+    head = bytes([0xC1, key_id])
+    nonce = secrets.token_bytes(24)
+    return head + nonce + sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(plain, head, nonce, key)
+
+
+def unseal(key: bytes, packet: bytes) -> bytes:
+    assert packet[0] == 0xC1
+    return sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(packet[26:], packet[:2], packet[2:26], key)
+
+
+def udp_exchange(addr, packet: bytes, timeout: float = 2.0, source: str = "127.0.0.1") -> bytes | None:
+    """Sends one datagram; the answer, or None after `timeout`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((source, 0))
+        s.settimeout(timeout)
+        s.sendto(packet, addr)
+        try:
+            return s.recv(65536)
+        except socket.timeout:
+            return None
+
+
+def udp_query(addr, op, arg=None, **kw) -> list:
+    rid = secrets.randbits(64)
+    raw = udp_exchange(addr, request(op, arg, rid=rid, **kw))
+    assert raw is not None, "no answer"
+    answer = msgpack.unpackb(raw)
+    assert answer[:2] == [1, rid]
+    return answer
+
+
+class TcpConn:
+    def __init__(self, addr, timeout: float = 10.0):
+        self.s = socket.create_connection(addr, timeout=timeout)
+
+    def exchange(self, packet: bytes) -> bytes | None:
+        self.s.sendall(struct.pack(">I", len(packet)) + packet)
+        head = self._recv(4)
+        if head is None:
+            return None
+        return self._recv(struct.unpack(">I", head)[0])
+
+    def query(self, op, arg=None) -> list:
+        rid = secrets.randbits(64)
+        answer = msgpack.unpackb(self.exchange(request(op, arg, rid=rid, pad=0)))
+        assert answer[:2] == [1, rid]
+        return answer
+
+    def _recv(self, n: int) -> bytes | None:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.s.recv(n - len(buf))
+            if not chunk:
+                return None
+            buf += chunk
+        return bytes(buf)
+
+    def close(self) -> None:
+        self.s.close()
+
+    def __enter__(self) -> "TcpConn":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def stats(addr) -> dict[str, int]:
+    """STATS over TCP (the map is bigger than a padded UDP request may get)."""
+    with TcpConn(addr) as c:
+        status, payload = c.query("stats")[2:]
+    assert status == OK
+    return payload
+
+
+def wait_for(cond, timeout: float = 20.0, step: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
