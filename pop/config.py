@@ -1,0 +1,60 @@
+"""The `[pop]` section of /etc/pwmail.toml, shared by pop-proxy and pop3d
+(one section, so one table of defaults). Command-line flags override it;
+docs/pop.md describes every key."""
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from pwcache import settings
+from pwcache.config import parse_hostport  # noqa: F401  (one reader of HOST:PORT)
+
+DEFAULTS: dict[str, Any] = {
+    # pop-proxy
+    "listen": "0.0.0.0:110",
+    "tls_cert": "",                   # PEM certificate chain: offer STLS when set
+    "tls_key": "",
+    "plaintext_auth": True,           # USER/PASS and AUTH PLAIN before STLS
+    "backend_port": 110,              # for mailhosts given without a port
+    "backends": {},                   # mailhost name -> "HOST:PORT" (optional map)
+    "backend_tls": "none",            # "none", "tls" (implicit) or "stls"
+    "backend_ca": "",                 # CA file to verify backends ("" = system store)
+    "backend_verify": True,
+    "backend_connect_timeout": 3.0,   # seconds, one try
+    "backend_retries": 2,             # extra tries after the first, then [SYS/TEMP]
+    "backend_retry_delay": 0.25,      # seconds, doubled after each try
+    "backend_timeout": 15.0,          # seconds for the backend's greeting and login answer
+    "auth_failure_delay": 2.0,        # every failed login is answered this long after PASS
+    "prelogin_timeout": 60.0,         # seconds without a complete command before login
+    "idle_timeout": 600.0,            # seconds without a byte either way after login (RFC 1939: >= 10 min)
+    "max_connections": 20000,
+    "max_connections_per_ip": 50,
+    "throttle_ip_failures": 20,       # failed logins from one address ...
+    "throttle_user_failures": 10,     # ... or for one user name ...
+    "throttle_window": 300.0,         # ... within this many seconds: [LOGIN-DELAY]
+    "relay_buffer": 1048576,          # bytes buffered per direction after login
+    "splice": True,                   # zero-copy relay (Linux) when neither side is TLS
+    # pop3d
+    "pop3d_listen": "0.0.0.0:110",
+    "root": "/var/spool/mail",
+    "layout": "first3",
+    "trusted_networks": [],           # proxies allowed XCLIENT, exempt from pop3d's failure delay
+    "pop3d_failure_delay": 2.0,       # for peers outside trusted_networks
+    "pop3d_timeout": 600.0,
+}
+
+
+def load(path: str | None = None) -> dict[str, Any]:
+    return settings.section("pop", DEFAULTS, path)
+
+
+def networks(items) -> list:
+    return [ipaddress.ip_network(n, strict=False) for n in items]
+
+
+def address_in(addr: str, nets) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return any(ip in n for n in nets)

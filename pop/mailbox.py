@@ -1,0 +1,198 @@
+"""A POP3 session's view of one Maildir (pop3d's TRANSACTION and UPDATE
+states). No sockets here: pop3d asks, this reads and renames files.
+
+* Opening takes an exclusive flock on the Maildir directory (one POP
+  session per mailbox, also across pop3d processes: -ERR [IN-USE]), moves
+  every message of new/ into cur/ (`name` -> `name:2,`), and lists cur/.
+* UIDL is the Maildir base name (the name without `:2,flags`): it does not
+  change when the message moves to cur/ or the mailbox to another server.
+* LIST sizes count CRLF line ends: the `W=` field of the name when there,
+  else computed from the file once.
+* DELE only marks; files are unlinked at QUIT (`commit()`); RSET unmarks.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+from dataclasses import dataclass
+
+from .protocol import crlf_size
+
+READ_CHUNK = 256 * 1024
+MAX_MESSAGES = 1_000_000       # a session lists at most this many (bounded memory)
+MAX_TOP_LINE = 64 * 1024       # TOP reads lines of at most this many bytes
+_W_RE = re.compile(r",W=(\d{1,15})(?:,|$)")
+
+
+class MailboxBusy(Exception):
+    """Another session holds this mailbox."""
+
+
+@dataclass
+class Message:
+    uidl: str
+    path: str
+    size: int
+    deleted: bool = False
+
+
+def base_name(filename: str) -> str:
+    return filename.split(":", 1)[0]
+
+
+def _size_of(path: str, filename: str) -> int:
+    m = _W_RE.search(base_name(filename))
+    if m:
+        return int(m.group(1))
+    size = 0
+    prev_cr = False
+    with open(path, "rb") as f:
+        while chunk := f.read(READ_CHUNK):
+            size += crlf_size(chunk)
+            if prev_cr and chunk.startswith(b"\n"):   # a CRLF split between chunks
+                size -= 1
+            prev_cr = chunk.endswith(b"\r")
+    return size
+
+
+class MaildirMailbox:
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.messages: list[Message] = []
+        self._lock_fd: int | None = None
+
+    # --- opening and closing ---------------------------------------------------------
+    def open(self) -> None:
+        """Lock, move new/ to cur/, list. Raises MailboxBusy."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # no Maildir yet: an empty mailbox
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise MailboxBusy(self.path) from None
+            raise
+        self._lock_fd = fd
+        try:
+            self._move_new()
+            self._scan_cur()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def __enter__(self):
+        self.open()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _move_new(self) -> None:
+        new, cur = os.path.join(self.path, "new"), os.path.join(self.path, "cur")
+        try:
+            names = os.listdir(new)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if name.startswith("."):
+                continue
+            try:
+                os.rename(os.path.join(new, name), os.path.join(cur, base_name(name) + ":2,"))
+            except FileNotFoundError:
+                continue  # moved by someone else meanwhile
+
+    def _scan_cur(self) -> None:
+        cur = os.path.join(self.path, "cur")
+        try:
+            entries = list(os.scandir(cur))
+        except FileNotFoundError:
+            return
+        found = []
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                mtime = entry.stat(follow_symlinks=False).st_mtime
+                size = _size_of(entry.path, entry.name)
+            except OSError:
+                continue
+            found.append((mtime, entry.name, entry.path, size))
+            if len(found) >= MAX_MESSAGES:
+                break
+        # Oldest first, ties by name (the name starts with the delivery time).
+        found.sort()
+        self.messages = [Message(base_name(name), path, size) for _, name, path, size in found]
+
+    # --- TRANSACTION -----------------------------------------------------------------------
+    def get(self, number: int) -> Message | None:
+        """Message `number` (1-based) unless deleted or out of range."""
+        if 1 <= number <= len(self.messages):
+            msg = self.messages[number - 1]
+            if not msg.deleted:
+                return msg
+        return None
+
+    def live(self):
+        return [(i, m) for i, m in enumerate(self.messages, 1) if not m.deleted]
+
+    def stat(self) -> tuple[int, int]:
+        live = self.live()
+        return len(live), sum(m.size for _, m in live)
+
+    def delete(self, number: int) -> bool:
+        msg = self.get(number)
+        if msg is None:
+            return False
+        msg.deleted = True
+        return True
+
+    def reset(self) -> None:
+        for m in self.messages:
+            m.deleted = False
+
+    def read_chunks(self, msg: Message):
+        """The raw file in chunks (the caller dot-stuffs them). Raises OSError."""
+        with open(msg.path, "rb") as f:
+            while chunk := f.read(READ_CHUNK):
+                yield chunk
+
+    def top(self, msg: Message, lines: int) -> bytes:
+        """The header, the blank line and the first `lines` body lines, raw."""
+        out = []
+        with open(msg.path, "rb") as f:
+            in_header = True
+            body_lines = 0
+            while in_header or body_lines < lines:
+                line = f.readline(MAX_TOP_LINE)
+                if not line:
+                    break
+                out.append(line)
+                if in_header:
+                    in_header = line not in (b"\n", b"\r\n")
+                elif line.endswith(b"\n"):
+                    body_lines += 1
+        return b"".join(out)
+
+    # --- UPDATE ---------------------------------------------------------------------------
+    def commit(self) -> int:
+        """Remove the messages marked deleted; the count that could not be."""
+        failed = 0
+        for m in self.messages:
+            if m.deleted:
+                try:
+                    os.unlink(m.path)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    failed += 1
+        return failed

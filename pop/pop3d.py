@@ -1,0 +1,275 @@
+"""`pop3d`: a small POP3 server over the hashed Maildirs of a storage host.
+
+    pop3d --listen HOST:PORT --root DIR [--layout SCHEME] [--trusted NET ...]
+
+The protocol is pop/protocol.py; the mailbox is pop/mailbox.py; passwords
+are checked with crypt(3) (pop/crypt.py) against the shadow hash from the
+password server (which needs the root-only shadow key in
+/etc/pwserver.conf). This file is the asyncio glue and the policy.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import logging
+import time
+
+from delivery.layout import LayoutError, MailboxLayout, check_user
+from pwcache.client import AsyncClient, Denied, PwError, Unavailable
+from pwcache.logsetup import setup_logging
+
+from . import config as popconfig
+from . import crypt, daemon
+from .mailbox import MailboxBusy, MaildirMailbox
+from .protocol import (NEED_DATA, NEED_REPLY, Closed, Command, Login, RemoteProtocolError,
+                       ServerConnection, State, XClient)
+
+log = logging.getLogger("pop3d")
+READ_SIZE = 65536
+DRAIN_ABOVE = 256 * 1024      # write buffer allowed before awaiting drain
+
+
+class Pop3Server:
+    def __init__(self, layout: MailboxLayout, pw: AsyncClient, *, trusted=(), failure_delay: float = 2.0,
+                 timeout: float = 600.0):
+        self.layout = layout
+        self.pw = pw
+        self.trusted = popconfig.networks(trusted)
+        self.failure_delay = failure_delay
+        self.timeout = timeout
+        self.sessions = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        session = Pop3Session(self, reader, writer, peer[0], peer[1])
+        self.sessions += 1
+        try:
+            await session.run()
+        except (ConnectionError, OSError) as e:
+            log.info("session %s:%s ended: %s", session.addr, session.port, e)
+        except Exception:
+            log.exception("session %s:%s failed", session.addr, session.port)
+        finally:
+            self.sessions -= 1
+            if session.mailbox is not None:
+                session.mailbox.close()
+            writer.close()
+
+    # --- authentication ---------------------------------------------------------------
+    async def authenticate(self, user: str, password: str) -> tuple[str | None, str]:
+        """(None, "") on success, else (RFC 3206 code, text)."""
+        loop = asyncio.get_running_loop()
+        check = functools.partial(crypt.check_password, password)
+        try:
+            check_user(user)
+            entry = await self.pw.shadow_by_name(user)
+        except LayoutError:
+            entry = None
+        except Unavailable:
+            return "SYS/TEMP", "Authentication service unavailable, try again later."
+        except (Denied, PwError) as e:
+            log.error("shadow lookup refused (is shadow_keyfile set and readable?): %s", e)
+            return "SYS/TEMP", "Authentication service unavailable, try again later."
+        hashed = entry.hash if entry is not None else crypt.DUMMY_HASH + "!"  # never matches
+        ok = await loop.run_in_executor(None, check, hashed)
+        if ok and entry.expire not in (-1, None) and int(time.time() // 86400) >= entry.expire:
+            ok = False
+        if not ok:
+            return "AUTH", "Authentication failed."
+        try:
+            host = await self.pw.mailhost(user)
+        except Unavailable:
+            return "SYS/TEMP", "Authentication service unavailable, try again later."
+        if host is not None and host.frozen:
+            return "IN-USE", "Mailbox is being moved, try again later."
+        return None, ""
+
+
+class Pop3Session:
+    def __init__(self, server: Pop3Server, reader, writer, addr: str, port: int):
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.addr, self.port = addr, port
+        self.trusted = popconfig.address_in(addr, server.trusted)
+        self.conn = ServerConnection(xclient=self.trusted, implementation="pwmail-pop3d")
+        self.mailbox: MaildirMailbox | None = None
+        self.user: str | None = None
+
+    async def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.writer.write(data)
+            if self.writer.transport.get_write_buffer_size() > DRAIN_ABOVE:
+                await self.writer.drain()
+
+    async def run(self) -> None:
+        conn = self.conn
+        conn.send_greeting("pwmail pop3d ready.")
+        while True:
+            try:
+                event = conn.next_event()
+            except RemoteProtocolError as e:
+                log.info("%s:%s: %s", self.addr, self.port, e)
+                break
+            if event is NEED_DATA:
+                await self.flush()
+                await self.writer.drain()
+                try:
+                    data = await asyncio.wait_for(self.reader.read(READ_SIZE), self.server.timeout)
+                except asyncio.TimeoutError:
+                    conn.abort("Disconnected for inactivity.")
+                    break
+                conn.receive_data(data)
+            elif isinstance(event, Closed):
+                break
+            elif isinstance(event, Login):
+                await self.login(event)
+            elif isinstance(event, XClient):
+                self.addr = event.attributes.get("ADDR", self.addr)
+                self.port = event.attributes.get("PORT", self.port)
+                conn.reply_ok()
+            elif isinstance(event, Command):
+                await self.command(event)
+            elif event is NEED_REPLY:  # pragma: no cover - every event above is answered
+                raise AssertionError("unanswered event")
+            else:
+                conn.reply_err("Not supported.")
+        data = conn.data_to_send()
+        if data:
+            self.writer.write(data)
+            await self.writer.drain()
+
+    async def login(self, event: Login) -> None:
+        server = self.server
+        started = time.monotonic()
+        code, text = await server.authenticate(event.user, event.password)
+        if code is None:
+            box = MaildirMailbox(server.layout.path(event.user))
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, box.open)
+            except MailboxBusy:
+                code, text = "IN-USE", "Mailbox is locked by another POP3 session."
+            except OSError as e:
+                log.error("%s: cannot open %s: %s", event.user, box.path, e)
+                code, text = "SYS/TEMP", "Mailbox unavailable, try again later."
+        if code is None:
+            self.mailbox, self.user = box, event.user
+            count, size = box.stat()
+            log.info("login user=%s from=%s:%s method=%s messages=%d", event.user, self.addr, self.port,
+                     event.mechanism, count)
+            self.conn.accept_login(f"Logged in, {count} messages ({size} octets).")
+            return
+        log.info("login failed user=%s from=%s:%s code=%s", event.user, self.addr, self.port, code)
+        if code == "AUTH" and not self.trusted:
+            await asyncio.sleep(max(0.0, started + server.failure_delay - time.monotonic()))
+        self.conn.reject_login(text, code)
+
+    async def command(self, event: Command) -> None:
+        conn, box = self.conn, self.mailbox
+        verb, args = event.verb, event.args
+        if verb == "QUIT":
+            deleted = sum(m.deleted for m in box.messages)
+            failed = box.commit()
+            box.close()
+            log.info("logout user=%s deleted=%d failed=%d", self.user, deleted, failed)
+            if failed:
+                conn.reply_err("Some deleted messages were not removed.", "SYS/TEMP")
+            else:
+                conn.reply_ok("Bye.")
+            return
+        if verb == "STAT":
+            conn.reply_ok("%d %d" % box.stat())
+        elif verb == "NOOP":
+            conn.reply_ok()
+        elif verb == "RSET":
+            box.reset()
+            conn.reply_ok("%d messages" % box.stat()[0])
+        elif verb in ("LIST", "UIDL"):
+            field = (lambda m: m.size) if verb == "LIST" else (lambda m: m.uidl)
+            if args:
+                msg = box.get(args[0])
+                if msg is None:
+                    conn.reply_err("No such message.")
+                else:
+                    conn.reply_ok(f"{args[0]} {field(msg)}")
+            else:
+                conn.reply_lines("", (f"{i} {field(m)}" for i, m in box.live()))
+        elif verb == "DELE":
+            if box.delete(args[0]):
+                conn.reply_ok("Marked to be deleted.")
+            else:
+                conn.reply_err("No such message.")
+        elif verb == "RETR":
+            await self.retr(args[0])
+        elif verb == "TOP":
+            msg = box.get(args[0])
+            if msg is None:
+                conn.reply_err("No such message.")
+                return
+            try:
+                body = box.top(msg, args[1])
+            except OSError as e:
+                log.error("%s: cannot read %s: %s", self.user, msg.path, e)
+                conn.reply_err("Cannot read message.", "SYS/TEMP")
+                return
+            conn.start_body()
+            conn.send_body(body)
+            conn.end_body()
+        else:
+            conn.reply_err("Not supported.")
+
+    async def retr(self, number: int) -> None:
+        conn, box = self.conn, self.mailbox
+        msg = box.get(number)
+        if msg is None:
+            conn.reply_err("No such message.")
+            return
+        try:
+            chunks = box.read_chunks(msg)
+            first = next(chunks, b"")
+        except OSError as e:
+            log.error("%s: cannot read %s: %s", self.user, msg.path, e)
+            conn.reply_err("Cannot read message.", "SYS/TEMP")
+            return
+        conn.start_body(f"{msg.size} octets")
+        conn.send_body(first)
+        await self.flush()
+        for chunk in chunks:  # an error past this point closes the session: the reply has begun
+            conn.send_body(chunk)
+            await self.flush()
+        conn.end_body()
+
+
+async def serve(args, cfg) -> None:
+    layout = MailboxLayout(args.root or cfg["root"], args.layout or cfg["layout"])
+    pw = AsyncClient.from_config(args.pwserver_conf)
+    server = Pop3Server(layout, pw, trusted=args.trusted or cfg["trusted_networks"],
+                        failure_delay=cfg["pop3d_failure_delay"], timeout=cfg["pop3d_timeout"])
+    sock = daemon.listening_socket(args.listen or cfg["pop3d_listen"], 110)
+    srv = await asyncio.start_server(server.handle, sock=sock, limit=READ_SIZE)
+    daemon.announce("pop3d", sock)
+    log.info("serving %s on %s", layout, sock.getsockname())
+    try:
+        await daemon.wait_for_signal()
+    finally:
+        srv.close()
+        await pw.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pop3d", description="POP3 server over hashed Maildirs")
+    p.add_argument("--listen", help="HOST:PORT (default [pop] pop3d_listen)")
+    p.add_argument("--root", help="storage root (default [pop] root)")
+    p.add_argument("--layout", help="hash scheme (default [pop] layout)")
+    p.add_argument("--trusted", action="append", help="network allowed XCLIENT (a proxy); repeatable")
+    p.add_argument("--pwserver-conf", help="client configuration (default $PWSERVER_CONF or /etc/pwserver.conf)")
+    p.add_argument("--config", help="settings file (default $PWMAIL_CONF or /etc/pwmail.toml)")
+    p.add_argument("--stderr", action="store_true", help="also log to stderr")
+    args = p.parse_args(argv)
+    cfg = popconfig.load(args.config)
+    setup_logging("pop3d", stderr=args.stderr)
+    daemon.raise_nofile()
+    asyncio.run(serve(args, cfg))
+    return 0

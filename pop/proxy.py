@@ -1,0 +1,406 @@
+"""`pop-proxy`: the POP distributor (the paper's III.H).
+
+    pop-proxy --listen HOST:PORT [--backend-port N] [--tls-cert F --tls-key F]
+
+One asyncio process. Before login it speaks POP3 itself (pop/protocol.py):
+greeting, CAPA, STLS, USER/PASS, AUTH PLAIN, QUIT. With the credentials in
+hand it asks the password server for the user's mailhost, logs in to that
+backend (pop/backend.py), and relays bytes both ways (pop/relay.py).
+Policy lives here: limits, throttling, timing of failures, error codes.
+docs/pop.md describes the configuration and the error answers.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import ssl
+from collections import Counter
+
+from pwcache.client import AsyncClient, PwError, Unavailable
+from pwcache.logsetup import setup_logging
+
+from . import config as popconfig
+from . import daemon
+from .backend import BackendError, BackendLogin, response_code
+from .protocol import (NEED_DATA, NEED_REPLY, Closed, Login, RemoteProtocolError, ServerConnection,
+                       StartTLS)
+from .relay import HAVE_SPLICE, SpliceRelay, TransportRelay
+from .throttle import FailureThrottle
+
+log = logging.getLogger("pop-proxy")
+
+GREETING = "POP3 ready."
+AUTH_FAILED = "Authentication failed."
+TLS_HANDSHAKE_TIMEOUT = 30.0
+# Codes a backend may give after a good password; passed on to the client.
+PASSED_CODES = {"IN-USE", "LOGIN-DELAY", "SYS/TEMP", "SYS/PERM"}
+
+
+class ProxyServer:
+    def __init__(self, cfg: dict, pw: AsyncClient, tls_context: ssl.SSLContext | None = None):
+        self.cfg = cfg
+        self.pw = pw
+        self.tls_context = tls_context
+        backend_ctx = None
+        if cfg["backend_tls"] != "none":
+            backend_ctx = ssl.create_default_context(cafile=cfg["backend_ca"] or None)
+            if not cfg["backend_verify"]:
+                backend_ctx.check_hostname = False
+                backend_ctx.verify_mode = ssl.CERT_NONE
+        self.backend = BackendLogin(tls=cfg["backend_tls"], ssl_context=backend_ctx,
+                                    connect_timeout=cfg["backend_connect_timeout"],
+                                    retries=cfg["backend_retries"], retry_delay=cfg["backend_retry_delay"],
+                                    timeout=cfg["backend_timeout"])
+        self.ip_throttle = FailureThrottle(cfg["throttle_ip_failures"], cfg["throttle_window"])
+        self.user_throttle = FailureThrottle(cfg["throttle_user_failures"], cfg["throttle_window"])
+        self.connections = 0
+        self.per_ip: Counter[str] = Counter()
+        self.stats: Counter[str] = Counter()
+        self.use_splice = bool(cfg["splice"]) and HAVE_SPLICE and cfg["backend_tls"] == "none"
+
+    def protocol(self) -> "ClientSide":
+        return ClientSide(self)
+
+    def backend_address(self, mailhost: str) -> tuple[str, int]:
+        target = self.cfg["backends"].get(mailhost, mailhost)
+        return popconfig.parse_hostport(target, self.cfg["backend_port"])
+
+    # --- the login decision ------------------------------------------------------------
+    async def login(self, session: "ClientSide", event: Login):
+        """Returns ("ok", backend, answer) or ("err", code, text, delayed)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        user_key = event.user.lower()
+        if self.ip_throttle.blocked(session.addr, now) or self.user_throttle.blocked(user_key, now):
+            self.stats["throttled"] += 1
+            return ("err", "LOGIN-DELAY", "Too many failed logins, try again later.", True)
+        try:
+            entry = await self.pw.mailhost(event.user)
+        except Unavailable as e:
+            log.warning("password server unavailable: %s", e)
+            self.stats["pwserver_unavailable"] += 1
+            return ("err", "SYS/TEMP", "Authentication service unavailable, try again later.", False)
+        except (PwError, ValueError):
+            entry = None               # a name the server refuses: as unknown
+        if entry is None:
+            self.failure(session, user_key)
+            return ("err", "AUTH", AUTH_FAILED, True)
+        if entry.frozen:
+            self.stats["frozen"] += 1
+            return ("err", "IN-USE", "Mailbox is being moved, try again in a few minutes.", True)
+        host, port = self.backend_address(entry.host)
+        try:
+            backend, answer = await self.backend.login(host, port, event.user, event.password,
+                                                       (session.addr, session.port))
+        except BackendError as e:
+            log.warning("backend %s for user=%s: %s", entry.host, event.user, e)
+            self.stats["backend_down"] += 1
+            return ("err", "SYS/TEMP", "Mail server unavailable, try again later.", False)
+        if answer.startswith(b"+OK"):
+            session.backend_name = entry.host
+            return ("ok", backend, answer)
+        code = response_code(answer)
+        if code in PASSED_CODES:
+            text = answer.split(b"]", 1)[-1].strip().decode("utf-8", "replace") or "Try again later."
+            return ("err", code, text, False)
+        self.failure(session, user_key)
+        return ("err", "AUTH", AUTH_FAILED, True)
+
+    def failure(self, session: "ClientSide", user_key: str) -> None:
+        now = asyncio.get_running_loop().time()
+        self.ip_throttle.failure(session.addr, now)
+        self.user_throttle.failure(user_key, now)
+        self.stats["login_failed"] += 1
+
+
+class ClientSide(asyncio.Protocol):
+    """One client connection: POP3 before login, relay after."""
+
+    def __init__(self, server: ProxyServer):
+        self.server = server
+        self.transport = None
+        self.conn: ServerConnection | None = None
+        self.addr, self.port = "?", 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task | None = None
+        self.relay = None
+        self.backend_name = ""
+        self.counted = False
+        self.detached = False
+        self.closing = False
+
+    # --- asyncio callbacks -----------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        self.addr, self.port = peer[0], peer[1]
+        srv, cfg = self.server, self.server.cfg
+        srv.stats["connections"] += 1
+        if srv.connections >= cfg["max_connections"] or srv.per_ip[self.addr] >= cfg["max_connections_per_ip"]:
+            srv.stats["refused_limit"] += 1
+            transport.write(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n")
+            transport.close()
+            return
+        srv.connections += 1
+        srv.per_ip[self.addr] += 1
+        self.counted = True
+        self.conn = ServerConnection(stls=self.server.tls_context is not None,
+                                     plaintext_auth=cfg["plaintext_auth"])
+        self.conn.send_greeting(GREETING)
+        self._flush()
+        self._arm_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self.relay is not None:
+            self.relay.from_client(data)
+            return
+        if self.conn is None or self.closing:
+            return
+        self.conn.receive_data(data)
+        self._process()
+
+    def eof_received(self):
+        if self.relay is not None:
+            return self.relay.client_eof()
+        if self.conn is not None:
+            self.conn.receive_data(b"")
+            self._process()
+        return False
+
+    def connection_lost(self, exc) -> None:
+        if self.detached:
+            return          # the socket lives on in a SpliceRelay
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        if self.relay is not None:
+            self.relay.close()
+        self._cancel_timer()
+        self._release()
+
+    def pause_writing(self) -> None:
+        if self.relay is not None:
+            self.relay.pause_backend()
+
+    def resume_writing(self) -> None:
+        if self.relay is not None:
+            self.relay.resume_backend()
+
+    # --- pre-login ---------------------------------------------------------------------------
+    def _release(self) -> None:
+        if self.counted:
+            self.counted = False
+            srv = self.server
+            srv.connections -= 1
+            srv.per_ip[self.addr] -= 1
+            if srv.per_ip[self.addr] <= 0:
+                del srv.per_ip[self.addr]
+
+    def _arm_timer(self) -> None:
+        self._cancel_timer()
+        self.timer = asyncio.get_running_loop().call_later(self.server.cfg["prelogin_timeout"], self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.relay is None and self.conn is not None:
+            self.server.stats["prelogin_timeout"] += 1
+            self.conn.abort("Disconnected for inactivity.")
+            self._close()
+
+    def _flush(self) -> bool:
+        data = self.conn.data_to_send()
+        if data:
+            self.transport.write(data)
+        return bool(data)
+
+    def _close(self) -> None:
+        self._flush()
+        self.closing = True
+        self.transport.close()
+
+    def _process(self) -> None:
+        conn = self.conn
+        progressed = False
+        while True:
+            try:
+                event = conn.next_event()
+            except RemoteProtocolError as e:
+                log.info("client %s:%s: %s", self.addr, self.port, e)
+                self.server.stats["protocol_error"] += 1
+                self._close()
+                return
+            if event is NEED_DATA or event is NEED_REPLY:
+                break
+            progressed = True
+            if isinstance(event, Closed):
+                self._close()
+                return
+            if isinstance(event, StartTLS):
+                conn.accept_stls()
+                self._flush()
+                self.transport.pause_reading()
+                self.task = asyncio.ensure_future(self._start_tls())
+                break
+            if isinstance(event, Login):
+                self.transport.pause_reading()
+                self.task = asyncio.ensure_future(self._login(event))
+                break
+            conn.reply_err("Not supported.")  # XClient is never offered to clients
+        if self._flush() or progressed:
+            self._arm_timer()
+
+    async def _start_tls(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self.transport = await loop.start_tls(self.transport, self, self.server.tls_context,
+                                                  server_side=True, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as e:
+            log.info("client %s:%s: TLS handshake failed: %s", self.addr, self.port, e)
+            self.transport.abort()
+            return
+        self.server.stats["stls"] += 1
+        self._arm_timer()
+        self._process()
+
+    async def _login(self, event: Login) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        srv = self.server
+        try:
+            result = await srv.login(self, event)
+        except Exception:
+            log.exception("login of user=%s failed", event.user)
+            result = ("err", "SYS/TEMP", "Internal error, try again later.", False)
+        if result[0] == "ok":
+            srv.stats["login_ok"] += 1
+            log.info("login user=%s from=%s:%s backend=%s", event.user, self.addr, self.port, self.backend_name)
+            self._start_relay(result[1], result[2])
+            return
+        _, code, text, delayed = result
+        log.info("login failed user=%s from=%s:%s code=%s", event.user, self.addr, self.port, code)
+        if delayed:
+            # Every refusal that could tell an unknown user from a wrong
+            # password leaves at the same moment after PASS.
+            await asyncio.sleep(max(0.0, started + srv.cfg["auth_failure_delay"] - loop.time()))
+        if self.transport.is_closing():
+            return
+        self.conn.reject_login(text, code)
+        self._flush()
+        self.transport.resume_reading()
+        self._arm_timer()
+        self._process()
+
+    # --- after login -------------------------------------------------------------------------
+    def _start_relay(self, backend, answer: bytes) -> None:
+        self.conn.accept_login(send=False)
+        self._cancel_timer()
+        loop = asyncio.get_running_loop()
+        cfg = self.server.cfg
+        to_client = answer + bytes(backend.buf)
+        backend.buf.clear()
+        to_backend = self.conn.trailing_data()
+        if self.transport.is_closing() or backend.transport.is_closing():
+            backend.close()
+            self.transport.close()
+            return
+        plain = self.transport.get_extra_info("sslcontext") is None and \
+            backend.transport.get_extra_info("sslcontext") is None
+        if self.server.use_splice and plain and self.transport.get_write_buffer_size() == 0:
+            backend.transport.pause_reading()
+            csock = socket.socket(fileno=os.dup(self.transport.get_extra_info("socket").fileno()))
+            bsock = socket.socket(fileno=os.dup(backend.transport.get_extra_info("socket").fileno()))
+            csock.setblocking(False)
+            bsock.setblocking(False)
+            self.detached = True
+            backend.relay = _Detached()
+            self.transport.abort()
+            backend.transport.abort()
+            self.relay = SpliceRelay(loop, csock, bsock, to_client=to_client, to_backend=to_backend,
+                                     pipe_size=cfg["relay_buffer"], idle_timeout=cfg["idle_timeout"],
+                                     on_close=self._relay_closed)
+            self.relay.start()
+            return
+        relay = TransportRelay(loop, self.transport, backend.transport, buffer=cfg["relay_buffer"],
+                               idle_timeout=cfg["idle_timeout"], on_close=self._relay_closed)
+        self.relay = relay
+        backend.relay = relay
+        relay.from_backend(to_client)
+        if to_backend:
+            relay.from_client(to_backend)
+        self.transport.resume_reading()
+
+    def _relay_closed(self, error) -> None:
+        if error is not None:
+            log.warning("relay %s:%s <-> %s: %s", self.addr, self.port, self.backend_name, error)
+        self._release()
+
+
+class _Detached:
+    """Stands in for the relay on a BackendSide whose socket moved to a
+    SpliceRelay: its transport's last callbacks are ignored."""
+
+    def from_backend(self, data):
+        pass
+
+    def backend_eof(self):
+        pass
+
+    def close(self):
+        pass
+
+    def pause_client(self):
+        pass
+
+    def resume_client(self):
+        pass
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key or None)
+    return ctx
+
+
+async def serve(args, cfg) -> None:
+    pw = AsyncClient.from_config(args.pwserver_conf)
+    cert = args.tls_cert or cfg["tls_cert"]
+    ctx = tls_context(cert, args.tls_key or cfg["tls_key"]) if cert else None
+    server = ProxyServer(cfg, pw, ctx)
+    sock = daemon.listening_socket(args.listen or cfg["listen"], 110)
+    loop = asyncio.get_running_loop()
+    srv = await loop.create_server(server.protocol, sock=sock)
+    daemon.announce("pop-proxy", sock)
+    log.info("serving on %s (STLS %s, splice %s)", sock.getsockname(), "on" if ctx else "off",
+             "on" if server.use_splice else "off")
+    try:
+        await daemon.wait_for_signal()
+    finally:
+        srv.close()
+        log.info("stopping: %s", dict(server.stats))
+        await pw.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pop-proxy", description="POP3 distributor: relays each user to their mailhost")
+    p.add_argument("--listen", help="HOST:PORT (default [pop] listen)")
+    p.add_argument("--backend-port", type=int, help="port of backends given without one (default [pop] backend_port)")
+    p.add_argument("--tls-cert", help="PEM certificate chain for STLS (default [pop] tls_cert)")
+    p.add_argument("--tls-key", help="PEM private key for STLS (default [pop] tls_key)")
+    p.add_argument("--pwserver-conf", help="client configuration (default $PWSERVER_CONF or /etc/pwserver.conf)")
+    p.add_argument("--config", help="settings file (default $PWMAIL_CONF or /etc/pwmail.toml)")
+    p.add_argument("--stderr", action="store_true", help="also log to stderr")
+    args = p.parse_args(argv)
+    cfg = popconfig.load(args.config)
+    if args.backend_port:
+        cfg["backend_port"] = args.backend_port
+    setup_logging("pop-proxy", stderr=args.stderr)
+    daemon.raise_nofile()
+    asyncio.run(serve(args, cfg))
+    return 0

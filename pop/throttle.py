@@ -1,0 +1,37 @@
+"""Failed-login throttling: a leaky bucket per key (client address, user
+name). Each failure adds one; the level drains at `limit / window` per
+second; a key at `limit` or above is refused until it has drained below.
+Memory is bounded: past `max_keys`, the least recently failed key goes."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+MAX_KEYS = 100_000
+
+
+class FailureThrottle:
+    def __init__(self, limit: int, window: float, max_keys: int = MAX_KEYS):
+        self.limit = limit
+        self.rate = limit / window if window > 0 else float("inf")
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def level(self, key: str, now: float) -> float:
+        hit = self._buckets.get(key)
+        if hit is None:
+            return 0.0
+        level, then = hit
+        return max(0.0, level - (now - then) * self.rate)
+
+    def blocked(self, key: str, now: float) -> bool:
+        return self.limit > 0 and self.level(key, now) >= self.limit
+
+    def failure(self, key: str, now: float) -> None:
+        level = self.level(key, now) + 1.0
+        self._buckets[key] = (level, now)
+        self._buckets.move_to_end(key)
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
