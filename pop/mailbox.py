@@ -16,6 +16,7 @@ import errno
 import fcntl
 import os
 import re
+import threading
 from dataclasses import dataclass
 
 from .protocol import crlf_size
@@ -23,6 +24,10 @@ from .protocol import crlf_size
 READ_CHUNK = 256 * 1024
 MAX_MESSAGES = 1_000_000       # a session lists at most this many (bounded memory)
 MAX_TOP_LINE = 64 * 1024       # TOP reads lines of at most this many bytes
+# Mailboxes open in this process: also covers a Maildir that does not exist
+# yet (nothing to flock); the flock covers other processes.
+_open_here: set[str] = set()
+_open_lock = threading.Lock()
 _W_RE = re.compile(r",W=(\d{1,15})(?:,|$)")
 
 
@@ -62,18 +67,28 @@ class MaildirMailbox:
         self.path = os.fspath(path)
         self.messages: list[Message] = []
         self._lock_fd: int | None = None
+        self._registered = False
 
     # --- opening and closing ---------------------------------------------------------
     def open(self) -> None:
         """Lock, move new/ to cur/, list. Raises MailboxBusy."""
+        with _open_lock:
+            if self.path in _open_here:
+                raise MailboxBusy(self.path)
+            _open_here.add(self.path)
+            self._registered = True
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
             return  # no Maildir yet: an empty mailbox
+        except BaseException:
+            self.close()
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
+            self.close()
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise MailboxBusy(self.path) from None
             raise
@@ -86,6 +101,9 @@ class MaildirMailbox:
             raise
 
     def close(self) -> None:
+        if self._registered:
+            self._registered = False
+            _open_here.discard(self.path)
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
