@@ -486,27 +486,58 @@ static int build_request(uint8_t *out, size_t cap, uint64_t id, int op, const ch
     return pw_seal(key, key_id, plain, (size_t)n, out, cap);
 }
 
+/* Record strings become C strings: valid UTF-8 without NUL. */
+static int strs_valid(const pw_str *s, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (!pw_valid_utf8(s[i].p, s[i].n))
+            return 0;
+    return 1;
+}
+
+static int passwd_valid(pwp_reader *r)
+{
+    pw_passwd_view v;
+    return pw_get_passwd(r, &v) == 0 &&
+           strs_valid((pw_str[]){v.name, v.passwd, v.gecos, v.dir, v.shell, v.mailhost}, 6);
+}
+
+static int group_valid(pwp_reader *r)
+{
+    pw_group_view v;
+    pw_str m;
+    if (pw_get_group(r, &v) < 0 || !strs_valid((pw_str[]){v.name, v.passwd}, 2))
+        return 0;
+    while (pw_group_next_member(&v, &m) == 0)
+        if (!strs_valid(&m, 1))
+            return 0;
+    return 1;
+}
+
+static int shadow_valid(pwp_reader *r)
+{
+    pw_shadow_view v;
+    return pw_get_shadow(r, &v) == 0 && strs_valid((pw_str[]){v.name, v.hash}, 2);
+}
+
 /* Whether the payload has the shape `op` answers with, and nothing after. */
 static int payload_valid(int op, pwp_reader r)
 {
-    pw_passwd_view pv;
-    pw_group_view gv;
-    pw_shadow_view sv;
     uint32_t n;
     uint64_t u;
     switch (op) {
     case PW_OP_PASSWD_BY_NAME:
     case PW_OP_PASSWD_BY_UID:
-        if (pw_get_passwd(&r, &pv) < 0)
+        if (!passwd_valid(&r))
             return 0;
         break;
     case PW_OP_GROUP_BY_NAME:
     case PW_OP_GROUP_BY_GID:
-        if (pw_get_group(&r, &gv) < 0)
+        if (!group_valid(&r))
             return 0;
         break;
     case PW_OP_SHADOW_BY_NAME:
-        if (pw_get_shadow(&r, &sv) < 0)
+        if (!shadow_valid(&r))
             return 0;
         break;
     case PW_OP_INITGROUPS:
@@ -526,10 +557,10 @@ static int payload_valid(int op, pwp_reader r)
         if (pwp_get_array(&r, &n) < 0 || n > PW_ENUM_PAGE)
             return 0;
         while (n--) {
-            int bad = op == PW_OP_PASSWD_ENUM  ? pw_get_passwd(&r, &pv) < 0
-                      : op == PW_OP_GROUP_ENUM ? pw_get_group(&r, &gv) < 0
-                                               : pw_get_shadow(&r, &sv) < 0;
-            if (bad)
+            int ok = op == PW_OP_PASSWD_ENUM  ? passwd_valid(&r)
+                     : op == PW_OP_GROUP_ENUM ? group_valid(&r)
+                                              : shadow_valid(&r);
+            if (!ok)
                 return 0;
         }
         break;

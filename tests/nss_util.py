@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 
+import cffi
 import msgpack
 from nacl import bindings as sodium
 
@@ -345,3 +346,120 @@ def write_sources(d) -> dict:
         paths[name] = d / name
         paths[name].write_text(text)
     return paths
+
+
+# ---- direct calls into the module (cffi ABI mode), as glibc makes them -----------
+
+# enum nss_status (the wire statuses above are OK, NOTFOUND, ...)
+NSS_SUCCESS, NSS_NOTFOUND, NSS_UNAVAIL, NSS_TRYAGAIN = 1, 0, -1, -2
+ERANGE, ENOENT, EAGAIN, EACCES = 34, 2, 11, 13
+
+CDEF = """
+struct passwd { char *pw_name; char *pw_passwd; uint32_t pw_uid; uint32_t pw_gid;
+                char *pw_gecos; char *pw_dir; char *pw_shell; };
+struct group { char *gr_name; char *gr_passwd; uint32_t gr_gid; char **gr_mem; };
+struct spwd { char *sp_namp; char *sp_pwdp; long sp_lstchg; long sp_min; long sp_max;
+              long sp_warn; long sp_inact; long sp_expire; unsigned long sp_flag; };
+int _nss_pwserver_getpwnam_r(const char *, struct passwd *, char *, size_t, int *);
+int _nss_pwserver_getpwuid_r(uint32_t, struct passwd *, char *, size_t, int *);
+int _nss_pwserver_setpwent(int);
+int _nss_pwserver_getpwent_r(struct passwd *, char *, size_t, int *);
+int _nss_pwserver_endpwent(void);
+int _nss_pwserver_getgrnam_r(const char *, struct group *, char *, size_t, int *);
+int _nss_pwserver_getgrgid_r(uint32_t, struct group *, char *, size_t, int *);
+int _nss_pwserver_setgrent(int);
+int _nss_pwserver_getgrent_r(struct group *, char *, size_t, int *);
+int _nss_pwserver_endgrent(void);
+int _nss_pwserver_initgroups_dyn(const char *, uint32_t, long *, long *, uint32_t **, long, int *);
+int _nss_pwserver_getspnam_r(const char *, struct spwd *, char *, size_t, int *);
+void *malloc(size_t);
+void free(void *);
+"""
+
+ffi = cffi.FFI()
+ffi.cdef(CDEF)
+
+
+def s(p) -> str:
+    return ffi.string(p).decode(errors="surrogateescape")
+
+
+def passwd_tuple(pw):
+    return [s(pw.pw_name), s(pw.pw_passwd), pw.pw_uid, pw.pw_gid, s(pw.pw_gecos), s(pw.pw_dir), s(pw.pw_shell)]
+
+
+def group_tuple(gr):
+    members, i = [], 0
+    while gr.gr_mem[i] != ffi.NULL:
+        members.append(s(gr.gr_mem[i]))
+        i += 1
+    return [s(gr.gr_name), s(gr.gr_passwd), gr.gr_gid, members]
+
+
+def shadow_tuple(sp):
+    return [s(sp.sp_namp), s(sp.sp_pwdp), sp.sp_lstchg, sp.sp_min, sp.sp_max, sp.sp_warn,
+            sp.sp_inact, sp.sp_expire, -1 if sp.sp_flag == 2**64 - 1 else sp.sp_flag]
+
+
+_KEEP: list = []
+
+
+def grow(call, result_type):
+    """Calls with a 1-byte buffer, doubling it on TRYAGAIN/ERANGE, as glibc
+    does. Returns (status, errno, result, number of ERANGE answers)."""
+    size, eranges = 1, 0
+    while True:
+        buf = ffi.new("char[]", size)
+        result = ffi.new(result_type)
+        err = ffi.new("int *", 0)
+        ffi.errno = 4242
+        st = call(result, buf, size, err)
+        if st == NSS_TRYAGAIN and err[0] == ERANGE:
+            eranges += 1
+            size *= 2
+            assert size < 64 << 20
+            continue
+        if st == NSS_SUCCESS:
+            assert ffi.errno == 4242  # errno preserved on success
+        _KEEP.append(buf)  # the result's strings live in buf
+        return st, err[0], result, eranges
+
+
+def lookup(nss, kind: str, key: str):
+    """[status, errno, record or None] for one lookup through the module's
+    functions, with a buffer grown from 1 byte. kind: passwd, uid, group,
+    gid, shadow."""
+    calls = {
+        "passwd": ("struct passwd *", nss._nss_pwserver_getpwnam_r, str, passwd_tuple),
+        "uid": ("struct passwd *", nss._nss_pwserver_getpwuid_r, int, passwd_tuple),
+        "group": ("struct group *", nss._nss_pwserver_getgrnam_r, str, group_tuple),
+        "gid": ("struct group *", nss._nss_pwserver_getgrgid_r, int, group_tuple),
+        "shadow": ("struct spwd *", nss._nss_pwserver_getspnam_r, str, shadow_tuple),
+    }
+    ctype, fn, conv, tup = calls[kind]
+    arg = key.encode() if conv is str else int(key)
+    st, err, res, _ = grow(lambda r, b, n, e: fn(arg, r, b, n, e), ctype)
+    return [st, err, tup(res) if st == NSS_SUCCESS else None]
+
+
+# A child process that runs lookups read as JSON lines [kind, key] on stdin
+# and prints [status, errno, record] for each: a crash shows as its exit
+# status, never in the test runner.
+DRIVER = f"""
+import json, sys
+sys.path.insert(0, {str(pathlib.Path(__file__).resolve().parent)!r})
+import nss_util as u
+nss = u.ffi.dlopen(str(u.LIB))
+for line in sys.stdin:
+    kind, key = json.loads(line)
+    print(json.dumps(u.lookup(nss, kind, key)), flush=True)
+"""
+
+
+def run_driver(conf, queries, timeout=120) -> list:
+    import json
+    import sys
+    r = subprocess.run([sys.executable, "-c", DRIVER], input="".join(json.dumps(q) + "\n" for q in queries),
+                       env=module_env(conf), capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    return [json.loads(line) for line in r.stdout.splitlines()]

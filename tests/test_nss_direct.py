@@ -5,38 +5,13 @@ from __future__ import annotations
 
 import os
 
-import cffi
 import pytest
 
 import nss_util as u
-
-SUCCESS, NOTFOUND, UNAVAIL, TRYAGAIN = 1, 0, -1, -2
-ERANGE, ENOENT, EAGAIN, EACCES = 34, 2, 11, 13
-
-CDEF = """
-struct passwd { char *pw_name; char *pw_passwd; uint32_t pw_uid; uint32_t pw_gid;
-                char *pw_gecos; char *pw_dir; char *pw_shell; };
-struct group { char *gr_name; char *gr_passwd; uint32_t gr_gid; char **gr_mem; };
-struct spwd { char *sp_namp; char *sp_pwdp; long sp_lstchg; long sp_min; long sp_max;
-              long sp_warn; long sp_inact; long sp_expire; unsigned long sp_flag; };
-int _nss_pwserver_getpwnam_r(const char *, struct passwd *, char *, size_t, int *);
-int _nss_pwserver_getpwuid_r(uint32_t, struct passwd *, char *, size_t, int *);
-int _nss_pwserver_setpwent(int);
-int _nss_pwserver_getpwent_r(struct passwd *, char *, size_t, int *);
-int _nss_pwserver_endpwent(void);
-int _nss_pwserver_getgrnam_r(const char *, struct group *, char *, size_t, int *);
-int _nss_pwserver_getgrgid_r(uint32_t, struct group *, char *, size_t, int *);
-int _nss_pwserver_setgrent(int);
-int _nss_pwserver_getgrent_r(struct group *, char *, size_t, int *);
-int _nss_pwserver_endgrent(void);
-int _nss_pwserver_initgroups_dyn(const char *, uint32_t, long *, long *, uint32_t **, long, int *);
-int _nss_pwserver_getspnam_r(const char *, struct spwd *, char *, size_t, int *);
-void *malloc(size_t);
-void free(void *);
-"""
-
-ffi = cffi.FFI()
-ffi.cdef(CDEF)
+from nss_util import EACCES, EAGAIN, ENOENT, ffi, group_tuple, grow, passwd_tuple, shadow_tuple
+from nss_util import NSS_NOTFOUND as NOTFOUND
+from nss_util import NSS_SUCCESS as SUCCESS
+from nss_util import NSS_UNAVAIL as UNAVAIL
 
 
 @pytest.fixture(scope="module")
@@ -70,51 +45,6 @@ def conf(tmp_path, server, shadow_key, monkeypatch):
                         shadow_keyfile=shadow_key[1])
     monkeypatch.setenv("PWSERVER_CONF", str(path))
     return path
-
-
-def s(p) -> str:
-    return ffi.string(p).decode()
-
-
-def passwd_tuple(pw):
-    return [s(pw.pw_name), s(pw.pw_passwd), pw.pw_uid, pw.pw_gid, s(pw.pw_gecos), s(pw.pw_dir), s(pw.pw_shell)]
-
-
-def group_tuple(gr):
-    members, i = [], 0
-    while gr.gr_mem[i] != ffi.NULL:
-        members.append(s(gr.gr_mem[i]))
-        i += 1
-    return [s(gr.gr_name), s(gr.gr_passwd), gr.gr_gid, members]
-
-
-def shadow_tuple(sp):
-    return [s(sp.sp_namp), s(sp.sp_pwdp), sp.sp_lstchg, sp.sp_min, sp.sp_max, sp.sp_warn,
-            sp.sp_inact, sp.sp_expire, -1 if sp.sp_flag == 2**64 - 1 else sp.sp_flag]
-
-
-_KEEP: list = []
-
-
-def grow(call, result_type):
-    """Calls with a 1-byte buffer, doubling it on TRYAGAIN/ERANGE, as glibc
-    does. Returns (status, errno, result, number of ERANGE answers)."""
-    size, eranges = 1, 0
-    while True:
-        buf = ffi.new("char[]", size)
-        result = ffi.new(result_type)
-        err = ffi.new("int *", 0)
-        ffi.errno = 4242
-        st = call(result, buf, size, err)
-        if st == TRYAGAIN and err[0] == ERANGE:
-            eranges += 1
-            size *= 2
-            assert size < 64 << 20
-            continue
-        if st == SUCCESS:
-            assert ffi.errno == 4242  # errno preserved on success
-        _KEEP.append(buf)  # the result's strings live in buf
-        return st, err[0], result, eranges
 
 
 def test_getpwnam_erange_then_same_entry(nss, conf):
