@@ -1,0 +1,243 @@
+"""Real Sendmail (Debian sendmail-bin) with pdelivery as its local mailer,
+built from the m4 definition shipped in docs/delivery.md.
+
+Sendmail runs with a private /etc/mail (our config, queue, aliases) and a
+private /etc/hosts, in `unshare --uts --mount` under a dotted host name (it
+sleeps 60 s otherwise), as a foreground daemon on 127.0.0.1:<high port>.
+The local mailer runs as Sendmail's DefaultUser (mail), not root; the
+interpreter of this checkout lives under /root (mode 0700), so the
+namespace shows /root's .pyenv through a 0755 tmpfs.
+Storage: a real pwserver and two real pdeliveryd (127.0.0.2, 127.0.0.3).
+"""
+import os
+import pathlib
+import re
+import shutil
+import smtplib
+import socket
+import subprocess
+import time
+
+import pytest
+
+import pwtest
+from delivery.layout import MailboxLayout
+from delivery_util import Pdeliveryd, client_conf, free_port, free_port_on, messages, wait_for, write_users
+
+SENDMAIL = shutil.which("sendmail-mta") or "/usr/sbin/sendmail-mta"
+CF_M4 = "/usr/share/sendmail/cf/m4/cf.m4"
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "delivery.md"
+STORES = ["127.0.0.2", "127.0.0.3"]
+
+pytestmark = [
+    pytest.mark.root, pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount namespace)"),
+    pytest.mark.skipif(not os.path.exists(CF_M4) or not os.path.exists(SENDMAIL),
+                       reason="sendmail-bin / sendmail-cf not installed (deps/debian-packages.txt)"),
+]
+
+
+def documented_mailer() -> str:
+    """The m4 lines of the local mailer, taken from docs/delivery.md."""
+    text = DOCS.read_text()
+    m = re.search(r"<!-- sendmail-mailer -->\s*```m4\n(.*?)```", text, re.S)
+    assert m, "docs/delivery.md lost its sendmail mailer block"
+    return m.group(1)
+
+
+def sendmail_mc(port: int) -> str:
+    mailer = documented_mailer().replace("/usr/local/bin/pdelivery", str(pwtest.BIN / "pdelivery"))
+    # OSTYPE first: Debian's ostype sets its own local mailer, ours must come after it
+    assert mailer.lstrip().startswith("OSTYPE(")
+    return mailer + f"""\
+define(`confDONT_PROBE_INTERFACES', `True')dnl
+define(`confSERVICE_SWITCH_FILE', `/etc/mail/service.switch')dnl
+define(`QUEUE_DIR', `/etc/mail/mqueue')dnl
+define(`ALIAS_FILE', `/etc/mail/aliases')dnl
+define(`STATUS_FILE', `/etc/mail/sendmail.st')dnl
+define(`confHOST_STATUS_DIRECTORY', `')dnl
+define(`confPID_FILE', `/etc/mail/sendmail.pid')dnl
+define(`confDEAD_LETTER_DROP', `/etc/mail/dead.letter')dnl
+define(`confTO_IDENT', `0')dnl
+define(`confQUEUE_LA', `100')dnl
+define(`confREFUSE_LA', `200')dnl
+define(`confMIN_QUEUE_AGE', `0')dnl
+FEATURE(`accept_unresolvable_domains')dnl
+FEATURE(`no_default_msa')dnl
+LOCAL_DOMAIN(`pwmail.test')dnl
+DAEMON_OPTIONS(`Port={port}, Addr=127.0.0.1, Name=MTA')dnl
+LOCAL_CONFIG
+EPWSERVER_CONF=/etc/mail/pwserver.conf
+EPWMAIL_CONF=/etc/mail/pwmail.toml
+MAILER(`local')dnl
+MAILER(`smtp')dnl
+"""
+
+
+NAMESPACE_SETUP = """set -e
+hostname mx.pwmail.test
+mount --bind "$D/etcmail" /etc/mail
+mount --bind "$D/hosts" /etc/hosts
+mount --bind /root "$D/rootorig"
+mount -t tmpfs -o mode=0755 tmpfs /root
+mkdir /root/.pyenv
+mount --bind "$D/rootorig/.pyenv" /root/.pyenv
+"$SENDMAIL" -bi >/dev/null
+exec "$@"
+"""
+
+
+class SendmailMX:
+    def __init__(self, d: pathlib.Path, port: int, lmtp_port: int, pw_address: str):
+        self.d, self.port = d, port
+        em = d / "etcmail"
+        (em / "mqueue").mkdir(parents=True)
+        os.chmod(em / "mqueue", 0o700)
+        (em / "state").mkdir()
+        os.chmod(em / "state", 0o1777)
+        (d / "rootorig").mkdir()
+        (em / "sendmail.mc").write_text(sendmail_mc(port))
+        cf = subprocess.run(["m4", CF_M4, str(em / "sendmail.mc")], capture_output=True, text=True, check=True)
+        (em / "sendmail.cf").write_text(cf.stdout)
+        (em / "service.switch").write_text("hosts files\naliases files\n")
+        (em / "local-host-names").write_text("pwmail.test\nmx.pwmail.test\n")
+        (em / "trusted-users").write_text("")
+        (em / "relay-domains").write_text("")
+        (em / "aliases").write_text("postmaster: ana\nMAILER-DAEMON: postmaster\n")
+        (em / "pwserver.conf").write_text(f"server {pw_address}\ntimeout_ms 500\nhedge_ms 100\n"
+                                          "health_file /etc/mail/state/pwserver-health\n")
+        (em / "pwmail.toml").write_text(f"[delivery]\nlmtp_port = {lmtp_port}\nconnect_timeout = 2.0\n")
+        for p in em.iterdir():
+            if p.is_file():
+                os.chmod(p, 0o644)
+        (d / "hosts").write_text("127.0.0.1 localhost\n127.0.0.1 mx.pwmail.test mx\n")
+        (d / "ns.sh").write_text(NAMESPACE_SETUP)
+        self.env = {**os.environ, "D": str(d), "SENDMAIL": SENDMAIL}
+        self.log = open(d / "sendmail.out", "w+b")
+        # unshare and sh exec in place: this PID is the Sendmail daemon's
+        self.proc = subprocess.Popen(["unshare", "--uts", "--mount", "--propagation", "private",
+                                      "sh", str(d / "ns.sh"), SENDMAIL, "-bD"],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        if not wait_for(self._listening, timeout=60, step=0.2):
+            self.stop()
+            raise RuntimeError(f"sendmail not listening:\n{self.output()}")
+
+    def _listening(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"sendmail exited {self.proc.returncode}:\n{self.output()}")
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def output(self) -> str:
+        self.log.flush()
+        return pathlib.Path(self.log.name).read_text(errors="replace")
+
+    def in_namespace(self, *argv, timeout=120) -> subprocess.CompletedProcess:
+        return subprocess.run(["nsenter", "-t", str(self.proc.pid), "--uts", "--mount", *argv],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def queue_files(self, prefix="qf") -> list[pathlib.Path]:
+        return sorted(p for p in (self.d / "etcmail" / "mqueue").iterdir() if p.name.startswith(prefix))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def mx(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sendmail")
+    users = write_users(d / "users")
+    lmtp_port = free_port_on(STORES)
+    with pwtest.PwServer(users) as pw:
+        conf = client_conf(d / "pwserver.conf", [pw.address])
+        env = {**os.environ, "PWSERVER_CONF": str(conf)}
+        stores = {h: Pdeliveryd(d / f"store-{h}", h, lmtp_port, env) for h in STORES}
+        m = SendmailMX(d / "mx", free_port(), lmtp_port, pw.address)
+        try:
+            yield {"mx": m, "stores": stores, "env": env, "lmtp_port": lmtp_port, "d": d,
+                   "layout": {h: MailboxLayout(d / f"store-{h}") for h in STORES}}
+        finally:
+            m.stop()
+            for s in stores.values():
+                s.stop()
+
+
+def message(subject: str, to: str) -> bytes:
+    return (f"From: Ana <ana@pwmail.test>\r\nTo: {to}\r\nDate: Mon, 30 Nov 2026 00:00:00 +0000\r\n"
+            f"Message-ID: <{subject.replace(' ', '.')}@pwmail.test>\r\nSubject: {subject}\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            "Content-Transfer-Encoding: 8bit\r\n\r\n"
+            "Hola Juan,\r\n.una l\u00ednea con punto\r\n..dos\r\n\r\n" + "x" * 900 + "\r\n").encode()
+
+
+def smtp_send(mx, sender, rcpts, data):
+    with smtplib.SMTP("127.0.0.1", mx.port, timeout=60) as s:
+        return s.sendmail(sender, rcpts, data)
+
+
+def test_message_lands_byte_for_byte_in_hashed_maildir(mx):
+    data = message("byte for byte", "juan@pwmail.test")
+    assert smtp_send(mx["mx"], "ana@pwmail.test", ["juan@pwmail.test"], data) == {}
+    box = mx["layout"]["127.0.0.2"].path("juan")
+    assert box.parts[-4:] == ("j", "u", "a", "juan")
+    files = wait_for(lambda: messages(box), timeout=60)
+    assert len(files) == 1, mx["mx"].output()
+    stored = files[0].read_bytes()
+    head, sep, rest = stored.partition(b"\nReceived: ")
+    assert head.startswith(b"Return-Path: <ana@pwmail.test>\nDelivered-To: juan")
+    # Sendmail's Received header (with its queue id), then the message unchanged
+    assert rest.endswith(data.replace(b"\r\n", b"\n"))
+    received = rest[:len(rest) - len(data.replace(b"\r\n", b"\n"))]
+    assert re.search(rb"by mx\.pwmail\.test .*id [0-9A-Za-z]+", received.replace(b"\n\t", b" "))
+    assert not mx["layout"]["127.0.0.3"].path("juan").exists()
+    assert wait_for(lambda: mx["mx"].queue_files() == [], timeout=30)
+
+
+def test_unknown_user_bounces_with_511(mx):
+    box = mx["layout"]["127.0.0.2"].path("ana")
+    before = len(messages(box))
+    assert smtp_send(mx["mx"], "ana@pwmail.test", ["nadie@pwmail.test"], message("to nobody", "nadie")) == {}
+    files = wait_for(lambda: messages(box)[before:], timeout=60)
+    assert files, mx["mx"].output()
+    dsn = files[0].read_bytes()
+    assert b"Final-Recipient: RFC822; nadie@pwmail.test" in dsn and b"Status: 5.1.1" in dsn
+    assert b"Action: failed" in dsn
+    # Sendmail's $g for the null sender of its bounce is MAILER-DAEMON
+    assert dsn.startswith(b"Return-Path: <MAILER-DAEMON>\nDelivered-To: ana\n")
+    assert wait_for(lambda: mx["mx"].queue_files() == [], timeout=30)
+
+
+def test_storage_down_stays_queued_then_delivered_once(mx):
+    store = mx["stores"]["127.0.0.3"]
+    box = mx["layout"]["127.0.0.3"].path("pepe")
+    assert len(messages(box)) == 0
+    store.stop()
+    try:
+        assert smtp_send(mx["mx"], "ana@pwmail.test", ["pepe@pwmail.test"], message("while down", "pepe")) == {}
+
+        def tried():
+            qf = mx["mx"].queue_files()
+            return qf and re.search(rb"^N[1-9]", qf[0].read_bytes(), re.M)
+        assert wait_for(tried, timeout=60), mx["mx"].output()
+        assert len(mx["mx"].queue_files()) == 1 and messages(box) == []
+    finally:
+        mx["stores"]["127.0.0.3"] = store = Pdeliveryd(store.root, "127.0.0.3", mx["lmtp_port"], mx["env"],
+                                                        init_root=False)
+    run = mx["mx"].in_namespace(SENDMAIL, "-q")
+    assert run.returncode == 0, run.stderr
+    assert wait_for(lambda: mx["mx"].queue_files() == [] and messages(box), timeout=60)
+    assert len(messages(box)) == 1
+    mx["mx"].in_namespace(SENDMAIL, "-q")                    # another queue run changes nothing
+    time.sleep(0.5)
+    assert len(messages(box)) == 1
+    assert messages(box)[0].read_bytes().endswith(message("while down", "pepe").replace(b"\r\n", b"\n"))
