@@ -101,7 +101,7 @@ def test_100_processes_while_primary_down_cost_at_most_one_timeout(tmp_path, pai
     primary, secondary = pair
     primary.mode = "serve"
     normal = run_many(conf_for(tmp_path, pair), 100)
-    assert secondary.requests == 0
+    assert primary.answered >= 95  # (a loaded machine may hedge a few)
     primary.mode = "drop"
     (tmp_path / "run" / "health").unlink(missing_ok=True)
     before = primary.requests
@@ -136,7 +136,8 @@ def test_both_down_is_unavail_within_the_timeout_and_files_still_resolve(tmp_pat
 
 def test_primary_back_traffic_returns(tmp_path, pair):
     primary, secondary = pair
-    conf = conf_for(tmp_path, pair, recheck_s=1)
+    # a long hedge: a busy test machine must not make the primary look slow
+    conf = conf_for(tmp_path, pair, recheck_s=1, hedge_ms=500)
     r, _ = timed_getent(conf, "passwd", "alice")
     assert r.returncode == 0 and health_lines(tmp_path)[0][1] == primary.address
     primary.mode = "serve"
