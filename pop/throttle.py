@@ -1,6 +1,7 @@
 """Failed-login throttling: a leaky bucket per key (client address, user
 name). Each failure adds one; the level drains at `limit / window` per
-second; a key at `limit` or above is refused until it has drained below.
+second; a key whose next failure would pass `limit` is refused until it
+has drained by one (window / limit seconds after the last failure).
 Memory is bounded: past `max_keys`, the least recently failed key goes."""
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ class FailureThrottle:
         return max(0.0, level - (now - then) * self.rate)
 
     def blocked(self, key: str, now: float) -> bool:
-        return self.limit > 0 and self.level(key, now) >= self.limit
+        return self.limit > 0 and self.level(key, now) > self.limit - 1
 
     def failure(self, key: str, now: float) -> None:
         level = self.level(key, now) + 1.0
