@@ -29,7 +29,10 @@ Maildir ignores those).
 digits, so every level-1 directory holds at most 256 level-2 directories.
 
 Names are checked (see `check_user`): they become path components, so `/`,
-NUL, control bytes, a leading dot and anything not ASCII are refused.
+NUL, control bytes, a leading dot and anything not ASCII are refused. Names
+are lower-cased (ASCII) first, as Dovecot does with its default
+`auth_username_format = %Lu` and as pdeliveryd does with recipients:
+`Juan` and `juan` share one mailbox.
 """
 from __future__ import annotations
 
@@ -57,14 +60,14 @@ class LayoutError(ValueError):
 
 
 def check_user(user: str) -> str:
-    """Return `user` if it can be a path component, else raise LayoutError."""
+    """`user` lower-cased if it can be a path component, else raise LayoutError."""
     if not isinstance(user, str) or not user:
         raise LayoutError("empty user name")
     if len(user) > MAX_USER_LEN:
         raise LayoutError(f"user name longer than {MAX_USER_LEN}")
     if not _USER_RE.fullmatch(user) or "/" in user or user.startswith("."):
         raise LayoutError(f"user name not usable as a directory: {user!r}")
-    return user
+    return user.lower()
 
 
 def _substr(name: str, offset: int, width: int) -> str:
@@ -111,7 +114,7 @@ class MailboxLayout:
 
     def relative(self, user: str) -> pathlib.PurePosixPath:
         """The mailbox path relative to the root."""
-        return pathlib.PurePosixPath(*levels(user, self.scheme), user)
+        return pathlib.PurePosixPath(*levels(user, self.scheme), check_user(user))
 
     def path(self, user: str) -> pathlib.Path:
         """The user's Maildir (it may not exist yet)."""

@@ -21,6 +21,8 @@ from delivery.layout import SCHEMES, LayoutError, MailboxLayout, check_user, lev
     ("hash2", "juan", "1b/211b/juan"),         # values checked against doveadm
     ("hash2", "jo", "ff/09ff/jo"),
     ("hash2", "ab.c", "03/e303/ab.c"),
+    ("first3", "Juan", "j/u/a/juan"),          # lower-cased, as Dovecot's %Lu
+    ("hash2", "JUAN", "1b/211b/juan"),
 ])
 def test_paths(scheme, user, expected):
     assert MailboxLayout("/srv/mail", scheme).path(user) == pathlib.Path("/srv/mail") / expected
@@ -50,7 +52,7 @@ def test_path_stays_under_root(name, scheme):
     except LayoutError:
         return
     rel = MailboxLayout("/r", scheme).relative(name)
-    assert rel.name == name
+    assert rel.name == name.lower()
     assert ".." not in rel.parts and "." not in rel.parts
     assert all(len(p) in (1, 2, 4) for p in levels(name, scheme))
     assert not rel.is_absolute()
