@@ -54,6 +54,7 @@ __all__ = [
 ]
 
 MAX_UDP_PACKET = 65536
+ASYNC_RCVBUF = 4 * 1024 * 1024  # capped by net.core.rmem_max
 
 
 class PwError(Exception):
@@ -84,8 +85,12 @@ class QueryPlan:
     `servers` are in priority order; those the health record says are down
     go last. Server k (in that order) is asked `k * hedge` seconds after the
     start, or at once when every server asked so far has failed; each try
-    lasts `timeout` seconds.
+    lasts `timeout` seconds. Within a try the request is sent again after
+    RETRANSMIT_FIRST seconds, then at doubling intervals, so one lost
+    datagram costs a fraction of the timeout rather than all of it.
     """
+
+    RETRANSMIT_FIRST = 0.2
 
     def __init__(self, servers: list[Server], health: HealthRecord, timeout: float, hedge: float, now: float):
         wall = time.time()
@@ -95,34 +100,46 @@ class QueryPlan:
         self.timeout = timeout
         self.hedge = hedge
         self.start = now
-        self.sent: dict[Server, float] = {}
+        self.sent: dict[Server, float] = {}      # first send of each try
+        self.resend: dict[Server, tuple[float, float]] = {}  # next resend, interval
         self.failed: set[Server] = set()
 
+    def _in_flight(self, now: float) -> list[Server]:
+        return [s for s in self.sent if s not in self.failed and now < self.sent[s] + self.timeout]
+
+    def _next_new(self) -> float | None:
+        """When the next server not yet asked is due (None: all asked)."""
+        k = len(self.sent)
+        return self.start + k * self.hedge if k < len(self.order) else None
+
     def due(self, now: float) -> list[Server]:
-        """Servers to send to now."""
+        """Servers to send to now (new tries and retransmissions)."""
+        in_flight = self._in_flight(now)
         out = []
-        for k, srv in enumerate(self.order):
-            if srv in self.sent:
-                continue
-            in_flight = [s for s in self.sent if s not in self.failed and now < self.sent[s] + self.timeout]
-            if not in_flight or now >= self.start + k * self.hedge:
+        for srv in in_flight:
+            at, interval = self.resend[srv]
+            if now >= at:
                 out.append(srv)
-                self.sent[srv] = now
-            break  # at most one new server per call; hedges go one by one
+                self.resend[srv] = (now + 2 * interval, 2 * interval)
+        nxt = self._next_new()
+        if nxt is not None and (not in_flight or now >= nxt):
+            srv = self.order[len(self.sent)]
+            self.sent[srv] = now
+            self.resend[srv] = (now + self.RETRANSMIT_FIRST, self.RETRANSMIT_FIRST)
+            out.append(srv)
         return out
 
     def wait(self, now: float) -> float | None:
         """Seconds until something is due; None when the query has failed."""
-        pending = [self.sent[s] + self.timeout for s in self.sent if s not in self.failed]
-        nxt = len(self.sent)
-        if nxt < len(self.order):
-            pending.append(self.start + nxt * self.hedge)
-            if not any(s not in self.failed and now < self.sent[s] + self.timeout for s in self.sent):
-                return 0.0
-        pending = [t for t in pending if t > now]
-        if not pending:
-            return None
-        return min(pending) - now
+        in_flight = self._in_flight(now)
+        nxt = self._next_new()
+        if not in_flight:
+            return None if nxt is None else 0.0
+        events = [self.sent[s] + self.timeout for s in in_flight]
+        events += [self.resend[s][0] for s in in_flight]
+        if nxt is not None:
+            events.append(nxt)
+        return max(0.0, min(events) - now)
 
     def failure(self, srv: Server) -> None:
         self.failed.add(srv)
@@ -400,6 +417,8 @@ class AsyncClient(_Base):
         if s is None:
             s = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             s.setblocking(False)
+            # many answers may arrive at once: room for thousands of them
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, ASYNC_RCVBUF)
             loop.add_reader(s.fileno(), self._readable, s)
             self._socks[family] = s
         return s

@@ -22,10 +22,23 @@ def test_first_server_at_once_then_hedges_one_by_one():
     assert p.wait(100.01) == pytest.approx(0.04)
     assert p.due(100.05) == [B]
     assert p.due(100.10) == [C]
-    assert p.due(100.2) == []
+    assert p.due(100.15) == []
     # the last try ends timeout seconds after it was sent
-    assert p.wait(102.09) == pytest.approx(0.01)
     assert p.wait(102.11) is None
+
+
+def test_lost_datagrams_are_sent_again_at_doubling_intervals():
+    p = plan(servers=(A,), timeout=2.0)
+    assert p.due(100.0) == [A]
+    assert p.wait(100.0) == pytest.approx(0.2)
+    assert p.due(100.2) == [A]
+    assert p.wait(100.2) == pytest.approx(0.4)
+    assert p.due(100.5) == []
+    assert p.due(100.61) == [A]
+    assert p.due(101.42) == [A]
+    assert p.wait(101.42) == pytest.approx(0.58)  # the try's end comes first
+    assert p.due(101.99) == []
+    assert p.wait(102.0) is None
 
 
 def test_a_failed_server_skips_the_hedge_delay():
