@@ -321,7 +321,7 @@ PASSWD = "".join(
         "alice:x:2001:2001:Alice Example,Room 1,,:/home/alice:/bin/bash\n",
         "bob:x:2002:100::/home/bob:/bin/sh\n",
         "carol.d-x:x:2003:2003:Carol \u00e9\u00e8 \u4e2d:/var/mail/c/a/carol:/usr/sbin/nologin\n",
-        "dave:*:2004:2004:Dave:/home/dave:\n",
+        "dave:x:2004:2004:Dave:/home/dave:\n",
     ]
     + [f"user{i:04d}:x:{5000 + i}:{5000 + i}:User {i}:/home/user{i:04d}:/bin/sh\n" for i in range(2500)]
 )
@@ -463,3 +463,24 @@ def run_driver(conf, queries, timeout=120) -> list:
                        env=module_env(conf), capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def real_server(d, *, shadow_keyfile=None, extra=()):
+    """The real `pwserver` (pwcache/server.py) serving the test sources
+    written into d; a context manager that stops it by PID."""
+    from pwserver_util import Server
+
+    paths = write_sources(d)
+    args = list(extra)
+    if shadow_keyfile:
+        args += ["--shadow-key", str(shadow_keyfile)]
+    server = Server(paths, *args)
+    server.address = f"{server.host}:{server.port}"
+    return server
+
+
+def server_stats(server) -> dict:
+    """The real pwserver's STATS (asked over TCP)."""
+    from pwserver_util import stats
+
+    return stats((server.host, server.port))
