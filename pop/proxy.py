@@ -131,6 +131,7 @@ class ClientSide(asyncio.Protocol):
         self.counted = False
         self.detached = False
         self.closing = False
+        self.tls_pending = False     # between "+OK" to STLS and start_tls() returning
 
     # --- asyncio callbacks -----------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -160,7 +161,8 @@ class ClientSide(asyncio.Protocol):
         if self.conn is None or self.closing:
             return
         self.conn.receive_data(data)
-        self._process()
+        if not self.tls_pending:       # else _start_tls processes it on the new transport
+            self._process()
 
     def eof_received(self):
         if self.relay is not None:
@@ -246,6 +248,7 @@ class ClientSide(asyncio.Protocol):
                 conn.accept_stls()
                 self._flush()
                 self.transport.pause_reading()
+                self.tls_pending = True
                 self.task = asyncio.ensure_future(self._start_tls())
                 break
             if isinstance(event, Login):
@@ -265,6 +268,7 @@ class ClientSide(asyncio.Protocol):
             log.info("client %s:%s: TLS handshake failed: %s", self.addr, self.port, e)
             self.transport.abort()
             return
+        self.tls_pending = False
         self.server.stats["stls"] += 1
         self._arm_timer()
         self._process()

@@ -7,7 +7,6 @@ import pathlib
 import re
 import socket
 import subprocess
-import sys
 import time
 
 from pwtest import BIN, free_port
@@ -155,9 +154,58 @@ def self_signed(tmp: pathlib.Path, cn: str = "localhost") -> tuple[str, str]:
     return str(cert), str(key)
 
 
-def pop3_port() -> int:
-    return free_port()
+# --- real POP3 clients ------------------------------------------------------------------------
+def curl_pop(address: tuple[str, int], user: str, password: str, path: str = "", *,
+             cafile: str | None = None, request: str | None = None,
+             timeout: float = 30) -> subprocess.CompletedProcess:
+    """curl pop3://...; with cafile, STLS is required (--ssl-reqd); request:
+    another command (-X UIDL)."""
+    argv = ["curl", "-sS", "--max-time", str(int(timeout)), "-u", f"{user}:{password}",
+            f"pop3://{address[0]}:{address[1]}/{path}", *(["-X", request] if request else [])]
+    if cafile:
+        argv[1:1] = ["--ssl-reqd", "--cacert", cafile]
+    return subprocess.run(argv, capture_output=True, timeout=timeout + 5)
 
 
-__all__ = ["write_users", "write_key", "client_conf", "make_root", "deliver", "message", "Daemon",
-           "start_pop3d", "start_proxy", "read_reply", "self_signed", "sys"]
+def mpop_fetch(workdir: pathlib.Path, address: tuple[str, int], user: str, password: str, *,
+               keep: bool = True, cafile: str | None = None, timeout: float = 60) -> tuple[int, list[bytes], str]:
+    """mpop into a Maildir of its own; (exit status, messages got so far, output)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = workdir / "Maildir"
+    for sub in ("cur", "new", "tmp"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    # In clear text mpop wants the method named (USER/PASS here); with TLS it picks SASL PLAIN.
+    tls = (f"tls on\ntls_starttls on\ntls_trust_file {cafile}\n" if cafile else "tls off\nauth user\n")
+    rc = workdir / "mpoprc"
+    rc.write_text(f"defaults\naccount test\nhost {address[0]}\nport {address[1]}\nuser {user}\n"
+                  f"password {password}\n{tls}keep {'on' if keep else 'off'}\n"
+                  f"uidls_file {workdir / 'uidls'}\ndelivery maildir {out}\nreceived_header off\n"
+                  f"timeout {int(timeout)}\n")
+    rc.chmod(0o600)
+    r = subprocess.run(["mpop", "-C", str(rc), "-q", "test"], capture_output=True, timeout=timeout + 5)
+    msgs = [p.read_bytes() for p in sorted((out / "new").iterdir())]
+    return r.returncode, msgs, (r.stdout + r.stderr).decode(errors="replace")
+
+
+def fetchmail_fetch(workdir: pathlib.Path, address: tuple[str, int], user: str, password: str, *,
+                    keep: bool = True, cafile: str | None = None,
+                    timeout: float = 60) -> tuple[int, list[bytes], str]:
+    """fetchmail (POP3, UIDL tracking) handing each message to a tiny MDA
+    that writes one file; (exit status, messages got so far, output)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = workdir / "got"
+    out.mkdir(exist_ok=True)
+    mda = workdir / "mda.sh"
+    mda.write_text('#!/bin/sh\nexec cat > "$1/$(date +%s%N).$$"\n')
+    mda.chmod(0o755)
+    tls = (f" sslproto 'tls1.2+' sslcertck sslcertfile '{cafile}' sslcommonname 'localhost'"
+           if cafile else " sslproto ''")
+    rc = workdir / "fetchmailrc"
+    rc.write_text(f"set no bouncemail\npoll {address[0]} with proto POP3 port {address[1]} uidl timeout {int(timeout)}\n"
+                  f"  user '{user}' there with password '{password}' is root here"
+                  f"{' keep' if keep else ' nokeep'}{tls}\n  mda '{mda} {out}'\n")
+    rc.chmod(0o600)
+    r = subprocess.run(["fetchmail", "-f", str(rc), "--nosyslog", "-v"], capture_output=True,
+                       timeout=timeout + 5, env={**os.environ, "FETCHMAILHOME": str(workdir)})
+    msgs = [p.read_bytes() for p in sorted(out.iterdir())]
+    return r.returncode, msgs, (r.stdout + r.stderr).decode(errors="replace")
