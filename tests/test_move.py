@@ -1,0 +1,279 @@
+"""pwmail move / rebalance end to end: a real pwserver, real pdeliveryd on
+two storage addresses (127.0.0.2, 127.0.0.3), deliveries through
+pdelivery's router over LMTP and a POP-like reader while 1,000 mailboxes
+move; a crash at every failure point, then a rerun."""
+import os
+import pathlib
+import random
+import re
+import subprocess
+import threading
+import time
+
+import pytest
+
+import pwtest
+from delivery import config as dconfig
+from delivery.layout import MailboxLayout
+from delivery.lmtpclient import crlf
+from delivery.maildir import ROOT_MARKER, MaildirWriter
+from delivery.pdelivery import Router, send
+from delivery_util import Pdeliveryd, client_conf, env_with, free_port_on, write_users
+from pwcache.client import Client
+from pwcache.genusers import make_names
+from pwcache.move import FAIL_EXIT, FAIL_POINTS, MailhostsFile, is_maildir, scan
+
+S2, S3, S4 = "127.0.0.2", "127.0.0.3", "127.0.0.4"
+N_USERS = 1000
+CRASH_USERS = {p: f"crash{i:03d}" for i, p in enumerate(FAIL_POINTS)}
+MSGID = re.compile(rb"^Message-ID: <([^>]+)>", re.M)
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory):
+    d = tmp_path_factory.mktemp("move")
+    names = make_names(N_USERS, random.Random(7))
+    extra = ["j", "jjota", *CRASH_USERS.values()]
+    users = {n: (30000 + i, 30000, S2, False) for i, n in enumerate(names + extra)}
+    write_users(d / "users", users)
+    roots = {h: d / f"store-{h}" for h in (S2, S3, S4)}
+    port = free_port_on([S2, S3])
+    settings = d / "pwmail.toml"
+    settings.write_text(f"[delivery]\nlmtp_port = {port}\nconnect_timeout = 2.0\ntimeout = 20.0\n")
+    (roots[S4]).mkdir()
+    (roots[S4] / ROOT_MARKER).touch()
+    with pwtest.PwServer(d / "users") as pw:
+        conf = client_conf(d / "pwserver.conf", [pw.address])
+        env = env_with(conf, settings)
+        with Pdeliveryd(roots[S2], S2, port, env), Pdeliveryd(roots[S3], S3, port, env):
+            yield {"d": d, "names": names, "roots": roots, "pw": pw, "env": env, "settings": settings,
+                   "map": MailhostsFile(d / "users" / "mailhosts")}
+
+
+def pwmail(bed, *args, fail=None, timeout=600):
+    env = dict(bed["env"])
+    env.pop("PWMAIL_MOVE_FAIL", None)
+    if fail:
+        env["PWMAIL_MOVE_FAIL"] = fail
+    argv = [str(pwtest.BIN / "pwmail"), *args, "--mailhosts", str(bed["map"].path),
+            "--server", bed["pw"].address, "--pwserver-pid", str(bed["pw"].proc.pid),
+            "--journal-dir", str(bed["d"] / "journal"), "--layout", "first3"]
+    for host, root in bed["roots"].items():
+        argv += ["--root", f"{host}={root}"]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def layout(bed, host):
+    return MailboxLayout(bed["roots"][host])
+
+
+def msgid(path: pathlib.Path) -> str:
+    return MSGID.search(path.read_bytes()).group(1).decode()
+
+
+def seed(bed, user, n, host=S2):
+    """n messages already in the mailbox (one read by POP: in cur/ with flags)."""
+    w = MaildirWriter(layout(bed, host))
+    paths = [pathlib.Path(w.deliver(user, f"Message-ID: <seed-{user}-{i}>\nSubject: {i}\n\nold\n".encode()))
+             for i in range(n)]
+    if n:
+        os.rename(paths[0], paths[0].parent.parent / "cur" / (paths[0].name + ":2,S"))
+    return {k: v[0] for k, v in scan(layout(bed, host).path(user)).items()}
+
+
+def live_host(bed, user):
+    return bed["map"].read()[user][0]
+
+
+class Deliverer(threading.Thread):
+    """Mail keeps coming: pdelivery's routing and LMTP to the real pdeliveryd;
+    a temporary answer (frozen: 4.2.1) puts the message back in the queue,
+    as Sendmail does."""
+
+    def __init__(self, bed, users):
+        super().__init__(daemon=True)
+        self.cfg = dconfig.load(str(bed["settings"]))
+        self.addr = bed["pw"].address
+        self.users, self.rng = users, random.Random(3)
+        self.stop, self.done = threading.Event(), threading.Event()
+        self.delivered: dict[str, str] = {}
+        self.queue: list[tuple[str, str]] = []
+        self.deferred = 0
+        self.errors: list[str] = []
+
+    def run(self):
+        n = 0
+        with Client([self.addr]) as c:
+            router = Router(self.cfg, client=c)
+            while not (self.stop.is_set() and not self.queue):
+                if self.queue and (self.stop.is_set() or self.rng.random() < 0.3):
+                    mid, user = self.queue.pop(0)
+                else:
+                    n += 1
+                    mid, user = f"live-{n}", self.rng.choice(self.users)
+                data = crlf(f"Message-ID: <{mid}>\nSubject: live\n\nhello {user}\n".encode())
+                route = router.route(user)
+                [reply] = send(self.cfg, [route], [user], "a@example.org", data, mid)
+                if reply.ok:
+                    self.delivered[mid] = user
+                elif 400 <= reply.code < 500:
+                    self.deferred += 1
+                    self.queue.append((mid, user))
+                    time.sleep(0.01)
+                else:
+                    self.errors.append(f"{mid} {user}: {reply}")
+        self.done.set()
+
+
+class Reader(threading.Thread):
+    """A POP client on the live mailbox: RETR moves new/ -> cur/ with the
+    seen flag, DELE removes; it keeps away from frozen mailboxes ([IN-USE])."""
+
+    def __init__(self, bed, users):
+        super().__init__(daemon=True)
+        self.bed, self.users, self.rng = bed, users, random.Random(5)
+        self.stop = threading.Event()
+        self.deleted: set[str] = set()
+        self.read = 0
+
+    def run(self):
+        with Client([self.bed["pw"].address]) as c:
+            while not self.stop.is_set():
+                user = self.rng.choice(self.users)
+                mh = c.mailhost(user)
+                if mh.frozen:
+                    continue
+                box = layout(self.bed, mh.host).path(user)
+                try:
+                    new = sorted((box / "new").iterdir())
+                    if new:
+                        os.rename(new[0], box / "cur" / (new[0].name + ":2,S"))
+                        self.read += 1
+                    cur = sorted((box / "cur").iterdir())
+                    if cur and self.rng.random() < 0.3:
+                        mid = msgid(cur[-1])
+                        cur[-1].unlink()
+                        self.deleted.add(mid)
+                except FileNotFoundError:
+                    pass
+                time.sleep(0.002)
+
+
+@pytest.mark.slow
+def test_move_1000_mailboxes_while_mail_flows(bed):
+    names = bed["names"]
+    t_seed = time.monotonic()
+    before = {}
+    for u in names:
+        box = layout(bed, S2).path(u)
+        before[u] = {key: msgid(box / rel) for key, rel in seed(bed, u, 2).items()}
+    t_seed = time.monotonic() - t_seed
+    deliverer, reader = Deliverer(bed, names), Reader(bed, names)
+    deliverer.start()
+    reader.start()
+    time.sleep(1)
+    t0 = time.monotonic()
+    r = pwmail(bed, "move", *names, "--to", S3, "--settle", "1", "--batch", "250",
+               "--bwlimit", "0", "--files-per-second", "0")
+    took = time.monotonic() - t0
+    reader.stop.set()
+    reader.join(30)
+    time.sleep(0.5)
+    deliverer.stop.set()
+    assert deliverer.done.wait(120), "deliveries did not drain"
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"{N_USERS} move(s) done" in r.stdout
+    assert not deliverer.errors
+    assert deliverer.deferred > 0, "no delivery met a frozen mailbox"
+    assert len(deliverer.delivered) > 50 and reader.read > 50 and reader.deleted
+
+    seen: dict[str, str] = {}
+    with Client([bed["pw"].address]) as c:
+        for u in names:
+            assert tuple(c.mailhost(u)) == (S3, False)
+            assert not is_maildir(layout(bed, S2).path(u)), f"{u}: old copy left"
+            box = layout(bed, S3).path(u)
+            for rel, *_ in scan(box).values():
+                mid = msgid(box / rel)
+                assert mid not in seen, f"{mid} twice: {seen[mid]} and {u}/{rel}"
+                seen[mid] = u
+            # every old message kept its Maildir base name (its UIDL)
+            now = {k: v[0] for k, v in scan(box).items()}
+            for key, mid in before[u].items():
+                if mid not in reader.deleted:
+                    assert key in now and msgid(box / now[key]) == mid
+    seeded = {f"seed-{u}-{i}": u for u in names for i in range(2)}
+    expected = {m: u for m, u in {**seeded, **deliverer.delivered}.items() if m not in reader.deleted}
+    assert seen == expected
+    assert not list((bed["d"] / "journal").glob("*.json"))
+    print(f"seeded in {t_seed:.1f} s; moved {N_USERS} mailboxes in {took:.1f} s; {len(deliverer.delivered)} delivered during the run, "
+          f"{deliverer.deferred} deferred while frozen, {reader.read} read, {len(reader.deleted)} deleted")
+
+
+@pytest.mark.parametrize("point", FAIL_POINTS)
+def test_crash_at_each_step_then_rerun(bed, point):
+    user = CRASH_USERS[point]
+    before = seed(bed, user, 4)
+    box = layout(bed, S2).path(user)
+    (box / "dovecot-uidlist").write_text("3 V1 N5\n")
+    before["dovecot-uidlist"] = "dovecot-uidlist"
+    r = pwmail(bed, "move", user, "--to", S3, "--settle", "0.2", fail=point)
+    assert r.returncode == FAIL_EXIT, r.stdout + r.stderr
+    # after the crash: the map names one host, and that host has the whole mailbox
+    host = live_host(bed, user)
+    assert host in (S2, S3)
+    assert {k: v[0] for k, v in scan(layout(bed, host).path(user)).items()} == before
+    assert (bed["d"] / "journal" / f"{user}.json").exists()
+    r = pwmail(bed, "move", user, "--to", S3, "--settle", "0.2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert bed["map"].read()[user] == (S3, False)
+    with Client([bed["pw"].address]) as c:
+        assert tuple(c.mailhost(user)) == (S3, False)
+    assert {k: v[0] for k, v in scan(layout(bed, S3).path(user)).items()} == before
+    assert not box.exists() and not box.with_name(box.name + " pwmove-old").exists()
+    assert not (bed["d"] / "journal" / f"{user}.json").exists()
+
+
+def test_one_letter_user_leaves_longer_names_alone(bed):
+    """first3 puts `jjota` at j/j/o/jjota, inside the Maildir of `j` (j/j)."""
+    j = seed(bed, "j", 3)
+    jjota = seed(bed, "jjota", 2)
+    r = pwmail(bed, "move", "j", "--to", S3, "--settle", "0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert {k: v[0] for k, v in scan(layout(bed, S3).path("j")).items()} == j
+    assert not is_maildir(layout(bed, S2).path("j"))
+    assert {k: v[0] for k, v in scan(layout(bed, S2).path("jjota")).items()} == jjota
+    assert not (layout(bed, S3).path("j") / "o").exists()
+
+
+def test_move_refuses_a_stray_copy_and_unknown_users(bed):
+    MaildirWriter(layout(bed, S3)).deliver("jjota", b"Message-ID: <stray>\n\nx\n")
+    r = pwmail(bed, "move", "jjota", "--to", S3, "--settle", "0")
+    assert r.returncode == 1 and "already has a mailbox" in r.stderr
+    assert live_host(bed, "jjota") == S2
+    r = pwmail(bed, "move", "nobody99", "--to", S3, "--settle", "0")
+    assert r.returncode == 1 and "no such user" in r.stderr
+    r = pwmail(bed, "move", "j", "--to", "store9", "--settle", "0")
+    assert r.returncode == 1 and "no storage root" in r.stderr
+
+
+def test_rebalance_moves_what_the_new_host_wins(bed):
+    from pwcache.placement import PlacementRule
+
+    r = pwmail(bed, "rebalance", "--add", S4, "--hosts", f"{S2},{S3}",
+               "--passwd", str(bed["d"] / "users" / "passwd"), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    planned = [line.split()[0] for line in r.stdout.splitlines() if "->" in line]
+    rule = PlacementRule("hash", ((S2, 1.0), (S3, 1.0), (S4, 1.0)))
+    users = bed["map"].read()
+    assert planned == [u for u in users if rule.pick(u) == S4]
+    assert 0.25 < len(planned) / len(users) < 0.42  # about a third
+    r = pwmail(bed, "rebalance", "--add", S4, "--hosts", f"{S2},{S3}",
+               "--passwd", str(bed["d"] / "users" / "passwd"), "--max-moves", "10", "--settle", "0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "10 move(s) done" in r.stdout
+    now = bed["map"].read()
+    for u in planned[:10]:
+        assert now[u] == (S4, False)
+        assert not is_maildir(layout(bed, users[u][0]).path(u))
+    assert all(now[u][0] != S4 for u in planned[10:])
