@@ -56,9 +56,9 @@ def make_root(root: pathlib.Path) -> MailboxLayout:
     return MailboxLayout(root)
 
 
-def deliver(layout: MailboxLayout, user: str, body: bytes) -> str:
+def deliver(layout: MailboxLayout, user: str, body: bytes, uid: int = -1, gid: int = -1) -> str:
     """A message put in new/ by delivery's own writer; returns its path."""
-    return MaildirWriter(layout, host="test").deliver(user, body)
+    return MaildirWriter(layout, host="test").deliver(user, body, uid, gid)
 
 
 def message(subject: str, lines: int = 3, extra: bytes = b"") -> bytes:
@@ -209,3 +209,112 @@ def fetchmail_fetch(workdir: pathlib.Path, address: tuple[str, int], user: str, 
                        timeout=timeout + 5, env={**os.environ, "FETCHMAILHOME": str(workdir)})
     msgs = [p.read_bytes() for p in sorted(out.iterdir())]
     return r.returncode, msgs, (r.stdout + r.stderr).decode(errors="replace")
+
+
+# --- Dovecot as a backend ---------------------------------------------------------------------
+NSS_DIR = pathlib.Path(__file__).resolve().parent.parent / "nss_module"
+
+
+def nsswitch_with_pwserver(path: pathlib.Path) -> pathlib.Path:
+    """The machine's nsswitch.conf with pwserver added to passwd, group and
+    shadow: bind-mounted over /etc/nsswitch.conf in a private mount
+    namespace only."""
+    out = []
+    for line in pathlib.Path("/etc/nsswitch.conf").read_text().splitlines():
+        db = line.split(":", 1)[0].strip()
+        if db in ("passwd", "group", "shadow") and "pwserver" not in line:
+            line = line.rstrip() + " pwserver"
+        out.append(line)
+    path.write_text("\n".join(out) + "\n")
+    return path
+
+
+class Dovecot:
+    """Dovecot 2.3 (pop3 only) in a private mount namespace whose
+    /etc/nsswitch.conf names pwserver; userdb passwd and passdb shadow come
+    through libnss_pwserver; mail_location is the hashed Maildir tree.
+    Everything lives under `workdir`, which must be traversable by the
+    dovenull and mail users (not under pytest's 0700 folders)."""
+
+    def __init__(self, workdir: pathlib.Path, layout: MailboxLayout, pwserver_conf: str, host: str,
+                 *, first_valid_uid: int = 10000, timeout: float = 30.0):
+        self.workdir, self.host, self.port = workdir, host, free_port(host)
+        for sub in ("run", "state"):
+            (workdir / sub).mkdir(parents=True, exist_ok=True)
+        self.log_path = workdir / "dovecot.log"
+        self.conf = workdir / "dovecot.conf"
+        self.conf.write_text(f"""base_dir = {workdir}/run
+state_dir = {workdir}/state
+instance_name = pwmail-pop-{host}
+protocols = pop3
+listen = {host}
+log_path = {self.log_path}
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain
+auth_failure_delay = 0
+login_trusted_networks = 127.0.0.0/8
+first_valid_uid = {first_valid_uid}
+mail_location = {layout.dovecot_location()}
+pop3_uidl_format = %f
+import_environment = TZ LD_LIBRARY_PATH={NSS_DIR} PWSERVER_CONF={pwserver_conf}
+passdb {{
+  driver = shadow
+}}
+userdb {{
+  driver = passwd
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    port = {self.port}
+  }}
+  inet_listener pop3s {{
+    port = 0
+  }}
+}}
+""")
+        nss = nsswitch_with_pwserver(workdir / "nsswitch.conf")
+        script = f'mount --bind {nss} /etc/nsswitch.conf && exec dovecot -F -c {self.conf}'
+        self.out = open(workdir / "dovecot.stderr", "w+b")
+        self.proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                                     stdout=self.out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection((host, self.port), timeout=2) as s:
+                    if read_reply(s, 5).startswith(b"+OK"):
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"dovecot did not start:\n{self.output()}")
+            time.sleep(0.1)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    def output(self) -> str:
+        text = ""
+        for p in (self.workdir / "dovecot.stderr", self.log_path):
+            if p.exists():
+                text += p.read_bytes().decode(errors="replace")
+        return text
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.out.close()
+        return self.proc.returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
