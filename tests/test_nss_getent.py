@@ -194,3 +194,17 @@ def test_python_pwd_grp_through_nsswitch(tmp_path, conf):
     assert out["gr"] == [groups[g] for g in ("pwstaff", "pwmail", "pwempty", "pwbig")]
     assert out["gid"] == groups["pwmail"]
     assert out["missing"] is True
+
+
+def test_network_key_seals_every_packet(tmp_path):
+    """A server with a network key drops plain packets; with the key in the
+    config (keyfile) the module seals requests, including the TCP ones."""
+    u.write_key(tmp_path / "net.key", os.urandom(32))
+    with u.real_server(tmp_path, extra=["--network-key", str(tmp_path / "net.key")]) as server:
+        plain = u.write_conf(tmp_path / "plain.conf", [server.address], timeout_ms=300)
+        assert u.getent(plain, "passwd", "alice").returncode == 2
+        sealed = u.write_conf(tmp_path / "sealed.conf", [server.address], keyfile=tmp_path / "net.key")
+        r = u.getent(sealed, "passwd", "alice")
+        assert r.returncode == 0 and r.stdout.startswith("alice:x:2001:2001:")
+        r = u.getent(sealed, "group", "pwbig")
+        assert r.returncode == 0 and r.stdout.rstrip("\n").split(":")[3].split(",") == u.BIG_GROUP_MEMBERS
