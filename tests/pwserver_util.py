@@ -201,3 +201,35 @@ def wait_for(cond, timeout: float = 20.0, step: float = 0.05):
             return value
         time.sleep(step)
     raise AssertionError("condition not met in time")
+
+
+def write_many_users(d: pathlib.Path, n: int, tag: str = "a", groups: int = 300) -> dict[str, pathlib.Path]:
+    """n realistic users (names 8-12 bytes, sha512-crypt-sized hashes, a
+    mailhost each, a few hundred groups of ~1.5 memberships per user), fast.
+    Files are written beside and renamed into place (atomic for a reload).
+    `tag` goes into every gecos so two generations tell apart."""
+    hashes = "$6$rounds=5000$abcdefghijklmnop$" + "x" * 86
+    names = [f"{chr(97 + i % 26)}user{i:07d}" for i in range(n)]
+    files = {
+        "passwd": "".join([f"{nm}:x:{10000 + i}:100:User {i} {tag}:/home/{nm}:/bin/bash\n"
+                           for i, nm in enumerate(names)]),
+        "shadow": "".join([f"{nm}:{hashes}:19700:0:99999:7:::\n" for nm in names]),
+        "mailhosts": "".join([f"{nm} store{i % 8}\n" for i, nm in enumerate(names)]),
+        "group": "".join([f"grp{g}:x:{1000 + g}:{','.join(names[g::groups][:(n * 3 // 2) // groups])}\n"
+                          for g in range(groups)]),
+    }
+    paths = {}
+    for name, text in files.items():
+        tmp = d / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.rename(d / name)
+        paths[name] = d / name
+    return paths
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")

@@ -30,7 +30,7 @@ typedef struct {
 } arena;
 
 typedef struct {
-    uint32_t *slots; /* entry index + 1; 0 = empty */
+    uint64_t *slots; /* see index_probe */
     uint32_t mask;
 } index_t;
 
@@ -124,7 +124,35 @@ static int index_init(index_t *ix, size_t n)
     return ix->slots ? 0 : -1;
 }
 
-/* Grows (rehashes) when more than half full; `hash_of` recomputes keys. */
+/* A slot holds (tag << 32) | (entry + 1); 0 is empty. The tag is the key's
+ * id, or the upper half of its name hash: most misses and collisions are
+ * settled in the slot array, without touching the entries. */
+typedef int (*same_fn)(const void *ctx, uint32_t i, const void *key, size_t n);
+
+/* The entry of a key (hash h, tag), or NONE; then *empty (if not NULL)
+ * is the slot where it goes. `same` NULL: the tag is the whole key. */
+static inline uint32_t index_probe(const index_t *ix, uint64_t h, uint32_t tag, same_fn same,
+                                   const void *ctx, const void *key, size_t n, uint32_t *empty)
+{
+    uint32_t j = (uint32_t)h & ix->mask;
+    uint64_t v;
+    while ((v = ix->slots[j])) {
+        if ((uint32_t)(v >> 32) == tag && (!same || same(ctx, (uint32_t)v - 1, key, n)))
+            return (uint32_t)v - 1;
+        j = (j + 1) & ix->mask;
+    }
+    if (empty)
+        *empty = j;
+    return NONE;
+}
+
+static inline void index_set(index_t *ix, uint32_t j, uint32_t tag, uint32_t i)
+{
+    ix->slots[j] = (uint64_t)tag << 32 | (i + 1);
+}
+
+/* Grows (rehashes) when more than half full; `hash_of` recomputes where
+ * an entry goes (tags stay). */
 typedef uint64_t (*hash_fn)(const void *ctx, uint32_t i);
 
 static int index_grow(index_t *ix, uint32_t count, const void *ctx, hash_fn hash_of)
@@ -135,10 +163,10 @@ static int index_grow(index_t *ix, uint32_t count, const void *ctx, hash_fn hash
     if (index_init(&bigger, (size_t)count * 2) < 0)
         return -1;
     for (uint32_t s = 0; s <= ix->mask; s++) {
-        uint32_t v = ix->slots[s];
+        uint64_t v = ix->slots[s];
         if (!v)
             continue;
-        uint32_t j = (uint32_t)hash_of(ctx, v - 1) & bigger.mask;
+        uint32_t j = (uint32_t)hash_of(ctx, (uint32_t)v - 1) & bigger.mask;
         while (bigger.slots[j])
             j = (j + 1) & bigger.mask;
         bigger.slots[j] = v;
@@ -148,17 +176,49 @@ static int index_grow(index_t *ix, uint32_t count, const void *ctx, hash_fn hash
     return 0;
 }
 
-static void index_put(index_t *ix, uint64_t h, uint32_t i)
-{
-    uint32_t j = (uint32_t)h & ix->mask;
-    while (ix->slots[j])
-        j = (j + 1) & ix->mask;
-    ix->slots[j] = i + 1;
-}
-
 static inline uint64_t name_hash(const char *s, size_t n)
 {
     return mix64(pw_fnv1a(PW_FNV_BASIS, s, n));
+}
+
+/* The key of entry i for index_fill; n == 0: leave the entry out. */
+typedef struct {
+    uint64_t h;
+    uint32_t tag;
+    const void *key;
+    size_t n;
+} ikey;
+typedef ikey (*key_fn)(const void *ctx, uint32_t i);
+
+#define FILL_AHEAD 16
+
+/* Indexes entries 0..count-1 in order, so the first of equal keys wins
+ * (`dup` is told of the others). The slots are fetched FILL_AHEAD entries
+ * ahead: at a million entries they are the cache misses of a load. */
+static void index_fill(index_t *ix, uint32_t count, void *ctx, key_fn key_of, same_fn same,
+                       void (*dup)(void *ctx, uint32_t i))
+{
+    for (uint32_t i = 0; i < count; i++) {
+        if (i + FILL_AHEAD < count) {
+            ikey ahead = key_of(ctx, i + FILL_AHEAD);
+            if (ahead.n)
+                __builtin_prefetch(&ix->slots[(uint32_t)ahead.h & ix->mask]);
+        }
+        ikey k = key_of(ctx, i);
+        uint32_t slot = 0;
+        if (!k.n)
+            continue;
+        if (index_probe(ix, k.h, k.tag, same, ctx, k.key, k.n, &slot) != NONE)
+            dup(ctx, i);
+        else
+            index_set(ix, slot, k.tag, i);
+    }
+}
+
+static inline ikey name_key(const char *name, size_t n)
+{
+    uint64_t h = name_hash(name, n);
+    return (ikey){h, (uint32_t)(h >> 32), name, n};
 }
 
 static inline uint64_t id_hash(uint32_t id)
@@ -176,58 +236,56 @@ static inline const char *group_name(const pwt_table *t, const group_t *g)
     return (const char *)t->gr.data + g->name_off;
 }
 
+static int user_same(const void *ctx, uint32_t i, const void *key, size_t n)
+{
+    const pwt_table *t = ctx;
+    const user_t *u = &t->users[i];
+    return u->name_len == n && memcmp(user_name(t, u), key, n) == 0;
+}
+
+static int group_same(const void *ctx, uint32_t i, const void *key, size_t n)
+{
+    const pwt_table *t = ctx;
+    const group_t *g = &t->groups[i];
+    return g->name_len == n && memcmp(group_name(t, g), key, n) == 0;
+}
+
+static uint32_t probe_user(const pwt_table *t, const char *name, size_t n, uint64_t h, uint32_t *empty)
+{
+    return index_probe(&t->by_name, h, (uint32_t)(h >> 32), user_same, t, name, n, empty);
+}
+
 static uint32_t find_user(const pwt_table *t, const char *name, size_t n)
 {
     if (!t->by_name.slots || n == 0 || n > PW_MAX_NAME)
         return NONE;
-    uint32_t j = (uint32_t)name_hash(name, n) & t->by_name.mask, v;
-    while ((v = t->by_name.slots[j])) {
-        const user_t *u = &t->users[v - 1];
-        if (u->name_len == n && memcmp(user_name(t, u), name, n) == 0)
-            return v - 1;
-        j = (j + 1) & t->by_name.mask;
-    }
-    return NONE;
+    return probe_user(t, name, n, name_hash(name, n), NULL);
 }
 
 static uint32_t find_uid(const pwt_table *t, uint32_t uid)
 {
     if (!t->by_uid.slots)
         return NONE;
-    uint32_t j = (uint32_t)id_hash(uid) & t->by_uid.mask, v;
-    while ((v = t->by_uid.slots[j])) {
-        if (t->users[v - 1].uid == uid)
-            return v - 1;
-        j = (j + 1) & t->by_uid.mask;
-    }
-    return NONE;
+    return index_probe(&t->by_uid, id_hash(uid), uid, NULL, NULL, NULL, 0, NULL);
+}
+
+static uint32_t probe_group(const pwt_table *t, const char *name, size_t n, uint64_t h, uint32_t *empty)
+{
+    return index_probe(&t->gr_by_name, h, (uint32_t)(h >> 32), group_same, t, name, n, empty);
 }
 
 static uint32_t find_group(const pwt_table *t, const char *name, size_t n)
 {
     if (!t->gr_by_name.slots || n == 0 || n > PW_MAX_NAME)
         return NONE;
-    uint32_t j = (uint32_t)name_hash(name, n) & t->gr_by_name.mask, v;
-    while ((v = t->gr_by_name.slots[j])) {
-        const group_t *g = &t->groups[v - 1];
-        if (g->name_len == n && memcmp(group_name(t, g), name, n) == 0)
-            return v - 1;
-        j = (j + 1) & t->gr_by_name.mask;
-    }
-    return NONE;
+    return probe_group(t, name, n, name_hash(name, n), NULL);
 }
 
 static uint32_t find_gid(const pwt_table *t, uint32_t gid)
 {
     if (!t->gr_by_gid.slots)
         return NONE;
-    uint32_t j = (uint32_t)id_hash(gid) & t->gr_by_gid.mask, v;
-    while ((v = t->gr_by_gid.slots[j])) {
-        if (t->groups[v - 1].gid == gid)
-            return v - 1;
-        j = (j + 1) & t->gr_by_gid.mask;
-    }
-    return NONE;
+    return index_probe(&t->gr_by_gid, id_hash(gid), gid, NULL, NULL, NULL, 0, NULL);
 }
 
 static uint64_t user_name_hash(const void *ctx, uint32_t i)
@@ -381,29 +439,43 @@ static int intern_host(pwt_table *t, const char *s, size_t n)
 
 typedef struct {
     const char *name; /* into the caller's buffer */
-    uint8_t name_len;
+    uint8_t name_len; /* 0: a duplicate, left out */
     uint8_t frozen;
+    uint8_t used;     /* some passwd entry has it */
     uint16_t host;
 } mh_entry;
 
 typedef struct {
     mh_entry *e;
-    uint32_t n;
+    uint32_t n, dups;
     index_t ix;
 } mh_map;
 
+static int mh_same(const void *ctx, uint32_t i, const void *key, size_t n)
+{
+    const mh_entry *e = &((const mh_map *)ctx)->e[i];
+    return e->name_len == n && memcmp(e->name, key, n) == 0;
+}
+
+static ikey mh_key(const void *ctx, uint32_t i)
+{
+    const mh_entry *e = &((const mh_map *)ctx)->e[i];
+    return name_key(e->name, e->name_len);
+}
+
+static void mh_dup(void *ctx, uint32_t i)
+{
+    mh_map *m = ctx;
+    m->e[i].name_len = 0;
+    m->dups++;
+}
+
 static uint32_t mh_find(const mh_map *m, const char *name, size_t n)
 {
+    uint64_t h = name_hash(name, n);
     if (!m->ix.slots)
         return NONE;
-    uint32_t j = (uint32_t)name_hash(name, n) & m->ix.mask, v;
-    while ((v = m->ix.slots[j])) {
-        const mh_entry *e = &m->e[v - 1];
-        if (e->name_len == n && memcmp(e->name, name, n) == 0)
-            return v - 1;
-        j = (j + 1) & m->ix.mask;
-    }
-    return NONE;
+    return index_probe(&m->ix, h, (uint32_t)(h >> 32), mh_same, m, name, n, NULL);
 }
 
 /* Splits on blanks into at most `max` words; -1 past that. */
@@ -446,10 +518,6 @@ static int load_mailhosts(pwt_table *t, mh_map *m, const char *buf, size_t len)
             t->st.mailhosts_bad++;
             continue;
         }
-        if (mh_find(m, w[0].p, w[0].n) != NONE) {
-            t->st.mailhosts_dup++;
-            continue;
-        }
         int h = intern_host(t, w[1].p, w[1].n);
         if (h < 0) {
             t->st.mailhosts_bad++;
@@ -460,9 +528,11 @@ static int load_mailhosts(pwt_table *t, mh_map *m, const char *buf, size_t len)
         e->name_len = (uint8_t)w[0].n;
         e->host = (uint16_t)h;
         e->frozen = k == 3;
-        index_put(&m->ix, name_hash(e->name, e->name_len), m->n);
+        e->used = 0;
         m->n++;
     }
+    index_fill(&m->ix, m->n, m, mh_key, mh_same, mh_dup);
+    t->st.mailhosts_dup = m->dups;
     return 0;
 }
 
@@ -481,8 +551,34 @@ static int add_user_slot(pwt_table *t)
     return 0;
 }
 
-static int load_passwd(pwt_table *t, const mh_map *mh, const pwpl_rule *rule,
-                       const char *buf, size_t len, uint32_t *hits)
+static ikey user_key(const void *ctx, uint32_t i)
+{
+    const pwt_table *t = ctx;
+    return name_key(user_name(t, &t->users[i]), t->users[i].name_len);
+}
+
+static void user_dup(void *ctx, uint32_t i)
+{
+    pwt_table *t = ctx;
+    t->users[i].name_len = 0; /* never found, never listed */
+    t->users[i].pw_len = 0;
+    t->st.passwd_dup_name++;
+}
+
+static ikey uid_key(const void *ctx, uint32_t i)
+{
+    const user_t *u = &((const pwt_table *)ctx)->users[i];
+    return (ikey){id_hash(u->uid), u->uid, NULL, u->pw_len ? 1 : 0};
+}
+
+static void uid_dup(void *ctx, uint32_t i)
+{
+    (void)i;
+    ((pwt_table *)ctx)->st.passwd_dup_uid++;
+}
+
+static int load_passwd(pwt_table *t, mh_map *mh, const pwpl_rule *rule,
+                       const char *buf, size_t len)
 {
     size_t lines = count_lines(buf, len);
     if (index_init(&t->by_name, lines) < 0 || index_init(&t->by_uid, lines) < 0)
@@ -494,6 +590,7 @@ static int load_passwd(pwt_table *t, const mh_map *mh, const pwpl_rule *rule,
         return -1;
     const char *pos = buf, *end = buf + len;
     field line, f[8];
+    uint32_t mh_next = 0;
     while (next_line(&pos, end, &line)) {
         if (blank_or_comment(&line))
             continue;
@@ -505,16 +602,15 @@ static int load_passwd(pwt_table *t, const mh_map *mh, const pwpl_rule *rule,
             t->st.passwd_bad++;
             continue;
         }
-        if (find_user(t, f[0].p, f[0].n) != NONE) {
-            t->st.passwd_dup_name++; /* the first one wins, as in files */
-            continue;
-        }
         int host = -1, frozen = 0;
-        uint32_t m = mh_find(mh, f[0].p, f[0].n);
+        uint32_t m = mh_next < mh->n && mh_same(mh, mh_next, f[0].p, f[0].n)
+                         ? mh_next /* the map is often in passwd order */
+                         : mh_find(mh, f[0].p, f[0].n);
+        mh_next = m + 1;
         if (m != NONE) {
             host = mh->e[m].host;
             frozen = mh->e[m].frozen;
-            (*hits)++;
+            mh->e[m].used = 1;
         } else if (rule) {
             host = pwpl_pick(rule, f[0].p, f[0].n); /* rule hosts come first */
         }
@@ -555,14 +651,12 @@ static int load_passwd(pwt_table *t, const mh_map *mh, const pwpl_rule *rule,
         if (host < 0)
             u->host = UINT16_MAX; /* no host: "" */
         t->pw.len += b.len;
-        index_put(&t->by_name, name_hash(f[0].p, f[0].n), t->nusers);
-        if (find_uid(t, uid) == NONE)
-            index_put(&t->by_uid, id_hash(uid), t->nusers);
-        else
-            t->st.passwd_dup_uid++;
         t->nusers++;
     }
-    t->st.users = t->nusers;
+    /* the first entry of a name or a uid wins, as in files */
+    index_fill(&t->by_name, t->nusers, t, user_key, user_same, user_dup);
+    index_fill(&t->by_uid, t->nusers, t, uid_key, NULL, uid_dup);
+    t->st.users = t->nusers - t->st.passwd_dup_name;
     return 0;
 }
 
@@ -570,6 +664,7 @@ static int load_shadow(pwt_table *t, const char *buf, size_t len)
 {
     const char *pos = buf, *end = buf + len;
     field line, f[10];
+    uint32_t next = 0;
     if (arena_reserve(&t->sh, len + 1) < 0)
         return -1;
     while (next_line(&pos, end, &line)) {
@@ -585,7 +680,10 @@ static int load_shadow(pwt_table *t, const char *buf, size_t len)
             t->st.shadow_bad++;
             continue;
         }
-        uint32_t i = find_user(t, f[0].p, f[0].n);
+        uint32_t i = next < t->nusers && user_same(t, next, f[0].p, f[0].n)
+                         ? next /* shadow is often in passwd order */
+                         : find_user(t, f[0].p, f[0].n);
+        next = i + 1;
         if (i == NONE) {
             t->st.shadow_orphan++;
             continue;
@@ -624,14 +722,18 @@ typedef struct {
 
 /* The entry of a member name, added (without records) when it is no user,
  * so that INITGROUPS still answers for it. */
-static uint32_t member_entry(pwt_table *t, const char *name, size_t n)
+static uint32_t member_entry(pwt_table *t, const char *name, size_t n, uint64_t h)
 {
-    uint32_t i = find_user(t, name, n);
+    uint32_t slot = 0, i = probe_user(t, name, n, h, &slot);
     if (i != NONE)
         return i;
-    if (add_user_slot(t) < 0 || arena_reserve(&t->pw, n) < 0 ||
-        index_grow(&t->by_name, t->nusers + 1, t, user_name_hash) < 0)
+    if (add_user_slot(t) < 0 || arena_reserve(&t->pw, n) < 0)
         return NONE - 1;
+    if ((uint64_t)(t->nusers + 1) * 2 >= (uint64_t)t->by_name.mask + 1) {
+        if (index_grow(&t->by_name, t->nusers + 1, t, user_name_hash) < 0)
+            return NONE - 1;
+        probe_user(t, name, n, h, &slot); /* where it goes now */
+    }
     user_t *u = &t->users[t->nusers];
     memset(u, 0, sizeof *u);
     u->name_off = (uint32_t)t->pw.len;
@@ -639,18 +741,49 @@ static uint32_t member_entry(pwt_table *t, const char *name, size_t n)
     u->host = UINT16_MAX;
     memcpy(t->pw.data + t->pw.len, name, n);
     t->pw.len += n;
-    index_put(&t->by_name, name_hash(name, n), t->nusers);
+    index_set(&t->by_name, slot, (uint32_t)(h >> 32), t->nusers);
     return t->nusers++;
+}
+
+typedef struct {
+    const char *p;
+    uint32_t n;
+    uint64_t h;
+} member_ref;
+
+#ifndef PREFETCH_STEP
+#define PREFETCH_STEP 8
+#endif
+
+/* Member names arrive in no useful order: each lookup would wait for three
+ * cache misses (slot, entry, name). Walk ahead and prefetch them. */
+static inline void prefetch_member(const pwt_table *t, const member_ref *r, uint32_t k, uint32_t n)
+{
+    const index_t *ix = &t->by_name;
+    if (k + 3 * PREFETCH_STEP < n)
+        __builtin_prefetch(&ix->slots[(uint32_t)r[k + 3 * PREFETCH_STEP].h & ix->mask]);
+    if (k + 2 * PREFETCH_STEP < n) {
+        uint64_t v = ix->slots[(uint32_t)r[k + 2 * PREFETCH_STEP].h & ix->mask];
+        if (v)
+            __builtin_prefetch(&t->users[(uint32_t)v - 1]);
+    }
+    if (k + PREFETCH_STEP < n) {
+        uint64_t v = ix->slots[(uint32_t)r[k + PREFETCH_STEP].h & ix->mask];
+        if (v)
+            __builtin_prefetch(t->pw.data + t->users[(uint32_t)v - 1].name_off);
+    }
 }
 
 static int load_group(pwt_table *t, const char *buf, size_t len,
                       membership **ms, size_t *nms)
 {
-    size_t lines = count_lines(buf, len), cap = 0;
+    size_t lines = count_lines(buf, len), ms_cap = 0, refs_cap = 0;
+    member_ref *refs = NULL;
+    int rc = -1;
     t->groups = malloc((lines ? lines : 1) * sizeof *t->groups);
     if (!t->groups || index_init(&t->gr_by_name, lines) < 0 ||
         index_init(&t->gr_by_gid, lines) < 0)
-        return -1;
+        goto out;
     const char *pos = buf, *end = buf + len;
     field line, f[5];
     while (next_line(&pos, end, &line)) {
@@ -662,25 +795,37 @@ static int load_group(pwt_table *t, const char *buf, size_t len,
             t->st.group_bad++;
             continue;
         }
-        if (find_group(t, f[0].p, f[0].n) != NONE) {
+        uint64_t h = name_hash(f[0].p, f[0].n);
+        uint32_t name_slot = 0, gid_slot = 0;
+        if (probe_group(t, f[0].p, f[0].n, h, &name_slot) != NONE) {
             t->st.group_dup_name++;
             continue;
         }
-        /* members: count, then pack */
+        /* members: validate and hash, pack, then resolve */
         uint32_t nmem = 0;
         const char *p = f[3].p, *mend = f[3].p + f[3].n;
         while (p < mend) {
             const char *c = memchr(p, ',', (size_t)(mend - p));
             const char *stop = c ? c : mend;
-            if (stop > p && pw_valid_name(p, (size_t)(stop - p)))
-                nmem++;
-            else if (stop > p)
+            size_t n = (size_t)(stop - p);
+            if (n && pw_valid_name(p, n)) {
+                if (nmem == refs_cap) {
+                    size_t grown = refs_cap ? refs_cap * 2 : 1024;
+                    member_ref *r = realloc(refs, grown * sizeof *r);
+                    if (!r)
+                        goto out;
+                    refs = r;
+                    refs_cap = grown;
+                }
+                refs[nmem++] = (member_ref){p, (uint32_t)n, name_hash(p, n)};
+            } else if (n) {
                 t->st.group_bad_member++;
+            }
             p = c ? c + 1 : mend;
         }
         size_t need = line.n + 5 * (size_t)nmem + 32;
         if (arena_reserve(&t->gr, need) < 0)
-            return -1;
+            goto out;
         pwp_buf b;
         pwp_init(&b, t->gr.data + t->gr.len, need);
         pwp_put_array(&b, 4);
@@ -688,29 +833,28 @@ static int load_group(pwt_table *t, const char *buf, size_t len,
         pwp_put_str(&b, "x", 1);
         pwp_put_uint(&b, gid);
         pwp_put_array(&b, nmem);
-        for (p = f[3].p; p < mend;) {
-            const char *c = memchr(p, ',', (size_t)(mend - p));
-            const char *stop = c ? c : mend;
-            size_t n = (size_t)(stop - p);
-            if (n && pw_valid_name(p, n)) {
-                pwp_put_str(&b, p, n);
-                if (*nms == cap) {
-                    cap = cap ? cap * 2 : 4096;
-                    membership *m = realloc(*ms, cap * sizeof *m);
-                    if (!m)
-                        return -1;
-                    *ms = m;
-                }
-                uint32_t u = member_entry(t, p, n);
-                if (u == NONE - 1)
-                    return -1;
-                (*ms)[(*nms)++] = (membership){u, gid};
-            }
-            p = c ? c + 1 : mend;
-        }
+        for (uint32_t k = 0; k < nmem; k++)
+            pwp_put_str(&b, refs[k].p, refs[k].n);
         if (b.overflow) {
             t->st.group_bad++;
             continue;
+        }
+        if (*nms + nmem > ms_cap) {
+            size_t mc = ms_cap ? ms_cap : 4096;
+            while (mc < *nms + nmem)
+                mc *= 2;
+            membership *m = realloc(*ms, mc * sizeof *m);
+            if (!m)
+                goto out;
+            *ms = m;
+            ms_cap = mc;
+        }
+        for (uint32_t k = 0; k < nmem; k++) {
+            prefetch_member(t, refs, k, nmem);
+            uint32_t u = member_entry(t, refs[k].p, refs[k].n, refs[k].h);
+            if (u == NONE - 1)
+                goto out;
+            (*ms)[(*nms)++] = (membership){u, gid};
         }
         group_t *g = &t->groups[t->ngroups];
         g->rec_off = (uint32_t)t->gr.len;
@@ -719,15 +863,18 @@ static int load_group(pwt_table *t, const char *buf, size_t len,
         g->name_len = (uint8_t)f[0].n;
         g->gid = gid;
         t->gr.len += b.len;
-        index_put(&t->gr_by_name, name_hash(f[0].p, f[0].n), t->ngroups);
-        if (find_gid(t, gid) == NONE)
-            index_put(&t->gr_by_gid, id_hash(gid), t->ngroups);
+        index_set(&t->gr_by_name, name_slot, (uint32_t)(h >> 32), t->ngroups);
+        if (index_probe(&t->gr_by_gid, id_hash(gid), gid, NULL, NULL, NULL, 0, &gid_slot) == NONE)
+            index_set(&t->gr_by_gid, gid_slot, gid, t->ngroups);
         else
             t->st.group_dup_gid++;
         t->ngroups++;
     }
     t->st.groups = t->ngroups;
-    return 0;
+    rc = 0;
+out:
+    free(refs);
+    return rc;
 }
 
 /* Reverse index: each entry's gids, contiguous (counting sort). */
@@ -777,7 +924,6 @@ pwt_table *pwt_build(const char *passwd, size_t passwd_len,
     mh_map mh = {0};
     membership *ms = NULL;
     size_t nms = 0;
-    uint32_t hits = 0;
     if (!t)
         goto oom;
     /* the rule's hosts get the same indexes in the table */
@@ -788,9 +934,10 @@ pwt_table *pwt_build(const char *passwd, size_t passwd_len,
             goto oom;
     }
     if (load_mailhosts(t, &mh, mailhosts ? mailhosts : "", mailhosts ? mailhosts_len : 0) < 0 ||
-        load_passwd(t, &mh, rule, passwd ? passwd : "", passwd ? passwd_len : 0, &hits) < 0)
+        load_passwd(t, &mh, rule, passwd ? passwd : "", passwd ? passwd_len : 0) < 0)
         goto oom;
-    t->st.mailhosts_unknown = mh.n - hits;
+    for (uint32_t i = 0; i < mh.n; i++)
+        t->st.mailhosts_unknown += mh.e[i].name_len && !mh.e[i].used;
     free(mh.e);
     free(mh.ix.slots);
     mh.e = NULL;
@@ -816,7 +963,7 @@ pwt_table *pwt_build(const char *passwd, size_t passwd_len,
     t->st.bytes = t->pw.cap + t->sh.cap + t->gr.cap + t->hostbuf.cap +
                   (size_t)t->users_cap * sizeof(user_t) +
                   (size_t)t->ngroups * sizeof(group_t) + ngids * 4 +
-                  4 * ((size_t)t->by_name.mask + t->by_uid.mask +
+                  8 * ((size_t)t->by_name.mask + t->by_uid.mask +
                        t->gr_by_name.mask + t->gr_by_gid.mask + 4);
     return t;
 oom:

@@ -394,6 +394,16 @@ static int valid_utf8(const char *s, size_t n, int strict)
     const uint8_t *p = (const uint8_t *)s, *end = p + n;
     while (p < end) {
         uint8_t c = *p;
+        if (!strict && end - p >= 8) {
+            /* 8 ASCII bytes, none of them NUL, at once */
+            uint64_t w;
+            memcpy(&w, p, 8);
+            if (!(w & 0x8080808080808080ull) &&
+                !((w - 0x0101010101010101ull) & ~w & 0x8080808080808080ull)) {
+                p += 8;
+                continue;
+            }
+        }
         if (c < 0x80) {
             if (c == 0 || (strict && (c == ':' || c == '\n')))
                 return 0;
