@@ -2,9 +2,9 @@
 
 A message is durable before anyone is told so: the file is created in
 `tmp/` with O_EXCL, written, fsynced and closed, renamed into `new/`, and
-`new/` is fsynced. The last step is separate (`sync_dir`) so that the
-asyncio daemon can share one directory fsync among concurrent deliveries
-(group commit); `deliver()` does all of it in one call.
+`new/` is fsynced. Concurrent deliveries (threads) share the last step:
+one fsync of a directory serves every rename done before it started
+(`GroupSync`, group commit); `deliver()` does all of it in one call.
 
 File names: `<time>.M<usec>P<pid>Q<n>.<host>,S=<size>,W=<size with CRLF>`,
 the Dovecot/Courier form; `<n>` counts deliveries in this process, and `/`
@@ -22,6 +22,7 @@ import itertools
 import os
 import pathlib
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -71,6 +72,64 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+class GroupSync:
+    """Group commit of directory fsyncs among threads (leader/follower).
+
+    A thread that needs `new/` durable joins the next batch; the first
+    thread of a batch to find no sync running becomes its leader, fsyncs
+    every directory of the batch once and wakes the others. A batch is
+    closed when its leader takes it, so every sync starts after the
+    renames it covers.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._pending: set[str] = set()
+        self._open = 1            # the batch new arrivals join
+        self._done = 0            # the last batch whose fsyncs are over
+        self._leading = False
+        self._errors: dict[int, dict[str, OSError]] = {}
+        self.batches = 0
+        self.syncs = 0
+
+    def sync(self, path: str) -> None:
+        with self._cond:
+            batch = self._open
+            self._pending.add(path)
+            while self._done < batch:
+                if not self._leading:
+                    self._lead()
+                else:
+                    self._cond.wait()
+            err = self._errors.get(batch, {}).get(path)
+        if err is not None:
+            raise err
+
+    def _lead(self) -> None:
+        # called with the lock held; releases it around the fsyncs
+        self._leading = True
+        batch, paths = self._open, self._pending
+        self._open, self._pending = batch + 1, set()
+        self._cond.release()
+        errors = {}
+        try:
+            for p in paths:
+                try:
+                    fsync_dir(p)
+                except OSError as e:
+                    errors[p] = e
+        finally:
+            self._cond.acquire()
+            self.batches += 1
+            self.syncs += len(paths)
+            if errors:
+                self._errors[batch] = errors
+            self._errors.pop(batch - 1000, None)
+            self._done = batch
+            self._leading = False
+            self._cond.notify_all()
+
+
 @dataclass
 class Staged:
     """A message written and fsynced in tmp/, not yet visible."""
@@ -83,6 +142,7 @@ class MaildirWriter:
     def __init__(self, layout: MailboxLayout, host: str | None = None):
         self.layout = layout
         self.host = host or maildir_host()
+        self.group = GroupSync()
 
     # -- mailboxes -------------------------------------------------------
     def check_root(self) -> None:
@@ -156,16 +216,21 @@ class MaildirWriter:
         _unlink_quietly(staged.new_path)
         _unlink_quietly(staged.tmp_path)
 
-    def deliver(self, user: str, content: bytes, uid: int = -1, gid: int = -1) -> str:
-        """Create-if-needed, write, publish and sync: returns the path in new/."""
-        box = self.ensure_maildir(user, uid, gid)
-        staged = self.stage(box, content, uid, gid)
+    def commit(self, staged: Staged) -> None:
+        """publish(), then make new/ durable (shared with concurrent commits)."""
         self.publish(staged)
         try:
-            fsync_dir(staged.new_dir)
+            self.group.sync(staged.new_dir)
         except OSError as e:
             self.withdraw(staged)
             raise _classify(e) from e
+
+    def deliver(self, user: str, content: bytes, uid: int = -1, gid: int = -1) -> str:
+        """Create-if-needed, write, publish and sync: returns the path in new/.
+        Thread-safe; concurrent calls share directory fsyncs."""
+        box = self.ensure_maildir(user, uid, gid)
+        staged = self.stage(box, content, uid, gid)
+        self.commit(staged)
         return staged.new_path
 
 

@@ -5,7 +5,8 @@ Protocol-free (the LMTP machine is in lmtp.py, the sockets in pdeliveryd.py):
 `MailStore` stores one message for its accepted recipients and says, for
 each, what happened. Durability: nothing is acknowledged before the file is
 fsynced, renamed into new/ and new/ is fsynced; the directory fsyncs of
-concurrent deliveries are shared (`DirSyncer`, group commit).
+concurrent deliveries are shared (maildir.GroupSync, group commit), all in
+one trip to the I/O thread pool per recipient.
 """
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ import asyncio
 import collections
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from delivery import message as msg
 from delivery.layout import LayoutError, check_user
 from delivery.lmtp import MessageReceived, Reply
-from delivery.maildir import MaildirWriter, Staged, StorageFull, StorageUnavailable, clean_tmp, fsync_dir
+from delivery.maildir import MaildirWriter, StorageFull, StorageUnavailable, clean_tmp
 from delivery.users import LookupUnavailable, Recipient, UserLookup, user_from_address
 
 log = logging.getLogger("pdeliveryd")
@@ -66,52 +68,6 @@ class RecipientCheck:
         return R_RCPT_OK, rec
 
 
-class DirSyncer:
-    """Group commit of directory fsyncs: callers wait for a sync that
-    started after their rename; one sync serves everyone queued."""
-
-    def __init__(self, executor: ThreadPoolExecutor):
-        self.executor = executor
-        self._pending: dict[str, list[asyncio.Future]] = {}
-        self._running = False
-        self.batches = 0
-        self.syncs = 0
-
-    async def sync(self, path: str) -> None:
-        fut = asyncio.get_running_loop().create_future()
-        self._pending.setdefault(path, []).append(fut)
-        if not self._running:
-            self._running = True
-            asyncio.get_running_loop().create_task(self._run())
-        await fut
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, {}
-                self.batches += 1
-                self.syncs += len(batch)
-                results = await loop.run_in_executor(self.executor, _fsync_all, list(batch))
-                for path, futs in batch.items():
-                    err = results.get(path)
-                    for f in futs:
-                        if not f.done():
-                            f.set_exception(err) if err else f.set_result(None)
-        finally:
-            self._running = False
-
-
-def _fsync_all(paths: list[str]) -> dict[str, OSError]:
-    errors = {}
-    for p in paths:
-        try:
-            fsync_dir(p)
-        except OSError as e:
-            errors[p] = e
-    return errors
-
-
 class DedupTable:
     """(queue id, user, content digest) delivered recently: acknowledge a
     retry after a lost 250 without storing a second copy."""
@@ -147,10 +103,10 @@ class MailStore:
                  dedup_max: int = 200_000, tmp_max_age: float = 36 * 3600):
         self.writer = writer
         self.executor = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="pdeliveryd-io")
-        self.syncer = DirSyncer(self.executor)
         self.dedup = DedupTable(dedup_window, dedup_max)
         self.tmp_max_age = tmp_max_age
         self._cleaned: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._cleaned_lock = threading.Lock()
         self.delivered = 0
 
     async def deliver(self, ev: MessageReceived, recipients: list[Recipient]) -> list[Reply]:
@@ -189,47 +145,42 @@ class MailStore:
     async def _store(self, ev: MessageReceived, address: str, rec: Recipient, qid: str | None) -> Reply:
         loop = asyncio.get_running_loop()
         content = msg.for_maildir(ev.data, ev.sender, address)
-        staged = None
         try:
-            staged = await loop.run_in_executor(self.executor, self._write, rec, content)
-            await self.syncer.sync(staged.new_dir)
+            path = await loop.run_in_executor(self.executor, self._write, rec, content)
         except StorageUnavailable as e:
             log.error("storage unavailable for %s: %s", rec.name, e)
             return R_STORAGE_DOWN
         except StorageFull as e:
             log.error("storage full for %s: %s", rec.name, e)
-            self._withdraw(staged)
             return R_STORAGE_FULL
         except OSError as e:
             log.error("I/O error delivering to %s: %s", rec.name, e)
-            self._withdraw(staged)
             return R_LOCAL_ERROR
         self.delivered += 1
-        name = os.path.basename(staged.new_path)
+        name = os.path.basename(path)
         log.info("delivered qid=%s to=%s from=<%s> size=%d file=%s", qid or "-", rec.name, ev.sender,
                  len(content), name)
         return Reply(250, "2.0.0", f"{rec.name} delivered {name.split(',')[0]}")
 
-    def _withdraw(self, staged: Staged | None) -> None:
-        if staged is not None:
-            self.writer.withdraw(staged)
-
-    def _write(self, rec: Recipient, content: bytes) -> Staged:
+    def _write(self, rec: Recipient, content: bytes) -> str:
+        """In an I/O thread: everything up to the durable commit."""
         box = self.writer.ensure_maildir(rec.name, rec.uid, rec.gid)
         self._maybe_clean(str(box))
         staged = self.writer.stage(box, content, rec.uid, rec.gid)
-        self.writer.publish(staged)
-        return staged
+        self.writer.commit(staged)
+        return staged.new_path
 
     def _maybe_clean(self, box: str) -> None:
+        """In an I/O thread: scan box/tmp at most every TMP_CLEAN_EVERY."""
         now = time.monotonic()
-        last = self._cleaned.get(box)
-        if last is not None and now - last < TMP_CLEAN_EVERY:
-            return
-        self._cleaned[box] = now
-        self._cleaned.move_to_end(box)
-        while len(self._cleaned) > TMP_CLEAN_TRACKED:
-            self._cleaned.popitem(last=False)
+        with self._cleaned_lock:
+            last = self._cleaned.get(box)
+            if last is not None and now - last < TMP_CLEAN_EVERY:
+                return
+            self._cleaned[box] = now
+            self._cleaned.move_to_end(box)
+            while len(self._cleaned) > TMP_CLEAN_TRACKED:
+                self._cleaned.popitem(last=False)
         n = clean_tmp(box, self.tmp_max_age)
         if n:
             log.info("removed %d stale file(s) from %s/tmp", n, box)
