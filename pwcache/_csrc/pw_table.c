@@ -13,6 +13,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -914,12 +916,22 @@ static void set_err(char *err, size_t cap, const char *msg)
         snprintf(err, cap, "%s", msg);
 }
 
+/* Tables come and go whole: a fixed mmap threshold keeps glibc from
+ * raising it after a free, so every big block of an old table goes back
+ * to the system instead of staying in a heap. */
+static void fix_mmap_threshold(void)
+{
+    mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+}
+
 pwt_table *pwt_build(const char *passwd, size_t passwd_len,
                      const char *shadow, size_t shadow_len,
                      const char *group, size_t group_len,
                      const char *mailhosts, size_t mailhosts_len,
                      const pwpl_rule *rule, char *err, size_t errcap)
 {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, fix_mmap_threshold);
     pwt_table *t = calloc(1, sizeof *t);
     mh_map mh = {0};
     membership *ms = NULL;
