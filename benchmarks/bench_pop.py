@@ -1,0 +1,233 @@
+"""pop-proxy's cost: logins per second and RETR throughput through the
+proxy against straight to the backend, in the same run (interleaved
+rounds, medians), and N idle client connections held with the proxy's
+memory. Run by hand (results in benchmarks/README.md):
+
+    .venv/bin/python benchmarks/bench_pop.py [--backend pop3d|dovecot|both]
+
+Everything runs on loopback: a real pwserver, the backend on 127.0.0.2
+(pop3d) or 127.0.0.6 (Dovecot, through libnss_pwserver; needs root), the
+proxy on 127.0.0.1. Users get real crypt(3) hashes (yescrypt, Debian's
+default, or --hash sha512 for a cheaper check that makes the proxy's share
+larger).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pathlib
+import resource
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))      # the test helpers start the daemons
+
+from pop_util import (UID0, Dovecot, client_conf, deliver, make_root, start_pop3d,  # noqa: E402
+                      start_proxy, write_key, write_users)
+from pwtest import PwServer  # noqa: E402
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+# --- load generators ------------------------------------------------------------------------------
+async def _login_worker(addr, creds, deadline, counts) -> None:
+    loop = asyncio.get_running_loop()
+    i = 0
+    while loop.time() < deadline:
+        user, password = creds[i % len(creds)]
+        i += 1
+        r, w = await asyncio.open_connection(*addr)
+        try:
+            assert (await r.readline()).startswith(b"+OK")
+            w.write(f"USER {user}\r\n".encode())
+            assert (await r.readline()).startswith(b"+OK")
+            w.write(f"PASS {password}\r\n".encode())
+            answer = await r.readline()
+            if not answer.startswith(b"+OK"):
+                raise RuntimeError(f"login of {user} failed: {answer!r}")
+            w.write(b"QUIT\r\n")
+            await r.readline()
+        finally:
+            w.close()
+        counts[0] += 1
+
+
+def logins_per_second(addr, creds, concurrency: int, seconds: float) -> float:
+    async def run():
+        loop = asyncio.get_running_loop()
+        counts = [0]
+        per = [creds[k::concurrency] for k in range(concurrency)]   # a user is never logged in twice at once
+        t0 = loop.time()
+        await asyncio.gather(*(_login_worker(addr, per[k], t0 + seconds, counts) for k in range(concurrency)))
+        return counts[0] / (loop.time() - t0)
+    return asyncio.run(run())
+
+
+def _line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            raise RuntimeError("closed")
+        data += chunk
+    return data
+
+
+def retr_throughput(addr, user, password, seconds: float) -> float:
+    """Bytes per second of RETR 1 repeated for `seconds` on one session."""
+    s = socket.create_connection(addr)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    try:
+        _line(s)
+        s.sendall(f"USER {user}\r\n".encode())
+        _line(s)
+        s.sendall(f"PASS {password}\r\n".encode())
+        assert _line(s).startswith(b"+OK")
+        buf = bytearray(4 << 20)
+        view = memoryview(buf)
+        total = 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            s.sendall(b"RETR 1\r\n")
+            tail = b""
+            while True:
+                n = s.recv_into(view)
+                if not n:
+                    raise RuntimeError("closed during RETR")
+                total += n
+                tail = (tail + bytes(view[max(0, n - 5):n]))[-5:]
+                if tail == b"\r\n.\r\n":
+                    break
+        elapsed = time.perf_counter() - t0
+        s.sendall(b"QUIT\r\n")
+        return total / elapsed
+    finally:
+        s.close()
+
+
+def hold_idle(addr, count: int) -> list[socket.socket]:
+    socks = []
+    for _ in range(count):
+        s = socket.create_connection(addr)
+        socks.append(s)
+    for s in socks:
+        assert _line(s).startswith(b"+OK")
+    return socks
+
+
+# --- set-up ----------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backend", choices=["pop3d", "dovecot", "both"], default="both")
+    ap.add_argument("--hash", choices=["yescrypt", "sha512"], default="yescrypt")
+    ap.add_argument("--users", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=4.0, help="length of one measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="direct/proxy pairs, interleaved")
+    ap.add_argument("--retr-mb", type=int, default=32, help="size of the RETR message")
+    ap.add_argument("--idle", type=int, default=5000, help="idle connections to hold")
+    args = ap.parse_args(argv)
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    backends = ["pop3d", "dovecot"] if args.backend == "both" else [args.backend]
+    if "dovecot" in backends and (os.geteuid() != 0 or not shutil.which("dovecot")):
+        print("dovecot needs root and dovecot-pop3d; skipping it", file=sys.stderr)
+        backends.remove("dovecot")
+
+    work = pathlib.Path(tempfile.mkdtemp(prefix="bench-pop-", dir="/tmp"))
+    work.chmod(0o755)
+    results = {}
+    try:
+        names = [f"user{i:04d}" for i in range(args.users)]
+        users = {n: (f"pw-{n}", "store") for n in names}
+        users["big"] = ("pw-big", "store")
+        prefix = "$y$" if args.hash == "yescrypt" else "$6$"
+        write_users(work / "users", users, prefix=prefix)
+        key = write_key(work / "shadow.key")
+        layout = make_root(work / "spool")
+        uids = {n: UID0 + i for i, n in enumerate(sorted(users))}
+        line = b"x" * 75 + b"\n"
+        big = b"Subject: big\n\n" + line * (args.retr_mb * (1 << 20) // len(line))
+        for n in users:
+            deliver(layout, n, big if n == "big" else b"Subject: hi\n\nhello\n", uids[n], UID0)
+        creds = [(n, users[n][0]) for n in names]
+        with PwServer(work / "users", shadow_key=key) as pws:
+            conf = client_conf(work / "pwserver.conf", pws.address, key)
+            for backend in backends:
+                if backend == "pop3d":
+                    server = start_pop3d(work, work / "spool", conf, host="127.0.0.2", trusted=["127.0.0.0/8"])
+                else:
+                    server = Dovecot(work / "dovecot", layout, conf, "127.0.0.6")
+                with server:
+                    settings = (f'backends = {{store = "{server.address[0]}:{server.address[1]}"}}\n'
+                                f"max_connections_per_ip = {args.idle + 100}\n"
+                                f"max_connections = {args.idle + 1000}\n")
+                    with start_proxy(work, conf, settings, name=f"proxy-{backend}") as proxy:
+                        results[backend] = measure(args, server.address, proxy, creds)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report(args, results)
+    return 0
+
+
+def measure(args, direct, proxy, creds) -> dict:
+    out = {"logins": {"direct": [], "proxy": []}, "retr": {"direct": [], "proxy": []}}
+    targets = {"direct": direct, "proxy": proxy.address}
+    logins_per_second(proxy.address, creds, args.concurrency, 1.0)      # warm-up
+    for r in range(args.rounds):
+        order = ("direct", "proxy") if r % 2 == 0 else ("proxy", "direct")
+        for t in order:
+            out["logins"][t].append(logins_per_second(targets[t], creds, args.concurrency, args.seconds))
+        for t in order:
+            out["retr"][t].append(retr_throughput(targets[t], "big", "pw-big", args.seconds))
+    base = rss_kib(proxy.proc.pid)
+    t0 = time.perf_counter()
+    socks = hold_idle(proxy.address, args.idle)
+    opened = time.perf_counter() - t0
+    time.sleep(1.0)
+    held = rss_kib(proxy.proc.pid)
+    still = logins_per_second(proxy.address, creds, 2, 1.0)
+    for s in socks:
+        s.close()
+    out["idle"] = {"count": args.idle, "rss_before_kib": base, "rss_held_kib": held,
+                   "open_seconds": opened, "logins_while_held": still}
+    return out
+
+
+def report(args, results) -> None:
+    print(f"\nPOP proxy benchmark: {args.hash} hashes, {args.concurrency} concurrent login clients, "
+          f"{args.rounds} rounds of {args.seconds:g} s, RETR of {args.retr_mb} MiB\n")
+    print("| backend | logins/s direct | logins/s proxy | ratio | RETR MiB/s direct | RETR MiB/s proxy | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for backend, r in results.items():
+        ld, lp = statistics.median(r["logins"]["direct"]), statistics.median(r["logins"]["proxy"])
+        rd, rp = statistics.median(r["retr"]["direct"]) / 2**20, statistics.median(r["retr"]["proxy"]) / 2**20
+        print(f"| {backend} | {ld:.1f} | {lp:.1f} | {lp / ld:.3f} | {rd:.0f} | {rp:.0f} | {rp / rd:.3f} |")
+    print()
+    for backend, r in results.items():
+        i = r["idle"]
+        per = (i["rss_held_kib"] - i["rss_before_kib"]) / i["count"]
+        print(f"{backend}: {i['count']} idle connections opened in {i['open_seconds']:.2f} s; proxy RSS "
+              f"{i['rss_before_kib'] / 1024:.1f} MiB -> {i['rss_held_kib'] / 1024:.1f} MiB "
+              f"({per:.2f} KiB per connection); {i['logins_while_held']:.1f} logins/s meanwhile")
+        print(f"{backend}: raw logins/s direct {['%.1f' % x for x in r['logins']['direct']]}, "
+              f"proxy {['%.1f' % x for x in r['logins']['proxy']]}; RETR MiB/s direct "
+              f"{['%.0f' % (x / 2**20) for x in r['retr']['direct']]}, "
+              f"proxy {['%.0f' % (x / 2**20) for x in r['retr']['proxy']]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
