@@ -43,6 +43,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from delivery.layout import DEFAULT_SCHEME, SCHEMES, MailboxLayout, check_user
 from delivery.maildir import ROOT_MARKER, MaildirWriter, fsync_dir
@@ -67,6 +68,7 @@ DEFAULTS = {
     "batch": 50,
 }
 CHUNK = 1 << 20
+JOURNAL_WRITERS = 16
 
 
 class MoveError(Exception):
@@ -81,8 +83,9 @@ def failpoint(name: str) -> None:
 
 # ---- small file helpers ----------------------------------------------------
 
-def write_atomic(path: pathlib.Path, data: bytes, like: pathlib.Path | None = None) -> None:
-    """tmp file in the same folder, fsync, rename, fsync the folder."""
+def write_atomic(path: pathlib.Path, data: bytes, like: pathlib.Path | None = None, sync_dir: bool = True) -> None:
+    """tmp file in the same folder, fsync, rename, fsync the folder (unless
+    the caller syncs it once for many files)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
@@ -98,7 +101,8 @@ def write_atomic(path: pathlib.Path, data: bytes, like: pathlib.Path | None = No
     finally:
         os.close(fd)
     os.rename(tmp, path)
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 @contextlib.contextmanager
@@ -471,11 +475,21 @@ class Mover:
     def jpath(self, user: str) -> pathlib.Path:
         return self.cfg.journal_dir / f"{user}.json"
 
-    def save(self, j: Journal, step: str | None = None) -> None:
-        if step:
-            j.step = step
-        write_atomic(self.jpath(j.user), json.dumps(dataclasses.asdict(j)).encode())
-        log.info("move %s %s -> %s: %s", j.user, j.src, j.dst, j.step)
+    def save(self, jobs: list[Journal], step: str | None = None) -> None:
+        """Record a step of several moves; durable before the next step
+        starts (the folder is fsynced once for all of them)."""
+        def write(j: Journal) -> None:
+            if step:
+                j.step = step
+            write_atomic(self.jpath(j.user), json.dumps(dataclasses.asdict(j)).encode(), sync_dir=False)
+
+        # concurrent fsyncs share the file system's journal commits
+        with ThreadPoolExecutor(min(JOURNAL_WRITERS, max(1, len(jobs)))) as pool:
+            list(pool.map(write, jobs))
+        for j in jobs:
+            log.info("move %s %s -> %s: %s", j.user, j.src, j.dst, j.step)
+        if jobs:
+            fsync_dir(self.cfg.journal_dir)
 
     def pending(self) -> list[Journal]:
         return [Journal.load(p) for p in sorted(self.cfg.journal_dir.glob("*.json"))]
@@ -524,46 +538,46 @@ class Mover:
         failpoint(fail_write)
         self.cfg.servers.reload()
         self.cfg.servers.confirm(want)
-        for j in todo:
-            self.save(j, step)
+        self.save(todo, step)
         failpoint(fail_done)
 
     def run(self, jobs: list[Journal]) -> None:
         """Take a batch through every remaining step, in lockstep."""
         self.check_map(jobs)
-        for j in jobs:
-            if not j.at_least("copied"):
-                dst = j.dst_box()
-                if j.src_box().is_dir():
-                    MaildirWriter(MailboxLayout(j.dst_root, j.scheme)).ensure_maildir(
-                        j.user, *_owner(j.src_box()))
-                    clean_copy_leftovers(dst)
-                    r = sync_box(j.src_box(), dst, self.throttle, delete=True, fail_midway="mid-copy")
-                    r2 = sync_box(j.src_box(), dst, self.throttle, delete=True)  # catch up
-                    log.info("move %s: live copy %d files, %d bytes (+%d caught up)", j.user, r.copied, r.bytes,
-                             r2.copied + r2.renamed + r2.deleted)
-                self.save(j, "copied")
-                failpoint("after-copy")
+        to_copy = [j for j in jobs if not j.at_least("copied")]
+        for j in to_copy:
+            src, dst = j.src_box(), j.dst_box()
+            if is_maildir(src):
+                MaildirWriter(MailboxLayout(j.dst_root, j.scheme)).ensure_maildir(j.user, *_owner(src))
+                clean_copy_leftovers(dst)
+                r = sync_box(src, dst, self.throttle, delete=True, fail_midway="mid-copy")
+                r2 = sync_box(src, dst, self.throttle, delete=True)  # what changed meanwhile
+                log.info("move %s: live copy %d files, %d bytes (+%d caught up)", j.user, r.copied, r.bytes,
+                         r2.copied + r2.renamed + r2.deleted)
+        self.save(to_copy, "copied")
+        failpoint("after-copy")
         self.switch(jobs, lambda j: j.src, True, "frozen", "after-freeze-write", "after-freeze")
         to_sync = [j for j in jobs if not j.at_least("synced")]
         if to_sync and self.cfg.settle > 0:
             time.sleep(self.cfg.settle)  # deliveries routed before the freeze finish
         for j in to_sync:
             src, dst = j.src_box(), j.dst_box()
-            if src.is_dir():
-                if not dst.is_dir():
-                    MaildirWriter(MailboxLayout(j.dst_root, j.scheme)).ensure_maildir(j.user, *_owner(src))
+            if is_maildir(src):
+                MaildirWriter(MailboxLayout(j.dst_root, j.scheme)).ensure_maildir(j.user, *_owner(src))
                 clean_copy_leftovers(dst)
                 r = sync_box(src, dst, self.throttle, delete=True, fail_midway="mid-sync")
                 log.info("move %s: frozen sync %d copied, %d renamed, %d deleted", j.user, r.copied,
                          r.renamed, r.deleted)
-            j.manifest = sorted(k for k in scan(dst) if "msg/" in k) if dst.is_dir() else []
-            self.save(j, "synced")
-            failpoint("after-sync")
+            j.manifest = sorted(k for k in scan(dst) if "msg/" in k)
+        self.save(to_sync, "synced")
+        failpoint("after-sync")
         self.switch(jobs, lambda j: j.dst, True, "flipped", "after-flip-write", "after-flip")
         self.switch(jobs, lambda j: j.dst, False, "unfrozen", "after-unfreeze-write", "after-unfreeze")
         for j in jobs:
             self.remove_old(j)
+        fsync_dir(self.cfg.journal_dir)
+        for j in jobs:
+            log.info("move %s %s -> %s: done, old copy removed", j.user, j.src, j.dst)
 
     def remove_old(self, j: Journal) -> None:
         """Late arrivals in the old copy (messages it has that the frozen
@@ -582,8 +596,6 @@ class Mover:
             if not is_maildir(box):
                 break
         self.jpath(j.user).unlink()
-        fsync_dir(self.cfg.journal_dir)
-        log.info("move %s %s -> %s: done, old copy removed", j.user, j.src, j.dst)
 
     def sweep(self, j: Journal, old: pathlib.Path) -> None:
         known = set(j.manifest or [])
@@ -619,9 +631,9 @@ class Mover:
                     if j is None:
                         log.info("move %s: already on %s", user, host)
                         continue
-                    self.save(j)
-                    failpoint("after-start")
                     batch.append(j)
+                self.save(batch)
+                failpoint("after-start")
                 if batch:
                     self.run(batch)
                 done += len(batch)
