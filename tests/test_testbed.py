@@ -156,6 +156,34 @@ def test_closed_port_is_refused_but_cut_host_is_silent(bed):
     assert udp_echo(bed, "b1", bed.addr("c1")) == b"ping"
 
 
+def test_inside_is_per_thread_and_restores(bed):
+    import threading
+    before = os.stat("/proc/thread-self/ns/net").st_ino
+    errors, seen = [], []
+
+    def work(host):
+        try:
+            mine = os.stat("/proc/thread-self/ns/net").st_ino
+            for _ in range(20):
+                with bed.inside(host):
+                    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    s.bind((bed.addr(host), 0))        # only possible inside host
+                    s.close()
+                assert os.stat("/proc/thread-self/ns/net").st_ino == mine
+            seen.append(host)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(h,)) for h in ("a1", "b1", "c1", "a1")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert sorted(seen) == ["a1", "a1", "b1", "c1"]
+    assert os.stat("/proc/thread-self/ns/net").st_ino == before
+
+
 def test_kill_and_restart(bed):
     old = bed.proc("c1", "echo").pid
     status = bed.kill("c1", "echo", signal.SIGKILL)

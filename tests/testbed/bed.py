@@ -12,6 +12,7 @@ and removed by the next one.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import ipaddress
 import itertools
 import os
@@ -75,8 +76,20 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _ns_pids(ns: str) -> list[int]:
+    """Processes in namespace ns, never this one (a thread of ours may be
+    inside it for a moment)."""
     out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split() if p.isdigit()]
+    return [int(p) for p in out.stdout.split() if p.isdigit() and int(p) != os.getpid()]
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
 
 
 def _remove_ns(ns: str) -> None:
@@ -500,14 +513,20 @@ class TestBed(_Bed):
 
     @contextlib.contextmanager
     def inside(self, host: str) -> Iterator[None]:
-        from pyroute2 import netns
-
-        ns = self._host(host).ns
-        netns.pushns(ns)
+        # setns() moves the calling thread only; the thread's own namespace
+        # is saved and restored, so threads may use this at the same time
+        # (pyroute2's pushns keeps one stack for the whole process).
+        target = os.open(f"/run/netns/{self._host(host).ns}", os.O_RDONLY | os.O_CLOEXEC)
+        saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            yield
+            _setns(target)
+            try:
+                yield
+            finally:
+                _setns(saved)
         finally:
-            netns.popns()
+            os.close(target)
+            os.close(saved)
 
     def cut(self, host: str) -> None:
         """Drop every packet to and from host, silently (its port leaves the

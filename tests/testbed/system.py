@@ -191,7 +191,7 @@ class PwmailSystem:
         argv = [program("pwserver"), "--listen", f"{self.bed.addr(host)}:{self.ports.pwserver}",
                 "--passwd", str(u / "passwd"), "--shadow", str(u / "shadow"), "--group", str(u / "group"),
                 "--mailhosts", str(u / "mailhosts"), "--shadow-key", str(self.shadow_key),
-                "--allow", self.bed.subnet]
+                "--allow", self.bed.subnet, "--log-stderr"]
         self.bed.run(host, argv, name="pwserver", env=self.env(host))
         self.bed.wait_for(host, "pwserver", r"pwserver: ready on \S+ \((\d+) users\)", timeout=START_TIMEOUT_S)
 
@@ -205,11 +205,11 @@ class PwmailSystem:
         if r.returncode != 0:
             raise SystemError_(f"pdeliveryd --init-root on {store} failed ({r.returncode}): "
                                f"{r.stderr.decode(errors='replace')[-2000:]}")
-        self.bed.run(store, [program("pdeliveryd"), "--listen", f"{addr}:{self.ports.lmtp}", "--root", str(root)],
-                     name="pdeliveryd", env=self.env(store))
+        self.bed.run(store, [program("pdeliveryd"), "--listen", f"{addr}:{self.ports.lmtp}", "--root", str(root),
+                             "--log-stderr"], name="pdeliveryd", env=self.env(store))
         # The proxy passes the client's address on (XCLIENT): pop3d trusts pop1 only.
         self.bed.run(store, [program("pop3d"), "--listen", f"{addr}:{self.ports.pop3d}", "--root", str(root),
-                             "--trusted", f"{self.bed.addr('pop1')}/32"],
+                             "--trusted", f"{self.bed.addr('pop1')}/32", "--stderr"],
                      name="pop3d", env=self.env(store))
         self.wait_listening(store, "pdeliveryd", self.ports.lmtp)
         self.wait_listening(store, "pop3d", self.ports.pop3d)
@@ -217,7 +217,7 @@ class PwmailSystem:
     def start_proxy(self) -> None:
         require("pop-proxy")
         self.bed.run("pop1", [program("pop-proxy"), "--listen", f"{self.bed.addr('pop1')}:{self.ports.proxy}",
-                              "--backend-port", str(self.ports.pop3d)], name="pop-proxy", env=self.env("pop1"))
+                              "--backend-port", str(self.ports.pop3d), "--stderr"], name="pop-proxy", env=self.env("pop1"))
         self.wait_listening("pop1", "pop-proxy", self.ports.proxy)
 
     def wait_listening(self, host: str, name: str, port: int, timeout: float = START_TIMEOUT_S) -> None:
