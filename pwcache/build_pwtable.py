@@ -89,7 +89,7 @@ int pws_slot_acquire(pws_server *s);
 void pws_slot_release(pws_server *s, int slot);
 size_t pws_answer(pws_server *s, int slot, const uint8_t *req, size_t len,
                   int tcp, uint8_t *out, size_t cap);
-int pws_serve_udp(pws_server *s, int fd, int slot, int stop_fd);
+int pws_serve_udp(pws_server *s, int fd, int slot);
 void pws_stop(pws_server *s);
 int pws_ncounters(void);
 const char *pws_counter_name(int i);

@@ -117,8 +117,8 @@ class ServerCore:
         return {ffi.string(lib.pws_counter_name(i)).decode(): lib.pws_counter(self.ptr, i)
                 for i in range(lib.pws_ncounters())}
 
-    def serve_udp(self, fd: int, slot: int, stop_fd: int) -> int:
-        return lib.pws_serve_udp(self.ptr, fd, slot, stop_fd)
+    def serve_udp(self, fd: int, slot: int) -> int:
+        return lib.pws_serve_udp(self.ptr, fd, slot)
 
     def stop(self) -> None:
         lib.pws_stop(self.ptr)
@@ -540,7 +540,7 @@ def serve(cfg: Config) -> int:
         slot = core.slot()
 
         def run(slot=slot):
-            rc = core.serve_udp(udp.fileno(), slot, stop_fd)
+            rc = core.serve_udp(udp.fileno(), slot)
             if rc < 0:
                 log.error("UDP serving thread stopped: %s", os.strerror(-rc))
                 stopping.set()

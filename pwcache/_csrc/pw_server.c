@@ -6,12 +6,12 @@
 
 #include <errno.h>
 #include <netinet/in.h>
-#include <poll.h>
 #include <stdalign.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <time.h>
 
 #include "pw_seal.h"
@@ -510,14 +510,20 @@ typedef struct {
     struct mmsghdr min[PWS_BATCH], mout[PWS_BATCH];
 } batch_t;
 
-int pws_serve_udp(pws_server *s, int fd, int slot, int stop_fd)
+int pws_serve_udp(pws_server *s, int fd, int slot)
 {
     slot_t *sl = &s->slots[slot];
     batch_t *bt = calloc(1, sizeof *bt);
-    struct pollfd pfd[2] = {{.fd = fd, .events = POLLIN}, {.fd = stop_fd, .events = POLLIN}};
     int rc = 0;
     if (!bt)
         return -ENOMEM;
+    /* Blocking receives (two system calls a batch, as a plain echo loop
+     * makes) that wake up now and then to see the stop flag. */
+    struct timeval tv = {0, PWS_STOP_CHECK_MS * 1000};
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) < 0) {
+        free(bt);
+        return -errno;
+    }
     for (int i = 0; i < PWS_BATCH; i++) {
         bt->iin[i].iov_base = bt->in[i];
         bt->iin[i].iov_len = sizeof bt->in[i];
@@ -528,14 +534,10 @@ int pws_serve_udp(pws_server *s, int fd, int slot, int stop_fd)
     while (!atomic_load_explicit(&s->stopping, memory_order_relaxed)) {
         for (int i = 0; i < PWS_BATCH; i++)
             bt->min[i].msg_hdr.msg_namelen = sizeof bt->addr[i];
-        int n = recvmmsg(fd, bt->min, PWS_BATCH, MSG_DONTWAIT, NULL);
+        int n = recvmmsg(fd, bt->min, PWS_BATCH, MSG_WAITFORONE, NULL);
         if (n < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                if (poll(pfd, 2, -1) > 0 && pfd[1].revents)
-                    break;
-                continue;
-            }
-            if (errno == EINTR || errno == ECONNREFUSED || errno == ENOMEM)
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ||
+                errno == ECONNREFUSED || errno == ENOMEM)
                 continue;
             rc = -errno;
             break;

@@ -23,6 +23,7 @@
 #define PWS_MAX_SLOTS 64
 #define PWS_BATCH 32
 #define PWS_MAX_ALLOW 256
+#define PWS_STOP_CHECK_MS 100
 #define PWS_VERSION_STRING "pwserver 0.1.0"
 
 typedef struct pws_server pws_server;
@@ -54,9 +55,9 @@ void pws_slot_release(pws_server *s, int slot);
 size_t pws_answer(pws_server *s, int slot, const uint8_t *req, size_t len,
                   int tcp, uint8_t *out, size_t cap);
 
-/* Serves the UDP socket fd until pws_stop (and stop_fd, an eventfd, is
- * readable). Returns 0, or -errno on a socket error. */
-int pws_serve_udp(pws_server *s, int fd, int slot, int stop_fd);
+/* Serves the UDP socket fd until pws_stop (seen within PWS_STOP_CHECK_MS:
+ * it sets SO_RCVTIMEO on fd). Returns 0, or -errno on a socket error. */
+int pws_serve_udp(pws_server *s, int fd, int slot);
 void pws_stop(pws_server *s);
 
 /* Counters, summed over slots. */
