@@ -546,14 +546,7 @@ class Mover:
         self.check_map(jobs)
         to_copy = [j for j in jobs if not j.at_least("copied")]
         for j in to_copy:
-            src, dst = j.src_box(), j.dst_box()
-            if is_maildir(src):
-                MaildirWriter(MailboxLayout(j.dst_root, j.scheme)).ensure_maildir(j.user, *_owner(src))
-                clean_copy_leftovers(dst)
-                r = sync_box(src, dst, self.throttle, delete=True, fail_midway="mid-copy")
-                r2 = sync_box(src, dst, self.throttle, delete=True)  # what changed meanwhile
-                log.info("move %s: live copy %d files, %d bytes (+%d caught up)", j.user, r.copied, r.bytes,
-                         r2.copied + r2.renamed + r2.deleted)
+            self.mirror(j, "live copy", "mid-copy", passes=2)  # the second catches what changed meanwhile
         self.save(to_copy, "copied")
         failpoint("after-copy")
         self.switch(jobs, lambda j: j.src, True, "frozen", "after-freeze-write", "after-freeze")
@@ -561,14 +554,8 @@ class Mover:
         if to_sync and self.cfg.settle > 0:
             time.sleep(self.cfg.settle)  # deliveries routed before the freeze finish
         for j in to_sync:
-            src, dst = j.src_box(), j.dst_box()
-            if is_maildir(src):
-                MaildirWriter(MailboxLayout(j.dst_root, j.scheme)).ensure_maildir(j.user, *_owner(src))
-                clean_copy_leftovers(dst)
-                r = sync_box(src, dst, self.throttle, delete=True, fail_midway="mid-sync")
-                log.info("move %s: frozen sync %d copied, %d renamed, %d deleted", j.user, r.copied,
-                         r.renamed, r.deleted)
-            j.manifest = sorted(k for k in scan(dst) if "msg/" in k)
+            self.mirror(j, "frozen sync", "mid-sync", passes=1)
+            j.manifest = sorted(k for k in scan(j.dst_box()) if "msg/" in k)
         self.save(to_sync, "synced")
         failpoint("after-sync")
         self.switch(jobs, lambda j: j.dst, True, "flipped", "after-flip-write", "after-flip")
@@ -578,6 +565,18 @@ class Mover:
         fsync_dir(self.cfg.journal_dir)
         for j in jobs:
             log.info("move %s %s -> %s: done, old copy removed", j.user, j.src, j.dst)
+
+    def mirror(self, j: Journal, what: str, fail_point: str, passes: int) -> None:
+        """Make the new box an exact copy of the old one (not live yet)."""
+        src, dst = j.src_box(), j.dst_box()
+        if not is_maildir(src):
+            return  # no mailbox yet: nothing to copy
+        MaildirWriter(MailboxLayout(j.dst_root, j.scheme)).ensure_maildir(j.user, *_owner(src))
+        clean_copy_leftovers(dst)
+        for n in range(passes):
+            r = sync_box(src, dst, self.throttle, delete=True, fail_midway=fail_point if n == 0 else None)
+            log.info("move %s: %s pass %d: %d copied (%d bytes), %d renamed, %d deleted", j.user, what, n + 1,
+                     r.copied, r.bytes, r.renamed, r.deleted)
 
     def remove_old(self, j: Journal) -> None:
         """Late arrivals in the old copy (messages it has that the frozen
