@@ -37,16 +37,16 @@ pytestmark = [
 ]
 
 
-def documented_mailer() -> str:
-    """The m4 lines of the local mailer, taken from docs/delivery.md."""
+def documented_mailer(block: str) -> str:
+    """The m4 lines of a local mailer definition, taken from docs/delivery.md."""
     text = DOCS.read_text()
-    m = re.search(r"<!-- sendmail-mailer -->\s*```m4\n(.*?)```", text, re.S)
-    assert m, "docs/delivery.md lost its sendmail mailer block"
+    m = re.search(rf"<!-- {block} -->\s*```m4\n(.*?)```", text, re.S)
+    assert m, f"docs/delivery.md lost its {block} block"
     return m.group(1)
 
 
-def sendmail_mc(port: int) -> str:
-    mailer = documented_mailer().replace("/usr/local/bin/pdelivery", str(pwtest.BIN / "pdelivery"))
+def sendmail_mc(port: int, block: str) -> str:
+    mailer = documented_mailer(block).replace("/usr/local/bin/pdelivery", str(pwtest.BIN / "pdelivery"))
     # OSTYPE first: Debian's ostype sets its own local mailer, ours must come after it
     assert mailer.lstrip().startswith("OSTYPE(")
     return mailer + f"""\
@@ -88,7 +88,7 @@ exec "$@"
 
 
 class SendmailMX:
-    def __init__(self, d: pathlib.Path, port: int, lmtp_port: int, pw_address: str):
+    def __init__(self, d: pathlib.Path, port: int, lmtp_port: int, pw_address: str, block: str = "sendmail-mailer"):
         self.d, self.port = d, port
         em = d / "etcmail"
         (em / "mqueue").mkdir(parents=True)
@@ -96,7 +96,7 @@ class SendmailMX:
         (em / "state").mkdir()
         os.chmod(em / "state", 0o1777)
         (d / "rootorig").mkdir()
-        (em / "sendmail.mc").write_text(sendmail_mc(port))
+        (em / "sendmail.mc").write_text(sendmail_mc(port, block))
         cf = subprocess.run(["m4", CF_M4, str(em / "sendmail.mc")], capture_output=True, text=True, check=True)
         (em / "sendmail.cf").write_text(cf.stdout)
         (em / "service.switch").write_text("hosts files\naliases files\n")
@@ -153,8 +153,7 @@ class SendmailMX:
         self.log.close()
 
 
-@pytest.fixture(scope="module")
-def mx(tmp_path_factory):
+def _bed(tmp_path_factory, block):
     d = tmp_path_factory.mktemp("sendmail")
     users = write_users(d / "users")
     lmtp_port = free_port_on(STORES)
@@ -162,7 +161,7 @@ def mx(tmp_path_factory):
         conf = client_conf(d / "pwserver.conf", [pw.address])
         env = {**os.environ, "PWSERVER_CONF": str(conf)}
         stores = {h: Pdeliveryd(d / f"store-{h}", h, lmtp_port, env) for h in STORES}
-        m = SendmailMX(d / "mx", free_port(), lmtp_port, pw.address)
+        m = SendmailMX(d / "mx", free_port(), lmtp_port, pw.address, block)
         try:
             yield {"mx": m, "stores": stores, "env": env, "lmtp_port": lmtp_port, "d": d,
                    "layout": {h: MailboxLayout(d / f"store-{h}") for h in STORES}}
@@ -170,6 +169,16 @@ def mx(tmp_path_factory):
             m.stop()
             for s in stores.values():
                 s.stop()
+
+
+@pytest.fixture(scope="module")
+def mx(tmp_path_factory):
+    yield from _bed(tmp_path_factory, "sendmail-mailer")
+
+
+@pytest.fixture(scope="module")
+def mx_lmtp(tmp_path_factory):
+    yield from _bed(tmp_path_factory, "sendmail-mailer-lmtp")
 
 
 def message(subject: str, to: str) -> bytes:
@@ -241,3 +250,31 @@ def test_storage_down_stays_queued_then_delivered_once(mx):
     time.sleep(0.5)
     assert len(messages(box)) == 1
     assert messages(box)[0].read_bytes().endswith(message("while down", "pepe").replace(b"\r\n", b"\n"))
+
+
+def test_lmtp_mailer_gives_per_recipient_status(mx_lmtp):
+    """F=z (pdelivery -l): one message to a deliverable, an unknown and a
+    deferred user: the first is stored, the second bounced, the third stays
+    queued and a queue run delivers it without a second copy for the first."""
+    m, layout = mx_lmtp["mx"], mx_lmtp["layout"]
+    juan, pepe, ana = (layout["127.0.0.2"].path("juan"), layout["127.0.0.3"].path("pepe"),
+                       layout["127.0.0.2"].path("ana"))
+    store = mx_lmtp["stores"]["127.0.0.3"]
+    store.stop()
+    try:
+        data = message("three ways", "staff@pwmail.test")
+        assert smtp_send(m, "ana@pwmail.test", ["juan@pwmail.test", "nadie@pwmail.test", "pepe@pwmail.test"],
+                         data) == {}
+        assert wait_for(lambda: messages(juan), timeout=60), m.output()
+        bounce = wait_for(lambda: messages(ana), timeout=60)
+        assert bounce and b"Status: 5.1.1" in bounce[0].read_bytes()
+        assert b"nadie@pwmail.test" in bounce[0].read_bytes()
+        assert wait_for(lambda: m.queue_files(), timeout=30)
+    finally:
+        mx_lmtp["stores"]["127.0.0.3"] = Pdeliveryd(store.root, "127.0.0.3", mx_lmtp["lmtp_port"], mx_lmtp["env"],
+                                                     init_root=False)
+    run = m.in_namespace(SENDMAIL, "-q")
+    assert run.returncode == 0, run.stderr
+    assert wait_for(lambda: m.queue_files() == [] and messages(pepe), timeout=60)
+    assert len(messages(juan)) == 1 and len(messages(pepe)) == 1 and len(messages(ana)) == 1
+    assert messages(pepe)[0].read_bytes().endswith(data.replace(b"\r\n", b"\n"))
