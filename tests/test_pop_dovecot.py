@@ -29,7 +29,9 @@ pytestmark = [
 
 DELAY = 0.5
 USERS = {"ana": ("ana dove", "dove"), "bruno": ("bruno-dove", "dove"), "carla": ("carla-dove", "dove"),
-         "dario": ("dario-dove", "dove"), "elena": ("elena-dove", "dove")}
+         "dario": ("dario-dove", "dove"), "elena": ("elena-dove", "dove"),
+         "yroot": ("yroot-dove", "dove"), "zlow": ("zlow-dove", "dove")}
+LOW_UID = 500       # below first_valid_uid
 
 
 def uid_of(user: str) -> int:
@@ -45,6 +47,8 @@ def bed(tmp_path_factory):
     shared.chmod(0o755)
     try:
         users = write_users(tmp / "users", USERS)
+        passwd = (users / "passwd").read_text().replace(f"zlow:x:{uid_of('zlow')}:", f"zlow:x:{LOW_UID}:")
+        (users / "passwd").write_text(passwd)
         key = write_key(tmp / "shadow.key")
         cert, certkey = self_signed(tmp)
         layout = make_root(shared / "spool")
@@ -164,10 +168,34 @@ def test_fetchmail_to_dovecot(bed, tmp_path):
     assert rc == 1, out                          # UIDL remembered: nothing new
 
 
+def test_trap_uid_below_first_valid_uid_is_refused(bed):
+    put(bed, "zlow", message("never read"))
+    p = poplib.POP3(*bed["proxy"].address, timeout=10)
+    p.user("zlow")
+    with pytest.raises(poplib.error_proto) as e:
+        p.pass_(USERS["zlow"][0])
+    assert e.value.args[0].startswith(b"-ERR [SYS/TEMP]")    # Dovecot's answer, passed on
+    time.sleep(0.3)
+    assert "Mail access for users with UID 500 not permitted" in bed["dovecot"].output()
+
+
+def test_trap_root_owned_maildir_is_refused(bed):
+    deliver(bed["layout"], "yroot", message("root owned"))     # no uid given: root-owned, 0700
+    p = poplib.POP3(*bed["proxy"].address, timeout=10)
+    p.user("yroot")
+    with pytest.raises(poplib.error_proto) as e:
+        p.pass_(USERS["yroot"][0])       # Dovecot may say +OK and then fail to open INBOX
+        p.stat()
+    assert e.value.args[0].startswith(b"-ERR [SYS/TEMP]")
+    time.sleep(0.3)
+    assert "dir owned by 0:0 mode=0700" in bed["dovecot"].output()
+
+
 def test_dovecot_logged_no_errors(bed):
     log = bed["dovecot"].output()
     assert "Login: user=<ana>" in log
-    bad = [ln for ln in log.splitlines() if ": Error:" in ln or ": Fatal:" in ln or ": Panic:" in ln]
+    bad = [ln for ln in log.splitlines() if (": Error:" in ln or ": Fatal:" in ln or ": Panic:" in ln)
+           and "zlow" not in ln and "yroot" not in ln]
     assert bad == []
     for pw, _ in USERS.values():
         assert pw not in log
