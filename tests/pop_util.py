@@ -146,10 +146,11 @@ def read_reply(sock: socket.socket, timeout: float = 10.0) -> bytes:
     return data
 
 
-def self_signed(tmp: pathlib.Path, cn: str = "localhost") -> tuple[str, str]:
+def self_signed(tmp: pathlib.Path, cn: str = "localhost", ips: tuple = ("127.0.0.1",)) -> tuple[str, str]:
     cert, key = tmp / "cert.pem", tmp / "key.pem"
+    san = ",".join([f"DNS:{cn}"] + [f"IP:{ip}" for ip in ips])
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", f"/CN={cn}", "-addext", f"subjectAltName=DNS:{cn},IP:127.0.0.1",
+                    "-subj", f"/CN={cn}", "-addext", f"subjectAltName={san}",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     return str(cert), str(key)
 
@@ -237,8 +238,11 @@ class Dovecot:
     dovenull and mail users (not under pytest's 0700 folders)."""
 
     def __init__(self, workdir: pathlib.Path, layout: MailboxLayout, pwserver_conf: str, host: str,
-                 *, first_valid_uid: int = 10000, timeout: float = 30.0):
+                 *, first_valid_uid: int = 10000, tls: tuple[str, str] | None = None, timeout: float = 30.0):
+        """tls: (cert, key) to offer STLS and listen for POP3S on `pop3s_port` too."""
         self.workdir, self.host, self.port = workdir, host, free_port(host)
+        self.pop3s_port = free_port(host) if tls else 0
+        ssl_conf = f"ssl = yes\nssl_cert = <{tls[0]}\nssl_key = <{tls[1]}\n" if tls else "ssl = no\n"
         for sub in ("run", "state"):
             (workdir / sub).mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / "dovecot.log"
@@ -249,8 +253,7 @@ instance_name = pwmail-pop-{host}
 protocols = pop3
 listen = {host}
 log_path = {self.log_path}
-ssl = no
-disable_plaintext_auth = no
+{ssl_conf}disable_plaintext_auth = no
 auth_mechanisms = plain
 auth_failure_delay = 0
 login_trusted_networks = 127.0.0.0/8
@@ -269,7 +272,7 @@ service pop3-login {{
     port = {self.port}
   }}
   inet_listener pop3s {{
-    port = 0
+    port = {self.pop3s_port}
   }}
 }}
 """)

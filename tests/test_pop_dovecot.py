@@ -50,15 +50,16 @@ def bed(tmp_path_factory):
         passwd = (users / "passwd").read_text().replace(f"zlow:x:{uid_of('zlow')}:", f"zlow:x:{LOW_UID}:")
         (users / "passwd").write_text(passwd)
         key = write_key(tmp / "shadow.key")
-        cert, certkey = self_signed(tmp)
+        cert, certkey = self_signed(shared, ips=("127.0.0.1", "127.0.0.6"))
         layout = make_root(shared / "spool")
         with PwServer(users, shadow_key=key) as pws:
             conf = client_conf(tmp / "pwserver.conf", pws.address, key)
-            with Dovecot(shared / "dovecot", layout, conf, "127.0.0.6") as dove:
+            with Dovecot(shared / "dovecot", layout, conf, "127.0.0.6", tls=(cert, certkey)) as dove:
                 settings = (f'backends = {{dove = "127.0.0.6:{dove.port}"}}\nauth_failure_delay = {DELAY}\n'
                             f'tls_cert = "{cert}"\ntls_key = "{certkey}"\n')
                 with start_proxy(tmp, conf, settings) as proxy:
-                    yield {"tmp": tmp, "layout": layout, "dovecot": dove, "proxy": proxy, "cert": cert}
+                    yield {"tmp": tmp, "layout": layout, "dovecot": dove, "proxy": proxy, "cert": cert,
+                           "conf": conf}
     finally:
         shutil.rmtree(shared, ignore_errors=True)
 
@@ -189,6 +190,32 @@ def test_trap_root_owned_maildir_is_refused(bed):
     assert e.value.args[0].startswith(b"-ERR [SYS/TEMP]")
     time.sleep(0.3)
     assert "dir owned by 0:0 mode=0700" in bed["dovecot"].output()
+
+
+@pytest.mark.parametrize("mode", ["stls", "tls"])
+def test_proxy_to_dovecot_over_tls(bed, mode):
+    """backend_tls: STLS on the POP3 port, or implicit TLS on POP3S; the
+    backend's certificate is verified against backend_ca."""
+    dove = bed["dovecot"]
+    port = dove.port if mode == "stls" else dove.pop3s_port
+    settings = (f'backends = {{dove = "127.0.0.6:{port}"}}\nbackend_tls = "{mode}"\n'
+                f'backend_ca = "{bed["cert"]}"\n')
+    body = message(f"over {mode}")
+    put(bed, "bruno", body)
+    with start_proxy(bed["tmp"], bed["conf"], settings, name=f"proxy-{mode}") as proxy:
+        p = poplib.POP3(*proxy.address, timeout=10)
+        p.user("bruno")
+        p.pass_(USERS["bruno"][0])
+        n, _ = p.stat()
+        assert b"\n".join(p.retr(n)[1]) + b"\n" == body
+        p.quit()
+    wrong_ca = (f'backends = {{dove = "127.0.0.6:{port}"}}\nbackend_tls = "{mode}"\n'
+                f'backend_ca = "/etc/ssl/certs/ca-certificates.crt"\nbackend_retries = 0\n')
+    with start_proxy(bed["tmp"], bed["conf"], wrong_ca, name=f"proxy-{mode}-badca") as proxy:
+        p = poplib.POP3(*proxy.address, timeout=10)
+        p.user("bruno")
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
+            p.pass_(USERS["bruno"][0])
 
 
 def test_dovecot_logged_no_errors(bed):
