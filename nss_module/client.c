@@ -36,6 +36,10 @@
 #define PWC_LINE_MAX 512
 #define PWC_HEALTH_MAX 4096     /* bytes of the health record we read */
 #define PWC_MAX_DOWN 16
+/* Files are stat()ed at most this often by a long-running process; a new
+ * process always reads them on its first lookup. */
+#define PWC_RECHECK_FILES_MS 1000
+#define PWC_ID_BATCH 32         /* request ids drawn per getrandom() */
 
 typedef struct {
     char name[PWC_NAME_MAX];
@@ -70,6 +74,7 @@ typedef struct {
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 static pwc_config g_conf;
 static int g_conf_loaded;
+static int64_t g_conf_checked;   /* CLOCK_MONOTONIC_COARSE ms */
 static char g_conf_path[PWC_PATH_MAX];
 static pwc_stamp g_conf_stamp;
 /* Health record: the file's last parsed content, and the part this process
@@ -77,18 +82,28 @@ static pwc_stamp g_conf_stamp;
 static pwc_down g_file_down[PWC_MAX_DOWN];
 static int g_file_ndown;
 static pwc_stamp g_health_stamp;
+static int64_t g_health_checked;
 static char g_health_path[PWC_PATH_MAX];
 static pwc_down g_local_down[PWC_MAX_DOWN];
 static int g_local_ndown;
 
 /* ---- fork safety -------------------------------------------------------- */
 
+/* Bumped in every forked child: per-thread state made before the fork
+ * (buffered request ids) must not be reused by both processes. */
+static unsigned g_fork_generation = 1;
+
 static void atfork_prepare(void) { pthread_mutex_lock(&g_lock); }
-static void atfork_release(void) { pthread_mutex_unlock(&g_lock); }
+static void atfork_parent(void) { pthread_mutex_unlock(&g_lock); }
+static void atfork_child(void)
+{
+    __atomic_add_fetch(&g_fork_generation, 1, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&g_lock);
+}
 
 __attribute__((constructor)) static void pwc_init(void)
 {
-    pthread_atfork(atfork_prepare, atfork_release, atfork_release);
+    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
 }
 
 /* ---- time ---------------------------------------------------------------- */
@@ -97,6 +112,14 @@ static int64_t now_ms(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Cheap (vDSO, no system call), a few ms coarse: for throttling only. */
+static int64_t coarse_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
@@ -267,10 +290,16 @@ static void config_current(pwc_config *out)
     const char *path = secure_getenv("PWSERVER_CONF");
     if (!path || !*path || strlen(path) >= sizeof g_conf_path)
         path = PWC_DEFAULT_CONF;
+    int64_t t = coarse_ms();
+    int same_path = g_conf_loaded && strcmp(path, g_conf_path) == 0;
+    if (same_path && t - g_conf_checked < PWC_RECHECK_FILES_MS) {
+        *out = g_conf;
+        return;
+    }
+    g_conf_checked = t;
     pwc_stamp st;
     stamp_of(path, &st);
-    if (!g_conf_loaded || strcmp(path, g_conf_path) != 0 ||
-        !stamp_equal(&st, &g_conf_stamp)) {
+    if (!same_path || !stamp_equal(&st, &g_conf_stamp)) {
         explicit_bzero(g_conf.netkey, sizeof g_conf.netkey);
         config_load(&g_conf, path);
         strcpy(g_conf_path, path);
@@ -341,6 +370,11 @@ static int health_read_file(const char *path, pwc_down *out, int max)
 /* Refreshes g_file_down from the file when it changed. g_lock held. */
 static void health_refresh(const pwc_config *c)
 {
+    int64_t t = coarse_ms();
+    int same_path = strcmp(g_health_path, c->health_file) == 0;
+    if (same_path && g_health_checked && t - g_health_checked < PWC_RECHECK_FILES_MS)
+        return;
+    g_health_checked = t;
     pwc_stamp st;
     stamp_of(c->health_file, &st);
     if (strcmp(g_health_path, c->health_file) != 0 ||
@@ -428,6 +462,7 @@ static void health_mark(const pwc_config *c, const char *name, int64_t until)
     } else {
         down_set(g_local_down, &g_local_ndown, name, until);
     }
+    g_health_checked = 0; /* what this process learnt counts at once */
     pthread_mutex_unlock(&g_lock);
 }
 
@@ -447,16 +482,32 @@ static void health_snapshot(const pwc_config *c, int64_t until[PWC_MAX_SERVERS])
 
 /* ---- packets ------------------------------------------------------------ */
 
+/* Request ids come from getrandom(), drawn PWC_ID_BATCH at a time per
+ * thread; a forked child never reuses its parent's batch. */
 static uint64_t random_id(void)
 {
-    uint64_t id;
-    if (getrandom(&id, sizeof id, GRND_NONBLOCK) != (ssize_t)sizeof id) {
-        static uint64_t counter;
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        id = ((uint64_t)ts.tv_nsec << 20) ^ (uint64_t)ts.tv_sec ^
-             ((uint64_t)getpid() << 40) ^ __atomic_add_fetch(&counter, 0x9e3779b97f4a7c15ull, __ATOMIC_RELAXED);
+    static __thread struct {
+        uint64_t ids[PWC_ID_BATCH];
+        int left;
+        unsigned generation;
+    } pool;
+    unsigned gen = __atomic_load_n(&g_fork_generation, __ATOMIC_RELAXED);
+    if (pool.left == 0 || pool.generation != gen) {
+        pool.left = 0;
+        pool.generation = gen;
+        if (getrandom(pool.ids, sizeof pool.ids, GRND_NONBLOCK) == (ssize_t)sizeof pool.ids) {
+            pool.left = PWC_ID_BATCH;
+        } else {
+            /* no entropy yet (early boot): one id from the clock and pid */
+            static uint64_t counter;
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            return ((uint64_t)ts.tv_nsec << 20) ^ (uint64_t)ts.tv_sec ^ ((uint64_t)getpid() << 40) ^
+                   __atomic_add_fetch(&counter, 0x9e3779b97f4a7c15ull, __ATOMIC_RELAXED);
+        }
     }
+    uint64_t id = pool.ids[--pool.left];
+    pool.ids[pool.left] = 0;
     return id;
 }
 
@@ -748,16 +799,124 @@ void pwc_answer_free(pwc_answer *ans)
     ans->heap = NULL;
 }
 
-static int send_udp(const pwc_server *s, const uint8_t *pkt, size_t len)
+/* ---- per-thread UDP sockets -------------------------------------------------
+ *
+ * Each thread keeps its own connected UDP socket per server (never shared
+ * between threads or processes): a new socket per lookup costs three system
+ * calls and about 20 us here. Before each use the descriptor is checked with
+ * fstat() against the socket's inode, so a program that closed it (or
+ * reused its number for something else) is never written to; a forked
+ * child drops its parent's sockets; a thread's sockets are closed when it
+ * exits. Only a socket whose last exchange went well is kept.
+ */
+
+typedef struct {
+    int fd; /* -1: none */
+    dev_t dev;
+    ino_t ino;
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+} pwc_sock;
+
+typedef struct {
+    pwc_sock s[PWC_MAX_SERVERS];
+    unsigned generation; /* g_fork_generation when the sockets were made */
+    int registered;      /* thread exit hook set */
+} pwc_socks;
+
+static __thread pwc_socks t_socks;
+static pthread_key_t g_socks_key;
+static int g_socks_key_ok;
+
+/* Whether fd is still the socket we opened. */
+static int sock_is_ours(const pwc_sock *k)
 {
+    struct stat sb;
+    return k->fd >= 0 && fstat(k->fd, &sb) == 0 && S_ISSOCK(sb.st_mode) && sb.st_dev == k->dev &&
+           sb.st_ino == k->ino;
+}
+
+static void sock_drop(pwc_sock *k, int close_it)
+{
+    if (k->fd >= 0 && close_it && sock_is_ours(k))
+        close(k->fd);
+    k->fd = -1;
+}
+
+static void socks_thread_exit(void *p)
+{
+    pwc_socks *ts = p;
+    for (int i = 0; i < PWC_MAX_SERVERS; i++)
+        sock_drop(&ts->s[i], ts->generation == g_fork_generation);
+}
+
+__attribute__((constructor)) static void pwc_socks_init(void)
+{
+    g_socks_key_ok = pthread_key_create(&g_socks_key, socks_thread_exit) == 0;
+}
+
+/* This thread's socket for server slot `idx`, connected to s->addr;
+ * *cached tells whether it was reused. */
+static int sock_get(int idx, const pwc_server *s, int *cached)
+{
+    pwc_socks *ts = &t_socks;
+    unsigned gen = __atomic_load_n(&g_fork_generation, __ATOMIC_RELAXED);
+    if (ts->generation != gen) {
+        /* new thread (all zero) or a forked child: start with none; a
+         * child's inherited copies are closed (they are its own fds) */
+        int inherited = ts->generation != 0;
+        for (int i = 0; i < PWC_MAX_SERVERS; i++) {
+            if (inherited)
+                sock_drop(&ts->s[i], 1);
+            ts->s[i].fd = -1;
+        }
+        ts->generation = gen;
+    }
+    pwc_sock *k = &ts->s[idx];
+    *cached = 0;
+    if (k->fd >= 0) {
+        if (k->addrlen == s->addrlen && memcmp(&k->addr, &s->addr, s->addrlen) == 0 && sock_is_ours(k)) {
+            *cached = 1;
+            return k->fd;
+        }
+        sock_drop(k, 1);
+    }
     int fd = socket(s->addr.ss_family, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0)
         return -1;
     /* connect() lets the kernel drop datagrams from other sources and
      * report ICMP port-unreachable; the source is still checked below. */
-    if (connect(fd, (const struct sockaddr *)&s->addr, s->addrlen) < 0 ||
-        send(fd, pkt, len, MSG_NOSIGNAL) != (ssize_t)len) {
+    struct stat sb;
+    if (connect(fd, (const struct sockaddr *)&s->addr, s->addrlen) < 0 || fstat(fd, &sb) < 0) {
         close(fd);
+        return -1;
+    }
+    if (g_socks_key_ok && !ts->registered) {
+        pthread_setspecific(g_socks_key, ts);
+        ts->registered = 1;
+    }
+    *k = (pwc_sock){.fd = fd, .dev = sb.st_dev, .ino = sb.st_ino, .addrlen = s->addrlen};
+    memcpy(&k->addr, &s->addr, s->addrlen);
+    return fd;
+}
+
+/* After a lookup: keep the socket if its server answered, else close it. */
+static void sock_release(int idx, int keep)
+{
+    if (!keep)
+        sock_drop(&t_socks.s[idx], 1);
+}
+
+static int send_udp(int idx, const pwc_server *s, const uint8_t *pkt, size_t len)
+{
+    int cached;
+    int fd = sock_get(idx, s, &cached);
+    if (fd < 0)
+        return -1;
+    (void)cached; /* a late answer to an earlier lookup waiting in a reused
+                   * socket carries another id: receive() skips it */
+    if (send(fd, pkt, len, MSG_NOSIGNAL) != (ssize_t)len) {
+        sock_release(idx, 0);
         return -1;
     }
     return fd;
@@ -873,7 +1032,7 @@ int pwc_query(int op, const char *name, uint64_t num, pwc_answer *ans)
                 /* expired: claim the re-probe so other processes keep
                  * skipping it until we know */
                 health_mark(&c, s->name, epoch + c.recheck_s);
-            tr->fd = send_udp(s, pkt, (size_t)plen);
+            tr->fd = send_udp(tr->idx, s, pkt, (size_t)plen);
             tr->sent_at = t;
             if (tr->fd < 0) {
                 tr->done = tr->refused = 1;
@@ -959,7 +1118,7 @@ int pwc_query(int op, const char *name, uint64_t num, pwc_answer *ans)
                 health_mark(&c, s->name, now_epoch() + c.recheck_s);
         }
         if (tr->fd >= 0)
-            close(tr->fd);
+            sock_release(tr->idx, !tr->silent && !tr->refused);
     }
     if (winner >= 0)
         rc = 0;

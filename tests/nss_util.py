@@ -217,8 +217,8 @@ class FakePwServer:
                     continue
             out = self.answer(pkt, udp=True)
             if out is not None:
+                self.answered += 1  # counted first: a test may look right after
                 self.udp.sendto(out, addr)
-                self.answered += 1
 
     def _serve_tcp(self) -> None:
         sel = selectors.DefaultSelector()
@@ -254,8 +254,8 @@ class FakePwServer:
                 out = self.answer(pkt, udp=False)
                 if out is None:
                     return
-                conn.sendall(struct.pack(">I", len(out)) + out)
                 self.answered += 1
+                conn.sendall(struct.pack(">I", len(out)) + out)
         except OSError:
             return
         finally:

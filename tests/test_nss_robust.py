@@ -85,24 +85,49 @@ def test_sixteen_threads_and_forked_children(tmp_path):
         assert server.answered >= 16 * 150 + 8 * 20
 
 
-def test_descriptors_are_close_on_exec_and_not_leaked(tmp_path):
-    """After many lookups (UDP, TCP, failures) the process holds no extra
-    descriptor."""
+def test_descriptors_cached_per_thread_closed_at_exit_and_checked(tmp_path):
+    """Each thread keeps one connected socket per server (close-on-exec),
+    closed when the thread exits. A program that closes that descriptor and
+    reuses its number is never written to: the module checks it first."""
     script = f"""
-import os, sys
+import fcntl, os, sys, threading
 sys.path.insert(0, {str(u.ROOT / "tests")!r})
 import nss_util as u
 nss = u.ffi.dlopen(str(u.LIB))
-before = sorted(os.listdir("/proc/self/fd"))
-for name in ("alice", "nosuch", "pwbig"):
-    u.lookup(nss, "group" if name == "pwbig" else "passwd", name)
-print(before == sorted(os.listdir("/proc/self/fd")))
+def fds():
+    out = {{}}
+    for f in os.listdir("/proc/self/fd"):
+        try:
+            out[int(f)] = os.readlink(f"/proc/self/fd/{{f}}")
+        except FileNotFoundError:  # listdir's own descriptor
+            pass
+    return out
+before = fds()
+def work():
+    for name in ("alice", "nosuch", "pwbig"):
+        u.lookup(nss, "group" if name == "pwbig" else "passwd", name)
+t = threading.Thread(target=work); t.start(); t.join()
+out = {{"thread_exit_closes": fds() == before}}
+assert u.lookup(nss, "passwd", "alice")[0] == 1
+new = {{fd: p for fd, p in fds().items() if fd not in before}}
+(sock,) = [fd for fd, p in new.items() if p.startswith("socket:")]
+out["one_socket"] = len(new) == 1 or list(new) == [sock]
+out["cloexec"] = bool(fcntl.fcntl(sock, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
+os.close(sock)
+with open({str(tmp_path / "victim")!r}, "w+b") as victim:
+    assert victim.fileno() == sock  # the number is reused by the program
+    out["after_close"] = u.lookup(nss, "passwd", "bob")[0] == 1
+    victim.seek(0)
+    out["victim_untouched"] = victim.read() == b""
+print(out)
 """
     with u.FakePwServer(u.PASSWD, u.GROUP, u.SHADOW) as server:
         conf = u.write_conf(tmp_path / "pwserver.conf", [server.address])
         r = subprocess.run([sys.executable, "-c", script], env=u.module_env(conf),
                            capture_output=True, text=True, timeout=60)
-        assert r.stdout.strip() == "True", r.stderr
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.strip() == str({"thread_exit_closes": True, "one_socket": True, "cloexec": True,
+                                        "after_close": True, "victim_untouched": True})
 
 
 # ---- valgrind ----------------------------------------------------------------------

@@ -1,0 +1,227 @@
+"""getpwnam latency through glibc, one peer per NSS service, same names,
+same run: files (/etc/passwd scanned linearly), libnss-extrausers, libnss-db,
+nscd hits, pwserver (libnss_pwserver.so.2 + the real server), and a minimal
+C UDP echo round trip (the physical limit of any network lookup).
+
+Run by hand, as root (private mount namespaces: the machine's own
+/etc/passwd and nsswitch.conf are never touched):
+
+    apt-get install nscd libnss-extrausers libnss-db   # with services kept stopped
+    .venv/bin/python benchmarks/bench_nss.py [--sizes 10000,100000,1000000]
+
+Each service is measured by benchmarks/nss_latency.c (getpwnam_r timed per
+call) pinned to CPU 0; servers (pwserver, the echo server) run pinned to
+CPU 1 ("cross") and to CPU 0 ("same"). Results go to stdout as a Markdown
+table, for benchmarks/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+PYBIN = pathlib.Path(sys.executable).parent
+READY = re.compile(r"pwserver: ready on (\S+):(\d+) \((\d+) users\)")
+DRIVER_CPU = "0"
+
+
+def build(work: pathlib.Path) -> dict[str, pathlib.Path]:
+    subprocess.run(["make", "-s", "-C", str(ROOT / "nss_module")], check=True)
+    out = {}
+    for name in ("nss_latency", "udp_echo"):
+        out[name] = work / name
+        subprocess.run(["cc", "-O2", "-o", str(out[name]), str(HERE / f"{name}.c")], check=True)
+    return out
+
+
+def gen_users(n: int, cache: pathlib.Path) -> pathlib.Path:
+    d = cache / f"u{n}"
+    if not (d / "passwd").exists():
+        subprocess.run([str(PYBIN / "pwmail"), "gen-users", str(n), "--out", str(d)], check=True)
+    return d
+
+
+def pick_names(users: pathlib.Path, k: int, work: pathlib.Path) -> pathlib.Path:
+    names = [line.split(":", 1)[0] for line in (users / "passwd").read_text().splitlines()]
+    rng = random.Random(1)
+    path = work / f"names.{len(names)}"
+    path.write_text("\n".join(rng.sample(names, k)) + "\n")
+    return path
+
+
+def in_namespace(setup: str, argv: list[str], env: dict | None = None, nsswitch: str = "files") -> str:
+    """Runs argv (pinned to DRIVER_CPU) after `setup` in a private mount
+    namespace whose /etc/nsswitch.conf names `nsswitch` for passwd."""
+    with tempfile.NamedTemporaryFile("w", suffix=".nsswitch", delete=False) as f:
+        f.write(f"passwd: {nsswitch}\ngroup: files\nshadow: files\n")
+    script = f"""set -e
+mount --bind {f.name} /etc/nsswitch.conf
+{setup}
+taskset -c {DRIVER_CPU} "$@"
+"""
+    try:
+        r = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *argv], env=env or os.environ,
+                           capture_output=True, text=True, timeout=3600)
+    finally:
+        os.unlink(f.name)
+    if r.returncode != 0:
+        raise RuntimeError(f"{nsswitch}: {r.stderr[-2000:]}")
+    return r.stdout.strip().splitlines()[-1]
+
+
+def measure(tool, names, rounds, setup, nsswitch, env=None, warm=False) -> dict:
+    argv = [str(tool), str(names), str(rounds)] + (["warm"] if warm else [])
+    samples, found, med, p99 = map(int, in_namespace(setup, argv, env, nsswitch).split())
+    return {"samples": samples, "found": found, "median_us": med / 1000, "p99_us": p99 / 1000}
+
+
+def makedb_input(passwd: pathlib.Path, out: pathlib.Path) -> None:
+    """What /var/lib/misc/Makefile feeds makedb for passwd.db."""
+    with open(passwd) as src, open(out, "w") as dst:
+        for i, line in enumerate(src):
+            line = line.rstrip("\n")
+            if not line or line.lstrip().startswith("#"):
+                continue
+            f = line.split(":")
+            dst.write(f"0{i} {line}\n.{f[0]} {line}\n={f[2]} {line}\n")
+
+
+class Proc:
+    """A server process pinned to a CPU, stopped by PID."""
+
+    def __init__(self, argv, cpu, ready=None, env=None):
+        self.proc = subprocess.Popen(["taskset", "-c", cpu, *argv], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, env=env)
+        self.port = None
+        if ready:
+            for line in self.proc.stderr:
+                m = ready.search(line)
+                if m:
+                    self.port = int(m.group(2))
+                    break
+            if self.port is None:
+                raise RuntimeError("server did not get ready")
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_size(n, tools, work, cache, k) -> dict:
+    users = gen_users(n, cache)
+    names = pick_names(users, k, work)
+    passwd = users / "passwd"
+    nl, res = tools["nss_latency"], {}
+    slow_rounds = 10 if n <= 10000 else 1  # files scans: keep the run short
+    res["files"] = measure(nl, names, slow_rounds, f"mount --bind {passwd} /etc/passwd", "files")
+
+    try:
+        res["extrausers"] = measure(nl, names, slow_rounds,
+                                    f"mkdir -p /var/lib/extrausers; mount -t tmpfs tmpfs /var/lib/extrausers;"
+                                    f" cp {passwd} /var/lib/extrausers/passwd", "extrausers")
+    except RuntimeError as e:
+        res["extrausers"] = {"error": str(e)[:200]}
+
+    dbin = work / f"makedb.{n}"
+    makedb_input(passwd, dbin)
+    res["db"] = measure(nl, names, 10,
+                        f"mount -t tmpfs tmpfs /var/lib/misc; makedb -o /var/lib/misc/passwd.db {dbin}", "db")
+    dbin.unlink()
+
+    nscd_setup = (f"mount --bind {passwd} /etc/passwd; mount -t tmpfs tmpfs /run/nscd;"
+                  " mount -t tmpfs tmpfs /var/cache/nscd;"
+                  " nscd -d 2>/dev/null & NSCD=$!; trap 'kill $NSCD' EXIT;"
+                  " i=0; while [ ! -S /run/nscd/socket ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done")
+    res["nscd"] = measure(nl, names, 10, nscd_setup, "files", warm=True)
+
+    for place, cpu in (("cross", "1"), ("same", "0")):
+        srv = Proc([str(PYBIN / "pwserver"), "--listen", "127.0.0.1:0", "--passwd", str(passwd),
+                    "--log-stderr"], cpu, READY, env={**os.environ, "PWMAIL_CONF": "/nonexistent"})
+        try:
+            conf = work / "pwserver.conf"
+            conf.write_text(f"server 127.0.0.1:{srv.port}\nhealth_file {work}/health\n")
+            env = {**os.environ, "PWSERVER_CONF": str(conf), "LD_LIBRARY_PATH": str(ROOT / "nss_module")}
+            res[f"pwserver_{place}"] = measure(nl, names, 10, "true", "pwserver", env=env)
+        finally:
+            srv.stop()
+        port = free_port()
+        echo = Proc([str(tools["udp_echo"]), "server", str(port)], cpu)
+        try:
+            time.sleep(0.2)
+            out = subprocess.run(["taskset", "-c", DRIVER_CPU, str(tools["udp_echo"]), "client", str(port),
+                                  str(10 * k), "256"], capture_output=True, text=True, check=True).stdout.split()
+            res[f"echo_{place}"] = {"samples": int(out[0]), "median_us": int(out[1]) / 1000,
+                                    "p99_us": int(out[2]) / 1000}
+        finally:
+            echo.stop()
+    return res
+
+
+def table(results: dict) -> str:
+    rows = ["files", "extrausers", "db", "nscd", "pwserver_cross", "echo_cross", "pwserver_same", "echo_same"]
+    sizes = list(results)
+    head = "| service | " + " | ".join(f"{int(s):,} users: median / p99 (µs)" for s in sizes) + " |"
+    lines = [head, "|---" * (len(sizes) + 1) + "|"]
+    for r in rows:
+        cells = []
+        for s in sizes:
+            v = results[s].get(r, {})
+            cells.append("error" if "error" in v or not v else f"{v['median_us']:.1f} / {v['p99_us']:.1f}")
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="10000,100000,1000000")
+    p.add_argument("--names", type=int, default=200, help="distinct names looked up")
+    p.add_argument("--cache", default="/tmp/nssbench", help="where generated users are kept")
+    p.add_argument("--json", help="also write the raw results here")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        print("bench_nss: needs root (private mount namespaces)", file=sys.stderr)
+        return 1
+    cache = pathlib.Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = pathlib.Path(tmp)
+        tools = build(work)
+        for n in (int(x) for x in args.sizes.split(",")):
+            results[n] = bench_size(n, tools, work, cache, args.names)
+            print(f"{n}: {json.dumps(results[n])}", file=sys.stderr, flush=True)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
+    print(table(results))
+    for n, r in results.items():
+        if "pwserver_cross" in r and "files" in r:
+            print(f"\n{n:,} users: files / pwserver (cross) median = "
+                  f"{r['files']['median_us'] / r['pwserver_cross']['median_us']:.0f}x; "
+                  f"pwserver / echo: cross {r['pwserver_cross']['median_us'] / r['echo_cross']['median_us']:.2f}x, "
+                  f"same {r['pwserver_same']['median_us'] / r['echo_same']['median_us']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
