@@ -666,31 +666,47 @@ def _common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--log-stderr", action="store_true", help="also log to stderr")
 
 
-def build_settings(args: argparse.Namespace) -> MoveSettings:
-    from pwcache import config as client_config, settings
-    from pwcache.logsetup import setup_logging
-
-    setup_logging("pwmail-move", stderr=args.log_stderr)
-    data = settings.load()
+def move_section(data: dict) -> dict:
+    """[move] over DEFAULTS (unknown keys are an error: typos)."""
     cfg = dict(DEFAULTS)
     section = data.get("move", {})
     unknown = set(section) - set(DEFAULTS)
     if unknown:
         raise MoveError(f"unknown key(s) in [move]: {', '.join(sorted(unknown))}")
     cfg.update(section)
-    roots = dict(cfg["roots"])
-    for item in args.root:
+    return cfg
+
+
+def storage_roots(data: dict, flags: list[str]) -> dict[str, str]:
+    """host -> storage root: [move] roots, then --root HOST=DIR flags."""
+    roots = dict(move_section(data)["roots"])
+    for item in flags:
         host, sep, path = item.partition("=")
         if not sep or not host or not path:
             raise MoveError(f"--root wants HOST=DIR, not {item!r}")
         roots[host] = path
+    return roots
+
+
+def layout_scheme(data: dict, flag: str | None) -> str:
+    return flag or data.get("delivery", {}).get("layout", DEFAULT_SCHEME)
+
+
+def build_settings(args: argparse.Namespace) -> MoveSettings:
+    from pwcache import config as client_config, settings
+    from pwcache.logsetup import setup_logging
+
+    setup_logging("pwmail-move", stderr=args.log_stderr)
+    data = settings.load()
+    cfg = move_section(data)
+    roots = storage_roots(data, args.root)
     mailhosts = args.mailhosts or data.get("pwserver", {}).get("mailhosts")
     if not mailhosts:
         raise MoveError("no mailhosts file: give --mailhosts F (or mailhosts in [pwserver])")
     servers = args.server or [client_config.format_hostport(s) for s in client_config.load().servers]
     return MoveSettings(
         roots=roots,
-        scheme=args.layout or data.get("delivery", {}).get("layout", DEFAULT_SCHEME),
+        scheme=layout_scheme(data, args.layout),
         journal_dir=pathlib.Path(args.journal_dir or cfg["journal_dir"]),
         mailhosts=MailhostsFile(mailhosts),
         servers=PasswordServers(servers, args.pwserver_pid, args.reload_cmd, float(cfg["confirm_timeout"])),
