@@ -90,21 +90,26 @@ class Pdeliveryd:
         self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 20) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
         self.log.close()
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 20) -> int:
+    """SIGTERM the process we started (by PID), SIGKILL after `timeout`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def messages(box: pathlib.Path) -> list[pathlib.Path]:

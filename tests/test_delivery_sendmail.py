@@ -22,7 +22,8 @@ import pytest
 
 import pwtest
 from delivery.layout import MailboxLayout
-from delivery_util import Pdeliveryd, client_conf, free_port, free_port_on, messages, wait_for, write_users
+from delivery_util import (Pdeliveryd, client_conf, free_port, free_port_on, messages, stop_process, wait_for,
+                           write_users)
 
 SENDMAIL = shutil.which("sendmail-mta") or "/usr/sbin/sendmail-mta"
 CF_M4 = "/usr/share/sendmail/cf/m4/cf.m4"
@@ -143,13 +144,7 @@ class SendmailMX:
         return sorted(p for p in (self.d / "etcmail" / "mqueue").iterdir() if p.name.startswith(prefix))
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 15)
         self.log.close()
 
 
