@@ -15,6 +15,7 @@
 #define PWPL_MAX_RANGES 256
 #define PWPL_MAX_HOST_LEN 255
 
+/* cffi: begin (build_pwtable.py reads this part as its cdef) */
 enum pwpl_kind { PWPL_RANGES = 0, PWPL_HASH = 1 };
 
 typedef struct pwpl_rule pwpl_rule;
@@ -31,6 +32,7 @@ int pwpl_nhosts(const pwpl_rule *r);
 const char *pwpl_host(const pwpl_rule *r, int i, size_t *n);
 /* Index of the host for `name`, or -1 when the rule has no host. */
 int pwpl_pick(const pwpl_rule *r, const char *name, size_t n);
+/* cffi: end */
 
 /* FNV-1a 64 (also the table's name hash). */
 static inline uint64_t pw_fnv1a(uint64_t h, const void *p, size_t n)

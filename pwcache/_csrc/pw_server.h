@@ -26,6 +26,7 @@
 #define PWS_STOP_CHECK_MS 100
 #define PWS_VERSION_STRING "pwserver 0.1.0"
 
+/* cffi: begin (build_pwtable.py reads this part as its cdef) */
 typedef struct pws_server pws_server;
 
 pws_server *pws_new(void);
@@ -64,5 +65,6 @@ void pws_stop(pws_server *s);
 int pws_ncounters(void);
 const char *pws_counter_name(int i);
 uint64_t pws_counter(pws_server *s, int i);
+/* cffi: end */
 
 #endif /* PW_SERVER_H */

@@ -19,6 +19,11 @@
 
 #include "pw_placement.h"
 
+#define PWT_MAX_USER_GROUPS 65535
+#define PWT_MAX_LINE 65535      /* longer passwd/shadow lines are malformed */
+#define PWT_MAX_HOSTS 65535
+
+/* cffi: begin (build_pwtable.py reads this part as its cdef) */
 typedef struct pwt_table pwt_table;
 
 /* What a load found; every skipped line is counted ("_bad": malformed). */
@@ -34,9 +39,6 @@ typedef struct {
     uint64_t bytes;            /* bytes held by the table */
 } pwt_load_stats;
 
-#define PWT_MAX_USER_GROUPS 65535
-#define PWT_MAX_LINE 65535      /* longer passwd/shadow lines are malformed */
-#define PWT_MAX_HOSTS 65535
 
 /* Which records an enumeration walks. */
 enum pwt_map { PWT_PASSWD = 0, PWT_GROUP = 1, PWT_SHADOW = 2 };
@@ -76,5 +78,6 @@ int pwt_initgroups(const pwt_table *t, const char *name, size_t n,
 /* Enumeration: slots 0..pwt_enum_size-1; a slot may hold no record (NULL). */
 uint32_t pwt_enum_size(const pwt_table *t, int map);
 const uint8_t *pwt_enum_record(const pwt_table *t, int map, uint32_t i, uint32_t *len);
+/* cffi: end */
 
 #endif /* PW_TABLE_H */

@@ -107,6 +107,7 @@ int pwp_skip(pwp_reader *r);
 
 enum pw_arg_kind { PW_ARG_NIL = 0, PW_ARG_STR = 1, PW_ARG_INT = 2 };
 
+/* cffi: begin (build_pwtable.py reads this part as its cdef) */
 typedef struct {
     uint64_t id;
     int op;
@@ -127,6 +128,8 @@ int pw_encode_request(void *out, size_t cap, const pw_request *req, size_t pad_t
  * and range for the op (names: 1..PW_MAX_NAME bytes, valid UTF-8, no NUL,
  * ':' or newline). */
 int pw_decode_request(const void *data, size_t len, pw_request *req, int *id_known);
+
+/* cffi: end */
 
 /* Whether an op needs a string, an int or nothing. */
 int pw_op_arg_kind(int op);
