@@ -1076,7 +1076,9 @@ int pwc_query(int op, const char *name, uint64_t num, pwc_answer *ans)
             tr->silent = 0;
             if (status == PW_TRUNCATED) {
                 int tst;
-                if (tcp_exchange(s, op, name, num, key_id, key, deadline, ans, &tst) < 0 ||
+                /* the full timeout, even in the brief all-down probe: this
+                 * server has just answered */
+                if (tcp_exchange(s, op, name, num, key_id, key, start + c.timeout_ms, ans, &tst) < 0 ||
                     tst == PW_TRUNCATED)
                     continue; /* try the others */
                 status = tst;

@@ -4,6 +4,7 @@ and the primary coming back."""
 from __future__ import annotations
 
 import os
+import pathlib
 import socket
 import stat
 import subprocess
@@ -150,3 +151,36 @@ def test_primary_back_traffic_returns(tmp_path, pair):
     for _ in range(5):
         assert timed_getent(conf, "passwd", "bob")[0].returncode == 0
     assert primary.answered == p + 5 and secondary.answered == s
+
+
+def test_unprivileged_process_keeps_health_in_memory(pair):
+    """A process that may not write the health record (not root) still
+    fails over, remembers the dead primary for itself, leaves no file, and
+    cannot ask for shadow entries without reading the root-only key."""
+    import json
+    import shutil
+    import sys
+    import tempfile
+
+    primary, secondary = pair
+    d = pathlib.Path(tempfile.mkdtemp(prefix="nss-nobody-"))
+    try:
+        d.chmod(0o755)
+        (d / "run").mkdir(mode=0o755)
+        u.write_key(d / "shadow.key", os.urandom(32))  # mode 0600, root's
+        conf = u.write_conf(d / "pwserver.conf", [primary.address, secondary.address],
+                            health_file=d / "run" / "health", shadow_keyfile=d / "shadow.key",
+                            timeout_ms=TIMEOUT_MS, hedge_ms=HEDGE_MS)
+        conf.chmod(0o644)
+        queries = [["passwd", "alice"], ["passwd", "bob"], ["uid", "2003"], ["shadow", "alice"]]
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            sys.executable, "-c", u.DRIVER], input="".join(json.dumps(q) + "\n" for q in queries),
+                           env=u.module_env(conf), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr[-2000:]
+        results = [json.loads(line) for line in r.stdout.splitlines()]
+        assert [x[0] for x in results] == [u.NSS_SUCCESS] * 3 + [u.NSS_UNAVAIL]
+        assert results[3][1] == u.EACCES
+        assert primary.requests == 1  # skipped after the first lookup
+        assert not (d / "run" / "health").exists()
+    finally:
+        shutil.rmtree(d)
