@@ -66,32 +66,29 @@ def message(subject: str, lines: int = 3, extra: bytes = b"") -> bytes:
     return b"From: a@example.org\nTo: b@example.org\nSubject: " + subject.encode() + b"\n\n" + body + extra
 
 
-class Daemon:
-    """A pwmail daemon started with its --stderr log; waits for "NAME: ready
-    on HOST:PORT"; stopped by PID (SIGTERM, then SIGKILL)."""
+class Process:
+    """A process of ours with its output in a file; stopped by PID (SIGTERM,
+    then SIGKILL) on exit."""
 
-    def __init__(self, name: str, argv: list[str], env: dict, log: pathlib.Path, timeout: float = 30.0):
-        self.name = name
+    def __init__(self, argv: list[str], log: pathlib.Path, env: dict | None = None):
         self.log_path = log
         self.log = open(log, "w+b")
-        self.proc = subprocess.Popen([str(BIN / name), *argv, "--stderr"], stdout=self.log,
-                                     stderr=subprocess.STDOUT, env={**os.environ, **env})
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+
+    def wait_until(self, ready, what: str, timeout: float = 30.0):
+        """Poll ready() until it returns something true; raise if the
+        process exits or the time runs out."""
         deadline = time.monotonic() + timeout
-        pattern = re.compile(rf"{re.escape(name)}: ready on (\S+):(\d+)")
         while True:
-            m = pattern.search(self.output())
-            if m:
-                self.host, self.port = m.group(1), int(m.group(2))
-                return
+            got = ready()
+            if got:
+                return got
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 out = self.output()
                 self.stop()
-                raise RuntimeError(f"{name} did not start:\n{out}")
+                raise RuntimeError(f"{what} did not start:\n{out}")
             time.sleep(0.05)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self.host, self.port
 
     def output(self) -> str:
         if not self.log.closed:
@@ -102,7 +99,7 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -110,11 +107,25 @@ class Daemon:
             self.log.close()
         return self.proc.returncode
 
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class Daemon(Process):
+    """pop3d or pop-proxy with --stderr; waits for "NAME: ready on HOST:PORT"."""
+
+    def __init__(self, name: str, argv: list[str], env: dict, log: pathlib.Path, timeout: float = 30.0):
+        super().__init__([str(BIN / name), *argv, "--stderr"], log, env)
+        pattern = re.compile(rf"{re.escape(name)}: ready on (\S+):(\d+)")
+        m = self.wait_until(lambda: pattern.search(self.output()), name, timeout)
+        self.host, self.port = m.group(1), int(m.group(2))
 
 
 def start_pop3d(tmp: pathlib.Path, root: pathlib.Path, conf: str, host: str = "127.0.0.1",
@@ -230,7 +241,7 @@ def nsswitch_with_pwserver(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-class Dovecot:
+class Dovecot(Process):
     """Dovecot 2.3 (pop3 only) in a private mount namespace whose
     /etc/nsswitch.conf names pwserver; userdb passwd and passdb shadow come
     through libnss_pwserver; mail_location is the hashed Maildir tree.
@@ -245,14 +256,14 @@ class Dovecot:
         ssl_conf = f"ssl = yes\nssl_cert = <{tls[0]}\nssl_key = <{tls[1]}\n" if tls else "ssl = no\n"
         for sub in ("run", "state"):
             (workdir / sub).mkdir(parents=True, exist_ok=True)
-        self.log_path = workdir / "dovecot.log"
+        self.log_path_dovecot = workdir / "dovecot.log"
         self.conf = workdir / "dovecot.conf"
         self.conf.write_text(f"""base_dir = {workdir}/run
 state_dir = {workdir}/state
 instance_name = pwmail-pop-{host}
 protocols = pop3
 listen = {host}
-log_path = {self.log_path}
+log_path = {self.log_path_dovecot}
 {ssl_conf}disable_plaintext_auth = no
 auth_mechanisms = plain
 auth_failure_delay = 0
@@ -278,46 +289,17 @@ service pop3-login {{
 """)
         nss = nsswitch_with_pwserver(workdir / "nsswitch.conf")
         script = f'mount --bind {nss} /etc/nsswitch.conf && exec dovecot -F -c {self.conf}'
-        self.out = open(workdir / "dovecot.stderr", "w+b")
-        self.proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                                     stdout=self.out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with socket.create_connection((host, self.port), timeout=2) as s:
-                    if read_reply(s, 5).startswith(b"+OK"):
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"dovecot did not start:\n{self.output()}")
-            time.sleep(0.1)
+        super().__init__(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                         workdir / "dovecot.stderr")
+        self.wait_until(self._greets, "dovecot", timeout)
 
-    @property
-    def address(self) -> tuple[str, int]:
-        return self.host, self.port
+    def _greets(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=2) as s:
+                return read_reply(s, 5).startswith(b"+OK")
+        except OSError:
+            return False
 
     def output(self) -> str:
-        text = ""
-        for p in (self.workdir / "dovecot.stderr", self.log_path):
-            if p.exists():
-                text += p.read_bytes().decode(errors="replace")
-        return text
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.out.close()
-        return self.proc.returncode
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
+        log = self.log_path_dovecot.read_bytes().decode(errors="replace") if self.log_path_dovecot.exists() else ""
+        return super().output() + log
