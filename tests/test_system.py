@@ -3,6 +3,7 @@ end to end and under faults. Each test is bounded in time; the bed tears
 everything down even when one fails."""
 from __future__ import annotations
 
+import os
 import re
 import signal
 import smtplib
@@ -29,12 +30,24 @@ def system():
     if reason:
         pytest.skip(reason)
     with TestBed(hosts_for()) as bed:
-        s = PwmailSystem(bed, users=USERS, timeout_ms=TIMEOUT_MS, hedge_ms=HEDGE_MS, recheck_s=RECHECK_S)
+        # PWMAIL_TESTBED_USERS: a folder of users made earlier by `pwmail gen-users`.
+        s = PwmailSystem(bed, users=USERS, timeout_ms=TIMEOUT_MS, hedge_ms=HEDGE_MS, recheck_s=RECHECK_S,
+                         users_dir=os.environ.get("PWMAIL_TESTBED_USERS"))
         try:
             s.start()
         except PartMissing as e:
             pytest.skip(str(e))
         yield s
+
+
+_taken: set[str] = set()
+
+
+def fresh(s: PwmailSystem, store: str, n: int) -> list[str]:
+    """n users on store that no other test of this module has used."""
+    pool = [u for u in s.users_on(store, len(_taken) + n + 1) if u not in _taken][:n]
+    _taken.update(pool)
+    return pool
 
 
 def message_ids_on_disk(s: PwmailSystem, user: str) -> list[str]:
@@ -55,7 +68,7 @@ def mk(s: PwmailSystem, user: str, tag: str) -> tuple[bytes, str]:
 def test_delivery_and_pop_end_to_end(system):
     s = system
     for store in s.stores:
-        user = s.users_on(store, 1)[0]
+        user = fresh(s, store, 1)[0]
         data, mid = mk(s, user, f"e2e {store}")
         r = s.deliver(user, data)
         assert r.returncode == 0, r.stderr
@@ -69,7 +82,7 @@ def test_delivery_and_pop_end_to_end(system):
 @pytest.mark.timeout(180)
 def test_pw1_cut_lookups_deliveries_and_logins_go_on_through_pw2(system):
     s, bed = system, system.bed
-    names = s.users_on(s.stores[0], 40)
+    names = fresh(s, s.stores[0], 40)
     base = sum(s.lookup_latencies(names[:20]))
     bed.cut("pw1")
     try:
@@ -106,8 +119,8 @@ def test_pw1_cut_lookups_deliveries_and_logins_go_on_through_pw2(system):
 @pytest.mark.timeout(300)
 def test_store2_cut_defers_its_users_then_every_message_exactly_once(system):
     s, bed = system, system.bed
-    u1 = s.users_on("store1", 3)[2]
-    u2 = s.users_on("store2", 3)[2]
+    u1 = fresh(s, "store1", 1)[0]
+    u2 = fresh(s, "store2", 1)[0]
     sent = {u1: [], u2: []}
     deferred = []
     bed.cut("store2")
@@ -136,7 +149,7 @@ def test_store2_cut_defers_its_users_then_every_message_exactly_once(system):
 @pytest.mark.timeout(300)
 def test_pdeliveryd_sigkill_during_burst_keeps_every_acknowledged_message_once(system):
     s, bed = system, system.bed
-    users = s.users_on("store1", 20)
+    users = fresh(s, "store1", 20)
     total, threads_n = 1000, 4
     acked: list[tuple[str, str]] = []
     lock = threading.Lock()
@@ -151,9 +164,9 @@ def test_pdeliveryd_sigkill_during_burst_keeps_every_acknowledged_message_once(s
             data, mid = mk(s, user, f"burst {i}")
             try:
                 if conn is None:
-                    with bed.inside("mx1"):
-                        conn = smtplib.LMTP(timeout=10)
-                    conn.connect(bed.addr("store1"), s.ports.lmtp)
+                    conn = smtplib.LMTP(timeout=10)
+                    with bed.inside("mx1"):      # connect() makes the socket
+                        conn.connect(bed.addr("store1"), s.ports.lmtp)
                 conn.sendmail("burst@example.org", [user], data)
             except (smtplib.SMTPException, OSError):
                 conn = None
@@ -191,7 +204,7 @@ def test_pdeliveryd_sigkill_during_burst_keeps_every_acknowledged_message_once(s
 @pytest.mark.timeout(120)
 def test_pop1_restart_clients_reconnect_and_continue(system):
     s, bed = system, system.bed
-    user = s.users_on("store2", 4)[3]
+    user = fresh(s, "store2", 1)[0]
     data, mid = mk(s, user, "before pop1 restart")
     assert s.deliver(user, data).returncode == 0
     import poplib
@@ -221,19 +234,31 @@ def test_pop1_restart_clients_reconnect_and_continue(system):
     assert len(msgs) == count
 
 
+def log_count(bed, host: str, pattern: str) -> int:
+    rx = re.compile(pattern)
+    return sum(1 for line in bed.log_lines() if line.split(" ", 2)[1] == host and rx.search(line))
+
+
 @pytest.mark.timeout(60)
-def test_central_log_has_lines_from_every_host(system):
+def test_central_log_has_one_line_per_delivery_and_login_from_every_host(system):
     s, bed = system, system.bed
-    user = s.users_on("store1", 5)[4]
-    data, mid = mk(s, user, "logged")
-    assert s.deliver(user, data).returncode == 0
-    s.pop_fetch(user)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        hosts = {line.split(" ", 2)[1] for line in bed.log_lines()}
-        if {"pw1", "store1", "pop1"} <= hosts:
-            break
-        time.sleep(0.1)
-    assert {"pw1", "pw2", "store1", "store2", "pop1"} <= hosts
-    assert any(user in line and line.split(" ", 2)[1] == "store1" for line in bed.log_lines())
-    assert any(user in line and line.split(" ", 2)[1] == "pop1" for line in bed.log_lines())
+    for store in s.stores:
+        user = fresh(s, store, 1)[0]
+        for i in range(3):
+            data, _ = mk(s, user, f"logged {i}")
+            assert s.deliver(user, data).returncode == 0
+        for _ in range(2):
+            assert len(s.pop_fetch(user)) == 3
+        expect = {(store, rf"pdeliveryd\[\d+\]: .*delivered .*to={user}\b"): 3,
+                  ("mx1", rf"pdelivery\[\d+\]: .*delivered .*to={user}\b"): 3,
+                  ("pop1", rf"pop-proxy\[\d+\]: .*login user={user}\b"): 2,
+                  (store, rf"pop3d\[\d+\]: .*login user={user}\b"): 2}
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            got = {k: log_count(bed, *k) for k in expect}
+            if got == expect:
+                break
+            time.sleep(0.1)
+        assert got == expect
+    hosts = {line.split(" ", 2)[1] for line in bed.log_lines()}
+    assert {"pw1", "pw2", "mx1", "pop1", *s.stores} <= hosts
