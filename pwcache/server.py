@@ -351,6 +351,14 @@ def bind_sockets(host: str, port: int) -> tuple[socket.socket, socket.socket]:
     raise OSError("no port free for both UDP and TCP")
 
 
+def _frame_ready(buf: bytearray) -> bool:
+    """Whether buf starts with a whole frame (or a length past the limit)."""
+    if len(buf) < 4:
+        return False
+    (n,) = struct.unpack_from(">I", buf)
+    return n > lib.PW_MAX_REQUEST or len(buf) >= 4 + n
+
+
 class TcpServer:
     """TCP on the serving port: 4-byte big-endian framing, many requests per
     connection, 256 connections, 10 s idle (docs/protocol.md)."""
@@ -433,9 +441,9 @@ class TcpServer:
                 return
             if data:
                 st["in"] += data
-                if not self._answer_frames(st, answerer):
-                    self._close(c)
-                    return
+        if not self._answer_frames(st, answerer):
+            self._close(c)
+            return
         if st["out"]:
             try:
                 sent = c.send(st["out"])
@@ -445,21 +453,22 @@ class TcpServer:
             except OSError:
                 self._close(c)
                 return
-        want = selectors.EVENT_WRITE if st["out"] else 0
+        # frames left unanswered (output was full) come back on the next
+        # writable event, which is at once when the output has drained
+        want = selectors.EVENT_WRITE if st["out"] or _frame_ready(st["in"]) else 0
         if len(st["out"]) < TCP_MAX_PENDING_OUT:
             want |= selectors.EVENT_READ
         self.sel.modify(c, want, "conn")
 
     def _answer_frames(self, st: dict, answerer: Answerer) -> bool:
-        """Answers every complete frame; False closes the connection."""
+        """Answers complete frames while the output is not full; False
+        closes the connection."""
         buf = st["in"]
-        while len(buf) >= 4:
+        while _frame_ready(buf) and len(st["out"]) < TCP_MAX_PENDING_OUT:
             (n,) = struct.unpack_from(">I", buf)
             if n > lib.PW_MAX_REQUEST:
                 answerer.answer(bytes(lib.PW_MAX_REQUEST + 1))  # counted as oversize
                 return False
-            if len(buf) < 4 + n:
-                break
             ans = answerer.answer(bytes(buf[4:4 + n]))
             del buf[:4 + n]
             if ans is None:

@@ -249,3 +249,32 @@ def test_cli_help_and_errors(tmp_path):
     nopw = subprocess.run([str(BIN / "pwserver")], capture_output=True, text=True, timeout=30,
                           env={"PWMAIL_CONF": "/nonexistent", "PATH": "/usr/bin:/bin"})
     assert nopw.returncode == 2 and "passwd" in nopw.stderr
+
+
+def test_tcp_pipelined_big_answers_are_paced(server):
+    # 40 requests for a ~600 kB answer in one write: answered in order,
+    # while the server holds at most a few MB of output for the connection
+    import socket
+    import struct
+    packet = request("group", "biggroup", rid=1, pad=0)
+    with socket.create_connection(server.addr, timeout=20) as t:
+        t.sendall((struct.pack(">I", len(packet)) + packet) * 40)
+        for _ in range(40):
+            head = b""
+            while len(head) < 4:
+                head += t.recv(4 - len(head))
+            n = struct.unpack(">I", head)[0]
+            body = bytearray()
+            while len(body) < n:
+                body += t.recv(min(1 << 20, n - len(body)))
+            answer = msgpack.unpackb(bytes(body))
+            assert answer[2] == OK and len(answer[3][3]) == len(BIG)
+
+
+@pytest.mark.slow
+def test_tcp_idle_connection_is_closed(server):
+    import socket
+    with socket.create_connection(server.addr, timeout=30) as t:
+        t0 = time.monotonic()
+        assert t.recv(10) == b""  # closed by the server
+        assert 9 < time.monotonic() - t0 < 20
