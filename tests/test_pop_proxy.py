@@ -22,6 +22,7 @@ USERS = {
     "frozen": ("frozen-pw", "store1"), "victim": ("victim-pw", "store1"),
     "lost": ("lost-pw", "deadstore"), "carla": ("carla-pw", "store3"),
     "tls": ("tls-pw", "store2"), "big": ("big-pw", "store1"),
+    "byaddr": ("byaddr-pw", "127.0.0.2"),       # a mailhost given as an address: --backend-port
 }
 
 
@@ -309,6 +310,40 @@ def test_backend_killed_mid_session_closes_the_client(bed, mode):
             assert time.monotonic() - t0 < 3.0
             # the proxy goes on serving others
             login(bed, "alberto").quit()
+
+
+def test_mailhost_by_address_with_backend_port_flag(bed):
+    deliver(bed["layouts"]["store1"], "byaddr", message("by address"))
+    port = bed["stores"]["store1"].port
+    with start_proxy(bed["tmp"], bed["conf"], "", argv=["--backend-port", str(port)], name="proxy-port") as proxy:
+        p = poplib.POP3(*proxy.address, timeout=10)
+        p.user("byaddr")
+        p.pass_(USERS["byaddr"][0])
+        assert b"Subject: by address" in p.retr(1)[1]
+        p.quit()
+
+
+@pytest.mark.parametrize("mode", ["plain", "stls"])
+def test_idle_session_after_login_is_closed(bed, mode):
+    settings = bed["settings"] + "idle_timeout = 1.0\n"
+    with start_proxy(bed["tmp"], bed["conf"], settings, name=f"proxy-idle-{mode}") as proxy:
+        p = poplib.POP3(*proxy.address, timeout=10)
+        if mode == "stls":
+            p.stls(tls_context(bed))
+        p.user("alberto")
+        p.pass_(USERS["alberto"][0])
+        p.noop()
+        time.sleep(0.6)
+        p.noop()                     # traffic keeps it alive
+        time.sleep(0.6)
+        p.noop()
+        t0 = time.monotonic()
+        try:
+            line = p.file.readline()     # nothing more is said: the proxy just closes
+        except OSError:
+            line = b""
+        assert line == b""
+        assert 0.5 < time.monotonic() - t0 < 3.0
 
 
 def test_many_idle_connections_then_all_served(bed):
