@@ -66,6 +66,7 @@ DEFAULTS = {
     "settle_seconds": 5.0,
     "confirm_timeout": 60.0,
     "batch": 50,
+    "pop_wait_seconds": 600.0,
 }
 CHUNK = 1 << 20
 JOURNAL_WRITERS = 16
@@ -103,6 +104,31 @@ def write_atomic(path: pathlib.Path, data: bytes, like: pathlib.Path | None = No
     os.rename(tmp, path)
     if sync_dir:
         fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def pop_sessions_closed(box: pathlib.Path, timeout: float):
+    """Hold the flock pop3d takes on a Maildir for each session (pop/mailbox.py):
+    new sessions are refused while frozen, this waits for those already open."""
+    try:
+        fd = os.open(box, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise MoveError(f"a POP session on {box} is still open after {timeout:g} s "
+                                    f"(the user stays frozen; run again to resume)") from None
+                time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -464,6 +490,7 @@ class MoveSettings:
     files_per_second: float
     settle: float
     batch: int
+    pop_wait: float = DEFAULTS["pop_wait_seconds"]
 
 
 class Mover:
@@ -554,7 +581,8 @@ class Mover:
         if to_sync and self.cfg.settle > 0:
             time.sleep(self.cfg.settle)  # deliveries routed before the freeze finish
         for j in to_sync:
-            self.mirror(j, "frozen sync", "mid-sync", passes=1)
+            with pop_sessions_closed(j.src_box(), self.cfg.pop_wait):
+                self.mirror(j, "frozen sync", "mid-sync", passes=1)
             j.manifest = sorted(k for k in scan(j.dst_box()) if "msg/" in k)
         self.save(to_sync, "synced")
         failpoint("after-sync")
@@ -663,6 +691,8 @@ def _common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--files-per-second", type=float, metavar="N", help="copy at most N files a second")
     ap.add_argument("--settle", type=float, metavar="S", help="wait after freezing (in-flight deliveries)")
     ap.add_argument("--batch", type=int, metavar="N", help="moves frozen and flipped together")
+    ap.add_argument("--pop-wait", type=float, metavar="S",
+                    help="how long to wait for POP sessions open on a frozen mailbox to end")
     ap.add_argument("--log-stderr", action="store_true", help="also log to stderr")
 
 
@@ -714,6 +744,7 @@ def build_settings(args: argparse.Namespace) -> MoveSettings:
         files_per_second=args.files_per_second if args.files_per_second is not None else float(cfg["files_per_second"]),
         settle=args.settle if args.settle is not None else float(cfg["settle_seconds"]),
         batch=max(1, args.batch or int(cfg["batch"])),
+        pop_wait=args.pop_wait if args.pop_wait is not None else float(cfg["pop_wait_seconds"]),
     )
 
 

@@ -33,7 +33,7 @@ MSGID = re.compile(rb"^Message-ID: <([^>]+)>", re.M)
 def bed(tmp_path_factory):
     d = tmp_path_factory.mktemp("move")
     names = make_names(N_USERS, random.Random(7))
-    extra = ["j", "jjota", *CRASH_USERS.values()]
+    extra = ["j", "jjota", "popopen1", "popopen2", *CRASH_USERS.values()]
     users = {n: (30000 + i, 30000, S2, False) for i, n in enumerate(names + extra)}
     write_users(d / "users", users)
     roots = {h: d / f"store-{h}" for h in (S2, S3, S4)}
@@ -55,12 +55,16 @@ def pwmail(bed, *args, fail=None, timeout=600):
     env.pop("PWMAIL_MOVE_FAIL", None)
     if fail:
         env["PWMAIL_MOVE_FAIL"] = fail
+    return subprocess.run(_argv(bed, *args), capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _argv(bed, *args):
     argv = [str(pwtest.BIN / "pwmail"), *args, "--mailhosts", str(bed["map"].path),
             "--server", bed["pw"].address, "--pwserver-pid", str(bed["pw"].proc.pid),
             "--journal-dir", str(bed["d"] / "journal"), "--layout", "first3"]
     for host, root in bed["roots"].items():
         argv += ["--root", f"{host}={root}"]
-    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
+    return argv
 
 
 def layout(bed, host):
@@ -126,8 +130,9 @@ class Deliverer(threading.Thread):
 
 
 class Reader(threading.Thread):
-    """A POP client on the live mailbox: RETR moves new/ -> cur/ with the
-    seen flag, DELE removes; it keeps away from frozen mailboxes ([IN-USE])."""
+    """POP sessions on the live mailbox with pop3d's own Maildir code
+    (pop/mailbox.py: session flock, new/ -> cur/, RETR, DELE, QUIT), kept
+    away from frozen mailboxes as pop3d does ([IN-USE])."""
 
     def __init__(self, bed, users):
         super().__init__(daemon=True)
@@ -135,28 +140,36 @@ class Reader(threading.Thread):
         self.stop = threading.Event()
         self.deleted: set[str] = set()
         self.read = 0
+        self.busy = 0
 
     def run(self):
+        from pop.mailbox import MailboxBusy, MaildirMailbox
+
         with Client([self.bed["pw"].address]) as c:
             while not self.stop.is_set():
                 user = self.rng.choice(self.users)
                 mh = c.mailhost(user)
                 if mh.frozen:
                     continue
-                box = layout(self.bed, mh.host).path(user)
+                session = MaildirMailbox(layout(self.bed, mh.host).path(user))
                 try:
-                    new = sorted((box / "new").iterdir())
-                    if new:
-                        os.rename(new[0], box / "cur" / (new[0].name + ":2,S"))
+                    session.open()
+                except MailboxBusy:
+                    self.busy += 1
+                    continue
+                try:
+                    doomed = []
+                    for n, m in enumerate(session.messages, 1):
+                        mid = MSGID.search(b"".join(session.read_chunks(m))).group(1).decode()
                         self.read += 1
-                    cur = sorted((box / "cur").iterdir())
-                    if cur and self.rng.random() < 0.3:
-                        mid = msgid(cur[-1])
-                        cur[-1].unlink()
-                        self.deleted.add(mid)
-                except FileNotFoundError:
-                    pass
-                time.sleep(0.002)
+                        if self.rng.random() < 0.2:
+                            session.delete(n)
+                            doomed.append(mid)
+                    time.sleep(0.01)
+                    assert session.commit() == 0
+                    self.deleted.update(doomed)
+                finally:
+                    session.close()
 
 
 @pytest.mark.slow
@@ -277,3 +290,54 @@ def test_rebalance_moves_what_the_new_host_wins(bed):
         assert now[u] == (S4, False)
         assert not is_maildir(layout(bed, users[u][0]).path(u))
     assert all(now[u][0] != S4 for u in planned[10:])
+
+
+def _journal_step(bed, user):
+    import json
+
+    try:
+        return json.loads((bed["d"] / "journal" / f"{user}.json").read_text())["step"]
+    except FileNotFoundError:
+        return None
+
+
+def test_frozen_sync_waits_for_an_open_pop_session(bed):
+    from pop.mailbox import MaildirMailbox
+
+    seed(bed, "popopen1", 3)
+    session = MaildirMailbox(layout(bed, S2).path("popopen1"))
+    session.open()  # pop3d's session lock; it also moves new/ to cur/
+    before = {k: v[0] for k, v in scan(layout(bed, S2).path("popopen1")).items()}
+    env = dict(bed["env"])
+    proc = subprocess.Popen([*_argv(bed, "move", "popopen1", "--to", S3, "--settle", "0")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while _journal_step(bed, "popopen1") != "frozen" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _journal_step(bed, "popopen1") == "frozen"
+        time.sleep(1)
+        assert proc.poll() is None, "the move did not wait for the POP session"
+        assert bed["map"].read()["popopen1"] == (S2, True)
+    finally:
+        session.close()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out + err
+    assert {k: v[0] for k, v in scan(layout(bed, S3).path("popopen1")).items()} == before
+
+
+def test_pop_session_that_stays_open_stops_the_move_frozen_then_rerun(bed):
+    from pop.mailbox import MaildirMailbox
+
+    seed(bed, "popopen2", 2)
+    session = MaildirMailbox(layout(bed, S2).path("popopen2"))
+    session.open()
+    try:
+        r = pwmail(bed, "move", "popopen2", "--to", S3, "--settle", "0", "--pop-wait", "0.5")
+        assert r.returncode == 1 and "POP session" in r.stderr
+        assert bed["map"].read()["popopen2"] == (S2, True)  # frozen: mail waits, nothing lost
+    finally:
+        session.close()
+    r = pwmail(bed, "move", "--settle", "0")  # no user: resume only
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert bed["map"].read()["popopen2"] == (S3, False)
