@@ -57,7 +57,8 @@ class DeliveryServer:
                                dedup_window=float(cfg["dedup_window"]), dedup_max=int(cfg["dedup_max"]),
                                tmp_max_age=float(cfg["tmp_max_age"]))
         self.apply(cfg)
-        self.sessions: set[asyncio.StreamWriter] = set()
+        # open sessions -> when their pending read began (None: not reading)
+        self.sessions: dict[asyncio.StreamWriter, float | None] = {}
         self.busy: set[asyncio.StreamWriter] = set()
         self.stopping = False
         self.server: asyncio.base_events.Server | None = None
@@ -78,6 +79,7 @@ class DeliveryServer:
                         self.layout.root, ROOT_MARKER)
         self.server = await asyncio.start_server(self.session, host, port, limit=READ_SIZE,
                                                  reuse_address=True, backlog=1024)
+        self._sweeper = asyncio.get_running_loop().create_task(self.sweep_idle())
         addr = self.server.sockets[0].getsockname()
         log.info("listening on %s:%d root=%s layout=%s", addr[0], addr[1], self.layout.root, self.layout.scheme)
 
@@ -91,11 +93,11 @@ class DeliveryServer:
             writer.write(bytes(R_TOO_MANY_SESSIONS if not self.stopping else R_SHUTDOWN))
             await _close(writer)
             return
-        self.sessions.add(writer)
+        self.sessions[writer] = None
         peer = writer.get_extra_info("peername")
         conn = LMTPServerConnection(self.hostname, self.limits, "LMTP pdeliveryd ready")
         accepted = []            # Recipient of each accepted RCPT, in order
-        idle = float(self.cfg["idle_timeout"])
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 try:
@@ -115,11 +117,9 @@ class DeliveryServer:
                     if self.stopping and conn.phase == conn.READY:
                         writer.write(bytes(R_SHUTDOWN))
                         break
-                    try:
-                        data = await asyncio.wait_for(reader.read(READ_SIZE), idle)
-                    except asyncio.TimeoutError:
-                        writer.write(bytes(R_IDLE))
-                        break
+                    self.sessions[writer] = loop.time()   # the idle sweeper watches from here
+                    data = await reader.read(READ_SIZE)
+                    self.sessions[writer] = None
                     conn.receive_data(data)
                 elif isinstance(ev, RcptRequest):
                     reply, rec = await self.check.check(ev.address)
@@ -139,8 +139,22 @@ class DeliveryServer:
         except (ConnectionError, OSError) as e:
             log.info("%s: connection lost: %s", peer, e)
         finally:
-            self.sessions.discard(writer)
+            self.sessions.pop(writer, None)
             await _close(writer)
+
+    async def sweep_idle(self) -> None:
+        """Say 421 to and close sessions silent for idle_timeout (one timer
+        for all sessions instead of a timeout per read)."""
+        loop = asyncio.get_running_loop()
+        while not self.stopping:
+            idle = float(self.cfg["idle_timeout"])
+            await asyncio.sleep(min(1.0, idle / 4))
+            now = loop.time()
+            for w, since in list(self.sessions.items()):
+                if since is not None and now - since > idle:
+                    self.sessions[w] = None
+                    w.write(bytes(R_IDLE))
+                    w.transport.close()       # the pending read sees EOF
 
     def request_stop(self) -> None:
         if self.stopping:

@@ -112,6 +112,8 @@ class MailStore:
     async def deliver(self, ev: MessageReceived, recipients: list[Recipient]) -> list[Reply]:
         qid = ev.queue_id or msg.received_queue_id(ev.data)
         digest = msg.digest(ev.data) if qid else b""
+        if len(recipients) == 1:
+            return [await self._one(ev, ev.recipients[0], recipients[0], qid, digest)]
         return list(await asyncio.gather(*(self._one(ev, addr, rec, qid, digest)
                                            for addr, rec in zip(ev.recipients, recipients))))
 

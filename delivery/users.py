@@ -70,13 +70,21 @@ class PwserverLookup:
 class PasswdFileLookup:
     """Users from a passwd(5) file, re-read when it changes."""
 
+    RECHECK = 1.0   # seconds between checks that the file changed
+
     def __init__(self, path: str):
         self.path = path
         self._users: dict[str, Recipient] = {}
         self._stamp = None
+        self._checked = float("-inf")
 
     def _load(self) -> None:
         import os
+        import time
+        now = time.monotonic()
+        if now - self._checked < self.RECHECK:
+            return
+        self._checked = now
         try:
             st = os.stat(self.path)
         except OSError as e:
