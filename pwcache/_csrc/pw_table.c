@@ -18,7 +18,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -1013,12 +1012,14 @@ void pwt_get_stats(const pwt_table *t, pwt_load_stats *st)
 
 /* ---- files --------------------------------------------------------------- */
 
+/* Files are read, not mapped: a source truncated in place while it is
+ * parsed would turn a mapping into SIGBUS; a read just sees a short file. */
 typedef struct {
-    const char *data;
+    char *data;
     size_t len;
-} mapped;
+} source_buf;
 
-static int map_file(const char *path, mapped *m, char *err, size_t errcap)
+static int read_file(const char *path, source_buf *m, char *err, size_t errcap)
 {
     m->data = NULL;
     m->len = 0;
@@ -1026,40 +1027,40 @@ static int map_file(const char *path, mapped *m, char *err, size_t errcap)
         return 0;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     struct stat sb;
-    if (fd < 0 || fstat(fd, &sb) < 0) {
-        if (err && errcap)
-            snprintf(err, errcap, "%s: %s", path, strerror(errno));
-        if (fd >= 0)
-            close(fd);
-        return -1;
-    }
-    if (sb.st_size > 0) {
-        void *p = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
-        if (p == MAP_FAILED) {
-            if (err && errcap)
-                snprintf(err, errcap, "%s: mmap: %s", path, strerror(errno));
-            close(fd);
-            return -1;
-        }
-        madvise(p, (size_t)sb.st_size, MADV_SEQUENTIAL);
-        m->data = p;
-        m->len = (size_t)sb.st_size;
+    if (fd < 0 || fstat(fd, &sb) < 0)
+        goto fail;
+    size_t size = sb.st_size > 0 ? (size_t)sb.st_size : 0;
+    m->data = malloc(size + 1);
+    if (!m->data)
+        goto fail;
+    posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+    while (m->len < size) {
+        ssize_t n = read(fd, m->data + m->len, size - m->len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            goto fail;
+        if (n == 0)
+            break; /* shrank meanwhile: the next change reloads */
+        m->len += (size_t)n;
     }
     close(fd);
     return 0;
-}
-
-static void unmap_file(mapped *m)
-{
-    if (m->data)
-        munmap((void *)m->data, m->len);
+fail:
+    if (err && errcap)
+        snprintf(err, errcap, "%s: %s", path, strerror(errno));
+    if (fd >= 0)
+        close(fd);
+    free(m->data);
+    m->data = NULL;
+    return -1;
 }
 
 pwt_table *pwt_load_files(const char *passwd, const char *shadow,
                           const char *group, const char *mailhosts,
                           const pwpl_rule *rule, char *err, size_t errcap)
 {
-    mapped f[4] = {{0}};
+    source_buf f[4] = {{0}};
     const char *paths[4] = {passwd, shadow, group, mailhosts};
     pwt_table *t = NULL;
     if (!passwd || !*passwd) {
@@ -1067,13 +1068,13 @@ pwt_table *pwt_load_files(const char *passwd, const char *shadow,
         return NULL;
     }
     for (int i = 0; i < 4; i++)
-        if (map_file(paths[i], &f[i], err, errcap) < 0)
+        if (read_file(paths[i], &f[i], err, errcap) < 0)
             goto out;
     t = pwt_build(f[0].data, f[0].len, f[1].data, f[1].len, f[2].data,
                   f[2].len, f[3].data, f[3].len, rule, err, errcap);
 out:
     for (int i = 0; i < 4; i++)
-        unmap_file(&f[i]);
+        free(f[i].data);
     return t;
 }
 

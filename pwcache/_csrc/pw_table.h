@@ -52,7 +52,7 @@ pwt_table *pwt_build(const char *passwd, size_t passwd_len,
                      const char *mailhosts, size_t mailhosts_len,
                      const pwpl_rule *rule, char *err, size_t errcap);
 
-/* Same, from files (mapped, then unmapped); NULL or "" paths are skipped
+/* Same, from files (read whole, then freed); NULL or "" paths are skipped
  * except passwd. Returns NULL with a reason in err. */
 pwt_table *pwt_load_files(const char *passwd, const char *shadow,
                           const char *group, const char *mailhosts,
