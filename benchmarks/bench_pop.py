@@ -33,6 +33,13 @@ from pop_util import (UID0, Dovecot, client_conf, deliver, make_root, start_pop3
 from pwtest import PwServer  # noqa: E402
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -187,12 +194,27 @@ def measure(args, direct, proxy, creds) -> dict:
     out = {"logins": {"direct": [], "proxy": []}, "retr": {"direct": [], "proxy": []}}
     targets = {"direct": direct, "proxy": proxy.address}
     logins_per_second(proxy.address, creds, args.concurrency, 1.0)      # warm-up
+    pid = proxy.proc.pid
+    cpu = {"logins": 0.0, "retr": 0.0}
+    done = {"logins": 0.0, "retr": 0.0}
     for r in range(args.rounds):
         order = ("direct", "proxy") if r % 2 == 0 else ("proxy", "direct")
         for t in order:
-            out["logins"][t].append(logins_per_second(targets[t], creds, args.concurrency, args.seconds))
+            c0 = cpu_seconds(pid)
+            rate = logins_per_second(targets[t], creds, args.concurrency, args.seconds)
+            out["logins"][t].append(rate)
+            if t == "proxy":
+                cpu["logins"] += cpu_seconds(pid) - c0
+                done["logins"] += rate * args.seconds
         for t in order:
-            out["retr"][t].append(retr_throughput(targets[t], "big", "pw-big", args.seconds))
+            c0 = cpu_seconds(pid)
+            rate = retr_throughput(targets[t], "big", "pw-big", args.seconds)
+            out["retr"][t].append(rate)
+            if t == "proxy":
+                cpu["retr"] += cpu_seconds(pid) - c0
+                done["retr"] += rate * args.seconds / 2**20
+    out["proxy_cpu_ms_per_login"] = 1000 * cpu["logins"] / max(1.0, done["logins"])
+    out["proxy_cpu_ms_per_mib"] = 1000 * cpu["retr"] / max(1.0, done["retr"])
     base = rss_kib(proxy.proc.pid)
     t0 = time.perf_counter()
     socks = hold_idle(proxy.address, args.idle)
@@ -223,6 +245,8 @@ def report(args, results) -> None:
         print(f"{backend}: {i['count']} idle connections opened in {i['open_seconds']:.2f} s; proxy RSS "
               f"{i['rss_before_kib'] / 1024:.1f} MiB -> {i['rss_held_kib'] / 1024:.1f} MiB "
               f"({per:.2f} KiB per connection); {i['logins_while_held']:.1f} logins/s meanwhile")
+        print(f"{backend}: proxy CPU {r['proxy_cpu_ms_per_login']:.2f} ms per login, "
+              f"{r['proxy_cpu_ms_per_mib']:.3f} ms per MiB relayed")
         print(f"{backend}: raw logins/s direct {['%.1f' % x for x in r['logins']['direct']]}, "
               f"proxy {['%.1f' % x for x in r['logins']['proxy']]}; RETR MiB/s direct "
               f"{['%.0f' % (x / 2**20) for x in r['retr']['direct']]}, "

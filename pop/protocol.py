@@ -161,7 +161,11 @@ class MultilineEncoder:
             chunk = chunk[:-1]
         if not chunk:
             return b""
-        data = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n").replace(b"\n.", b"\n..")
+        if b"\r" in chunk:      # the common LF-only file skips a pass
+            chunk = chunk.replace(b"\r\n", b"\n")
+        data = chunk.replace(b"\n", b"\r\n")
+        if b"\n." in data:
+            data = data.replace(b"\n.", b"\n..")
         if self._at_line_start and data[:1] == b".":
             data = b"." + data
         self._at_line_start = data.endswith(b"\n")
@@ -221,9 +225,9 @@ class ServerConnection:
         if len(self._in) > MAX_PENDING_INPUT and self.state is not State.CLOSED:
             self._fatal("Too much pipelined input")
 
-    def data_to_send(self) -> bytes:
-        out = bytes(self._out)
-        self._out.clear()
+    def data_to_send(self) -> bytearray:
+        """Everything queued to send (handed over, not copied)."""
+        out, self._out = self._out, bytearray()
         return out
 
     def trailing_data(self) -> bytes:

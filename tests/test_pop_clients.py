@@ -11,6 +11,8 @@ from pop_util import (client_conf, curl_pop, deliver, fetchmail_fetch, make_root
                       self_signed, start_pop3d, start_proxy, write_key, write_users)
 from pwtest import PwServer
 
+pytestmark = pytest.mark.slow
+
 USERS = {f"user{i}": (f"pw-{i} x", "store1") for i in range(8)}
 
 

@@ -21,6 +21,7 @@ from pop_util import (NSS_DIR, UID0, Dovecot, client_conf, curl_pop, deliver, fe
 from pwtest import PwServer
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.root,
     pytest.mark.skipif(not shutil.which("dovecot"), reason="dovecot-pop3d not installed (deps/debian-packages.txt)"),
     pytest.mark.skipif(os.geteuid() != 0, reason="Dovecot's master and mount namespaces need root"),

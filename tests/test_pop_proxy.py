@@ -16,6 +16,8 @@ from pop_util import (client_conf, deliver, make_root, message, read_reply, self
 from pwtest import PwServer, free_port
 
 DELAY = 0.5
+pytestmark = pytest.mark.slow
+
 USERS = {
     "ana": ("ana-secret", "store1"), "alberto": ("alb pw", "store1"),
     "bruno": ("bruno-secret", "store2"), "beatriz": ("bea-secret", "store2"),
