@@ -102,3 +102,25 @@ def test_lmtp_mode_per_recipient(bed):
     assert len(messages(bed["l2"].path("juan"))) == n_juan + 1
     assert len(messages(bed["l3"].path("pepe"))) == n_pepe + 1
     assert messages(bed["l3"].path("pepe"))[-1].read_bytes().endswith(b"Subject: l\n\nvia -l\n")
+
+
+def test_placement_rule_when_the_server_names_no_host(bed, tmp_path):
+    """A password server with no mailhosts map and no rule answers an empty
+    host: pdelivery then applies [placement] itself (docs/placement.md)."""
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "passwd").write_text((bed["d"] / "users" / "passwd").read_text())
+    settings = tmp_path / "pwmail.toml"
+    settings.write_text(f'[delivery]\nlmtp_port = {bed["port"]}\n\n'
+                        f'[placement]\nrule = "ranges"\nranges = ["a-i {STORES[1]}", "j-z {STORES[0]}"]\n')
+    with pwtest.PwServer(users, env={"PWMAIL_CONF": str(tmp_path / "absent.toml")}) as pw:
+        with pw.client() as c:
+            assert c.passwd_by_name("ana").mailhost == ""
+        conf = client_conf(tmp_path / "pw.conf", [pw.address])
+        n_ana3 = len(messages(bed["l3"].path("ana")))
+        n_pepe2 = len(messages(bed["l2"].path("pepe")))
+        for user in ("ana", "pepe"):
+            r = pdelivery(bed, "-f", "a@x", "-d", user, env=env_with(conf, settings))
+            assert r.returncode == 0, r.stderr
+    assert len(messages(bed["l3"].path("ana"))) == n_ana3 + 1      # a-i -> 127.0.0.3
+    assert len(messages(bed["l2"].path("pepe"))) == n_pepe2 + 1    # j-z -> 127.0.0.2
