@@ -16,6 +16,7 @@ import shutil
 import smtplib
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -83,9 +84,51 @@ mount --bind /root "$D/rootorig"
 mount -t tmpfs -o mode=0755 tmpfs /root
 mkdir /root/.pyenv
 mount --bind "$D/rootorig/.pyenv" /root/.pyenv
+# a private /dev whose /dev/log is the test's syslog socket (Sendmail logs nowhere else)
+mount --rbind /dev "$D/olddev"
+mount -t tmpfs -o mode=0755 tmpfs /dev
+for n in null zero full random urandom tty; do touch /dev/$n; mount --bind "$D/olddev/$n" /dev/$n; done
+ln -s /proc/self/fd /dev/fd
+mkdir /dev/shm /dev/pts
+touch /dev/log
+mount --bind "$D/log.sock" /dev/log
 "$SENDMAIL" -bi >/dev/null
 exec "$@"
 """
+
+
+class SyslogSink:
+    """/dev/log for the namespace: a datagram socket read by a thread."""
+
+    def __init__(self, path: pathlib.Path, out: pathlib.Path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        os.chmod(path, 0o666)                 # pdelivery logs as the mail user
+        self.sock.settimeout(0.2)
+        self.closed = False
+        self.lines: list[str] = []
+        self.out = open(out, "w")
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.closed:
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            line = data.decode(errors="replace").rstrip("\x00\n")
+            self.lines.append(line)
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def close(self) -> None:
+        self.closed = True
+        self.thread.join(2)
+        self.sock.close()
+        self.out.close()
 
 
 class SendmailMX:
@@ -97,6 +140,8 @@ class SendmailMX:
         (em / "state").mkdir()
         os.chmod(em / "state", 0o1777)
         (d / "rootorig").mkdir()
+        (d / "olddev").mkdir()
+        self.syslog = SyslogSink(d / "log.sock", d / "maillog")
         (em / "sendmail.mc").write_text(sendmail_mc(port, block))
         cf = subprocess.run(["m4", CF_M4, str(em / "sendmail.mc")], capture_output=True, text=True, check=True)
         (em / "sendmail.cf").write_text(cf.stdout)
@@ -133,8 +178,9 @@ class SendmailMX:
             return False
 
     def output(self) -> str:
+        """Everything Sendmail and pdelivery said: stdout/stderr and syslog."""
         self.log.flush()
-        return pathlib.Path(self.log.name).read_text(errors="replace")
+        return pathlib.Path(self.log.name).read_text(errors="replace") + "\n".join(self.syslog.lines)
 
     def in_namespace(self, *argv, timeout=120) -> subprocess.CompletedProcess:
         return subprocess.run(["nsenter", "-t", str(self.proc.pid), "--uts", "--mount", *argv],
@@ -146,6 +192,7 @@ class SendmailMX:
     def stop(self) -> None:
         stop_process(self.proc, 15)
         self.log.close()
+        self.syslog.close()
 
 
 def _bed(tmp_path_factory, block):
@@ -205,6 +252,11 @@ def test_message_lands_byte_for_byte_in_hashed_maildir(mx):
     assert re.search(rb"by mx\.pwmail\.test .*id [0-9A-Za-z]+", received.replace(b"\n\t", b" "))
     assert not mx["layout"]["127.0.0.3"].path("juan").exists()
     assert wait_for(lambda: mx["mx"].queue_files() == [], timeout=30)
+    # both log through /dev/log: Sendmail's verdict, pdelivery's delivery line with the queue id
+    qid = re.search(rb"id ([0-9A-Za-z]+)", received.replace(b"\n\t", b" ")).group(1).decode()
+    assert wait_for(lambda: any(qid in l and "mailer=local" in l and "stat=Sent" in l
+                                for l in mx["mx"].syslog.lines), timeout=10), mx["mx"].output()
+    assert any(f"pdelivery[" in l and f"qid={qid} to=juan" in l for l in mx["mx"].syslog.lines)
 
 
 def test_unknown_user_bounces_with_511(mx):
