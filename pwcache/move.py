@@ -548,10 +548,18 @@ class Mover:
         return j
 
     def check_map(self, jobs: list[Journal]) -> None:
-        """The map must agree with each journal (a crash leaves it one step ahead at most)."""
+        """Both roots must be there (a move never copies from an unmounted
+        root), and the map must agree with each journal (a crash leaves it
+        one step ahead at most)."""
         current = self.cfg.mailhosts.read()
         for j in jobs:
+            for root in (j.src_root, j.dst_root):
+                if not (pathlib.Path(root) / ROOT_MARKER).exists():
+                    raise MoveError(f"move of {j.user}: storage root {root} is missing or not mounted "
+                                    f"(no {ROOT_MARKER})")
             host = current.get(j.user, (None, False))[0]
+            if host is None and not j.at_least("frozen"):
+                continue  # placed by the default rule until the freeze writes its line
             if host not in (j.src, j.dst):
                 raise MoveError(f"{j.user}: the mailhosts map says {host}, the journal moves "
                                 f"{j.src} -> {j.dst}; fix one of them")

@@ -36,13 +36,16 @@ def bed(tmp_path_factory):
     extra = ["j", "jjota", "popopen1", "popopen2", *CRASH_USERS.values()]
     users = {n: (30000 + i, 30000, S2, False) for i, n in enumerate(names + extra)}
     write_users(d / "users", users)
+    with open(d / "users" / "passwd", "a") as f:  # no line in the map: the default rule places it
+        f.write("defrule1:x:39999:30000::/home/defrule1:/bin/sh\n")
     roots = {h: d / f"store-{h}" for h in (S2, S3, S4)}
     port = free_port_on([S2, S3])
     settings = d / "pwmail.toml"
-    settings.write_text(f"[delivery]\nlmtp_port = {port}\nconnect_timeout = 2.0\ntimeout = 20.0\n")
+    settings.write_text(f"[delivery]\nlmtp_port = {port}\nconnect_timeout = 2.0\ntimeout = 20.0\n"
+                        f'[placement]\nrule = "hash"\nhosts = ["{S2}"]\n')
     (roots[S4]).mkdir()
     (roots[S4] / ROOT_MARKER).touch()
-    with pwtest.PwServer(d / "users") as pw:
+    with pwtest.PwServer(d / "users", env={"PWMAIL_CONF": str(settings)}) as pw:
         conf = client_conf(d / "pwserver.conf", [pw.address])
         env = env_with(conf, settings)
         with Pdeliveryd(roots[S2], S2, port, env), Pdeliveryd(roots[S3], S3, port, env):
@@ -237,6 +240,9 @@ def test_crash_at_each_step_then_rerun(bed, point):
     assert host in (S2, S3)
     assert {k: v[0] for k, v in scan(layout(bed, host).path(user)).items()} == before
     assert (bed["d"] / "journal" / f"{user}.json").exists()
+    if point in ("after-freeze", "mid-sync", "after-sync", "after-flip"):  # confirmed by the server
+        with Client([bed["pw"].address]) as c:
+            assert c.mailhost(user).frozen is True
     r = pwmail(bed, "move", user, "--to", S3, "--settle", "0.2")
     assert r.returncode == 0, r.stdout + r.stderr
     assert bed["map"].read()[user] == (S3, False)
@@ -278,8 +284,9 @@ def test_rebalance_moves_what_the_new_host_wins(bed):
     assert r.returncode == 0, r.stderr
     planned = [line.split()[0] for line in r.stdout.splitlines() if "->" in line]
     rule = PlacementRule("hash", ((S2, 1.0), (S3, 1.0), (S4, 1.0)))
-    users = bed["map"].read()
-    assert planned == [u for u in users if rule.pick(u) == S4]
+    users = [line.split(":")[0] for line in (bed["d"] / "users" / "passwd").read_text().splitlines()]
+    hosts = {u: bed["map"].read().get(u, (S2, False))[0] for u in users}
+    assert planned == [u for u in users if rule.pick(u) == S4 and hosts[u] != S4]
     assert 0.25 < len(planned) / len(users) < 0.42  # about a third
     r = pwmail(bed, "rebalance", "--add", S4, "--hosts", f"{S2},{S3}",
                "--passwd", str(bed["d"] / "users" / "passwd"), "--max-moves", "10", "--settle", "0")
@@ -288,8 +295,8 @@ def test_rebalance_moves_what_the_new_host_wins(bed):
     now = bed["map"].read()
     for u in planned[:10]:
         assert now[u] == (S4, False)
-        assert not is_maildir(layout(bed, users[u][0]).path(u))
-    assert all(now[u][0] != S4 for u in planned[10:])
+        assert not is_maildir(layout(bed, hosts[u]).path(u))
+    assert all(now.get(u, (S2, False))[0] != S4 for u in planned[10:])
 
 
 def _journal_step(bed, user):
@@ -341,3 +348,33 @@ def test_pop_session_that_stays_open_stops_the_move_frozen_then_rerun(bed):
     r = pwmail(bed, "move", "--settle", "0")  # no user: resume only
     assert r.returncode == 0, r.stdout + r.stderr
     assert bed["map"].read()["popopen2"] == (S3, False)
+
+
+def test_user_placed_by_the_default_rule_gets_a_line(bed):
+    assert "defrule1" not in bed["map"].read()
+    with Client([bed["pw"].address]) as c:
+        assert tuple(c.mailhost("defrule1")) == (S2, False)
+    before = seed(bed, "defrule1", 2)
+    r = pwmail(bed, "move", "defrule1", "--to", S3, "--settle", "0", fail="after-copy")
+    assert r.returncode == FAIL_EXIT
+    r = pwmail(bed, "move", "--settle", "0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert bed["map"].read()["defrule1"] == (S3, False)
+    assert {k: v[0] for k, v in scan(layout(bed, S3).path("defrule1")).items()} == before
+
+
+def test_resume_refuses_an_unmounted_root(bed):
+    seed(bed, "jjota", 0)
+    r = pwmail(bed, "move", "jjota", "--to", S4, "--settle", "0", fail="after-freeze")
+    assert r.returncode == FAIL_EXIT
+    marker = bed["roots"][S2] / ROOT_MARKER
+    marker.unlink()
+    try:
+        r = pwmail(bed, "move", "--settle", "0")
+        assert r.returncode == 1 and "not mounted" in r.stderr
+        assert bed["map"].read()["jjota"] == (S2, True)
+    finally:
+        marker.touch()
+    r = pwmail(bed, "move", "--settle", "0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert bed["map"].read()["jjota"] == (S4, False)
