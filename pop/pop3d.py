@@ -121,7 +121,11 @@ class Pop3Session:
                 except asyncio.TimeoutError:
                     conn.abort("Disconnected for inactivity.")
                     break
-                conn.receive_data(data)
+                try:
+                    conn.receive_data(data)
+                except RemoteProtocolError as e:
+                    log.info("%s:%s: %s", self.addr, self.port, e)
+                    break
             elif isinstance(event, Closed):
                 break
             elif isinstance(event, Login):

@@ -43,7 +43,7 @@ MAX_NUMBER_DIGITS = 9      # message numbers and TOP line counts
 MAX_BAD_COMMANDS = 10      # unknown or malformed commands before we hang up
 MAX_AUTH_ATTEMPTS = 3      # failed logins on one connection before we hang up
 MAX_XCLIENT_ATTRS = 8
-MAX_PENDING_INPUT = 64 * 1024  # unparsed input (pipelined commands) we hold
+MAX_PENDING_INPUT = 64 * 1024  # unparsed input (pipelined commands) held before more is refused
 
 NEED_DATA = "NEED_DATA"    # sentinels returned by next_event()
 NEED_REPLY = "NEED_REPLY"
@@ -221,9 +221,11 @@ class ServerConnection:
         if not data:
             self._eof = True
             return
-        self._in += data
+        # A cap on input we hold unparsed: past it the application kept
+        # feeding us while an answer was pending (one read may exceed it).
         if len(self._in) > MAX_PENDING_INPUT and self.state is not State.CLOSED:
             self._fatal("Too much pipelined input")
+        self._in += data
 
     def data_to_send(self) -> bytearray:
         """Everything queued to send (handed over, not copied)."""

@@ -64,9 +64,12 @@ class ProxyServer:
     def protocol(self) -> "ClientSide":
         return ClientSide(self)
 
-    def backend_address(self, mailhost: str) -> tuple[str, int]:
+    def backend_address(self, mailhost: str) -> tuple[str, int] | None:
         target = self.cfg["backends"].get(mailhost, mailhost)
-        return popconfig.parse_hostport(target, self.cfg["backend_port"])
+        try:
+            return popconfig.parse_hostport(target, self.cfg["backend_port"])
+        except ValueError:
+            return None
 
     # --- the login decision ------------------------------------------------------------
     async def login(self, session: "ClientSide", event: Login):
@@ -91,7 +94,12 @@ class ProxyServer:
         if entry.frozen:
             self.stats["frozen"] += 1
             return ("err", "IN-USE", "Mailbox is being moved, try again in a few minutes.", True)
-        host, port = self.backend_address(entry.host)
+        address = self.backend_address(entry.host)
+        if address is None:
+            log.error("user=%s has an unusable mailhost %r", event.user, entry.host)
+            self.stats["backend_down"] += 1
+            return ("err", "SYS/TEMP", "Mail server unavailable, try again later.", False)
+        host, port = address
         try:
             backend, answer = await self.backend.login(host, port, event.user, event.password,
                                                        (session.addr, session.port))
@@ -132,6 +140,7 @@ class ClientSide(asyncio.Protocol):
         self.detached = False
         self.closing = False
         self.tls_pending = False     # between "+OK" to STLS and start_tls() returning
+        self.write_paused = False
 
     # --- asyncio callbacks -----------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -160,7 +169,11 @@ class ClientSide(asyncio.Protocol):
             return
         if self.conn is None or self.closing:
             return
-        self.conn.receive_data(data)
+        try:
+            self.conn.receive_data(data)
+        except RemoteProtocolError as e:
+            self._protocol_error(e)
+            return
         if not self.tls_pending:       # else _start_tls processes it on the new transport
             self._process()
 
@@ -182,13 +195,21 @@ class ClientSide(asyncio.Protocol):
         self._cancel_timer()
         self._release()
 
+    # The client does not read what we send: stop reading its commands too
+    # (before login), or stop reading the backend (after).
     def pause_writing(self) -> None:
+        self.write_paused = True
         if self.relay is not None:
             self.relay.pause_backend()
+        elif not self.closing:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         if self.relay is not None:
             self.relay.resume_backend()
+        elif not self.closing and not self.tls_pending and (self.task is None or self.task.done()):
+            self.transport.resume_reading()
 
     # --- pre-login ---------------------------------------------------------------------------
     def _release(self) -> None:
@@ -227,6 +248,11 @@ class ClientSide(asyncio.Protocol):
         self.closing = True
         self.transport.close()
 
+    def _protocol_error(self, e: RemoteProtocolError) -> None:
+        log.info("client %s:%s: %s", self.addr, self.port, e)
+        self.server.stats["protocol_error"] += 1
+        self._close()
+
     def _process(self) -> None:
         conn = self.conn
         progressed = False
@@ -234,9 +260,7 @@ class ClientSide(asyncio.Protocol):
             try:
                 event = conn.next_event()
             except RemoteProtocolError as e:
-                log.info("client %s:%s: %s", self.addr, self.port, e)
-                self.server.stats["protocol_error"] += 1
-                self._close()
+                self._protocol_error(e)
                 return
             if event is NEED_DATA or event is NEED_REPLY:
                 break
@@ -269,6 +293,7 @@ class ClientSide(asyncio.Protocol):
             self.transport.abort()
             return
         self.tls_pending = False
+        self.write_paused = False
         self.server.stats["stls"] += 1
         self._arm_timer()
         self._process()
@@ -297,7 +322,8 @@ class ClientSide(asyncio.Protocol):
             return
         self.conn.reject_login(text, code)
         self._flush()
-        self.transport.resume_reading()
+        if not self.write_paused:
+            self.transport.resume_reading()
         self._arm_timer()
         self._process()
 

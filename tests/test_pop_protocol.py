@@ -134,8 +134,10 @@ def test_too_many_bad_commands_end_the_session():
 def test_too_much_pipelined_input_is_fatal():
     conn = ServerConnection()
     drive(conn, b"USER a\r\nPASS b\r\n")
+    conn.receive_data(b"NOOP\r\n" * (P.MAX_PENDING_INPUT // 6 + 1))    # one big read is taken
     with pytest.raises(RemoteProtocolError):
-        conn.receive_data(b"NOOP\r\n" * (P.MAX_PENDING_INPUT // 6 + 1))
+        conn.receive_data(b"NOOP\r\n")                                 # more while still unanswered is not
+    assert conn.data_to_send().endswith(b"-ERR Too much pipelined input\r\n")
 
 
 def test_stls_drops_plaintext_sent_after_it():

@@ -202,6 +202,30 @@ def test_line_too_long_is_refused(bed):
         assert s.recv(10) == b""
 
 
+def test_client_that_never_reads_cannot_fill_the_proxy(bed):
+    """CAPA answers are 15 times longer than the command: a client that
+    sends and never reads must be stopped by flow control, not buffered."""
+    proxy = bed["proxy"]
+    rss0 = rss_kib(proxy.proc.pid)
+    with socket.create_connection(proxy.address, timeout=10) as s:
+        s.setblocking(False)
+        sent, chunk = 0, b"CAPA\r\n" * 10_000
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and sent < 200 << 20:
+            try:
+                sent += s.send(chunk)
+            except BlockingIOError:
+                time.sleep(0.01)
+        assert sent < 32 << 20              # the proxy stopped reading
+        assert rss_kib(proxy.proc.pid) - rss0 < 64 << 10
+    login(bed, "alberto").quit()
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
 def test_connections_per_address_are_limited(bed):
     settings = bed["settings"].replace("max_connections_per_ip = 1000", "max_connections_per_ip = 3")
     with start_proxy(bed["tmp"], bed["conf"], settings, name="proxy-limit") as proxy:
