@@ -84,7 +84,7 @@ class GroupSync:
 
     def __init__(self):
         self._cond = threading.Condition()
-        self._pending: set[str] = set()
+        self._pending: dict[str, int | None] = {}   # directory -> a descriptor of it
         self._open = 1            # the batch new arrivals join
         self._done = 0            # the last batch whose fsyncs are over
         self._leading = False
@@ -92,10 +92,13 @@ class GroupSync:
         self.batches = 0
         self.syncs = 0
 
-    def sync(self, path: str) -> None:
+    def sync(self, path: str, fd: int | None = None) -> None:
+        """Return once `path` (through `fd` when given, held open by the
+        caller until then) was fsynced after this call began."""
         with self._cond:
             batch = self._open
-            self._pending.add(path)
+            if self._pending.get(path) is None:
+                self._pending[path] = fd
             while self._done < batch:
                 if not self._leading:
                     self._lead()
@@ -109,13 +112,16 @@ class GroupSync:
         # called with the lock held; releases it around the fsyncs
         self._leading = True
         batch, paths = self._open, self._pending
-        self._open, self._pending = batch + 1, set()
+        self._open, self._pending = batch + 1, {}
         self._cond.release()
         errors = {}
         try:
-            for p in paths:
+            for p, fd in paths.items():
                 try:
-                    fsync_dir(p)
+                    if fd is None:
+                        fsync_dir(p)
+                    else:
+                        os.fsync(fd)
                 except OSError as e:
                     errors[p] = e
         finally:
@@ -132,10 +138,47 @@ class GroupSync:
 
 @dataclass
 class Staged:
-    """A message written and fsynced in tmp/, not yet visible."""
-    tmp_path: str
-    new_path: str
+    """A message written and fsynced in tmp/, not yet visible. Holds the
+    tmp/ and new/ directory descriptors until commit() or withdraw()."""
+    name: str
+    tmp_fd: int
+    new_fd: int
     new_dir: str
+    published: bool = False
+
+    @property
+    def new_path(self) -> str:
+        return f"{self.new_dir}/{self.name}"
+
+    def close(self) -> None:
+        for fd in (self.tmp_fd, self.new_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.tmp_fd = self.new_fd = -1
+
+
+# Directories a user owns are opened without following symbolic links, and
+# files in them are reached through the directory descriptors: a user who
+# swaps tmp/ or new/ (or the Maildir) for a link cannot make the root-run
+# daemon write, rename or delete anywhere else.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_subdirs(box: str | os.PathLike, *names: str) -> list[int]:
+    box_fd = os.open(box, _DIR_FLAGS)
+    fds: list[int] = []
+    try:
+        for name in names:
+            fds.append(os.open(name, _DIR_FLAGS, dir_fd=box_fd))
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    finally:
+        os.close(box_fd)
+    return fds
 
 
 class MaildirWriter:
@@ -155,11 +198,10 @@ class MaildirWriter:
         """The user's Maildir, created (owned by uid:gid, mode 0700) if absent.
 
         Hash levels are created as needed (root-owned, 0755); a missing root
-        is never created. Every new directory entry is fsynced.
+        is never created. A new Maildir gets its cur/ new/ tmp/ before it is
+        handed to the user. Every new directory entry is fsynced.
         """
         box = self.layout.path(user)
-        if os.path.isdir(box / "new") and os.path.isdir(box / "tmp"):
-            return box
         self.check_root()
         try:
             parent = self.layout.root
@@ -167,26 +209,39 @@ class MaildirWriter:
                 parent = parent / level
                 if _mkdir(parent, LEVEL_MODE, -1, -1):
                     fsync_dir(parent.parent)
-            if _mkdir(box, MAILDIR_MODE, uid, gid):
-                fsync_dir(box.parent)
+            made_box = _mkdir(box, MAILDIR_MODE, -1, -1)
             made = False
             for sub in ("cur", "new", "tmp"):
                 made |= _mkdir(box / sub, MAILDIR_MODE, uid, gid)
             if made:
                 fsync_dir(box)
+            if made_box:
+                fd = os.open(box, _DIR_FLAGS)
+                try:
+                    if uid >= 0 or gid >= 0:
+                        os.fchown(fd, uid, gid)
+                finally:
+                    os.close(fd)
+                fsync_dir(box.parent)
         except OSError as e:
-            raise _classify(e) from e
+            raise _classify(e)
         return box
 
     # -- messages --------------------------------------------------------
-    def stage(self, box: pathlib.Path, content: bytes, uid: int = -1, gid: int = -1) -> Staged:
-        """Write `content` (LF line ends) to tmp/ and fsync it."""
+    def stage(self, box: str | os.PathLike, content: bytes, uid: int = -1, gid: int = -1) -> Staged:
+        """Write `content` (LF line ends) to box/tmp/ and fsync it."""
         name = unique_name(len(content), len(content) + content.count(b"\n"), self.host)
-        tmp_path = f"{box}/tmp/{name}"
         try:
-            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+            tmp_fd, new_fd = _open_subdirs(box, "tmp", "new")
         except OSError as e:
-            raise _classify(e) from e
+            raise _classify(e)
+        staged = Staged(name, tmp_fd, new_fd, f"{box}/new")
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         FILE_MODE, dir_fd=tmp_fd)
+        except OSError as e:
+            staged.close()
+            raise _classify(e)
         try:
             try:
                 if uid >= 0 or gid >= 0:
@@ -199,77 +254,94 @@ class MaildirWriter:
             finally:
                 os.close(fd)
         except OSError as e:
-            _unlink_quietly(tmp_path)
-            raise _classify(e) from e
-        return Staged(tmp_path, f"{box}/new/{name}", f"{box}/new")
+            self.withdraw(staged)
+            raise _classify(e)
+        return staged
 
     def publish(self, staged: Staged) -> None:
-        """Move a staged message into new/ (visible; durable after sync_dir)."""
+        """Move a staged message into new/ (visible; durable after the sync)."""
         try:
-            os.rename(staged.tmp_path, staged.new_path)
+            os.rename(staged.name, staged.name, src_dir_fd=staged.tmp_fd, dst_dir_fd=staged.new_fd)
+            staged.published = True
         except OSError as e:
-            _unlink_quietly(staged.tmp_path)
-            raise _classify(e) from e
+            self.withdraw(staged)
+            raise _classify(e)
 
     def withdraw(self, staged: Staged) -> None:
-        """Undo publish() when new/ could not be made durable."""
-        _unlink_quietly(staged.new_path)
-        _unlink_quietly(staged.tmp_path)
+        """Remove a staged or published message that cannot be acknowledged."""
+        if staged.tmp_fd < 0:
+            return
+        _unlink_quietly(staged.name, staged.new_fd if staged.published else staged.tmp_fd)
+        staged.close()
 
     def commit(self, staged: Staged) -> None:
         """publish(), then make new/ durable (shared with concurrent commits)."""
         self.publish(staged)
         try:
-            self.group.sync(staged.new_dir)
+            self.group.sync(staged.new_dir, staged.new_fd)
         except OSError as e:
             self.withdraw(staged)
-            raise _classify(e) from e
+            raise _classify(e)
+        staged.close()
 
     def deliver(self, user: str, content: bytes, uid: int = -1, gid: int = -1) -> str:
-        """Create-if-needed, write, publish and sync: returns the path in new/.
-        Thread-safe; concurrent calls share directory fsyncs."""
-        box = self.ensure_maildir(user, uid, gid)
-        staged = self.stage(box, content, uid, gid)
+        """Write, publish and sync into the user's Maildir (created on first
+        use): returns the path in new/. Thread-safe; concurrent calls share
+        directory fsyncs."""
+        box = self.layout.path(user)
+        try:
+            staged = self.stage(box, content, uid, gid)
+        except FileNotFoundError:
+            self.ensure_maildir(user, uid, gid)
+            staged = self.stage(box, content, uid, gid)
         self.commit(staged)
         return staged.new_path
 
 
 def _mkdir(path: pathlib.Path, mode: int, uid: int, gid: int) -> bool:
-    """mkdir that tolerates a concurrent creator; True when we made it."""
+    """mkdir that tolerates a concurrent creator; True when we made it.
+    Mode and owner are set through a descriptor (no link is followed)."""
     try:
         os.mkdir(path, mode)
     except FileExistsError:
         return False
-    os.chmod(path, mode)  # umask
-    if uid >= 0 or gid >= 0:
-        os.chown(path, uid, gid)
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        os.fchmod(fd, mode)  # umask
+        if uid >= 0 or gid >= 0:
+            os.fchown(fd, uid, gid)
+    finally:
+        os.close(fd)
     return True
 
 
-def _unlink_quietly(path: str) -> None:
+def _unlink_quietly(name: str, dir_fd: int | None = None) -> None:
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass
 
 
 def clean_tmp(box: str | os.PathLike, max_age: float = TMP_MAX_AGE, now: float | None = None) -> int:
-    """Remove files in box/tmp older than max_age seconds; returns the count."""
+    """Remove regular files in box/tmp older than max_age seconds; returns the count."""
     now = time.time() if now is None else now
     removed = 0
     try:
-        entries = os.scandir(os.path.join(box, "tmp"))
+        [tmp_fd] = _open_subdirs(box, "tmp")
     except OSError:
         return 0
-    with entries:
-        for entry in entries:
-            try:
-                st = entry.stat(follow_symlinks=False)
-                if entry.is_file(follow_symlinks=False) and now - st.st_mtime > max_age:
-                    os.unlink(entry.path)
-                    removed += 1
-            except OSError:
-                continue
+    try:
+        with os.scandir(tmp_fd) as entries:
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    if entry.is_file(follow_symlinks=False) and now - st.st_mtime > max_age:
+                        os.unlink(entry.name, dir_fd=tmp_fd)
+                        removed += 1
+                except OSError:
+                    continue
+    finally:
+        os.close(tmp_fd)
     return removed
 
 

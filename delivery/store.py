@@ -166,11 +166,9 @@ class MailStore:
 
     def _write(self, rec: Recipient, content: bytes) -> str:
         """In an I/O thread: everything up to the durable commit."""
-        box = self.writer.ensure_maildir(rec.name, rec.uid, rec.gid)
-        self._maybe_clean(str(box))
-        staged = self.writer.stage(box, content, rec.uid, rec.gid)
-        self.writer.commit(staged)
-        return staged.new_path
+        path = self.writer.deliver(rec.name, content, rec.uid, rec.gid)
+        self._maybe_clean(os.path.dirname(os.path.dirname(path)))
+        return path
 
     def _maybe_clean(self, box: str) -> None:
         """In an I/O thread: scan box/tmp at most every TMP_CLEAN_EVERY."""

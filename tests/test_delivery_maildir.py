@@ -150,3 +150,24 @@ def test_received_queue_id():
            b"\tfor <juan@x>; Mon, 30 Nov 2026\r\nReceived: by other id ZZZ\r\n\r\n")
     assert msg.received_queue_id(raw) == "4AU0x1y2"
     assert msg.received_queue_id(b"Subject: none\r\n\r\n") is None
+
+
+@pytest.mark.parametrize("swap", ["tmp", "new", "box"])
+def test_links_planted_by_the_user_are_not_followed(writer, tmp_path, swap):
+    """The daemon runs as root in directories users own: a link in place of
+    tmp/, new/ or the Maildir must not send a write elsewhere."""
+    writer.deliver("mallory", b"first\n", 3005, 3005)
+    box = tmp_path / "m/a/l/mallory"
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    victim = box if swap == "box" else box / swap
+    victim.rename(tmp_path / f"moved-{swap}")
+    victim.symlink_to(target, target_is_directory=True)
+    with pytest.raises(OSError) as e:
+        writer.deliver("mallory", b"second\n", 3005, 3005)
+    assert e.value.errno in (errno.ELOOP, errno.ENOTDIR)     # O_NOFOLLOW with O_DIRECTORY: either
+    assert list(target.iterdir()) == []
+    old = target / "old"
+    old.write_bytes(b"x")
+    os.utime(old, (0, 0))
+    assert clean_tmp(box) == 0 and old.exists()
