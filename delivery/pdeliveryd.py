@@ -239,7 +239,21 @@ def main(argv=None) -> int:
     return asyncio.run(serve(cfg, host, port, args))
 
 
+def raise_fd_limit(sessions_max: int) -> None:
+    """Each session holds a socket and each delivery a few descriptors: lift
+    the soft limit to the hard one when sessions_max needs it."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 4 * sessions_max + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            log.warning("open files limited to %d: sessions_max %d may not be reachable", new, sessions_max)
+
+
 async def serve(cfg: dict, host: str, port: int, args) -> int:
+    raise_fd_limit(int(cfg["sessions_max"]))
     server = DeliveryServer(cfg, make_users(cfg["users"]), hostname=args.hostname)
     await server.start(host, port)
     loop = asyncio.get_running_loop()
