@@ -716,8 +716,11 @@ def move_section(data: dict) -> dict:
 
 
 def storage_roots(data: dict, flags: list[str]) -> dict[str, str]:
-    """host -> storage root: [move] roots, then --root HOST=DIR flags."""
-    roots = dict(move_section(data)["roots"])
+    """host -> storage root: this host's own (`[delivery] root` for each of
+    its `mailhost_names`), then [move] roots, then --root HOST=DIR flags."""
+    delivery = data.get("delivery", {})
+    roots = {h: delivery["root"] for h in delivery.get("mailhost_names", []) if delivery.get("root")}
+    roots.update(move_section(data)["roots"])
     for item in flags:
         host, sep, path = item.partition("=")
         if not sep or not host or not path:

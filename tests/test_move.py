@@ -33,7 +33,7 @@ MSGID = re.compile(rb"^Message-ID: <([^>]+)>", re.M)
 def bed(tmp_path_factory):
     d = tmp_path_factory.mktemp("move")
     names = make_names(N_USERS, random.Random(7))
-    extra = ["j", "jjota", "popopen1", "popopen2", *CRASH_USERS.values()]
+    extra = ["j", "jjota", "popopen1", "popopen2", "throttled", *CRASH_USERS.values()]
     users = {n: (30000 + i, 30000, S2, False) for i, n in enumerate(names + extra)}
     write_users(d / "users", users)
     with open(d / "users" / "passwd", "a") as f:  # no line in the map: the default rule places it
@@ -378,3 +378,39 @@ def test_resume_refuses_an_unmounted_root(bed):
     r = pwmail(bed, "move", "--settle", "0")
     assert r.returncode == 0, r.stdout + r.stderr
     assert bed["map"].read()["jjota"] == (S4, False)
+
+
+def test_throttled_and_every_step_logged_to_syslog(bed, tmp_path):
+    port = pwtest.free_port()
+    out = tmp_path / "messages"
+    syslogd = subprocess.Popen([str(pwtest.BIN / "python"), str(pwtest.ROOT / "tests/testbed/syslogd.py"),
+                                "--listen", f"127.0.0.1:{port}", "--out", str(out)])
+    try:
+        w = MaildirWriter(layout(bed, S2))
+        for i in range(4):
+            w.deliver("throttled", f"Message-ID: <big-{i}>\n\n".encode() + b"x" * 100_000)
+        time.sleep(0.3)
+        env = {**bed["env"], "PWMAIL_SYSLOG": f"127.0.0.1:{port}"}
+        t0 = time.monotonic()
+        r = subprocess.run([*_argv(bed, "move", "throttled", "--to", S3, "--settle", "0", "--bwlimit", "200000")],
+                           capture_output=True, text=True, env=env, timeout=120)
+        took = time.monotonic() - t0
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert took >= 1.9, f"400 KB at 200 KB/s took {took:.2f} s"
+        lines = [line for line in wait_lines(out, "done, old copy removed") if "pwmail-move[" in line]
+        assert all(" mail.info " in line or " mail.warning " in line for line in lines)
+        for step in ("start", "copied", "frozen", "synced", "flipped", "unfrozen"):
+            assert any(f"move throttled {S2} -> {S3}: {step}" in line for line in lines), step
+    finally:
+        syslogd.terminate()
+        syslogd.wait(10)
+
+
+def wait_lines(path, needle, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = path.read_text() if path.exists() else ""
+        if needle in text:
+            return text.splitlines()
+        time.sleep(0.05)
+    raise AssertionError(f"{needle!r} never logged:\n{text}")

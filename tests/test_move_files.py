@@ -97,3 +97,16 @@ def test_scan_skips_tmp(tmp_path, name):
     (box / "tmp" / "half-written").write_bytes(b"x")
     w.deliver(name, b"m\n")
     assert [k.split("/")[0] for k in scan(box)] == ["msg"]
+
+
+def test_storage_roots_from_settings_and_flags():
+    from pwcache.move import MoveError, storage_roots
+
+    data = {"delivery": {"root": "/srv/mail", "mailhost_names": ["store1", "store1.example"]},
+            "move": {"roots": {"store2": "/mnt/store2", "store1.example": "/x"}}}
+    assert storage_roots(data, ["store3=/mnt/s3", "store2=/nfs/s2"]) == {
+        "store1": "/srv/mail", "store1.example": "/x", "store2": "/nfs/s2", "store3": "/mnt/s3"}
+    with pytest.raises(MoveError):
+        storage_roots({}, ["store3"])
+    with pytest.raises(MoveError):
+        storage_roots({"move": {"rots": {}}}, [])
