@@ -48,6 +48,7 @@ TCP_IDLE_SECONDS = 10.0
 TCP_MAX_CONNECTIONS = 256
 TCP_MAX_PENDING_OUT = 4 * 1024 * 1024  # stop reading a connection past this
 UDP_RCVBUF = 4 * 1024 * 1024
+RELOAD_NICE = 10
 
 log = logging.getLogger("pwserver")
 
@@ -313,6 +314,11 @@ class Loader:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
+        # builds yield the CPU to the serving threads (Linux: nice is per thread)
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), RELOAD_NICE)
+        except OSError as e:
+            log.warning("cannot lower the reload thread's priority: %s", e)
         while True:
             self._wanted.wait()
             self._wanted.clear()

@@ -45,6 +45,10 @@ def gecos(addr, name: str) -> str:
 @pytest.mark.slow
 def test_million_users_reload_under_load(tmp_path):
     paths = write_many_users(tmp_path, N, tag="gen1")
+    later = {}  # the next generations, written before the load starts
+    for tag in ("gen2", "gen3"):
+        (tmp_path / tag).mkdir()
+        later[tag] = write_many_users(tmp_path / tag, N, tag=tag)
     source_bytes = sum(os.path.getsize(p) for p in paths.values())
     budget = 1.3 * source_bytes + 40 * MiB
     with Server(paths, timeout=120) as srv:
@@ -59,7 +63,8 @@ def test_million_users_reload_under_load(tmp_path):
 
         load = QueryLoad(srv.addr)
         for tag in ("gen2", "gen3"):
-            write_many_users(tmp_path, N, tag=tag)
+            for name, path in later[tag].items():
+                path.rename(paths[name])
             srv.signal(signal.SIGHUP)  # (the poll may notice the change too: two reloads)
             wait_for(lambda: gecos(srv.addr, "auser0000000").endswith(tag), timeout=90, step=0.2)
         wait_for(lambda: stats(srv.addr)["generation"] >= 3)
