@@ -1,6 +1,10 @@
 """pwserver end to end: a real process on loopback, raw UDP and TCP packets."""
+import os
+import pathlib
+import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import msgpack
@@ -278,3 +282,34 @@ def test_tcp_idle_connection_is_closed(server):
         t0 = time.monotonic()
         assert t.recv(10) == b""  # closed by the server
         assert 9 < time.monotonic() - t0 < 20
+
+
+WILDCARD_CHECK = r"""
+import socket, sys
+sys.path.insert(0, sys.argv[1])
+import msgpack
+from pwserver_util import Server, request, write_sources
+import pathlib, tempfile
+d = pathlib.Path(tempfile.mkdtemp())
+paths = write_sources(d, [("alice", 1000)])
+with Server(paths, "--allow", "127.0.0.0/8", listen="0.0.0.0:0") as s:
+    for dst in ("127.0.0.2", "127.0.0.3"):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind(("127.0.0.1", 0))
+            u.settimeout(5)
+            u.sendto(request("passwd", "alice"), (dst, s.port))
+            data, src = u.recvfrom(9000)
+            assert src == (dst, s.port), (src, dst)
+            assert msgpack.unpackb(data)[3][0] == "alice"
+print("ok")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root for a network namespace")
+def test_answers_leave_from_the_address_asked(tmp_path):
+    # a wildcard listener, inside a private network namespace (loopback only)
+    script = tmp_path / "check.py"
+    script.write_text(WILDCARD_CHECK)
+    run = subprocess.run(["unshare", "-n", "sh", "-c", f"ip link set lo up && {sys.executable} {script} "
+                          f"{pathlib.Path(__file__).parent}"], capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "ok", run.stderr[-2000:]

@@ -508,7 +508,55 @@ typedef struct {
     struct sockaddr_storage addr[PWS_BATCH];
     struct iovec iin[PWS_BATCH], iout[PWS_BATCH];
     struct mmsghdr min[PWS_BATCH], mout[PWS_BATCH];
+    /* the address each request was sent to, so the answer comes from it */
+    union {
+        struct cmsghdr align;
+        char buf[CMSG_SPACE(sizeof(struct in6_pktinfo))];
+    } ctl_in[PWS_BATCH], ctl_out[PWS_BATCH];
 } batch_t;
+
+/* Asks for each datagram's destination address (IP_PKTINFO), so that on
+ * a wildcard or multi-homed address the answer leaves from the address the
+ * client asked (clients check it: docs/protocol.md, "Request"). */
+static int want_pktinfo(int fd)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    int on = 1;
+    if (getsockname(fd, (struct sockaddr *)&ss, &len) < 0)
+        return -1;
+    if (ss.ss_family == AF_INET6)
+        return setsockopt(fd, IPPROTO_IPV6, IPV6_RECVPKTINFO, &on, sizeof on);
+    return setsockopt(fd, IPPROTO_IP, IP_PKTINFO, &on, sizeof on);
+}
+
+/* Copies the destination of a received datagram into the control data of
+ * its answer; returns the control length (0: none). */
+static size_t reply_from(struct msghdr *in, void *out, size_t cap)
+{
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(in); c; c = CMSG_NXTHDR(in, c)) {
+        size_t n = 0;
+        if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO)
+            n = sizeof(struct in_pktinfo);
+        else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO)
+            n = sizeof(struct in6_pktinfo);
+        if (!n || CMSG_SPACE(n) > cap)
+            continue;
+        memset(out, 0, CMSG_SPACE(n));
+        struct cmsghdr *o = out;
+        o->cmsg_level = c->cmsg_level;
+        o->cmsg_type = c->cmsg_type;
+        o->cmsg_len = CMSG_LEN(n);
+        memcpy(CMSG_DATA(o), CMSG_DATA(c), n);
+        if (c->cmsg_level == IPPROTO_IP) {
+            struct in_pktinfo *pi = (struct in_pktinfo *)CMSG_DATA(o);
+            pi->ipi_spec_dst = pi->ipi_addr; /* send from the address asked */
+            pi->ipi_ifindex = 0;
+        }
+        return CMSG_SPACE(n);
+    }
+    return 0;
+}
 
 int pws_serve_udp(pws_server *s, int fd, int slot)
 {
@@ -520,7 +568,7 @@ int pws_serve_udp(pws_server *s, int fd, int slot)
     /* Blocking receives (two system calls a batch, as a plain echo loop
      * makes) that wake up now and then to see the stop flag. */
     struct timeval tv = {0, PWS_STOP_CHECK_MS * 1000};
-    if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) < 0) {
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) < 0 || want_pktinfo(fd) < 0) {
         free(bt);
         return -errno;
     }
@@ -530,10 +578,13 @@ int pws_serve_udp(pws_server *s, int fd, int slot)
         bt->min[i].msg_hdr.msg_iov = &bt->iin[i];
         bt->min[i].msg_hdr.msg_iovlen = 1;
         bt->min[i].msg_hdr.msg_name = &bt->addr[i];
+        bt->min[i].msg_hdr.msg_control = bt->ctl_in[i].buf;
     }
     while (!atomic_load_explicit(&s->stopping, memory_order_relaxed)) {
-        for (int i = 0; i < PWS_BATCH; i++)
+        for (int i = 0; i < PWS_BATCH; i++) {
             bt->min[i].msg_hdr.msg_namelen = sizeof bt->addr[i];
+            bt->min[i].msg_hdr.msg_controllen = sizeof bt->ctl_in[i].buf;
+        }
         int n = recvmmsg(fd, bt->min, PWS_BATCH, MSG_WAITFORONE, NULL);
         if (n < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ||
@@ -564,6 +615,9 @@ int pws_serve_udp(pws_server *s, int fd, int slot)
             bt->mout[k].msg_hdr.msg_iovlen = 1;
             bt->mout[k].msg_hdr.msg_name = h->msg_name;
             bt->mout[k].msg_hdr.msg_namelen = h->msg_namelen;
+            size_t ctl = reply_from(h, bt->ctl_out[k].buf, sizeof bt->ctl_out[k].buf);
+            bt->mout[k].msg_hdr.msg_control = ctl ? bt->ctl_out[k].buf : NULL;
+            bt->mout[k].msg_hdr.msg_controllen = ctl;
             k++;
         }
         read_end(sl);
