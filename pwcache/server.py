@@ -48,6 +48,7 @@ TCP_IDLE_SECONDS = 10.0
 TCP_MAX_CONNECTIONS = 256
 TCP_MAX_PENDING_OUT = 4 * 1024 * 1024  # stop reading a connection past this
 UDP_RCVBUF = 4 * 1024 * 1024
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux
 RELOAD_NICE = 10
 
 log = logging.getLogger("pwserver")
@@ -345,7 +346,10 @@ def bind_sockets(host: str, port: int) -> tuple[socket.socket, socket.socket]:
                 for s in (udp, tcp):
                     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+            try:  # past net.core.rmem_max when we may (bursts during a reload)
+                udp.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, UDP_RCVBUF)
+            except PermissionError:
+                udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
             udp.bind(addr)
             tcp.bind((addr[0], udp.getsockname()[1]) + tuple(addr[2:]))
             tcp.listen(128)
