@@ -73,8 +73,8 @@ class Pop3Server:
             return "SYS/TEMP", "Authentication service unavailable, try again later."
         hashed = entry.hash if entry is not None else crypt.DUMMY_HASH + "!"  # never matches
         ok = await loop.run_in_executor(None, check, hashed)
-        if ok and entry.expire not in (-1, None) and int(time.time() // 86400) >= entry.expire:
-            ok = False
+        if ok and entry.expire is not None and entry.expire > 0 and time.time() // 86400 >= entry.expire:
+            ok = False          # expired account (shadow(5); 0 means none, as in shadow-utils)
         if not ok:
             return "AUTH", "Authentication failed."
         try:

@@ -160,6 +160,9 @@ def bed(tmp_path_factory):
         sh.write(f"sha:{crypt.hash_password('sha-pw', '$6$')}:19000:0:99999:7:::\n")
         pw.write("sha:x:20100:20000::/var/spool/mail/sha:/usr/sbin/nologin\n")
         mh.write("sha 127.0.0.1\n")
+        sh.write(f"old:{crypt.hash_password('old-pw', '$6$')}:19000:0:99999:7::19001:\n")   # expired in 2022
+        pw.write("old:x:20101:20000::/var/spool/mail/old:/usr/sbin/nologin\n")
+        mh.write("old 127.0.0.1\n")
     key = write_key(tmp / "shadow.key")
     layout = make_root(tmp / "spool")
     with PwServer(users, shadow_key=key) as pws:
@@ -235,7 +238,8 @@ def test_pop3d_one_session_per_mailbox(bed):
 
 def test_pop3d_wrong_password_and_unknown_user_look_the_same(bed):
     answers, times = [], []
-    for user, pw in (("juan", "wrong"), ("nosuchuser", "wrong"), ("juan", ""), ("bad/name", "x")):
+    for user, pw in (("juan", "wrong"), ("nosuchuser", "wrong"), ("juan", ""), ("bad/name", "x"),
+                     ("old", "old-pw")):
         p = poplib.POP3(*bed["pop3d"].address, timeout=10)
         p.user(user)
         t0 = time.monotonic()
