@@ -82,7 +82,8 @@ class Pdeliveryd:
             time.sleep(0.05)
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         with open(self.log.name, "rb") as f:
             return f.read().decode(errors="replace")
 

@@ -243,3 +243,45 @@ def test_clean_tmp_command(tmp_path, bed):
                         "--log-stderr"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and not old.exists()
     assert "removed 1 stale tmp file" in r.stderr
+
+
+def test_sigterm_under_load_acknowledges_only_what_is_stored(tmp_path, bed):
+    """Clients deliver in a loop while pdeliveryd gets SIGTERM: it exits 0,
+    every 250 a client got is a file in new/ (once), nothing is left in tmp/."""
+    import threading
+    port = free_port_on(["127.0.0.11"])
+    root = tmp_path / "root"
+    srv = Pdeliveryd(root, "127.0.0.11", port, bed["env"])
+    acked, stop = [], threading.Event()
+
+    def client(n):
+        i = 0
+        try:
+            while not stop.is_set():
+                with smtplib.LMTP("127.0.0.11", port, timeout=10) as c:
+                    while not stop.is_set():
+                        subject = f"c{n}-{i}"
+                        c.sendmail("a@x", ["ana@x"], f"Subject: {subject}\r\n\r\n".encode() + b"y" * 20000)
+                        acked.append(subject)
+                        i += 1
+        except (smtplib.SMTPException, OSError):
+            return
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    assert wait_for(lambda: len(acked) >= 20, timeout=30)
+    srv.signal(signal.SIGTERM)
+    try:
+        assert srv.proc.wait(30) == 0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        srv.stop()
+    box = MailboxLayout(root).path("ana")
+    stored = [p.read_bytes().split(b"Subject: ", 1)[1].split(b"\n", 1)[0].decode() for p in messages(box)]
+    assert len(stored) == len(set(stored))
+    assert set(acked) <= set(stored)
+    assert list((box / "tmp").iterdir()) == []
+    assert "stopped;" in srv.output()

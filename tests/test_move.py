@@ -33,7 +33,7 @@ MSGID = re.compile(rb"^Message-ID: <([^>]+)>", re.M)
 def bed(tmp_path_factory):
     d = tmp_path_factory.mktemp("move")
     names = make_names(N_USERS, random.Random(7))
-    extra = ["j", "jjota", "popopen1", "popopen2", "throttled", *CRASH_USERS.values()]
+    extra = ["j", "jjota", "popopen1", "popopen2", "throttled", "refusal1", *CRASH_USERS.values()]
     users = {n: (30000 + i, 30000, S2, False) for i, n in enumerate(names + extra)}
     write_users(d / "users", users)
     with open(d / "users" / "passwd", "a") as f:  # no line in the map: the default rule places it
@@ -274,6 +274,12 @@ def test_move_refuses_a_stray_copy_and_unknown_users(bed):
     assert r.returncode == 1 and "no such user" in r.stderr
     r = pwmail(bed, "move", "j", "--to", "store9", "--settle", "0")
     assert r.returncode == 1 and "no storage root" in r.stderr
+    # one refused user does not stop the others
+    seed(bed, "refusal1", 1)
+    r = pwmail(bed, "move", "nobody99", "refusal1", "--to", S3, "--settle", "0")
+    assert r.returncode == 1 and "nobody99 not moved: no such user" in r.stderr
+    assert "1 move(s) done, 1 refused" in r.stdout
+    assert bed["map"].read()["refusal1"] == (S3, False)
 
 
 def test_rebalance_moves_what_the_new_host_wins(bed):

@@ -184,3 +184,41 @@ def test_unprivileged_process_keeps_health_in_memory(pair):
         assert not (d / "run" / "health").exists()
     finally:
         shutil.rmtree(d)
+
+
+def test_real_pwservers_hung_primary_then_back(tmp_path):
+    """Two real pwservers; the primary is stopped (SIGSTOP: it drops
+    nothing, answers nothing, like a hung host) -> the secondary answers;
+    continued -> after recheck_s traffic returns to the primary."""
+    import signal
+
+    def ok_count(server):
+        return u.server_stats(server)["ok"]
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with u.real_server(tmp_path / "a") as primary, u.real_server(tmp_path / "b") as secondary:
+        conf = conf_for(tmp_path, [primary, secondary], recheck_s=1, hedge_ms=300)
+        base = ok_count(primary)
+        assert timed_getent(conf, "passwd", "alice")[0].returncode == 0
+        assert ok_count(primary) - base in (1, 2)  # (the STATS answer may count itself)
+        primary.signal(signal.SIGSTOP)
+        try:
+            r, took = timed_getent(conf, "passwd", "bob")
+            assert r.returncode == 0 and r.stdout.startswith("bob:x:2002:")
+            assert took < TIMEOUT_MS / 1000 / 2
+            assert health_lines(tmp_path)[0][1] == primary.address
+            before = ok_count(secondary)
+            for _ in range(5):
+                assert timed_getent(conf, "group", "pwstaff")[0].returncode == 0
+            assert ok_count(secondary) >= before + 5
+        finally:
+            primary.signal(signal.SIGCONT)
+        time.sleep(1.2)
+        for _ in range(3):
+            assert timed_getent(conf, "passwd", "alice")[0].returncode == 0
+        assert health_lines(tmp_path) == []
+        p = ok_count(primary)
+        for _ in range(5):
+            assert timed_getent(conf, "passwd", "dave")[0].returncode == 0
+        assert ok_count(primary) - p in (5, 6)
