@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import socket
 import string
 import subprocess
@@ -211,6 +212,7 @@ def main() -> int:
     ap.add_argument("--users", type=int, default=1000)
     ap.add_argument("--sizes", default="4096,102400")
     ap.add_argument("--clients", default="1,16")
+    ap.add_argument("--rounds", type=int, default=3, help="the median of this many runs per cell")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -232,19 +234,32 @@ def main() -> int:
         # every mailbox exists (and Dovecot has its index files) before the timed cells
         for name, s in servers.items():
             load(s.port, 16, iter(ubytes), make_message(1024), 3600.0)
+        results: dict[tuple, list[float]] = {}
+        for r in range(args.rounds):
+            for size in sizes:
+                msg = make_message(size)
+                raw = raw_loop(os.path.join(work, f"raw-{size}-{r}"), size, args.seconds)
+                results.setdefault((size, "raw"), []).append(raw)
+                for c in clients:
+                    # alternate which server goes first, against drift
+                    order = list(servers.items()) if r % 2 == 0 else list(reversed(servers.items()))
+                    for name, srv in order:
+                        rate = load(srv.port, c, ubytes, msg, args.seconds)
+                        results.setdefault((size, c, name), []).append(rate)
+                    print(f"# round {r + 1}: {size} B, {c} client(s): pdeliveryd "
+                          f"{results[(size, c, 'pdeliveryd')][-1]:.0f}/s, dovecot "
+                          f"{results[(size, c, 'dovecot')][-1]:.0f}/s, raw {raw:.0f}/s", file=sys.stderr, flush=True)
         for size in sizes:
-            msg = make_message(size)
-            raw = raw_loop(os.path.join(work, f"raw-{size}"), size, args.seconds)
             for c in clients:
-                rates = {name: load(s.port, c, ubytes, msg, args.seconds) for name, s in servers.items()}
-                rows.append((size, c, rates["pdeliveryd"], rates["dovecot"], raw))
-                print(f"# {size} B, {c} client(s): pdeliveryd {rates['pdeliveryd']:.0f}/s, "
-                      f"dovecot {rates['dovecot']:.0f}/s, raw {raw:.0f}/s", file=sys.stderr, flush=True)
+                rows.append((size, c, statistics.median(results[(size, c, "pdeliveryd")]),
+                             statistics.median(results[(size, c, "dovecot")]),
+                             statistics.median(results[(size, "raw")])))
     finally:
         for s in servers.values():
             s.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    print(f"median of {args.rounds} runs of {args.seconds:g} s per cell; {len(users)} users")
     print("| message | clients | pdeliveryd msg/s | Dovecot LMTP msg/s | ratio | raw disk loop files/s |")
     print("|---|---|---|---|---|---|")
     for size, c, p, d, raw in rows:
