@@ -497,6 +497,7 @@ class Mover:
     def __init__(self, cfg: MoveSettings):
         self.cfg = cfg
         self.throttle = Throttle(cfg.bytes_per_second, cfg.files_per_second)
+        self.refused: list[tuple[str, str]] = []
 
     # journals
     def jpath(self, user: str) -> pathlib.Path:
@@ -644,7 +645,8 @@ class Mover:
 
     def move_all(self, wanted: list[tuple[str, str]]) -> int:
         """Resume unfinished moves, then move each (user, host) in batches.
-        Returns the number of moves finished."""
+        Returns the number of moves finished; users refused (unknown, stray
+        copy, no root...) are in `self.refused`, the others still move."""
         self.cfg.journal_dir.mkdir(parents=True, exist_ok=True)
         done = 0
         with flocked(self.cfg.journal_dir / ".lock", blocking=False):
@@ -662,7 +664,12 @@ class Mover:
                 current = self.cfg.mailhosts.read()
                 batch = []
                 for user, host in todo[i:i + self.cfg.batch]:
-                    j = self.plan(user, host, current)
+                    try:
+                        j = self.plan(user, host, current)
+                    except (MoveError, ValueError) as e:  # this user only; the others go on
+                        log.error("move %s: refused: %s", user, e)
+                        self.refused.append((user, str(e)))
+                        continue
                     if j is None:
                         log.info("move %s: already on %s", user, host)
                         continue
@@ -829,15 +836,22 @@ def _run(args: argparse.Namespace, plan, what: str) -> int:
     try:
         cfg = build_settings(args)
         moves = plan(cfg)
-        if getattr(args, "dry_run", False):
-            return 0
-        done = Mover(cfg).move_all(moves)
+    except (MoveError, OSError, ValueError) as e:
+        print(f"pwmail {what}: {e}", file=sys.stderr)
+        return 1
+    if getattr(args, "dry_run", False):
+        return 0
+    mover = Mover(cfg)
+    try:
+        done = mover.move_all(moves)
     except (MoveError, OSError, ValueError) as e:
         log.error("%s", e)
-        print(f"pwmail {what}: {e} (journals kept; run again to resume)", file=sys.stderr)
+        print(f"pwmail {what}: {e} (unfinished moves keep their journal; run again to resume)", file=sys.stderr)
         return 1
-    print(f"pwmail {what}: {done} move(s) done")
-    return 0
+    for user, why in mover.refused:
+        print(f"pwmail {what}: {user} not moved: {why}", file=sys.stderr)
+    print(f"pwmail {what}: {done} move(s) done" + (f", {len(mover.refused)} refused" if mover.refused else ""))
+    return 1 if mover.refused else 0
 
 
 if __name__ == "__main__":
