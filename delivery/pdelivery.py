@@ -33,8 +33,8 @@ from delivery.layout import LayoutError, check_user
 from delivery.lmtp import (CLOSED, NEED_DATA, LMTPServerConnection, MessageReceived, PeerError,
                            RcptRequest, Reply)
 from delivery.lmtpclient import LMTPUnavailable, crlf, deliver
-from delivery.store import R_BAD_ADDRESS, R_FROZEN, R_LOOKUP_DOWN, R_NO_USER
-from delivery.store import R_RCPT_OK as R_OK
+from delivery.replies import R_BAD_ADDRESS, R_FROZEN, R_LOOKUP_DOWN, R_NO_USER
+from delivery.replies import R_RCPT_OK as R_OK
 from delivery.users import user_from_address
 
 EX_OK = 0

@@ -21,21 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from delivery import message as msg
 from delivery.layout import LayoutError, check_user
 from delivery.lmtp import MessageReceived, Reply
+from delivery.replies import (R_BAD_ADDRESS, R_FROZEN, R_LOCAL_ERROR, R_LOOKUP_DOWN, R_LOOP, R_NO_USER,
+                              R_RCPT_OK, R_STORAGE_DOWN, R_STORAGE_FULL, R_WRONG_HOST)
 from delivery.maildir import MaildirWriter, StorageFull, StorageUnavailable, clean_tmp
 from delivery.users import LookupUnavailable, Recipient, UserLookup, user_from_address
 
 log = logging.getLogger("pdeliveryd")
-
-R_RCPT_OK = Reply(250, "2.1.5", "recipient OK")
-R_NO_USER = Reply(550, "5.1.1", "no such user")
-R_BAD_ADDRESS = Reply(550, "5.1.3", "bad recipient address")
-R_FROZEN = Reply(450, "4.2.1", "mailbox being moved, try again later")
-R_LOOKUP_DOWN = Reply(451, "4.4.3", "user directory unavailable, try again later")
-R_WRONG_HOST = Reply(451, "4.3.0", "mailbox is not on this host, try again later")
-R_LOOP = Reply(550, "5.4.6", "mail loop: already delivered to this user")
-R_STORAGE_DOWN = Reply(451, "4.3.0", "storage unavailable, try again later")
-R_STORAGE_FULL = Reply(452, "4.3.1", "insufficient storage, try again later")
-R_LOCAL_ERROR = Reply(451, "4.3.0", "local error in processing, try again later")
 
 TMP_CLEAN_EVERY = 12 * 3600     # seconds between tmp/ scans of one mailbox
 TMP_CLEAN_TRACKED = 100_000     # mailboxes whose last scan time is remembered
