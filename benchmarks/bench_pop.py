@@ -141,8 +141,9 @@ def main(argv=None) -> int:
     ap.add_argument("--hash", choices=["yescrypt", "sha512"], default="yescrypt")
     ap.add_argument("--users", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=4.0, help="length of one measurement")
-    ap.add_argument("--rounds", type=int, default=3, help="direct/proxy pairs, interleaved")
+    ap.add_argument("--seconds", type=float, default=1.5, help="length of one measurement")
+    ap.add_argument("--pairs", type=int, default=15,
+                    help="direct/proxy measurement pairs, back to back, order alternating")
     ap.add_argument("--retr-mb", type=int, default=32, help="size of the RETR message")
     ap.add_argument("--idle", type=int, default=5000, help="idle connections to hold")
     args = ap.parse_args(argv)
@@ -197,60 +198,62 @@ def measure(args, direct, proxy, creds) -> dict:
     pid = proxy.proc.pid
     cpu = {"logins": 0.0, "retr": 0.0}
     done = {"logins": 0.0, "retr": 0.0}
-    for r in range(args.rounds):
-        order = ("direct", "proxy") if r % 2 == 0 else ("proxy", "direct")
-        for t in order:
-            c0 = cpu_seconds(pid)
-            rate = logins_per_second(targets[t], creds, args.concurrency, args.seconds)
-            out["logins"][t].append(rate)
-            if t == "proxy":
-                cpu["logins"] += cpu_seconds(pid) - c0
-                done["logins"] += rate * args.seconds
-        for t in order:
-            c0 = cpu_seconds(pid)
-            rate = retr_throughput(targets[t], "big", "pw-big", args.seconds)
-            out["retr"][t].append(rate)
-            if t == "proxy":
-                cpu["retr"] += cpu_seconds(pid) - c0
-                done["retr"] += rate * args.seconds / 2**20
+    runs = {"logins": lambda addr: logins_per_second(addr, creds, args.concurrency, args.seconds),
+            "retr": lambda addr: retr_throughput(addr, "big", "pw-big", args.seconds)}
+    # Short measurements in back-to-back pairs: the machine is shared, and a
+    # pair sees the same neighbours; the ratio reported is the median of
+    # the pairs' ratios.
+    for kind, run in runs.items():
+        out[kind + "_pairs"] = []
+        for r in range(args.pairs):
+            order = ("direct", "proxy") if r % 2 == 0 else ("proxy", "direct")
+            got = {}
+            for t in order:
+                c0 = cpu_seconds(pid)
+                got[t] = run(targets[t])
+                if t == "proxy":
+                    cpu[kind] += cpu_seconds(pid) - c0
+                    done[kind] += got[t] * args.seconds / (2**20 if kind == "retr" else 1)
+                out[kind][t].append(got[t])
+            out[kind + "_pairs"].append(got["proxy"] / got["direct"])
     out["proxy_cpu_ms_per_login"] = 1000 * cpu["logins"] / max(1.0, done["logins"])
     out["proxy_cpu_ms_per_mib"] = 1000 * cpu["retr"] / max(1.0, done["retr"])
     base = rss_kib(proxy.proc.pid)
-    t0 = time.perf_counter()
     socks = hold_idle(proxy.address, args.idle)
-    opened = time.perf_counter() - t0
     time.sleep(1.0)
     held = rss_kib(proxy.proc.pid)
     still = logins_per_second(proxy.address, creds, 2, 1.0)
     for s in socks:
         s.close()
     out["idle"] = {"count": args.idle, "rss_before_kib": base, "rss_held_kib": held,
-                   "open_seconds": opened, "logins_while_held": still}
+                   "logins_while_held": still}
     return out
 
 
 def report(args, results) -> None:
     print(f"\nPOP proxy benchmark: {args.hash} hashes, {args.concurrency} concurrent login clients, "
-          f"{args.rounds} rounds of {args.seconds:g} s, RETR of {args.retr_mb} MiB\n")
-    print("| backend | logins/s direct | logins/s proxy | ratio | RETR MiB/s direct | RETR MiB/s proxy | ratio |")
+          f"{args.pairs} direct/proxy pairs of {args.seconds:g} s each, RETR of {args.retr_mb} MiB\n")
+    print("| backend | logins/s direct | logins/s proxy | ratio (median of pairs) "
+          "| RETR MiB/s direct | RETR MiB/s proxy | ratio (median of pairs) |")
     print("|---|---|---|---|---|---|---|")
     for backend, r in results.items():
         ld, lp = statistics.median(r["logins"]["direct"]), statistics.median(r["logins"]["proxy"])
         rd, rp = statistics.median(r["retr"]["direct"]) / 2**20, statistics.median(r["retr"]["proxy"]) / 2**20
-        print(f"| {backend} | {ld:.1f} | {lp:.1f} | {lp / ld:.3f} | {rd:.0f} | {rp:.0f} | {rp / rd:.3f} |")
+        lr, rr = statistics.median(r["logins_pairs"]), statistics.median(r["retr_pairs"])
+        print(f"| {backend} | {ld:.1f} | {lp:.1f} | {lr:.3f} | {rd:.0f} | {rp:.0f} | {rr:.3f} |")
     print()
     for backend, r in results.items():
         i = r["idle"]
         per = (i["rss_held_kib"] - i["rss_before_kib"]) / i["count"]
-        print(f"{backend}: {i['count']} idle connections opened in {i['open_seconds']:.2f} s; proxy RSS "
-              f"{i['rss_before_kib'] / 1024:.1f} MiB -> {i['rss_held_kib'] / 1024:.1f} MiB "
-              f"({per:.2f} KiB per connection); {i['logins_while_held']:.1f} logins/s meanwhile")
+        print(f"{backend}: {i['count']} idle connections held; proxy RSS {i['rss_before_kib'] / 1024:.1f} MiB -> "
+              f"{i['rss_held_kib'] / 1024:.1f} MiB ({per:.2f} KiB per connection); "
+              f"{i['logins_while_held']:.1f} logins/s meanwhile (2 clients)")
         print(f"{backend}: proxy CPU {r['proxy_cpu_ms_per_login']:.2f} ms per login, "
               f"{r['proxy_cpu_ms_per_mib']:.3f} ms per MiB relayed")
-        print(f"{backend}: raw logins/s direct {['%.1f' % x for x in r['logins']['direct']]}, "
-              f"proxy {['%.1f' % x for x in r['logins']['proxy']]}; RETR MiB/s direct "
-              f"{['%.0f' % (x / 2**20) for x in r['retr']['direct']]}, "
-              f"proxy {['%.0f' % (x / 2**20) for x in r['retr']['proxy']]}")
+        for kind in ("logins", "retr"):
+            q = statistics.quantiles(r[kind + "_pairs"], n=4) if len(r[kind + "_pairs"]) > 1 else [0, 0, 0]
+            print(f"{backend}: {kind} pair ratios: quartiles {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f}, "
+                  f"min {min(r[kind + '_pairs']):.3f}, max {max(r[kind + '_pairs']):.3f}")
 
 
 if __name__ == "__main__":
