@@ -244,11 +244,10 @@ def test_teardown_leaves_nothing_even_on_failure():
 
 def test_leftovers_of_a_dead_run_are_removed():
     _need_namespaces()
-    from pyroute2 import netns
     p = subprocess.Popen(["true"])
     p.wait()                                   # its pid is now a dead run's
     stale = f"pwtb{p.pid}-zz"
-    netns.create(stale)
+    subprocess.run(["ip", "netns", "add", stale], check=True)
     sleeper = subprocess.Popen(["ip", "netns", "exec", stale, "sleep", "60"])
     try:
         time.sleep(0.2)
@@ -259,7 +258,7 @@ def test_leftovers_of_a_dead_run_are_removed():
         if sleeper.poll() is None:
             sleeper.kill()
         if stale in _netns_list():
-            netns.remove(stale)
+            subprocess.run(["ip", "netns", "delete", stale])
 
 
 def test_parallel_beds_do_not_collide():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ipaddress
+import json
 import itertools
 import os
 import re
@@ -36,13 +37,30 @@ LOOPBACK_SUBNET = "127.77.0.0/24"
 SYSLOG_HOST = "log1"
 SYSLOG_PORT = 5514
 IFACE = "eth0"
-_NUD_PERMANENT = 0x80
 STOP_GRACE_S = 5.0
+IP_TIMEOUT_S = 20.0
 _serial = itertools.count()
 
 
 class BedUnavailable(Exception):
     """This machine cannot run a namespace test bed (the reason is the text)."""
+
+
+def _ip(*args: str, ns: str | None = None, batch: Sequence[str] | None = None,
+        timeout: float = IP_TIMEOUT_S, check: bool = True) -> str:
+    """Run `ip` (iproute2), bounded in time; its output. `batch`: commands
+    run by one `ip -batch -`. (Each call is a short process with a timeout:
+    a netlink request that never gets its answer cannot hang the bed.)"""
+    argv = ["ip"] + (["-n", ns] if ns else []) + (["-batch", "-"] if batch is not None else list(args))
+    try:
+        r = subprocess.run(argv, input="".join(line + "\n" for line in batch) if batch is not None else None,
+                           capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{' '.join(argv)} did not finish within {timeout} s") from None
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip()}"
+                           + (f"\ncommands: {list(batch)}" if batch is not None else ""))
+    return r.stdout
 
 
 def namespace_support() -> str | None:
@@ -51,17 +69,13 @@ def namespace_support() -> str | None:
         return "network namespaces need root (run as root, or use LoopbackBed)"
     if shutil.which("ip") is None:
         return "the `ip` command (Debian iproute2) is not installed"
-    try:
-        from pyroute2 import netns  # noqa: F401
-    except ImportError as e:  # pragma: no cover - declared dependency
-        return f"pyroute2 is not importable: {e}"
     probe = f"{PREFIX}{os.getpid()}-probe"
     try:
-        netns.create(probe)
-    except Exception as e:  # noqa: BLE001 - any failure means "not allowed here"
+        _ip("netns", "add", probe)
+    except (RuntimeError, OSError) as e:
         return f"cannot create a network namespace here: {e}"
     with contextlib.suppress(Exception):
-        netns.remove(probe)
+        _ip("netns", "delete", probe)
     return None
 
 
@@ -78,8 +92,8 @@ def _pid_alive(pid: int) -> bool:
 def _ns_pids(ns: str) -> list[int]:
     """Processes in namespace ns, never this one (a thread of ours may be
     inside it for a moment)."""
-    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split() if p.isdigit() and int(p) != os.getpid()]
+    out = _ip("netns", "pids", ns, check=False)
+    return [int(p) for p in out.split() if p.isdigit() and int(p) != os.getpid()]
 
 
 _CLONE_NEWNET = 0x40000000
@@ -92,25 +106,25 @@ def _setns(fd: int) -> None:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
+def list_namespaces() -> list[str]:
+    return [line.split()[0] for line in _ip("netns", "list").splitlines() if line.strip()]
+
+
 def _remove_ns(ns: str) -> None:
     """Remove a namespace of ours; whatever still runs in it was started by
     a bed (children that left their process group) and goes with it."""
-    from pyroute2 import netns
-
     for pid in _ns_pids(ns):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(Exception):
-        netns.remove(ns)
+        _ip("netns", "delete", ns)
 
 
 def cleanup_stale(prefix: str = PREFIX) -> list[str]:
     """Remove namespaces of earlier runs whose process is gone (and whatever
     still runs inside them, which those runs started). Returns their names."""
-    from pyroute2 import netns
-
     removed = []
-    for ns in netns.listnetns():
+    for ns in list_namespaces():
         m = re.match(rf"^{re.escape(prefix)}(\d+)-", ns)
         if not m or _pid_alive(int(m.group(1))):
             continue
@@ -461,43 +475,29 @@ class TestBed(_Bed):
         return self._host(host).ns
 
     def _make_hosts(self) -> None:
-        from pyroute2 import IPRoute, netns
-
         cleanup_stale()
         prefixlen = ipaddress.ip_network(self.subnet).prefixlen
-        netns.create(self.switch)
+        hosts = list(self.hosts.values())
+        _ip(batch=[f"netns add {self.switch}"] + [f"netns add {h.ns}" for h in hosts])
+        _ip(ns=self.switch, batch=["link add br0 type bridge", "link set br0 up"] +
+            [f"link add {h.port} type veth peer name {IFACE} netns {h.ns}" for h in hosts] +
+            [f"link set {h.port} master br0 up" for h in hosts])
         macs: dict[str, str] = {}
-        with IPRoute(netns=self.switch) as sw:
-            sw.link("add", ifname="br0", kind="bridge")
-            br = sw.link_lookup(ifname="br0")[0]
-            sw.link("set", index=br, state="up")
-            for h in self.hosts.values():
-                netns.create(h.ns)
-                sw.link("add", ifname=h.port, kind="veth", peer={"ifname": IFACE, "net_ns_fd": h.ns})
-                idx = sw.link_lookup(ifname=h.port)[0]
-                sw.link("set", index=idx, master=br, state="up")
-                with IPRoute(netns=h.ns) as ip:
-                    ip.link("set", index=ip.link_lookup(ifname="lo")[0], state="up")
-                    eth = ip.link_lookup(ifname=IFACE)[0]
-                    ip.addr("add", index=eth, address=h.addr, prefixlen=prefixlen)
-                    ip.link("set", index=eth, state="up")
-                    macs[h.name] = ip.get_links(eth)[0].get_attr("IFLA_ADDRESS")
-        for h in self.hosts.values():
-            with IPRoute(netns=h.ns) as ip:
-                eth = ip.link_lookup(ifname=IFACE)[0]
-                for other in self.hosts.values():
-                    if other is not h:
-                        ip.neigh("add", dst=other.addr, lladdr=macs[other.name], ifindex=eth,
-                                 state=_NUD_PERMANENT)
+        for h in hosts:
+            _ip(ns=h.ns, batch=["link set lo up", f"addr add {h.addr}/{prefixlen} dev {IFACE}",
+                                f"link set {IFACE} up"])
+            macs[h.name] = json.loads(_ip("-j", "link", "show", IFACE, ns=h.ns))[0]["address"]
+        for h in hosts:
+            neigh = [f"neigh replace {o.addr} lladdr {macs[o.name]} dev {IFACE} nud permanent"
+                     for o in hosts if o is not h]
+            if neigh:
+                _ip(ns=h.ns, batch=neigh)
 
     def _remove_hosts(self) -> None:
-        from pyroute2 import netns
-
-        existing = set(netns.listnetns())
+        existing = set(list_namespaces())
         for ns in [h.ns for h in self.hosts.values()] + [self.switch]:
-            if ns not in existing:
-                continue
-            _remove_ns(ns)
+            if ns in existing:
+                _remove_ns(ns)
 
     def _wrap(self, host: str, argv: Sequence[str]) -> list[str]:
         ns = self._host(host).ns
@@ -515,7 +515,6 @@ class TestBed(_Bed):
     def inside(self, host: str) -> Iterator[None]:
         # setns() moves the calling thread only; the thread's own namespace
         # is saved and restored, so threads may use this at the same time
-        # (pyroute2's pushns keeps one stack for the whole process).
         target = os.open(f"/run/netns/{self._host(host).ns}", os.O_RDONLY | os.O_CLOEXEC)
         saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -531,20 +530,13 @@ class TestBed(_Bed):
     def cut(self, host: str) -> None:
         """Drop every packet to and from host, silently (its port leaves the
         bridge: frames go nowhere, no error reaches anyone)."""
-        from pyroute2 import IPRoute
-
         h = self._host(host)
-        with IPRoute(netns=self.switch) as sw:
-            sw.link("set", index=sw.link_lookup(ifname=h.port)[0], master=0)
+        _ip("link", "set", h.port, "nomaster", ns=self.switch)
         h.cut = True
 
     def restore(self, host: str) -> None:
-        from pyroute2 import IPRoute
-
         h = self._host(host)
-        with IPRoute(netns=self.switch) as sw:
-            br = sw.link_lookup(ifname="br0")[0]
-            sw.link("set", index=sw.link_lookup(ifname=h.port)[0], master=br, state="up")
+        _ip("link", "set", h.port, "master", "br0", "up", ns=self.switch)
         h.cut = False
 
     def is_cut(self, host: str) -> bool:
