@@ -10,6 +10,9 @@ import sys
 
 from .config import parse_hostport
 
+# Connections the kernel completes before we accept them. asyncio re-listens
+# with its own default (100) unless given this too: a burst of clients then
+# overflows the queue and waits a SYN retransmission (1 s) each.
 LISTEN_BACKLOG = 4096
 
 

@@ -252,7 +252,7 @@ async def serve(args, cfg) -> None:
     server = Pop3Server(layout, pw, trusted=args.trusted or cfg["trusted_networks"],
                         failure_delay=cfg["pop3d_failure_delay"], timeout=cfg["pop3d_timeout"])
     sock = daemon.listening_socket(args.listen or cfg["pop3d_listen"], 110)
-    srv = await asyncio.start_server(server.handle, sock=sock, limit=READ_SIZE)
+    srv = await asyncio.start_server(server.handle, sock=sock, limit=READ_SIZE, backlog=daemon.LISTEN_BACKLOG)
     daemon.announce("pop3d", sock)
     log.info("serving %s on %s", layout, sock.getsockname())
     try:

@@ -405,7 +405,7 @@ async def serve(args, cfg) -> None:
     server = ProxyServer(cfg, pw, ctx)
     sock = daemon.listening_socket(args.listen or cfg["listen"], 110)
     loop = asyncio.get_running_loop()
-    srv = await loop.create_server(server.protocol, sock=sock)
+    srv = await loop.create_server(server.protocol, sock=sock, backlog=daemon.LISTEN_BACKLOG)
     daemon.announce("pop-proxy", sock)
     log.info("serving on %s (STLS %s, splice %s)", sock.getsockname(), "on" if ctx else "off",
              "on" if server.use_splice else "off")
