@@ -136,6 +136,8 @@ class ClientSide(asyncio.Protocol):
         self.task: asyncio.Task | None = None
         self.relay = None
         self.backend_name = ""
+        self.user = ""
+        self.logged_in_at = 0.0
         self.counted = False
         self.detached = False
         self.closing = False
@@ -310,6 +312,7 @@ class ClientSide(asyncio.Protocol):
         if result[0] == "ok":
             srv.stats["login_ok"] += 1
             log.info("login user=%s from=%s:%s backend=%s", event.user, self.addr, self.port, self.backend_name)
+            self.user, self.logged_in_at = event.user, loop.time()
             self._start_relay(result[1], result[2])
             return
         _, code, text, delayed = result
@@ -369,6 +372,9 @@ class ClientSide(asyncio.Protocol):
     def _relay_closed(self, error) -> None:
         if error is not None:
             log.warning("relay %s:%s <-> %s: %s", self.addr, self.port, self.backend_name, error)
+        log.info("logout user=%s from=%s:%s backend=%s seconds=%.1f in=%d out=%d", self.user, self.addr,
+                 self.port, self.backend_name, asyncio.get_running_loop().time() - self.logged_in_at,
+                 self.relay.bytes_up, self.relay.bytes_down)
         self._release()
 
 

@@ -70,6 +70,7 @@ class _Direction:
         except OSError:
             self.capacity = 65536
         self.in_pipe = 0
+        self.total = 0           # bytes delivered to dst
         self.eof = False
         self.reading = False
         self.writing = False
@@ -128,10 +129,12 @@ class _Direction:
         try:
             while self.pending is not None:
                 n = self.dst.send(self.pending)
+                self.total += n
                 self.pending = self.pending[n:] if n < len(self.pending) else None
             while self.in_pipe:
                 n = os.splice(self.rfd, self.dst.fileno(), self.in_pipe, flags=SPLICE_FLAGS)
                 self.in_pipe -= n
+                self.total += n
                 self.relay.idle.touch()
         except BlockingIOError:
             self._want_write(True)
@@ -172,6 +175,14 @@ class SpliceRelay:
         if not self.closed:
             self.up.start()
 
+    @property
+    def bytes_up(self) -> int:
+        return self.up.total
+
+    @property
+    def bytes_down(self) -> int:
+        return self.down.total
+
     def direction_done(self, d: _Direction) -> None:
         if d is self.down:
             self.close()          # the backend closed: the session is over
@@ -206,16 +217,19 @@ class TransportRelay:
         self.ct, self.bt = client_transport, backend_transport
         self.on_close = on_close
         self.closed = False
+        self.bytes_up = self.bytes_down = 0
         self.idle = _IdleWatch(loop, idle_timeout, self.close)
         for t in (self.ct, self.bt):
             t.set_write_buffer_limits(high=buffer)
 
     def from_client(self, data: bytes) -> None:
         self.idle.touch()
+        self.bytes_up += len(data)
         self.bt.write(data)
 
     def from_backend(self, data: bytes) -> None:
         self.idle.touch()
+        self.bytes_down += len(data)
         self.ct.write(data)
 
     def client_eof(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import poplib
+import re
 import signal
 import socket
 import ssl
@@ -89,6 +90,8 @@ def test_routes_each_user_to_their_backend(bed):
     time.sleep(0.2)
     assert f"login user=bruno from=127.0.0.1:{port}" in bed["stores"]["store2"].output()
     assert "user=bruno" not in bed["stores"]["store1"].output()
+    assert re.search(r"logout user=bruno from=127\.0\.0\.1:%d backend=store2 seconds=\S+ in=\d+ out=\d+" % port,
+                     bed["proxy"].output())
 
 
 def test_prelogin_capa(bed):
