@@ -1,12 +1,12 @@
 """getpwnam latency through glibc, one peer per NSS service, same names,
 same run: files (/etc/passwd scanned linearly), libnss-extrausers, libnss-db,
-nscd hits, pwserver (libnss_pwserver.so.2 + the real server), and a minimal
+libnss-cache (with its sorted index), nscd hits, pwserver (libnss_pwserver.so.2 + the real server), and a minimal
 C UDP echo round trip (the physical limit of any network lookup).
 
 Run by hand, as root (private mount namespaces: the machine's own
 /etc/passwd and nsswitch.conf are never touched):
 
-    apt-get install nscd libnss-extrausers libnss-db   # with services kept stopped
+    apt-get install nscd libnss-extrausers libnss-db libnss-cache   # services kept stopped
     .venv/bin/python benchmarks/bench_nss.py [--sizes 10000,100000,1000000]
 
 Each service is measured by benchmarks/nss_latency.c (getpwnam_r timed per
@@ -22,6 +22,7 @@ import os
 import pathlib
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,6 +97,24 @@ def makedb_input(passwd: pathlib.Path, out: pathlib.Path) -> None:
             dst.write(f"0{i} {line}\n.{f[0]} {line}\n={f[2]} {line}\n")
 
 
+def write_nss_cache(passwd: pathlib.Path, d: pathlib.Path) -> None:
+    """libnss-cache's files as nsscache writes them: passwd.cache and its
+    sorted index passwd.cache.ixname (fixed-size lines "name\\0offset",
+    NUL-padded), newer than the cache; plus an nsswitch.conf naming it. The
+    folder is laid over /etc as an overlay's top layer."""
+    d.mkdir()
+    data = passwd.read_bytes()
+    (d / "passwd.cache").write_bytes(data)
+    index, pos = {}, 0
+    for line in data.splitlines(keepends=True):
+        index[line.split(b":", 1)[0]] = pos
+        pos += len(line)
+    recs = [k + b"\x00" + b"%d" % index[k] for k in sorted(index)]
+    width = max(len(r) for r in recs)
+    (d / "passwd.cache.ixname").write_bytes(b"".join(r + b"\x00" * (width - len(r)) + b"\n" for r in recs))
+    (d / "nsswitch.conf").write_text("passwd: cache\ngroup: files\nshadow: files\n")
+
+
 class Proc:
     """A server process pinned to a CPU, stopped by PID."""
 
@@ -149,6 +168,11 @@ def bench_size(n, tools, work, cache, k) -> dict:
                         f"mount -t tmpfs tmpfs /var/lib/misc; makedb -o /var/lib/misc/passwd.db {dbin}", "db")
     dbin.unlink()
 
+    cdir = work / f"cache.{n}"
+    write_nss_cache(passwd, cdir)
+    res["cache"] = measure(nl, names, 10, f"mount -t overlay overlay -o lowerdir={cdir}:/etc /etc", "cache")
+    shutil.rmtree(cdir)
+
     nscd_setup = (f"mount --bind {passwd} /etc/passwd; mount -t tmpfs tmpfs /run/nscd;"
                   " mount -t tmpfs tmpfs /var/cache/nscd;"
                   " nscd -d 2>/dev/null & NSCD=$!; trap 'kill $NSCD' EXIT;"
@@ -179,7 +203,7 @@ def bench_size(n, tools, work, cache, k) -> dict:
 
 
 def table(results: dict) -> str:
-    rows = ["files", "extrausers", "db", "nscd", "pwserver_cross", "echo_cross", "pwserver_same", "echo_same"]
+    rows = ["files", "extrausers", "db", "cache", "nscd", "pwserver_cross", "echo_cross", "pwserver_same", "echo_same"]
     sizes = list(results)
     head = "| service | " + " | ".join(f"{int(s):,} users: median / p99 (µs)" for s in sizes) + " |"
     lines = [head, "|---" * (len(sizes) + 1) + "|"]

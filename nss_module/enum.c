@@ -112,11 +112,8 @@ int pwc_enum_next(pwc_enum *e, pwc_pack_fn pack, void *result, char *buf, size_t
 {
     int rc;
     pthread_mutex_lock(&e->lock);
-    if (e->pid != getpid()) {
-        /* a forked child: the parent's page is a copy, start over */
-        e->page = NULL; /* the copy is freed with the child's memory */
-        reset(e);
-    }
+    if (e->pid != getpid())
+        reset(e); /* a forked child: the page is its own copy; start over */
     if (!pwc_enumerate_enabled()) {
         rc = -ENOENT;
         goto out;
