@@ -70,7 +70,6 @@ class ServerCore:
         if self._ptr == ffi.NULL:
             raise MemoryError("pws_new")
         self.generation = 0
-        self._keys = []  # keep the key buffers alive as long as the server
 
     @property
     def ptr(self):
@@ -79,9 +78,8 @@ class ServerCore:
         return self._ptr
 
     def set_keys(self, network_key: bytes | None, shadow_key: bytes | None) -> None:
-        bufs = [ffi.new("uint8_t[32]", k) if k else ffi.NULL for k in (network_key, shadow_key)]
-        self._keys = bufs
-        lib.pws_set_keys(self.ptr, *bufs)
+        # the C side copies the keys
+        lib.pws_set_keys(self.ptr, *(ffi.new("uint8_t[32]", k) if k else ffi.NULL for k in (network_key, shadow_key)))
 
     def allow(self, cidr: str) -> None:
         try:
@@ -99,7 +97,10 @@ class ServerCore:
         """Publishes `table` (the server takes it) and frees the previous
         one once no serving thread can still read it."""
         self.generation += 1
-        old = lib.pws_swap_table(self.ptr, table.detach(), self.generation, load_ms)
+        self._swap(table.detach(), load_ms)
+
+    def _swap(self, table_ptr, load_ms: int) -> None:
+        old = lib.pws_swap_table(self.ptr, table_ptr, self.generation, load_ms)
         if old != ffi.NULL:
             lib.pwt_free(old)
 
@@ -127,9 +128,7 @@ class ServerCore:
 
     def close(self) -> None:
         if self._ptr is not None:
-            old = lib.pws_swap_table(self._ptr, ffi.NULL, self.generation, 0)
-            if old != ffi.NULL:
-                lib.pwt_free(old)
+            self._swap(ffi.NULL, 0)
             lib.pws_free(self._ptr)
             self._ptr = None
 
