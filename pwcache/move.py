@@ -42,6 +42,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -67,6 +68,7 @@ DEFAULTS = {
     "confirm_timeout": 60.0,
     "batch": 50,
     "pop_wait_seconds": 600.0,
+    "jobs": 4,
 }
 CHUNK = 1 << 20
 JOURNAL_WRITERS = 16
@@ -246,18 +248,21 @@ class PasswordServers:
 # ---- copying mailboxes -----------------------------------------------------
 
 class Throttle:
-    """At most `bps` bytes and `fps` files per second, averaged."""
+    """At most `bps` bytes and `fps` files per second, averaged; shared by
+    the copying threads."""
 
     def __init__(self, bps: float, fps: float):
         self.bps, self.fps = bps, fps
         self.t0 = time.monotonic()
         self.bytes = 0
         self.files = 0
+        self._lock = threading.Lock()
 
     def spend(self, nbytes: int = 0, nfiles: int = 0) -> None:
-        self.bytes += nbytes
-        self.files += nfiles
-        need = max(self.bytes / self.bps if self.bps > 0 else 0, self.files / self.fps if self.fps > 0 else 0)
+        with self._lock:
+            self.bytes += nbytes
+            self.files += nfiles
+            need = max(self.bytes / self.bps if self.bps > 0 else 0, self.files / self.fps if self.fps > 0 else 0)
         ahead = need - (time.monotonic() - self.t0)
         if ahead > 0:
             time.sleep(ahead)
@@ -491,6 +496,7 @@ class MoveSettings:
     settle: float
     batch: int
     pop_wait: float = DEFAULTS["pop_wait_seconds"]
+    jobs: int = DEFAULTS["jobs"]
 
 
 class Mover:
@@ -581,27 +587,36 @@ class Mover:
         """Take a batch through every remaining step, in lockstep."""
         self.check_map(jobs)
         to_copy = [j for j in jobs if not j.at_least("copied")]
-        for j in to_copy:
-            self.mirror(j, "live copy", "mid-copy", passes=2)  # the second catches what changed meanwhile
+        self.each(to_copy, lambda j: self.mirror(j, "live copy", "mid-copy", passes=2))  # pass 2 catches up
         self.save(to_copy, "copied")
         failpoint("after-copy")
         self.switch(jobs, lambda j: j.src, True, "frozen", "after-freeze-write", "after-freeze")
         to_sync = [j for j in jobs if not j.at_least("synced")]
         if to_sync and self.cfg.settle > 0:
             time.sleep(self.cfg.settle)  # deliveries routed before the freeze finish
-        for j in to_sync:
+
+        def frozen_sync(j: Journal) -> None:
             with pop_sessions_closed(j.src_box(), self.cfg.pop_wait):
                 self.mirror(j, "frozen sync", "mid-sync", passes=1)
             j.manifest = sorted(k for k in scan(j.dst_box()) if "msg/" in k)
+
+        self.each(to_sync, frozen_sync)
         self.save(to_sync, "synced")
         failpoint("after-sync")
         self.switch(jobs, lambda j: j.dst, True, "flipped", "after-flip-write", "after-flip")
         self.switch(jobs, lambda j: j.dst, False, "unfrozen", "after-unfreeze-write", "after-unfreeze")
-        for j in jobs:
-            self.remove_old(j)
+        self.each(jobs, self.remove_old)
         fsync_dir(self.cfg.journal_dir)
         for j in jobs:
             log.info("move %s %s -> %s: done, old copy removed", j.user, j.src, j.dst)
+
+    def each(self, jobs: list[Journal], fn) -> None:
+        """fn(job) for every job, `jobs` threads at a time (copies wait on
+        fsyncs, not on the CPU); the first error is raised once all are done."""
+        with ThreadPoolExecutor(max(1, min(self.cfg.jobs, len(jobs) or 1))) as pool:
+            futures = [pool.submit(fn, j) for j in jobs]
+        for f in futures:
+            f.result()
 
     def mirror(self, j: Journal, what: str, fail_point: str, passes: int) -> None:
         """Make the new box an exact copy of the old one (not live yet)."""
@@ -706,6 +721,7 @@ def _common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--files-per-second", type=float, metavar="N", help="copy at most N files a second")
     ap.add_argument("--settle", type=float, metavar="S", help="wait after freezing (in-flight deliveries)")
     ap.add_argument("--batch", type=int, metavar="N", help="moves frozen and flipped together")
+    ap.add_argument("--jobs", type=int, metavar="N", help="mailboxes copied at the same time (default 4)")
     ap.add_argument("--pop-wait", type=float, metavar="S",
                     help="how long to wait for POP sessions open on a frozen mailbox to end")
     ap.add_argument("--log-stderr", action="store_true", help="also log to stderr")
@@ -763,6 +779,7 @@ def build_settings(args: argparse.Namespace) -> MoveSettings:
         settle=args.settle if args.settle is not None else float(cfg["settle_seconds"]),
         batch=max(1, args.batch or int(cfg["batch"])),
         pop_wait=args.pop_wait if args.pop_wait is not None else float(cfg["pop_wait_seconds"]),
+        jobs=max(1, args.jobs or int(cfg["jobs"])),
     )
 
 
