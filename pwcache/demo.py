@@ -87,7 +87,7 @@ def run_checks(sysm, n_messages: int = 6) -> dict:
         if r.returncode != 0:
             raise DemoFailure(f"pdelivery -d {user} exited {r.returncode}: {r.stderr.decode(errors='replace').strip()}")
         sent.setdefault(user, []).append(subject)
-        say(f"  {user:<12} exit 0 in {ms:5.0f} ms")
+        say(f"  {user:<12} exit 0 in {ms:5.0f} ms (the whole pdelivery process)")
     say("")
     say("where it went (hashed Maildir on the user's storage server):")
     for user, subjects in sent.items():
@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    # Explicitly: a demo started in the background inherits SIGINT ignored.
+    signal.signal(signal.SIGINT, on_term)
     try:
         ts = _testbed()
     except DemoFailure as e:

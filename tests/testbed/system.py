@@ -184,6 +184,12 @@ class PwmailSystem:
     def spool(self, store: str) -> Path:
         return self.bed.dir(store) / "spool"
 
+    @property
+    def client_networks(self) -> str:
+        """Where lookups come from: the bed's range; on loopback, clients
+        send from 127.0.0.1 whatever 127.x address they talk to."""
+        return self.bed.subnet if self.netns else "127.0.0.0/8"
+
     # -- daemons ---------------------------------------------------------
     def start_pwserver(self, host: str) -> None:
         require("pwserver")
@@ -191,7 +197,7 @@ class PwmailSystem:
         argv = [program("pwserver"), "--listen", f"{self.bed.addr(host)}:{self.ports.pwserver}",
                 "--passwd", str(u / "passwd"), "--shadow", str(u / "shadow"), "--group", str(u / "group"),
                 "--mailhosts", str(u / "mailhosts"), "--shadow-key", str(self.shadow_key),
-                "--allow", self.bed.subnet, "--log-stderr"]
+                "--allow", self.client_networks, "--log-stderr"]
         self.bed.run(host, argv, name="pwserver", env=self.env(host))
         self.bed.wait_for(host, "pwserver", r"pwserver: ready on \S+ \((\d+) users\)", timeout=START_TIMEOUT_S)
 
@@ -209,7 +215,7 @@ class PwmailSystem:
                              "--log-stderr"], name="pdeliveryd", env=self.env(store))
         # The proxy passes the client's address on (XCLIENT): pop3d trusts pop1 only.
         self.bed.run(store, [program("pop3d"), "--listen", f"{addr}:{self.ports.pop3d}", "--root", str(root),
-                             "--trusted", f"{self.bed.addr('pop1')}/32", "--stderr"],
+                             "--trusted", f"{self.bed.addr('pop1')}/32" if self.netns else "127.0.0.0/8", "--stderr"],
                      name="pop3d", env=self.env(store))
         self.wait_listening(store, "pdeliveryd", self.ports.lmtp)
         self.wait_listening(store, "pop3d", self.ports.pop3d)

@@ -1,0 +1,69 @@
+"""`pwmail demo --once` end to end: on namespaces (as root) and on loopback
+addresses, with fewer users than the default to keep it quick."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from testbed import namespace_support
+from testbed.system import PartMissing, require
+
+PWMAIL = str(Path(sys.executable).parent / "pwmail")
+pytestmark = pytest.mark.slow
+
+
+def run_demo(*args: str) -> subprocess.CompletedProcess:
+    try:
+        require("gen-users", "pwserver", "client", "layout", "pdeliveryd", "pdelivery", "pop3d", "pop-proxy", "nss")
+    except PartMissing as e:
+        pytest.skip(str(e))
+    return subprocess.run([PWMAIL, "demo", "--once", "--users", "5000", *args],
+                          capture_output=True, text=True, timeout=240)
+
+
+def check_account(r: subprocess.CompletedProcess) -> None:
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    assert "pwmail demo: every check passed" in out
+    assert "users: 5,000 generated; store1 holds" in out
+    assert out.count("exit 0 in") == 6
+    assert out.count("fetched, subjects match") == 4
+    assert "store1:<spool>/" in out and "store2:<spool>/" in out
+    assert "lookups: Python client on client1 -> pwserver, median" in out
+
+
+@pytest.mark.root
+@pytest.mark.timeout(300)
+def test_demo_once_on_namespaces():
+    reason = namespace_support()
+    if reason:
+        pytest.skip(reason)
+    r = run_demo()
+    check_account(r)
+    assert "network namespaces on one private bridge, 10.77.0.0/24" in r.stdout
+    work = r.stdout.split("(work folder ", 1)[1].split(")", 1)[0]
+    assert not Path(work).exists()                     # torn down
+    tag = Path(work).name.rsplit("-", 1)[0]
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert tag + "-" not in left
+
+
+@pytest.mark.timeout(300)
+def test_demo_once_on_loopback():
+    r = run_demo("--loopback")
+    check_account(r)
+    assert "loopback addresses 127.77.0.0/24" in r.stdout
+
+
+def test_demo_names_a_missing_part(tmp_path):
+    # The same check the demo makes, for a part that is certainly absent.
+    import testbed.system as ts
+    ts.PARTS["nothing-here"] = ("pwcache.no_such_part", "a part that does not exist")
+    try:
+        with pytest.raises(PartMissing, match=r"part nothing-here not available yet"):
+            require("nothing-here")
+    finally:
+        del ts.PARTS["nothing-here"]
