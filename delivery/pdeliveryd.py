@@ -69,6 +69,7 @@ class DeliveryServer:
         self.cfg = cfg
         self.limits = dconfig.limits_from(cfg)
         self.check = RecipientCheck(self.users, cfg["mailhost_names"], cfg["recipient_delimiter"])
+        self.store.recheck = self.check.check
         self.store.dedup.window = float(cfg["dedup_window"])
         self.store.dedup.max_entries = int(cfg["dedup_max"])
         self.store.tmp_max_age = float(cfg["tmp_max_age"])

@@ -99,6 +99,8 @@ class MailStore:
         self._cleaned: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._cleaned_lock = threading.Lock()
         self.delivered = 0
+        # RecipientCheck.check, to look each recipient up again before writing
+        self.recheck = None
 
     async def deliver(self, ev: MessageReceived, recipients: list[Recipient]) -> list[Reply]:
         qid = ev.queue_id or msg.received_queue_id(ev.data)
@@ -110,6 +112,14 @@ class MailStore:
 
     async def _one(self, ev: MessageReceived, address: str, rec: Recipient, qid: str | None,
                    digest: bytes) -> Reply:
+        if self.recheck is not None:
+            # asked again now that the data is in: a mailbox frozen for a move
+            # since RCPT (a slow client, a long message) is deferred, not
+            # written to the copy being moved away
+            reply, fresh = await self.recheck(address)
+            if fresh is None:
+                return reply
+            rec = fresh
         if msg.is_loop(ev.data, rec.name):
             log.warning("loop: %s already delivered to %s (qid %s)", address, rec.name, qid)
             return R_LOOP

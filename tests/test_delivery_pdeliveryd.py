@@ -285,3 +285,44 @@ def test_sigterm_under_load_acknowledges_only_what_is_stored(tmp_path, bed):
     assert set(acked) <= set(stored)
     assert list((box / "tmp").iterdir()) == []
     assert "stopped;" in srv.output()
+
+
+def test_mailbox_frozen_between_rcpt_and_data_is_deferred(tmp_path):
+    """A move freezes the mailbox while a client is still sending: the
+    recipient, accepted at RCPT, gets 450 4.2.1 after the data and nothing
+    is written; once unfrozen, the retry is stored."""
+    users = write_users(tmp_path / "users")
+    with pwtest.PwServer(users) as pw:
+        conf = client_conf(tmp_path / "pw.conf", [pw.address])
+        port = free_port_on(["127.0.0.12"])
+        with Pdeliveryd(tmp_path / "root", "127.0.0.12", port, env_with(conf)), pw.client() as c:
+            box = MailboxLayout(tmp_path / "root").path("juan")
+            mh = users / "mailhosts"
+
+            def set_frozen(frozen):
+                line = "juan 127.0.0.2\n"
+                text = mh.read_text().replace("juan 127.0.0.2 frozen\n", line)
+                mh.write_text(text.replace(line, "juan 127.0.0.2 frozen\n") if frozen else text)
+                pw.proc.send_signal(signal.SIGHUP)
+                assert wait_for(lambda: c.mailhost("juan").frozen == frozen, timeout=10)
+
+            s = socket.create_connection(("127.0.0.12", port), timeout=10)
+            s.sendall(b"LHLO mx\r\nMAIL FROM:<a@x>\r\nRCPT TO:<juan@x>\r\nDATA\r\n")
+            out = b""
+            while b"354 " not in out:
+                chunk = s.recv(4096)
+                assert chunk, out
+                out += chunk
+            set_frozen(True)                         # the move starts while the data is on its way
+            s.sendall(b"Subject: late\r\n\r\nx\r\n.\r\nQUIT\r\n")
+            while not out.endswith(b"221 2.0.0 bye\r\n"):
+                chunk = s.recv(4096)
+                assert chunk, out
+                out += chunk
+            s.close()
+            assert b"450 4.2.1" in out.split(b"354 ", 1)[1], out
+            assert messages(box) == []
+            set_frozen(False)
+            with smtplib.LMTP("127.0.0.12", port) as lm:
+                assert lm.sendmail("a@x", ["juan@x"], b"Subject: late\r\n\r\nx\r\n") == {}
+            assert len(messages(box)) == 1
