@@ -473,7 +473,7 @@ def run_driver(conf, queries, timeout=120) -> list:
     return [json.loads(line) for line in r.stdout.splitlines()]
 
 
-def real_server(d, *, shadow_keyfile=None, extra=()):
+def real_server(d, *, shadow_keyfile=None, extra=(), listen="127.0.0.1:0"):
     """The real `pwserver` (pwcache/server.py) serving the test sources
     written into d; a context manager that stops it by PID."""
     from pwserver_util import Server
@@ -482,8 +482,8 @@ def real_server(d, *, shadow_keyfile=None, extra=()):
     args = list(extra)
     if shadow_keyfile:
         args += ["--shadow-key", str(shadow_keyfile)]
-    server = Server(paths, *args)
-    server.address = f"{server.host}:{server.port}"
+    server = Server(paths, *args, listen=listen)
+    server.address = f"[{server.host.strip('[]')}]:{server.port}" if ":" in server.host else f"{server.host}:{server.port}"
     return server
 
 

@@ -208,3 +208,13 @@ def test_network_key_seals_every_packet(tmp_path):
         assert r.returncode == 0 and r.stdout.startswith("alice:x:2001:2001:")
         r = u.getent(sealed, "group", "pwbig")
         assert r.returncode == 0 and r.stdout.rstrip("\n").split(":")[3].split(",") == u.BIG_GROUP_MEMBERS
+
+
+def test_ipv6_server_udp_and_tcp(tmp_path):
+    with u.real_server(tmp_path, listen="[::1]:0", extra=["--allow", "::1/128"]) as server:
+        assert server.address.startswith("[::1]:")
+        conf = u.write_conf(tmp_path / "v6.conf", [server.address])
+        r = u.getent(conf, "passwd", "alice")
+        assert r.returncode == 0 and r.stdout.startswith("alice:x:2001:")
+        r = u.getent(conf, "group", "pwbig")  # TRUNCATED, then TCP over IPv6
+        assert r.returncode == 0 and len(r.stdout.rstrip("\n").split(":")[3].split(",")) == 50000
