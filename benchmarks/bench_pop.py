@@ -33,11 +33,75 @@ from pop_util import (UID0, Dovecot, client_conf, deliver, make_root, start_pop3
 from pwtest import PwServer  # noqa: E402
 
 
+def _stat(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and all its descendants, live or reaped (Dovecot
+    forks a process per session: their time lands in the parent's cutime)."""
+    parent, ticks = {}, {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                f = _stat(int(d))
+            except OSError:
+                continue
+            parent[int(d)] = int(f[1])
+            ticks[int(d)] = sum(int(x) for x in f[11:15])     # utime stime cutime cstime
+    total, todo = 0, [pid]
+    children: dict[int, list[int]] = {}
+    for c, p in parent.items():
+        children.setdefault(p, []).append(c)
+    while todo:
+        p = todo.pop()
+        total += ticks.get(p, 0)
+        todo.extend(children.get(p, []))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                children.setdefault(int(_stat(int(d))[1]), []).append(int(d))
+            except OSError:
+                continue
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def pin_tree(pid: int, cpus: set[int]) -> None:
+    """A process, its threads and its children on `cpus` (new children inherit it)."""
+    for p in descendants(pid):
+        for tid in os.listdir(f"/proc/{p}/task"):
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except OSError:
+                pass
+
+
+class SystemCPU:
+    """CPU seconds spent by everything in the test: this client, the
+    backend, the password server and the proxy."""
+
+    def __init__(self, pids: list[int]):
+        self.pids = pids
+
+    def __call__(self) -> float:
+        return time.process_time() + sum(tree_cpu_seconds(p) for p in self.pids)
 
 
 def rss_kib(pid: int) -> int:
@@ -146,6 +210,8 @@ def main(argv=None) -> int:
                     help="direct/proxy measurement pairs, back to back, order alternating")
     ap.add_argument("--retr-mb", type=int, default=32, help="size of the RETR message")
     ap.add_argument("--idle", type=int, default=5000, help="idle connections to hold")
+    ap.add_argument("--pin", action="store_true",
+                    help="the proxy alone on CPU 1, everything else on CPU 0 (the proxy on a host of its own)")
     args = ap.parse_args(argv)
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -184,15 +250,21 @@ def main(argv=None) -> int:
                                 f"max_connections_per_ip = {args.idle + 100}\n"
                                 f"max_connections = {args.idle + 1000}\n")
                     with start_proxy(work, conf, settings, name=f"proxy-{backend}") as proxy:
-                        results[backend] = measure(args, server.address, proxy, creds)
+                        if args.pin:
+                            pin_tree(proxy.proc.pid, {1})
+                            for pid in (server.proc.pid, pws.proc.pid, os.getpid()):
+                                pin_tree(pid, {0})
+                        system = SystemCPU([server.proc.pid, pws.proc.pid, proxy.proc.pid])
+                        results[backend] = measure(args, server.address, proxy, creds, system)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(args, results)
     return 0
 
 
-def measure(args, direct, proxy, creds) -> dict:
-    out = {"logins": {"direct": [], "proxy": []}, "retr": {"direct": [], "proxy": []}}
+def measure(args, direct, proxy, creds, system: SystemCPU) -> dict:
+    out = {"logins": {"direct": [], "proxy": []}, "retr": {"direct": [], "proxy": []},
+           "cost": {k: {"direct": [0.0, 0.0], "proxy": [0.0, 0.0]} for k in ("logins", "retr")}}
     targets = {"direct": direct, "proxy": proxy.address}
     logins_per_second(proxy.address, creds, args.concurrency, 1.0)      # warm-up
     pid = proxy.proc.pid
@@ -209,11 +281,15 @@ def measure(args, direct, proxy, creds) -> dict:
             order = ("direct", "proxy") if r % 2 == 0 else ("proxy", "direct")
             got = {}
             for t in order:
-                c0 = cpu_seconds(pid)
+                c0, s0 = cpu_seconds(pid), system()
                 got[t] = run(targets[t])
+                units = got[t] * args.seconds / (2**20 if kind == "retr" else 1)
+                cost = out["cost"][kind][t]
+                cost[0] += system() - s0
+                cost[1] += units
                 if t == "proxy":
                     cpu[kind] += cpu_seconds(pid) - c0
-                    done[kind] += got[t] * args.seconds / (2**20 if kind == "retr" else 1)
+                    done[kind] += units
                 out[kind][t].append(got[t])
             out[kind + "_pairs"].append(got["proxy"] / got["direct"])
     out["proxy_cpu_ms_per_login"] = 1000 * cpu["logins"] / max(1.0, done["logins"])
@@ -231,7 +307,8 @@ def measure(args, direct, proxy, creds) -> dict:
 
 
 def report(args, results) -> None:
-    print(f"\nPOP proxy benchmark: {args.hash} hashes, {args.concurrency} concurrent login clients, "
+    print(f"\nPOP proxy benchmark{' (proxy pinned to CPU 1, the rest to CPU 0)' if args.pin else ''}: "
+          f"{args.hash} hashes, {args.concurrency} concurrent login clients, "
           f"{args.pairs} direct/proxy pairs of {args.seconds:g} s each, RETR of {args.retr_mb} MiB\n")
     print("| backend | logins/s direct | logins/s proxy | ratio (median of pairs) "
           "| RETR MiB/s direct | RETR MiB/s proxy | ratio (median of pairs) |")
@@ -250,6 +327,11 @@ def report(args, results) -> None:
               f"{i['logins_while_held']:.1f} logins/s meanwhile (2 clients)")
         print(f"{backend}: proxy CPU {r['proxy_cpu_ms_per_login']:.2f} ms per login, "
               f"{r['proxy_cpu_ms_per_mib']:.3f} ms per MiB relayed")
+        for kind, unit in (("logins", "login"), ("retr", "MiB")):
+            c = r["cost"][kind]
+            d, p = (1000 * c[t][0] / max(c[t][1], 1e-9) for t in ("direct", "proxy"))
+            print(f"{backend}: whole-system CPU per {unit} (client + backend + pwserver + proxy): "
+                  f"direct {d:.2f} ms, through the proxy {p:.2f} ms; ratio when CPU-bound {d / p:.3f}")
         for kind in ("logins", "retr"):
             q = statistics.quantiles(r[kind + "_pairs"], n=4) if len(r[kind + "_pairs"]) > 1 else [0, 0, 0]
             print(f"{backend}: {kind} pair ratios: quartiles {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f}, "
