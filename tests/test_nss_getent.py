@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -218,3 +219,64 @@ def test_ipv6_server_udp_and_tcp(tmp_path):
         assert r.returncode == 0 and r.stdout.startswith("alice:x:2001:")
         r = u.getent(conf, "group", "pwbig")  # TRUNCATED, then TCP over IPv6
         assert r.returncode == 0 and len(r.stdout.rstrip("\n").split(":")[3].split(",")) == 50000
+
+
+PROBE_C = r"""
+#include <pwd.h>
+#include <stdio.h>
+int main(int argc, char **argv)
+{
+    struct passwd *pw = getpwnam(argv[1]);
+    printf("%s\n", pw ? pw->pw_dir : "none");
+    return 0;
+}
+"""
+
+SETUID_SCENARIO = r"""
+set -e
+work="$1"; libdir="$2"; lib="$3"; conf="$4"
+for d in etc lib; do mkdir -p "$work/$d.up" "$work/$d.work"; done
+mount -t overlay overlay -o "lowerdir=/etc,upperdir=$work/etc.up,workdir=$work/etc.work" /etc
+mount -t overlay overlay -o "lowerdir=$libdir,upperdir=$work/lib.up,workdir=$work/lib.work" "$libdir"
+cp "$lib" "$libdir/"
+printf 'passwd: files pwserver\ngroup: files\nshadow: files\n' > /etc/nsswitch.conf
+printf 'server 127.0.0.1:9\ntimeout_ms 200\nhealth_file %s/health\n' "$work" > /etc/pwserver.conf
+nobody() { setpriv --reuid=65534 --regid=65534 --clear-groups "$@"; }
+echo "plain $(PWSERVER_CONF=$conf nobody "$work/bin/probe" alice)"
+echo "setuid $(PWSERVER_CONF=$conf nobody "$work/bin/probe-suid" alice)"
+"""
+
+
+def test_pwserver_conf_from_environment_ignored_in_setuid_programs(server):
+    """PWSERVER_CONF is read with secure_getenv: a setuid program uses
+    /etc/pwserver.conf whatever its caller's environment says. (The module
+    sits in the system library folder of a private mount namespace, since a
+    setuid program ignores LD_LIBRARY_PATH too.)"""
+    import shutil
+    import tempfile
+
+    work = pathlib.Path(tempfile.mkdtemp(prefix="nss-suid-"))  # readable by nobody
+    try:
+        check_setuid(work, server)
+    finally:
+        shutil.rmtree(work)
+
+
+def check_setuid(work, server):
+    from nss_module import install
+
+    (work / "bin").mkdir()
+    for p in (work, work / "bin"):
+        p.chmod(0o755)
+    src = work / "probe.c"
+    src.write_text(PROBE_C)
+    subprocess.run(["cc", "-O2", "-o", str(work / "bin" / "probe"), str(src)], check=True)
+    subprocess.run(["cp", str(work / "bin" / "probe"), str(work / "bin" / "probe-suid")], check=True)
+    (work / "bin" / "probe-suid").chmod(0o4755)
+    conf = u.write_conf(work / "pwserver.conf", [server.address], health_file=work / "health")
+    conf.chmod(0o644)
+    r = subprocess.run(["unshare", "-m", "sh", "-c", SETUID_SCENARIO, "sh", str(work),
+                        str(install.system_libdir()), str(u.LIB), str(conf)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["plain /home/alice", "setuid none"]
