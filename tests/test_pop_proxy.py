@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import poplib
+import random
 import re
 import signal
 import socket
@@ -395,7 +396,35 @@ def test_many_idle_connections_then_all_served(bed):
     login(bed, "alberto").quit()
 
 
+def test_random_bytes_never_take_the_proxy_down(bed):
+    """Garbage from many clients (also inside a TLS session and after a
+    login): each gets answers or a close, and the proxy goes on serving."""
+    rnd = random.Random(5)
+    words = [b"USER ana\r\n", b"PASS x\r\n", b"AUTH PLAIN\r\n", b"CAPA\r\n", b"\r\n", b"\x00\xff", b"STLS\r\n",
+             b"AUTH PLAIN =\r\n", b"*\r\n", b"QUIT"]
+    for i in range(60):
+        blob = b"".join(rnd.choice(words) if rnd.random() < 0.5 else rnd.randbytes(rnd.randint(1, 300))
+                        for _ in range(rnd.randint(1, 30)))
+        with socket.create_connection(bed["proxy"].address, timeout=10) as s:
+            read_reply(s)
+            if i % 3 == 0:
+                s.sendall(f"USER alberto\r\nPASS {USERS['alberto'][0]}\r\n".encode())
+                assert read_reply(s).startswith(b"+OK")
+            try:
+                s.sendall(blob)
+                s.shutdown(socket.SHUT_WR)
+                s.settimeout(5)
+                while s.recv(65536):
+                    pass
+            except OSError:
+                pass
+    assert bed["proxy"].proc.poll() is None and bed["stores"]["store1"].proc.poll() is None
+    assert "Traceback" not in bed["proxy"].output() + bed["stores"]["store1"].output()
+    login(bed, "alberto").quit()
+
+
 def test_passwords_never_logged(bed):
+    login(bed, "ana").quit()
     time.sleep(0.2)
     logs = bed["proxy"].output() + "".join(s.output() for s in bed["stores"].values())
     assert "login user=ana" in logs
