@@ -251,42 +251,27 @@ static int group_same(const void *ctx, uint32_t i, const void *key, size_t n)
     return g->name_len == n && memcmp(group_name(t, g), key, n) == 0;
 }
 
-static uint32_t probe_user(const pwt_table *t, const char *name, size_t n, uint64_t h, uint32_t *empty)
+static uint32_t find_name(const index_t *ix, same_fn same, const void *ctx, const char *name, size_t n)
 {
-    return index_probe(&t->by_name, h, (uint32_t)(h >> 32), user_same, t, name, n, empty);
+    if (!ix->slots || n == 0 || n > PW_MAX_NAME)
+        return NONE;
+    uint64_t h = name_hash(name, n);
+    return index_probe(ix, h, (uint32_t)(h >> 32), same, ctx, name, n, NULL);
+}
+
+static uint32_t find_id(const index_t *ix, uint32_t id)
+{
+    return ix->slots ? index_probe(ix, id_hash(id), id, NULL, NULL, NULL, 0, NULL) : NONE;
 }
 
 static uint32_t find_user(const pwt_table *t, const char *name, size_t n)
 {
-    if (!t->by_name.slots || n == 0 || n > PW_MAX_NAME)
-        return NONE;
-    return probe_user(t, name, n, name_hash(name, n), NULL);
-}
-
-static uint32_t find_uid(const pwt_table *t, uint32_t uid)
-{
-    if (!t->by_uid.slots)
-        return NONE;
-    return index_probe(&t->by_uid, id_hash(uid), uid, NULL, NULL, NULL, 0, NULL);
-}
-
-static uint32_t probe_group(const pwt_table *t, const char *name, size_t n, uint64_t h, uint32_t *empty)
-{
-    return index_probe(&t->gr_by_name, h, (uint32_t)(h >> 32), group_same, t, name, n, empty);
+    return find_name(&t->by_name, user_same, t, name, n);
 }
 
 static uint32_t find_group(const pwt_table *t, const char *name, size_t n)
 {
-    if (!t->gr_by_name.slots || n == 0 || n > PW_MAX_NAME)
-        return NONE;
-    return probe_group(t, name, n, name_hash(name, n), NULL);
-}
-
-static uint32_t find_gid(const pwt_table *t, uint32_t gid)
-{
-    if (!t->gr_by_gid.slots)
-        return NONE;
-    return index_probe(&t->gr_by_gid, id_hash(gid), gid, NULL, NULL, NULL, 0, NULL);
+    return find_name(&t->gr_by_name, group_same, t, name, n);
 }
 
 static uint64_t user_name_hash(const void *ctx, uint32_t i)
@@ -471,14 +456,6 @@ static void mh_dup(void *ctx, uint32_t i)
     m->dups++;
 }
 
-static uint32_t mh_find(const mh_map *m, const char *name, size_t n)
-{
-    uint64_t h = name_hash(name, n);
-    if (!m->ix.slots)
-        return NONE;
-    return index_probe(&m->ix, h, (uint32_t)(h >> 32), mh_same, m, name, n, NULL);
-}
-
 /* Splits on blanks into at most `max` words; -1 past that. */
 static int split_words(const field *line, field *w, int max)
 {
@@ -606,7 +583,7 @@ static int load_passwd(pwt_table *t, mh_map *mh, const pwpl_rule *rule,
         int host = -1, frozen = 0;
         uint32_t m = mh_next < mh->n && mh_same(mh, mh_next, f[0].p, f[0].n)
                          ? mh_next /* the map is often in passwd order */
-                         : mh_find(mh, f[0].p, f[0].n);
+                         : find_name(&mh->ix, mh_same, mh, f[0].p, f[0].n);
         mh_next = m + 1;
         if (m != NONE) {
             host = mh->e[m].host;
@@ -725,7 +702,7 @@ typedef struct {
  * so that INITGROUPS still answers for it. */
 static uint32_t member_entry(pwt_table *t, const char *name, size_t n, uint64_t h)
 {
-    uint32_t slot = 0, i = probe_user(t, name, n, h, &slot);
+    uint32_t slot = 0, i = index_probe(&t->by_name, h, (uint32_t)(h >> 32), user_same, t, name, n, &slot);
     if (i != NONE)
         return i;
     if (add_user_slot(t) < 0 || arena_reserve(&t->pw, n) < 0)
@@ -733,7 +710,7 @@ static uint32_t member_entry(pwt_table *t, const char *name, size_t n, uint64_t 
     if ((uint64_t)(t->nusers + 1) * 2 >= (uint64_t)t->by_name.mask + 1) {
         if (index_grow(&t->by_name, t->nusers + 1, t, user_name_hash) < 0)
             return NONE - 1;
-        probe_user(t, name, n, h, &slot); /* where it goes now */
+        index_probe(&t->by_name, h, (uint32_t)(h >> 32), user_same, t, name, n, &slot); /* where it goes now */
     }
     user_t *u = &t->users[t->nusers];
     memset(u, 0, sizeof *u);
@@ -798,7 +775,8 @@ static int load_group(pwt_table *t, const char *buf, size_t len,
         }
         uint64_t h = name_hash(f[0].p, f[0].n);
         uint32_t name_slot = 0, gid_slot = 0;
-        if (probe_group(t, f[0].p, f[0].n, h, &name_slot) != NONE) {
+        if (index_probe(&t->gr_by_name, h, (uint32_t)(h >> 32), group_same, t, f[0].p, f[0].n,
+                        &name_slot) != NONE) {
             t->st.group_dup_name++;
             continue;
         }
@@ -1091,7 +1069,7 @@ const uint8_t *pwt_passwd_by_name(const pwt_table *t, const char *name, size_t n
 
 const uint8_t *pwt_passwd_by_uid(const pwt_table *t, uint32_t uid, uint32_t *len)
 {
-    uint32_t i = find_uid(t, uid);
+    uint32_t i = find_id(&t->by_uid, uid);
     if (i == NONE)
         return NULL;
     *len = t->users[i].pw_len;
@@ -1118,7 +1096,7 @@ const uint8_t *pwt_group_by_name(const pwt_table *t, const char *name, size_t n,
 
 const uint8_t *pwt_group_by_gid(const pwt_table *t, uint32_t gid, uint32_t *len)
 {
-    uint32_t i = find_gid(t, gid);
+    uint32_t i = find_id(&t->gr_by_gid, gid);
     if (i == NONE)
         return NULL;
     *len = t->groups[i].rec_len;
