@@ -323,17 +323,18 @@ int pwc_enumerate_enabled(void)
 
 /* ---- health record (docs/protocol.md, "Health record") ------------------ */
 
-/* Parses "down HOST:PORT UNTIL" lines; anything else is ignored. */
-static int health_parse(const char *text, pwc_down *out, int max)
+/* Parses "down HOST:PORT UNTIL" lines; anything else (NUL bytes included)
+ * is ignored. */
+static int health_parse(const char *text, size_t size, pwc_down *out, int max)
 {
     int n = 0;
-    const char *p = text;
-    while (*p && n < max) {
-        const char *eol = strchr(p, '\n');
-        size_t len = eol ? (size_t)(eol - p) : strlen(p);
+    const char *p = text, *end = text + size;
+    while (p < end && n < max) {
+        const char *eol = memchr(p, '\n', (size_t)(end - p));
+        size_t len = eol ? (size_t)(eol - p) : (size_t)(end - p);
         char line[PWC_NAME_MAX + 64], name[PWC_NAME_MAX];
         long long until;
-        if (len < sizeof line) {
+        if (len < sizeof line && !memchr(p, '\0', len)) {
             memcpy(line, p, len);
             line[len] = '\0';
             if (sscanf(line, "down %79s %lld", name, &until) == 2) {
@@ -349,7 +350,7 @@ static int health_parse(const char *text, pwc_down *out, int max)
 
 static int health_read_file(const char *path, pwc_down *out, int max)
 {
-    char text[PWC_HEALTH_MAX + 1];
+    char text[PWC_HEALTH_MAX];
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
     if (fd < 0)
         return 0;
@@ -363,8 +364,7 @@ static int health_read_file(const char *path, pwc_down *out, int max)
         got += r;
     }
     close(fd);
-    text[got] = '\0';
-    return health_parse(text, out, max);
+    return health_parse(text, (size_t)got, out, max);
 }
 
 /* Refreshes g_file_down from the file when it changed. g_lock held. */

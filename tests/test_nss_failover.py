@@ -222,3 +222,25 @@ def test_real_pwservers_hung_primary_then_back(tmp_path):
         for _ in range(5):
             assert timed_getent(conf, "passwd", "dave")[0].returncode == 0
         assert ok_count(primary) - p in (5, 6)
+
+
+def test_messy_config_and_health_files(tmp_path, pair):
+    """Comments, unknown keys, bad and overlong lines are ignored; a health
+    file with garbage is read for what it has; a server recorded down far
+    into the future, but alive, answers the all-down probe and is cleared."""
+    _, secondary = pair
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "health").write_text(
+        "garbage line\n\x00\x01binary\ndown\ndown 1.2.3.4:5 notanumber\n"
+        f"down {secondary.address} {int(time.time()) + 100000}\n" + "x" * 10000 + "\n")
+    conf = tmp_path / "pwserver.conf"
+    conf.write_text(
+        "# a comment\n\n   \nunknown_key value\nserver\nserver not-an-address:xx\n"
+        "server [::1\ntimeout_ms banana\nhedge_ms -5\n" + "server 127.0.0.1:1" + "1" * 600 + "\n"
+        f"server {secondary.address}   # the only good one\n"
+        f"timeout_ms 3000\nhealth_file {run / 'health'}\n")
+    r, took = timed_getent(conf, "passwd", "carol.d-x")
+    assert r.returncode == 0 and r.stdout.startswith("carol.d-x:x:2003:")
+    assert took < 1.0  # the all-down probe waits hedge_ms, not the timeout
+    assert all(line[1] != secondary.address for line in health_lines(tmp_path) if len(line) > 1)
