@@ -47,8 +47,9 @@ def documented_mailer(block: str) -> str:
     return m.group(1)
 
 
-def sendmail_mc(port: int, block: str) -> str:
+def sendmail_mc(port: int, block: str, lmtp_port: int) -> str:
     mailer = documented_mailer(block).replace("/usr/local/bin/pdelivery", str(pwtest.BIN / "pdelivery"))
+    mailer = mailer.replace("TCP store1.example.org 24", f"TCP {STORES[0]} {lmtp_port}")
     # OSTYPE first: Debian's ostype sets its own local mailer, ours must come after it
     assert mailer.lstrip().startswith("OSTYPE(")
     return mailer + f"""\
@@ -142,7 +143,7 @@ class SendmailMX:
         (d / "rootorig").mkdir()
         (d / "olddev").mkdir()
         self.syslog = SyslogSink(d / "log.sock", d / "maillog")
-        (em / "sendmail.mc").write_text(sendmail_mc(port, block))
+        (em / "sendmail.mc").write_text(sendmail_mc(port, block, lmtp_port))
         cf = subprocess.run(["m4", CF_M4, str(em / "sendmail.mc")], capture_output=True, text=True, check=True)
         (em / "sendmail.cf").write_text(cf.stdout)
         (em / "service.switch").write_text("hosts files\naliases files\n")
@@ -221,6 +222,11 @@ def mx(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mx_lmtp(tmp_path_factory):
     yield from _bed(tmp_path_factory, "sendmail-mailer-lmtp")
+
+
+@pytest.fixture(scope="module")
+def mx_direct(tmp_path_factory):
+    yield from _bed(tmp_path_factory, "sendmail-mailer-direct")
 
 
 def message(subject: str, to: str) -> bytes:
@@ -325,3 +331,19 @@ def test_lmtp_mailer_gives_per_recipient_status(mx_lmtp):
     assert wait_for(lambda: m.queue_files() == [] and messages(pepe), timeout=60)
     assert len(messages(juan)) == 1 and len(messages(pepe)) == 1 and len(messages(ana)) == 1
     assert messages(pepe)[0].read_bytes().endswith(data.replace(b"\r\n", b"\n"))
+
+
+def test_sendmail_lmtp_straight_to_pdeliveryd(mx_direct):
+    """Sendmail's own LMTP client ([IPC] local mailer) talking to pdeliveryd."""
+    m, layout = mx_direct["mx"], mx_direct["layout"]["127.0.0.2"]
+    data = message("direct lmtp", "juan@pwmail.test")
+    assert smtp_send(m, "ana@pwmail.test", ["juan@pwmail.test", "nadie@pwmail.test"], data) == {}
+    files = wait_for(lambda: messages(layout.path("juan")), timeout=60)
+    assert files, m.output()
+    stored = files[0].read_bytes()
+    assert stored.startswith(b"Return-Path: <ana@pwmail.test>\nDelivered-To: juan\n")
+    assert stored.endswith(data.replace(b"\r\n", b"\n"))
+    bounce = wait_for(lambda: messages(layout.path("ana")), timeout=60)
+    assert bounce and b"Status: 5.1.1" in bounce[0].read_bytes(), m.output()
+    assert wait_for(lambda: m.queue_files() == [], timeout=30)
+    assert any("mailer=local" in l and "stat=Sent" in l and "juan@pwmail.test" in l for l in m.syslog.lines)
