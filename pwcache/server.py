@@ -27,7 +27,7 @@ from pwcache._pwtable import ffi, lib
 from pwcache.logsetup import setup_logging
 from pwcache.placement import DEFAULTS as PLACEMENT_DEFAULTS
 from pwcache.placement import PlacementError, PlacementRule
-from pwcache.table import Table, TableError
+from pwcache.table import CHandle, Table, TableError
 
 DEFAULT_PORT = 7773
 DEFAULTS: dict = {
@@ -61,21 +61,23 @@ class ConfigError(Exception):
 # ---- the C server ---------------------------------------------------------
 
 
-class ServerCore:
+def _swap_table(server_ptr, table_ptr, generation: int, load_ms: int) -> None:
+    """Publishes a table (or NULL) and frees the one it replaces, once no
+    serving thread can still read it."""
+    old = lib.pws_swap_table(server_ptr, table_ptr, generation, load_ms)
+    if old != ffi.NULL:
+        lib.pwt_free(old)
+
+
+class ServerCore(CHandle):
     """The C serving state (pws_server): keys, allowlist, current table,
     counters. close() frees it and the table it holds."""
 
-    def __init__(self):
-        self._ptr = lib.pws_new()
-        if self._ptr == ffi.NULL:
-            raise MemoryError("pws_new")
-        self.generation = 0
+    what = "server"
 
-    @property
-    def ptr(self):
-        if self._ptr is None:
-            raise ValueError("server is closed")
-        return self._ptr
+    def __init__(self):
+        super().__init__(lib.pws_new())
+        self.generation = 0
 
     def set_keys(self, network_key: bytes | None, shadow_key: bytes | None) -> None:
         # the C side copies the keys
@@ -97,12 +99,7 @@ class ServerCore:
         """Publishes `table` (the server takes it) and frees the previous
         one once no serving thread can still read it."""
         self.generation += 1
-        self._swap(table.detach(), load_ms)
-
-    def _swap(self, table_ptr, load_ms: int) -> None:
-        old = lib.pws_swap_table(self.ptr, table_ptr, self.generation, load_ms)
-        if old != ffi.NULL:
-            lib.pwt_free(old)
+        _swap_table(self.ptr, table.detach(), self.generation, load_ms)
 
     def slot(self) -> int:
         slot = lib.pws_slot_acquire(self.ptr)
@@ -126,17 +123,9 @@ class ServerCore:
     def stop(self) -> None:
         lib.pws_stop(self.ptr)
 
-    def close(self) -> None:
-        if self._ptr is not None:
-            self._swap(ffi.NULL, 0)
-            lib.pws_free(self._ptr)
-            self._ptr = None
-
-    def __enter__(self) -> "ServerCore":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def _release(self, ptr) -> None:
+        _swap_table(ptr, ffi.NULL, self.generation, 0)
+        lib.pws_free(ptr)
 
 
 _raw_alloc = ffi.new_allocator(should_clear_after_alloc=False)

@@ -20,13 +20,45 @@ class TableError(Exception):
     """A table could not be built."""
 
 
-class CRule:
-    """A PlacementRule handed to C (pwpl_rule); close() frees it."""
+class CHandle:
+    """A C object owned by Python, freed by close() or at the end of a
+    with block (not left to the garbage collector)."""
+
+    what = "object"
+
+    def __init__(self, ptr):
+        if ptr == ffi.NULL:
+            raise MemoryError(f"cannot allocate the C {self.what}")
+        self._ptr = ptr
+
+    @property
+    def ptr(self):
+        if self._ptr is None:
+            raise ValueError(f"{self.what} is closed")
+        return self._ptr
+
+    def _release(self, ptr) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            ptr, self._ptr = self._ptr, None
+            self._release(ptr)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class CRule(CHandle):
+    """A PlacementRule handed to C (pwpl_rule)."""
+
+    what = "placement rule"
 
     def __init__(self, rule: PlacementRule):
-        self._ptr = lib.pwpl_new(lib.PWPL_HASH if rule.kind == "hash" else lib.PWPL_RANGES)
-        if self._ptr == ffi.NULL:
-            raise MemoryError("pwpl_new")
+        super().__init__(lib.pwpl_new(lib.PWPL_HASH if rule.kind == "hash" else lib.PWPL_RANGES))
         try:
             for host, weight in rule.hosts:
                 raw = host.encode()
@@ -39,26 +71,12 @@ class CRule:
             self.close()
             raise
 
-    @property
-    def ptr(self):
-        if self._ptr is None:
-            raise ValueError("placement rule is closed")
-        return self._ptr
-
     def pick(self, name: str | bytes) -> int:
         raw = _name_bytes(name)
         return lib.pwpl_pick(self.ptr, raw, len(raw))
 
-    def close(self) -> None:
-        if self._ptr is not None:
-            lib.pwpl_free(self._ptr)
-            self._ptr = None
-
-    def __enter__(self) -> "CRule":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def _release(self, ptr) -> None:
+        lib.pwpl_free(ptr)
 
 
 def _name_bytes(name: str | bytes) -> bytes:
@@ -81,11 +99,10 @@ def _path_arg(path: str | os.PathLike | None):
     return os.fsencode(path) if path else ffi.NULL
 
 
-class Table:
+class Table(CHandle):
     """A loaded table. Use as a context manager or call close()."""
 
-    def __init__(self, ptr):
-        self._ptr = ptr
+    what = "table"
 
     @classmethod
     def from_bytes(cls, passwd: bytes = b"", shadow: bytes = b"", group: bytes = b"",
@@ -118,29 +135,13 @@ class Table:
             raise TableError(ffi.string(err).decode(errors="replace") or "cannot build the table")
         return cls(ptr)
 
-    # -- life cycle --------------------------------------------------------
-
-    @property
-    def ptr(self):
-        if self._ptr is None:
-            raise ValueError("table is closed")
-        return self._ptr
-
     def detach(self):
         """Gives the C table away (to the server); this object is closed."""
         ptr, self._ptr = self.ptr, None
         return ptr
 
-    def close(self) -> None:
-        if self._ptr is not None:
-            lib.pwt_free(self._ptr)
-            self._ptr = None
-
-    def __enter__(self) -> "Table":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def _release(self, ptr) -> None:
+        lib.pwt_free(ptr)
 
     # -- lookups -----------------------------------------------------------
 
