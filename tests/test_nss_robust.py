@@ -293,3 +293,59 @@ def test_fuzz_tcp_answers(tmp_path):
         lst.close()
         udp.close()
     assert all(r[0] == u.NSS_UNAVAIL for r in results)
+
+
+THREADS_C = r"""
+#include <dlfcn.h>
+#include <nss.h>
+#include <pthread.h>
+#include <pwd.h>
+#include <stdio.h>
+#include <string.h>
+typedef enum nss_status (*fn_t)(const char *, struct passwd *, char *, size_t, int *);
+static fn_t fn;
+static int bad;
+static void *work(void *arg)
+{
+    char buf[1024], name[32];
+    struct passwd pw;
+    int err;
+    for (int i = 0; i < 40; i++) {
+        snprintf(name, sizeof name, "user%04d", (int)(long)arg * 40 + i);
+        if (fn(name, &pw, buf, sizeof buf, &err) != NSS_STATUS_SUCCESS || strcmp(pw.pw_name, name) != 0)
+            __atomic_add_fetch(&bad, 1, __ATOMIC_RELAXED);
+    }
+    return NULL;
+}
+int main(int argc, char **argv)
+{
+    void *h = dlopen(argv[1], RTLD_NOW);
+    if (!h)
+        return 2;
+    fn = (fn_t)dlsym(h, "_nss_pwserver_getpwnam_r");
+    pthread_t t[8];
+    for (long i = 0; i < 8; i++)
+        pthread_create(&t[i], NULL, work, (void *)i);
+    for (int i = 0; i < 8; i++)
+        pthread_join(t[i], NULL);
+    printf("bad %d\n", bad);
+    return bad != 0;
+}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is in deps/debian-packages.txt")
+def test_helgrind_no_data_race(tmp_path):
+    """Eight threads of a C program looking up at once under helgrind: no
+    race or lock-order report in the module."""
+    src = tmp_path / "threads.c"
+    src.write_text(THREADS_C)
+    subprocess.run(["cc", "-O1", "-g", "-pthread", "-o", str(tmp_path / "threads"), str(src), "-ldl"], check=True)
+    with u.FakePwServer(u.PASSWD, u.GROUP) as server:
+        conf = u.write_conf(tmp_path / "pwserver.conf", [server.address], timeout_ms=20000)
+        r = subprocess.run(["valgrind", "--tool=helgrind", "-q", "--error-exitcode=99",
+                            str(tmp_path / "threads"), str(u.LIB)],
+                           env=u.module_env(conf), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "bad 0"
