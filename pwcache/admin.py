@@ -23,7 +23,7 @@ SUBCOMMANDS = {
 def usage() -> str:
     lines = ["usage: pwmail SUBCOMMAND [ARGS...]", "", "subcommands:"]
     for name, (_, _, text) in SUBCOMMANDS.items():
-        lines.append(f"  {name:<14} {text}")
+        lines.append(f"  {name:<18} {text}")
     lines.append("")
     lines.append("`pwmail SUBCOMMAND --help` tells more.")
     return "\n".join(lines)
