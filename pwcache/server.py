@@ -317,6 +317,8 @@ class Loader:
                 self.load()
             except TableError as e:
                 log.error("reload failed, still serving generation %d: %s", self.core.generation, e)
+            except Exception:  # keep reloading later
+                log.exception("reload failed, still serving generation %d", self.core.generation)
 
 
 # ---- sockets --------------------------------------------------------------
@@ -397,7 +399,11 @@ class TcpServer:
                 if key.data == "accept":
                     self._accept(answerer)
                 else:
-                    self._service(key.fileobj, events, answerer)
+                    try:
+                        self._service(key.fileobj, events, answerer)
+                    except Exception:  # one connection's bug must not stop TCP
+                        log.exception("TCP connection failed")
+                        self._close(key.fileobj)
             now = time.monotonic()
             for c, st in list(self.conns.items()):
                 if now - st["seen"] > TCP_IDLE_SECONDS:
