@@ -297,6 +297,14 @@ class _Bed:
         (SIGKILL after timeout). Returns its exit status."""
         return self._stop(self.proc(host, name), sig, timeout)
 
+    def send_signal(self, host: str, name: str, sig: int) -> None:
+        """Send sig to the process group of `name` on host, without waiting
+        (SIGHUP for a reload, SIGSTOP/SIGCONT for a hang)."""
+        p = self.proc(host, name)
+        if not p.running():
+            raise RuntimeError(f"{name} on {host} is not running")
+        os.killpg(p.popen.pid, sig)
+
     def restart(self, host: str, name: str, sig: int = signal.SIGTERM) -> subprocess.Popen:
         """Stop `name` (if it runs) and start it again with the same argv and env."""
         p = self.proc(host, name)
