@@ -397,16 +397,23 @@ class _Bed:
         with self.inside(host):
             return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 
-    def wait_port(self, host: str, addr: str, port: int, timeout: float = 20.0) -> None:
-        """Wait until a TCP connection from host to addr:port succeeds."""
+    def wait_port(self, host: str, addr: str, port: int, timeout: float = 20.0,
+                  proc: tuple[str, str] | None = None) -> None:
+        """Wait until a TCP connection from host to addr:port succeeds.
+        proc=(host, name): give up at once, with its output, if it exits."""
         deadline = time.monotonic() + timeout
         while True:
+            if proc is not None and not self.proc(*proc).running():
+                p = self.proc(*proc)
+                raise RuntimeError(f"{p.name} on {p.host} exited ({p.popen.returncode}) while starting:\n"
+                                   f"{self.output(*proc)[-3000:]}")
             try:
                 self.connect(host, addr, port, timeout=1.0).close()
                 return
             except OSError as e:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{addr}:{port} not reachable from {host} within {timeout}s: {e}") from e
+                    out = f"; output:\n{self.output(*proc)[-3000:]}" if proc else ""
+                    raise RuntimeError(f"{addr}:{port} not reachable from {host} within {timeout}s: {e}{out}") from e
                 time.sleep(0.05)
 
     # -- central log -----------------------------------------------------

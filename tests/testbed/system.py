@@ -227,20 +227,10 @@ class PwmailSystem:
         self.wait_listening("pop1", "pop-proxy", self.ports.proxy)
 
     def wait_listening(self, host: str, name: str, port: int, timeout: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            p = self.bed.proc(host, name)
-            if not p.running():
-                raise SystemError_(f"{name} on {host} exited ({p.popen.returncode}) while starting:\n"
-                                   f"{self.bed.output(host, name)[-3000:]}")
-            try:
-                self.bed.connect("client1", self.bed.addr(host), port, timeout=1.0).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemError_(f"{name} on {host} not listening on port {port} after {timeout}s:\n"
-                                       f"{self.bed.output(host, name)[-3000:]}") from None
-                time.sleep(0.1)
+        try:
+            self.bed.wait_port("client1", self.bed.addr(host), port, timeout, proc=(host, name))
+        except RuntimeError as e:
+            raise SystemError_(str(e)) from None
 
     def start(self) -> None:
         """Everything, in dependency order. Checks every part first, so a
