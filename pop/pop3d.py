@@ -48,6 +48,10 @@ class Pop3Server:
             await session.run()
         except (ConnectionError, OSError) as e:
             log.info("session %s:%s ended: %s", session.addr, session.port, e)
+        except asyncio.CancelledError:
+            # Shutting down: end quietly (asyncio's stream callback would
+            # otherwise log the cancellation as an error). Nothing is deleted.
+            log.info("session %s:%s ended: shutdown", session.addr, session.port)
         except Exception:
             log.exception("session %s:%s failed", session.addr, session.port)
         finally:
@@ -275,5 +279,5 @@ def main(argv: list[str] | None = None) -> int:
     cfg = popconfig.load(args.config)
     setup_logging("pop3d", stderr=args.stderr)
     daemon.raise_nofile()
-    asyncio.run(serve(args, cfg))
+    daemon.run(serve(args, cfg))
     return 0

@@ -438,5 +438,5 @@ def main(argv: list[str] | None = None) -> int:
         cfg["backend_port"] = args.backend_port
     setup_logging("pop-proxy", stderr=args.stderr)
     daemon.raise_nofile()
-    asyncio.run(serve(args, cfg))
+    daemon.run(serve(args, cfg))
     return 0
