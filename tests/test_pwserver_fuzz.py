@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from pwcache.server import ServerCore
 from pwcache.table import Table
-from pwserver_util import OK, Server, TcpConn, request, seal, udp_exchange, udp_query, write_sources
+from pwserver_util import OK, Server, TcpConn, request, seal, udp_query, write_sources
 
 KEY = bytes(range(32))
 PASSWD = "".join(f"u{i}:x:{i}:1:gecos {i}:/home/u{i}:/bin/sh\n" for i in range(50)).encode()
