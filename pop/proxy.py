@@ -347,10 +347,8 @@ class ClientSide(asyncio.Protocol):
             backend.transport.get_extra_info("sslcontext") is None
         if self.server.use_splice and plain and self.transport.get_write_buffer_size() == 0:
             backend.transport.pause_reading()
-            csock = socket.socket(fileno=os.dup(self.transport.get_extra_info("socket").fileno()))
-            bsock = socket.socket(fileno=os.dup(backend.transport.get_extra_info("socket").fileno()))
-            csock.setblocking(False)
-            bsock.setblocking(False)
+            csock = _dup_socket(self.transport)
+            bsock = _dup_socket(backend.transport)
             self.detached = True
             backend.relay = _Detached()
             self.transport.abort()
@@ -376,6 +374,15 @@ class ClientSide(asyncio.Protocol):
                  self.port, self.backend_name, asyncio.get_running_loop().time() - self.logged_in_at,
                  self.relay.bytes_up, self.relay.bytes_down)
         self._release()
+
+
+def _dup_socket(transport) -> socket.socket:
+    """A socket object of our own on the transport's connection (the
+    transport can then be dropped without closing the connection)."""
+    sock = transport.get_extra_info("socket")
+    dup = socket.socket(sock.family, socket.SOCK_STREAM, 0, os.dup(sock.fileno()))
+    dup.setblocking(False)
+    return dup
 
 
 class _Detached:

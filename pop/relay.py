@@ -23,6 +23,7 @@ import os
 import socket
 
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+PIPE_DEFAULT = 65536       # Linux's pipe size; enough for commands going up
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 HAVE_SPLICE = hasattr(os, "splice")
 _GONE = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH)
@@ -65,10 +66,12 @@ class _Direction:
         self.pending = memoryview(pending) if pending else None
         self.name = name
         self.rfd, self.wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            self.capacity = fcntl.fcntl(self.wfd, F_SETPIPE_SZ, pipe_size)
-        except OSError:
-            self.capacity = 65536
+        self.capacity = PIPE_DEFAULT
+        if pipe_size > PIPE_DEFAULT:
+            try:
+                self.capacity = fcntl.fcntl(self.wfd, F_SETPIPE_SZ, pipe_size)
+            except OSError:
+                pass
         self.in_pipe = 0
         self.total = 0           # bytes delivered to dst
         self.eof = False
@@ -167,7 +170,7 @@ class SpliceRelay:
         self.on_close = on_close
         self.closed = False
         self.idle = _IdleWatch(loop, idle_timeout, self.close)
-        self.up = _Direction(self, client, backend, to_backend, pipe_size, "up")
+        self.up = _Direction(self, client, backend, to_backend, PIPE_DEFAULT, "up")
         self.down = _Direction(self, backend, client, to_client, pipe_size, "down")
 
     def start(self) -> None:
