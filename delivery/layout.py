@@ -21,7 +21,9 @@ under `firstlast2`). A level is one character and a mailbox directory is the
 whole name, so a mailbox never collides with a hash level of another user
 except that a one-character user's Maildir doubles as the level directory
 of longer names (`j/j` holds `cur/ new/ tmp/` and single-letter levels;
-Maildir ignores those).
+Maildir ignores those). `nested()` tells which names lie below such a
+Maildir: their path is partly owned by another user, and the Maildir writer
+walks it with descriptors, never following a link.
 
 `hash2`: `v` = the first 8 bytes of MD5(name) read big-endian; level 1 is
 `v mod 256`, level 2 is `v mod 65536`, each in lowercase hex zero-padded to
@@ -119,6 +121,18 @@ class MailboxLayout:
     def path(self, user: str) -> pathlib.Path:
         """The user's Maildir (it may not exist yet)."""
         return self.root / self.relative(user)
+
+    def nested(self, user: str) -> bool:
+        """True when the path to `user`'s Maildir passes through the Maildir
+        of a one-character user (under `first3`, `jjota` is at `j/j/o/jjota`
+        and `j/j` is the Maildir of `j`): part of that path is then owned by
+        another user, and delivery walks it without following links."""
+        parts = self.relative(user).parts
+        for i in range(1, len(parts)):
+            head = parts[i - 1]
+            if len(head) == 1 and self.relative(head).parts == parts[:i]:
+                return True
+        return False
 
     def dovecot_location(self) -> str:
         """The Dovecot `mail_location` serving the same tree."""

@@ -159,25 +159,24 @@ class Staged:
         self.tmp_fd = self.new_fd = -1
 
 
-# Directories a user owns are opened without following symbolic links, and
-# files in them are reached through the directory descriptors: a user who
-# swaps tmp/ or new/ (or the Maildir) for a link cannot make the root-run
-# daemon write, rename or delete anywhere else.
+# Inside a Maildir the user owns, files are reached through descriptors of
+# tmp/ and new/ opened without following links: a user who swaps tmp/ or
+# new/ for a link cannot make the root-run daemon write, rename or delete
+# anywhere else. A Maildir sits in a root-owned hash level, which its user
+# cannot change, except below a one-character user's Maildir (layout's
+# nested()): those paths are walked one descriptor at a time from the root.
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _open_subdirs(box: str | os.PathLike, *names: str) -> list[int]:
-    box_fd = os.open(box, _DIR_FLAGS)
     fds: list[int] = []
     try:
         for name in names:
-            fds.append(os.open(name, _DIR_FLAGS, dir_fd=box_fd))
+            fds.append(os.open(f"{box}/{name}", _DIR_FLAGS))
     except OSError:
         for fd in fds:
             os.close(fd)
         raise
-    finally:
-        os.close(box_fd)
     return fds
 
 
@@ -199,40 +198,73 @@ class MaildirWriter:
 
         Hash levels are created as needed (root-owned, 0755); a missing root
         is never created. A new Maildir gets its cur/ new/ tmp/ before it is
-        handed to the user. Every new directory entry is fsynced.
+        handed to the user. The walk goes through descriptors from the root,
+        never following a link; every new directory entry is fsynced.
         """
         box = self.layout.path(user)
         self.check_root()
+        parts = self.layout.relative(user).parts
         try:
-            parent = self.layout.root
-            for level in self.layout.relative(user).parts[:-1]:
-                parent = parent / level
-                if _mkdir(parent, LEVEL_MODE, -1, -1):
-                    fsync_dir(parent.parent)
-            made_box = _mkdir(box, MAILDIR_MODE, -1, -1)
-            made = False
-            for sub in ("cur", "new", "tmp"):
-                made |= _mkdir(box / sub, MAILDIR_MODE, uid, gid)
-            if made:
-                fsync_dir(box)
-            if made_box:
-                fd = os.open(box, _DIR_FLAGS)
-                try:
-                    if uid >= 0 or gid >= 0:
-                        os.fchown(fd, uid, gid)
-                finally:
+            fd = os.open(self.layout.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                for i, comp in enumerate(parts):
+                    last = i == len(parts) - 1
+                    made = _mkdirat(fd, comp, MAILDIR_MODE if last else LEVEL_MODE)
+                    child = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                    if made:
+                        os.fsync(fd)
                     os.close(fd)
-                fsync_dir(box.parent)
+                    fd = child
+                made_box = made
+                made = False
+                for sub in ("cur", "new", "tmp"):
+                    if _mkdirat(fd, sub, MAILDIR_MODE):
+                        made = True
+                        sfd = os.open(sub, _DIR_FLAGS, dir_fd=fd)
+                        try:
+                            if uid >= 0 or gid >= 0:
+                                os.fchown(sfd, uid, gid)
+                        finally:
+                            os.close(sfd)
+                if made:
+                    os.fsync(fd)
+                if made_box and (uid >= 0 or gid >= 0):
+                    os.fchown(fd, uid, gid)        # handed over once complete
+            finally:
+                os.close(fd)
         except OSError as e:
             raise _classify(e)
         return box
 
-    # -- messages --------------------------------------------------------
-    def stage(self, box: str | os.PathLike, content: bytes, uid: int = -1, gid: int = -1) -> Staged:
-        """Write `content` (LF line ends) to box/tmp/ and fsync it."""
-        name = unique_name(len(content), len(content) + content.count(b"\n"), self.host)
+    def open_dirs(self, user: str, box: str | os.PathLike | None = None) -> list[int]:
+        """Descriptors of the user's tmp/ and new/, opened without following
+        links (the whole path for a nested() Maildir, else the last step:
+        the levels above are root's)."""
+        box = box or self.layout.path(user)
+        if not self.layout.nested(user):
+            return _open_subdirs(box, "tmp", "new")
+        fd = os.open(self.layout.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            tmp_fd, new_fd = _open_subdirs(box, "tmp", "new")
+            for comp in self.layout.relative(user).parts:
+                child = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = child
+            tmp_fd = os.open("tmp", _DIR_FLAGS, dir_fd=fd)
+            try:
+                return [tmp_fd, os.open("new", _DIR_FLAGS, dir_fd=fd)]
+            except OSError:
+                os.close(tmp_fd)
+                raise
+        finally:
+            os.close(fd)
+
+    # -- messages --------------------------------------------------------
+    def stage(self, user: str, content: bytes, uid: int = -1, gid: int = -1) -> Staged:
+        """Write `content` (LF line ends) to the user's tmp/ and fsync it."""
+        name = unique_name(len(content), len(content) + content.count(b"\n"), self.host)
+        box = self.layout.path(user)
+        try:
+            tmp_fd, new_fd = self.open_dirs(user, box)
         except OSError as e:
             raise _classify(e)
         staged = Staged(name, tmp_fd, new_fd, f"{box}/new")
@@ -284,32 +316,38 @@ class MaildirWriter:
             raise _classify(e)
         staged.close()
 
+    def clean_tmp(self, user: str, max_age: float = TMP_MAX_AGE) -> int:
+        """clean_tmp() on the user's Maildir, reached as deliveries reach it."""
+        try:
+            tmp_fd, new_fd = self.open_dirs(user)
+        except OSError:
+            return 0
+        os.close(new_fd)
+        return clean_tmp(self.layout.path(user), max_age, tmp_fd=tmp_fd)
+
     def deliver(self, user: str, content: bytes, uid: int = -1, gid: int = -1) -> str:
         """Write, publish and sync into the user's Maildir (created on first
         use): returns the path in new/. Thread-safe; concurrent calls share
         directory fsyncs."""
-        box = self.layout.path(user)
         try:
-            staged = self.stage(box, content, uid, gid)
+            staged = self.stage(user, content, uid, gid)
         except FileNotFoundError:
             self.ensure_maildir(user, uid, gid)
-            staged = self.stage(box, content, uid, gid)
+            staged = self.stage(user, content, uid, gid)
         self.commit(staged)
         return staged.new_path
 
 
-def _mkdir(path: pathlib.Path, mode: int, uid: int, gid: int) -> bool:
-    """mkdir that tolerates a concurrent creator; True when we made it.
-    Mode and owner are set through a descriptor (no link is followed)."""
+def _mkdirat(dir_fd: int, name: str, mode: int) -> bool:
+    """mkdir relative to a directory descriptor, tolerating a concurrent
+    creator; True when we made it (its mode then set despite the umask)."""
     try:
-        os.mkdir(path, mode)
+        os.mkdir(name, mode, dir_fd=dir_fd)
     except FileExistsError:
         return False
-    fd = os.open(path, _DIR_FLAGS)
+    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
     try:
-        os.fchmod(fd, mode)  # umask
-        if uid >= 0 or gid >= 0:
-            os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)
     finally:
         os.close(fd)
     return True
@@ -322,14 +360,17 @@ def _unlink_quietly(name: str, dir_fd: int | None = None) -> None:
         pass
 
 
-def clean_tmp(box: str | os.PathLike, max_age: float = TMP_MAX_AGE, now: float | None = None) -> int:
-    """Remove regular files in box/tmp older than max_age seconds; returns the count."""
+def clean_tmp(box: str | os.PathLike, max_age: float = TMP_MAX_AGE, now: float | None = None,
+              tmp_fd: int | None = None) -> int:
+    """Remove regular files in box/tmp (or the directory `tmp_fd`, which is
+    then closed) older than max_age seconds; returns the count."""
     now = time.time() if now is None else now
     removed = 0
-    try:
-        [tmp_fd] = _open_subdirs(box, "tmp")
-    except OSError:
-        return 0
+    if tmp_fd is None:
+        try:
+            [tmp_fd] = _open_subdirs(box, "tmp")
+        except OSError:
+            return 0
     try:
         with os.scandir(tmp_fd) as entries:
             for entry in entries:

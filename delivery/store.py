@@ -23,7 +23,7 @@ from delivery.layout import LayoutError, check_user
 from delivery.lmtp import MessageReceived, Reply
 from delivery.replies import (R_BAD_ADDRESS, R_FROZEN, R_LOCAL_ERROR, R_LOOKUP_DOWN, R_LOOP, R_NO_USER,
                               R_RCPT_OK, R_STORAGE_DOWN, R_STORAGE_FULL, R_WRONG_HOST)
-from delivery.maildir import MaildirWriter, StorageFull, StorageUnavailable, clean_tmp
+from delivery.maildir import MaildirWriter, StorageFull, StorageUnavailable
 from delivery.users import LookupUnavailable, Recipient, UserLookup, user_from_address
 
 log = logging.getLogger("pdeliveryd")
@@ -168,23 +168,23 @@ class MailStore:
     def _write(self, rec: Recipient, content: bytes) -> str:
         """In an I/O thread: everything up to the durable commit."""
         path = self.writer.deliver(rec.name, content, rec.uid, rec.gid)
-        self._maybe_clean(os.path.dirname(os.path.dirname(path)))
+        self._maybe_clean(rec.name)
         return path
 
-    def _maybe_clean(self, box: str) -> None:
-        """In an I/O thread: scan box/tmp at most every TMP_CLEAN_EVERY."""
+    def _maybe_clean(self, user: str) -> None:
+        """In an I/O thread: scan the user's tmp/ at most every TMP_CLEAN_EVERY."""
         now = time.monotonic()
         with self._cleaned_lock:
-            last = self._cleaned.get(box)
+            last = self._cleaned.get(user)
             if last is not None and now - last < TMP_CLEAN_EVERY:
                 return
-            self._cleaned[box] = now
-            self._cleaned.move_to_end(box)
+            self._cleaned[user] = now
+            self._cleaned.move_to_end(user)
             while len(self._cleaned) > TMP_CLEAN_TRACKED:
                 self._cleaned.popitem(last=False)
-        n = clean_tmp(box, self.tmp_max_age)
+        n = self.writer.clean_tmp(user, self.tmp_max_age)
         if n:
-            log.info("removed %d stale file(s) from %s/tmp", n, box)
+            log.info("removed %d stale file(s) from the tmp/ of %s", n, user)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)

@@ -152,15 +152,18 @@ def test_received_queue_id():
     assert msg.received_queue_id(b"Subject: none\r\n\r\n") is None
 
 
-@pytest.mark.parametrize("swap", ["tmp", "new", "box"])
+@pytest.mark.parametrize("swap", ["tmp", "new"])
 def test_links_planted_by_the_user_are_not_followed(writer, tmp_path, swap):
     """The daemon runs as root in directories users own: a link in place of
-    tmp/, new/ or the Maildir must not send a write elsewhere."""
+    tmp/ or new/ must not send a write elsewhere. (The Maildir itself sits
+    in a root-owned 0755 level: its user cannot swap it.)"""
     writer.deliver("mallory", b"first\n", 3005, 3005)
     box = tmp_path / "m/a/l/mallory"
     target = tmp_path / "elsewhere"
     target.mkdir()
-    victim = box if swap == "box" else box / swap
+    st = os.stat(box.parent)
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o755)
+    victim = box / swap
     victim.rename(tmp_path / f"moved-{swap}")
     victim.symlink_to(target, target_is_directory=True)
     with pytest.raises(OSError) as e:
@@ -171,3 +174,32 @@ def test_links_planted_by_the_user_are_not_followed(writer, tmp_path, swap):
     old.write_bytes(b"x")
     os.utime(old, (0, 0))
     assert clean_tmp(box) == 0 and old.exists()
+
+
+def test_nested_maildirs_are_walked_without_links(writer, tmp_path):
+    """first3 puts `jjota` below the Maildir of `j` (j/j): `j` owns part of
+    jjota's path and may plant links there; they are not followed."""
+    layout = writer.layout
+    assert layout.nested("jjota") and not layout.nested("juan") and not layout.nested("j")
+    writer.deliver("j", b"to j\n", 3010, 3010)
+    writer.deliver("jjota", b"to jjota\n", 3011, 3011)
+    assert len(os.listdir(tmp_path / "j/j/o/jjota/new")) == 1
+    assert len(os.listdir(tmp_path / "j/j/new")) == 1
+    # j (who owns j/j) swaps the level j/j/o for a link to a place of its choosing
+    target = tmp_path / "elsewhere"
+    (target / "jjota" / "tmp").mkdir(parents=True)
+    (target / "jjota" / "new").mkdir()
+    (tmp_path / "j/j/o").rename(tmp_path / "j/j/o-moved")
+    (tmp_path / "j/j/o").symlink_to(target, target_is_directory=True)
+    with pytest.raises(OSError) as e:
+        writer.deliver("jjota", b"diverted?\n", 3011, 3011)
+    assert e.value.errno in (errno.ELOOP, errno.ENOTDIR)
+    assert os.listdir(target / "jjota" / "new") == [] and os.listdir(target / "jjota" / "tmp") == []
+    old = target / "jjota" / "tmp" / "old"
+    old.write_bytes(b"x")
+    os.utime(old, (0, 0))
+    assert writer.clean_tmp("jjota") == 0 and old.exists()
+    # and a new nested mailbox is not created through the link either
+    with pytest.raises(OSError):
+        writer.deliver("jjoyce", b"new box\n", 3012, 3012)
+    assert not (target / "y").exists()
