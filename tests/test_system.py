@@ -134,7 +134,8 @@ def test_pw1_cut_lookups_deliveries_and_logins_go_on_through_pw2(system):
         assert s.getent(names[1])[0] == 0
     after = {pw: requests_seen(s, pw) for pw in ("pw1", "pw2")}
     assert after["pw1"] - before["pw1"] >= 25
-    assert after["pw2"] - before["pw2"] <= 6          # a hedge or a probe, not the traffic
+    # pw2 sees at most hedges (a slow answer under load) and probes, not the traffic
+    assert 2 * (after["pw2"] - before["pw2"]) < after["pw1"] - before["pw1"]
 
 
 @pytest.mark.timeout(300)
