@@ -228,9 +228,12 @@ def load_config(args: argparse.Namespace) -> Config:
             cfg[key] = value
     if not cfg["passwd"]:
         raise ConfigError("no passwd file: give --passwd F (or passwd in [pwserver])")
-    threads = int(cfg["threads"])
-    if not 1 <= threads <= 32:
-        raise ConfigError("--threads must be 1..32")
+    try:
+        threads, poll_seconds = int(cfg["threads"]), float(cfg["poll_seconds"])
+    except (TypeError, ValueError):
+        raise ConfigError("threads must be an integer, poll_seconds a number") from None
+    if not 1 <= threads <= 32 or not poll_seconds > 0:
+        raise ConfigError("threads must be 1..32, poll_seconds > 0")
     allow = cfg["allow"]
     if isinstance(allow, str) or not all(isinstance(a, str) for a in allow):
         raise ConfigError("allow must be a list of CIDR strings")
@@ -239,7 +242,7 @@ def load_config(args: argparse.Namespace) -> Config:
         sources={k: os.path.abspath(cfg[k]) if cfg[k] else "" for k in SOURCES},
         shadow_key=read_key(cfg["shadow_key"], "shadow") if cfg["shadow_key"] else None,
         network_key=read_key(cfg["network_key"], "network") if cfg["network_key"] else None,
-        allow=list(allow), threads=threads, poll_seconds=float(cfg["poll_seconds"]),
+        allow=list(allow), threads=threads, poll_seconds=poll_seconds,
         syslog=cfg["syslog"], rule=rule)
 
 

@@ -313,3 +313,15 @@ def test_answers_leave_from_the_address_asked(tmp_path):
     run = subprocess.run(["unshare", "-n", "sh", "-c", f"ip link set lo up && {sys.executable} {script} "
                           f"{pathlib.Path(__file__).parent}"], capture_output=True, text=True, timeout=120)
     assert run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("toml", ['[pwserver]\nthreads = "many"\n', '[pwserver]\nthreads = 0\n',
+                                  '[pwserver]\nnosuchkey = 1\n', '[placement]\nrule = "nearest"\n',
+                                  '[pwserver]\nallow = "10.0.0.0/8"\n', 'not toml ['])
+def test_bad_settings_exit_2(tmp_path, toml):
+    paths = write_sources(tmp_path, USERS[:2])
+    conf = tmp_path / "pwmail.toml"
+    conf.write_text(toml)
+    run = subprocess.run([str(BIN / "pwserver"), "--config", str(conf), "--passwd", str(paths["passwd"]),
+                          "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 2 and any(line.startswith("pwserver: ") for line in run.stderr.splitlines())
