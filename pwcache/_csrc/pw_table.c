@@ -885,110 +885,13 @@ static int build_initgroups(pwt_table *t, const membership *ms, size_t nms)
     return 0;
 }
 
-/* ---- build --------------------------------------------------------------- */
+/* ---- build ------------------------------------------------------------- */
 
 static void set_err(char *err, size_t cap, const char *msg)
 {
     if (err && cap)
         snprintf(err, cap, "%s", msg);
 }
-
-/* Tables come and go whole: a fixed mmap threshold keeps glibc from
- * raising it after a free, so every big block of an old table goes back
- * to the system instead of staying in a heap. */
-static void fix_mmap_threshold(void)
-{
-    mallopt(M_MMAP_THRESHOLD, 256 * 1024);
-}
-
-pwt_table *pwt_build(const char *passwd, size_t passwd_len,
-                     const char *shadow, size_t shadow_len,
-                     const char *group, size_t group_len,
-                     const char *mailhosts, size_t mailhosts_len,
-                     const pwpl_rule *rule, char *err, size_t errcap)
-{
-    static pthread_once_t once = PTHREAD_ONCE_INIT;
-    pthread_once(&once, fix_mmap_threshold);
-    pwt_table *t = calloc(1, sizeof *t);
-    mh_map mh = {0};
-    membership *ms = NULL;
-    size_t nms = 0;
-    if (!t)
-        goto oom;
-    /* the rule's hosts get the same indexes in the table */
-    for (int i = 0; rule && i < pwpl_nhosts(rule); i++) {
-        size_t n;
-        const char *h = pwpl_host(rule, i, &n);
-        if (intern_host(t, h, n) != i)
-            goto oom;
-    }
-    if (load_mailhosts(t, &mh, mailhosts ? mailhosts : "", mailhosts ? mailhosts_len : 0) < 0 ||
-        load_passwd(t, &mh, rule, passwd ? passwd : "", passwd ? passwd_len : 0) < 0)
-        goto oom;
-    for (uint32_t i = 0; i < mh.n; i++)
-        t->st.mailhosts_unknown += mh.e[i].name_len && !mh.e[i].used;
-    free(mh.e);
-    free(mh.ix.slots);
-    mh.e = NULL;
-    mh.ix.slots = NULL;
-    if (load_shadow(t, shadow ? shadow : "", shadow ? shadow_len : 0) < 0 ||
-        load_group(t, group ? group : "", group ? group_len : 0, &ms, &nms) < 0 ||
-        build_initgroups(t, ms, nms) < 0)
-        goto oom;
-    free(ms);
-    arena_trim(&t->pw);
-    arena_trim(&t->sh);
-    arena_trim(&t->gr);
-    if (t->nusers < t->users_cap) {
-        user_t *u = realloc(t->users, (size_t)(t->nusers ? t->nusers : 1) * sizeof *u);
-        if (u) {
-            t->users = u;
-            t->users_cap = t->nusers;
-        }
-    }
-    size_t ngids = 0;
-    for (uint32_t i = 0; i < t->nusers; i++)
-        ngids += t->users[i].ngids;
-    t->st.bytes = t->pw.cap + t->sh.cap + t->gr.cap + t->hostbuf.cap +
-                  (size_t)t->users_cap * sizeof(user_t) +
-                  (size_t)t->ngroups * sizeof(group_t) + ngids * 4 +
-                  8 * ((size_t)t->by_name.mask + t->by_uid.mask +
-                       t->gr_by_name.mask + t->gr_by_gid.mask + 4);
-    return t;
-oom:
-    free(mh.e);
-    free(mh.ix.slots);
-    free(ms);
-    pwt_free(t);
-    set_err(err, errcap, "out of memory (or a source past 4 GiB)");
-    return NULL;
-}
-
-void pwt_free(pwt_table *t)
-{
-    if (!t)
-        return;
-    free(t->users);
-    free(t->groups);
-    free(t->pw.data);
-    free(t->sh.data);
-    free(t->gr.data);
-    free(t->hostbuf.data);
-    free(t->gids);
-    free(t->hosts);
-    free(t->by_name.slots);
-    free(t->by_uid.slots);
-    free(t->gr_by_name.slots);
-    free(t->gr_by_gid.slots);
-    free(t);
-}
-
-void pwt_get_stats(const pwt_table *t, pwt_load_stats *st)
-{
-    *st = t->st;
-}
-
-/* ---- files --------------------------------------------------------------- */
 
 /* Files are read, not mapped: a source truncated in place while it is
  * parsed would turn a mapping into SIGBUS; a read just sees a short file. */
@@ -1034,27 +937,161 @@ fail:
     return -1;
 }
 
+/* The four sources, each present only while it is parsed (the peak of a
+ * load is the table and the biggest file, not all of them). */
+enum { SRC_PASSWD, SRC_SHADOW, SRC_GROUP, SRC_MAILHOSTS, NSRC };
+
+typedef struct {
+    const char *path[NSRC]; /* read from files ... */
+    source_buf buf[NSRC];   /* ... or given */
+} sources;
+
+static int source_get(sources *src, int i, char *err, size_t errcap)
+{
+    return src->path[i] ? read_file(src->path[i], &src->buf[i], err, errcap) : 0;
+}
+
+static void source_drop(sources *src, int i)
+{
+    if (src->path[i]) {
+        free(src->buf[i].data);
+        src->buf[i].data = NULL;
+    }
+}
+
+static const char *source_data(const sources *src, int i)
+{
+    return src->buf[i].data ? src->buf[i].data : "";
+}
+
+/* Tables come and go whole: a fixed mmap threshold keeps glibc from
+ * raising it after a free, so every big block of an old table goes back
+ * to the system instead of staying in a heap. */
+static void fix_mmap_threshold(void)
+{
+    mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+}
+
+static pwt_table *build(sources *src, const pwpl_rule *rule, char *err, size_t errcap)
+{
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, fix_mmap_threshold);
+    pwt_table *t = calloc(1, sizeof *t);
+    mh_map mh = {0};
+    membership *ms = NULL;
+    size_t nms = 0;
+    set_err(err, errcap, "out of memory (or a source past 4 GiB)");
+    if (!t)
+        goto fail;
+    /* the rule's hosts get the same indexes in the table */
+    for (int i = 0; rule && i < pwpl_nhosts(rule); i++) {
+        size_t n;
+        const char *h = pwpl_host(rule, i, &n);
+        if (intern_host(t, h, n) != i)
+            goto fail;
+    }
+    if (source_get(src, SRC_MAILHOSTS, err, errcap) < 0 || source_get(src, SRC_PASSWD, err, errcap) < 0)
+        goto fail;
+    if (load_mailhosts(t, &mh, source_data(src, SRC_MAILHOSTS), src->buf[SRC_MAILHOSTS].len) < 0 ||
+        load_passwd(t, &mh, rule, source_data(src, SRC_PASSWD), src->buf[SRC_PASSWD].len) < 0)
+        goto fail;
+    for (uint32_t i = 0; i < mh.n; i++)
+        t->st.mailhosts_unknown += mh.e[i].name_len && !mh.e[i].used;
+    free(mh.e);
+    free(mh.ix.slots);
+    mh.e = NULL;
+    mh.ix.slots = NULL;
+    source_drop(src, SRC_MAILHOSTS);
+    source_drop(src, SRC_PASSWD);
+    if (source_get(src, SRC_SHADOW, err, errcap) < 0 ||
+        load_shadow(t, source_data(src, SRC_SHADOW), src->buf[SRC_SHADOW].len) < 0)
+        goto fail;
+    source_drop(src, SRC_SHADOW);
+    if (source_get(src, SRC_GROUP, err, errcap) < 0 ||
+        load_group(t, source_data(src, SRC_GROUP), src->buf[SRC_GROUP].len, &ms, &nms) < 0 ||
+        build_initgroups(t, ms, nms) < 0)
+        goto fail;
+    source_drop(src, SRC_GROUP);
+    free(ms);
+    arena_trim(&t->pw);
+    arena_trim(&t->sh);
+    arena_trim(&t->gr);
+    if (t->nusers < t->users_cap) {
+        user_t *u = realloc(t->users, (size_t)(t->nusers ? t->nusers : 1) * sizeof *u);
+        if (u) {
+            t->users = u;
+            t->users_cap = t->nusers;
+        }
+    }
+    size_t ngids = 0;
+    for (uint32_t i = 0; i < t->nusers; i++)
+        ngids += t->users[i].ngids;
+    t->st.bytes = t->pw.cap + t->sh.cap + t->gr.cap + t->hostbuf.cap +
+                  (size_t)t->users_cap * sizeof(user_t) +
+                  (size_t)t->ngroups * sizeof(group_t) + ngids * 4 +
+                  8 * ((size_t)t->by_name.mask + t->by_uid.mask +
+                       t->gr_by_name.mask + t->gr_by_gid.mask + 4);
+    set_err(err, errcap, "");
+    return t;
+fail:
+    for (int i = 0; i < NSRC; i++)
+        source_drop(src, i);
+    free(mh.e);
+    free(mh.ix.slots);
+    free(ms);
+    pwt_free(t);
+    return NULL;
+}
+
+pwt_table *pwt_build(const char *passwd, size_t passwd_len,
+                     const char *shadow, size_t shadow_len,
+                     const char *group, size_t group_len,
+                     const char *mailhosts, size_t mailhosts_len,
+                     const pwpl_rule *rule, char *err, size_t errcap)
+{
+    sources src = {.buf = {{(char *)passwd, passwd ? passwd_len : 0}, {(char *)shadow, shadow ? shadow_len : 0},
+                           {(char *)group, group ? group_len : 0},
+                           {(char *)mailhosts, mailhosts ? mailhosts_len : 0}}};
+    return build(&src, rule, err, errcap);
+}
+
 pwt_table *pwt_load_files(const char *passwd, const char *shadow,
                           const char *group, const char *mailhosts,
                           const pwpl_rule *rule, char *err, size_t errcap)
 {
-    source_buf f[4] = {{0}};
-    const char *paths[4] = {passwd, shadow, group, mailhosts};
-    pwt_table *t = NULL;
     if (!passwd || !*passwd) {
         set_err(err, errcap, "no passwd file given");
         return NULL;
     }
-    for (int i = 0; i < 4; i++)
-        if (read_file(paths[i], &f[i], err, errcap) < 0)
-            goto out;
-    t = pwt_build(f[0].data, f[0].len, f[1].data, f[1].len, f[2].data,
-                  f[2].len, f[3].data, f[3].len, rule, err, errcap);
-out:
-    for (int i = 0; i < 4; i++)
-        free(f[i].data);
-    return t;
+    sources src = {.path = {passwd, shadow && *shadow ? shadow : NULL,
+                            group && *group ? group : NULL, mailhosts && *mailhosts ? mailhosts : NULL}};
+    return build(&src, rule, err, errcap);
 }
+
+void pwt_free(pwt_table *t)
+{
+    if (!t)
+        return;
+    free(t->users);
+    free(t->groups);
+    free(t->pw.data);
+    free(t->sh.data);
+    free(t->gr.data);
+    free(t->hostbuf.data);
+    free(t->gids);
+    free(t->hosts);
+    free(t->by_name.slots);
+    free(t->by_uid.slots);
+    free(t->gr_by_name.slots);
+    free(t->gr_by_gid.slots);
+    free(t);
+}
+
+void pwt_get_stats(const pwt_table *t, pwt_load_stats *st)
+{
+    *st = t->st;
+}
+
 
 /* ---- lookups ------------------------------------------------------------- */
 
