@@ -40,15 +40,15 @@ def test_crypt_locked_and_weak_hashes_never_match(hashed):
 
 def test_crypt_unknown_user_costs_like_a_real_check():
     real = crypt.hash_password("pw", "$y$")
-    t0 = time.perf_counter()
-    for _ in range(3):
-        crypt.check_password("wrong", real)
-    t_real = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(3):
-        crypt.check_password("wrong", "!")
-    t_dummy = time.perf_counter() - t0
-    assert 0.4 < t_dummy / t_real < 2.5
+
+    def fastest(hashed: str) -> float:          # the least disturbed of 5 runs
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            crypt.check_password("wrong", hashed)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    assert 0.5 < fastest("!") / fastest(real) < 2.0
 
 
 def test_crypt_in_threads():
@@ -249,7 +249,7 @@ def test_pop3d_wrong_password_and_unknown_user_look_the_same(bed):
         answers.append(e.value.args[0])
         p.close()
     assert set(answers) == {b"-ERR [AUTH] Authentication failed."}
-    assert all(FAILURE_DELAY <= t < FAILURE_DELAY + 0.5 for t in times), times
+    assert all(FAILURE_DELAY <= t < FAILURE_DELAY + 1.0 for t in times), times
 
 
 def test_pop3d_sha512_user_and_auth_plain(bed):
