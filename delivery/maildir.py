@@ -403,3 +403,41 @@ def walk_maildirs(root: str | os.PathLike, max_depth: int = 4):
         if depth < max_depth:
             stack.extend((p, depth + 1) for p in subdirs
                          if os.path.basename(p) not in ("tmp", "new", "cur"))
+
+
+def clean_tree(root: str | os.PathLike, max_age: float = TMP_MAX_AGE, max_depth: int = 5) -> int:
+    """clean_tmp() in every Maildir under root, walking by descriptors that
+    never follow a link (for `pdeliveryd --clean-tmp`); returns the count."""
+    removed = 0
+
+    def visit(fd: int, depth: int) -> None:
+        nonlocal removed
+        with os.scandir(fd) as it:
+            subdirs = [e.name for e in it if e.is_dir(follow_symlinks=False)]
+        if "tmp" in subdirs and "new" in subdirs:
+            try:
+                tmp_fd = os.open("tmp", _DIR_FLAGS, dir_fd=fd)
+            except OSError:
+                tmp_fd = None
+            if tmp_fd is not None:
+                removed += clean_tmp("", max_age, tmp_fd=tmp_fd)
+        if depth >= max_depth:
+            return
+        for name in subdirs:
+            if name in ("tmp", "new", "cur"):
+                continue
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError:
+                continue
+            try:
+                visit(child, depth + 1)
+            finally:
+                os.close(child)
+
+    top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        visit(top, 0)
+    finally:
+        os.close(top)
+    return removed

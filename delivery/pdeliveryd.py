@@ -25,7 +25,7 @@ from delivery import config as dconfig
 from delivery.layout import SCHEMES, MailboxLayout
 from delivery.lmtp import (CLOSED, NEED_DATA, LMTPServerConnection, MessageReceived, PeerError,
                            RcptRequest, Reply)
-from delivery.maildir import ROOT_MARKER, MaildirWriter, clean_tmp, walk_maildirs
+from delivery.maildir import ROOT_MARKER, MaildirWriter, clean_tree
 from delivery.store import MailStore, RecipientCheck
 from delivery.users import PasswdFileLookup, PwserverLookup
 
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
         open(os.path.join(cfg["root"], ROOT_MARKER), "a").close()
         return 0
     if args.clean_tmp:
-        n = sum(clean_tmp(box, float(cfg["tmp_max_age"])) for box in walk_maildirs(cfg["root"]))
+        n = clean_tree(cfg["root"], float(cfg["tmp_max_age"]))
         log.info("removed %d stale tmp file(s) under %s", n, cfg["root"])
         return 0
     host, port = dconfig.parse_hostport(cfg["listen"] or "0.0.0.0", int(cfg["lmtp_port"]))

@@ -10,7 +10,7 @@ import pytest
 
 from delivery import message as msg
 from delivery.layout import MailboxLayout
-from delivery.maildir import (ROOT_MARKER, GroupSync, MaildirWriter, StorageUnavailable, clean_tmp,
+from delivery.maildir import (ROOT_MARKER, GroupSync, MaildirWriter, StorageUnavailable, clean_tmp, clean_tree,
                               unique_name, walk_maildirs)
 from delivery_util import NAME_RE
 
@@ -128,6 +128,16 @@ def test_clean_tmp_and_walk(writer, tmp_path):
     assert sorted(walk_maildirs(tmp_path)) == sorted([str(box), str(tmp_path / "j/o/jo")])
     assert clean_tmp(box) == 1
     assert not old.exists() and new.exists()
+    # the whole tree, by descriptors: a link in a level is not followed
+    os.utime(new, (0, 0))
+    elsewhere = tmp_path / "elsewhere" / "x"
+    (elsewhere / "tmp").mkdir(parents=True)
+    (elsewhere / "new").mkdir()
+    (elsewhere / "tmp" / "keep").write_bytes(b"k")
+    os.utime(elsewhere / "tmp" / "keep", (0, 0))
+    (tmp_path / "j/o/link").symlink_to(elsewhere.parent, target_is_directory=True)
+    assert clean_tree(tmp_path / "j") == 1
+    assert not new.exists() and (elsewhere / "tmp" / "keep").exists()
 
 
 def test_trace_headers_and_line_ends():

@@ -117,6 +117,8 @@ def test_many_sessions_at_once(bed):
 
 
 def test_tmp_cleaned_after_36_hours(tmp_path, bed):
+    with lmtp(bed) as c:
+        c.sendmail("a@x", ["ana@x"], b"Subject: first\r\n\r\nx\r\n")      # the Maildir exists
     box = bed["layout"].path("ana")
     old, fresh = box / "tmp" / "old.M1P1Q1.h", box / "tmp" / "fresh.M1P1Q2.h"
     old.write_bytes(b"x")
@@ -235,6 +237,8 @@ def test_mailhost_names_refuse_misrouted(tmp_path, bed):
 
 
 def test_clean_tmp_command(tmp_path, bed):
+    with lmtp(bed) as c:
+        c.sendmail("a@x", ["juan@x"], b"Subject: first\r\n\r\nx\r\n")     # the Maildir exists
     box = bed["layout"].path("juan")
     old = box / "tmp" / "stale"
     old.write_bytes(b"x")
