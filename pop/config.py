@@ -14,6 +14,7 @@ DEFAULTS: dict[str, Any] = {
     "listen": "0.0.0.0:110",
     "tls_cert": "",                   # PEM certificate chain: offer STLS when set
     "tls_key": "",
+    "tls_listen": "",                 # "HOST:PORT" for POP3S (implicit TLS, port 995); needs tls_cert
     "plaintext_auth": True,           # USER/PASS and AUTH PLAIN before STLS
     "backend_port": 110,              # for mailhosts given without a port
     "backends": {},                   # mailhost name -> "HOST:PORT" (optional map)

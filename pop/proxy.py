@@ -64,6 +64,9 @@ class ProxyServer:
     def protocol(self) -> "ClientSide":
         return ClientSide(self)
 
+    def tls_protocol(self) -> "ClientSide":
+        return ClientSide(self, implicit_tls=True)
+
     def backend_address(self, mailhost: str) -> tuple[str, int] | None:
         target = self.cfg["backends"].get(mailhost, mailhost)
         try:
@@ -127,8 +130,9 @@ class ProxyServer:
 class ClientSide(asyncio.Protocol):
     """One client connection: POP3 before login, relay after."""
 
-    def __init__(self, server: ProxyServer):
+    def __init__(self, server: ProxyServer, implicit_tls: bool = False):
         self.server = server
+        self.implicit_tls = implicit_tls   # POP3S: TLS from the first byte
         self.transport = None
         self.conn: ServerConnection | None = None
         self.addr, self.port = "?", 0
@@ -159,7 +163,7 @@ class ClientSide(asyncio.Protocol):
         srv.connections += 1
         srv.per_ip[self.addr] += 1
         self.counted = True
-        self.conn = ServerConnection(stls=self.server.tls_context is not None,
+        self.conn = ServerConnection(stls=self.server.tls_context is not None, tls_active=self.implicit_tls,
                                      plaintext_auth=cfg["plaintext_auth"])
         self.conn.send_greeting(GREETING)
         self._flush()
@@ -419,13 +423,24 @@ async def serve(args, cfg) -> None:
     sock = daemon.listening_socket(args.listen or cfg["listen"], 110)
     loop = asyncio.get_running_loop()
     srv = await loop.create_server(server.protocol, sock=sock, backlog=daemon.LISTEN_BACKLOG)
+    servers = [srv]
+    tls_listen = args.tls_listen or cfg["tls_listen"]
+    if tls_listen:
+        if ctx is None:
+            raise SystemExit("pop-proxy: --tls-listen needs --tls-cert and --tls-key")
+        tls_sock = daemon.listening_socket(tls_listen, 995)
+        servers.append(await loop.create_server(server.tls_protocol, sock=tls_sock, ssl=ctx,
+                                                backlog=daemon.LISTEN_BACKLOG,
+                                                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT))
+        daemon.announce("pop-proxy (POP3S)", tls_sock)
     daemon.announce("pop-proxy", sock)
-    log.info("serving on %s (STLS %s, splice %s)", sock.getsockname(), "on" if ctx else "off",
-             "on" if server.use_splice else "off")
+    log.info("serving on %s (STLS %s, POP3S %s, splice %s)", sock.getsockname(), "on" if ctx else "off",
+             tls_listen or "off", "on" if server.use_splice else "off")
     try:
         await daemon.wait_for_signal()
     finally:
-        srv.close()
+        for s in servers:
+            s.close()
         log.info("stopping: %s", dict(server.stats))
         await pw.close()
 
@@ -436,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend-port", type=int, help="port of backends given without one (default [pop] backend_port)")
     p.add_argument("--tls-cert", help="PEM certificate chain for STLS (default [pop] tls_cert)")
     p.add_argument("--tls-key", help="PEM private key for STLS (default [pop] tls_key)")
+    p.add_argument("--tls-listen", help="HOST:PORT for POP3S, TLS from the start (default [pop] tls_listen, off)")
     p.add_argument("--pwserver-conf", help="client configuration (default $PWSERVER_CONF or /etc/pwserver.conf)")
     p.add_argument("--config", help="settings file (default $PWMAIL_CONF or /etc/pwmail.toml)")
     p.add_argument("--stderr", action="store_true", help="also log to stderr")

@@ -288,6 +288,19 @@ def test_stls_and_login_inside_tls(bed):
     p.quit()
 
 
+def test_pop3s_implicit_tls(bed, tmp_path):
+    settings = bed["settings"] + 'tls_listen = "127.0.0.1:0"\n'
+    with start_proxy(bed["tmp"], bed["conf"], settings, name="proxy-pop3s") as proxy:
+        m = re.search(r"pop-proxy \(POP3S\): ready on (\S+):(\d+)", proxy.output())
+        p = poplib.POP3_SSL(m.group(1), int(m.group(2)), context=tls_context(bed), timeout=10)
+        caps = p.capa()
+        assert "STLS" not in caps and "USER" in caps
+        p.user("tls")
+        p.pass_(USERS["tls"][0])
+        assert p.stat()[0] >= 0
+        p.quit()
+
+
 def test_stls_command_injection_is_ignored(bed):
     with socket.create_connection(bed["proxy"].address, timeout=10) as raw:
         read_reply(raw)
