@@ -82,3 +82,15 @@ def test_million_users_reload_under_load(tmp_path):
         after = stats(srv.addr)
         assert after["users"] == N and after["generation"] >= 3
         assert srv.stop() == 0
+
+
+@pytest.mark.slow
+def test_million_users_passwd_only_memory(tmp_path):
+    # the budget holds for any set of sources, the smallest being passwd alone
+    passwd = write_many_users(tmp_path, N)["passwd"]
+    budget = 1.3 * os.path.getsize(passwd) + 40 * MiB
+    with Server({"passwd": passwd}, timeout=120) as srv:
+        assert srv.users == N
+        rss = rss_bytes(srv.proc.pid)
+        print(f"\n1M users, passwd only: RSS {rss / MiB:.0f} MiB (budget {budget / MiB:.0f} MiB)")
+        assert rss < budget

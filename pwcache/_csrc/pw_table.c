@@ -32,22 +32,24 @@ typedef struct {
 
 typedef struct {
     uint64_t *slots; /* see index_probe */
-    uint32_t mask;
+    uint32_t cap;    /* any size: positions are (hash * cap) >> 32 */
 } index_t;
 
+/* 20 bytes a user: the name and uid are read from the record itself. */
 typedef struct {
-    uint32_t name_off;  /* in t->pw: inside the passwd record, or a bare copy */
-    uint32_t pw_off;
+    uint32_t pw_off;    /* in t->pw: the passwd record, or (pw_len 0) the name
+                           alone as a msgpack str; DEAD: a duplicate */
     uint32_t sh_off;
     uint32_t gids_off;  /* in t->gids */
-    uint32_t uid;
     uint16_t pw_len;    /* 0: no passwd record (a group member only) */
     uint16_t sh_len;    /* 0: no shadow record */
     uint16_t ngids;
-    uint16_t host;
-    uint8_t name_len;
-    uint8_t frozen;
+    uint16_t host;      /* index in t->hosts or NO_HOST; FROZEN bit */
 } user_t;
+
+#define DEAD UINT32_MAX
+#define NO_HOST 0x7fffu
+#define FROZEN 0x8000u
 
 typedef struct {
     uint32_t name_off;  /* in t->gr */
@@ -115,14 +117,31 @@ static uint64_t mix64(uint64_t x)
     return x;
 }
 
+/* Room for n entries at a load of at most 3/4 (probes stay within a cache
+ * line or two: 8 slots a line). */
 static int index_init(index_t *ix, size_t n)
 {
-    size_t cap = 16;
-    while (cap < 2 * n)
-        cap *= 2;
+    size_t cap = n + n / 3 + 16;
+    if (cap > UINT32_MAX)
+        return -1;
     ix->slots = calloc(cap, sizeof *ix->slots);
-    ix->mask = (uint32_t)(cap - 1);
+    ix->cap = (uint32_t)cap;
     return ix->slots ? 0 : -1;
+}
+
+static inline uint32_t index_pos(const index_t *ix, uint64_t h)
+{
+    return (uint32_t)(((h & 0xffffffffu) * ix->cap) >> 32);
+}
+
+static inline uint32_t index_next(const index_t *ix, uint32_t j)
+{
+    return j + 1 < ix->cap ? j + 1 : 0;
+}
+
+static inline int index_full(const index_t *ix, uint32_t count)
+{
+    return (uint64_t)count * 4 > (uint64_t)ix->cap * 3;
 }
 
 /* A slot holds (tag << 32) | (entry + 1); 0 is empty. The tag is the key's
@@ -135,12 +154,12 @@ typedef int (*same_fn)(const void *ctx, uint32_t i, const void *key, size_t n);
 static inline uint32_t index_probe(const index_t *ix, uint64_t h, uint32_t tag, same_fn same,
                                    const void *ctx, const void *key, size_t n, uint32_t *empty)
 {
-    uint32_t j = (uint32_t)h & ix->mask;
+    uint32_t j = index_pos(ix, h);
     uint64_t v;
     while ((v = ix->slots[j])) {
         if ((uint32_t)(v >> 32) == tag && (!same || same(ctx, (uint32_t)v - 1, key, n)))
             return (uint32_t)v - 1;
-        j = (j + 1) & ix->mask;
+        j = index_next(ix, j);
     }
     if (empty)
         *empty = j;
@@ -152,24 +171,24 @@ static inline void index_set(index_t *ix, uint32_t j, uint32_t tag, uint32_t i)
     ix->slots[j] = (uint64_t)tag << 32 | (i + 1);
 }
 
-/* Grows (rehashes) when more than half full; `hash_of` recomputes where
+/* Grows (rehashes) when more than 3/4 full; `hash_of` recomputes where
  * an entry goes (tags stay). */
 typedef uint64_t (*hash_fn)(const void *ctx, uint32_t i);
 
 static int index_grow(index_t *ix, uint32_t count, const void *ctx, hash_fn hash_of)
 {
-    if ((uint64_t)count * 2 < (uint64_t)ix->mask + 1)
+    if (!index_full(ix, count))
         return 0;
     index_t bigger;
     if (index_init(&bigger, (size_t)count * 2) < 0)
         return -1;
-    for (uint32_t s = 0; s <= ix->mask; s++) {
+    for (uint32_t s = 0; s < ix->cap; s++) {
         uint64_t v = ix->slots[s];
         if (!v)
             continue;
-        uint32_t j = (uint32_t)hash_of(ctx, (uint32_t)v - 1) & bigger.mask;
+        uint32_t j = index_pos(&bigger, hash_of(ctx, (uint32_t)v - 1));
         while (bigger.slots[j])
-            j = (j + 1) & bigger.mask;
+            j = index_next(&bigger, j);
         bigger.slots[j] = v;
     }
     free(ix->slots);
@@ -203,7 +222,7 @@ static void index_fill(index_t *ix, uint32_t count, void *ctx, key_fn key_of, sa
         if (i + FILL_AHEAD < count) {
             ikey ahead = key_of(ctx, i + FILL_AHEAD);
             if (ahead.n)
-                __builtin_prefetch(&ix->slots[(uint32_t)ahead.h & ix->mask]);
+                __builtin_prefetch(&ix->slots[index_pos(ix, ahead.h)]);
         }
         ikey k = key_of(ctx, i);
         uint32_t slot = 0;
@@ -227,9 +246,16 @@ static inline uint64_t id_hash(uint32_t id)
     return mix64((uint64_t)id + 0x9e3779b97f4a7c15ull);
 }
 
-static inline const char *user_name(const pwt_table *t, const user_t *u)
+/* The name of an entry: the first string of its record, or its bare str. */
+static inline const char *user_name(const pwt_table *t, const user_t *u, size_t *n)
 {
-    return (const char *)t->pw.data + u->name_off;
+    const uint8_t *p = t->pw.data + u->pw_off + (u->pw_len ? 1 : 0); /* array header */
+    if (p[0] == 0xd9) {
+        *n = p[1];
+        return (const char *)p + 2;
+    }
+    *n = p[0] & 0x1f;
+    return (const char *)p + 1;
 }
 
 static inline const char *group_name(const pwt_table *t, const group_t *g)
@@ -241,7 +267,11 @@ static int user_same(const void *ctx, uint32_t i, const void *key, size_t n)
 {
     const pwt_table *t = ctx;
     const user_t *u = &t->users[i];
-    return u->name_len == n && memcmp(user_name(t, u), key, n) == 0;
+    size_t len;
+    if (u->pw_off == DEAD)
+        return 0;
+    const char *name = user_name(t, u, &len);
+    return len == n && memcmp(name, key, n) == 0;
 }
 
 static int group_same(const void *ctx, uint32_t i, const void *key, size_t n)
@@ -277,7 +307,9 @@ static uint32_t find_group(const pwt_table *t, const char *name, size_t n)
 static uint64_t user_name_hash(const void *ctx, uint32_t i)
 {
     const pwt_table *t = ctx;
-    return name_hash(user_name(t, &t->users[i]), t->users[i].name_len);
+    size_t n;
+    const char *name = user_name(t, &t->users[i], &n);
+    return name_hash(name, n);
 }
 
 /* ---- line parsing -------------------------------------------------------- */
@@ -532,21 +564,33 @@ static int add_user_slot(pwt_table *t)
 static ikey user_key(const void *ctx, uint32_t i)
 {
     const pwt_table *t = ctx;
-    return name_key(user_name(t, &t->users[i]), t->users[i].name_len);
+    size_t n;
+    if (t->users[i].pw_off == DEAD)
+        return (ikey){0, 0, NULL, 0};
+    const char *name = user_name(t, &t->users[i], &n);
+    return name_key(name, n);
 }
 
 static void user_dup(void *ctx, uint32_t i)
 {
     pwt_table *t = ctx;
-    t->users[i].name_len = 0; /* never found, never listed */
+    t->users[i].pw_off = DEAD; /* never found, never listed */
     t->users[i].pw_len = 0;
     t->st.passwd_dup_name++;
 }
 
 static ikey uid_key(const void *ctx, uint32_t i)
 {
-    const user_t *u = &((const pwt_table *)ctx)->users[i];
-    return (ikey){id_hash(u->uid), u->uid, NULL, u->pw_len ? 1 : 0};
+    const pwt_table *t = ctx;
+    const user_t *u = &t->users[i];
+    pwp_reader r;
+    pw_passwd_view v;
+    if (!u->pw_len)
+        return (ikey){0, 0, NULL, 0};
+    pwp_reader_init(&r, t->pw.data + u->pw_off, u->pw_len);
+    if (pw_get_passwd(&r, &v) < 0)
+        return (ikey){0, 0, NULL, 0}; /* cannot happen: we packed it */
+    return (ikey){id_hash((uint32_t)v.uid), (uint32_t)v.uid, NULL, 1};
 }
 
 static void uid_dup(void *ctx, uint32_t i)
@@ -621,13 +665,7 @@ static int load_passwd(pwt_table *t, mh_map *mh, const pwpl_rule *rule,
         memset(u, 0, sizeof *u);
         u->pw_off = (uint32_t)t->pw.len;
         u->pw_len = (uint16_t)b.len;
-        u->name_off = u->pw_off + 1 + (f[0].n < 32 ? 1 : 2); /* array, str header */
-        u->name_len = (uint8_t)f[0].n;
-        u->uid = uid;
-        u->host = host >= 0 ? (uint16_t)host : 0;
-        u->frozen = (uint8_t)frozen;
-        if (host < 0)
-            u->host = UINT16_MAX; /* no host: "" */
+        u->host = (uint16_t)((host >= 0 ? (unsigned)host : NO_HOST) | (frozen ? FROZEN : 0));
         t->pw.len += b.len;
         t->nusers++;
     }
@@ -705,20 +743,21 @@ static uint32_t member_entry(pwt_table *t, const char *name, size_t n, uint64_t 
     uint32_t slot = 0, i = index_probe(&t->by_name, h, (uint32_t)(h >> 32), user_same, t, name, n, &slot);
     if (i != NONE)
         return i;
-    if (add_user_slot(t) < 0 || arena_reserve(&t->pw, n) < 0)
+    if (add_user_slot(t) < 0 || arena_reserve(&t->pw, n + 2) < 0)
         return NONE - 1;
-    if ((uint64_t)(t->nusers + 1) * 2 >= (uint64_t)t->by_name.mask + 1) {
+    if (index_full(&t->by_name, t->nusers + 1)) {
         if (index_grow(&t->by_name, t->nusers + 1, t, user_name_hash) < 0)
             return NONE - 1;
         index_probe(&t->by_name, h, (uint32_t)(h >> 32), user_same, t, name, n, &slot); /* where it goes now */
     }
     user_t *u = &t->users[t->nusers];
     memset(u, 0, sizeof *u);
-    u->name_off = (uint32_t)t->pw.len;
-    u->name_len = (uint8_t)n;
-    u->host = UINT16_MAX;
-    memcpy(t->pw.data + t->pw.len, name, n);
-    t->pw.len += n;
+    u->pw_off = (uint32_t)t->pw.len;
+    u->host = NO_HOST;
+    pwp_buf b; /* the name alone, as a msgpack str (see user_name) */
+    pwp_init(&b, t->pw.data + t->pw.len, n + 2);
+    pwp_put_str(&b, name, n);
+    t->pw.len += b.len;
     index_set(&t->by_name, slot, (uint32_t)(h >> 32), t->nusers);
     return t->nusers++;
 }
@@ -739,16 +778,16 @@ static inline void prefetch_member(const pwt_table *t, const member_ref *r, uint
 {
     const index_t *ix = &t->by_name;
     if (k + 3 * PREFETCH_STEP < n)
-        __builtin_prefetch(&ix->slots[(uint32_t)r[k + 3 * PREFETCH_STEP].h & ix->mask]);
+        __builtin_prefetch(&ix->slots[index_pos(ix, r[k + 3 * PREFETCH_STEP].h)]);
     if (k + 2 * PREFETCH_STEP < n) {
-        uint64_t v = ix->slots[(uint32_t)r[k + 2 * PREFETCH_STEP].h & ix->mask];
+        uint64_t v = ix->slots[index_pos(ix, r[k + 2 * PREFETCH_STEP].h)];
         if (v)
             __builtin_prefetch(&t->users[(uint32_t)v - 1]);
     }
     if (k + PREFETCH_STEP < n) {
-        uint64_t v = ix->slots[(uint32_t)r[k + PREFETCH_STEP].h & ix->mask];
+        uint64_t v = ix->slots[index_pos(ix, r[k + PREFETCH_STEP].h)];
         if (v)
-            __builtin_prefetch(t->pw.data + t->users[(uint32_t)v - 1].name_off);
+            __builtin_prefetch(t->pw.data + t->users[(uint32_t)v - 1].pw_off);
     }
 }
 
@@ -1029,8 +1068,8 @@ static pwt_table *build(sources *src, const pwpl_rule *rule, char *err, size_t e
     t->st.bytes = t->pw.cap + t->sh.cap + t->gr.cap + t->hostbuf.cap +
                   (size_t)t->users_cap * sizeof(user_t) +
                   (size_t)t->ngroups * sizeof(group_t) + ngids * 4 +
-                  8 * ((size_t)t->by_name.mask + t->by_uid.mask +
-                       t->gr_by_name.mask + t->gr_by_gid.mask + 4);
+                  8 * ((size_t)t->by_name.cap + t->by_uid.cap + t->gr_by_name.cap +
+                       t->gr_by_gid.cap);
     set_err(err, errcap, "");
     return t;
 fail:
@@ -1147,14 +1186,15 @@ int pwt_mailhost(const pwt_table *t, const char *name, size_t n,
     if (i == NONE || !t->users[i].pw_len)
         return -1;
     const user_t *u = &t->users[i];
-    if (u->host == UINT16_MAX) {
+    unsigned h = u->host & ~FROZEN;
+    if (h == NO_HOST) {
         *host = "";
         *host_len = 0;
     } else {
-        *host = (const char *)t->hostbuf.data + t->hosts[u->host].off;
-        *host_len = t->hosts[u->host].len;
+        *host = (const char *)t->hostbuf.data + t->hosts[h].off;
+        *host_len = t->hosts[h].len;
     }
-    *frozen = u->frozen;
+    *frozen = (u->host & FROZEN) != 0;
     return 0;
 }
 

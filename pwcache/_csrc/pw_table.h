@@ -21,7 +21,7 @@
 
 #define PWT_MAX_USER_GROUPS 65535
 #define PWT_MAX_LINE 65535      /* longer passwd/shadow lines are malformed */
-#define PWT_MAX_HOSTS 65535
+#define PWT_MAX_HOSTS 32767
 
 /* cffi: begin (build_pwtable.py reads this part as its cdef) */
 typedef struct pwt_table pwt_table;
