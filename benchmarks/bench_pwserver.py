@@ -118,14 +118,17 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=100_000)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--sizes", default="100000,1000000")
+    ap.add_argument("--memory-only", action="store_true", help="skip the throughput runs")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = pathlib.Path(tmp)
         bins = build(work)
-        src = work / "qps"
-        src.mkdir()
-        paths = write_many_users(src, args.users)
-        rows = throughput(bins, paths, args.users, args.seconds)
+        rows = []
+        if not args.memory_only:
+            src = work / "qps"
+            src.mkdir()
+            paths = write_many_users(src, args.users)
+            rows = throughput(bins, paths, args.users, args.seconds)
         mem = load_and_memory(work, [int(x) for x in args.sizes.split(",") if x])
     print("| placement | server | in flight (x2 procs) | answers/s | windows re-primed |")
     print("|---|---|---|---|---|")
