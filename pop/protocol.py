@@ -103,7 +103,6 @@ TRANSACTION_COMMANDS = {
     "STAT": (0, 0), "LIST": (0, 1), "RETR": (1, 1), "DELE": (1, 1),
     "NOOP": (0, 0), "RSET": (0, 0), "TOP": (2, 2), "UIDL": (0, 1), "QUIT": (0, 0),
 }
-AUTHORIZATION_COMMANDS = {"USER", "PASS", "AUTH", "CAPA", "QUIT", "STLS", "XCLIENT"}
 
 _OK = b"+OK"
 _ERR = b"-ERR"
@@ -318,48 +317,54 @@ class ServerConnection:
         if not verb or len(verb) > MAX_VERB or not verb.isascii() or not verb.isalpha():
             return self._bad("Unknown command")
         verb = verb.upper()
-        if self.state is State.AUTHORIZATION:
-            return self._authorization(verb, rest)
-        return self._transaction(verb, rest)
+        handler = _HANDLERS[self.state].get(verb)
+        if handler is None:
+            other = State.TRANSACTION if self.state is State.AUTHORIZATION else State.AUTHORIZATION
+            if verb in _HANDLERS[other]:
+                return self._bad("Not logged in" if self.state is State.AUTHORIZATION else "Already logged in")
+            return self._bad("Unknown command")
+        return handler(self, verb, rest)
 
     # AUTHORIZATION state ---------------------------------------------------------------
-    def _authorization(self, verb: str, rest: str):
-        if verb not in AUTHORIZATION_COMMANDS:
-            if verb in TRANSACTION_COMMANDS:
-                return self._bad("Not logged in")
-            return self._bad("Unknown command")
-        if verb == "CAPA":
-            self._reply_capa()
-            return None
-        if verb == "QUIT":
-            self._out += _response(_OK, "Bye.", None)
-            self.state = State.CLOSED
-            return Closed()
-        if verb == "STLS":
-            if rest:
-                return self._bad("STLS takes no argument")
-            if not self._stls_offered:
-                return self._bad("TLS already active" if self.tls_active else "STLS not available")
-            return StartTLS()
-        if verb == "XCLIENT":
-            return self._xclient_command(rest)
+    def _capa(self, verb: str, rest: str):
+        self._reply_capa()
+        return None
+
+    def _quit_early(self, verb: str, rest: str):
+        self._out += _response(_OK, "Bye.", None)
+        self.state = State.CLOSED
+        return Closed()
+
+    def _stls(self, verb: str, rest: str):
+        if rest:
+            return self._bad("STLS takes no argument")
+        if not self._stls_offered:
+            return self._bad("TLS already active" if self.tls_active else "STLS not available")
+        return StartTLS()
+
+    def _user_command(self, verb: str, rest: str):
         if not self.auth_allowed:
             return self._bad("Plaintext authentication disallowed, use STLS first", "AUTH")
-        if verb == "USER":
-            if not rest or " " in rest or len(rest.encode()) > MAX_ARG:
-                self._user = None
-                return self._bad("Invalid user name")
-            self._user = rest
-            self._out += _response(_OK, "", None)
-            return None
-        if verb == "PASS":
-            user, self._user = self._user, None
-            if user is None:
-                return self._bad("No user given, send USER first")
-            if not rest or len(rest.encode()) > MAX_ARG:
-                return self._bad("Invalid password", "AUTH")
-            return Login(user, rest, "USER")
-        # AUTH
+        if not rest or " " in rest or len(rest.encode()) > MAX_ARG:
+            self._user = None
+            return self._bad("Invalid user name")
+        self._user = rest
+        self._out += _response(_OK, "", None)
+        return None
+
+    def _pass_command(self, verb: str, rest: str):
+        if not self.auth_allowed:
+            return self._bad("Plaintext authentication disallowed, use STLS first", "AUTH")
+        user, self._user = self._user, None
+        if user is None:
+            return self._bad("No user given, send USER first")
+        if not rest or len(rest.encode()) > MAX_ARG:
+            return self._bad("Invalid password", "AUTH")
+        return Login(user, rest, "USER")
+
+    def _auth_command(self, verb: str, rest: str):
+        if not self.auth_allowed:
+            return self._bad("Plaintext authentication disallowed, use STLS first", "AUTH")
         self._user = None
         mech, _, initial = rest.partition(" ")
         if not mech:
@@ -387,7 +392,7 @@ class ServerConnection:
             return self._bad("Authorization identity not supported", "AUTH")
         return Login(user, password, "PLAIN")
 
-    def _xclient_command(self, rest: str):
+    def _xclient_command(self, verb: str, rest: str):
         if not self._xclient or self._xclient_done or self._user is not None:
             return self._bad("Unknown command")
         attrs = {}
@@ -406,16 +411,8 @@ class ServerConnection:
 
     # TRANSACTION state ------------------------------------------------------------------
     def _transaction(self, verb: str, rest: str):
-        if verb == "CAPA":
-            self._reply_capa()
-            return None
-        limits = TRANSACTION_COMMANDS.get(verb)
-        if limits is None:
-            if verb in AUTHORIZATION_COMMANDS:
-                return self._bad("Already logged in")
-            return self._bad("Unknown command")
+        lo, hi = TRANSACTION_COMMANDS[verb]
         args = rest.split(" ") if rest else []
-        lo, hi = limits
         if not lo <= len(args) <= hi:
             return self._bad(f"Wrong number of arguments for {verb}")
         numbers = tuple(_number(a) for a in args)
@@ -516,3 +513,20 @@ class ServerConnection:
         self._user = None
         self.tls_active = True
         self._stls_offered = False
+
+
+# The state machine: which command is handled how in which state. A verb
+# listed only for the other state gets "Not logged in" / "Already logged in".
+_HANDLERS = {
+    State.AUTHORIZATION: {
+        "CAPA": ServerConnection._capa, "QUIT": ServerConnection._quit_early,
+        "STLS": ServerConnection._stls, "XCLIENT": ServerConnection._xclient_command,
+        "USER": ServerConnection._user_command, "PASS": ServerConnection._pass_command,
+        "AUTH": ServerConnection._auth_command,
+    },
+    State.TRANSACTION: {
+        "CAPA": ServerConnection._capa,
+        **{verb: ServerConnection._transaction for verb in TRANSACTION_COMMANDS},
+    },
+    State.CLOSED: {},
+}
