@@ -292,15 +292,20 @@ from pwserver_util import Server, request, write_sources
 import pathlib, tempfile
 d = pathlib.Path(tempfile.mkdtemp())
 paths = write_sources(d, [("alice", 1000)])
-with Server(paths, "--allow", "127.0.0.0/8", listen="0.0.0.0:0") as s:
-    for dst in ("127.0.0.2", "127.0.0.3"):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            u.settimeout(5)
-            u.sendto(request("passwd", "alice"), (dst, s.port))
-            data, src = u.recvfrom(9000)
-            assert src == (dst, s.port), (src, dst)
-            assert msgpack.unpackb(data)[3][0] == "alice"
+for listen in ("0.0.0.0:0", "[::]:0"):  # IPv4, and IPv6 with IPv4 mapped
+    with Server(paths, "--allow", "127.0.0.0/8", "--allow", "::1/128", listen=listen) as s:
+        for family, src_addr, dst in ((socket.AF_INET, "127.0.0.1", "127.0.0.2"),
+                                      (socket.AF_INET, "127.0.0.1", "127.0.0.3"),
+                                      (socket.AF_INET6, "::1", "::1")):
+            if family == socket.AF_INET6 and listen.startswith("0"):
+                continue
+            with socket.socket(family, socket.SOCK_DGRAM) as u:
+                u.bind((src_addr, 0))
+                u.settimeout(5)
+                u.sendto(request("passwd", "alice"), (dst, s.port))
+                data, src = u.recvfrom(9000)
+                assert src[:2] == (dst, s.port), (listen, src, dst)
+                assert msgpack.unpackb(data)[3][0] == "alice"
 print("ok")
 """
 
