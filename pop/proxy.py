@@ -370,6 +370,7 @@ class ClientSide(asyncio.Protocol):
         if to_backend:
             relay.from_client(to_backend)
         self.transport.resume_reading()
+        backend.transport.resume_reading()   # in case the login exchange paused it
 
     def _relay_closed(self, error) -> None:
         if error is not None:
