@@ -584,13 +584,17 @@ static ikey uid_key(const void *ctx, uint32_t i)
     const pwt_table *t = ctx;
     const user_t *u = &t->users[i];
     pwp_reader r;
-    pw_passwd_view v;
+    uint32_t n;
+    const char *str;
+    uint64_t uid;
     if (!u->pw_len)
         return (ikey){0, 0, NULL, 0};
+    /* [name, passwd, uid, ...]: we packed it, so it reads */
     pwp_reader_init(&r, t->pw.data + u->pw_off, u->pw_len);
-    if (pw_get_passwd(&r, &v) < 0)
-        return (ikey){0, 0, NULL, 0}; /* cannot happen: we packed it */
-    return (ikey){id_hash((uint32_t)v.uid), (uint32_t)v.uid, NULL, 1};
+    if (pwp_get_array(&r, &n) < 0 || pwp_get_str(&r, &str, &n) < 0 ||
+        pwp_get_str(&r, &str, &n) < 0 || pwp_get_uint(&r, &uid) < 0)
+        return (ikey){0, 0, NULL, 0};
+    return (ikey){id_hash((uint32_t)uid), (uint32_t)uid, NULL, 1};
 }
 
 static void uid_dup(void *ctx, uint32_t i)
@@ -625,7 +629,8 @@ static int load_passwd(pwt_table *t, mh_map *mh, const pwpl_rule *rule,
             continue;
         }
         int host = -1, frozen = 0;
-        uint32_t m = mh_next < mh->n && mh_same(mh, mh_next, f[0].p, f[0].n)
+        uint32_t m = !mh->n ? NONE
+                     : mh_next < mh->n && mh_same(mh, mh_next, f[0].p, f[0].n)
                          ? mh_next /* the map is often in passwd order */
                          : find_name(&mh->ix, mh_same, mh, f[0].p, f[0].n);
         mh_next = m + 1;
