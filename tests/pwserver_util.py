@@ -155,10 +155,10 @@ class TcpConn:
 
     def exchange(self, packet: bytes) -> bytes | None:
         self.s.sendall(struct.pack(">I", len(packet)) + packet)
-        head = self._recv(4)
+        head = self.recv_exact(4)
         if head is None:
             return None
-        return self._recv(struct.unpack(">I", head)[0])
+        return self.recv_exact(struct.unpack(">I", head)[0])
 
     def query(self, op, arg=None) -> list:
         rid = secrets.randbits(64)
@@ -166,7 +166,7 @@ class TcpConn:
         assert answer[:2] == [1, rid]
         return answer
 
-    def _recv(self, n: int) -> bytes | None:
+    def recv_exact(self, n: int) -> bytes | None:
         buf = bytearray()
         while len(buf) < n:
             chunk = self.s.recv(n - len(buf))
