@@ -50,6 +50,7 @@ TCP_MAX_PENDING_OUT = 4 * 1024 * 1024  # stop reading a connection past this
 UDP_RCVBUF = 4 * 1024 * 1024
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux
 RELOAD_NICE = 10
+COUNTERS_LOG_SECONDS = 600  # the packet counters go to the log this often
 
 log = logging.getLogger("pwserver")
 
@@ -499,6 +500,10 @@ class TcpServer:
 # ---- the daemon -----------------------------------------------------------
 
 
+def format_counters(counters: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in counters.items() if v) or "none"
+
+
 def notify_ready() -> None:
     """sd_notify(READY=1) when started by a service manager that asks."""
     path = os.environ.get("NOTIFY_SOCKET")
@@ -575,6 +580,7 @@ def serve(cfg: Config) -> int:
     notify_ready()
 
     next_poll = time.monotonic() + cfg.poll_seconds
+    next_counters = time.monotonic() + COUNTERS_LOG_SECONDS
     while not stopping.is_set():
         wake.wait(timeout=max(0.05, next_poll - time.monotonic()))
         wake.clear()
@@ -589,6 +595,9 @@ def serve(cfg: Config) -> int:
             if loader.changed():
                 log.info("a source file changed: reloading")
                 loader.request()
+        if time.monotonic() >= next_counters:
+            next_counters = time.monotonic() + COUNTERS_LOG_SECONDS
+            log.info("counters: %s", format_counters(core.counters()))
 
     log.info("stopping")
     core.stop()
@@ -598,8 +607,7 @@ def serve(cfg: Config) -> int:
         core.release(slot)
     tcp_server.join()
     loader.stop()
-    counters = core.counters()
-    log.info("stopped; counters: %s", ", ".join(f"{k}={v}" for k, v in counters.items() if v))
+    log.info("stopped; counters: %s", format_counters(core.counters()))
     udp.close()
     tcp.close()
     core.close()
