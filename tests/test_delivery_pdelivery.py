@@ -22,14 +22,16 @@ def bed(tmp_path_factory):
     with pwtest.PwServer(users) as pw:
         conf = client_conf(d / "pwserver.conf", [pw.address])
         env = env_with(conf, settings)
-        s2 = Pdeliveryd(d / "store2", STORES[0], port, env)
-        s3 = Pdeliveryd(d / "store3", STORES[1], port, env)
+        b = {"d": d, "env": env, "port": port, "conf": conf, "settings": settings,
+             "l2": MailboxLayout(d / "store2"), "l3": MailboxLayout(d / "store3")}
         try:
-            yield {"d": d, "env": env, "port": port, "conf": conf, "settings": settings,
-                   "s2": s2, "s3": s3, "l2": MailboxLayout(d / "store2"), "l3": MailboxLayout(d / "store3")}
+            b["s2"] = Pdeliveryd(d / "store2", STORES[0], port, env)
+            b["s3"] = Pdeliveryd(d / "store3", STORES[1], port, env)
+            yield b
         finally:
-            s2.stop()
-            s3.stop()
+            for key in ("s2", "s3"):          # the current ones: a test may have restarted them
+                if key in b:
+                    b[key].stop()
 
 
 def pdelivery(bed, *args, stdin=MSG, env=None):

@@ -203,14 +203,18 @@ def _bed(tmp_path_factory, block):
     with pwtest.PwServer(users) as pw:
         conf = client_conf(d / "pwserver.conf", [pw.address])
         env = {**os.environ, "PWSERVER_CONF": str(conf)}
-        stores = {h: Pdeliveryd(d / f"store-{h}", h, lmtp_port, env) for h in STORES}
-        m = SendmailMX(d / "mx", free_port(), lmtp_port, pw.address, block)
+        stores: dict[str, Pdeliveryd] = {}
+        m = None
         try:
+            for h in STORES:
+                stores[h] = Pdeliveryd(d / f"store-{h}", h, lmtp_port, env)
+            m = SendmailMX(d / "mx", free_port(), lmtp_port, pw.address, block)
             yield {"mx": m, "stores": stores, "env": env, "lmtp_port": lmtp_port, "d": d,
                    "layout": {h: MailboxLayout(d / f"store-{h}") for h in STORES}}
         finally:
-            m.stop()
-            for s in stores.values():
+            if m is not None:
+                m.stop()
+            for s in stores.values():          # the current ones: a test may have restarted one
                 s.stop()
 
 
