@@ -37,6 +37,15 @@ FILE_MODE = 0o600
 LEVEL_MODE = 0o755
 
 _counter = itertools.count(1)
+_pid = os.getpid()          # one system call less per message; kept right across fork()
+
+
+def _after_fork() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class StorageUnavailable(OSError):
@@ -55,7 +64,7 @@ def unique_name(size: int, wsize: int, host: str | None = None) -> str:
     now = time.time()
     sec = int(now)
     usec = int((now - sec) * 1_000_000)
-    return f"{sec}.M{usec}P{os.getpid()}Q{next(_counter)}.{host or maildir_host()},S={size},W={wsize}"
+    return f"{sec}.M{usec}P{_pid}Q{next(_counter)}.{host or maildir_host()},S={size},W={wsize}"
 
 
 def _classify(e: OSError) -> OSError:

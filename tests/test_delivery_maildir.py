@@ -44,6 +44,15 @@ def test_unique_names(writer):
         assert m and m.group(5) == "store1.example" and m.group(6) == "4" and m.group(7) == "6"
         assert int(m.group(3)) == os.getpid() and abs(int(m.group(1)) - time.time()) < 60
     assert "\\057" in unique_name(1, 1, "a/b".replace("/", "\\057"))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                   # a forked child names files with its own pid
+        os.write(w, unique_name(1, 1, "h").encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert f"P{pid}Q" in os.read(r, 200).decode()
+    os.close(r)
+    os.close(w)
 
 
 def test_root_without_marker_is_unavailable_and_untouched(tmp_path):
