@@ -59,6 +59,7 @@ class DeliveryServer:
         self.apply(cfg)
         # open sessions -> when their pending read began (None: not reading)
         self.sessions: dict[asyncio.StreamWriter, float | None] = {}
+        self.store.alone = lambda: len(self.sessions) == 1
         self.busy: set[asyncio.StreamWriter] = set()
         self.stopping = False
         self.server: asyncio.base_events.Server | None = None
