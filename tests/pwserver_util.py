@@ -1,25 +1,15 @@
-"""Helpers for the pwserver tests: source files, a pwserver process that
-announces its port, and raw protocol packets (msgpack + PyNaCl, written
-from docs/protocol.md independently of the C code)."""
+"""Helpers for the pwserver tests: source files and raw protocol packets
+(msgpack + PyNaCl, written from docs/protocol.md independently of the C
+code). The pwserver process itself is pwtest.PwServer."""
 from __future__ import annotations
 
-import os
 import pathlib
-import re
 import secrets
-import signal
 import socket
 import struct
-import subprocess
-import sys
-import threading
-import time
 
 import msgpack
 from nacl import bindings as sodium
-
-BIN = pathlib.Path(sys.executable).parent
-READY = re.compile(r"pwserver: ready on (\S+):(\d+) \((\d+) users\)")
 
 OP = {"passwd": 1, "uid": 2, "group": 3, "gid": 4, "initgroups": 5, "shadow": 6, "mailhost": 7,
       "stats": 8, "ping": 9, "passwd_enum": 10, "group_enum": 11, "shadow_enum": 12}
@@ -45,67 +35,6 @@ def write_sources(d: pathlib.Path, users: list[tuple[str, int]], groups: list[tu
         paths["mailhosts"] = d / "mailhosts"
         paths["mailhosts"].write_text("".join(f"{n} {h}\n" for n, h in mailhosts.items()))
     return paths
-
-
-def write_key(path: pathlib.Path) -> bytes:
-    key = secrets.token_bytes(32)
-    path.write_text(key.hex() + "\n")
-    path.chmod(0o600)
-    return key
-
-
-class Server:
-    """A pwserver process on 127.0.0.1, port chosen by the server; stopped
-    (SIGTERM, then SIGKILL) by PID on exit."""
-
-    def __init__(self, paths: dict[str, pathlib.Path], *args: str, timeout: float = 60.0, listen="127.0.0.1:0"):
-        argv = [str(BIN / "pwserver"), "--listen", listen, "--log-stderr"]
-        for name, path in paths.items():
-            argv += [f"--{name}", str(path)]
-        self.proc = subprocess.Popen(argv + list(args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, env={**os.environ, "PWMAIL_CONF": "/nonexistent"})
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        self.host = self.port = self.users = None
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(timeout) or self.port is None:
-            self.stop()
-            raise RuntimeError("pwserver did not get ready:\n" + self.log())
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            m = READY.search(line)
-            if m:
-                self.host, self.port, self.users = m.group(1), int(m.group(2)), int(m.group(3))
-                self._ready.set()
-        self._ready.set()
-
-    @property
-    def addr(self) -> tuple[str, int]:
-        return (self.host, self.port)
-
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def __enter__(self) -> "Server":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def request(op: int | str, arg=None, *, rid: int | None = None, pad: int = 256, version: int = 1) -> bytes:
@@ -191,16 +120,6 @@ def stats(addr) -> dict[str, int]:
         status, payload = c.query("stats")[2:]
     assert status == OK
     return payload
-
-
-def wait_for(cond, timeout: float = 20.0, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not met in time")
 
 
 def write_many_users(d: pathlib.Path, n: int, tag: str = "a", groups: int = 300) -> dict[str, pathlib.Path]:

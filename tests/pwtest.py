@@ -1,13 +1,18 @@
-"""Test helpers shared by every part's tests: users on disk and a real
-`pwserver` process on loopback that stops by itself."""
+"""Test helpers shared by every part's tests: users on disk, key files and
+client configurations, a process of ours that stops by PID, and a real
+`pwserver` on loopback."""
 from __future__ import annotations
 
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+
+from pwcache import keys
 
 BIN = pathlib.Path(sys.executable).parent
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -28,6 +33,18 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError("no free port")
 
 
+def wait_for(cond, timeout: float = 20.0, step: float = 0.05):
+    """Polls cond() until it returns something true, which is returned;
+    AssertionError when the time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
 def gen_users(out: pathlib.Path, count: int, hosts: str = "store1,store2", seed: int = 1) -> pathlib.Path:
     """`pwmail gen-users` into `out`; returns `out`."""
     from pwcache.genusers import generate, parse_hosts
@@ -41,69 +58,84 @@ def read_passwords(users_dir: pathlib.Path) -> dict[str, str]:
     return {name: pw for name, pw in pairs}
 
 
-class PwServer:
-    """A running `pwserver`; use as a context manager (it is stopped by PID
-    on exit, SIGTERM then SIGKILL)."""
+def write_key(path: os.PathLike | str) -> bytes:
+    """A new key file (`pwmail gen-key`'s writer; replaces a file there);
+    returns the key."""
+    keys.write_key(str(path), force=True)
+    return read_key(path)
 
-    def __init__(self, users_dir: pathlib.Path, *, host: str = "127.0.0.1", port: int | None = None,
-                 shadow_key: str | None = None, network_key: str | None = None,
-                 extra: list[str] | None = None, ready_timeout: float = 60.0, env: dict | None = None):
-        self.host, self.port = host, port or free_port(host)
-        self.users_dir = users_dir
-        argv = [str(BIN / "pwserver"), "--listen", f"{host}:{self.port}", "--log-stderr",
-                "--passwd", str(users_dir / "passwd")]
-        for flag, name in (("--shadow", "shadow"), ("--group", "group"), ("--mailhosts", "mailhosts")):
-            if (users_dir / name).exists():
-                argv += [flag, str(users_dir / name)]
-        if shadow_key:
-            argv += ["--shadow-key", shadow_key]
-        if network_key:
-            argv += ["--network-key", network_key]
-        self.argv = argv + (extra or [])
-        self.log = open(users_dir / f"pwserver-{self.port}.log", "w+b")
-        self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT,
+
+def read_key(path: os.PathLike | str) -> bytes:
+    return bytes.fromhex(pathlib.Path(path).read_text().strip())
+
+
+def client_conf(path: pathlib.Path, servers: list[str], *, timeout_ms: int | None = None,
+                hedge_ms: int | None = None, recheck_s: int | None = None, enumerate_: bool = False,
+                shadow_keyfile: os.PathLike | str | None = None, keyfile: os.PathLike | str | None = None,
+                health_file: os.PathLike | str | None = None) -> pathlib.Path:
+    """A client configuration (pwserver.conf, docs/client.md); an option
+    left out takes the client's default, the health file is beside it."""
+    path = pathlib.Path(path)
+    lines = [f"server {s}" for s in servers]
+    for name, value in (("timeout_ms", timeout_ms), ("hedge_ms", hedge_ms), ("recheck_s", recheck_s),
+                        ("shadow_keyfile", shadow_keyfile), ("keyfile", keyfile)):
+        if value is not None:
+            lines.append(f"{name} {value}")
+    if enumerate_:
+        lines.append("enumerate yes")
+    lines.append(f"health_file {health_file or path.parent / 'health'}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Process:
+    """A process of ours with its output (stdout and stderr) in a file;
+    stopped by PID (SIGTERM, then SIGKILL) on exit."""
+
+    def __init__(self, argv: list[str], log: pathlib.Path, env: dict | None = None):
+        self.log_path = pathlib.Path(log)
+        self.log_file = open(self.log_path, "w+b")
+        self.proc = subprocess.Popen(argv, stdout=self.log_file, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
-        self._wait_ready(ready_timeout)
 
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def _wait_ready(self, timeout: float) -> None:
-        from pwcache.client import Client, Unavailable
-
+    def wait_until(self, ready, what: str, timeout: float = 30.0):
+        """Polls ready() until it returns something true, which is
+        returned; stops the process and raises if it exits or the time
+        runs out."""
         deadline = time.monotonic() + timeout
-        with Client([self.address], timeout_ms=200, hedge_ms=200) as c:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"pwserver exited with {self.proc.returncode}:\n{self.output()}")
-                try:
-                    c.ping()
-                    return
-                except Unavailable:
-                    time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"pwserver not ready after {timeout} s:\n{self.output()}")
+        while True:
+            got = ready()
+            if got:
+                return got
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                out = self.output()
+                self.stop()
+                raise RuntimeError(f"{what} did not start (exit status {self.proc.returncode}):\n{out}")
+            time.sleep(0.05)
+
+    def wait_line(self, pattern: str | re.Pattern, what: str, timeout: float = 30.0) -> re.Match:
+        """wait_until the output matches `pattern`; returns the match."""
+        regex = re.compile(pattern)
+        return self.wait_until(lambda: regex.search(self.output()), what, timeout)
 
     def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")
+        if not self.log_file.closed:
+            self.log_file.flush()
+        return self.log_path.read_bytes().decode(errors="replace")
 
-    def client(self, **kw):
-        from pwcache.client import Client
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
 
-        return Client([self.address], **kw)
-
-    def stop(self) -> int:
+    def stop(self, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.log.close()
+        if not self.log_file.closed:
+            self.log_file.close()
         return self.proc.returncode
 
     def __enter__(self):
@@ -111,3 +143,49 @@ class PwServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+SOURCES = ("passwd", "shadow", "group", "mailhosts")
+READY = re.compile(r"pwserver: ready on (\S+):(\d+) \((\d+) users\)")
+
+
+class PwServer(Process):
+    """A running `pwserver` serving `sources`: a folder (the files of
+    SOURCES in it) or {name: path}. With port 0 in `listen` the server picks
+    one; host, port and users come from its "ready" line. The log lies
+    beside passwd; PWMAIL_CONF is /nonexistent unless `env` names one."""
+
+    def __init__(self, sources: pathlib.Path | dict[str, pathlib.Path], *args: str, listen: str = "127.0.0.1:0",
+                 shadow_key: os.PathLike | str | None = None, network_key: os.PathLike | str | None = None,
+                 env: dict | None = None, timeout: float = 60.0):
+        if isinstance(sources, dict):
+            paths = sources
+        else:
+            paths = {name: sources / name for name in SOURCES if (sources / name).exists()}
+        argv = [str(BIN / "pwserver"), "--listen", listen, "--log-stderr"]
+        for name, path in paths.items():
+            argv += [f"--{name}", str(path)]
+        if shadow_key:
+            argv += ["--shadow-key", str(shadow_key)]
+        if network_key:
+            argv += ["--network-key", str(network_key)]
+        fd, log = tempfile.mkstemp(prefix="pwserver-", suffix=".log", dir=paths["passwd"].parent)
+        os.close(fd)
+        super().__init__(argv + list(args), pathlib.Path(log), {"PWMAIL_CONF": "/nonexistent", **(env or {})})
+        m = self.wait_line(READY, "pwserver", timeout)
+        self.host, self.port, self.users = m.group(1), int(m.group(2)), int(m.group(3))
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT as a client configuration names it ([HOST]:PORT for IPv6)."""
+        host = self.host.strip("[]")
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    def client(self, **kw):
+        from pwcache.client import Client
+
+        return Client([self.address], **kw)

@@ -10,9 +10,10 @@ import time
 import msgpack
 import pytest
 
-from pwserver_util import (BADREQUEST, BADVERSION, BIN, DENIED, KEY_NETWORK, KEY_SHADOW, NOTFOUND, OK,
-                           TRUNCATED, Server, TcpConn, request, seal, stats, udp_exchange, udp_query,
-                           unseal, wait_for, passwd_line, write_key, write_sources)
+from pwserver_util import (BADREQUEST, BADVERSION, DENIED, KEY_NETWORK, KEY_SHADOW, NOTFOUND, OK, TRUNCATED,
+                           TcpConn, request, seal, stats, udp_exchange, udp_query, unseal, passwd_line,
+                           write_sources)
+from pwtest import BIN, PwServer, wait_for, write_key
 
 USERS = [(f"user{i:04d}", 10000 + i) for i in range(200)]
 BIG = [f"member{i:05d}" for i in range(50_000)]
@@ -39,7 +40,7 @@ def keys(sources):
 @pytest.fixture(scope="module")
 def server(sources, keys):
     _, paths = sources
-    with Server(paths, "--shadow-key", str(keys["shadow"][0]), "--config", str(sources[0] / "pwmail.toml")) as s:
+    with PwServer(paths, "--shadow-key", str(keys["shadow"][0]), "--config", str(sources[0] / "pwmail.toml")) as s:
         yield s
 
 
@@ -169,7 +170,7 @@ def test_network_key_drops_everything_unsealed(sources, keys, tmp_path):
     _, paths = sources
     nkey = keys["network"][1]
     skey = keys["shadow"][1]
-    with Server(paths, "--network-key", str(keys["network"][0]), "--shadow-key", str(keys["shadow"][0])) as s:
+    with PwServer(paths, "--network-key", str(keys["network"][0]), "--shadow-key", str(keys["shadow"][0])) as s:
         assert udp_exchange(s.addr, request("passwd", "user0001"), timeout=0.5) is None
         raw = udp_exchange(s.addr, seal(nkey, KEY_NETWORK, request("passwd", "user0001", rid=3, pad=0)))
         assert raw[1] == KEY_NETWORK
@@ -188,7 +189,7 @@ def test_network_key_drops_everything_unsealed(sources, keys, tmp_path):
 
 def test_allowlist_drops_other_sources(sources):
     _, paths = sources
-    with Server(paths, "--allow", "127.0.0.2/32") as s:
+    with PwServer(paths, "--allow", "127.0.0.2/32") as s:
         assert udp_exchange(s.addr, request("ping"), timeout=0.5, source="127.0.0.1") is None
         assert msgpack.unpackb(udp_exchange(s.addr, request("ping"), source="127.0.0.2"))[2] == OK
         with pytest.raises((ConnectionError, OSError)):
@@ -207,7 +208,7 @@ def test_allowlist_drops_other_sources(sources):
 
 def test_reload_on_sighup_and_on_change(tmp_path):
     paths = write_sources(tmp_path, USERS[:10])
-    with Server(paths) as s:
+    with PwServer(paths) as s:
         assert udp_query(s.addr, "passwd", "newbie")[2] == NOTFOUND
         new = tmp_path / "passwd.new"
         new.write_text(paths["passwd"].read_text() + "newbie:x:5000:100::/home/newbie:/bin/sh\n")
@@ -219,7 +220,7 @@ def test_reload_on_sighup_and_on_change(tmp_path):
         # a source that vanished: the old table stays
         paths["passwd"].unlink()
         s.signal(signal.SIGHUP)
-        wait_for(lambda: "reload failed" in s.log())
+        wait_for(lambda: "reload failed" in s.output())
         assert udp_query(s.addr, "passwd", "newbie")[2] == OK
         assert s.stop() == 0
 
@@ -228,7 +229,7 @@ def test_settings_file_and_placement(tmp_path):
     paths = write_sources(tmp_path, [("alice", 1), ("dave", 2), ("zoe", 3)], mailhosts={"zoe": "special"})
     conf = tmp_path / "pwmail.toml"
     conf.write_text('[pwserver]\nthreads = 1\n[placement]\nrule = "ranges"\nranges = ["a-c s1", "d-f s2"]\n')
-    with Server(paths, "--config", str(conf)) as s:
+    with PwServer(paths, "--config", str(conf)) as s:
         assert udp_query(s.addr, "mailhost", "alice")[3] == ["s1", False]
         assert udp_query(s.addr, "mailhost", "dave")[3] == ["s2", False]
         assert udp_query(s.addr, "mailhost", "zoe")[3] == ["special", False]
@@ -236,10 +237,10 @@ def test_settings_file_and_placement(tmp_path):
 
 def test_sigint_stops_cleanly(tmp_path):
     paths = write_sources(tmp_path, USERS[:3])
-    s = Server(paths)
+    s = PwServer(paths)
     s.signal(signal.SIGINT)
     assert s.proc.wait(15) == 0
-    assert "stopping" in s.log()
+    assert "stopping" in s.output()
 
 
 def test_cli_help_and_errors(tmp_path):
@@ -288,12 +289,13 @@ WILDCARD_CHECK = r"""
 import socket, sys
 sys.path.insert(0, sys.argv[1])
 import msgpack
-from pwserver_util import Server, request, write_sources
+from pwserver_util import request, write_sources
+from pwtest import PwServer
 import pathlib, tempfile
 d = pathlib.Path(tempfile.mkdtemp())
 paths = write_sources(d, [("alice", 1000)])
 for listen in ("0.0.0.0:0", "[::]:0"):  # IPv4, and IPv6 with IPv4 mapped
-    with Server(paths, "--allow", "127.0.0.0/8", "--allow", "::1/128", listen=listen) as s:
+    with PwServer(paths, "--allow", "127.0.0.0/8", "--allow", "::1/128", listen=listen) as s:
         for family, src_addr, dst in ((socket.AF_INET, "127.0.0.1", "127.0.0.2"),
                                       (socket.AF_INET, "127.0.0.1", "127.0.0.3"),
                                       (socket.AF_INET6, "::1", "::1")):

@@ -3,7 +3,8 @@ client's view of every operation, TCP fallback, keys, enumeration."""
 import pytest
 
 from pwcache.client import Client, Denied
-from pwserver_util import Server, write_key, write_sources
+from pwserver_util import write_sources
+from pwtest import PwServer, write_key
 
 USERS = [(f"cl{i:03d}", 20000 + i) for i in range(1500)]
 BIG = [n for n, _ in USERS]
@@ -21,7 +22,7 @@ def setup(tmp_path_factory):
 
 def test_client_sees_every_operation(setup):
     d, paths = setup
-    with Server(paths, "--shadow-key", str(d / "shadow.key")) as s:
+    with PwServer(paths, "--shadow-key", str(d / "shadow.key")) as s:
         with Client([f"127.0.0.1:{s.port}"], timeout_ms=2000, shadow_keyfile=str(d / "shadow.key")) as c:
             pw = c.passwd_by_name("cl007")
             assert (pw.name, pw.passwd, pw.uid, pw.gid, pw.dir) == ("cl007", "x", 20007, 100, "/home/cl007")
@@ -42,7 +43,7 @@ def test_client_sees_every_operation(setup):
 
 def test_client_with_the_network_key(setup):
     d, paths = setup
-    with Server(paths, "--network-key", str(d / "network.key")) as s:
+    with PwServer(paths, "--network-key", str(d / "network.key")) as s:
         with Client([f"127.0.0.1:{s.port}"], timeout_ms=2000, keyfile=str(d / "network.key")) as c:
             assert c.passwd_by_name("cl010").uid == 20010
             assert len(c.group_by_name("everyone").members) == len(BIG)

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from pwcache.server import ServerCore
 from pwcache.table import Table
-from pwserver_util import OK, Server, TcpConn, request, seal, udp_query, write_sources
+from pwserver_util import OK, TcpConn, request, seal, udp_query, write_sources
+from pwtest import PwServer
 
 KEY = bytes(range(32))
 PASSWD = "".join(f"u{i}:x:{i}:1:gecos {i}:/home/u{i}:/bin/sh\n" for i in range(50)).encode()
@@ -92,7 +93,7 @@ def test_counts_add_up(core):
 def test_live_server_survives_garbage(tmp_path):
     paths = write_sources(tmp_path, [(f"u{i}", i) for i in range(20)])
     rnd = random.Random(7)
-    with Server(paths) as s:
+    with PwServer(paths) as s:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
             for i in range(3000):
                 kind = i % 3

@@ -13,7 +13,8 @@ import time
 import msgpack
 import pytest
 
-from pwserver_util import Server, request, rss_bytes, stats, wait_for, write_many_users
+from pwserver_util import request, rss_bytes, stats, write_many_users
+from pwtest import PwServer, wait_for
 
 N = 1_000_000
 MiB = 1024 * 1024
@@ -52,11 +53,11 @@ def test_million_users_reload_under_load(tmp_path):
         later[tag] = write_many_users(tmp_path / tag, N, tag=tag)
     source_bytes = sum(os.path.getsize(p) for p in paths.values())
     budget = 1.3 * source_bytes + 40 * MiB
-    with Server(paths, timeout=120) as srv:
+    with PwServer(paths, timeout=120) as srv:
         assert srv.users == N
         first = stats(srv.addr)
         rss = rss_bytes(srv.proc.pid)
-        cpu_ms = int(re.search(r"\((\d+) ms CPU", srv.log()).group(1))
+        cpu_ms = int(re.search(r"\((\d+) ms CPU", srv.output()).group(1))
         print(f"\n1M users: {source_bytes / MiB:.0f} MiB of sources, loaded in {first['load_ms']} ms "
               f"({cpu_ms} ms CPU), RSS {rss / MiB:.0f} MiB (budget {budget / MiB:.0f} MiB)")
         assert rss < budget
@@ -89,7 +90,7 @@ def test_million_users_passwd_only_memory(tmp_path):
     # the budget holds for any set of sources, the smallest being passwd alone
     passwd = write_many_users(tmp_path, N)["passwd"]
     budget = 1.3 * os.path.getsize(passwd) + 40 * MiB
-    with Server({"passwd": passwd}, timeout=120) as srv:
+    with PwServer({"passwd": passwd}, timeout=120) as srv:
         assert srv.users == N
         rss = rss_bytes(srv.proc.pid)
         print(f"\n1M users, passwd only: RSS {rss / MiB:.0f} MiB (budget {budget / MiB:.0f} MiB)")
