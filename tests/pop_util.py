@@ -7,9 +7,9 @@ import pathlib
 import re
 import socket
 import subprocess
-import time
 
-from pwtest import BIN, free_port
+import pwtest
+from pwtest import BIN, Process, free_port
 
 from delivery.layout import MailboxLayout
 from delivery.maildir import MaildirWriter, ROOT_MARKER
@@ -35,19 +35,9 @@ def write_users(out: pathlib.Path, users: dict[str, tuple[str, str]], frozen: se
     return out
 
 
-def write_key(path: pathlib.Path) -> str:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.write(fd, (os.urandom(32).hex() + "\n").encode())
-    os.close(fd)
-    return str(path)
-
-
-def client_conf(path: pathlib.Path, pwserver: str, shadow_key: str | None = None) -> str:
-    text = f"server {pwserver}\ntimeout_ms 500\nhedge_ms 100\nhealth_file {path.parent / 'health'}\n"
-    if shadow_key:
-        text += f"shadow_keyfile {shadow_key}\n"
-    path.write_text(text)
-    return str(path)
+def client_conf(path: pathlib.Path, pwserver: str, shadow_key: os.PathLike | str | None = None) -> str:
+    """The POP tests' client configuration: one server, short timeouts."""
+    return str(pwtest.client_conf(path, [pwserver], timeout_ms=500, hedge_ms=100, shadow_keyfile=shadow_key))
 
 
 def make_root(root: pathlib.Path) -> MailboxLayout:
@@ -66,84 +56,39 @@ def message(subject: str, lines: int = 3, extra: bytes = b"") -> bytes:
     return b"From: a@example.org\nTo: b@example.org\nSubject: " + subject.encode() + b"\n\n" + body + extra
 
 
-class Process:
-    """A process of ours with its output in a file; stopped by PID (SIGTERM,
-    then SIGKILL) on exit."""
-
-    def __init__(self, argv: list[str], log: pathlib.Path, env: dict | None = None):
-        self.log_path = log
-        self.log = open(log, "w+b")
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
-
-    def wait_until(self, ready, what: str, timeout: float = 30.0):
-        """Poll ready() until it returns something true; raise if the
-        process exits or the time runs out."""
-        deadline = time.monotonic() + timeout
-        while True:
-            got = ready()
-            if got:
-                return got
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                out = self.output()
-                self.stop()
-                raise RuntimeError(f"{what} did not start:\n{out}")
-            time.sleep(0.05)
-
-    def output(self) -> str:
-        if not self.log.closed:
-            self.log.flush()
-        return self.log_path.read_bytes().decode(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if not self.log.closed:
-            self.log.close()
-        return self.proc.returncode
+class PopServer(Process):
+    """A POP3 server of ours, at `address`."""
 
     @property
     def address(self) -> tuple[str, int]:
         return self.host, self.port
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.stop()
-
-
-class Daemon(Process):
+class Daemon(PopServer):
     """pop3d or pop-proxy with --stderr; waits for "NAME: ready on HOST:PORT"."""
 
     def __init__(self, name: str, argv: list[str], env: dict, log: pathlib.Path, timeout: float = 30.0):
         super().__init__([str(BIN / name), *argv, "--stderr"], log, env)
-        pattern = re.compile(rf"{re.escape(name)}: ready on (\S+):(\d+)")
-        m = self.wait_until(lambda: pattern.search(self.output()), name, timeout)
+        m = self.wait_line(rf"{re.escape(name)}: ready on (\S+):(\d+)", name, timeout)
         self.host, self.port = m.group(1), int(m.group(2))
 
 
-def start_pop3d(tmp: pathlib.Path, root: pathlib.Path, conf: str, host: str = "127.0.0.1",
+def start_pop3d(tmp: pathlib.Path, root: pathlib.Path, conf: os.PathLike | str, host: str = "127.0.0.1",
                 trusted: list[str] = (), settings: str = "") -> Daemon:
     cfg = tmp / f"pwmail-pop3d-{host}.toml"
     cfg.write_text("[pop]\n" + settings)
     argv = ["--listen", f"{host}:0", "--root", str(root)]
     for net in trusted:
         argv += ["--trusted", net]
-    return Daemon("pop3d", argv, {"PWSERVER_CONF": conf, "PWMAIL_CONF": str(cfg)}, tmp / f"pop3d-{host}.log")
+    return Daemon("pop3d", argv, {"PWSERVER_CONF": str(conf), "PWMAIL_CONF": str(cfg)}, tmp / f"pop3d-{host}.log")
 
 
-def start_proxy(tmp: pathlib.Path, conf: str, settings: str = "", argv: list[str] = (),
+def start_proxy(tmp: pathlib.Path, conf: os.PathLike | str, settings: str = "", argv: list[str] = (),
                 name: str = "proxy") -> Daemon:
     cfg = tmp / f"pwmail-{name}.toml"
     cfg.write_text("[pop]\n" + settings)
     return Daemon("pop-proxy", ["--listen", "127.0.0.1:0", *argv],
-                  {"PWSERVER_CONF": conf, "PWMAIL_CONF": str(cfg)}, tmp / f"{name}.log")
+                  {"PWSERVER_CONF": str(conf), "PWMAIL_CONF": str(cfg)}, tmp / f"{name}.log")
 
 
 def read_reply(sock: socket.socket, timeout: float = 10.0) -> bytes:
@@ -241,7 +186,7 @@ def nsswitch_with_pwserver(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-class Dovecot(Process):
+class Dovecot(PopServer):
     """Dovecot 2.3 (pop3 only) in a private mount namespace whose
     /etc/nsswitch.conf names pwserver; userdb passwd and passdb shadow come
     through libnss_pwserver; mail_location is the hashed Maildir tree.

@@ -13,7 +13,7 @@ import time
 import pytest
 
 import pwtest
-from pop_util import client_conf, deliver, make_root, message, start_pop3d, start_proxy, write_key, write_users
+from pop_util import client_conf, deliver, make_root, message, start_pop3d, start_proxy, write_users
 from pwcache.move import MailhostsFile, is_maildir
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,8 @@ USERS = {f"popmove{i:02d}": (f"pw-{i}", "store1") for i in range(N)}
 def bed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("movepop")
     users = write_users(tmp / "users", USERS)
-    key = write_key(tmp / "shadow.key")
+    key = tmp / "shadow.key"
+    pwtest.write_key(key)
     layouts = {s: make_root(tmp / s) for s in ("store1", "store2")}
     with pwtest.PwServer(users, shadow_key=key) as pws:
         conf = client_conf(tmp / "pwserver.conf", pws.address, key)

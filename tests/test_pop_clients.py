@@ -8,8 +8,8 @@ import os
 import pytest
 
 from pop_util import (client_conf, curl_pop, deliver, fetchmail_fetch, make_root, message, mpop_fetch,
-                      self_signed, start_pop3d, start_proxy, write_key, write_users)
-from pwtest import PwServer
+                      self_signed, start_pop3d, start_proxy, write_users)
+from pwtest import PwServer, write_key
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,8 @@ USERS = {f"user{i}": (f"pw-{i} x", "store1") for i in range(8)}
 def bed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("clients")
     users = write_users(tmp / "users", USERS)
-    key = write_key(tmp / "shadow.key")
+    key = tmp / "shadow.key"
+    write_key(key)
     cert, certkey = self_signed(tmp)
     layout = make_root(tmp / "store1")
     with PwServer(users, shadow_key=key) as pws:

@@ -17,8 +17,8 @@ import time
 import pytest
 
 from pop_util import (NSS_DIR, UID0, Dovecot, client_conf, curl_pop, deliver, fetchmail_fetch, make_root,
-                      message, mpop_fetch, self_signed, start_proxy, write_key, write_users)
-from pwtest import PwServer
+                      message, mpop_fetch, self_signed, start_proxy, write_users)
+from pwtest import PwServer, write_key
 
 pytestmark = [
     pytest.mark.slow,
@@ -50,7 +50,8 @@ def bed(tmp_path_factory):
         users = write_users(tmp / "users", USERS)
         passwd = (users / "passwd").read_text().replace(f"zlow:x:{uid_of('zlow')}:", f"zlow:x:{LOW_UID}:")
         (users / "passwd").write_text(passwd)
-        key = write_key(tmp / "shadow.key")
+        key = tmp / "shadow.key"
+        write_key(key)
         cert, certkey = self_signed(shared, ips=("127.0.0.1", "127.0.0.6"))
         layout = make_root(shared / "spool")
         with PwServer(users, shadow_key=key) as pws:

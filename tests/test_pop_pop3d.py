@@ -15,9 +15,9 @@ import pytest
 
 from pop import crypt
 from pop.mailbox import MailboxBusy, MaildirMailbox
-from pop_util import (client_conf, deliver, make_root, message, read_reply, start_pop3d, write_key,
+from pop_util import (client_conf, deliver, make_root, message, read_reply, start_pop3d,
                       write_users)
-from pwtest import PwServer, free_port
+from pwtest import PwServer, free_port, write_key
 
 FAILURE_DELAY = 0.4
 
@@ -163,7 +163,8 @@ def bed(tmp_path_factory):
         sh.write(f"old:{crypt.hash_password('old-pw', '$6$')}:19000:0:99999:7::19001:\n")   # expired in 2022
         pw.write("old:x:20101:20000::/var/spool/mail/old:/usr/sbin/nologin\n")
         mh.write("old 127.0.0.1\n")
-    key = write_key(tmp / "shadow.key")
+    key = tmp / "shadow.key"
+    write_key(key)
     layout = make_root(tmp / "spool")
     with PwServer(users, shadow_key=key) as pws:
         conf = client_conf(tmp / "pwserver.conf", pws.address, key)

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from pop_util import (client_conf, deliver, make_root, message, read_reply, self_signed, start_pop3d,
-                      start_proxy, write_key, write_users)
-from pwtest import PwServer, free_port
+                      start_proxy, write_users)
+from pwtest import PwServer, free_port, write_key
 
 DELAY = 0.5
 pytestmark = pytest.mark.slow
@@ -34,7 +34,8 @@ USERS = {
 def bed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("proxy")
     users = write_users(tmp / "users", USERS, frozen={"frozen"})
-    key = write_key(tmp / "shadow.key")
+    key = tmp / "shadow.key"
+    write_key(key)
     cert, certkey = self_signed(tmp)
     layouts = {s: make_root(tmp / s) for s in ("store1", "store2", "store3")}
     with PwServer(users, shadow_key=key) as pws:
