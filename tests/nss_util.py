@@ -15,21 +15,19 @@ import socket
 import struct
 import subprocess
 import threading
-import time
 
 import cffi
 import msgpack
-from nacl import bindings as sodium
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from pwserver_util import BADREQUEST, DENIED, KEY_NETWORK, KEY_SHADOW, NOTFOUND, OK, TRUNCATED, seal, stats, unseal
+from pwtest import ROOT, PwServer
+
 NSS_DIR = ROOT / "nss_module"
 LIB = NSS_DIR / "libnss_pwserver.so.2"
 
-OK, NOTFOUND, TRUNCATED, DENIED, BADREQUEST, BADVERSION, UNAVAILABLE = range(7)
 MAX_UDP_ANSWER = 8192
 AMPLIFICATION = 3
 ENUM_PAGE = 1000
-KEY_NETWORK, KEY_SHADOW = 1, 2
 
 
 def build_module() -> pathlib.Path:
@@ -65,26 +63,6 @@ def parse_shadow(text: str) -> list[list]:
             f = line.split(":")
             out.append([f[0], f[1]] + [int(x) if x else -1 for x in f[2:9]])
     return out
-
-
-def read_key(path) -> bytes:
-    return bytes.fromhex(pathlib.Path(path).read_text().strip())
-
-
-def write_key(path, key: bytes) -> None:
-    path = pathlib.Path(path)
-    path.write_text(key.hex() + "\n")
-    path.chmod(0o600)
-
-
-def seal(key: bytes, key_id: int, body: bytes) -> bytes:
-    head = bytes([0xC1, key_id])
-    nonce = os.urandom(24)
-    return head + nonce + sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(body, head, nonce, key)
-
-
-def unseal(key: bytes, pkt: bytes) -> bytes:
-    return sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(pkt[26:], pkt[:2], pkt[2:26], key)
 
 
 # ---- the fake server -------------------------------------------------------------
@@ -283,22 +261,6 @@ def _recv_exact(conn, n):
 # ---- configuration and running ----------------------------------------------------
 
 
-def write_conf(path, servers, *, timeout_ms=2000, hedge_ms=50, recheck_s=5, health_file=None,
-               enumerate_=False, shadow_keyfile=None, keyfile=None) -> pathlib.Path:
-    path = pathlib.Path(path)
-    lines = [f"server {s}" for s in servers]
-    lines += [f"timeout_ms {timeout_ms}", f"hedge_ms {hedge_ms}", f"recheck_s {recheck_s}"]
-    lines.append(f"health_file {health_file or path.parent / 'health'}")
-    if enumerate_:
-        lines.append("enumerate yes")
-    if shadow_keyfile:
-        lines.append(f"shadow_keyfile {shadow_keyfile}")
-    if keyfile:
-        lines.append(f"keyfile {keyfile}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def module_env(conf) -> dict:
     env = dict(os.environ)
     env["PWSERVER_CONF"] = str(conf)
@@ -309,15 +271,6 @@ def module_env(conf) -> dict:
 def getent(conf, *args, timeout=30) -> subprocess.CompletedProcess:
     return subprocess.run(["getent", "-s", "pwserver", *args], env=module_env(conf),
                           capture_output=True, text=True, timeout=timeout)
-
-
-def wait_for(pred, timeout=5.0, step=0.02) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 # ---- a small user base used by the tests -----------------------------------------
@@ -473,22 +426,12 @@ def run_driver(conf, queries, timeout=120) -> list:
     return [json.loads(line) for line in r.stdout.splitlines()]
 
 
-def real_server(d, *, shadow_keyfile=None, extra=(), listen="127.0.0.1:0"):
+def real_server(d, *args, shadow_keyfile=None, listen="127.0.0.1:0") -> PwServer:
     """The real `pwserver` (pwcache/server.py) serving the test sources
-    written into d; a context manager that stops it by PID."""
-    from pwserver_util import Server
-
-    paths = write_sources(d)
-    args = list(extra)
-    if shadow_keyfile:
-        args += ["--shadow-key", str(shadow_keyfile)]
-    server = Server(paths, *args, listen=listen)
-    server.address = f"[{server.host.strip('[]')}]:{server.port}" if ":" in server.host else f"{server.host}:{server.port}"
-    return server
+    written into d."""
+    return PwServer(write_sources(d), *args, shadow_key=shadow_keyfile, listen=listen)
 
 
 def server_stats(server) -> dict:
     """The real pwserver's STATS (asked over TCP)."""
-    from pwserver_util import stats
-
-    return stats((server.host, server.port))
+    return stats(server.addr)

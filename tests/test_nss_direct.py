@@ -3,11 +3,11 @@ makes them: return codes, *errnop, errno, and the ERANGE path with a 1-byte
 buffer growing until the entry fits (the same entry comes back)."""
 from __future__ import annotations
 
-import os
 
 import pytest
 
 import nss_util as u
+from pwtest import client_conf
 from nss_util import EACCES, EAGAIN, ENOENT, ffi, group_tuple, grow, passwd_tuple, shadow_tuple
 from nss_util import NSS_NOTFOUND as NOTFOUND
 from nss_util import NSS_SUCCESS as SUCCESS
@@ -26,14 +26,6 @@ def libc():
 
 
 @pytest.fixture(scope="module")
-def shadow_key(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    key = os.urandom(32)
-    u.write_key(d / "shadow.key", key)
-    return key, d / "shadow.key"
-
-
-@pytest.fixture(scope="module")
 def server(shadow_key, tmp_path_factory):
     """The real pwserver, on loopback, stopped by PID at the end."""
     with u.real_server(tmp_path_factory.mktemp("src"), shadow_keyfile=shadow_key[1]) as s:
@@ -42,8 +34,8 @@ def server(shadow_key, tmp_path_factory):
 
 @pytest.fixture
 def conf(tmp_path, server, shadow_key, monkeypatch):
-    path = u.write_conf(tmp_path / "pwserver.conf", [server.address], enumerate_=True,
-                        shadow_keyfile=shadow_key[1])
+    path = client_conf(tmp_path / "pwserver.conf", [server.address], enumerate_=True,
+                       shadow_keyfile=shadow_key[1])
     monkeypatch.setenv("PWSERVER_CONF", str(path))
     return path
 
@@ -75,7 +67,7 @@ def test_notfound_sets_errnop(nss, conf):
 def test_unavail_when_no_server_answers(nss, tmp_path, monkeypatch):
     dead = u.FakePwServer(mode="drop")
     try:
-        path = u.write_conf(tmp_path / "dead.conf", [dead.address], timeout_ms=200, hedge_ms=50)
+        path = client_conf(tmp_path / "dead.conf", [dead.address], timeout_ms=200, hedge_ms=50)
         monkeypatch.setenv("PWSERVER_CONF", str(path))
         pw = ffi.new("struct passwd *")
         buf = ffi.new("char[]", 1024)
@@ -111,7 +103,7 @@ def test_shadow_erange_and_empty_fields(nss, conf):
 
 
 def test_shadow_without_key_is_unavail_eacces(nss, tmp_path, server, monkeypatch):
-    path = u.write_conf(tmp_path / "nokey.conf", [server.address])
+    path = client_conf(tmp_path / "nokey.conf", [server.address])
     monkeypatch.setenv("PWSERVER_CONF", str(path))
     sp = ffi.new("struct spwd *")
     buf = ffi.new("char[]", 1024)
@@ -152,7 +144,7 @@ def test_getgrent_erange_returns_the_same_entry(nss, conf):
 
 
 def test_enumeration_off_is_notfound(nss, tmp_path, server, monkeypatch):
-    path = u.write_conf(tmp_path / "off.conf", [server.address])
+    path = client_conf(tmp_path / "off.conf", [server.address])
     monkeypatch.setenv("PWSERVER_CONF", str(path))
     pw = ffi.new("struct passwd *")
     buf = ffi.new("char[]", 4096)

@@ -13,6 +13,7 @@ import time
 import pytest
 
 import nss_util as u
+from pwtest import client_conf, write_key
 
 TIMEOUT_MS = 2000
 HEDGE_MS = 50
@@ -35,8 +36,8 @@ def pair():
 def conf_for(tmp_path, servers, **kw):
     kw.setdefault("timeout_ms", TIMEOUT_MS)
     kw.setdefault("hedge_ms", HEDGE_MS)
-    return u.write_conf(tmp_path / "pwserver.conf", [s.address for s in servers],
-                        health_file=tmp_path / "run" / "health", **kw)
+    return client_conf(tmp_path / "pwserver.conf", [s.address for s in servers],
+                       health_file=tmp_path / "run" / "health", **kw)
 
 
 def health_lines(tmp_path) -> list[list[str]]:
@@ -167,10 +168,10 @@ def test_unprivileged_process_keeps_health_in_memory(pair):
     try:
         d.chmod(0o755)
         (d / "run").mkdir(mode=0o755)
-        u.write_key(d / "shadow.key", os.urandom(32))  # mode 0600, root's
-        conf = u.write_conf(d / "pwserver.conf", [primary.address, secondary.address],
-                            health_file=d / "run" / "health", shadow_keyfile=d / "shadow.key",
-                            timeout_ms=TIMEOUT_MS, hedge_ms=HEDGE_MS)
+        write_key(d / "shadow.key")  # mode 0600, root's
+        conf = client_conf(d / "pwserver.conf", [primary.address, secondary.address],
+                           health_file=d / "run" / "health", shadow_keyfile=d / "shadow.key",
+                           timeout_ms=TIMEOUT_MS, hedge_ms=HEDGE_MS)
         conf.chmod(0o644)
         queries = [["passwd", "alice"], ["passwd", "bob"], ["uid", "2003"], ["shadow", "alice"]]
         r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",

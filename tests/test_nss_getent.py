@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import sys
 import pytest
 
 import nss_util as u
+from pwtest import client_conf, write_key
 
 
 @pytest.fixture(scope="module")
@@ -21,23 +21,15 @@ def lib():
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    key = os.urandom(32)
-    u.write_key(d / "shadow.key", key)
-    return {"shadow": key, "shadow_file": d / "shadow.key"}
-
-
-@pytest.fixture(scope="module")
-def server(lib, keys, tmp_path_factory):
+def server(lib, shadow_key, tmp_path_factory):
     """The real pwserver, on loopback, stopped by PID at the end."""
-    with u.real_server(tmp_path_factory.mktemp("src"), shadow_keyfile=keys["shadow_file"]) as s:
+    with u.real_server(tmp_path_factory.mktemp("src"), shadow_keyfile=shadow_key[1]) as s:
         yield s
 
 
 @pytest.fixture
 def conf(tmp_path, server):
-    return u.write_conf(tmp_path / "pwserver.conf", [server.address])
+    return client_conf(tmp_path / "pwserver.conf", [server.address])
 
 
 def tcp_requests(server) -> int:
@@ -108,10 +100,10 @@ def test_getent_initgroups(conf):
         assert fields[0] == user and sorted(int(g) for g in fields[1:]) == want
 
 
-def test_getent_shadow_needs_the_shadow_key(tmp_path, server, keys):
-    plain = u.write_conf(tmp_path / "nokey.conf", [server.address])
+def test_getent_shadow_needs_the_shadow_key(tmp_path, server, shadow_key):
+    plain = client_conf(tmp_path / "nokey.conf", [server.address])
     assert u.getent(plain, "shadow", "alice").returncode == 2
-    keyed = u.write_conf(tmp_path / "key.conf", [server.address], shadow_keyfile=keys["shadow_file"])
+    keyed = client_conf(tmp_path / "key.conf", [server.address], shadow_keyfile=shadow_key[1])
     for src in u.parse_shadow(u.SHADOW):
         r = u.getent(keyed, "shadow", src[0])
         assert r.returncode == 0, r.stderr
@@ -119,18 +111,18 @@ def test_getent_shadow_needs_the_shadow_key(tmp_path, server, keys):
         want = [src[0], src[1]] + ["" if x == -1 else str(x) for x in src[2:]]
         assert got == want
     # a wrong key: the server cannot open the request and stays silent
-    u.write_key(tmp_path / "wrong.key", os.urandom(32))
-    wrong = u.write_conf(tmp_path / "wrong.conf", [server.address], timeout_ms=300,
-                         shadow_keyfile=tmp_path / "wrong.key")
+    write_key(tmp_path / "wrong.key")
+    wrong = client_conf(tmp_path / "wrong.conf", [server.address], timeout_ms=300,
+                        shadow_keyfile=tmp_path / "wrong.key")
     assert u.getent(wrong, "shadow", "alice").returncode == 2
 
 
-def test_enumeration_only_when_enabled(tmp_path, server, keys):
-    off = u.write_conf(tmp_path / "off.conf", [server.address])
+def test_enumeration_only_when_enabled(tmp_path, server, shadow_key):
+    off = client_conf(tmp_path / "off.conf", [server.address])
     r = u.getent(off, "passwd")
     assert r.returncode == 0 and r.stdout == ""
-    on = u.write_conf(tmp_path / "on.conf", [server.address], enumerate_=True,
-                      shadow_keyfile=keys["shadow_file"])
+    on = client_conf(tmp_path / "on.conf", [server.address], enumerate_=True,
+                     shadow_keyfile=shadow_key[1])
     before = tcp_requests(server)
     r = u.getent(on, "passwd")
     assert r.returncode == 0
@@ -200,11 +192,11 @@ def test_python_pwd_grp_through_nsswitch(tmp_path, conf):
 def test_network_key_seals_every_packet(tmp_path):
     """A server with a network key drops plain packets; with the key in the
     config (keyfile) the module seals requests, including the TCP ones."""
-    u.write_key(tmp_path / "net.key", os.urandom(32))
-    with u.real_server(tmp_path, extra=["--network-key", str(tmp_path / "net.key")]) as server:
-        plain = u.write_conf(tmp_path / "plain.conf", [server.address], timeout_ms=300)
+    write_key(tmp_path / "net.key")
+    with u.real_server(tmp_path, "--network-key", str(tmp_path / "net.key")) as server:
+        plain = client_conf(tmp_path / "plain.conf", [server.address], timeout_ms=300)
         assert u.getent(plain, "passwd", "alice").returncode == 2
-        sealed = u.write_conf(tmp_path / "sealed.conf", [server.address], keyfile=tmp_path / "net.key")
+        sealed = client_conf(tmp_path / "sealed.conf", [server.address], keyfile=tmp_path / "net.key")
         r = u.getent(sealed, "passwd", "alice")
         assert r.returncode == 0 and r.stdout.startswith("alice:x:2001:2001:")
         r = u.getent(sealed, "group", "pwbig")
@@ -212,9 +204,9 @@ def test_network_key_seals_every_packet(tmp_path):
 
 
 def test_ipv6_server_udp_and_tcp(tmp_path):
-    with u.real_server(tmp_path, listen="[::1]:0", extra=["--allow", "::1/128"]) as server:
+    with u.real_server(tmp_path, "--allow", "::1/128", listen="[::1]:0") as server:
         assert server.address.startswith("[::1]:")
-        conf = u.write_conf(tmp_path / "v6.conf", [server.address])
+        conf = client_conf(tmp_path / "v6.conf", [server.address])
         r = u.getent(conf, "passwd", "alice")
         assert r.returncode == 0 and r.stdout.startswith("alice:x:2001:")
         r = u.getent(conf, "group", "pwbig")  # TRUNCATED, then TCP over IPv6
@@ -273,7 +265,7 @@ def check_setuid(work, server):
     subprocess.run(["cc", "-O2", "-o", str(work / "bin" / "probe"), str(src)], check=True)
     subprocess.run(["cp", str(work / "bin" / "probe"), str(work / "bin" / "probe-suid")], check=True)
     (work / "bin" / "probe-suid").chmod(0o4755)
-    conf = u.write_conf(work / "pwserver.conf", [server.address], health_file=work / "health")
+    conf = client_conf(work / "pwserver.conf", [server.address], health_file=work / "health")
     conf.chmod(0o644)
     r = subprocess.run(["unshare", "-m", "sh", "-c", SETUID_SCENARIO, "sh", str(work),
                         str(install.system_libdir()), str(u.LIB), str(conf)],

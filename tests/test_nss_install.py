@@ -12,6 +12,7 @@ import sys
 import pytest
 
 import nss_util as u
+from pwtest import client_conf
 from nss_module import install
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mount namespaces need root")
@@ -72,7 +73,7 @@ def test_install_uninstall_in_private_mount_namespace(tmp_path):
     real_nsswitch, real_lib = sha("/etc/nsswitch.conf"), (libdir / install.SONAME).exists()
     u.build_module()
     with u.FakePwServer(u.PASSWD, u.GROUP, u.SHADOW) as server:
-        conf = u.write_conf(tmp_path / "pwserver.conf", [server.address])
+        conf = client_conf(tmp_path / "pwserver.conf", [server.address])
         env = dict(os.environ, PWSERVER_CONF=str(conf), PYTHON=sys.executable,
                    PYTHONPATH=str(u.ROOT))
         work = tmp_path / "ns"

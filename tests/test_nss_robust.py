@@ -4,7 +4,6 @@ parser (garbage, truncated, wrong id, wrong source) run in a child process
 so that a crash would show as its exit status."""
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import socket
@@ -15,19 +14,12 @@ import msgpack
 import pytest
 
 import nss_util as u
+from pwtest import client_conf
 
 
 @pytest.fixture(scope="module", autouse=True)
 def lib():
     return u.build_module()
-
-
-@pytest.fixture(scope="module")
-def shadow_key(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    key = os.urandom(32)
-    u.write_key(d / "shadow.key", key)
-    return key, d / "shadow.key"
 
 
 # ---- threads and fork --------------------------------------------------------------
@@ -77,7 +69,7 @@ print(len(errors), len(bad_children))
 
 def test_sixteen_threads_and_forked_children(tmp_path):
     with u.FakePwServer(u.PASSWD, u.GROUP, u.SHADOW) as server:
-        conf = u.write_conf(tmp_path / "pwserver.conf", [server.address])
+        conf = client_conf(tmp_path / "pwserver.conf", [server.address])
         r = subprocess.run([sys.executable, "-c", THREADS_AND_FORK], env=u.module_env(conf),
                            capture_output=True, text=True, timeout=240)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -122,7 +114,7 @@ with open({str(tmp_path / "victim")!r}, "w+b") as victim:
 print(out)
 """
     with u.FakePwServer(u.PASSWD, u.GROUP, u.SHADOW) as server:
-        conf = u.write_conf(tmp_path / "pwserver.conf", [server.address])
+        conf = client_conf(tmp_path / "pwserver.conf", [server.address])
         r = subprocess.run([sys.executable, "-c", script], env=u.module_env(conf),
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr[-2000:]
@@ -138,8 +130,8 @@ def test_valgrind_memcheck_clean(tmp_path, shadow_key):
     primary = u.FakePwServer(mode="drop")
     with u.FakePwServer(u.PASSWD, u.GROUP, u.SHADOW, shadow_key=shadow_key[0]) as server:
         try:
-            conf = u.write_conf(tmp_path / "pwserver.conf", [primary.address, server.address],
-                                shadow_keyfile=shadow_key[1], enumerate_=True, timeout_ms=5000)
+            conf = client_conf(tmp_path / "pwserver.conf", [primary.address, server.address],
+                               shadow_keyfile=shadow_key[1], enumerate_=True, timeout_ms=5000)
             for args in (["passwd", "alice"], ["passwd", "2003"], ["passwd", "nosuch"],
                          ["group", "pwbig"], ["group", "3001"], ["initgroups", "alice"],
                          ["shadow", "alice"], ["passwd"], ["group"]):
@@ -204,7 +196,7 @@ def test_fuzz_reply_parser_never_crashes(tmp_path):
     queries = [["passwd", r[0]] for r in users] + [["uid", str(r[2])] for r in users]
     queries += [["group", "pwstaff"], ["gid", "3001"], ["passwd", "nosuchuser"]] * 10
     with u.FakePwServer(u.PASSWD, u.GROUP, u.SHADOW, hook=hook) as server:
-        conf = u.write_conf(tmp_path / "pwserver.conf", [server.address], timeout_ms=3000)
+        conf = client_conf(tmp_path / "pwserver.conf", [server.address], timeout_ms=3000)
         results = u.run_driver(conf, queries, timeout=240)
     wrong.close()
     assert len(results) == len(queries)
@@ -229,7 +221,7 @@ def test_fuzz_garbage_only_is_unavail_in_time(tmp_path):
         return True
 
     with u.FakePwServer(u.PASSWD, hook=hook) as server:
-        conf = u.write_conf(tmp_path / "pwserver.conf", [server.address], timeout_ms=150)
+        conf = client_conf(tmp_path / "pwserver.conf", [server.address], timeout_ms=150)
         results = u.run_driver(conf, [["passwd", "alice"]] * 20)
     assert all(r[:2] == [u.NSS_UNAVAIL, u.EAGAIN] for r in results)
 
@@ -284,7 +276,7 @@ def test_fuzz_tcp_answers(tmp_path):
     for t in threads:
         t.start()
     try:
-        conf = u.write_conf(tmp_path / "pwserver.conf", [f"127.0.0.1:{port}"], timeout_ms=400)
+        conf = client_conf(tmp_path / "pwserver.conf", [f"127.0.0.1:{port}"], timeout_ms=400)
         results = u.run_driver(conf, [["group", "pwbig"]] * 16, timeout=120)
     finally:
         stop.set()
@@ -343,7 +335,7 @@ def test_helgrind_no_data_race(tmp_path):
     src.write_text(THREADS_C)
     subprocess.run(["cc", "-O1", "-g", "-pthread", "-o", str(tmp_path / "threads"), str(src), "-ldl"], check=True)
     with u.FakePwServer(u.PASSWD, u.GROUP) as server:
-        conf = u.write_conf(tmp_path / "pwserver.conf", [server.address], timeout_ms=20000)
+        conf = client_conf(tmp_path / "pwserver.conf", [server.address], timeout_ms=20000)
         r = subprocess.run(["valgrind", "--tool=helgrind", "-q", "--error-exitcode=99",
                             str(tmp_path / "threads"), str(u.LIB)],
                            env=u.module_env(conf), capture_output=True, text=True, timeout=300)
