@@ -40,6 +40,14 @@ def conf(tmp_path, server, shadow_key, monkeypatch):
     return path
 
 
+@pytest.fixture
+def plain_conf(tmp_path, server, monkeypatch):
+    """A configuration without the shadow key and without enumeration."""
+    path = client_conf(tmp_path / "plain.conf", [server.address])
+    monkeypatch.setenv("PWSERVER_CONF", str(path))
+    return path
+
+
 def test_getpwnam_erange_then_same_entry(nss, conf):
     for src in u.parse_passwd(u.PASSWD)[:6]:
         st, err, pw, eranges = grow(lambda r, b, n, e: nss._nss_pwserver_getpwnam_r(src[0].encode(), r, b, n, e),
@@ -102,9 +110,7 @@ def test_shadow_erange_and_empty_fields(nss, conf):
         assert shadow_tuple(sp) == src
 
 
-def test_shadow_without_key_is_unavail_eacces(nss, tmp_path, server, monkeypatch):
-    path = client_conf(tmp_path / "nokey.conf", [server.address])
-    monkeypatch.setenv("PWSERVER_CONF", str(path))
+def test_shadow_without_key_is_unavail_eacces(nss, server, plain_conf):
     sp = ffi.new("struct spwd *")
     buf = ffi.new("char[]", 1024)
     err = ffi.new("int *", 0)
@@ -143,9 +149,7 @@ def test_getgrent_erange_returns_the_same_entry(nss, conf):
     assert got == u.parse_group(u.GROUP)
 
 
-def test_enumeration_off_is_notfound(nss, tmp_path, server, monkeypatch):
-    path = client_conf(tmp_path / "off.conf", [server.address])
-    monkeypatch.setenv("PWSERVER_CONF", str(path))
+def test_enumeration_off_is_notfound(nss, plain_conf):
     pw = ffi.new("struct passwd *")
     buf = ffi.new("char[]", 4096)
     err = ffi.new("int *", 0)
