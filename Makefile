@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 APT_STAMP := .apt-installed
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv build nss test demo bench clean
+.PHONY: all deps venv build nss test demo clean
 
 all: build
 
@@ -44,9 +44,6 @@ test: build
 
 demo: build
 	$(VENV)/bin/pwmail demo
-
-bench: build
-	$(PY) -m benchmarks
 
 clean:
 	rm -rf build *.egg-info pwcache/_pwtable*.so pwcache/_pwtable.c
