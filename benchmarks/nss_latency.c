@@ -13,37 +13,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
-static long long now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
+#include "bench_util.h"
 
-static int cmp(const void *a, const void *b)
-{
-    long long x = *(const long long *)a, y = *(const long long *)b;
-    return (x > y) - (x < y);
-}
 
 int main(int argc, char **argv)
 {
     if (argc < 3)
         return 2;
-    FILE *f = fopen(argv[1], "r");
-    if (!f)
-        return 2;
     int rounds = atoi(argv[2]), warm = argc > 3 && strcmp(argv[3], "warm") == 0;
-    char **names = NULL, line[256];
-    size_t n = 0;
-    while (fgets(line, sizeof line, f)) {
-        line[strcspn(line, "\n")] = '\0';
-        names = realloc(names, (n + 1) * sizeof *names);
-        names[n++] = strdup(line);
-    }
-    fclose(f);
+    size_t n;
+    char **names = read_names(argv[1], &n);
     static char buf[16384];
     struct passwd pw, *res;
     /* load the module and open what it opens, untimed */
@@ -60,7 +40,7 @@ int main(int argc, char **argv)
             lat[k++] = now_ns() - t;
             found += res != NULL && strcmp(res->pw_name, names[i]) == 0;
         }
-    qsort(lat, total, sizeof *lat, cmp);
+    qsort(lat, total, sizeof *lat, cmp_ll);
     printf("%zu %zu %lld %lld\n", total, found, lat[total / 2], lat[(total * 99) / 100]);
     return 0;
 }

@@ -12,21 +12,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <time.h>
 #include <unistd.h>
 
-static long long now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
+#include "bench_util.h"
 
-static int cmp(const void *a, const void *b)
-{
-    long long x = *(const long long *)a, y = *(const long long *)b;
-    return (x > y) - (x < y);
-}
 
 int main(int argc, char **argv)
 {
@@ -59,7 +48,7 @@ int main(int argc, char **argv)
         if (i >= 0)
             lat[i] = now_ns() - t;
     }
-    qsort(lat, (size_t)n, sizeof *lat, cmp);
+    qsort(lat, (size_t)n, sizeof *lat, cmp_ll);
     printf("%d %lld %lld\n", n, lat[n / 2], lat[(n * 99) / 100]);
     return 0;
 }

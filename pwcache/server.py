@@ -39,7 +39,8 @@ DEFAULTS: dict = {
     "shadow_key": "",
     "network_key": "",
     "allow": ["127.0.0.0/8", "::1/128"],
-    "threads": 2,
+    "threads": 1,
+    "busy_poll_us": 50,
     "poll_seconds": 2.0,
     "syslog": "",
 }
@@ -124,6 +125,9 @@ class ServerCore(CHandle):
     def stop(self) -> None:
         lib.pws_stop(self.ptr)
 
+    def set_busy_poll(self, usec: int) -> None:
+        lib.pws_set_busy_poll(self.ptr, usec)
+
     def _release(self, ptr) -> None:
         _swap_table(ptr, ffi.NULL, self.generation, 0)
         lib.pws_free(ptr)
@@ -166,6 +170,7 @@ class Config:
     allow: list[str]
     threads: int
     poll_seconds: float
+    busy_poll_us: int
     syslog: str
     rule: PlacementRule
 
@@ -212,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow", metavar="CIDR", action="append",
                    help="client network allowed to ask (repeatable; default loopback only)")
     p.add_argument("--threads", metavar="N", type=int, help=f"UDP serving threads (default {DEFAULTS['threads']})")
+    p.add_argument("--busy-poll-us", metavar="US", type=int,
+                   help=f"after answering, keep receiving without blocking this long, yielding the CPU "
+                        f"(0..10000 µs, default {DEFAULTS['busy_poll_us']}; 0: always block)")
     p.add_argument("--log-stderr", action="store_true", help="also log to stderr")
     return p
 
@@ -223,7 +231,8 @@ def load_config(args: argparse.Namespace) -> Config:
         rule = PlacementRule.from_settings(placement)
     except (settings.SettingsError, PlacementError) as e:
         raise ConfigError(str(e)) from None
-    for key in ("listen", "passwd", "shadow", "group", "mailhosts", "shadow_key", "network_key", "allow", "threads"):
+    for key in ("listen", "passwd", "shadow", "group", "mailhosts", "shadow_key", "network_key", "allow", "threads",
+                "busy_poll_us"):
         value = getattr(args, key)
         if value is not None:
             cfg[key] = value
@@ -231,10 +240,13 @@ def load_config(args: argparse.Namespace) -> Config:
         raise ConfigError("no passwd file: give --passwd F (or passwd in [pwserver])")
     try:
         threads, poll_seconds = int(cfg["threads"]), float(cfg["poll_seconds"])
+        busy_poll_us = int(cfg["busy_poll_us"])
     except (TypeError, ValueError):
-        raise ConfigError("threads must be an integer, poll_seconds a number") from None
+        raise ConfigError("threads and busy_poll_us must be integers, poll_seconds a number") from None
     if not 1 <= threads <= 32 or not poll_seconds > 0:
         raise ConfigError("threads must be 1..32, poll_seconds > 0")
+    if not 0 <= busy_poll_us <= 10000:
+        raise ConfigError("busy_poll_us must be 0..10000")
     allow = cfg["allow"]
     if isinstance(allow, str) or not all(isinstance(a, str) for a in allow):
         raise ConfigError("allow must be a list of CIDR strings")
@@ -244,6 +256,7 @@ def load_config(args: argparse.Namespace) -> Config:
         shadow_key=read_key(cfg["shadow_key"], "shadow") if cfg["shadow_key"] else None,
         network_key=read_key(cfg["network_key"], "network") if cfg["network_key"] else None,
         allow=list(allow), threads=threads, poll_seconds=poll_seconds,
+        busy_poll_us=busy_poll_us,
         syslog=cfg["syslog"], rule=rule)
 
 
@@ -539,6 +552,7 @@ def serve(cfg: Config) -> int:
 
     try:
         core.set_keys(cfg.network_key, cfg.shadow_key)
+        core.set_busy_poll(cfg.busy_poll_us)
         if (cfg.network_key or cfg.shadow_key) and lib.pw_seal_available() < 0:
             raise ConfigError("keys given but libsodium (libsodium.so.23) is not installed")
         for cidr in cfg.allow:

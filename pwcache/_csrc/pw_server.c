@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <sched.h>
 #include <time.h>
 
 #include "pw_seal.h"
@@ -60,6 +61,8 @@ struct pws_server {
     _Atomic(pwt_table *) table;
     _Atomic uint64_t generation, load_ms;
     _Atomic int stopping;
+    _Atomic unsigned busy_poll_us; /* 0: always block */
+    _Atomic int spinner;           /* a thread is in its busy-poll window */
     int has_network_key, has_shadow_key;
     uint8_t network_key[PW_KEY_BYTES], shadow_key[PW_KEY_BYTES];
     net_t allow[PWS_MAX_ALLOW];
@@ -502,6 +505,18 @@ void pws_stop(pws_server *s)
     atomic_store(&s->stopping, 1);
 }
 
+void pws_set_busy_poll(pws_server *s, unsigned usec)
+{
+    atomic_store(&s->busy_poll_us, usec > PWS_MAX_BUSY_POLL_US ? PWS_MAX_BUSY_POLL_US : usec);
+}
+
+static int64_t mono_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
 typedef struct {
     uint8_t in[PWS_BATCH][PW_MAX_REQUEST + 1];
     uint8_t out[PWS_BATCH][PW_MAX_UDP_ANSWER];
@@ -580,19 +595,43 @@ int pws_serve_udp(pws_server *s, int fd, int slot)
         bt->min[i].msg_hdr.msg_name = &bt->addr[i];
         bt->min[i].msg_hdr.msg_control = bt->ctl_in[i].buf;
     }
+    /* Busy-poll window (pws_set_busy_poll): after a batch, one thread at a
+     * time keeps receiving without blocking (yielding the CPU between
+     * tries) for busy_poll_us, so that a client's next request finds it
+     * awake instead of paying a wake-up. */
+    int64_t spin_until = 0;
+    int spinning = 0;
+    int used = PWS_BATCH; /* entries whose lengths need a reset */
     while (!atomic_load_explicit(&s->stopping, memory_order_relaxed)) {
-        for (int i = 0; i < PWS_BATCH; i++) {
+        for (int i = 0; i < used; i++) {
             bt->min[i].msg_hdr.msg_namelen = sizeof bt->addr[i];
             bt->min[i].msg_hdr.msg_controllen = sizeof bt->ctl_in[i].buf;
         }
-        int n = recvmmsg(fd, bt->min, PWS_BATCH, MSG_WAITFORONE, NULL);
+        int n;
+        if (spinning) {
+            n = recvmmsg(fd, bt->min, PWS_BATCH, MSG_DONTWAIT, NULL);
+            if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+                used = 1;
+                if (mono_us() >= spin_until) {
+                    spinning = 0;
+                    atomic_store_explicit(&s->spinner, 0, memory_order_release);
+                } else {
+                    sched_yield();
+                }
+                continue;
+            }
+        } else {
+            n = recvmmsg(fd, bt->min, PWS_BATCH, MSG_WAITFORONE, NULL);
+        }
         if (n < 0) {
+            used = 1;
             if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ||
                 errno == ECONNREFUSED || errno == ENOMEM)
                 continue;
             rc = -errno;
             break;
         }
+        used = n;
         int k = 0;
         const pwt_table *t = read_begin(s, sl);
         for (int i = 0; i < n; i++) {
@@ -631,7 +670,17 @@ int pws_serve_udp(pws_server *s, int fd, int slot)
             }
             sent += m;
         }
+        unsigned spin = atomic_load_explicit(&s->busy_poll_us, memory_order_relaxed);
+        if (spin) {
+            int expected = 0;
+            if (spinning || atomic_compare_exchange_strong(&s->spinner, &expected, 1)) {
+                spinning = 1;
+                spin_until = mono_us() + spin;
+            }
+        }
     }
+    if (spinning)
+        atomic_store(&s->spinner, 0);
     free(bt);
     return rc;
 }

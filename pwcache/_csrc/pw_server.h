@@ -24,6 +24,7 @@
 #define PWS_BATCH 32
 #define PWS_MAX_ALLOW 256
 #define PWS_STOP_CHECK_MS 100
+#define PWS_MAX_BUSY_POLL_US 10000
 #define PWS_VERSION_STRING "pwserver 0.1.0"
 
 /* cffi: begin (build_pwtable.py reads this part as its cdef) */
@@ -60,6 +61,10 @@ size_t pws_answer(pws_server *s, int slot, const uint8_t *req, size_t len,
  * it sets SO_RCVTIMEO on fd). Returns 0, or -errno on a socket error. */
 int pws_serve_udp(pws_server *s, int fd, int slot);
 void pws_stop(pws_server *s);
+/* Busy-poll window in microseconds (0, the default: always block; at most
+ * PWS_MAX_BUSY_POLL_US): after answering, one serving thread keeps
+ * receiving without blocking this long, yielding the CPU between tries. */
+void pws_set_busy_poll(pws_server *s, unsigned usec);
 
 /* Counters, summed over slots. */
 int pws_ncounters(void);
