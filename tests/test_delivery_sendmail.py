@@ -1,22 +1,18 @@
 """Real Sendmail (Debian sendmail-bin) with pdelivery as its local mailer,
 built from the m4 definition shipped in docs/delivery.md.
 
-Sendmail runs with a private /etc/mail (our config, queue, aliases) and a
-private /etc/hosts, in `unshare --uts --mount` under a dotted host name (it
-sleeps 60 s otherwise), as a foreground daemon on 127.0.0.1:<high port>.
-The local mailer runs as Sendmail's DefaultUser (mail), not root; the
-interpreter of this checkout lives under /root (mode 0700), so the
-namespace shows /root's .pyenv through a 0755 tmpfs.
+Sendmail runs as a foreground daemon on 127.0.0.1:<high port> with its
+private /etc/mail, /etc/hosts, host name and /dev/log, as set up by
+tests/sendmail_util.py (which names the traps it solves; the test bed runs
+the same on mx1).
 Storage: a real pwserver and two real pdeliveryd (127.0.0.2, 127.0.0.3).
 """
 import os
 import pathlib
 import re
-import shutil
 import smtplib
 import socket
 import subprocess
-import threading
 import time
 
 import pytest
@@ -25,10 +21,8 @@ import pwtest
 from delivery.layout import MailboxLayout
 from delivery_util import (Pdeliveryd, client_conf, free_port, free_port_on, messages, stop_process, wait_for,
                            write_users)
+from sendmail_util import CF_M4, SENDMAIL, SendmailDir, SyslogSink, enter
 
-SENDMAIL = shutil.which("sendmail-mta") or "/usr/sbin/sendmail-mta"
-CF_M4 = "/usr/share/sendmail/cf/m4/cf.m4"
-DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "delivery.md"
 STORES = ["127.0.0.2", "127.0.0.3"]
 
 pytestmark = [
@@ -39,132 +33,19 @@ pytestmark = [
 ]
 
 
-def documented_mailer(block: str) -> str:
-    """The m4 lines of a local mailer definition, taken from docs/delivery.md."""
-    text = DOCS.read_text()
-    m = re.search(rf"<!-- {block} -->\s*```m4\n(.*?)```", text, re.S)
-    assert m, f"docs/delivery.md lost its {block} block"
-    return m.group(1)
-
-
-def sendmail_mc(port: int, block: str, lmtp_port: int) -> str:
-    mailer = documented_mailer(block).replace("/usr/local/bin/pdelivery", str(pwtest.BIN / "pdelivery"))
-    mailer = mailer.replace("TCP store1.example.org 24", f"TCP {STORES[0]} {lmtp_port}")
-    # OSTYPE first: Debian's ostype sets its own local mailer, ours must come after it
-    assert mailer.lstrip().startswith("OSTYPE(")
-    return mailer + f"""\
-define(`confDONT_PROBE_INTERFACES', `True')dnl
-define(`confSERVICE_SWITCH_FILE', `/etc/mail/service.switch')dnl
-define(`QUEUE_DIR', `/etc/mail/mqueue')dnl
-define(`ALIAS_FILE', `/etc/mail/aliases')dnl
-define(`STATUS_FILE', `/etc/mail/sendmail.st')dnl
-define(`confHOST_STATUS_DIRECTORY', `')dnl
-define(`confPID_FILE', `/etc/mail/sendmail.pid')dnl
-define(`confDEAD_LETTER_DROP', `/etc/mail/dead.letter')dnl
-define(`confTO_IDENT', `0')dnl
-define(`confQUEUE_LA', `100')dnl
-define(`confREFUSE_LA', `200')dnl
-define(`confMIN_QUEUE_AGE', `0')dnl
-FEATURE(`accept_unresolvable_domains')dnl
-FEATURE(`no_default_msa')dnl
-LOCAL_DOMAIN(`pwmail.test')dnl
-DAEMON_OPTIONS(`Port={port}, Addr=127.0.0.1, Name=MTA')dnl
-LOCAL_CONFIG
-EPWSERVER_CONF=/etc/mail/pwserver.conf
-EPWMAIL_CONF=/etc/mail/pwmail.toml
-MAILER(`local')dnl
-MAILER(`smtp')dnl
-"""
-
-
-NAMESPACE_SETUP = """set -e
-hostname mx.pwmail.test
-mount --bind "$D/etcmail" /etc/mail
-mount --bind "$D/hosts" /etc/hosts
-mount --bind /root "$D/rootorig"
-mount -t tmpfs -o mode=0755 tmpfs /root
-mkdir /root/.pyenv
-mount --bind "$D/rootorig/.pyenv" /root/.pyenv
-# a private /dev whose /dev/log is the test's syslog socket (Sendmail logs nowhere else)
-mount --rbind /dev "$D/olddev"
-mount -t tmpfs -o mode=0755 tmpfs /dev
-for n in null zero full random urandom tty; do touch /dev/$n; mount --bind "$D/olddev/$n" /dev/$n; done
-ln -s /proc/self/fd /dev/fd
-mkdir /dev/shm /dev/pts
-touch /dev/log
-mount --bind "$D/log.sock" /dev/log
-"$SENDMAIL" -bi >/dev/null
-exec "$@"
-"""
-
-
-class SyslogSink:
-    """/dev/log for the namespace: a datagram socket read by a thread."""
-
-    def __init__(self, path: pathlib.Path, out: pathlib.Path):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        os.chmod(path, 0o666)                 # pdelivery logs as the mail user
-        self.sock.settimeout(0.2)
-        self.closed = False
-        self.lines: list[str] = []
-        self.out = open(out, "w")
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.closed:
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            line = data.decode(errors="replace").rstrip("\x00\n")
-            self.lines.append(line)
-            self.out.write(line + "\n")
-            self.out.flush()
-
-    def close(self) -> None:
-        self.closed = True
-        self.thread.join(2)
-        self.sock.close()
-        self.out.close()
-
-
 class SendmailMX:
     def __init__(self, d: pathlib.Path, port: int, lmtp_port: int, pw_address: str, block: str = "sendmail-mailer"):
         self.d, self.port = d, port
-        em = d / "etcmail"
-        (em / "mqueue").mkdir(parents=True)
-        os.chmod(em / "mqueue", 0o700)
-        (em / "state").mkdir()
-        os.chmod(em / "state", 0o1777)
-        (d / "rootorig").mkdir()
-        (d / "olddev").mkdir()
-        self.syslog = SyslogSink(d / "log.sock", d / "maillog")
-        (em / "sendmail.mc").write_text(sendmail_mc(port, block, lmtp_port))
-        cf = subprocess.run(["m4", CF_M4, str(em / "sendmail.mc")], capture_output=True, text=True, check=True)
-        (em / "sendmail.cf").write_text(cf.stdout)
-        (em / "service.switch").write_text("hosts files\naliases files\n")
-        (em / "local-host-names").write_text("pwmail.test\nmx.pwmail.test\n")
-        (em / "trusted-users").write_text("")
-        (em / "relay-domains").write_text("")
-        (em / "aliases").write_text("postmaster: ana\nMAILER-DAEMON: postmaster\n")
-        (em / "pwserver.conf").write_text(f"server {pw_address}\ntimeout_ms 500\nhedge_ms 100\n"
-                                          "health_file /etc/mail/state/pwserver-health\n")
-        (em / "pwmail.toml").write_text(f"[delivery]\nlmtp_port = {lmtp_port}\nconnect_timeout = 2.0\n")
-        for p in em.iterdir():
-            if p.is_file():
-                os.chmod(p, 0o644)
-        (d / "hosts").write_text("127.0.0.1 localhost\n127.0.0.1 mx.pwmail.test mx\n")
-        (d / "ns.sh").write_text(NAMESPACE_SETUP)
-        self.env = {**os.environ, "D": str(d), "SENDMAIL": SENDMAIL}
+        self.dir = SendmailDir(
+            d, port=port, block=block, pdelivery=str(pwtest.BIN / "pdelivery"),
+            direct_target=f"{STORES[0]} {lmtp_port}",
+            pwserver_conf=f"server {pw_address}\ntimeout_ms 500\nhedge_ms 100\n",
+            pwmail_toml=f"[delivery]\nlmtp_port = {lmtp_port}\nconnect_timeout = 2.0\n",
+            hosts="127.0.0.1 localhost\n127.0.0.1 mx.pwmail.test mx\n")
+        self.syslog = SyslogSink(self.dir.log_socket, d / "maillog")
         self.log = open(d / "sendmail.out", "w+b")
-        # unshare and sh exec in place: this PID is the Sendmail daemon's
-        self.proc = subprocess.Popen(["unshare", "--uts", "--mount", "--propagation", "private",
-                                      "sh", str(d / "ns.sh"), SENDMAIL, "-bD"],
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        self.proc = subprocess.Popen(self.dir.daemon_argv, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **self.dir.env})
         if not wait_for(self._listening, timeout=60, step=0.2):
             self.stop()
             raise RuntimeError(f"sendmail not listening:\n{self.output()}")
@@ -184,11 +65,10 @@ class SendmailMX:
         return pathlib.Path(self.log.name).read_text(errors="replace") + "\n".join(self.syslog.lines)
 
     def in_namespace(self, *argv, timeout=120) -> subprocess.CompletedProcess:
-        return subprocess.run(["nsenter", "-t", str(self.proc.pid), "--uts", "--mount", *argv],
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(enter(self.proc.pid, *argv), capture_output=True, text=True, timeout=timeout)
 
     def queue_files(self, prefix="qf") -> list[pathlib.Path]:
-        return sorted(p for p in (self.d / "etcmail" / "mqueue").iterdir() if p.name.startswith(prefix))
+        return self.dir.queue_files(prefix)
 
     def stop(self) -> None:
         stop_process(self.proc, 15)
