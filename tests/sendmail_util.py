@@ -188,6 +188,16 @@ class SendmailDir:
         return sorted(p for p in (self.etcmail / "mqueue").iterdir() if p.name.startswith(prefix))
 
 
+def message(subject: str, to: str, sender: str = "Ana <ana@pwmail.test>") -> bytes:
+    """A test message that must arrive unchanged: CRLF line ends, 8 bit,
+    lines starting with dots (dot-stuffing on the way)."""
+    return (f"From: {sender}\r\nTo: {to}\r\nDate: Mon, 30 Nov 2026 00:00:00 +0000\r\n"
+            f"Message-ID: <{subject.replace(' ', '.')}@pwmail.test>\r\nSubject: {subject}\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            "Content-Transfer-Encoding: 8bit\r\n\r\n"
+            "Hola Juan,\r\n.una l\u00ednea con punto\r\n..dos\r\n\r\n" + "x" * 900 + "\r\n").encode()
+
+
 def enter(pid: int, *argv: str) -> list[str]:
     """argv run in the UTS and mount namespaces of the Sendmail daemon `pid`
     (its /etc/mail, queue and host name): e.g. enter(pid, SENDMAIL, "-q")."""

@@ -21,7 +21,7 @@ import pwtest
 from delivery.layout import MailboxLayout
 from delivery_util import (Pdeliveryd, client_conf, free_port, free_port_on, messages, stop_process, wait_for,
                            write_users)
-from sendmail_util import CF_M4, SENDMAIL, SendmailDir, SyslogSink, enter
+from sendmail_util import CF_M4, SENDMAIL, SendmailDir, SyslogSink, enter, message
 
 STORES = ["127.0.0.2", "127.0.0.3"]
 
@@ -111,14 +111,6 @@ def mx_lmtp(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mx_direct(tmp_path_factory):
     yield from _bed(tmp_path_factory, "sendmail-mailer-direct")
-
-
-def message(subject: str, to: str) -> bytes:
-    return (f"From: Ana <ana@pwmail.test>\r\nTo: {to}\r\nDate: Mon, 30 Nov 2026 00:00:00 +0000\r\n"
-            f"Message-ID: <{subject.replace(' ', '.')}@pwmail.test>\r\nSubject: {subject}\r\n"
-            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            "Content-Transfer-Encoding: 8bit\r\n\r\n"
-            "Hola Juan,\r\n.una l\u00ednea con punto\r\n..dos\r\n\r\n" + "x" * 900 + "\r\n").encode()
 
 
 def smtp_send(mx, sender, rcpts, data):
