@@ -4,7 +4,9 @@
 the delivery path and the POP distributor, each on its own host: a network
 namespace on a private bridge when run as root, a loopback address
 (127.77.0.x) otherwise. It delivers a handful of messages through
-`pdelivery`, fetches them through `pop-proxy` with poplib, resolves a user
+`pdelivery` (and, where Sendmail is installed and the hosts are
+namespaces, one over SMTP through real Sendmail on mx1, which runs
+pdelivery), fetches them through `pop-proxy` with poplib, resolves a user
 with `getent` through the NSS module, prints what went where, and keeps
 running until Ctrl-C (`--once`: exits 0 when every check passed).
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import random
 import signal
+import smtplib
 import sys
 import time
 from pathlib import Path
@@ -49,7 +52,9 @@ def say(text: str = "") -> None:
 
 def describe_hosts(sysm) -> None:
     bed = sysm.bed
-    roles = {"pw1": "pwserver (primary)", "pw2": "pwserver (secondary)", "mx1": "pdelivery (the MX's local mailer)",
+    mx = "Sendmail (SMTP, port 25) running pdelivery as its local mailer" if sysm.sendmail_wanted() \
+        else "pdelivery (the MX's local mailer)"
+    roles = {"pw1": "pwserver (primary)", "pw2": "pwserver (secondary)", "mx1": mx,
              "pop1": "pop-proxy (the POP distributor)", "client1": "POP client, lookups",
              "log1": "syslog collector (central log)"}
     for s in sysm.stores:
@@ -88,6 +93,11 @@ def run_checks(sysm, n_messages: int = 6) -> dict:
             raise DemoFailure(f"pdelivery -d {user} exited {r.returncode}: {r.stderr.decode(errors='replace').strip()}")
         sent.setdefault(user, []).append(subject)
         say(f"  {user:<12} exit 0 in {ms:5.0f} ms (the whole pdelivery process)")
+    say("")
+    if sysm.sendmail:
+        smtp_check(sysm, users[-1], sent)
+    else:
+        say(f"SMTP: no Sendmail on mx1 ({sysm.sendmail_unavailable() or 'not asked for'})")
     say("")
     say("where it went (hashed Maildir on the user's storage server):")
     for user, subjects in sent.items():
@@ -139,6 +149,32 @@ def run_checks(sysm, n_messages: int = 6) -> dict:
     return {"sent": sent, "users": users}
 
 
+def smtp_check(sysm, user: str, sent: dict[str, list[str]], timeout: float = 60.0) -> None:
+    """One message over SMTP from client1 to Sendmail on mx1, which runs
+    pdelivery for it; it must land in the user's Maildir."""
+    subject = f"pwmail demo over SMTP for {user}"
+    store = sysm.mailhosts[user]
+    before = len(sysm.messages_on_disk(user, store))
+    say("SMTP: smtplib on client1 -> Sendmail on mx1:25 -> pdelivery (its local mailer) -> LMTP -> pdeliveryd")
+    t0 = time.monotonic()
+    try:
+        refused = sysm.smtp_send("demo@example.org", [f"{user}@example.org"],
+                                 sysm.message(user, subject, f"Hello {user}, this one came through Sendmail.\n"))
+    except (smtplib.SMTPException, OSError) as e:
+        raise DemoFailure(f"SMTP to Sendmail on mx1 for {user}: {e}") from None
+    if refused:
+        raise DemoFailure(f"Sendmail on mx1 refused {user}: {refused}")
+    while len(sysm.messages_on_disk(user, store)) == before:
+        if time.monotonic() - t0 > timeout:
+            raise DemoFailure(f"Sendmail on mx1 accepted a message for {user} but it did not reach {store} "
+                              f"within {timeout:.0f} s (queue: {len(sysm.sendmail_queue())} files; "
+                              f"log {sysm.bed.dir('mx1') / 'sendmail' / 'maillog'})")
+        time.sleep(0.05)
+    sent.setdefault(user, []).append(subject)
+    say(f"  {user:<12} accepted by Sendmail and in its Maildir on {store} after "
+        f"{(time.monotonic() - t0) * 1000:.0f} ms")
+
+
 def instructions(sysm, users: list[str]) -> None:
     bed = sysm.bed
     on = bed.write_on_script({h: sysm.env(h) for h in bed.names()})
@@ -151,6 +187,11 @@ def instructions(sysm, users: list[str]) -> None:
     say(f"  {on} mx1 getent -s pwserver passwd {user}")
     say(f"  {on} client1 {bindir}/pwquery mailhost {user}")
     say(f"  printf 'Subject: hi\\n\\nhello\\n' | {on} mx1 {bindir}/pdelivery -d {user}")
+    if sysm.sendmail:
+        say(f"  printf 'Subject: hi\\n\\nhello\\n' | {on} client1 curl -s smtp://{bed.addr('mx1')}:{sysm.ports.smtp} "
+            f"--mail-from demo@example.org --mail-rcpt {user}@example.org --crlf -T -")
+        say(f"  {on} mx1 nsenter -t {bed.proc('mx1', 'sendmail').pid} --uts --mount sendmail-mta -bp   "
+            "# Sendmail's queue")
     say(f"  {on} client1 curl -s pop3://{user}:{pw}@{pop}/1")
     say(f"  tail -f {bed.syslog_file()}")
     say(f"  ({on} HOST COMMAND runs a command on any host: {', '.join(bed.names())})")

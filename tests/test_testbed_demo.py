@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import sendmail_util
 from testbed import namespace_support
 from testbed.system import PartMissing, require
 
@@ -44,6 +45,12 @@ def test_demo_once_on_namespaces():
     r = run_demo()
     check_account(r)
     assert "network namespaces on one private bridge, 10.77.0.0/24" in r.stdout
+    if sendmail_util.unavailable() is None:            # one message through real Sendmail on mx1
+        assert "mx1      10.77.0.4    Sendmail (SMTP, port 25)" in r.stdout
+        assert "-> Sendmail on mx1:25 -> pdelivery" in r.stdout
+        assert r.stdout.count("accepted by Sendmail and in its Maildir on store") == 1
+    else:
+        assert "SMTP: no Sendmail on mx1" in r.stdout
     work = r.stdout.split("(work folder ", 1)[1].split(")", 1)[0]
     assert not Path(work).exists()                     # torn down
     tag = Path(work).name.rsplit("-", 1)[0]
@@ -56,6 +63,7 @@ def test_demo_once_on_loopback():
     r = run_demo("--loopback")
     check_account(r)
     assert "loopback addresses 127.77.0.0/24" in r.stdout
+    assert "SMTP: no Sendmail on mx1 (Sendmail runs on the namespace bed only" in r.stdout
 
 
 def test_demo_names_a_missing_part(tmp_path):
