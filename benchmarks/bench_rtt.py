@@ -50,8 +50,8 @@ def run(n, place, cpu, tools, work, cache, args) -> dict:
         conf.write_text(f"server 127.0.0.1:{srv.port}\nhealth_file {work}/health\n")
         nss = work / "nsswitch"
         nss.write_text("passwd: pwserver\ngroup: files\nshadow: files\n")
-        lib = ROOT / "nss_module" / "libnss_pwserver.so.2"
-        env = {**os.environ, "PWSERVER_CONF": str(conf), "LD_LIBRARY_PATH": str(ROOT / "nss_module")}
+        lib = pathlib.Path(args.nss_dir).resolve() / "libnss_pwserver.so.2"
+        env = {**os.environ, "PWSERVER_CONF": str(conf), "LD_LIBRARY_PATH": str(lib.parent)}
         script = f'set -e\nmount --bind {nss} /etc/nsswitch.conf\nexec taskset -c 0 "$@"\n'
         r = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", str(tools["rtt_breakdown"]), str(eport),
                             str(srv.port), str(names), str(args.rounds), str(lib)],
@@ -76,6 +76,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--threads", type=int, help="pwserver --threads (default: pwserver's)")
     p.add_argument("--busy-poll-us", type=int, help="pwserver --busy-poll-us (default: pwserver's)")
+    p.add_argument("--nss-dir", default=str(ROOT / "nss_module"),
+                   help="folder holding the libnss_pwserver.so.2 to measure (another build, to compare)")
     p.add_argument("--cache", default="/tmp/nssbench")
     args = p.parse_args()
     if os.geteuid() != 0:

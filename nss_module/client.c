@@ -14,6 +14,7 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stddef.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -53,12 +54,13 @@ typedef struct {
 
 typedef struct {
     int nservers;
-    pwc_server servers[PWC_MAX_SERVERS];
     int timeout_ms, hedge_ms, recheck_s, enumerate;
     int has_netkey;
     uint8_t netkey[PW_KEY_BYTES];
     char shadow_keyfile[PWC_PATH_MAX];
     char health_file[PWC_PATH_MAX];
+    /* last: config_copy copies only the nservers in use */
+    pwc_server servers[PWC_MAX_SERVERS];
 } pwc_config;
 
 typedef struct {
@@ -287,6 +289,13 @@ static void config_load(pwc_config *c, const char *path)
         parse_server("127.0.0.1:7773", &c->servers[c->nservers++]);
 }
 
+/* Every field, and of the servers only those in use (each lookup takes a
+ * copy: the 8 server slots are most of the struct). */
+static void config_copy(pwc_config *out, const pwc_config *in)
+{
+    memcpy(out, in, offsetof(pwc_config, servers) + (size_t)in->nservers * sizeof in->servers[0]);
+}
+
 /* Copies the current configuration, re-reading the file when it changed.
  * Called with g_lock held. */
 static void config_current(pwc_config *out)
@@ -297,7 +306,7 @@ static void config_current(pwc_config *out)
     int64_t t = coarse_ms();
     int same_path = g_conf_loaded && strcmp(path, g_conf_path) == 0;
     if (same_path && t - g_conf_checked < PWC_RECHECK_FILES_MS) {
-        *out = g_conf;
+        config_copy(out, &g_conf);
         return;
     }
     g_conf_checked = t;
@@ -310,7 +319,7 @@ static void config_current(pwc_config *out)
         g_conf_stamp = st;
         g_conf_loaded = 1;
     }
-    *out = g_conf;
+    config_copy(out, &g_conf);
 }
 
 int pwc_enumerate_enabled(void)
