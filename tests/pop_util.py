@@ -35,6 +35,13 @@ def write_users(out: pathlib.Path, users: dict[str, tuple[str, str]], frozen: se
     return out
 
 
+def write_key(path: pathlib.Path) -> str:
+    """Only for benchmarks/bench_pop.py (being edited elsewhere) until it
+    uses pwtest.write_key: a new key file; returns its path."""
+    pwtest.write_key(path)
+    return str(path)
+
+
 def client_conf(path: pathlib.Path, pwserver: str, shadow_key: os.PathLike | str | None = None) -> str:
     """The POP tests' client configuration: one server, short timeouts."""
     return str(pwtest.client_conf(path, [pwserver], timeout_ms=500, hedge_ms=100, shadow_keyfile=shadow_key))
