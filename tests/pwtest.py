@@ -12,8 +12,6 @@ import sys
 import tempfile
 import time
 
-from pwcache import keys
-
 BIN = pathlib.Path(sys.executable).parent
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -33,16 +31,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError("no free port")
 
 
-def wait_for(cond, timeout: float = 20.0, step: float = 0.05):
+def wait_for(cond, timeout: float = 20.0, step: float = 0.05, describe=None):
     """Polls cond() until it returns something true, which is returned;
-    AssertionError when the time runs out."""
+    AssertionError when the time runs out (its text from describe() if
+    given)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = cond()
         if value:
             return value
         time.sleep(step)
-    raise AssertionError("condition not met in time")
+    raise AssertionError(describe() if describe else "condition not met in time")
 
 
 def gen_users(out: pathlib.Path, count: int, hosts: str = "store1,store2", seed: int = 1) -> pathlib.Path:
@@ -61,6 +60,8 @@ def read_passwords(users_dir: pathlib.Path) -> dict[str, str]:
 def write_key(path: os.PathLike | str) -> bytes:
     """A new key file (`pwmail gen-key`'s writer; replaces a file there);
     returns the key."""
+    from pwcache import keys
+
     keys.write_key(str(path), force=True)
     return read_key(path)
 

@@ -18,7 +18,7 @@ from delivery.layout import MailboxLayout
 from delivery.lmtpclient import crlf
 from delivery.maildir import ROOT_MARKER, MaildirWriter
 from delivery.pdelivery import Router, send
-from delivery_util import Pdeliveryd, client_conf, env_with, free_port_on, write_users
+from delivery_util import Pdeliveryd, env_with, free_port_on, write_users
 from pwcache.client import Client
 from pwcache.genusers import make_names
 from pwcache.move import FAIL_EXIT, FAIL_POINTS, MailhostsFile, is_maildir, scan
@@ -46,7 +46,7 @@ def bed(tmp_path_factory):
     (roots[S4]).mkdir()
     (roots[S4] / ROOT_MARKER).touch()
     with pwtest.PwServer(d / "users", env={"PWMAIL_CONF": str(settings)}) as pw:
-        conf = client_conf(d / "pwserver.conf", [pw.address])
+        conf = pwtest.client_conf(d / "pwserver.conf", [pw.address], timeout_ms=300, recheck_s=1)
         env = env_with(conf, settings)
         with Pdeliveryd(roots[S2], S2, port, env), Pdeliveryd(roots[S3], S3, port, env):
             yield {"d": d, "names": names, "roots": roots, "pw": pw, "env": env, "settings": settings,
@@ -325,10 +325,8 @@ def test_frozen_sync_waits_for_an_open_pop_session(bed):
     proc = subprocess.Popen([*_argv(bed, "move", "popopen1", "--to", S3, "--settle", "0")], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while _journal_step(bed, "popopen1") != "frozen" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _journal_step(bed, "popopen1") == "frozen"
+        pwtest.wait_for(lambda: _journal_step(bed, "popopen1") == "frozen", 60,
+                        describe=lambda: f"the move is at {_journal_step(bed, 'popopen1')!r}, not frozen")
         time.sleep(1)
         assert proc.poll() is None, "the move did not wait for the POP session"
         assert bed["map"].read()["popopen1"] == (S2, True)
@@ -389,9 +387,9 @@ def test_resume_refuses_an_unmounted_root(bed):
 def test_throttled_and_every_step_logged_to_syslog(bed, tmp_path):
     port = pwtest.free_port()
     out = tmp_path / "messages"
-    syslogd = subprocess.Popen([str(pwtest.BIN / "python"), str(pwtest.ROOT / "tests/testbed/syslogd.py"),
-                                "--listen", f"127.0.0.1:{port}", "--out", str(out)])
-    try:
+    syslogd = [str(pwtest.BIN / "python"), str(pwtest.ROOT / "tests/testbed/syslogd.py"),
+               "--listen", f"127.0.0.1:{port}", "--out", str(out)]
+    with pwtest.Process(syslogd, tmp_path / "syslogd.log"):
         w = MaildirWriter(layout(bed, S2))
         for i in range(4):
             w.deliver("throttled", f"Message-ID: <big-{i}>\n\n".encode() + b"x" * 100_000)
@@ -407,16 +405,9 @@ def test_throttled_and_every_step_logged_to_syslog(bed, tmp_path):
         assert all(" mail.info " in line or " mail.warning " in line for line in lines)
         for step in ("start", "copied", "frozen", "synced", "flipped", "unfrozen"):
             assert any(f"move throttled {S2} -> {S3}: {step}" in line for line in lines), step
-    finally:
-        syslogd.terminate()
-        syslogd.wait(10)
 
 
 def wait_lines(path, needle, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = path.read_text() if path.exists() else ""
-        if needle in text:
-            return text.splitlines()
-        time.sleep(0.05)
-    raise AssertionError(f"{needle!r} never logged:\n{text}")
+    text = lambda: path.read_text() if path.exists() else ""  # noqa: E731
+    pwtest.wait_for(lambda: needle in text(), timeout, describe=lambda: f"{needle!r} never logged:\n{text()}")
+    return text().splitlines()

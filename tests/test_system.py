@@ -13,6 +13,7 @@ from email.parser import BytesParser
 
 import pytest
 
+from pwtest import wait_for
 from testbed import TestBed, namespace_support
 from testbed.system import PartMissing, PwmailSystem, hosts_for
 
@@ -220,10 +221,7 @@ def test_pdeliveryd_sigkill_during_burst_keeps_every_acknowledged_message_once(s
     threads = [threading.Thread(target=sender, args=(k,)) for k in range(threads_n)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 120
-    while len(acked) < kill_after and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert len(acked) >= kill_after, "the burst did not get going"
+    wait_for(lambda: len(acked) >= kill_after, 120, 0.005, describe=lambda: "the burst did not get going")
     bed.kill("store1", "pdeliveryd", signal.SIGKILL)
     at_kill = len(acked)
     bed.restart("store1", "pdeliveryd")
@@ -306,12 +304,7 @@ def test_central_log_has_one_line_per_delivery_and_login_from_every_host(system)
                   ("mx1", rf"pdelivery\[\d+\]: .*delivered .*to={user}\b"): 3,
                   ("pop1", rf"pop-proxy\[\d+\]: .*login user={user}\b"): 2,
                   (store, rf"pop3d\[\d+\]: .*login user={user}\b"): 2}
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            got = {k: log_count(bed, *k) for k in expect}
-            if got == expect:
-                break
-            time.sleep(0.1)
-        assert got == expect
+        counts = lambda: {k: log_count(bed, *k) for k in expect}  # noqa: E731
+        wait_for(lambda: counts() == expect, 5, 0.1, describe=lambda: f"{counts()} != {expect}")
     hosts = {line.split(" ", 2)[1] for line in bed.log_lines()}
     assert {"pw1", "pw2", "mx1", "pop1", *s.stores} <= hosts

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from pwtest import wait_for
 from testbed import SUBNET, LoopbackBed, TestBed, cleanup_stale, namespace_support
 from testbed.syslogd import format_line
 
@@ -204,12 +205,9 @@ def test_central_log_names_the_sending_host(bed):
     for h in ("a1", "c1"):
         r = bed.exec(h, [sys.executable, "-c", code])
         assert r.returncode == 0, r.stderr
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        lines = [x for x in bed.log_lines() if "testbed probe" in x]
-        if len(lines) >= 2:
-            break
-        time.sleep(0.05)
+    probe_lines = lambda: [x for x in bed.log_lines() if "testbed probe" in x]  # noqa: E731
+    wait_for(lambda: len(probe_lines()) >= 2, 5)
+    lines = probe_lines()
     hosts = sorted(line.split()[1] for line in lines)
     assert hosts == ["a1", "c1"]
     assert all(" mail.info probe[" in line for line in lines)
