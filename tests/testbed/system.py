@@ -1,7 +1,9 @@
 """The whole pwmail system started on a bed (namespaces or loopback):
 
     pw1, pw2      pwserver, primary and secondary, on the same generated users
-    mx1           where pdelivery runs (the MX's local mailer)
+    mx1           the MX: real Sendmail (where installed, on the namespace bed)
+                  with pdelivery as its local mailer; pdelivery also runs there
+                  directly, as Sendmail runs it
     store1..N     pdeliveryd + pop3d over one hashed Maildir tree each
     pop1          pop-proxy
     client1       where POP clients and lookups come from
@@ -17,7 +19,9 @@ import contextlib
 import importlib.util
 import os
 import poplib
+import re
 import shutil
+import smtplib
 import statistics
 import subprocess
 import sys
@@ -98,10 +102,13 @@ class Ports:
     lmtp: int
     pop3d: int
     proxy: int
+    smtp: int
 
 
-NETNS_PORTS = Ports(pwserver=7773, lmtp=24, pop3d=110, proxy=110)
-LOOPBACK_PORTS = Ports(pwserver=7773, lmtp=2424, pop3d=1110, proxy=1110)
+NETNS_PORTS = Ports(pwserver=7773, lmtp=24, pop3d=110, proxy=110, smtp=25)
+LOOPBACK_PORTS = Ports(pwserver=7773, lmtp=2424, pop3d=1110, proxy=1110, smtp=2525)
+# The mail domain of the generated users (user@example.org) and the MX's name.
+MAIL_DOMAIN = "example.org"
 
 
 def hosts_for(stores: Sequence[str] = DEFAULT_STORES) -> list[str]:
@@ -123,8 +130,13 @@ class PwmailSystem:
 
     def __init__(self, bed: _Bed, *, users: int = 100_000, stores: Sequence[str] = DEFAULT_STORES,
                  users_dir: str | os.PathLike | None = None, timeout_ms: int = 2000, hedge_ms: int = 50,
-                 recheck_s: int = 5):
+                 recheck_s: int = 5, sendmail: bool | None = None):
+        """sendmail: None starts real Sendmail on mx1 when it can run here
+        (namespace bed, root, sendmail-bin installed), True requires it
+        (PartMissing otherwise), False never starts it."""
         self.bed = bed
+        self.want_sendmail = sendmail
+        self.sendmail = None          # sendmail_util.SendmailDir once started
         self.n_users = users
         self.stores = list(stores)
         self.netns = isinstance(bed, TestBed)
@@ -221,6 +233,60 @@ class PwmailSystem:
         self.wait_listening(store, "pdeliveryd", self.ports.lmtp)
         self.wait_listening(store, "pop3d", self.ports.pop3d)
 
+    def sendmail_unavailable(self) -> str | None:
+        """None when real Sendmail can run on mx1, else why not."""
+        if not self.netns:
+            return "Sendmail runs on the namespace bed only (as root), not on loopback addresses"
+        if "mx1" not in self.bed.hosts:
+            return "the bed has no host mx1"
+        import sendmail_util
+        return sendmail_util.unavailable()
+
+    def sendmail_wanted(self) -> bool:
+        """Whether start() starts Sendmail on mx1."""
+        return bool(self.want_sendmail) or (self.want_sendmail is None and self.sendmail_unavailable() is None)
+
+    def start_sendmail(self, host: str = "mx1") -> None:
+        """Real Sendmail on host:25, its local mailer the documented
+        pdelivery block (docs/delivery.md), finding pw1/pw2 through a copy of
+        host's pwserver.conf. Its /dev/log is a relay (syslogd.py --relay) to
+        the central log; everything is in <workdir>/<host>/sendmail/."""
+        reason = self.sendmail_unavailable()
+        if reason:
+            raise PartMissing(f"real Sendmail: {reason}")
+        require("pdelivery")
+        import sendmail_util as su
+        d = self.bed.dir(host) / "sendmail"
+        addr, name = self.bed.addr(host), f"{host}.{MAIL_DOMAIN}"
+        hosts = "127.0.0.1\tlocalhost\n" + "".join(
+            f"{self.bed.addr(h)}\t{name} {h}\n" if h == host else f"{self.bed.addr(h)}\t{h}\n"
+            for h in self.bed.names())
+        # Bounces to unknown senders end with the postmaster: the first user of the first store.
+        postmaster = self.users_on(self.stores[0], 1)[0]
+        sd = su.SendmailDir(d, port=self.ports.smtp, addr=addr, hostname=name, domain=MAIL_DOMAIN,
+                            pdelivery=program("pdelivery"), pwserver_conf=self.client_conf(host).read_text(),
+                            pwmail_toml=self.settings.read_text(), hosts=hosts,
+                            aliases=f"postmaster: {postmaster}\nMAILER-DAEMON: postmaster\n")
+        relay = [sys.executable, str(Path(__file__).with_name("syslogd.py")), "--relay", str(sd.log_socket),
+                 "--out", str(d / "maillog")]
+        if self.bed.syslog_address:
+            relay += ["--to", self.bed.syslog_address]
+        self.bed.run(host, relay, name="devlog")
+        self.bed.wait_for(host, "devlog", r"relay ready on", timeout=START_TIMEOUT_S)
+        self.bed.run(host, sd.daemon_argv, name="sendmail", env=sd.env)
+        self.wait_listening(host, "sendmail", self.ports.smtp)
+        self.sendmail = sd
+
+    def sendmail_queue_run(self, host: str = "mx1", timeout: float = 120.0) -> subprocess.CompletedProcess:
+        """`sendmail -q` on host, in the daemon's namespaces (its queue and config)."""
+        import sendmail_util as su
+        pid = self.bed.proc(host, "sendmail").pid
+        return self.bed.exec(host, su.enter(pid, su.SENDMAIL, "-q"), timeout=timeout)
+
+    def sendmail_queue(self) -> list[Path]:
+        """The queue files (qf*) of Sendmail on mx1: messages still to deliver."""
+        return self.sendmail.queue_files() if self.sendmail else []
+
     def start_proxy(self) -> None:
         require("pop-proxy")
         self.bed.run("pop1", [program("pop-proxy"), "--listen", f"{self.bed.addr('pop1')}:{self.ports.proxy}",
@@ -244,6 +310,8 @@ class PwmailSystem:
         for s in self.stores:
             self.start_store(s)
         self.start_proxy()
+        if self.sendmail_wanted():
+            self.start_sendmail()
 
     # -- users -----------------------------------------------------------
     @property
@@ -298,6 +366,19 @@ class PwmailSystem:
         require("pdelivery")
         return self.bed.exec(host, [program("pdelivery"), "-f", sender, "-d", user], input=data,
                              env=self.env(host), timeout=timeout)
+
+    def smtp_send(self, sender: str, rcpts: Sequence[str], data: bytes, host: str = "client1",
+                  timeout: float = 60.0) -> dict:
+        """One SMTP transaction from host to Sendmail on mx1 (smtplib, in
+        host's network); returns smtplib's refused-recipients dict. Bare
+        LF line ends become CRLF (Sendmail refuses bare LF)."""
+        if not self.sendmail:
+            raise PartMissing("real Sendmail is not running on mx1")
+        data = re.sub(rb"(?<!\r)\n", b"\r\n", data)
+        with self.bed.inside(host):
+            smtp = smtplib.SMTP(self.bed.addr("mx1"), self.ports.smtp, timeout=timeout)
+        with smtp:
+            return smtp.sendmail(sender, list(rcpts), data)
 
     def pop_fetch(self, user: str, password: str | None = None, host: str = "client1",
                   delete: bool = False, timeout: float = 20.0) -> list[bytes]:
