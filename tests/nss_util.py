@@ -19,7 +19,8 @@ import threading
 import cffi
 import msgpack
 
-from pwserver_util import BADREQUEST, DENIED, KEY_NETWORK, KEY_SHADOW, NOTFOUND, OK, TRUNCATED, seal, stats, unseal
+from pwserver_util import (BADREQUEST, DENIED, KEY_NETWORK, KEY_SHADOW, NOTFOUND, OK, TRUNCATED, recv_exact,
+                           seal, stats, unseal)
 from pwtest import ROOT, PwServer
 
 NSS_DIR = ROOT / "nss_module"
@@ -227,13 +228,13 @@ class FakePwServer:
         conn.settimeout(10)
         try:
             while True:
-                head = _recv_exact(conn, 4)
+                head = recv_exact(conn, 4)
                 if head is None:
                     return
                 (n,) = struct.unpack(">I", head)
                 if n > 1024:
                     return
-                pkt = _recv_exact(conn, n)
+                pkt = recv_exact(conn, n)
                 if pkt is None:
                     return
                 self.tcp_requests += 1
@@ -246,16 +247,6 @@ class FakePwServer:
             return
         finally:
             conn.close()
-
-
-def _recv_exact(conn, n):
-    buf = b""
-    while len(buf) < n:
-        chunk = conn.recv(n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return buf
 
 
 # ---- configuration and running ----------------------------------------------------

@@ -80,6 +80,17 @@ def udp_query(addr, op, arg=None, **kw) -> list:
     return answer
 
 
+def recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    """n bytes from a stream socket; None if the peer closes first."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
 class TcpConn:
     def __init__(self, addr, timeout: float = 10.0):
         self.s = socket.create_connection(addr, timeout=timeout)
@@ -98,13 +109,7 @@ class TcpConn:
         return answer
 
     def recv_exact(self, n: int) -> bytes | None:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self.s.recv(n - len(buf))
-            if not chunk:
-                return None
-            buf += chunk
-        return bytes(buf)
+        return recv_exact(self.s, n)
 
     def close(self) -> None:
         self.s.close()
