@@ -598,7 +598,8 @@ int pws_serve_udp(pws_server *s, int fd, int slot)
     /* Busy-poll window (pws_set_busy_poll): after a batch, one thread at a
      * time keeps receiving without blocking (yielding the CPU between
      * tries) for busy_poll_us, so that a client's next request finds it
-     * awake instead of paying a wake-up. */
+     * awake instead of paying a wake-up. Only while it has the CPU to
+     * itself: a yield that let another task run ends the window. */
     int64_t spin_until = 0;
     int spinning = 0;
     int used = PWS_BATCH; /* entries whose lengths need a reset */
@@ -612,12 +613,17 @@ int pws_serve_udp(pws_server *s, int fd, int slot)
             n = recvmmsg(fd, bt->min, PWS_BATCH, MSG_DONTWAIT, NULL);
             if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
                 used = 1;
-                if (mono_us() >= spin_until) {
-                    spinning = 0;
-                    atomic_store_explicit(&s->spinner, 0, memory_order_release);
-                } else {
+                int64_t now = mono_us();
+                if (now < spin_until) {
                     sched_yield();
+                    /* Something else ran on this CPU meanwhile (the client
+                     * itself, when it shares the CPU): spinning would only
+                     * compete with it, so block from now on. */
+                    if (mono_us() - now < PWS_YIELD_SHARED_US)
+                        continue;
                 }
+                spinning = 0;
+                atomic_store_explicit(&s->spinner, 0, memory_order_release);
                 continue;
             }
         } else {

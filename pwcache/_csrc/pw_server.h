@@ -25,6 +25,8 @@
 #define PWS_MAX_ALLOW 256
 #define PWS_STOP_CHECK_MS 100
 #define PWS_MAX_BUSY_POLL_US 10000
+/* a sched_yield longer than this let another task run: stop busy-polling */
+#define PWS_YIELD_SHARED_US 5
 #define PWS_VERSION_STRING "pwserver 0.1.0"
 
 /* cffi: begin (build_pwtable.py reads this part as its cdef) */
