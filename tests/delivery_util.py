@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-import signal
 import socket
 import subprocess
-import time
 
 import pwtest
+from pwtest import free_port, stop_process, wait_for  # noqa: F401 (re-exported for the tests)
 
 BIN = pwtest.BIN
 
@@ -31,16 +30,9 @@ def write_users(d: pathlib.Path, users=USERS) -> pathlib.Path:
 
 
 def client_conf(path: pathlib.Path, servers: list[str], timeout_ms: int = 300) -> pathlib.Path:
-    path.write_text("".join(f"server {s}\n" for s in servers)
-                    + f"timeout_ms {timeout_ms}\nhedge_ms 50\nrecheck_s 1\n"
-                    + f"health_file {path.parent / 'pwserver-health'}\n")
-    return path
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """pwserver.conf with the delivery tests' short timeouts."""
+    return pwtest.client_conf(path, servers, timeout_ms=timeout_ms, hedge_ms=50, recheck_s=1,
+                              health_file=path.parent / "pwserver-health")
 
 
 def free_port_on(hosts: list[str]) -> int:
@@ -57,7 +49,7 @@ def free_port_on(hosts: list[str]) -> int:
     raise RuntimeError("no common free port")
 
 
-class Pdeliveryd:
+class Pdeliveryd(pwtest.Process):
     """A running pdeliveryd (stopped by PID: SIGTERM, then SIGKILL)."""
 
     def __init__(self, root: pathlib.Path, host: str, port: int, env: dict, *, extra=(), init_root=True,
@@ -70,47 +62,11 @@ class Pdeliveryd:
                 *(["--layout", layout] if layout else []), *extra]
         if wrap:  # e.g. unshare --mount, with a shell prelude that mounts something first
             argv = [*wrap, "sh", "-c", prestart + ' exec "$@"', "sh", *argv]
-        self.log = open(root.parent / f"pdeliveryd-{host}-{port}.log", "w+b")
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 30
-        while b"pdeliveryd: ready on" not in self.output().encode():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"pdeliveryd exited {self.proc.returncode}:\n{self.output()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"pdeliveryd not ready:\n{self.output()}")
-            time.sleep(0.05)
-
-    def output(self) -> str:
-        if not self.log.closed:
-            self.log.flush()
-        with open(self.log.name, "rb") as f:
-            return f.read().decode(errors="replace")
-
-    def signal(self, sig) -> None:
-        self.proc.send_signal(sig)
+        super().__init__(argv, root.parent / f"pdeliveryd-{host}-{port}.log", env=env)
+        self.wait_line(r"pdeliveryd: ready on", "pdeliveryd", 30)
 
     def stop(self, timeout: float = 20) -> int:
-        self.log.close()
-        return stop_process(self.proc, timeout)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 20) -> int:
-    """SIGTERM the process we started (by PID), SIGKILL after `timeout`."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
+        return super().stop(timeout)
 
 
 def messages(box: pathlib.Path) -> list[pathlib.Path]:
@@ -138,16 +94,6 @@ def lmtp_session(host: str, port: int, script: bytes, timeout: float = 10) -> by
 
 def codes(transcript: bytes) -> list[str]:
     return [line[:3].decode() for line in transcript.split(b"\r\n") if line[3:4] == b" "]
-
-
-def wait_for(pred, timeout: float = 10, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return pred()
 
 
 def env_with(conf: pathlib.Path, settings: pathlib.Path | None = None, **extra) -> dict:

@@ -74,7 +74,7 @@ def client_conf(path: pathlib.Path, servers: list[str], *, timeout_ms: int | Non
                 hedge_ms: int | None = None, recheck_s: int | None = None, enumerate_: bool = False,
                 shadow_keyfile: os.PathLike | str | None = None, keyfile: os.PathLike | str | None = None,
                 health_file: os.PathLike | str | None = None) -> pathlib.Path:
-    """A client configuration (pwserver.conf, docs/client.md); an option
+    """A client configuration (pwserver.conf, docs/protocol.md); an option
     left out takes the client's default, the health file is beside it."""
     path = pathlib.Path(path)
     lines = [f"server {s}" for s in servers]
@@ -87,6 +87,18 @@ def client_conf(path: pathlib.Path, servers: list[str], *, timeout_ms: int | Non
     lines.append(f"health_file {health_file or path.parent / 'health'}")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> int:
+    """SIGTERM a process we started (by PID), SIGKILL after `timeout`."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 class Process:
@@ -128,13 +140,7 @@ class Process:
         self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout)
         if not self.log_file.closed:
             self.log_file.close()
         return self.proc.returncode

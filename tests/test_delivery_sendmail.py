@@ -46,9 +46,11 @@ class SendmailMX:
         self.log = open(d / "sendmail.out", "w+b")
         self.proc = subprocess.Popen(self.dir.daemon_argv, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **self.dir.env})
-        if not wait_for(self._listening, timeout=60, step=0.2):
+        try:
+            wait_for(self._listening, timeout=60, step=0.2)
+        except AssertionError:
             self.stop()
-            raise RuntimeError(f"sendmail not listening:\n{self.output()}")
+            raise RuntimeError(f"sendmail not listening:\n{self.output()}") from None
 
     def _listening(self) -> bool:
         if self.proc.poll() is not None:
