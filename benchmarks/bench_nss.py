@@ -8,6 +8,7 @@ Run by hand, as root (private mount namespaces: the machine's own
 
     apt-get install nscd libnss-extrausers libnss-db libnss-cache   # services kept stopped
     .venv/bin/python benchmarks/bench_nss.py [--sizes 10000,100000,1000000]
+    .venv/bin/python benchmarks/bench_nss.py --network-only --pwserver-arg=--busy-poll-us=0   # pwserver and echo only
 
 Each service is measured by benchmarks/nss_latency.c (getpwnam_r timed per
 call) pinned to CPU 0; servers (pwserver, the echo server) run pinned to
