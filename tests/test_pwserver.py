@@ -324,7 +324,9 @@ def test_answers_leave_from_the_address_asked(tmp_path):
 
 @pytest.mark.parametrize("toml", ['[pwserver]\nthreads = "many"\n', '[pwserver]\nthreads = 0\n',
                                   '[pwserver]\nnosuchkey = 1\n', '[placement]\nrule = "nearest"\n',
-                                  '[pwserver]\nallow = "10.0.0.0/8"\n', 'not toml ['])
+                                  '[pwserver]\nallow = "10.0.0.0/8"\n', 'not toml [',
+                                  '[pwserver]\nbusy_poll_us = -1\n', '[pwserver]\nbusy_poll_us = 10001\n',
+                                  '[pwserver]\nbusy_poll_us = "fast"\n'])
 def test_bad_settings_exit_2(tmp_path, toml):
     paths = write_sources(tmp_path, USERS[:2])
     conf = tmp_path / "pwmail.toml"
