@@ -230,6 +230,15 @@ class _Base:
             hit = self._addr_cache[srv] = (fam, sa)
         return hit
 
+    def _tcp_result(self, srv: Server, op: Op, rid: int, ans: Answer) -> Any:
+        """The result of an answer over TCP, where anything but a final
+        answer to our own request means the server is unusable."""
+        if ans.request_id != rid:
+            raise Unavailable(f"{key(srv)} over TCP: wrong request id")
+        if ans.status not in FINAL:
+            raise Unavailable(f"{key(srv)} over TCP: {ans.status.name}")
+        return self._result(op, ans)
+
     @staticmethod
     def _result(op: Op, ans: Answer) -> Any:
         if ans.status == Status.OK:
@@ -354,11 +363,7 @@ class Client(_Base):
                 ans = self._open(op, _recv_exact(s, n))
         except (OSError, ProtocolError) as e:
             raise Unavailable(f"{key(srv)} over TCP: {e}") from None
-        if ans.request_id != rid:
-            raise Unavailable(f"{key(srv)} over TCP: wrong request id")
-        if ans.status not in FINAL:
-            raise Unavailable(f"{key(srv)} over TCP: {ans.status.name}")
-        return self._result(op, ans)
+        return self._tcp_result(srv, op, rid, ans)
 
     # -- the operations ----------------------------------------------------
     def passwd_by_name(self, name: str) -> PasswdEntry | None:
@@ -526,11 +531,7 @@ class AsyncClient(_Base):
         finally:
             if writer is not None:
                 writer.close()
-        if ans.request_id != rid:
-            raise Unavailable(f"{key(srv)} over TCP: wrong request id")
-        if ans.status not in FINAL:
-            raise Unavailable(f"{key(srv)} over TCP: {ans.status.name}")
-        return self._result(op, ans)
+        return self._tcp_result(srv, op, rid, ans)
 
     async def passwd_by_name(self, name: str) -> PasswdEntry | None:
         return await self.query(Op.PASSWD_BY_NAME, name)
