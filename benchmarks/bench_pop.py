@@ -113,10 +113,10 @@ def rss_kib(pid: int) -> int:
 
 
 # --- load generators ------------------------------------------------------------------------------
-async def _login_worker(addr, creds, deadline, counts) -> None:
+async def _login_worker(addr, creds, deadline, counts, limit: float = float("inf")) -> None:
     loop = asyncio.get_running_loop()
     i = 0
-    while loop.time() < deadline:
+    while loop.time() < deadline and i < limit:
         user, password = creds[i % len(creds)]
         i += 1
         r, w = await asyncio.open_connection(*addr)
@@ -212,11 +212,22 @@ def main(argv=None) -> int:
     ap.add_argument("--idle", type=int, default=5000, help="idle connections to hold")
     ap.add_argument("--pin", action="store_true",
                     help="the proxy alone on CPU 1, everything else on CPU 0 (the proxy on a host of its own)")
+    ap.add_argument("--proxy-setting", action="append", default=[], metavar="KEY=VALUE",
+                    help='one more [pop] line for the proxy, e.g. "splice = false" (repeatable)')
+    ap.add_argument("--cpu", type=int, metavar="N",
+                    help="only the proxy's CPU per login: N logins one after another, then N with "
+                         "--concurrency clients (pop3d backend; use --hash sha512 to make it quick)")
+    ap.add_argument("--cpu-hold", type=float, default=0.0, metavar="S",
+                    help="with --cpu: keep logging in for S more seconds after the measurement "
+                         "(attach perf or strace to the printed proxy PID meanwhile)")
     args = ap.parse_args(argv)
+    if args.cpu:
+        backends = ["pop3d"]
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    backends = ["pop3d", "dovecot"] if args.backend == "both" else [args.backend]
+    if not args.cpu:
+        backends = ["pop3d", "dovecot"] if args.backend == "both" else [args.backend]
     if "dovecot" in backends and (os.geteuid() != 0 or not shutil.which("dovecot")):
         print("dovecot needs root and dovecot-pop3d; skipping it", file=sys.stderr)
         backends.remove("dovecot")
@@ -248,18 +259,49 @@ def main(argv=None) -> int:
                 with server:
                     settings = (f'backends = {{store = "{server.address[0]}:{server.address[1]}"}}\n'
                                 f"max_connections_per_ip = {args.idle + 100}\n"
-                                f"max_connections = {args.idle + 1000}\n")
+                                f"max_connections = {args.idle + 1000}\n" + "".join(f"{x}\n" for x in args.proxy_setting))
                     with start_proxy(work, conf, settings, name=f"proxy-{backend}") as proxy:
                         if args.pin:
                             pin_tree(proxy.proc.pid, {1})
                             for pid in (server.proc.pid, pws.proc.pid, os.getpid()):
                                 pin_tree(pid, {0})
+                        if args.cpu:
+                            cpu_per_login(args, proxy, creds)
+                            continue
                         system = SystemCPU([server.proc.pid, pws.proc.pid, proxy.proc.pid])
                         results[backend] = measure(args, server.address, proxy, creds, system)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report(args, results)
+    if results:
+        report(args, results)
     return 0
+
+
+def count_logins(addr, creds, concurrency: int, total: int) -> None:
+    """Exactly `total` logins (connect, USER, PASS, QUIT) from `concurrency` clients."""
+    async def run():
+        per = [creds[k::concurrency] for k in range(concurrency)]
+        share = [total // concurrency + (k < total % concurrency) for k in range(concurrency)]
+        await asyncio.gather(*(_login_worker(addr, per[k], float("inf"), [0], share[k])
+                               for k in range(concurrency)))
+    asyncio.run(run())
+
+
+def cpu_per_login(args, proxy, creds) -> None:
+    """The proxy's own CPU (utime + stime from /proc) per login, without the
+    noise of the backend's password check in a throughput ratio."""
+    pid = proxy.proc.pid
+    count_logins(proxy.address, creds, args.concurrency, 200)       # warm-up
+    print(f"proxy PID {pid}")
+    for conc in (1, args.concurrency):
+        c0, t0 = cpu_seconds(pid), time.perf_counter()
+        count_logins(proxy.address, creds, conc, args.cpu)
+        cpu, wall = cpu_seconds(pid) - c0, time.perf_counter() - t0
+        print(f"{conc} client(s): {args.cpu} logins in {wall:.1f} s, proxy CPU {1000 * cpu / args.cpu:.3f} ms "
+              f"per login ({os.sysconf('SC_CLK_TCK')} ticks/s)", flush=True)
+    if args.cpu_hold > 0:
+        print(f"holding: logins for {args.cpu_hold:g} s more", flush=True)
+        logins_per_second(proxy.address, creds, args.concurrency, args.cpu_hold)
 
 
 def measure(args, direct, proxy, creds, system: SystemCPU) -> dict:
