@@ -676,24 +676,6 @@ static int answer_check(const uint8_t *pkt, size_t len, uint8_t *plain, size_t p
     return 0;
 }
 
-static int same_addr(const struct sockaddr_storage *a, socklen_t alen,
-                     const struct sockaddr_storage *b, socklen_t blen)
-{
-    if (a->ss_family != b->ss_family)
-        return 0;
-    if (a->ss_family == AF_INET) {
-        const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
-        return alen >= sizeof *x && blen >= sizeof *y && x->sin_port == y->sin_port &&
-               x->sin_addr.s_addr == y->sin_addr.s_addr;
-    }
-    if (a->ss_family == AF_INET6) {
-        const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
-        return alen >= sizeof *x && blen >= sizeof *y && x->sin6_port == y->sin6_port &&
-               memcmp(&x->sin6_addr, &y->sin6_addr, sizeof x->sin6_addr) == 0;
-    }
-    return 0;
-}
-
 /* ---- TCP ---------------------------------------------------------------- */
 
 static int wait_fd(int fd, short events, int64_t deadline)
@@ -957,16 +939,16 @@ static int send_udp(int idx, const pwc_server *s, const uint8_t *pkt, size_t len
 enum { RX_NOTHING, RX_FAILED, RX_ANSWER };
 
 /* block: the first read may wait (up to the socket's SO_RCVTIMEO). */
-static int receive(pwc_try *t, const pwc_server *s, int key_id, const uint8_t *key,
+static int receive(pwc_try *t, int key_id, const uint8_t *key,
                    uint64_t id, int op, pwc_answer *ans, int *status, int block)
 {
     uint8_t raw[PWC_UDP_BUF + 1];
     for (int i = 0; i < 64; i++) { /* bounded: a flood cannot keep us here */
-        struct sockaddr_storage from;
-        socklen_t fromlen = sizeof from;
+        /* The socket is connected: the kernel delivers to it only
+         * datagrams from the server's address and port (that is the
+         * source check), so no address is asked for. */
         int wait = block && i == 0 ? 0 : MSG_DONTWAIT;
-        ssize_t n = recvfrom(t->fd, raw, sizeof raw, wait | MSG_TRUNC,
-                             (struct sockaddr *)&from, &fromlen);
+        ssize_t n = recv(t->fd, raw, sizeof raw, wait | MSG_TRUNC);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -974,7 +956,7 @@ static int receive(pwc_try *t, const pwc_server *s, int key_id, const uint8_t *k
                 return RX_NOTHING;
             return RX_FAILED; /* ECONNREFUSED & co: nobody listens there */
         }
-        if ((size_t)n > PWC_UDP_BUF || !same_addr(&from, fromlen, &s->addr, s->addrlen))
+        if ((size_t)n > PWC_UDP_BUF)
             continue;
         size_t plainlen;
         pwp_reader payload;
@@ -1117,7 +1099,7 @@ int pwc_query(int op, const char *name, uint64_t num, pwc_answer *ans)
             pwc_try *tr = &tries[map[j]];
             const pwc_server *s = &c.servers[tr->idx];
             int status;
-            int rx = receive(tr, s, key_id, key, id, op, ans, &status, fast);
+            int rx = receive(tr, key_id, key, id, op, ans, &status, fast);
             if (rx == RX_NOTHING)
                 continue;
             tr->done = 1;
