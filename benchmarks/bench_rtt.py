@@ -4,7 +4,8 @@ round trip, a raw request to pwserver (no NSS), the module called directly
 and getpwnam_r through glibc, with the servers pinned to CPU 1 ("cross")
 or to CPU 0 with the client ("same").
 
-Run by hand, as root (a private mount namespace names `passwd: pwserver`):
+Run by hand, as root (the driver runs chrooted in a private mount namespace
+whose /etc/nsswitch.conf, a plain file, names `passwd: pwserver`):
 
     .venv/bin/python benchmarks/bench_rtt.py --users 10000,1000000 [--threads N] [--busy-poll-us US] [--rounds 10]
 
@@ -15,58 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_nss import PYBIN, READY, ROOT, HERE, Proc, free_port, gen_users, pick_names  # noqa: E402
-
-
-def build(work: pathlib.Path) -> dict[str, pathlib.Path]:
-    subprocess.run(["make", "-s", "-C", str(ROOT / "nss_module")], check=True)
-    csrc = ROOT / "pwcache" / "_csrc"
-    out = {"rtt_breakdown": work / "rtt_breakdown", "udp_echo": work / "udp_echo"}
-    subprocess.run(["cc", "-O2", f"-I{csrc}", "-o", str(out["rtt_breakdown"]), str(HERE / "rtt_breakdown.c"),
-                    str(csrc / "pw_wire.c"), "-ldl"], check=True)
-    subprocess.run(["cc", "-O2", "-o", str(out["udp_echo"]), str(HERE / "udp_echo.c")], check=True)
-    return out
-
-
-def run(n, place, cpu, tools, work, cache, args) -> dict:
-    users = gen_users(n, cache)
-    names = pick_names(users, args.names, work)
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in (("threads", args.threads), ("busy_poll_us", args.busy_poll_us))
-             if v is not None]
-    srv = Proc([str(PYBIN / "pwserver"), "--listen", "127.0.0.1:0", "--passwd", str(users / "passwd"), *flags,
-                "--log-stderr"], cpu, READY,
-               env={**os.environ, "PWMAIL_CONF": "/nonexistent"})
-    eport = free_port()
-    echo = Proc([str(tools["udp_echo"]), "server", str(eport)], cpu)
-    try:
-        time.sleep(0.2)
-        conf = work / "pwserver.conf"
-        conf.write_text(f"server 127.0.0.1:{srv.port}\nhealth_file {work}/health\n")
-        nss = work / "nsswitch"
-        nss.write_text("passwd: pwserver\ngroup: files\nshadow: files\n")
-        lib = pathlib.Path(args.nss_dir).resolve() / "libnss_pwserver.so.2"
-        env = {**os.environ, "PWSERVER_CONF": str(conf), "LD_LIBRARY_PATH": str(lib.parent)}
-        script = f'set -e\nmount --bind {nss} /etc/nsswitch.conf\nexec taskset -c 0 "$@"\n'
-        r = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", str(tools["rtt_breakdown"]), str(eport),
-                            str(srv.port), str(names), str(args.rounds), str(lib)],
-                           env=env, capture_output=True, text=True, timeout=600)
-        if r.returncode != 0:
-            raise RuntimeError(r.stderr)
-        res = {}
-        for line in r.stdout.split("\n"):
-            if line.strip():
-                peer, samples, med, p99 = line.split()
-                res[peer] = (int(med) / 1000, int(p99) / 1000)
-        return res
-    finally:
-        srv.stop()
-        echo.stop()
+from bench_nss import ROOT, breakdown, build, gen_users, pick_names  # noqa: E402
 
 
 def main() -> int:
@@ -92,7 +46,11 @@ def main() -> int:
         tools = build(work)
         for n in (int(x) for x in args.users.split(",")):
             for place, cpu in (("cross", "1"), ("same", "0")):
-                r = run(n, place, cpu, tools, work, cache, args)
+                users = gen_users(n, cache)
+                names = pick_names(users, args.names, work)
+                flags = [f"--{k.replace('_', '-')}={v}" for k, v in
+                         (("threads", args.threads), ("busy_poll_us", args.busy_poll_us)) if v is not None]
+                r = breakdown(users / "passwd", names, cpu, tools, work, args.rounds, flags, args.nss_dir)
                 e = r["echo"][0]
                 cells = " | ".join(f"{r[k][0]:.1f} / {r[k][1]:.1f}" for k in ("echo", "raw", "module", "glibc"))
                 print(f"| {n:,} | {place} | {cells} | {r['raw'][0] / e:.2f}x | {r['glibc'][0] / e:.2f}x |",

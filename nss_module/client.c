@@ -480,17 +480,15 @@ static void health_mark(const pwc_config *c, const char *name, int64_t until)
 }
 
 /* For each configured server: the epoch second until which it is known
- * down (0: not known down). */
+ * down (0: not known down). g_lock held. */
 static void health_snapshot(const pwc_config *c, int64_t until[PWC_MAX_SERVERS])
 {
-    pthread_mutex_lock(&g_lock);
     health_refresh(c);
     for (int i = 0; i < c->nservers; i++) {
         int64_t f = down_until(g_file_down, g_file_ndown, c->servers[i].name);
         int64_t l = down_until(g_local_down, g_local_ndown, c->servers[i].name);
         until[i] = f > l ? f : l;
     }
-    pthread_mutex_unlock(&g_lock);
 }
 
 /* ---- packets ------------------------------------------------------------ */
@@ -943,12 +941,16 @@ static int receive(pwc_try *t, int key_id, const uint8_t *key,
                    uint64_t id, int op, pwc_answer *ans, int *status, int block)
 {
     uint8_t raw[PWC_UDP_BUF + 1];
+    /* A plain answer is read straight into ans->udp (no copy); a sealed
+     * one is opened from raw into it. */
+    uint8_t *buf = key_id ? raw : ans->udp;
+    size_t cap = key_id ? sizeof raw : sizeof ans->udp;
     for (int i = 0; i < 64; i++) { /* bounded: a flood cannot keep us here */
         /* The socket is connected: the kernel delivers to it only
          * datagrams from the server's address and port (that is the
          * source check), so no address is asked for. */
         int wait = block && i == 0 ? 0 : MSG_DONTWAIT;
-        ssize_t n = recv(t->fd, raw, sizeof raw, wait | MSG_TRUNC);
+        ssize_t n = recv(t->fd, buf, cap, wait | MSG_TRUNC);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -956,11 +958,11 @@ static int receive(pwc_try *t, int key_id, const uint8_t *key,
                 return RX_NOTHING;
             return RX_FAILED; /* ECONNREFUSED & co: nobody listens there */
         }
-        if ((size_t)n > PWC_UDP_BUF)
-            continue;
+        if ((size_t)n > cap || (size_t)n > PWC_UDP_BUF)
+            continue; /* truncated (MSG_TRUNC gives the real size) or oversize */
         size_t plainlen;
         pwp_reader payload;
-        if (answer_check(raw, (size_t)n, ans->udp, sizeof ans->udp, key_id, key, id, op,
+        if (answer_check(buf, (size_t)n, ans->udp, sizeof ans->udp, key_id, key, id, op,
                          status, &payload, &plainlen) < 0)
             continue;
         ans->payload = payload; /* points into ans->udp */
@@ -979,8 +981,10 @@ int pwc_query(int op, const char *name, uint64_t num, pwc_answer *ans)
 
     ans->heap = NULL;
     ans->status = PW_NOTFOUND;
+    int64_t until[PWC_MAX_SERVERS];
     pthread_mutex_lock(&g_lock);
     config_current(&c);
+    health_snapshot(&c, until);
     pthread_mutex_unlock(&g_lock);
 
     if (op == PW_OP_SHADOW_BY_NAME || op == PW_OP_SHADOW_ENUM) {
@@ -1006,8 +1010,6 @@ int pwc_query(int op, const char *name, uint64_t num, pwc_answer *ans)
 
     /* Order: servers not known down in priority order, then the ones known
      * down (still used when no other is left). */
-    int64_t until[PWC_MAX_SERVERS];
-    health_snapshot(&c, until);
     int64_t epoch = now_epoch();
     pwc_try tries[PWC_MAX_SERVERS];
     int ntries = 0, nlive = 0;
