@@ -530,9 +530,11 @@ typedef struct {
     } ctl_in[PWS_BATCH], ctl_out[PWS_BATCH];
 } batch_t;
 
-/* Asks for each datagram's destination address (IP_PKTINFO), so that on
- * a wildcard or multi-homed address the answer leaves from the address the
- * client asked (clients check it: docs/protocol.md, "Request"). */
+/* On a wildcard address, asks for each datagram's destination address
+ * (IP_PKTINFO), so that the answer leaves from the address the client
+ * asked (clients check it: docs/protocol.md, "Request"). A socket bound to
+ * one address answers from it anyway, and skips the control data on every
+ * datagram both ways. */
 static int want_pktinfo(int fd)
 {
     struct sockaddr_storage ss;
@@ -540,8 +542,14 @@ static int want_pktinfo(int fd)
     int on = 1;
     if (getsockname(fd, (struct sockaddr *)&ss, &len) < 0)
         return -1;
-    if (ss.ss_family == AF_INET6)
+    if (ss.ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)&ss;
+        if (!IN6_IS_ADDR_UNSPECIFIED(&a->sin6_addr) && !IN6_IS_ADDR_V4MAPPED(&a->sin6_addr))
+            return 0;
         return setsockopt(fd, IPPROTO_IPV6, IPV6_RECVPKTINFO, &on, sizeof on);
+    }
+    if (((const struct sockaddr_in *)&ss)->sin_addr.s_addr != htonl(INADDR_ANY))
+        return 0;
     return setsockopt(fd, IPPROTO_IP, IP_PKTINFO, &on, sizeof on);
 }
 
