@@ -1,10 +1,11 @@
 """Byte relays between a logged-in client and its backend (pop-proxy).
 
 SpliceRelay: both sides plain TCP. The proxy gives up the asyncio
-transports (their sockets are dup'ed first) and moves bytes with splice(2)
-through one pipe per direction, so the data never enters user space: this
-is what keeps RETR through the proxy close to direct (nginx's mail proxy
-copies through a 4 KiB buffer by default).
+transports (their sockets are dup'ed first) and moves the backend's
+answers with splice(2) through a pipe, so the data never enters user
+space: this is what keeps RETR through the proxy close to direct (nginx's
+mail proxy copies through a 4 KiB buffer by default). The client's
+commands, a few bytes each, are copied.
 
 TransportRelay: either side is TLS. Bytes pass through the asyncio
 transports; each side's write buffer may grow to `buffer` bytes before the
@@ -23,7 +24,8 @@ import os
 import socket
 
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-PIPE_DEFAULT = 65536       # Linux's pipe size; enough for commands going up
+PIPE_DEFAULT = 65536       # Linux's pipe size
+COPY_CHUNK = 16384         # client -> backend is copied, at most this much per read
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 HAVE_SPLICE = hasattr(os, "splice")
 _GONE = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH)
@@ -57,7 +59,13 @@ class _IdleWatch:
 
 
 class _Direction:
-    """src socket -> pipe -> dst socket, plus bytes to send before the pipe."""
+    """src socket -> dst socket, plus bytes to send first (`pending`).
+
+    With a pipe (the backend's answers): splice(2) src -> pipe -> dst. The
+    pipe starts at Linux's default size and grows to `pipe_size` the first
+    time it fills: a session that only logs in and out never pays for it.
+    Without one (the client's commands, a few bytes each): recv and send,
+    which costs fewer system calls than a pipe's creation and splices."""
 
     def __init__(self, relay: "SpliceRelay", src: socket.socket, dst: socket.socket, pending: bytes,
                  pipe_size: int, name: str):
@@ -65,13 +73,12 @@ class _Direction:
         self.src, self.dst = src, dst
         self.pending = memoryview(pending) if pending else None
         self.name = name
-        self.rfd, self.wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        if pipe_size:
+            self.rfd, self.wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        else:
+            self.rfd = self.wfd = -1
         self.capacity = PIPE_DEFAULT
-        if pipe_size > PIPE_DEFAULT:
-            try:
-                self.capacity = fcntl.fcntl(self.wfd, F_SETPIPE_SZ, pipe_size)
-            except OSError:
-                pass
+        self.pipe_size = max(pipe_size, PIPE_DEFAULT)
         self.in_pipe = 0
         self.total = 0           # bytes delivered to dst
         self.eof = False
@@ -102,9 +109,21 @@ class _Direction:
             self.writing = False
 
     def on_readable(self) -> None:
-        room = self.capacity - self.in_pipe
         try:
-            n = os.splice(self.src.fileno(), self.wfd, room, flags=SPLICE_FLAGS)
+            if self.rfd < 0:
+                data = self.src.recv(COPY_CHUNK)
+                n = len(data)
+                if n:
+                    self.pending = memoryview(data)
+            else:
+                room = self.capacity - self.in_pipe
+                if room <= 0:
+                    room = self._grow() - self.in_pipe
+                    if room <= 0:
+                        self._want_read(False)
+                        return
+                n = os.splice(self.src.fileno(), self.wfd, room, flags=SPLICE_FLAGS)
+                self.in_pipe += n
         except BlockingIOError:
             return
         except OSError as e:
@@ -114,12 +133,23 @@ class _Direction:
             self.eof = True
             self._want_read(False)
         else:
-            self.in_pipe += n
             self.relay.idle.touch()
         if self.flush() and not self.eof:
             return
-        if self.in_pipe >= self.capacity:
+        # dst is full: read no more until it drains (a copy holds one chunk
+        # at a time; a pipe at most its capacity).
+        if self.pending is not None or self.in_pipe >= self.pipe_size:
             self._want_read(False)
+
+    def _grow(self) -> int:
+        """The pipe filled (a big answer, RETR): up to its full size, once."""
+        if self.capacity < self.pipe_size:
+            try:
+                self.capacity = fcntl.fcntl(self.wfd, F_SETPIPE_SZ, self.pipe_size)
+            except OSError:
+                pass
+        self.pipe_size = self.capacity
+        return self.capacity
 
     def on_writable(self) -> None:
         if self.flush() and not self.eof:
@@ -154,10 +184,11 @@ class _Direction:
         self._want_read(False)
         self._want_write(False)
         for fd in (self.rfd, self.wfd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         self.rfd = self.wfd = -1
 
 
@@ -170,7 +201,7 @@ class SpliceRelay:
         self.on_close = on_close
         self.closed = False
         self.idle = _IdleWatch(loop, idle_timeout, self.close)
-        self.up = _Direction(self, client, backend, to_backend, PIPE_DEFAULT, "up")
+        self.up = _Direction(self, client, backend, to_backend, 0, "up")
         self.down = _Direction(self, backend, client, to_client, pipe_size, "down")
 
     def start(self) -> None:
