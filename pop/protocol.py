@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -104,6 +105,7 @@ TRANSACTION_COMMANDS = {
     "NOOP": (0, 0), "RSET": (0, 0), "TOP": (2, 2), "UIDL": (0, 1), "QUIT": (0, 0),
 }
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 _OK = b"+OK"
 _ERR = b"-ERR"
 
@@ -311,7 +313,7 @@ class ServerConnection:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
             return self._bad("Invalid characters in command")
-        if any(c < " " or c == "\x7f" for c in line):
+        if _CONTROL.search(line):
             return self._bad("Invalid characters in command")
         verb, _, rest = line.partition(" ")
         if not verb or len(verb) > MAX_VERB or not verb.isascii() or not verb.isalpha():

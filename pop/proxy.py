@@ -37,6 +37,7 @@ AUTH_FAILED = "Authentication failed."
 TLS_HANDSHAKE_TIMEOUT = 30.0
 # Codes a backend may give after a good password; passed on to the client.
 PASSED_CODES = {"IN-USE", "LOGIN-DELAY", "SYS/TEMP", "SYS/PERM"}
+MAX_MAILHOSTS = 4096        # parsed backend addresses kept
 
 
 class ProxyServer:
@@ -59,6 +60,7 @@ class ProxyServer:
         self.connections = 0
         self.per_ip: Counter[str] = Counter()
         self.stats: Counter[str] = Counter()
+        self._addresses: dict[str, tuple[str, int] | None] = {}
         self.use_splice = bool(cfg["splice"]) and HAVE_SPLICE and cfg["backend_tls"] == "none"
 
     def protocol(self) -> "ClientSide":
@@ -68,11 +70,20 @@ class ProxyServer:
         return ClientSide(self, implicit_tls=True)
 
     def backend_address(self, mailhost: str) -> tuple[str, int] | None:
+        # Parsed once per mailhost: there are a few, and logins many.
+        try:
+            return self._addresses[mailhost]
+        except KeyError:
+            pass
         target = self.cfg["backends"].get(mailhost, mailhost)
         try:
-            return popconfig.parse_hostport(target, self.cfg["backend_port"])
+            address = popconfig.parse_hostport(target, self.cfg["backend_port"])
         except ValueError:
-            return None
+            address = None
+        if len(self._addresses) >= MAX_MAILHOSTS:
+            self._addresses.clear()
+        self._addresses[mailhost] = address
+        return address
 
     # --- the login decision ------------------------------------------------------------
     async def login(self, session: "ClientSide", event: Login):
@@ -137,6 +148,7 @@ class ClientSide(asyncio.Protocol):
         self.conn: ServerConnection | None = None
         self.addr, self.port = "?", 0
         self.timer: asyncio.TimerHandle | None = None
+        self.active_at = 0.0         # last complete command (prelogin_timeout counts from here)
         self.task: asyncio.Task | None = None
         self.relay = None
         self.backend_name = ""
@@ -167,7 +179,9 @@ class ClientSide(asyncio.Protocol):
                                      plaintext_auth=cfg["plaintext_auth"])
         self.conn.send_greeting(GREETING)
         self._flush()
-        self._arm_timer()
+        loop = asyncio.get_running_loop()
+        self.active_at = loop.time()
+        self.timer = loop.call_later(cfg["prelogin_timeout"], self._timed_out)
 
     def data_received(self, data: bytes) -> None:
         if self.relay is not None:
@@ -228,8 +242,9 @@ class ClientSide(asyncio.Protocol):
                 del srv.per_ip[self.addr]
 
     def _arm_timer(self) -> None:
-        self._cancel_timer()
-        self.timer = asyncio.get_running_loop().call_later(self.server.cfg["prelogin_timeout"], self._timed_out)
+        # One timer per connection, re-armed only when it fires early:
+        # creating and cancelling one per command costs more than the check.
+        self.active_at = asyncio.get_running_loop().time()
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:
@@ -239,6 +254,11 @@ class ClientSide(asyncio.Protocol):
     def _timed_out(self) -> None:
         self.timer = None
         if self.relay is None and self.conn is not None:
+            loop = asyncio.get_running_loop()
+            left = self.active_at + self.server.cfg["prelogin_timeout"] - loop.time()
+            if left > 0:
+                self.timer = loop.call_later(left, self._timed_out)
+                return
             self.server.stats["prelogin_timeout"] += 1
             self.conn.abort("Disconnected for inactivity.")
             self._close()
@@ -279,11 +299,11 @@ class ClientSide(asyncio.Protocol):
                 self._flush()
                 self.transport.pause_reading()
                 self.tls_pending = True
-                self.task = asyncio.ensure_future(self._start_tls())
+                self.task = asyncio.get_running_loop().create_task(self._start_tls())
                 break
             if isinstance(event, Login):
                 self.transport.pause_reading()
-                self.task = asyncio.ensure_future(self._login(event))
+                self.task = asyncio.get_running_loop().create_task(self._login(event))
                 break
             conn.reply_err("Not supported.")  # XClient is never offered to clients
         if self._flush() or progressed:
