@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import pathlib
 import resource
@@ -217,6 +218,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu", type=int, metavar="N",
                     help="only the proxy's CPU per login: N logins one after another, then N with "
                          "--concurrency clients (pop3d backend; use --hash sha512 to make it quick)")
+    ap.add_argument("--cpu-rounds", type=int, default=5, help="with --cpu: rounds of N logins each")
+    ap.add_argument("--cpu-against", metavar="DIR",
+                    help="with --cpu: also a proxy running the code in DIR (PYTHONPATH, e.g. a "
+                         "`git worktree` of an older commit), rounds alternating between the two")
     ap.add_argument("--cpu-hold", type=float, default=0.0, metavar="S",
                     help="with --cpu: keep logging in for S more seconds after the measurement "
                          "(attach perf or strace to the printed proxy PID meanwhile)")
@@ -266,7 +271,13 @@ def main(argv=None) -> int:
                             for pid in (server.proc.pid, pws.proc.pid, os.getpid()):
                                 pin_tree(pid, {0})
                         if args.cpu:
-                            cpu_per_login(args, proxy, creds)
+                            proxies = {"this tree": proxy}
+                            with contextlib.ExitStack() as more:
+                                if args.cpu_against:
+                                    env = {"PYTHONPATH": str(pathlib.Path(args.cpu_against).resolve())}
+                                    proxies[args.cpu_against] = more.enter_context(
+                                        start_proxy(work, conf, settings, name="proxy-against", env=env))
+                                cpu_per_login(args, proxies, creds)
                             continue
                         system = SystemCPU([server.proc.pid, pws.proc.pid, proxy.proc.pid])
                         results[backend] = measure(args, server.address, proxy, creds, system)
@@ -287,20 +298,33 @@ def count_logins(addr, creds, concurrency: int, total: int) -> None:
     asyncio.run(run())
 
 
-def cpu_per_login(args, proxy, creds) -> None:
+def cpu_per_login(args, proxies: dict, creds) -> None:
     """The proxy's own CPU (utime + stime from /proc) per login, without the
-    noise of the backend's password check in a throughput ratio."""
-    pid = proxy.proc.pid
-    count_logins(proxy.address, creds, args.concurrency, 200)       # warm-up
-    print(f"proxy PID {pid}")
-    for conc in (1, args.concurrency):
-        c0, t0 = cpu_seconds(pid), time.perf_counter()
-        count_logins(proxy.address, creds, conc, args.cpu)
-        cpu, wall = cpu_seconds(pid) - c0, time.perf_counter() - t0
-        print(f"{conc} client(s): {args.cpu} logins in {wall:.1f} s, proxy CPU {1000 * cpu / args.cpu:.3f} ms "
-              f"per login ({os.sysconf('SC_CLK_TCK')} ticks/s)", flush=True)
+    noise of the backend's password check in a throughput ratio. With two
+    proxies (--cpu-against), rounds alternate between them: CPU time per
+    login drifts with what else runs on the machine."""
+    for proxy in proxies.values():
+        count_logins(proxy.address, creds, args.concurrency, 200)       # warm-up
+        print(f"{proxy.proc.pid}: {' '.join(proxy.proc.args[:1])}")
+    got = {(name, conc): [] for name in proxies for conc in (1, args.concurrency)}
+    for r in range(args.cpu_rounds):
+        for conc in (1, args.concurrency):
+            for name in (list(proxies) if r % 2 == 0 else list(proxies)[::-1]):
+                pid = proxies[name].proc.pid
+                c0 = cpu_seconds(pid)
+                count_logins(proxies[name].address, creds, conc, args.cpu)
+                got[name, conc].append(1000 * (cpu_seconds(pid) - c0) / args.cpu)
+    print(f"\nproxy CPU per login, ms: median (min-max) of {args.cpu_rounds} rounds of {args.cpu} logins "
+          f"({os.sysconf('SC_CLK_TCK')} ticks/s)\n")
+    print("| proxy | 1 client | " + f"{args.concurrency} clients |")
+    print("|---|---|---|")
+    for name in proxies:
+        cells = [f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})"
+                 for v in (got[name, 1], got[name, args.concurrency])]
+        print(f"| {name} | {cells[0]} | {cells[1]} |", flush=True)
     if args.cpu_hold > 0:
-        print(f"holding: logins for {args.cpu_hold:g} s more", flush=True)
+        proxy = next(iter(proxies.values()))
+        print(f"holding: logins for {args.cpu_hold:g} s more through PID {proxy.proc.pid}", flush=True)
         logins_per_second(proxy.address, creds, args.concurrency, args.cpu_hold)
 
 

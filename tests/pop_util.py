@@ -91,11 +91,11 @@ def start_pop3d(tmp: pathlib.Path, root: pathlib.Path, conf: os.PathLike | str, 
 
 
 def start_proxy(tmp: pathlib.Path, conf: os.PathLike | str, settings: str = "", argv: list[str] = (),
-                name: str = "proxy") -> Daemon:
+                name: str = "proxy", env: dict | None = None) -> Daemon:
     cfg = tmp / f"pwmail-{name}.toml"
     cfg.write_text("[pop]\n" + settings)
     return Daemon("pop-proxy", ["--listen", "127.0.0.1:0", *argv],
-                  {"PWSERVER_CONF": str(conf), "PWMAIL_CONF": str(cfg)}, tmp / f"{name}.log")
+                  {"PWSERVER_CONF": str(conf), "PWMAIL_CONF": str(cfg), **(env or {})}, tmp / f"{name}.log")
 
 
 def read_reply(sock: socket.socket, timeout: float = 10.0) -> bytes:
