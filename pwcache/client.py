@@ -404,13 +404,46 @@ class Client(_Base):
             yield from records
 
 
+class _Inbox:
+    """Answers to one asyncio query, and a wait for the next with a timeout
+    (an asyncio.Queue under wait_for costs a Task and two more futures per wait)."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: list = []
+        self.waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item) -> None:
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def get(self, loop: asyncio.AbstractEventLoop, timeout: float):
+        """The next answer, or None after `timeout` seconds."""
+        if not self.items and timeout > 0:
+            self.waiter = loop.create_future()
+            timer = loop.call_later(timeout, _wake, self.waiter)
+            try:
+                await self.waiter
+            finally:
+                timer.cancel()
+                self.waiter = None
+        return self.items.pop(0) if self.items else None
+
+
+def _wake(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class AsyncClient(_Base):
     """asyncio client: one UDP socket per client, many queries in flight."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._socks: dict[int, socket.socket] = {}
-        self._waiting: dict[int, asyncio.Queue] = {}
+        self._waiting: dict[int, _Inbox] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _udp(self, family: int) -> socket.socket:
@@ -440,9 +473,9 @@ class AsyncClient(_Base):
                 key_id, ans = self._decode(data)
             except ProtocolError:
                 continue  # garbage or forged: dropped
-            queue = self._waiting.get(ans.request_id)
-            if queue is not None:
-                queue.put_nowait((sock.family, sa, key_id, ans))
+            inbox = self._waiting.get(ans.request_id)
+            if inbox is not None:
+                inbox.put_nowait((sock.family, sa, key_id, ans))
 
     def _close_socks(self) -> None:
         for s in self._socks.values():
@@ -470,8 +503,8 @@ class AsyncClient(_Base):
         loop = asyncio.get_running_loop()
         rid = new_request_id()
         packet = self._packet(op, arg, rid)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._waiting[rid] = queue
+        inbox = _Inbox()
+        self._waiting[rid] = inbox
         plan = QueryPlan(self.servers, self.health, self.timeout, self.hedge, loop.time())
         addrs: dict[Any, Server] = {}
         try:
@@ -487,10 +520,10 @@ class AsyncClient(_Base):
                 if wait is None:
                     plan.settle(self.health, None)
                     raise Unavailable(f"no password server answered {op.name}")
-                try:
-                    fam, sa, key_id, ans = await asyncio.wait_for(queue.get(), wait)
-                except asyncio.TimeoutError:
+                got = await inbox.get(loop, wait)
+                if got is None:
                     continue
+                fam, sa, key_id, ans = got
                 srv = addrs.get((fam, sa[:2]))
                 if srv is None:
                     continue  # right id from the wrong address: forged
