@@ -115,12 +115,14 @@ def rss_kib(pid: int) -> int:
 
 # --- load generators ------------------------------------------------------------------------------
 async def _login_worker(addr, creds, deadline, counts, limit: float = float("inf")) -> None:
+    """Logins one after another; `addr` may be a list of addresses, taken in turn."""
     loop = asyncio.get_running_loop()
+    addrs = addr if isinstance(addr, list) else [addr]
     i = 0
     while loop.time() < deadline and i < limit:
         user, password = creds[i % len(creds)]
+        r, w = await asyncio.open_connection(*addrs[i % len(addrs)])
         i += 1
-        r, w = await asyncio.open_connection(*addr)
         try:
             assert (await r.readline()).startswith(b"+OK")
             w.write(f"USER {user}\r\n".encode())
@@ -220,8 +222,8 @@ def main(argv=None) -> int:
                          "--concurrency clients (pop3d backend; use --hash sha512 to make it quick)")
     ap.add_argument("--cpu-rounds", type=int, default=5, help="with --cpu: rounds of N logins each")
     ap.add_argument("--cpu-against", metavar="DIR",
-                    help="with --cpu: also a proxy running the code in DIR (PYTHONPATH, e.g. a "
-                         "`git worktree` of an older commit), rounds alternating between the two")
+                    help="with --cpu: also a proxy running the code in DIR (PYTHONPATH, e.g. "
+                         "`git archive OLD pop pwcache | tar -x -C DIR`), logins alternating between the two")
     ap.add_argument("--cpu-hold", type=float, default=0.0, metavar="S",
                     help="with --cpu: keep logging in for S more seconds after the measurement "
                          "(attach perf or strace to the printed proxy PID meanwhile)")
@@ -301,21 +303,26 @@ def count_logins(addr, creds, concurrency: int, total: int) -> None:
 def cpu_per_login(args, proxies: dict, creds) -> None:
     """The proxy's own CPU (utime + stime from /proc) per login, without the
     noise of the backend's password check in a throughput ratio. With two
-    proxies (--cpu-against), rounds alternate between them: CPU time per
+    proxies (--cpu-against), the logins alternate between them: CPU time per
     login drifts with what else runs on the machine."""
     for proxy in proxies.values():
         count_logins(proxy.address, creds, args.concurrency, 200)       # warm-up
         print(f"{proxy.proc.pid}: {' '.join(proxy.proc.args[:1])}")
+    # Each client takes the proxies in turn, login after login: both see the
+    # same neighbours at the same moment.
     got = {(name, conc): [] for name in proxies for conc in (1, args.concurrency)}
+    addrs = [p.address for p in proxies.values()]
     for r in range(args.cpu_rounds):
         for conc in (1, args.concurrency):
-            for name in (list(proxies) if r % 2 == 0 else list(proxies)[::-1]):
-                pid = proxies[name].proc.pid
-                c0 = cpu_seconds(pid)
-                count_logins(proxies[name].address, creds, conc, args.cpu)
-                got[name, conc].append(1000 * (cpu_seconds(pid) - c0) / args.cpu)
+            total = args.cpu * len(proxies)
+            shares = [total // conc + (k < total % conc) for k in range(conc)]   # as count_logins
+            c0 = {name: cpu_seconds(p.proc.pid) for name, p in proxies.items()}
+            count_logins(addrs, creds, conc, total)
+            for j, (name, p) in enumerate(proxies.items()):
+                logins = sum(len(range(j, n, len(proxies))) for n in shares)
+                got[name, conc].append(1000 * (cpu_seconds(p.proc.pid) - c0[name]) / logins)
     print(f"\nproxy CPU per login, ms: median (min-max) of {args.cpu_rounds} rounds of {args.cpu} logins "
-          f"({os.sysconf('SC_CLK_TCK')} ticks/s)\n")
+          f"per proxy ({os.sysconf('SC_CLK_TCK')} ticks/s)\n")
     print("| proxy | 1 client | " + f"{args.concurrency} clients |")
     print("|---|---|---|")
     for name in proxies:
