@@ -63,7 +63,8 @@ class _Direction:
 
     With a pipe (the backend's answers): splice(2) src -> pipe -> dst. The
     pipe starts at Linux's default size and grows to `pipe_size` the first
-    time it fills: a session that only logs in and out never pays for it.
+    time one read fills it: a session that only logs in and out never pays
+    for the big pipe.
     Without one (the client's commands, a few bytes each): recv and send,
     which costs fewer system calls than a pipe's creation and splices."""
 
@@ -118,12 +119,12 @@ class _Direction:
             else:
                 room = self.capacity - self.in_pipe
                 if room <= 0:
-                    room = self._grow() - self.in_pipe
-                    if room <= 0:
-                        self._want_read(False)
-                        return
+                    self._want_read(False)
+                    return
                 n = os.splice(self.src.fileno(), self.wfd, room, flags=SPLICE_FLAGS)
                 self.in_pipe += n
+                if n == room and self.capacity < self.pipe_size:
+                    self._grow()        # more is waiting: a big answer (RETR)
         except BlockingIOError:
             return
         except OSError as e:
@@ -138,18 +139,16 @@ class _Direction:
             return
         # dst is full: read no more until it drains (a copy holds one chunk
         # at a time; a pipe at most its capacity).
-        if self.pending is not None or self.in_pipe >= self.pipe_size:
+        if self.pending is not None or self.in_pipe >= self.capacity:
             self._want_read(False)
 
-    def _grow(self) -> int:
-        """The pipe filled (a big answer, RETR): up to its full size, once."""
-        if self.capacity < self.pipe_size:
-            try:
-                self.capacity = fcntl.fcntl(self.wfd, F_SETPIPE_SZ, self.pipe_size)
-            except OSError:
-                pass
+    def _grow(self) -> None:
+        """A read filled the pipe: up to its full size, once."""
+        try:
+            self.capacity = fcntl.fcntl(self.wfd, F_SETPIPE_SZ, self.pipe_size)
+        except OSError:
+            pass
         self.pipe_size = self.capacity
-        return self.capacity
 
     def on_writable(self) -> None:
         if self.flush() and not self.eof:
