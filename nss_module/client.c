@@ -940,17 +940,16 @@ enum { RX_NOTHING, RX_FAILED, RX_ANSWER };
 static int receive(pwc_try *t, int key_id, const uint8_t *key,
                    uint64_t id, int op, pwc_answer *ans, int *status, int block)
 {
-    uint8_t raw[PWC_UDP_BUF + 1];
+    uint8_t raw[PWC_UDP_BUF];
     /* A plain answer is read straight into ans->udp (no copy); a sealed
-     * one is opened from raw into it. */
+     * one is opened from raw into it. Both hold PWC_UDP_BUF bytes. */
     uint8_t *buf = key_id ? raw : ans->udp;
-    size_t cap = key_id ? sizeof raw : sizeof ans->udp;
     for (int i = 0; i < 64; i++) { /* bounded: a flood cannot keep us here */
         /* The socket is connected: the kernel delivers to it only
          * datagrams from the server's address and port (that is the
          * source check), so no address is asked for. */
         int wait = block && i == 0 ? 0 : MSG_DONTWAIT;
-        ssize_t n = recv(t->fd, buf, cap, wait | MSG_TRUNC);
+        ssize_t n = recv(t->fd, buf, PWC_UDP_BUF, wait | MSG_TRUNC);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -958,8 +957,8 @@ static int receive(pwc_try *t, int key_id, const uint8_t *key,
                 return RX_NOTHING;
             return RX_FAILED; /* ECONNREFUSED & co: nobody listens there */
         }
-        if ((size_t)n > cap || (size_t)n > PWC_UDP_BUF)
-            continue; /* truncated (MSG_TRUNC gives the real size) or oversize */
+        if ((size_t)n > PWC_UDP_BUF)
+            continue; /* oversize: MSG_TRUNC gives the datagram's real size */
         size_t plainlen;
         pwp_reader payload;
         if (answer_check(buf, (size_t)n, ans->udp, sizeof ans->udp, key_id, key, id, op,

@@ -236,10 +236,6 @@ static int get_integer(pwp_reader *r, int64_t *sv, uint64_t *uv, int *is_neg)
 
 int pwp_get_uint(pwp_reader *r, uint64_t *v)
 {
-    if (r->p < r->end && r->p[0] < 0x80) { /* positive fixint: most ids and counts */
-        *v = *r->p++;
-        return 0;
-    }
     pwp_reader save = *r;
     int64_t sv;
     uint64_t uv;
@@ -301,15 +297,6 @@ static int get_len_header(pwp_reader *r, uint8_t fix_base, uint8_t fix_mask,
 
 int pwp_get_str(pwp_reader *r, const char **s, uint32_t *n)
 {
-    if (r->p < r->end && (r->p[0] & 0xe0) == 0xa0) { /* fixstr: most record fields */
-        uint32_t len = r->p[0] & 0x1f;
-        if (!avail(r, 1 + (size_t)len))
-            return -1;
-        *s = (const char *)r->p + 1;
-        *n = len;
-        r->p += 1 + len;
-        return 0;
-    }
     size_t hdr;
     if (get_len_header(r, 0xa0, 0x1f, 0xd9, 0xda, 0xdb, n, &hdr) < 0)
         return -1;
@@ -334,13 +321,6 @@ int pwp_get_bin(pwp_reader *r, const uint8_t **p, uint32_t *n)
 
 int pwp_get_array(pwp_reader *r, uint32_t *n)
 {
-    if (r->p < r->end && (r->p[0] & 0xf0) == 0x90) { /* fixarray */
-        *n = r->p[0] & 0x0f;
-        if (!avail(r, 1 + (size_t)*n))
-            return -1;
-        r->p++;
-        return 0;
-    }
     size_t hdr;
     if (get_len_header(r, 0x90, 0x0f, 0, 0xdc, 0xdd, n, &hdr) < 0)
         return -1;
