@@ -27,7 +27,8 @@ $(APT_STAMP): deps/debian-packages.txt
 	@touch $@
 
 venv: $(STAMP)
-$(STAMP): pyproject.toml setup.py pwcache/build_pwtable.py $(wildcard pwcache/_csrc/*.c pwcache/_csrc/*.h)
+$(STAMP): pyproject.toml setup.py pwcache/build_pwtable.py pop/build_engine.py nss_module/client.c nss_module/client.h \
+          $(wildcard pwcache/_csrc/*.c pwcache/_csrc/*.h pop/_csrc/*.c pop/_csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel cffi
 	$(PIP) install -q -e '.[test]'
@@ -46,5 +47,5 @@ demo: build
 	$(VENV)/bin/pwmail demo
 
 clean:
-	rm -rf build *.egg-info pwcache/_pwtable*.so pwcache/_pwtable.c
+	rm -rf build *.egg-info pwcache/_pwtable*.so pwcache/_pwtable.c pop/_engine*.so pop/_engine.c
 	$(MAKE) -C nss_module clean

@@ -19,4 +19,4 @@ class build_py_and_nss(build_py):
             shutil.copy2(NSS_LIB, pathlib.Path(self.build_lib) / NSS_LIB)
 
 
-setup(cffi_modules=["pwcache/build_pwtable.py:ffibuilder"], cmdclass={"build_py": build_py_and_nss})
+setup(cffi_modules=["pwcache/build_pwtable.py:ffibuilder", "pop/build_engine.py:ffibuilder"], cmdclass={"build_py": build_py_and_nss})

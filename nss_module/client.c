@@ -609,6 +609,15 @@ static int payload_valid(int op, pwp_reader r)
             if (pwp_get_uint(&r, &u) < 0 || u > PW_MAX_ID)
                 return 0;
         break;
+    case PW_OP_MAILHOST: {       /* [host, frozen]: pop-proxy's engine asks this */
+        const char *host;
+        uint32_t hlen;
+        int frozen;
+        if (pwp_get_array(&r, &n) < 0 || n != 2 || pwp_get_str(&r, &host, &hlen) < 0 ||
+            pwp_get_bool(&r, &frozen) < 0)
+            return 0;
+        break;
+    }
     case PW_OP_PASSWD_ENUM:
     case PW_OP_GROUP_ENUM:
     case PW_OP_SHADOW_ENUM:

@@ -35,6 +35,8 @@ DEFAULTS: dict[str, Any] = {
     "throttle_window": 300.0,         # ... within this many seconds: [LOGIN-DELAY]
     "relay_buffer": 1048576,          # bytes buffered per direction after login
     "splice": True,                   # zero-copy relay (Linux) when neither side is TLS
+    "engine": True,                   # the common plain session in C (pop/engine.py); needs splice
+    "lookup_threads": 4,              # the engine's mailhost lookups at a time
     # pop3d
     "pop3d_listen": "0.0.0.0:110",
     "root": "/var/spool/mail",

@@ -7,7 +7,11 @@ greeting, CAPA, STLS, USER/PASS, AUTH PLAIN, QUIT. With the credentials in
 hand it asks the password server for the user's mailhost, logs in to that
 backend (pop/backend.py), and relays bytes both ways (pop/relay.py).
 Policy lives here: limits, throttling, timing of failures, error codes.
-docs/pop.md describes the configuration and the error answers.
+
+On the plain listener the engine (pop/engine.py, a C thread) carries the
+common session itself and hands everything else over to the same code
+below (`ClientSide(handoff=...)`). docs/pop.md describes the configuration
+and the error answers.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from pwcache.logsetup import setup_logging
 
 from . import config as popconfig
 from . import daemon
+from . import engine as popengine
 from .backend import BackendError, BackendLogin, response_code
 from .protocol import (NEED_DATA, NEED_REPLY, Closed, Login, RemoteProtocolError, ServerConnection,
                        StartTLS)
@@ -34,6 +39,7 @@ log = logging.getLogger("pop-proxy")
 
 GREETING = "POP3 ready."
 AUTH_FAILED = "Authentication failed."
+TOO_MANY = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
 TLS_HANDSHAKE_TIMEOUT = 30.0
 # Codes a backend may give after a good password; passed on to the client.
 PASSED_CODES = {"IN-USE", "LOGIN-DELAY", "SYS/TEMP", "SYS/PERM"}
@@ -62,6 +68,7 @@ class ProxyServer:
         self.stats: Counter[str] = Counter()
         self._addresses: dict[str, tuple[str, int] | None] = {}
         self.use_splice = bool(cfg["splice"]) and HAVE_SPLICE and cfg["backend_tls"] == "none"
+        self.engine: popengine.Engine | None = None
 
     def protocol(self) -> "ClientSide":
         return ClientSide(self)
@@ -118,12 +125,25 @@ class ProxyServer:
             backend, answer = await self.backend.login(host, port, event.user, event.password,
                                                        (session.addr, session.port))
         except BackendError as e:
-            log.warning("backend %s for user=%s: %s", entry.host, event.user, e)
-            self.stats["backend_down"] += 1
-            return ("err", "SYS/TEMP", "Mail server unavailable, try again later.", False)
+            return self.backend_failed(entry.host, event.user, e)
         if answer.startswith(b"+OK"):
             session.backend_name = entry.host
             return ("ok", backend, answer)
+        return self.refused(session, user_key, answer)
+
+    def outcome(self, session: "ClientSide", event: Login, h: popengine.Handoff):
+        """The result of a login the engine tried (handed over with its outcome)."""
+        if h.outcome == popengine.OUTCOME_ERROR:
+            return self.backend_failed(h.mailhost, event.user, h.text)
+        return self.refused(session, event.user.lower(), h.text.encode("utf-8", "replace"))
+
+    def backend_failed(self, mailhost: str, user: str, error) -> tuple:
+        log.warning("backend %s for user=%s: %s", mailhost, user, error)
+        self.stats["backend_down"] += 1
+        return ("err", "SYS/TEMP", "Mail server unavailable, try again later.", False)
+
+    def refused(self, session: "ClientSide", user_key: str, answer: bytes) -> tuple:
+        """A backend's -ERR to the login: its code passed on, or a failure."""
         code = response_code(answer)
         if code in PASSED_CODES:
             text = answer.split(b"]", 1)[-1].strip().decode("utf-8", "replace") or "Try again later."
@@ -136,14 +156,29 @@ class ProxyServer:
         self.ip_throttle.failure(session.addr, now)
         self.user_throttle.failure(user_key, now)
         self.stats["login_failed"] += 1
+        if self.engine is not None:
+            # Failures are all seen here; the engine only learns who is blocked.
+            for throttle, key, engine_key in ((self.ip_throttle, session.addr, session.addr),
+                                              (self.user_throttle, user_key, "user:" + user_key)):
+                until = throttle.blocked_until(key, now)
+                if until is not None:
+                    self.engine.block(engine_key, until)
+
+    # --- sessions the engine hands over --------------------------------------------------
+    def engine_handoff(self, h: popengine.Handoff) -> None:
+        self.stats["engine_handoff"] += 1
+        loop = asyncio.get_running_loop()
+        loop.create_task(loop.connect_accepted_socket(lambda: ClientSide(self, handoff=h), h.sock))
 
 
 class ClientSide(asyncio.Protocol):
     """One client connection: POP3 before login, relay after."""
 
-    def __init__(self, server: ProxyServer, implicit_tls: bool = False):
+    def __init__(self, server: ProxyServer, implicit_tls: bool = False,
+                 handoff: popengine.Handoff | None = None):
         self.server = server
         self.implicit_tls = implicit_tls   # POP3S: TLS from the first byte
+        self.handoff = handoff             # a session the engine began
         self.transport = None
         self.conn: ServerConnection | None = None
         self.addr, self.port = "?", 0
@@ -166,22 +201,59 @@ class ClientSide(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.addr, self.port = peer[0], peer[1]
         srv, cfg = self.server, self.server.cfg
-        srv.stats["connections"] += 1
-        if srv.connections >= cfg["max_connections"] or srv.per_ip[self.addr] >= cfg["max_connections_per_ip"]:
-            srv.stats["refused_limit"] += 1
-            transport.write(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n")
-            transport.close()
-            return
+        if self.handoff is None:        # (the engine counted and admitted handed-over ones)
+            srv.stats["connections"] += 1
+            if srv.connections >= cfg["max_connections"] or srv.per_ip[self.addr] >= cfg["max_connections_per_ip"]:
+                srv.stats["refused_limit"] += 1
+                transport.write(TOO_MANY)
+                transport.close()
+                return
         srv.connections += 1
         srv.per_ip[self.addr] += 1
         self.counted = True
         self.conn = ServerConnection(stls=self.server.tls_context is not None, tls_active=self.implicit_tls,
                                      plaintext_auth=cfg["plaintext_auth"])
         self.conn.send_greeting(GREETING)
-        self._flush()
         loop = asyncio.get_running_loop()
         self.active_at = loop.time()
         self.timer = loop.call_later(cfg["prelogin_timeout"], self._timed_out)
+        if self.handoff is not None:
+            # Out of connection_made: the transport is set up once it returns
+            # (STLS, for one, needs that); no input is read until then.
+            transport.pause_reading()
+            loop.call_soon(self._adopt, self.handoff)
+            self.handoff = None
+        else:
+            self._flush()
+
+    def _adopt(self, h: popengine.Handoff) -> None:
+        """Go on with a session the engine began: replay what it already
+        answered (its answers came from this state machine's texts, so the
+        replay's output is dropped), then take the rest as new input."""
+        if self.transport.is_closing():
+            return
+        conn, login = self.conn, None
+        try:
+            if h.answered:
+                conn.receive_data(h.history[:h.answered])
+                while (event := conn.next_event()) is not NEED_DATA and event is not NEED_REPLY:
+                    login = event
+            conn.data_to_send()
+            if len(h.history) > h.answered:
+                conn.receive_data(h.history[h.answered:])
+            if h.eof:
+                conn.receive_data(b"")
+        except RemoteProtocolError as e:      # cannot happen for bytes the engine answered
+            self._protocol_error(e)
+            return
+        if isinstance(login, Login):
+            result = self.server.outcome(self, login, h) if h.outcome != popengine.OUTCOME_NONE else None
+            self.task = asyncio.get_running_loop().create_task(
+                self._login(login, result, h.started or None))
+            return
+        self._process()
+        if not (self.closing or self.tls_pending or self.write_paused or self.task is not None):
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.relay is not None:
@@ -324,12 +396,14 @@ class ClientSide(asyncio.Protocol):
         self._arm_timer()
         self._process()
 
-    async def _login(self, event: Login) -> None:
+    async def _login(self, event: Login, result: tuple | None = None, started: float | None = None) -> None:
+        """Decide a login (or take the engine's `result`) and answer it."""
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = started or loop.time()
         srv = self.server
         try:
-            result = await srv.login(self, event)
+            if result is None:
+                result = await srv.login(self, event)
         except Exception:
             log.exception("login of user=%s failed", event.user)
             result = ("err", "SYS/TEMP", "Internal error, try again later.", False)
@@ -443,8 +517,11 @@ async def serve(args, cfg) -> None:
     server = ProxyServer(cfg, pw, ctx)
     sock = daemon.listening_socket(args.listen or cfg["listen"], 110)
     loop = asyncio.get_running_loop()
-    srv = await loop.create_server(server.protocol, sock=sock, backlog=daemon.LISTEN_BACKLOG)
-    servers = [srv]
+    servers = []
+    if popengine.usable(cfg):
+        server.engine = start_engine(server, sock, cfg, stls=ctx is not None)
+    else:
+        servers.append(await loop.create_server(server.protocol, sock=sock, backlog=daemon.LISTEN_BACKLOG))
     tls_listen = args.tls_listen or cfg["tls_listen"]
     if tls_listen:
         if ctx is None:
@@ -455,15 +532,38 @@ async def serve(args, cfg) -> None:
                                                 ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT))
         daemon.announce("pop-proxy (POP3S)", tls_sock)
     daemon.announce("pop-proxy", sock)
-    log.info("serving on %s (STLS %s, POP3S %s, splice %s)", sock.getsockname(), "on" if ctx else "off",
-             tls_listen or "off", "on" if server.use_splice else "off")
+    log.info("serving on %s (STLS %s, POP3S %s, splice %s, engine %s)", sock.getsockname(),
+             "on" if ctx else "off", tls_listen or "off", "on" if server.use_splice else "off",
+             "on" if server.engine else "off")
     try:
         await daemon.wait_for_signal()
     finally:
         for s in servers:
             s.close()
-        log.info("stopping: %s", dict(server.stats))
+        stats = dict(server.stats)
+        if server.engine is not None:
+            for name, n in server.engine.stats().items():
+                stats[name] = stats.get(name, 0) + n
+            server.engine.stop()
+        sock.close()
+        log.info("stopping: %s", stats)
         await pw.close()
+
+
+def start_engine(server: ProxyServer, sock: socket.socket, cfg: dict, *, stls: bool) -> popengine.Engine:
+    """The C engine on the plain listener; Python keeps everything it hands over."""
+    backends = {}
+    for name, target in cfg["backends"].items():
+        try:
+            host, port = popconfig.parse_hostport(target, cfg["backend_port"])
+            socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+            backends[name] = (host, port)
+        except (ValueError, OSError):
+            backends[name] = None          # a name to resolve: logins to it go to Python
+    texts = popengine.answers(GREETING, stls=stls, plaintext_auth=cfg["plaintext_auth"])
+    engine = popengine.Engine(cfg, sock, texts, TOO_MANY, backends, on_handoff=server.engine_handoff)
+    engine.start()
+    return engine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -478,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stderr", action="store_true", help="also log to stderr")
     args = p.parse_args(argv)
     cfg = popconfig.load(args.config)
+    if args.pwserver_conf:      # the engine's lookups read it from the environment, as NSS does
+        os.environ["PWSERVER_CONF"] = args.pwserver_conf
     if args.backend_port:
         cfg["backend_port"] = args.backend_port
     setup_logging("pop-proxy", stderr=args.stderr)

@@ -27,6 +27,12 @@ class FailureThrottle:
     def blocked(self, key: str, now: float) -> bool:
         return self.limit > 0 and self.level(key, now) > self.limit - 1
 
+    def blocked_until(self, key: str, now: float) -> float | None:
+        """When a blocked key drains below the limit again (None: not blocked)."""
+        if not self.blocked(key, now):
+            return None
+        return now + (self.level(key, now) - (self.limit - 1)) / self.rate
+
     def failure(self, key: str, now: float) -> None:
         level = self.level(key, now) + 1.0
         self._buckets[key] = (level, now)
