@@ -75,7 +75,6 @@ struct pe_conn {
     int cfd, bfd;
     int state;
     int dead;                   /* the client went away during the lookup */
-    uint32_t cev, bev;          /* epoll interest now (0: not registered) */
     char addr[PE_ADDR_MAX];
     int port;
     struct sockaddr_storage peer;
@@ -150,6 +149,7 @@ struct pe_engine {
     pe_end lend, wend;
     pe_tlist prelogin, connecting, backend, relay;
     double now;
+    int pid;                    /* for log records */
     uint64_t stats[PE_NSTATS];
     size_t connections;
     pe_conn *graveyard;
@@ -201,7 +201,7 @@ static void log_record(pe_engine *e, int level, const char *fmt, ...)
     if (e->cfg.syslog_fd >= 0) {
         int severity = level >= LOG_WARNING_LEVEL ? 4 : 6;
         int n = snprintf(line, sizeof line, "<%d>%s[%d]: %s %s", e->cfg.syslog_facility | severity,
-                         e->cfg.log_ident, (int)getpid(), name, msg);
+                         e->cfg.log_ident, e->pid, name, msg);
         if (n >= (int)sizeof line)
             n = sizeof line - 1;
         send(e->cfg.syslog_fd, line, n + 1, MSG_NOSIGNAL | MSG_DONTWAIT);    /* with its NUL */
@@ -213,7 +213,7 @@ static void log_record(pe_engine *e, int level, const char *fmt, ...)
         localtime_r(&tv.tv_sec, &tm);
         int n = (int)strftime(line, sizeof line, "%Y-%m-%d %H:%M:%S", &tm);
         n += snprintf(line + n, sizeof line - n, ",%03d %s[%d]: %s %s\n", (int)(tv.tv_usec / 1000),
-                      e->cfg.log_ident, (int)getpid(), name, msg);
+                      e->cfg.log_ident, e->pid, name, msg);
         if (n >= (int)sizeof line)
             n = sizeof line - 1;
         ssize_t w = write(e->cfg.stderr_fd, line, n);
@@ -397,41 +397,28 @@ void pe_event_release(pe_event *ev)
     ev->history = NULL;
 }
 
-/* ---- epoll interest ------------------------------------------------------ */
+/* ---- epoll ---------------------------------------------------------------- */
 
-static void interest(pe_engine *e, int fd, pe_end *end, uint32_t *now, uint32_t want)
-{
-    if (*now == want)
-        return;
-    struct epoll_event ev = {.events = want, .data.ptr = end};
-    if (want == 0)
-        epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, &ev);     /* not even errors: see start_login */
-    else
-        epoll_ctl(e->epfd, *now ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, fd, &ev);
-    *now = want;
-}
+/* Each socket is registered once, edge-triggered for reading and writing:
+ * events only say "something changed", and the handlers read or write
+ * until EAGAIN (or until the state has no use for more). close() takes a
+ * socket out of the set; only a handed-over one needs EPOLL_CTL_DEL. */
+#define WATCH (EPOLLIN | EPOLLOUT | EPOLLET)
 
-static void client_interest(pe_engine *e, pe_conn *c, uint32_t want)
+static int watch(pe_engine *e, int fd, pe_end *end)
 {
-    interest(e, c->cfd, &c->cend, &c->cev, want);
-}
-
-static void backend_interest(pe_engine *e, pe_conn *c, uint32_t want)
-{
-    interest(e, c->bfd, &c->bend, &c->bev, want);
+    struct epoll_event ev = {.events = WATCH, .data.ptr = end};
+    return epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev);
 }
 
 /* ---- ending a session ---------------------------------------------------- */
 
-static void close_fd(pe_engine *e, int *fd, uint32_t *ev)
+static void close_fd(int *fd)
 {
-    if (*fd < 0)
-        return;
-    if (*ev)
-        epoll_ctl(e->epfd, EPOLL_CTL_DEL, *fd, NULL);
-    *ev = 0;
-    close(*fd);
-    *fd = -1;
+    if (*fd >= 0) {
+        close(*fd);
+        *fd = -1;
+    }
 }
 
 static void release_count(pe_engine *e, pe_conn *c)
@@ -447,7 +434,7 @@ static void release_count(pe_engine *e, pe_conn *c)
 static void conn_free(pe_engine *e, pe_conn *c)
 {
     timer_stop(c);
-    close_fd(e, &c->bfd, &c->bev);
+    close_fd(&c->bfd);
     if (c->pr >= 0) {
         close(c->pr);
         close(c->pw);
@@ -485,12 +472,12 @@ static void conn_close(pe_engine *e, pe_conn *c)
     release_count(e, c);
     if (c->state == LOOKUP) {
         /* A worker holds the session: it is freed when the answer comes. */
-        close_fd(e, &c->cfd, &c->cev);
+        close_fd(&c->cfd);
         timer_stop(c);
         c->dead = 1;
         return;
     }
-    close_fd(e, &c->cfd, &c->cev);
+    close_fd(&c->cfd);
     conn_free(e, c);
 }
 
@@ -518,9 +505,7 @@ static void handoff(pe_engine *e, pe_conn *c, int outcome, const char *text)
     q->ev.outcome = outcome;
     if (text)
         snprintf(q->ev.text, sizeof q->ev.text, "%s", text);
-    if (c->cev)
-        epoll_ctl(e->epfd, EPOLL_CTL_DEL, c->cfd, NULL);
-    c->cev = 0;
+    epoll_ctl(e->epfd, EPOLL_CTL_DEL, c->cfd, NULL);
     q->ev.fd = c->cfd;
     c->cfd = -1;
     e->stats[ST_HANDOFFS]++;
@@ -603,7 +588,10 @@ static void on_accept(pe_engine *e)
             conn_close(e, c);
             continue;
         }
-        client_interest(e, c, EPOLLIN);
+        if (watch(e, fd, &c->cend) < 0) {
+            conn_close(e, c);
+            continue;
+        }
         timer_start(e, c, &e->prelogin);
     }
 }
@@ -718,10 +706,9 @@ static void start_login(pe_engine *e, pe_conn *c)
     }
     j->conn = c;
     memcpy(j->user, c->user, sizeof j->user);
-    /* The client is not watched during the login (as Python pauses
-     * reading): commands it pipelines wait in the socket for the relay or
-     * for Python, and a client that left is noticed at the next write. */
-    client_interest(e, c, 0);
+    /* The client is not read during the login (as Python pauses reading):
+     * commands it pipelines wait in the socket for the relay or for Python,
+     * and a client that left is noticed at the next write. */
     timer_stop(c);
     c->state = LOOKUP;
     pthread_mutex_lock(&e->jlock);
@@ -875,8 +862,12 @@ static void lookup_done(pe_engine *e, pe_job *j)
         handoff(e, c, PE_OUTCOME_NONE, NULL);   /* Python retries, then [SYS/TEMP] */
         return;
     }
+    if (watch(e, c->bfd, &c->bend) < 0) {
+        close_fd(&c->bfd);
+        handoff(e, c, PE_OUTCOME_NONE, NULL);
+        return;
+    }
     c->state = CONNECTING;
-    backend_interest(e, c, EPOLLOUT);
     timer_start(e, c, &e->connecting);
 }
 
@@ -920,28 +911,27 @@ static void backend_failed(pe_engine *e, pe_conn *c, const char *what)
 {
     char text[PE_TEXT_MAX];
     snprintf(text, sizeof text, "%s", what);
-    close_fd(e, &c->bfd, &c->bev);
+    close_fd(&c->bfd);
     handoff(e, c, PE_OUTCOME_ERROR, text);
 }
 
-static void backend_connected(pe_engine *e, pe_conn *c)
+/* The handshake's outcome: an error (refused: Python retries) or a
+ * connection, whose greeting may have come with the same event. */
+static int backend_connected(pe_engine *e, pe_conn *c, uint32_t ev)
 {
-    int err = 0;
-    socklen_t len = sizeof err;
-    getsockopt(c->bfd, SOL_SOCKET, SO_ERROR, &err, &len);
-    if (err) {
-        close_fd(e, &c->bfd, &c->bev);
-        handoff(e, c, PE_OUTCOME_NONE, NULL);   /* refused: Python retries */
-        return;
+    if (ev & (EPOLLERR | EPOLLHUP)) {
+        close_fd(&c->bfd);
+        handoff(e, c, PE_OUTCOME_NONE, NULL);
+        return -1;
     }
     c->bline = malloc(BACKEND_LINE_MAX);
     if (!c->bline) {
         backend_failed(e, c, "out of memory");
-        return;
+        return -1;
     }
     c->state = BACKEND;
-    backend_interest(e, c, EPOLLIN);
     timer_start(e, c, &e->backend);
+    return 0;
 }
 
 /* XCLIENT (when the greeting offers it) and AUTH PLAIN, in one packet. */
@@ -970,22 +960,37 @@ static int send_login(pe_conn *c, int xclient)
 
 static void start_relay(pe_engine *e, pe_conn *c, const char *first, size_t n);
 
+static void backend_lines(pe_engine *e, pe_conn *c);
+
+/* Edge-triggered: a read that fills the buffer may leave more behind. */
 static void backend_read(pe_engine *e, pe_conn *c)
 {
-    ssize_t n = recv(c->bfd, c->bline + c->blen, BACKEND_LINE_MAX - c->blen, 0);
-    if (n < 0 && (errno == EAGAIN || errno == EINTR))
-        return;
-    if (n < 0) {
-        char what[128];
-        snprintf(what, sizeof what, "backend read: %s", strerror(errno));
-        backend_failed(e, c, what);
-        return;
-    }
-    if (n == 0) {
-        backend_failed(e, c, "backend closed the connection");
-        return;
-    }
-    c->blen += n;
+    size_t room;
+    do {
+        room = BACKEND_LINE_MAX - c->blen;
+        ssize_t n = recv(c->bfd, c->bline + c->blen, room, 0);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+            return;
+        if (n < 0) {
+            char what[128];
+            snprintf(what, sizeof what, "backend read: %s", strerror(errno));
+            backend_failed(e, c, what);
+            return;
+        }
+        if (n == 0) {
+            backend_failed(e, c, "backend closed the connection");
+            return;
+        }
+        c->blen += n;
+        backend_lines(e, c);
+        if ((size_t)n < room)
+            return;
+    } while (c->state == BACKEND);
+}
+
+/* The complete lines of the login exchange. */
+static void backend_lines(pe_engine *e, pe_conn *c)
+{
     for (;;) {
         char *nl = memchr(c->bline, '\n', c->blen);
         if (!nl) {
@@ -1023,7 +1028,7 @@ static void backend_read(pe_engine *e, pe_conn *c)
             memcpy(text, c->bline, tl);
             text[tl] = 0;
             send_all(c->bfd, "QUIT\r\n", 6);
-            close_fd(e, &c->bfd, &c->bev);
+            close_fd(&c->bfd);
             handoff(e, c, PE_OUTCOME_ANSWER, text);
             return;
         }
@@ -1274,9 +1279,6 @@ static void start_relay(pe_engine *e, pe_conn *c, const char *first, size_t n)
     int one = 1;
     setsockopt(c->cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     setsockopt(c->bfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    uint32_t both = EPOLLIN | EPOLLOUT | EPOLLET;
-    client_interest(e, c, both);
-    backend_interest(e, c, both);
     c->c_readable = c->c_writable = c->b_readable = c->b_writable = 1;   /* EAGAIN will say otherwise */
     relay_pump(e, c);
 }
@@ -1313,27 +1315,26 @@ static void run_ready(pe_engine *e)
 static void conn_event(pe_engine *e, pe_end *end, uint32_t ev)
 {
     pe_conn *c = end->conn;
+    int readable = (ev & (EPOLLIN | EPOLLERR | EPOLLHUP)) != 0;
     switch (c->state) {
     case PRELOGIN:
-        if (end->kind == END_CLIENT)
+        if (readable)
             prelogin_read(e, c);
         break;
-    case LOOKUP:
-        break;
     case CONNECTING:
-    case BACKEND:
-        if (end->kind == END_CLIENT)
-            break;
-        if (c->state == CONNECTING) {
-            backend_connected(e, c);
-        } else {
+        /* (The client's events during the login are dropped: the relay
+         * starts by reading it anyway, and Python does after a handoff.) */
+        if (end->kind == END_BACKEND && backend_connected(e, c, ev) == 0 && readable)
             backend_read(e, c);
-        }
+        break;
+    case BACKEND:
+        if (end->kind == END_BACKEND && readable)
+            backend_read(e, c);
         break;
     case RELAY:
         relay_event(e, c, end->kind, ev);
         break;
-    case GONE:
+    default:            /* LOOKUP, GONE */
         break;
     }
 }
@@ -1347,7 +1348,7 @@ static void expire(pe_engine *e)
         conn_close(e, c);
     }
     while ((c = e->connecting.head) && c->deadline <= e->now) {
-        close_fd(e, &c->bfd, &c->bev);
+        close_fd(&c->bfd);
         handoff(e, c, PE_OUTCOME_NONE, NULL);   /* Python tries again, then [SYS/TEMP] */
     }
     while ((c = e->backend.head) && c->deadline <= e->now)
@@ -1429,6 +1430,7 @@ pe_engine *pe_new(const pe_config *cfg, int listen_fd)
     e->backend.timeout = cfg->backend_timeout;
     e->relay.timeout = cfg->idle_timeout;
     e->listen_fd = listen_fd;
+    e->pid = getpid();
     e->nworkers = cfg->lookup_threads > 0 ? cfg->lookup_threads : 1;
     e->workers = calloc(e->nworkers, sizeof *e->workers);
     e->backends = calloc(MAX_BACKENDS, sizeof *e->backends);
