@@ -47,6 +47,7 @@ class Handoff:
     mailhost: str
     started: float                       # CLOCK_MONOTONIC seconds of the PASS (0: none)
     eof: bool = False                    # the client has closed its side
+    more: bytearray = field(default_factory=bytearray, repr=False)   # read by Python before adopting
 
 
 def _read_waiting(sock: socket.socket) -> tuple[bytes, bool]:

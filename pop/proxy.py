@@ -218,11 +218,10 @@ class ClientSide(asyncio.Protocol):
         self.active_at = loop.time()
         self.timer = loop.call_later(cfg["prelogin_timeout"], self._timed_out)
         if self.handoff is not None:
-            # Out of connection_made: the transport is set up once it returns
-            # (STLS, for one, needs that); no input is read until then.
-            transport.pause_reading()
+            # After connection_made: the transport is set up once it returns
+            # (STLS needs that, and uvloop starts reading then whatever
+            # pause_reading() said; data_received keeps what comes meanwhile).
             loop.call_soon(self._adopt, self.handoff)
-            self.handoff = None
         else:
             self._flush()
 
@@ -230,6 +229,7 @@ class ClientSide(asyncio.Protocol):
         """Go on with a session the engine began: replay what it already
         answered (its answers came from this state machine's texts, so the
         replay's output is dropped), then take the rest as new input."""
+        self.handoff = None
         if self.transport.is_closing():
             return
         conn, login = self.conn, None
@@ -241,11 +241,14 @@ class ClientSide(asyncio.Protocol):
             conn.data_to_send()
             if len(h.history) > h.answered:
                 conn.receive_data(h.history[h.answered:])
+            if h.more:
+                conn.receive_data(bytes(h.more))
             if h.eof:
                 conn.receive_data(b"")
         except RemoteProtocolError as e:      # cannot happen for bytes the engine answered
             self._protocol_error(e)
             return
+        self.transport.pause_reading()     # (as the login and STLS below expect)
         if isinstance(login, Login):
             result = self.server.outcome(self, login, h) if h.outcome != popengine.OUTCOME_NONE else None
             self.task = asyncio.get_running_loop().create_task(
@@ -256,6 +259,9 @@ class ClientSide(asyncio.Protocol):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        if self.handoff is not None:      # before _adopt
+            self.handoff.more += data
+            return
         if self.relay is not None:
             self.relay.from_client(data)
             return
@@ -270,6 +276,9 @@ class ClientSide(asyncio.Protocol):
             self._process()
 
     def eof_received(self):
+        if self.handoff is not None:
+            self.handoff.eof = True
+            return True
         if self.relay is not None:
             return self.relay.client_eof()
         if self.conn is not None:

@@ -403,7 +403,7 @@ void pe_event_release(pe_event *ev)
  * events only say "something changed", and the handlers read or write
  * until EAGAIN (or until the state has no use for more). close() takes a
  * socket out of the set; only a handed-over one needs EPOLL_CTL_DEL. */
-#define WATCH (EPOLLIN | EPOLLOUT | EPOLLET)
+#define WATCH (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
 
 static int watch(pe_engine *e, int fd, pe_end *end)
 {
@@ -618,27 +618,43 @@ static int plain_arg(const uint8_t *s, size_t n, int spaces)
 
 static void start_login(pe_engine *e, pe_conn *c);
 
-static void prelogin_read(pe_engine *e, pe_conn *c)
+static int prelogin_lines(pe_engine *e, pe_conn *c);
+
+/* Edge-triggered: a read shorter than the room took all there was, but a
+ * FIN that came with the data (EPOLLRDHUP) is seen only by one more read. */
+static void prelogin_read(pe_engine *e, pe_conn *c, int peer_closed)
 {
-    if (c->in_len == HISTORY_MAX) {
-        handoff(e, c, PE_OUTCOME_NONE, NULL);
-        return;
+    for (;;) {
+        size_t room = HISTORY_MAX - c->in_len;
+        if (room == 0) {
+            handoff(e, c, PE_OUTCOME_NONE, NULL);
+            return;
+        }
+        ssize_t n = recv(c->cfd, c->in + c->in_len, room, 0);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+            return;
+        if (n <= 0) {
+            conn_close(e, c);       /* closed or reset before login: nothing to say */
+            return;
+        }
+        c->in_len += n;
+        if (prelogin_lines(e, c) < 0 || ((size_t)n < room && !peer_closed))
+            return;
     }
-    ssize_t n = recv(c->cfd, c->in + c->in_len, HISTORY_MAX - c->in_len, 0);
-    if (n < 0 && (errno == EAGAIN || errno == EINTR))
-        return;
-    if (n <= 0) {
-        conn_close(e, c);       /* closed or reset before login: nothing to say */
-        return;
-    }
-    c->in_len += n;
+}
+
+/* Answers the complete lines read: 0 when waiting for more, -1 when the
+ * session left this state (login, handoff, close). */
+static int prelogin_lines(pe_engine *e, pe_conn *c)
+{
     for (;;) {
         uint8_t *line = c->in + c->answered;
         uint8_t *nl = memchr(line, '\n', c->in_len - c->answered);
         if (!nl) {
-            if (c->in_len == HISTORY_MAX)
-                handoff(e, c, PE_OUTCOME_NONE, NULL);
-            return;
+            if (c->in_len < HISTORY_MAX)
+                return 0;
+            handoff(e, c, PE_OUTCOME_NONE, NULL);
+            return -1;
         }
         size_t len = nl - line;
         size_t next = c->answered + len + 1;
@@ -648,19 +664,19 @@ static void prelogin_read(pe_engine *e, pe_conn *c)
         if (len == 4 && verb_is(line, len, "CAPA")) {
             if (send_text(c, e->cfg.capa) < 0) {
                 conn_close(e, c);
-                return;
+                return -1;
             }
         } else if (len == 4 && verb_is(line, len, "QUIT")) {
             send_text(c, e->cfg.quit_ok);
             conn_close(e, c);
-            return;
+            return -1;
         } else if (e->cfg.user_ok && len > 5 && verb_is(line, len, "USER") && plain_arg(line + 5, len - 5, 0)) {
             memcpy(c->user, line + 5, len - 5);
             c->user[len - 5] = 0;
             c->have_user = 1;
             if (send_text(c, e->cfg.user_ok) < 0) {
                 conn_close(e, c);
-                return;
+                return -1;
             }
         } else if (e->cfg.user_ok && c->have_user && len > 5 && verb_is(line, len, "PASS") &&
                    plain_arg(line + 5, len - 5, 1)) {
@@ -668,10 +684,10 @@ static void prelogin_read(pe_engine *e, pe_conn *c)
             c->pass[len - 5] = 0;
             c->answered = next;
             start_login(e, c);
-            return;
+            return -1;
         } else {
             handoff(e, c, PE_OUTCOME_NONE, NULL);
-            return;
+            return -1;
         }
         c->answered = next;
     }
@@ -963,7 +979,7 @@ static void start_relay(pe_engine *e, pe_conn *c, const char *first, size_t n);
 static void backend_lines(pe_engine *e, pe_conn *c);
 
 /* Edge-triggered: a read that fills the buffer may leave more behind. */
-static void backend_read(pe_engine *e, pe_conn *c)
+static void backend_read(pe_engine *e, pe_conn *c, int peer_closed)
 {
     size_t room;
     do {
@@ -983,7 +999,7 @@ static void backend_read(pe_engine *e, pe_conn *c)
         }
         c->blen += n;
         backend_lines(e, c);
-        if ((size_t)n < room)
+        if ((size_t)n < room && !peer_closed)
             return;
     } while (c->state == BACKEND);
 }
@@ -1315,21 +1331,22 @@ static void run_ready(pe_engine *e)
 static void conn_event(pe_engine *e, pe_end *end, uint32_t ev)
 {
     pe_conn *c = end->conn;
-    int readable = (ev & (EPOLLIN | EPOLLERR | EPOLLHUP)) != 0;
+    int readable = (ev & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP)) != 0;
+    int peer_closed = (ev & (EPOLLERR | EPOLLHUP | EPOLLRDHUP)) != 0;
     switch (c->state) {
     case PRELOGIN:
         if (readable)
-            prelogin_read(e, c);
+            prelogin_read(e, c, peer_closed);
         break;
     case CONNECTING:
         /* (The client's events during the login are dropped: the relay
          * starts by reading it anyway, and Python does after a handoff.) */
         if (end->kind == END_BACKEND && backend_connected(e, c, ev) == 0 && readable)
-            backend_read(e, c);
+            backend_read(e, c, peer_closed);
         break;
     case BACKEND:
         if (end->kind == END_BACKEND && readable)
-            backend_read(e, c);
+            backend_read(e, c, peer_closed);
         break;
     case RELAY:
         relay_event(e, c, end->kind, ev);
