@@ -239,10 +239,9 @@ class ClientSide(asyncio.Protocol):
                 while (event := conn.next_event()) is not NEED_DATA and event is not NEED_REPLY:
                     login = event
             conn.data_to_send()
-            if len(h.history) > h.answered:
-                conn.receive_data(h.history[h.answered:])
-            if h.more:
-                conn.receive_data(bytes(h.more))
+            rest = h.history[h.answered:] + h.more     # one feed: the input cap counts before each
+            if rest:
+                conn.receive_data(rest)
             if h.eof:
                 conn.receive_data(b"")
         except RemoteProtocolError as e:      # cannot happen for bytes the engine answered

@@ -104,6 +104,10 @@ struct pe_conn {
     size_t up_len, up_off, down_len, down_off;
     int up_eof, up_shut, down_eof;
     int c_readable, c_writable, b_readable, b_writable;   /* edge-triggered readiness */
+    /* Whether a short read may leave something behind: a FIN that came with
+     * the data (EPOLLRDHUP), or anything that came while the login did not
+     * read. Until the next EAGAIN, reads go on to it. */
+    int c_unsure, b_unsure;
     int in_ready;               /* on the engine's ready list */
     pe_conn *rnext;
     uint64_t bytes_up, bytes_down;
@@ -1112,7 +1116,41 @@ static int hold(uint8_t **buf, size_t *len, size_t *off, const uint8_t *data, si
     return 0;
 }
 
-/* Backend -> client: the login exchange's bytes first, then the pipe.
+static ssize_t copy_in(pe_engine *e, pe_conn *c)
+{
+    ssize_t n = recv(c->bfd, e->scratch, sizeof e->scratch, 0);
+    if (n < 0) {
+        if (errno == EAGAIN) {
+            c->b_readable = c->b_unsure = 0;
+            return 0;
+        }
+        relay_error(e, c, "backend read");
+        return -1;
+    }
+    if (n == 0) {
+        c->down_eof = 1;
+        return 1;
+    }
+    if ((size_t)n < sizeof e->scratch && !c->b_unsure)
+        c->b_readable = 0;
+    if (hold(&c->down, &c->down_len, &c->down_off, e->scratch, n) < 0) {
+        relay_close(e, c, "out of memory");
+        return -1;
+    }
+    if ((size_t)n == sizeof e->scratch) {
+        int fds[2];
+        if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0) {
+            relay_close(e, c, "out of descriptors");
+            return -1;
+        }
+        c->pr = fds[0];
+        c->pw = fds[1];
+        c->pipe_cap = PIPE_DEFAULT;
+    }
+    return n;
+}
+
+/* Backend -> client: the copied bytes first, then the pipe.
  * Returns bytes moved, 0 when blocked or nothing to do, -1 when closed. */
 static ssize_t pump_down(pe_engine *e, pe_conn *c)
 {
@@ -1120,16 +1158,21 @@ static ssize_t pump_down(pe_engine *e, pe_conn *c)
     if (!c->c_writable)
         return 0;
     if (c->down_off < c->down_len) {
-        w = send(c->cfd, c->down + c->down_off, c->down_len - c->down_off, MSG_NOSIGNAL | MSG_DONTWAIT);
+        size_t want = c->down_len - c->down_off;
+        w = send(c->cfd, c->down + c->down_off, want, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (w > 0) {
             c->down_off += w;
             moved += w;
+            if ((size_t)w < want)
+                c->c_writable = 0;      /* a short write: the socket is full */
         }
     } else if (c->in_pipe) {
         w = splice(c->pr, NULL, c->cfd, NULL, c->in_pipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
         if (w > 0) {
             c->in_pipe -= w;
             moved += w;
+            if (c->in_pipe)
+                c->c_writable = 0;      /* a short write */
         }
     } else {
         return 0;
@@ -1146,16 +1189,23 @@ static ssize_t pump_down(pe_engine *e, pe_conn *c)
     return moved;
 }
 
-/* Backend -> pipe. */
+/* Backend -> client. Small answers are copied (recv, send: no pipe for a
+ * session that only logs in and out); the first read that fills the copy
+ * buffer makes the pipe, and from then on splice(2) moves the bytes
+ * without them entering user space (a RETR). */
 static ssize_t pump_in(pe_engine *e, pe_conn *c)
 {
+    if (!c->b_readable || c->down_eof || c->down_off < c->down_len)
+        return 0;
+    if (c->pr < 0)
+        return copy_in(e, c);
     size_t room = c->pipe_cap - c->in_pipe;
-    if (!c->b_readable || c->down_eof || room == 0 || c->down_off < c->down_len)
+    if (room == 0)
         return 0;
     ssize_t n = splice(c->bfd, NULL, c->pw, NULL, room, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
     if (n < 0) {
         if (errno == EAGAIN) {
-            c->b_readable = 0;
+            c->b_readable = c->b_unsure = 0;
             return 0;
         }
         relay_error(e, c, "backend read");
@@ -1166,8 +1216,10 @@ static ssize_t pump_in(pe_engine *e, pe_conn *c)
         return 1;       /* progress: the end */
     }
     c->in_pipe += n;
+    if ((size_t)n < room && !c->b_unsure)
+        c->b_readable = 0;      /* a short read took all there was */
     if ((size_t)n == room && !c->pipe_grown) {
-        /* A read filled the pipe: a big answer (RETR). Grow it, once. */
+        /* A read filled the pipe: grow it, once. */
         c->pipe_grown = 1;
         int cap = fcntl(c->pw, F_SETPIPE_SZ, e->cfg.relay_buffer);
         if (cap > 0)
@@ -1211,7 +1263,7 @@ static ssize_t pump_up(pe_engine *e, pe_conn *c)
     ssize_t n = recv(c->cfd, e->scratch, sizeof e->scratch, 0);
     if (n < 0) {
         if (errno == EAGAIN) {
-            c->c_readable = 0;
+            c->c_readable = c->c_unsure = 0;
             return 0;
         }
         relay_error(e, c, "client read");
@@ -1221,6 +1273,8 @@ static ssize_t pump_up(pe_engine *e, pe_conn *c)
         c->up_eof = 1;
         return 1;
     }
+    if ((size_t)n < sizeof e->scratch && !c->c_unsure)
+        c->c_readable = 0;
     w = send(c->bfd, e->scratch, n, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (w < 0) {
         if (errno != EAGAIN) {
@@ -1271,21 +1325,15 @@ static void relay_pump(pe_engine *e, pe_conn *c)
 
 static void start_relay(pe_engine *e, pe_conn *c, const char *first, size_t n)
 {
-    int fds[2];
     c->state = RELAY;
     c->login_at = e->now;
     e->stats[ST_LOGINS]++;
     log_record(e, LOG_INFO_LEVEL, "login user=%s from=%s:%d backend=%s", c->user, c->addr, c->port, c->mailhost);
-    if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) == 0) {
-        c->pr = fds[0];
-        c->pw = fds[1];
-    }
-    if (c->pr < 0 || hold(&c->down, &c->down_len, &c->down_off, (const uint8_t *)first, n) < 0 ||
+    if (hold(&c->down, &c->down_len, &c->down_off, (const uint8_t *)first, n) < 0 ||
         hold(&c->up, &c->up_len, &c->up_off, c->in + c->answered, c->in_len - c->answered) < 0) {
-        relay_close(e, c, "out of memory or descriptors");
+        relay_close(e, c, "out of memory");
         return;
     }
-    c->pipe_cap = PIPE_DEFAULT;
     free(c->bline);
     c->bline = NULL;
     timer_start(e, c, &e->relay);
@@ -1296,6 +1344,7 @@ static void start_relay(pe_engine *e, pe_conn *c, const char *first, size_t n)
     setsockopt(c->cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     setsockopt(c->bfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     c->c_readable = c->c_writable = c->b_readable = c->b_writable = 1;   /* EAGAIN will say otherwise */
+    c->c_unsure = c->b_unsure = 1;
     relay_pump(e, c);
 }
 
@@ -1303,12 +1352,15 @@ static void relay_event(pe_engine *e, pe_conn *c, int kind, uint32_t ev)
 {
     int readable = (ev & (EPOLLIN | EPOLLERR | EPOLLHUP)) != 0;
     int writable = (ev & (EPOLLOUT | EPOLLERR | EPOLLHUP)) != 0;
+    int closed = (ev & (EPOLLRDHUP | EPOLLERR | EPOLLHUP)) != 0;
     if (kind == END_CLIENT) {
         c->c_readable |= readable;
         c->c_writable |= writable;
+        c->c_unsure |= closed;
     } else {
         c->b_readable |= readable;
         c->b_writable |= writable;
+        c->b_unsure |= closed;
     }
     relay_pump(e, c);
 }
