@@ -166,9 +166,15 @@ class ProxyServer:
 
     # --- sessions the engine hands over --------------------------------------------------
     def engine_handoff(self, h: popengine.Handoff) -> None:
-        self.stats["engine_handoff"] += 1
-        loop = asyncio.get_running_loop()
-        loop.create_task(loop.connect_accepted_socket(lambda: ClientSide(self, handoff=h), h.sock))
+        asyncio.get_running_loop().create_task(self._adopt(h))
+
+    async def _adopt(self, h: popengine.Handoff) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: ClientSide(self, handoff=h), h.sock)
+        except OSError as e:            # out of descriptors, for one: the client gets a close
+            log.warning("client %s:%s: cannot take over from the engine: %s", h.addr, h.port, e)
+            self.stats["handoff_failed"] += 1
+            h.sock.close()
 
 
 class ClientSide(asyncio.Protocol):
