@@ -41,7 +41,7 @@ def bed(tmp_path_factory):
         with store, start_proxy(tmp, conf, settings, name="engine") as engine, \
                 start_proxy(tmp, conf, settings + "engine = false\n", name="python") as python:
             yield {"tmp": tmp, "conf": conf, "engine": engine, "python": python, "store": store,
-                   "settings": settings}
+                   "settings": settings, "pw": pws, "key": key}
 
 
 def session(address, data: bytes, *, timeout: float = 10.0) -> bytes:
@@ -174,3 +174,27 @@ def test_stop_log_counts_the_engine(bed):
     out = proxy.output()
     stopping = next(line for line in out.splitlines() if "stopping:" in line)
     assert "'login_ok': 1" in stopping and "'handoffs': 1" in stopping and "'connections': 2" in stopping
+
+
+@pytest.mark.parametrize("first", ["silent", "refusing"])
+def test_lookups_fail_over_to_the_next_password_server(bed, first):
+    """The engine's MAILHOST lookups go through libnss_pwserver's client:
+    a first server that stays silent or refuses is passed over, and the
+    login still goes through the engine (no handover)."""
+    import pwtest
+    blackhole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)     # bound, never answers
+    blackhole.bind(("127.0.0.1", 0))
+    port = blackhole.getsockname()[1]
+    if first == "refusing":
+        blackhole.close()                    # nothing listens: ICMP port unreachable
+    try:
+        conf = pwtest.client_conf(bed["tmp"] / f"pwserver-{first}.conf", [f"127.0.0.1:{port}", bed["pw"].address],
+                                  timeout_ms=500, hedge_ms=100, shadow_keyfile=bed["key"])
+        with start_proxy(bed["tmp"], conf, bed["settings"], name=f"engine-{first}") as proxy:
+            for _ in range(3):
+                answer = session(proxy.address, b"USER ana\r\nPASS ana-secret\r\nSTAT\r\nQUIT\r\n")
+                assert answer.startswith(b"+OK POP3 ready.\r\n+OK\r\n+OK"), answer
+        stopping = next(line for line in proxy.output().splitlines() if "stopping:" in line)
+        assert "'login_ok': 3" in stopping and "'handoffs'" not in stopping
+    finally:
+        blackhole.close()
