@@ -186,14 +186,7 @@ class Engine:
             history = bytes(ffi.buffer(ev.history, ev.history_len)) if ev.history_len else b""
             lib.pe_event_release(ev)
             sock = socket.socket(fileno=ev.fd)
-            more, eof = _read_waiting(sock)
-            self._adopt(Handoff(sock, ffi.string(ev.addr).decode(), ev.port, history + more, ev.answered,
-                                ev.outcome, ffi.string(ev.text).decode("utf-8", "replace"),
-                                ffi.string(ev.mailhost).decode("utf-8", "replace"), ev.started, eof))
-
-    def _adopt(self, h: Handoff) -> None:
-        try:
-            self.on_handoff(h)
-        except Exception:
-            h.sock.close()
-            raise
+            waiting, eof = _read_waiting(sock)
+            self.on_handoff(Handoff(sock, ffi.string(ev.addr).decode(), ev.port, history + waiting, ev.answered,
+                                    ev.outcome, ffi.string(ev.text).decode("utf-8", "replace"),
+                                    ffi.string(ev.mailhost).decode("utf-8", "replace"), ev.started, eof))

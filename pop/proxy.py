@@ -166,9 +166,9 @@ class ProxyServer:
 
     # --- sessions the engine hands over --------------------------------------------------
     def engine_handoff(self, h: popengine.Handoff) -> None:
-        asyncio.get_running_loop().create_task(self._adopt(h))
+        asyncio.get_running_loop().create_task(self._take_over(h))
 
-    async def _adopt(self, h: popengine.Handoff) -> None:
+    async def _take_over(self, h: popengine.Handoff) -> None:
         try:
             await asyncio.get_running_loop().connect_accepted_socket(lambda: ClientSide(self, handoff=h), h.sock)
         except OSError as e:            # out of descriptors, for one: the client gets a close

@@ -1116,23 +1116,34 @@ static int hold(uint8_t **buf, size_t *len, size_t *off, const uint8_t *data, si
     return 0;
 }
 
-static ssize_t copy_in(pe_engine *e, pe_conn *c)
+/* One side's read of `asked` bytes returned `n` (errno as it left it):
+ * bytes read; 0 for EAGAIN (the side is drained) or for the end (*eof
+ * set); -1 after the relay was closed on an error. A short read took all
+ * there was, unless the side is unsure (see pe_conn). */
+static ssize_t after_read(pe_engine *e, pe_conn *c, ssize_t n, size_t asked, int *readable, int *unsure,
+                          int *eof, const char *what)
 {
-    ssize_t n = recv(c->bfd, e->scratch, sizeof e->scratch, 0);
     if (n < 0) {
         if (errno == EAGAIN) {
-            c->b_readable = c->b_unsure = 0;
+            *readable = *unsure = 0;
             return 0;
         }
-        relay_error(e, c, "backend read");
+        relay_error(e, c, what);
         return -1;
     }
-    if (n == 0) {
-        c->down_eof = 1;
-        return 1;
-    }
-    if ((size_t)n < sizeof e->scratch && !c->b_unsure)
-        c->b_readable = 0;
+    if (n == 0)
+        *eof = 1;
+    else if ((size_t)n < asked && !*unsure)
+        *readable = 0;
+    return n;
+}
+
+static ssize_t copy_in(pe_engine *e, pe_conn *c)
+{
+    ssize_t n = after_read(e, c, recv(c->bfd, e->scratch, sizeof e->scratch, 0), sizeof e->scratch,
+                           &c->b_readable, &c->b_unsure, &c->down_eof, "backend read");
+    if (n <= 0)
+        return n < 0 ? -1 : c->down_eof;   /* the end is progress too */
     if (hold(&c->down, &c->down_len, &c->down_off, e->scratch, n) < 0) {
         relay_close(e, c, "out of memory");
         return -1;
@@ -1202,22 +1213,11 @@ static ssize_t pump_in(pe_engine *e, pe_conn *c)
     size_t room = c->pipe_cap - c->in_pipe;
     if (room == 0)
         return 0;
-    ssize_t n = splice(c->bfd, NULL, c->pw, NULL, room, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-    if (n < 0) {
-        if (errno == EAGAIN) {
-            c->b_readable = c->b_unsure = 0;
-            return 0;
-        }
-        relay_error(e, c, "backend read");
-        return -1;
-    }
-    if (n == 0) {
-        c->down_eof = 1;
-        return 1;       /* progress: the end */
-    }
+    ssize_t n = after_read(e, c, splice(c->bfd, NULL, c->pw, NULL, room, SPLICE_F_MOVE | SPLICE_F_NONBLOCK), room,
+                           &c->b_readable, &c->b_unsure, &c->down_eof, "backend read");
+    if (n <= 0)
+        return n < 0 ? -1 : c->down_eof;
     c->in_pipe += n;
-    if ((size_t)n < room && !c->b_unsure)
-        c->b_readable = 0;      /* a short read took all there was */
     if ((size_t)n == room && !c->pipe_grown) {
         /* A read filled the pipe: grow it, once. */
         c->pipe_grown = 1;
@@ -1260,21 +1260,10 @@ static ssize_t pump_up(pe_engine *e, pe_conn *c)
     }
     if (!c->c_readable)
         return 0;
-    ssize_t n = recv(c->cfd, e->scratch, sizeof e->scratch, 0);
-    if (n < 0) {
-        if (errno == EAGAIN) {
-            c->c_readable = c->c_unsure = 0;
-            return 0;
-        }
-        relay_error(e, c, "client read");
-        return -1;
-    }
-    if (n == 0) {
-        c->up_eof = 1;
-        return 1;
-    }
-    if ((size_t)n < sizeof e->scratch && !c->c_unsure)
-        c->c_readable = 0;
+    ssize_t n = after_read(e, c, recv(c->cfd, e->scratch, sizeof e->scratch, 0), sizeof e->scratch,
+                           &c->c_readable, &c->c_unsure, &c->up_eof, "client read");
+    if (n <= 0)
+        return n < 0 ? -1 : c->up_eof;
     w = send(c->bfd, e->scratch, n, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (w < 0) {
         if (errno != EAGAIN) {
