@@ -95,14 +95,16 @@ def pin_tree(pid: int, cpus: set[int]) -> None:
 
 
 class SystemCPU:
-    """CPU seconds spent by everything in the test: this client, the
-    backend, the password server and the proxy."""
+    """CPU seconds spent by everything in the test, by part: this client,
+    the backend, the password server and the proxy."""
 
-    def __init__(self, pids: list[int]):
-        self.pids = pids
+    def __init__(self, parts: dict[str, int]):
+        self.parts = parts
 
-    def __call__(self) -> float:
-        return time.process_time() + sum(tree_cpu_seconds(p) for p in self.pids)
+    def __call__(self) -> dict[str, float]:
+        got = {name: tree_cpu_seconds(pid) for name, pid in self.parts.items()}
+        got["client"] = time.process_time()
+        return got
 
 
 def rss_kib(pid: int) -> int:
@@ -213,6 +215,8 @@ def main(argv=None) -> int:
     # backend's hash costs +-7 % a login on these shared cores).
     ap.add_argument("--pairs", type=int, default=40,
                     help="direct/proxy measurement pairs, back to back, order alternating")
+    ap.add_argument("--measure", default="logins,retr", type=lambda v: v.split(","),
+                    help="what to measure: logins, retr or both (comma-separated)")
     ap.add_argument("--retr-mb", type=int, default=32, help="size of the RETR message")
     ap.add_argument("--idle", type=int, default=5000, help="idle connections to hold")
     ap.add_argument("--pin", action="store_true",
@@ -283,7 +287,8 @@ def main(argv=None) -> int:
                                         start_proxy(work, conf, settings, name="proxy-against", env=env))
                                 cpu_per_login(args, proxies, creds)
                             continue
-                        system = SystemCPU([server.proc.pid, pws.proc.pid, proxy.proc.pid])
+                        system = SystemCPU({"backend": server.proc.pid, "pwserver": pws.proc.pid,
+                                            "proxy": proxy.proc.pid})
                         results[backend] = measure(args, server.address, proxy, creds, system)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -339,7 +344,8 @@ def cpu_per_login(args, proxies: dict, creds) -> None:
 
 def measure(args, direct, proxy, creds, system: SystemCPU) -> dict:
     out = {"logins": {"direct": [], "proxy": []}, "retr": {"direct": [], "proxy": []},
-           "cost": {k: {"direct": [0.0, 0.0], "proxy": [0.0, 0.0]} for k in ("logins", "retr")}}
+           "cost": {k: {"direct": [{}, 0.0], "proxy": [{}, 0.0]} for k in ("logins", "retr")},
+           "logins_pairs": [], "retr_pairs": []}
     targets = {"direct": direct, "proxy": proxy.address}
     logins_per_second(proxy.address, creds, args.concurrency, 1.0)      # warm-up
     pid = proxy.proc.pid
@@ -347,11 +353,11 @@ def measure(args, direct, proxy, creds, system: SystemCPU) -> dict:
     done = {"logins": 0.0, "retr": 0.0}
     runs = {"logins": lambda addr: logins_per_second(addr, creds, args.concurrency, args.seconds),
             "retr": lambda addr: retr_throughput(addr, "big", "pw-big", args.seconds)}
+    runs = {k: v for k, v in runs.items() if k in args.measure}
     # Short measurements in back-to-back pairs: the machine is shared, and a
     # pair sees the same neighbours; the ratio reported is the median of
     # the pairs' ratios.
     for kind, run in runs.items():
-        out[kind + "_pairs"] = []
         for r in range(args.pairs):
             order = ("direct", "proxy") if r % 2 == 0 else ("proxy", "direct")
             got = {}
@@ -360,7 +366,8 @@ def measure(args, direct, proxy, creds, system: SystemCPU) -> dict:
                 got[t] = run(targets[t])
                 units = got[t] * args.seconds / (2**20 if kind == "retr" else 1)
                 cost = out["cost"][kind][t]
-                cost[0] += system() - s0
+                for part, seconds in system().items():
+                    cost[0][part] = cost[0].get(part, 0.0) + seconds - s0[part]
                 cost[1] += units
                 if t == "proxy":
                     cpu[kind] += cpu_seconds(pid) - c0
@@ -389,29 +396,38 @@ def report(args, results) -> None:
           "| RETR MiB/s direct | RETR MiB/s proxy | ratio (median of pairs) |")
     print("|---|---|---|---|---|---|---|")
     for backend, r in results.items():
-        ld, lp = statistics.median(r["logins"]["direct"]), statistics.median(r["logins"]["proxy"])
-        rd, rp = statistics.median(r["retr"]["direct"]) / 2**20, statistics.median(r["retr"]["proxy"]) / 2**20
-        lr, rr = statistics.median(r["logins_pairs"]), statistics.median(r["retr_pairs"])
-        print(f"| {backend} | {ld:.1f} | {lp:.1f} | {lr:.3f} | {rd:.0f} | {rp:.0f} | {rr:.3f} |")
+        cells = []
+        for kind, scale in (("logins", 1), ("retr", 2**20)):
+            if r[kind + "_pairs"]:
+                cells += [f"{statistics.median(r[kind][t]) / scale:.1f}" for t in ("direct", "proxy")]
+                cells.append(f"{statistics.median(r[kind + '_pairs']):.3f}")
+            else:
+                cells += ["-", "-", "-"]
+        print(f"| {backend} | " + " | ".join(cells) + " |")
     print()
     for backend, r in results.items():
         i = r["idle"]
-        per = (i["rss_held_kib"] - i["rss_before_kib"]) / i["count"]
+        per = (i["rss_held_kib"] - i["rss_before_kib"]) / max(i["count"], 1)
         print(f"{backend}: {i['count']} idle connections held; proxy RSS {i['rss_before_kib'] / 1024:.1f} MiB -> "
               f"{i['rss_held_kib'] / 1024:.1f} MiB ({per:.2f} KiB per connection); "
               f"{i['logins_while_held']:.1f} logins/s meanwhile (2 clients)")
         print(f"{backend}: proxy CPU {r['proxy_cpu_ms_per_login']:.2f} ms per login, "
               f"{r['proxy_cpu_ms_per_mib']:.3f} ms per MiB relayed")
         for kind, unit in (("logins", "login"), ("retr", "MiB")):
+            if not r[kind + "_pairs"]:
+                continue
             c = r["cost"][kind]
-            d, p = (1000 * c[t][0] / max(c[t][1], 1e-9) for t in ("direct", "proxy"))
+            per_unit = {t: {part: 1000 * v / max(c[t][1], 1e-9) for part, v in c[t][0].items()}
+                        for t in ("direct", "proxy")}
+            d, p = (sum(per_unit[t].values()) for t in ("direct", "proxy"))
             print(f"{backend}: whole-system CPU per {unit} (client + backend + pwserver + proxy): "
                   f"direct {d:.2f} ms, through the proxy {p:.2f} ms; ratio when CPU-bound {d / p:.3f}")
-        for kind in ("logins", "retr"):
+            print(f"{backend}: by part, ms per {unit}, direct -> through the proxy: " + ", ".join(
+                f"{part} {per_unit['direct'].get(part, 0):.2f} -> {per_unit['proxy'][part]:.2f}"
+                for part in per_unit["proxy"]))
             q = statistics.quantiles(r[kind + "_pairs"], n=4) if len(r[kind + "_pairs"]) > 1 else [0, 0, 0]
             print(f"{backend}: {kind} pair ratios: quartiles {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f}, "
                   f"min {min(r[kind + '_pairs']):.3f}, max {max(r[kind + '_pairs']):.3f}")
-
 
 if __name__ == "__main__":
     sys.exit(main())
