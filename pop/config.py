@@ -10,6 +10,8 @@ from pwcache import settings
 from pwcache.config import parse_hostport  # noqa: F401  (one reader of HOST:PORT)
 
 DEFAULTS: dict[str, Any] = {
+    # both
+    "shutdown_grace": 30.0,           # seconds sessions get to end after SIGTERM, then they are closed
     # pop-proxy
     "listen": "0.0.0.0:110",
     "tls_cert": "",                   # PEM certificate chain: offer STLS when set

@@ -1,15 +1,22 @@
 """What pop-proxy and pop3d share as processes: raising the descriptor
-limit, binding, the "ready" line, and running until SIGTERM/SIGINT."""
+limit, binding, the "ready" line, running until SIGTERM/SIGINT, re-reading
+the settings on SIGHUP, and letting sessions finish at shutdown."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import resource
 import signal
 import socket
 import sys
+import time
+from typing import Callable
 
+from . import config as popconfig
 from .config import parse_hostport
+
+log = logging.getLogger(__name__)
 
 # Connections the kernel completes before we accept them. asyncio re-listens
 # with its own default (100) unless given this too: a burst of clients then
@@ -54,12 +61,55 @@ def announce(name: str, sock: socket.socket) -> None:
     print(f"{name}: ready on {host}:{port}", file=sys.stderr, flush=True)
 
 
-async def wait_for_signal() -> None:
+async def wait_for_signal(on_reload: Callable[[], None] | None = None) -> None:
+    """Until SIGTERM or SIGINT. SIGHUP calls on_reload (an error there is
+    logged and the old settings stay); it never ends the process."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def on_hup() -> None:
+        if on_reload is None:
+            log.info("SIGHUP: nothing to reload")
+            return
+        try:
+            on_reload()
+        except Exception:
+            log.exception("reload failed, keeping the old settings")
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
+    loop.remove_signal_handler(signal.SIGHUP)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)     # still not fatal while sessions drain
+
+
+def reread_settings(path: str | None, running: dict, restart_only: tuple[str, ...],
+                    source: Callable[[], dict] | None = None) -> dict:
+    """The [pop] section again (from `path`, or as `source()` reads it with
+    the command line's flags), for SIGHUP. Keys in `restart_only` keep their
+    running values (a warning says so when the file changed them). Raises
+    (settings.SettingsError & co) when the file is bad: the caller keeps
+    the old settings."""
+    new = source() if source is not None else popconfig.load(path)
+    for key in restart_only:
+        if new[key] != running[key]:
+            log.warning("reload: %s changed; it takes effect at restart", key)
+            new[key] = running[key]
+    return new
+
+
+async def drain(open_sessions: Callable[[], int], grace: float, what: str) -> int:
+    """After the listeners closed (SIGTERM): waits until no session is open
+    or `grace` seconds passed. Returns how many are still open (the caller
+    closes them)."""
+    deadline = time.monotonic() + grace
+    left = open_sessions()
+    if left:
+        log.info("stopping: %d %s open, waiting up to %g s for them to end", left, what, grace)
+    while left and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        left = open_sessions()
+    return left
 
 
 def run(main) -> None:

@@ -152,15 +152,37 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ev = ffi.new("pe_event *")
 
-    def start(self) -> None:
+    def start(self, on_exit=None) -> None:
+        """Runs the engine thread; `on_exit()` is called in the event loop
+        when a drained engine has finished its last session."""
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(lib.pe_event_fd(self._e), self._drain)
-        self._thread = threading.Thread(target=lib.pe_run, args=(self._e,), name="pop-engine", daemon=True)
+        self._loop.add_reader(lib.pe_event_fd(self._e), self._take_handoffs)
+        self._thread = threading.Thread(target=self._run, args=(on_exit,), name="pop-engine", daemon=True)
         self._thread.start()
 
+    def _run(self, on_exit) -> None:
+        lib.pe_run(self._e)
+        if on_exit is not None and not self._stopping:
+            self._loop.call_soon_threadsafe(on_exit)
+
+    _stopping = False
+
+    def drain(self) -> None:
+        """Accept no more; the sessions open go on to their end (docs/pop.md, "Signals")."""
+        if self._e != ffi.NULL:
+            lib.pe_drain(self._e)
+
+    def open_sessions(self) -> int:
+        if self._e == ffi.NULL or self._thread is None or not self._thread.is_alive():
+            return 0
+        return lib.pe_open_sessions(self._e)
+
     def stop(self) -> None:
+        """Ends the engine now (sessions still open are closed) and frees it."""
         if self._thread is None:
             return
+        self._stopping = True
+        self._take_handoffs()              # the last ones, if it has just finished
         self._loop.remove_reader(lib.pe_event_fd(self._e))
         lib.pe_stop(self._e)
         self._thread.join()
@@ -180,7 +202,7 @@ class Engine:
         lib.pe_stats(self._e, out)
         return {name: out[i] for i, name in enumerate(STAT_NAMES) if out[i]}
 
-    def _drain(self) -> None:
+    def _take_handoffs(self) -> None:
         ev = self._ev
         while self._e != ffi.NULL and lib.pe_next_event(self._e, ev):      # all handoffs
             history = bytes(ffi.buffer(ev.history, ev.history_len)) if ev.history_len else b""

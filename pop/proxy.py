@@ -12,6 +12,11 @@ On the plain listener the engine (pop/engine.py, a C thread) carries the
 common session itself and hands everything else over to the same code
 below (`ClientSide(handoff=...)`). docs/pop.md describes the configuration
 and the error answers.
+
+SIGHUP re-reads the settings: new sessions get them, open ones keep
+theirs (a new engine takes the listener, the old one drains). SIGTERM
+stops accepting, gives the open sessions `shutdown_grace` seconds, then
+closes the rest and exits 0.
 """
 from __future__ import annotations
 
@@ -46,21 +51,29 @@ PASSED_CODES = {"IN-USE", "LOGIN-DELAY", "SYS/TEMP", "SYS/PERM"}
 MAX_MAILHOSTS = 4096        # parsed backend addresses kept
 
 
+# Settings a SIGHUP cannot change: they shape the listeners and the engine.
+RESTART_ONLY = ("listen", "tls_listen", "plaintext_auth", "backend_tls", "engine", "splice", "lookup_threads")
+
+
+def backend_login(cfg: dict) -> BackendLogin:
+    backend_ctx = None
+    if cfg["backend_tls"] != "none":
+        backend_ctx = ssl.create_default_context(cafile=cfg["backend_ca"] or None)
+        if not cfg["backend_verify"]:
+            backend_ctx.check_hostname = False
+            backend_ctx.verify_mode = ssl.CERT_NONE
+    return BackendLogin(tls=cfg["backend_tls"], ssl_context=backend_ctx,
+                        connect_timeout=cfg["backend_connect_timeout"],
+                        retries=cfg["backend_retries"], retry_delay=cfg["backend_retry_delay"],
+                        timeout=cfg["backend_timeout"])
+
+
 class ProxyServer:
     def __init__(self, cfg: dict, pw: AsyncClient, tls_context: ssl.SSLContext | None = None):
         self.cfg = cfg
         self.pw = pw
         self.tls_context = tls_context
-        backend_ctx = None
-        if cfg["backend_tls"] != "none":
-            backend_ctx = ssl.create_default_context(cafile=cfg["backend_ca"] or None)
-            if not cfg["backend_verify"]:
-                backend_ctx.check_hostname = False
-                backend_ctx.verify_mode = ssl.CERT_NONE
-        self.backend = BackendLogin(tls=cfg["backend_tls"], ssl_context=backend_ctx,
-                                    connect_timeout=cfg["backend_connect_timeout"],
-                                    retries=cfg["backend_retries"], retry_delay=cfg["backend_retry_delay"],
-                                    timeout=cfg["backend_timeout"])
+        self.backend = backend_login(cfg)
         self.ip_throttle = FailureThrottle(cfg["throttle_ip_failures"], cfg["throttle_window"])
         self.user_throttle = FailureThrottle(cfg["throttle_user_failures"], cfg["throttle_window"])
         self.connections = 0
@@ -69,6 +82,57 @@ class ProxyServer:
         self._addresses: dict[str, tuple[str, int] | None] = {}
         self.use_splice = bool(cfg["splice"]) and HAVE_SPLICE and cfg["backend_tls"] == "none"
         self.engine: popengine.Engine | None = None
+        self.listen_sock: socket.socket | None = None     # the engine's listener
+        self.old_engines: list[popengine.Engine] = []      # draining after a reload
+
+    # --- SIGHUP and SIGTERM ----------------------------------------------------------------
+    def reload(self, new: dict) -> None:
+        """New settings for new sessions; open sessions keep theirs."""
+        if self.tls_context is not None and new["tls_cert"]:
+            self.tls_context.load_cert_chain(new["tls_cert"], new["tls_key"] or None)   # a renewed certificate
+        elif bool(new["tls_cert"]) != (self.tls_context is not None):
+            log.warning("reload: tls_cert turns STLS and POP3S on or off; that takes effect at restart")
+        backend = backend_login(new)
+        self.cfg, self.backend = new, backend
+        self._addresses.clear()
+        self.ip_throttle.configure(new["throttle_ip_failures"], new["throttle_window"])
+        self.user_throttle.configure(new["throttle_user_failures"], new["throttle_window"])
+        if self.engine is not None:
+            # A new engine takes the listener with the new settings; the old
+            # one stops accepting and carries its sessions to their end.
+            old = self.engine
+            self.engine = start_engine(self, self.listen_sock, new, stls=self.tls_context is not None)
+            now = asyncio.get_running_loop().time()
+            for key, until in self.blocks(now):
+                self.engine.block(key, until)
+            old.drain()
+            self.old_engines.append(old)
+        log.info("reloaded settings: %d backends mapped", len(new["backends"]))
+
+    def engine_finished(self) -> None:
+        """A draining engine's last session ended: free it."""
+        for old in [e for e in self.old_engines if e.open_sessions() == 0]:
+            self.retire(old)
+
+    def retire(self, engine: popengine.Engine) -> None:
+        for name, n in engine.stats().items():
+            self.stats[name] += n
+        engine.stop()
+        if engine in self.old_engines:
+            self.old_engines.remove(engine)
+
+    def engines(self) -> list[popengine.Engine]:
+        return ([self.engine] if self.engine is not None else []) + self.old_engines
+
+    def open_sessions(self) -> int:
+        return self.connections + sum(e.open_sessions() for e in self.engines())
+
+    def blocks(self, now: float):
+        """(engine key, until) of every blocked address and user name."""
+        for key, until in self.ip_throttle.blocked_keys(now):
+            yield key, until
+        for key, until in self.user_throttle.blocked_keys(now):
+            yield "user:" + key, until
 
     def protocol(self) -> "ClientSide":
         return ClientSide(self)
@@ -156,13 +220,13 @@ class ProxyServer:
         self.ip_throttle.failure(session.addr, now)
         self.user_throttle.failure(user_key, now)
         self.stats["login_failed"] += 1
-        if self.engine is not None:
-            # Failures are all seen here; the engine only learns who is blocked.
-            for throttle, key, engine_key in ((self.ip_throttle, session.addr, session.addr),
-                                              (self.user_throttle, user_key, "user:" + user_key)):
-                until = throttle.blocked_until(key, now)
-                if until is not None:
-                    self.engine.block(engine_key, until)
+        # Failures are all seen here; the engines only learn who is blocked.
+        for throttle, key, engine_key in ((self.ip_throttle, session.addr, session.addr),
+                                          (self.user_throttle, user_key, "user:" + user_key)):
+            until = throttle.blocked_until(key, now)
+            if until is not None:
+                for engine in self.engines():
+                    engine.block(engine_key, until)
 
     # --- sessions the engine hands over --------------------------------------------------
     def engine_handoff(self, h: popengine.Handoff) -> None:
@@ -524,19 +588,30 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
+def settings(args) -> dict:
+    """[pop] from the settings file, with the command line's flags over it."""
+    cfg = popconfig.load(args.config)
+    for key in ("listen", "tls_listen", "tls_cert", "tls_key", "backend_port"):
+        flag = getattr(args, key)
+        if flag:
+            cfg[key] = flag
+    return cfg
+
+
 async def serve(args, cfg) -> None:
     pw = AsyncClient.from_config(args.pwserver_conf)
-    cert = args.tls_cert or cfg["tls_cert"]
-    ctx = tls_context(cert, args.tls_key or cfg["tls_key"]) if cert else None
+    cert = cfg["tls_cert"]
+    ctx = tls_context(cert, cfg["tls_key"]) if cert else None
     server = ProxyServer(cfg, pw, ctx)
-    sock = daemon.listening_socket(args.listen or cfg["listen"], 110)
+    sock = daemon.listening_socket(cfg["listen"], 110)
     loop = asyncio.get_running_loop()
     servers = []
     if popengine.usable(cfg):
+        server.listen_sock = sock
         server.engine = start_engine(server, sock, cfg, stls=ctx is not None)
     else:
         servers.append(await loop.create_server(server.protocol, sock=sock, backlog=daemon.LISTEN_BACKLOG))
-    tls_listen = args.tls_listen or cfg["tls_listen"]
+    tls_listen = cfg["tls_listen"]
     if tls_listen:
         if ctx is None:
             raise SystemExit("pop-proxy: --tls-listen needs --tls-cert and --tls-key")
@@ -549,18 +624,32 @@ async def serve(args, cfg) -> None:
     log.info("serving on %s (STLS %s, POP3S %s, splice %s, engine %s)", sock.getsockname(),
              "on" if ctx else "off", tls_listen or "off", "on" if server.use_splice else "off",
              "on" if server.engine else "off")
+
+    def reload() -> None:
+        new = daemon.reread_settings(None, server.cfg, RESTART_ONLY, source=lambda: settings(args))
+        setup_logging("pop-proxy", stderr=args.stderr)
+        server.reload(new)
+    cut = 0
     try:
-        await daemon.wait_for_signal()
-    finally:
+        await daemon.wait_for_signal(on_reload=reload)
+        # SIGTERM: no new connections; the open sessions get shutdown_grace to end.
         for s in servers:
             s.close()
-        stats = dict(server.stats)
-        if server.engine is not None:
-            for name, n in server.engine.stats().items():
-                stats[name] = stats.get(name, 0) + n
-            server.engine.stop()
+        for engine in server.engines():
+            engine.drain()
+        try:
+            # Stops listening now, for the engines' copies too (Linux): the
+            # connections still in the backlog are refused, not left waiting.
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
         sock.close()
-        log.info("stopping: %s", stats)
+        cut = await daemon.drain(server.open_sessions, server.cfg["shutdown_grace"], "sessions")
+    finally:
+        for engine in server.engines():
+            server.retire(engine)
+        server.engine = None
+        log.info("stopping: %d sessions cut; %s", cut, dict(server.stats))
         await pw.close()
 
 
@@ -576,12 +665,15 @@ def start_engine(server: ProxyServer, sock: socket.socket, cfg: dict, *, stls: b
             backends[name] = None          # a name to resolve: logins to it go to Python
     texts = popengine.answers(GREETING, stls=stls, plaintext_auth=cfg["plaintext_auth"])
     engine = popengine.Engine(cfg, sock, texts, TOO_MANY, backends, on_handoff=server.engine_handoff)
-    engine.start()
+    engine.start(on_exit=server.engine_finished)
     return engine
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="pop-proxy", description="POP3 distributor: relays each user to their mailhost")
+    p = argparse.ArgumentParser(
+        prog="pop-proxy", description="POP3 distributor: relays each user to their mailhost. SIGHUP re-reads "
+        "the settings for new sessions; SIGTERM stops accepting and gives open sessions shutdown_grace "
+        "seconds to end.")
     p.add_argument("--listen", help="HOST:PORT (default [pop] listen)")
     p.add_argument("--backend-port", type=int, help="port of backends given without one (default [pop] backend_port)")
     p.add_argument("--tls-cert", help="PEM certificate chain for STLS (default [pop] tls_cert)")
@@ -591,11 +683,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="settings file (default $PWMAIL_CONF or /etc/pwmail.toml)")
     p.add_argument("--stderr", action="store_true", help="also log to stderr")
     args = p.parse_args(argv)
-    cfg = popconfig.load(args.config)
+    cfg = settings(args)
     if args.pwserver_conf:      # the engine's lookups read it from the environment, as NSS does
         os.environ["PWSERVER_CONF"] = args.pwserver_conf
-    if args.backend_port:
-        cfg["backend_port"] = args.backend_port
     setup_logging("pop-proxy", stderr=args.stderr)
     # Two records per session: skip what the format never shows (the
     # caller's file and line cost a frame walk per record; thread names).

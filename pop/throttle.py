@@ -12,10 +12,14 @@ MAX_KEYS = 100_000
 
 class FailureThrottle:
     def __init__(self, limit: int, window: float, max_keys: int = MAX_KEYS):
-        self.limit = limit
-        self.rate = limit / window if window > 0 else float("inf")
+        self.configure(limit, window)
         self.max_keys = max_keys
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def configure(self, limit: int, window: float) -> None:
+        """New numbers (SIGHUP); the failures counted so far stay."""
+        self.limit = limit
+        self.rate = limit / window if window > 0 else float("inf")
 
     def level(self, key: str, now: float) -> float:
         hit = self._buckets.get(key)
@@ -32,6 +36,13 @@ class FailureThrottle:
         if not self.blocked(key, now):
             return None
         return now + (self.level(key, now) - (self.limit - 1)) / self.rate
+
+    def blocked_keys(self, now: float):
+        """(key, until) of every key blocked now."""
+        for key in list(self._buckets):
+            until = self.blocked_until(key, now)
+            if until is not None:
+                yield key, until
 
     def failure(self, key: str, now: float) -> None:
         level = self.level(key, now) + 1.0

@@ -150,6 +150,7 @@ struct pe_engine {
     char *texts[7];             /* our copies of the cfg strings */
     int epfd, listen_fd, wake_fd, event_fd;
     volatile int stopping;
+    volatile int draining;
     pe_end lend, wend;
     pe_tlist prelogin, connecting, backend, relay;
     double now;
@@ -1430,6 +1431,17 @@ static int next_timeout_ms(pe_engine *e)
     return ms < 0 ? 0 : ms > 60000 ? 60000 : (int)ms;
 }
 
+/* Draining: no more accepts; done when no session and no lookup is left. */
+static int drained(pe_engine *e)
+{
+    if (e->listen_fd >= 0) {
+        epoll_ctl(e->epfd, EPOLL_CTL_DEL, e->listen_fd, NULL);
+        close(e->listen_fd);
+        e->listen_fd = -1;
+    }
+    return e->connections == 0 && e->queued == 0 && e->graveyard == NULL;
+}
+
 int pe_run(pe_engine *e)
 {
     struct epoll_event evs[MAX_EPOLL_EVENTS];
@@ -1456,6 +1468,8 @@ int pe_run(pe_engine *e)
         run_ready(e);
         expire(e);
         bury(e);
+        if (e->draining && drained(e))
+            break;
     }
     return 0;
 }
@@ -1543,6 +1557,19 @@ void pe_stop(pe_engine *e)
     uint64_t one = 1;
     ssize_t r = write(e->wake_fd, &one, sizeof one);
     (void)r;
+}
+
+void pe_drain(pe_engine *e)
+{
+    e->draining = 1;
+    uint64_t one = 1;
+    ssize_t r = write(e->wake_fd, &one, sizeof one);
+    (void)r;
+}
+
+size_t pe_open_sessions(pe_engine *e)
+{
+    return __atomic_load_n(&e->connections, __ATOMIC_RELAXED);
 }
 
 int pe_event_fd(pe_engine *e)

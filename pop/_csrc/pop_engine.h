@@ -86,7 +86,14 @@ pe_engine *pe_new(const pe_config *cfg, int listen_fd);
 int pe_add_backend(pe_engine *e, const char *mailhost, const char *ip, int port);
 /* The engine thread's body: returns 0 after pe_stop(), -1 with errno. */
 int pe_run(pe_engine *e);
+/* Stops at once: sessions still open end with the process. */
 void pe_stop(pe_engine *e);
+/* Stops accepting (closes the engine's copy of the listening socket) and
+ * lets the open sessions go on; pe_run returns 0 once the last has ended.
+ * For SIGHUP (a new engine takes the listener) and SIGTERM. */
+void pe_drain(pe_engine *e);
+/* Sessions the engine holds now (any thread may ask). */
+size_t pe_open_sessions(pe_engine *e);
 /* Readable when events are queued (an eventfd). */
 int pe_event_fd(pe_engine *e);
 /* Takes the next event: 1, or 0 when the queue is empty. */
