@@ -6,6 +6,15 @@ The protocol is pop/protocol.py; the mailbox is pop/mailbox.py; passwords
 are checked with crypt(3) (pop/crypt.py) against the shadow hash from the
 password server (which needs the root-only shadow key in
 /etc/pwserver.conf). This file is the asyncio glue and the policy.
+
+Settings come from `[pop]` in /etc/pwmail.toml (pop/config.py); flags
+override. SIGTERM or SIGINT: stop listening at once (new connections are
+refused), let open sessions go on, QUIT and its deletions included, for up
+to `shutdown_grace` seconds, then close the rest (nothing of theirs is
+deleted) and exit 0. SIGHUP: re-read `[pop]` and re-open logging; new
+sessions get the new trusted_networks, pop3d_failure_delay and
+pop3d_timeout, open ones keep theirs; pop3d_listen, root and layout need a
+restart; a bad file is logged and the old settings stay.
 """
 from __future__ import annotations
 
@@ -23,11 +32,12 @@ from . import config as popconfig
 from . import crypt, daemon
 from .mailbox import MailboxBusy, MaildirMailbox
 from .protocol import (NEED_DATA, NEED_REPLY, Closed, Command, Login, RemoteProtocolError,
-                       ServerConnection, State, XClient)
+                       ServerConnection, XClient)
 
 log = logging.getLogger("pop3d")
 READ_SIZE = 65536
 DRAIN_ABOVE = 256 * 1024      # write buffer allowed before awaiting drain
+RESTART_ONLY = ("pop3d_listen", "root", "layout")    # SIGHUP warns and keeps these
 
 
 class Pop3Server:
@@ -35,15 +45,33 @@ class Pop3Server:
                  timeout: float = 600.0):
         self.layout = layout
         self.pw = pw
-        self.trusted = popconfig.networks(trusted)
-        self.failure_delay = failure_delay
-        self.timeout = timeout
-        self.sessions = 0
+        self.configure(trusted=trusted, failure_delay=failure_delay, timeout=timeout)
+        self.tasks: set[asyncio.Task] = set()
+
+    def configure(self, *, trusted, failure_delay: float, timeout: float) -> None:
+        """New values for sessions that start from now on (a session copies
+        them when it starts). Checks everything before changing anything."""
+        nets = popconfig.networks(trusted)
+        failure_delay, timeout = float(failure_delay), float(timeout)
+        self.trusted, self.failure_delay, self.timeout = nets, failure_delay, timeout
+
+    @property
+    def sessions(self) -> int:
+        return len(self.tasks)
+
+    async def cut(self) -> None:
+        """End every open session now (shutdown): each logs "ended:
+        shutdown", deletes nothing and releases its mailbox."""
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
         session = Pop3Session(self, reader, writer, peer[0], peer[1])
-        self.sessions += 1
+        task = asyncio.current_task()
+        self.tasks.add(task)
         try:
             await session.run()
         except (ConnectionError, OSError) as e:
@@ -55,7 +83,7 @@ class Pop3Server:
         except Exception:
             log.exception("session %s:%s failed", session.addr, session.port)
         finally:
-            self.sessions -= 1
+            self.tasks.discard(task)
             if session.mailbox is not None:
                 session.mailbox.close()
             writer.close()
@@ -96,7 +124,9 @@ class Pop3Session:
         self.reader = reader
         self.writer = writer
         self.addr, self.port = addr, port
+        # The settings as they are now: a SIGHUP later changes only new sessions.
         self.trusted = popconfig.address_in(addr, server.trusted)
+        self.failure_delay, self.timeout = server.failure_delay, server.timeout
         self.conn = ServerConnection(xclient=self.trusted, implementation="pwmail-pop3d")
         self.mailbox: MaildirMailbox | None = None
         self.user: str | None = None
@@ -121,7 +151,7 @@ class Pop3Session:
                 await self.flush()
                 await self.writer.drain()
                 try:
-                    data = await asyncio.wait_for(self.reader.read(READ_SIZE), self.server.timeout)
+                    data = await asyncio.wait_for(self.reader.read(READ_SIZE), self.timeout)
                 except asyncio.TimeoutError:
                     conn.abort("Disconnected for inactivity.")
                     break
@@ -171,7 +201,7 @@ class Pop3Session:
             return
         log.info("login failed user=%s from=%s:%s code=%s", event.user, self.addr, self.port, code)
         if code == "AUTH" and not self.trusted:
-            await asyncio.sleep(max(0.0, started + server.failure_delay - time.monotonic()))
+            await asyncio.sleep(max(0.0, started + self.failure_delay - time.monotonic()))
         self.conn.reject_login(text, code)
 
     async def command(self, event: Command) -> None:
@@ -251,29 +281,53 @@ class Pop3Session:
 
 
 async def serve(args, cfg) -> None:
+    """cfg: the [pop] section as read from the file (flags not applied), so
+    that a SIGHUP compares file with file."""
     layout = MailboxLayout(args.root or cfg["root"], args.layout or cfg["layout"])
     pw = AsyncClient.from_config(args.pwserver_conf)
     server = Pop3Server(layout, pw, trusted=args.trusted or cfg["trusted_networks"],
                         failure_delay=cfg["pop3d_failure_delay"], timeout=cfg["pop3d_timeout"])
+    grace = float(cfg["shutdown_grace"])
     sock = daemon.listening_socket(args.listen or cfg["pop3d_listen"], 110)
     srv = await asyncio.start_server(server.handle, sock=sock, limit=READ_SIZE, backlog=daemon.LISTEN_BACKLOG)
     daemon.announce("pop3d", sock)
     log.info("serving %s on %s", layout, sock.getsockname())
+
+    def reload() -> None:
+        nonlocal cfg, grace
+        new = daemon.reread_settings(args.config, cfg, restart_only=RESTART_ONLY)
+        new_grace = float(new["shutdown_grace"])
+        server.configure(trusted=args.trusted or new["trusted_networks"],
+                         failure_delay=new["pop3d_failure_delay"], timeout=new["pop3d_timeout"])
+        cfg, grace = new, new_grace
+        setup_logging("pop3d", stderr=args.stderr)
+        log.info("reloaded settings")
+
     try:
-        await daemon.wait_for_signal()
+        await daemon.wait_for_signal(on_reload=reload)
+        srv.close()                 # new connections are refused from here on
+        left = await daemon.drain(lambda: server.sessions, grace, "sessions")
+        if left:
+            log.warning("stopping: %d session(s) still open after %g s are cut", left, grace)
+        await server.cut()
+        log.info("stopped")
     finally:
         srv.close()
         await pw.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="pop3d", description="POP3 server over hashed Maildirs")
+    p = argparse.ArgumentParser(
+        prog="pop3d", description="POP3 server over hashed Maildirs. SIGTERM: stop listening, let open sessions "
+        "finish for up to [pop] shutdown_grace seconds, then close them. SIGHUP: re-read [pop] (for new "
+        "sessions) and re-open logging.")
     p.add_argument("--listen", help="HOST:PORT (default [pop] pop3d_listen)")
     p.add_argument("--root", help="storage root (default [pop] root)")
     p.add_argument("--layout", help="hash scheme (default [pop] layout)")
-    p.add_argument("--trusted", action="append", help="network allowed XCLIENT (a proxy); repeatable")
+    p.add_argument("--trusted", action="append",
+                   help="network allowed XCLIENT (a proxy); repeatable; replaces [pop] trusted_networks")
     p.add_argument("--pwserver-conf", help="client configuration (default $PWSERVER_CONF or /etc/pwserver.conf)")
-    p.add_argument("--config", help="settings file (default $PWMAIL_CONF or /etc/pwmail.toml)")
+    p.add_argument("--config", help="settings file (default $PWMAIL_CONF or /etc/pwmail.toml); re-read on SIGHUP")
     p.add_argument("--stderr", action="store_true", help="also log to stderr")
     args = p.parse_args(argv)
     cfg = popconfig.load(args.config)
