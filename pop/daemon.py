@@ -105,8 +105,13 @@ async def drain(open_sessions: Callable[[], int], grace: float, what: str) -> in
     deadline = time.monotonic() + grace
     left = open_sessions()
     if left:
-        log.info("stopping: %d %s open, waiting up to %g s for them to end", left, what, grace)
-    while left and time.monotonic() < deadline:
+        log.info("stopping: %d %s open, waiting up to %g s for them to end "
+                 "(another SIGTERM ends them now)", left, what, grace)
+    hurry = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, hurry.set)
+    while left and time.monotonic() < deadline and not hurry.is_set():
         await asyncio.sleep(0.05)
         left = open_sessions()
     return left

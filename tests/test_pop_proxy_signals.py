@@ -238,3 +238,16 @@ def test_sigterm_before_login_answers_nothing_odd(stores):
         assert read_reply(s).startswith(b"+OK")
         s.close()
         assert wait_exit(proxy, 10) == 0
+
+
+def test_a_second_sigterm_ends_the_drain(stores):
+    with proxy_for(stores, "term-twice") as proxy:
+        p = login(proxy, "ana")
+        proxy.signal(signal.SIGTERM)
+        proxy.wait_line("waiting up to 30 s", "the drain")
+        t0 = time.monotonic()
+        proxy.signal(signal.SIGTERM)
+        assert wait_exit(proxy, 10) == 0
+        assert time.monotonic() - t0 < 5
+        assert "stopping: 1 sessions cut" in proxy.output()
+        p.close()
