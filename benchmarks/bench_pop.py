@@ -9,7 +9,8 @@ Everything runs on loopback: a real pwserver, the backend on 127.0.0.2
 (pop3d) or 127.0.0.6 (Dovecot, through libnss_pwserver; needs root), the
 proxy on 127.0.0.1. Users get real crypt(3) hashes (yescrypt, Debian's
 default, or --hash sha512 for a cheaper check that makes the proxy's share
-larger).
+larger). `--peer nginx` measures nginx's mail proxy in the same rounds
+(benchmarks/nginx_peer.py).
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ sys.path.insert(0, str(ROOT / "tests"))      # the test helpers start the daemon
 from pop_util import (UID0, Dovecot, client_conf, deliver, make_root, start_pop3d,  # noqa: E402
                       start_proxy, write_key, write_users)
 from pwtest import PwServer  # noqa: E402
+
+from nginx_peer import NginxMailProxy  # noqa: E402
 
 
 def _stat(pid: int) -> list[str]:
@@ -214,7 +217,10 @@ def main(argv=None) -> int:
     # 40: the median of 15 pairs moved by +-0.03 from run to run (the
     # backend's hash costs +-7 % a login on these shared cores).
     ap.add_argument("--pairs", type=int, default=40,
-                    help="direct/proxy measurement pairs, back to back, order alternating")
+                    help="rounds: direct and each proxy back to back, the order rotating")
+    ap.add_argument("--peer", choices=["none", "nginx"], default="none",
+                    help="also measure nginx's mail proxy in the same rounds (fetched from the Debian "
+                         "archive into /var/cache/pwmail-bench; benchmarks/nginx_peer.py)")
     ap.add_argument("--measure", default="logins,retr", type=lambda v: v.split(","),
                     help="what to measure: logins, retr or both (comma-separated)")
     ap.add_argument("--retr-mb", type=int, default=32, help="size of the RETR message")
@@ -287,9 +293,15 @@ def main(argv=None) -> int:
                                         start_proxy(work, conf, settings, name="proxy-against", env=env))
                                 cpu_per_login(args, proxies, creds)
                             continue
-                        system = SystemCPU({"backend": server.proc.pid, "pwserver": pws.proc.pid,
-                                            "proxy": proxy.proc.pid})
-                        results[backend] = measure(args, server.address, proxy, creds, system)
+                        with contextlib.ExitStack() as more:
+                            fronts = {"proxy": proxy}
+                            if args.peer == "nginx":
+                                fronts["nginx"] = more.enter_context(
+                                    NginxMailProxy(work / f"nginx-{backend}", server.address, "127.0.0.1",
+                                                   connections=2 * args.idle + 1000))
+                            system = SystemCPU({"backend": server.proc.pid, "pwserver": pws.proc.pid,
+                                                **{name: f.proc.pid for name, f in fronts.items()}})
+                            results[backend] = measure(args, server.address, fronts, creds, system)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if results:
@@ -342,92 +354,116 @@ def cpu_per_login(args, proxies: dict, creds) -> None:
         logins_per_second(proxy.address, creds, args.concurrency, args.cpu_hold)
 
 
-def measure(args, direct, proxy, creds, system: SystemCPU) -> dict:
-    out = {"logins": {"direct": [], "proxy": []}, "retr": {"direct": [], "proxy": []},
-           "cost": {k: {"direct": [{}, 0.0], "proxy": [{}, 0.0]} for k in ("logins", "retr")},
-           "logins_pairs": [], "retr_pairs": []}
-    targets = {"direct": direct, "proxy": proxy.address}
-    logins_per_second(proxy.address, creds, args.concurrency, 1.0)      # warm-up
-    pid = proxy.proc.pid
-    cpu = {"logins": 0.0, "retr": 0.0}
-    done = {"logins": 0.0, "retr": 0.0}
+def measure(args, direct, fronts: dict, creds, system: SystemCPU) -> dict:
+    """`fronts`: name -> a running proxy in front of `direct` (pop-proxy,
+    and nginx with --peer nginx). Each round measures direct and every
+    front back to back, the order rotating from round to round."""
+    kinds = [k for k in ("logins", "retr") if k in args.measure]
+    targets = {"direct": direct, **{name: f.address for name, f in fronts.items()}}
+    out = {kind: {t: [] for t in targets} for kind in kinds}
+    out["cost"] = {kind: {t: [{}, 0.0] for t in targets} for kind in kinds}
+    out["pairs"] = {kind: {name: [] for name in fronts} for kind in kinds}
+    out["front_cpu"] = {kind: {name: [0.0, 0.0] for name in fronts} for kind in kinds}
+    for f in fronts.values():
+        logins_per_second(f.address, creds, args.concurrency, 1.0)      # warm-up
     runs = {"logins": lambda addr: logins_per_second(addr, creds, args.concurrency, args.seconds),
             "retr": lambda addr: retr_throughput(addr, "big", "pw-big", args.seconds)}
-    runs = {k: v for k, v in runs.items() if k in args.measure}
-    # Short measurements in back-to-back pairs: the machine is shared, and a
-    # pair sees the same neighbours; the ratio reported is the median of
-    # the pairs' ratios.
-    for kind, run in runs.items():
+    # Short measurements back to back: the machine is shared, and a round
+    # sees the same neighbours; each ratio reported is the median of the
+    # rounds' ratios.
+    names = list(targets)
+    for kind in kinds:
         for r in range(args.pairs):
-            order = ("direct", "proxy") if r % 2 == 0 else ("proxy", "direct")
+            order = names[r % len(names):] + names[:r % len(names)]
             got = {}
             for t in order:
-                c0, s0 = cpu_seconds(pid), system()
-                got[t] = run(targets[t])
+                c0, s0 = (tree_cpu_seconds(fronts[t].proc.pid) if t in fronts else 0.0), system()
+                got[t] = runs[kind](targets[t])
                 units = got[t] * args.seconds / (2**20 if kind == "retr" else 1)
                 cost = out["cost"][kind][t]
                 for part, seconds in system().items():
                     cost[0][part] = cost[0].get(part, 0.0) + seconds - s0[part]
                 cost[1] += units
-                if t == "proxy":
-                    cpu[kind] += cpu_seconds(pid) - c0
-                    done[kind] += units
+                if t in fronts:
+                    spent = out["front_cpu"][kind][t]
+                    spent[0] += tree_cpu_seconds(fronts[t].proc.pid) - c0
+                    spent[1] += units
                 out[kind][t].append(got[t])
-            out[kind + "_pairs"].append(got["proxy"] / got["direct"])
-    out["proxy_cpu_ms_per_login"] = 1000 * cpu["logins"] / max(1.0, done["logins"])
-    out["proxy_cpu_ms_per_mib"] = 1000 * cpu["retr"] / max(1.0, done["retr"])
-    base = rss_kib(proxy.proc.pid)
-    socks = hold_idle(proxy.address, args.idle)
-    time.sleep(1.0)
-    held = rss_kib(proxy.proc.pid)
-    still = logins_per_second(proxy.address, creds, 2, 1.0)
-    for s in socks:
-        s.close()
-    out["idle"] = {"count": args.idle, "rss_before_kib": base, "rss_held_kib": held,
-                   "logins_while_held": still}
+            for name in fronts:
+                out["pairs"][kind][name].append(got[name] / got["direct"])
+    out["idle"] = {}
+    for name, f in fronts.items():
+        base = tree_rss_kib(f.proc.pid)
+        socks = hold_idle(f.address, args.idle)
+        time.sleep(1.0)
+        held = tree_rss_kib(f.proc.pid)
+        still = logins_per_second(f.address, creds, 2, 1.0)
+        for s in socks:
+            s.close()
+        out["idle"][name] = {"count": args.idle, "rss_before_kib": base, "rss_held_kib": held,
+                             "logins_while_held": still}
+        time.sleep(0.5)
     return out
+
+
+def tree_rss_kib(pid: int) -> int:
+    """nginx's worker is a child of its master."""
+    total = 0
+    for p in descendants(pid):
+        try:
+            total += rss_kib(p)
+        except (OSError, RuntimeError):
+            pass
+    return total
 
 
 def report(args, results) -> None:
     print(f"\nPOP proxy benchmark{' (proxy pinned to CPU 1, the rest to CPU 0)' if args.pin else ''}: "
           f"{args.hash} hashes, {args.concurrency} concurrent login clients, "
-          f"{args.pairs} direct/proxy pairs of {args.seconds:g} s each, RETR of {args.retr_mb} MiB\n")
-    print("| backend | logins/s direct | logins/s proxy | ratio (median of pairs) "
-          "| RETR MiB/s direct | RETR MiB/s proxy | ratio (median of pairs) |")
-    print("|---|---|---|---|---|---|---|")
+          f"{args.pairs} rounds of {args.seconds:g} s each way, RETR of {args.retr_mb} MiB\n")
+    print("| backend | in front | logins/s direct | logins/s through it | ratio (median of rounds) "
+          "| RETR MiB/s direct | RETR MiB/s through it | ratio (median of rounds) |")
+    print("|---|---|---|---|---|---|---|---|")
     for backend, r in results.items():
-        cells = []
-        for kind, scale in (("logins", 1), ("retr", 2**20)):
-            if r[kind + "_pairs"]:
-                cells += [f"{statistics.median(r[kind][t]) / scale:.1f}" for t in ("direct", "proxy")]
-                cells.append(f"{statistics.median(r[kind + '_pairs']):.3f}")
-            else:
-                cells += ["-", "-", "-"]
-        print(f"| {backend} | " + " | ".join(cells) + " |")
+        for name in FRONT_NAMES:
+            if not any(name in r["pairs"][kind] for kind in r["pairs"]):
+                continue
+            cells = []
+            for kind, scale in (("logins", 1), ("retr", 2**20)):
+                if kind in r["pairs"]:
+                    cells += [f"{statistics.median(r[kind][t]) / scale:.1f}" for t in ("direct", name)]
+                    cells.append(f"{statistics.median(r['pairs'][kind][name]):.3f}")
+                else:
+                    cells += ["-", "-", "-"]
+            print(f"| {backend} | {FRONT_NAMES[name]} | " + " | ".join(cells) + " |")
     print()
     for backend, r in results.items():
-        i = r["idle"]
-        per = (i["rss_held_kib"] - i["rss_before_kib"]) / max(i["count"], 1)
-        print(f"{backend}: {i['count']} idle connections held; proxy RSS {i['rss_before_kib'] / 1024:.1f} MiB -> "
-              f"{i['rss_held_kib'] / 1024:.1f} MiB ({per:.2f} KiB per connection); "
-              f"{i['logins_while_held']:.1f} logins/s meanwhile (2 clients)")
-        print(f"{backend}: proxy CPU {r['proxy_cpu_ms_per_login']:.2f} ms per login, "
-              f"{r['proxy_cpu_ms_per_mib']:.3f} ms per MiB relayed")
+        for name, i in r["idle"].items():
+            per = (i["rss_held_kib"] - i["rss_before_kib"]) / max(i["count"], 1)
+            print(f"{backend}, {FRONT_NAMES[name]}: {i['count']} idle connections held; RSS "
+                  f"{i['rss_before_kib'] / 1024:.1f} MiB -> {i['rss_held_kib'] / 1024:.1f} MiB "
+                  f"({per:.2f} KiB per connection); {i['logins_while_held']:.1f} logins/s meanwhile (2 clients)")
         for kind, unit in (("logins", "login"), ("retr", "MiB")):
-            if not r[kind + "_pairs"]:
+            if kind not in r["pairs"]:
                 continue
             c = r["cost"][kind]
-            per_unit = {t: {part: 1000 * v / max(c[t][1], 1e-9) for part, v in c[t][0].items()}
-                        for t in ("direct", "proxy")}
-            d, p = (sum(per_unit[t].values()) for t in ("direct", "proxy"))
-            print(f"{backend}: whole-system CPU per {unit} (client + backend + pwserver + proxy): "
-                  f"direct {d:.2f} ms, through the proxy {p:.2f} ms; ratio when CPU-bound {d / p:.3f}")
-            print(f"{backend}: by part, ms per {unit}, direct -> through the proxy: " + ", ".join(
-                f"{part} {per_unit['direct'].get(part, 0):.2f} -> {per_unit['proxy'][part]:.2f}"
-                for part in per_unit["proxy"]))
-            q = statistics.quantiles(r[kind + "_pairs"], n=4) if len(r[kind + "_pairs"]) > 1 else [0, 0, 0]
-            print(f"{backend}: {kind} pair ratios: quartiles {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f}, "
-                  f"min {min(r[kind + '_pairs']):.3f}, max {max(r[kind + '_pairs']):.3f}")
+            per_unit = {t: {part: 1000 * v / max(c[t][1], 1e-9) for part, v in c[t][0].items()} for t in c}
+            d = sum(per_unit["direct"].values())
+            for name in r["pairs"][kind]:
+                spent, units = r["front_cpu"][kind][name]
+                p = sum(per_unit[name].values())
+                print(f"{backend}, {FRONT_NAMES[name]}: its own CPU {1000 * spent / max(units, 1e-9):.2f} ms per "
+                      f"{unit}; whole-system CPU per {unit} direct {d:.2f} ms, through it {p:.2f} ms "
+                      f"(ratio when CPU-bound {d / p:.3f}); by part, direct -> through it: " + ", ".join(
+                          f"{part} {per_unit['direct'].get(part, 0):.2f} -> {per_unit[name][part]:.2f}"
+                          for part in per_unit[name] if per_unit[name][part] or per_unit['direct'].get(part)))
+                pairs = r["pairs"][kind][name]
+                q = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else [pairs[0]] * 3
+                print(f"{backend}, {FRONT_NAMES[name]}: {kind} round ratios: quartiles {q[0]:.3f} / {q[1]:.3f} / "
+                      f"{q[2]:.3f}, min {min(pairs):.3f}, max {max(pairs):.3f}")
+
+
+FRONT_NAMES = {"proxy": "pop-proxy", "nginx": "nginx 1.22 mail proxy"}
 
 if __name__ == "__main__":
     sys.exit(main())

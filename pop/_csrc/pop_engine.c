@@ -151,6 +151,7 @@ struct pe_engine {
     int epfd, listen_fd, wake_fd, event_fd;
     volatile int stopping;
     volatile int draining;
+    int listener_nodelay;       /* accepted sockets inherit TCP_NODELAY */
     pe_end lend, wend;
     pe_tlist prelogin, connecting, backend, relay;
     double now;
@@ -1252,7 +1253,8 @@ static ssize_t pump_up(pe_engine *e, pe_conn *c)
     if (c->up_eof) {
         if (!c->up_shut) {      /* pass the client's half-close on */
             c->up_shut = 1;
-            if (shutdown(c->bfd, SHUT_WR) < 0 && errno != ENOTCONN) {
+            /* (Unless the backend has closed too: close() is next, and says it.) */
+            if (!c->down_eof && shutdown(c->bfd, SHUT_WR) < 0 && errno != ENOTCONN) {
                 relay_error(e, c, "backend shutdown");
                 return -1;
             }
@@ -1328,10 +1330,11 @@ static void start_relay(pe_engine *e, pe_conn *c, const char *first, size_t n)
     c->bline = NULL;
     timer_start(e, c, &e->relay);
     /* Loopback's segment is 64 KiB: with Nagle the tail of every splice
-     * would wait for an ACK. (Set here, not at accept: most connections
-     * that never log in never need it.) */
+     * would wait for an ACK. The client's socket has it from the listener
+     * when that has it (Linux copies it at accept: pop/daemon.py sets it). */
     int one = 1;
-    setsockopt(c->cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (!e->listener_nodelay)
+        setsockopt(c->cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     setsockopt(c->bfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     c->c_readable = c->c_writable = c->b_readable = c->b_writable = 1;   /* EAGAIN will say otherwise */
     c->c_unsure = c->b_unsure = 1;
@@ -1502,6 +1505,9 @@ pe_engine *pe_new(const pe_config *cfg, int listen_fd)
     e->backend.timeout = cfg->backend_timeout;
     e->relay.timeout = cfg->idle_timeout;
     e->listen_fd = listen_fd;
+    socklen_t optlen = sizeof e->listener_nodelay;
+    if (getsockopt(listen_fd, IPPROTO_TCP, TCP_NODELAY, &e->listener_nodelay, &optlen) < 0)
+        e->listener_nodelay = 0;
     e->pid = getpid();
     e->nworkers = cfg->lookup_threads > 0 ? cfg->lookup_threads : 1;
     e->workers = calloc(e->nworkers, sizeof *e->workers);
