@@ -64,9 +64,11 @@ def announce(name: str, sock: socket.socket) -> None:
     print(f"{name}: ready on {host}:{port}", file=sys.stderr, flush=True)
 
 
-async def wait_for_signal(on_reload: Callable[[], None] | None = None) -> None:
-    """Until SIGTERM or SIGINT. SIGHUP calls on_reload (an error there is
-    logged and the old settings stay); it never ends the process."""
+def handle_signals(on_reload: Callable[[], None] | None = None) -> asyncio.Event:
+    """Installs the handlers; returns the event SIGTERM or SIGINT sets.
+    Call it before announce(): a signal sent as soon as the "ready" line
+    shows must find them. SIGHUP calls on_reload (an error there is logged
+    and the old settings stay); it never ends the process."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -81,8 +83,13 @@ async def wait_for_signal(on_reload: Callable[[], None] | None = None) -> None:
         except Exception:
             log.exception("reload failed, keeping the old settings")
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    return stop
+
+
+async def wait_for_signal(stop: asyncio.Event) -> None:
+    """Until SIGTERM or SIGINT (handle_signals' event); SIGHUP is ignored from then on."""
     await stop.wait()
-    loop.remove_signal_handler(signal.SIGHUP)
+    asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)     # still not fatal while sessions drain
 
 

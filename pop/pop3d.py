@@ -290,9 +290,6 @@ async def serve(args, cfg) -> None:
     grace = float(cfg["shutdown_grace"])
     sock = daemon.listening_socket(args.listen or cfg["pop3d_listen"], 110)
     srv = await asyncio.start_server(server.handle, sock=sock, limit=READ_SIZE, backlog=daemon.LISTEN_BACKLOG)
-    daemon.announce("pop3d", sock)
-    log.info("serving %s on %s", layout, sock.getsockname())
-
     def reload() -> None:
         nonlocal cfg, grace
         new = daemon.reread_settings(args.config, cfg, restart_only=RESTART_ONLY)
@@ -303,8 +300,11 @@ async def serve(args, cfg) -> None:
         setup_logging("pop3d", stderr=args.stderr)
         log.info("reloaded settings")
 
+    stop = daemon.handle_signals(on_reload=reload)
+    daemon.announce("pop3d", sock)
+    log.info("serving %s on %s", layout, sock.getsockname())
     try:
-        await daemon.wait_for_signal(on_reload=reload)
+        await daemon.wait_for_signal(stop)
         srv.close()                 # new connections are refused from here on
         left = await daemon.drain(lambda: server.sessions, grace, "sessions")
         if left:

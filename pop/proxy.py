@@ -619,19 +619,21 @@ async def serve(args, cfg) -> None:
         servers.append(await loop.create_server(server.tls_protocol, sock=tls_sock, ssl=ctx,
                                                 backlog=daemon.LISTEN_BACKLOG,
                                                 ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT))
-        daemon.announce("pop-proxy (POP3S)", tls_sock)
-    daemon.announce("pop-proxy", sock)
-    log.info("serving on %s (STLS %s, POP3S %s, splice %s, engine %s)", sock.getsockname(),
-             "on" if ctx else "off", tls_listen or "off", "on" if server.use_splice else "off",
-             "on" if server.engine else "off")
 
     def reload() -> None:
         new = daemon.reread_settings(None, server.cfg, RESTART_ONLY, source=lambda: settings(args))
         setup_logging("pop-proxy", stderr=args.stderr)
         server.reload(new)
+    stop = daemon.handle_signals(on_reload=reload)
+    if tls_listen:
+        daemon.announce("pop-proxy (POP3S)", tls_sock)
+    daemon.announce("pop-proxy", sock)
+    log.info("serving on %s (STLS %s, POP3S %s, splice %s, engine %s)", sock.getsockname(),
+             "on" if ctx else "off", tls_listen or "off", "on" if server.use_splice else "off",
+             "on" if server.engine else "off")
     cut = 0
     try:
-        await daemon.wait_for_signal(on_reload=reload)
+        await daemon.wait_for_signal(stop)
         # SIGTERM: no new connections; the open sessions get shutdown_grace to end.
         for s in servers:
             s.close()
