@@ -87,24 +87,30 @@ class ProxyServer:
 
     # --- SIGHUP and SIGTERM ----------------------------------------------------------------
     def reload(self, new: dict) -> None:
-        """New settings for new sessions; open sessions keep theirs."""
-        if self.tls_context is not None and new["tls_cert"]:
-            self.tls_context.load_cert_chain(new["tls_cert"], new["tls_key"] or None)   # a renewed certificate
+        """New settings for new sessions; open sessions keep theirs. What can
+        fail comes first, so a failed reload changes nothing."""
+        renew = self.tls_context is not None and new["tls_cert"]
+        if renew:
+            tls_context(new["tls_cert"], new["tls_key"])        # a bad certificate or key raises here
         elif bool(new["tls_cert"]) != (self.tls_context is not None):
             log.warning("reload: tls_cert turns STLS and POP3S on or off; that takes effect at restart")
         backend = backend_login(new)
+        engine = None
+        if self.engine is not None:
+            # A new engine takes the listener with the new settings; the old
+            # one stops accepting and carries its sessions to their end.
+            engine = start_engine(self, self.listen_sock, new, stls=self.tls_context is not None)
+        if renew:
+            self.tls_context.load_cert_chain(new["tls_cert"], new["tls_key"] or None)
         self.cfg, self.backend = new, backend
         self._addresses.clear()
         self.ip_throttle.configure(new["throttle_ip_failures"], new["throttle_window"])
         self.user_throttle.configure(new["throttle_user_failures"], new["throttle_window"])
-        if self.engine is not None:
-            # A new engine takes the listener with the new settings; the old
-            # one stops accepting and carries its sessions to their end.
-            old = self.engine
-            self.engine = start_engine(self, self.listen_sock, new, stls=self.tls_context is not None)
+        if engine is not None:
+            old, self.engine = self.engine, engine
             now = asyncio.get_running_loop().time()
             for key, until in self.blocks(now):
-                self.engine.block(key, until)
+                engine.block(key, until)
             old.drain()
             self.old_engines.append(old)
         log.info("reloaded settings: %d backends mapped", len(new["backends"]))

@@ -7,11 +7,13 @@ from __future__ import annotations
 import poplib
 import signal
 import socket
+import ssl
 import time
 
 import pytest
 
-from pop_util import client_conf, deliver, make_root, message, read_reply, start_pop3d, start_proxy, write_users
+from pop_util import (client_conf, deliver, make_root, message, read_reply, self_signed, start_pop3d, start_proxy,
+                      write_users)
 from pwtest import PwServer, write_key
 
 pytestmark = pytest.mark.slow
@@ -251,3 +253,38 @@ def test_a_second_sigterm_ends_the_drain(stores):
         assert time.monotonic() - t0 < 5
         assert "stopping: 1 sessions cut" in proxy.output()
         p.close()
+
+
+def test_sighup_loads_a_renewed_certificate(stores):
+    """cert renewal: the next STLS shows the new certificate; a bad one is refused and the old stays."""
+    old_dir, new_dir = stores["tmp"] / "cert-old", stores["tmp"] / "cert-new"
+    old_dir.mkdir()
+    new_dir.mkdir()
+    old_cert, old_key = self_signed(old_dir, cn="old.example")
+    new_cert, new_key = self_signed(new_dir, cn="new.example")
+    name = "hup-cert"
+    base = f"backends = {{ store = {stores['backend'][1]} }}\n" + COMMON
+
+    def served() -> str:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        p = poplib.POP3(*proxy.address, timeout=10)
+        p.stls(ctx)
+        der = p.sock.getpeercert(binary_form=True)
+        p.quit()
+        return ssl.DER_cert_to_PEM_cert(der)
+
+    def pem(path: str) -> str:
+        return ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(open(path).read()))
+
+    with proxy_for(stores, name, f'tls_cert = "{old_cert}"\ntls_key = "{old_key}"\n') as proxy:
+        assert served() == pem(old_cert)
+        rewrite(stores, name, base + f'tls_cert = "{new_cert}"\ntls_key = "{old_key}"\n')    # key does not match
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_line("reload failed, keeping the old settings", "the failed reload")
+        assert served() == pem(old_cert)
+        rewrite(stores, name, base + f'tls_cert = "{new_cert}"\ntls_key = "{new_key}"\n')
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_line("reloaded settings", "the reload")
+        assert served() == pem(new_cert)
