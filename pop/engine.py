@@ -151,6 +151,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ev = ffi.new("pe_event *")
+        self._stopping = False
 
     def start(self, on_exit=None) -> None:
         """Runs the engine thread; `on_exit()` is called in the event loop
@@ -164,8 +165,6 @@ class Engine:
         lib.pe_run(self._e)
         if on_exit is not None and not self._stopping:
             self._loop.call_soon_threadsafe(on_exit)
-
-    _stopping = False
 
     def drain(self) -> None:
         """Accept no more; the sessions open go on to their end (docs/pop.md, "Signals")."""

@@ -1163,43 +1163,48 @@ static ssize_t copy_in(pe_engine *e, pe_conn *c)
     return n;
 }
 
+/* One side's write of `want` bytes returned `w` (errno as it left it):
+ * bytes written; 0 for EAGAIN; -1 after the relay was closed on an error.
+ * EAGAIN or a short write means the socket is full until the next event. */
+static ssize_t after_write(pe_engine *e, pe_conn *c, ssize_t w, size_t want, int *writable, const char *what)
+{
+    if (w < 0) {
+        if (errno == EAGAIN) {
+            *writable = 0;
+            return 0;
+        }
+        relay_error(e, c, what);
+        return -1;
+    }
+    if ((size_t)w < want)
+        *writable = 0;
+    return w;
+}
+
 /* Backend -> client: the copied bytes first, then the pipe.
  * Returns bytes moved, 0 when blocked or nothing to do, -1 when closed. */
 static ssize_t pump_down(pe_engine *e, pe_conn *c)
 {
-    ssize_t moved = 0, w;
+    ssize_t w;
     if (!c->c_writable)
         return 0;
     if (c->down_off < c->down_len) {
         size_t want = c->down_len - c->down_off;
-        w = send(c->cfd, c->down + c->down_off, want, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (w > 0) {
+        w = after_write(e, c, send(c->cfd, c->down + c->down_off, want, MSG_NOSIGNAL | MSG_DONTWAIT), want,
+                        &c->c_writable, "client write");
+        if (w > 0)
             c->down_off += w;
-            moved += w;
-            if ((size_t)w < want)
-                c->c_writable = 0;      /* a short write: the socket is full */
-        }
     } else if (c->in_pipe) {
-        w = splice(c->pr, NULL, c->cfd, NULL, c->in_pipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-        if (w > 0) {
+        w = after_write(e, c, splice(c->pr, NULL, c->cfd, NULL, c->in_pipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK),
+                        c->in_pipe, &c->c_writable, "client write");
+        if (w > 0)
             c->in_pipe -= w;
-            moved += w;
-            if (c->in_pipe)
-                c->c_writable = 0;      /* a short write */
-        }
     } else {
         return 0;
     }
-    if (w < 0) {
-        if (errno == EAGAIN) {
-            c->c_writable = 0;
-            return 0;
-        }
-        relay_error(e, c, "client write");
-        return -1;
-    }
-    c->bytes_down += moved;
-    return moved;
+    if (w > 0)
+        c->bytes_down += w;
+    return w;
 }
 
 /* Backend -> client. Small answers are copied (recv, send: no pipe for a
@@ -1237,17 +1242,13 @@ static ssize_t pump_up(pe_engine *e, pe_conn *c)
     if (c->up_off < c->up_len) {
         if (!c->b_writable)
             return 0;
-        w = send(c->bfd, c->up + c->up_off, c->up_len - c->up_off, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (w < 0) {
-            if (errno == EAGAIN) {
-                c->b_writable = 0;
-                return 0;
-            }
-            relay_error(e, c, "backend write");
-            return -1;
+        size_t want = c->up_len - c->up_off;
+        w = after_write(e, c, send(c->bfd, c->up + c->up_off, want, MSG_NOSIGNAL | MSG_DONTWAIT), want,
+                        &c->b_writable, "backend write");
+        if (w > 0) {
+            c->up_off += w;
+            c->bytes_up += w;
         }
-        c->up_off += w;
-        c->bytes_up += w;
         return w;
     }
     if (c->up_eof) {
@@ -1267,15 +1268,10 @@ static ssize_t pump_up(pe_engine *e, pe_conn *c)
                            &c->c_readable, &c->c_unsure, &c->up_eof, "client read");
     if (n <= 0)
         return n < 0 ? -1 : c->up_eof;
-    w = send(c->bfd, e->scratch, n, MSG_NOSIGNAL | MSG_DONTWAIT);
-    if (w < 0) {
-        if (errno != EAGAIN) {
-            relay_error(e, c, "backend write");
-            return -1;
-        }
-        c->b_writable = 0;
-        w = 0;
-    }
+    w = after_write(e, c, send(c->bfd, e->scratch, n, MSG_NOSIGNAL | MSG_DONTWAIT), n, &c->b_writable,
+                    "backend write");
+    if (w < 0)
+        return -1;
     c->bytes_up += w;
     if (w < n && hold(&c->up, &c->up_len, &c->up_off, e->scratch + w, n - w) < 0) {
         relay_close(e, c, "out of memory");
