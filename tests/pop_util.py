@@ -2,6 +2,7 @@
 and pop3d / pop-proxy processes on loopback that stop by themselves."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import re
@@ -45,6 +46,16 @@ def write_key(path: pathlib.Path) -> str:
 def client_conf(path: pathlib.Path, pwserver: str, shadow_key: os.PathLike | str | None = None) -> str:
     """The POP tests' client configuration: one server, short timeouts."""
     return str(pwtest.client_conf(path, [pwserver], timeout_ms=500, hedge_ms=100, shadow_keyfile=shadow_key))
+
+
+@contextlib.contextmanager
+def users_pwserver(tmp: pathlib.Path, users: dict[str, tuple[str, str]], frozen: set[str] = frozenset()):
+    """A running pwserver over write_users(tmp / "users", ...) with a shadow
+    key (tmp / "shadow.key"); yields the client configuration's path."""
+    key = tmp / "shadow.key"
+    pwtest.write_key(key)
+    with pwtest.PwServer(write_users(tmp / "users", users, frozen), shadow_key=key) as pws:
+        yield client_conf(tmp / "pwserver.conf", pws.address, key)
 
 
 def make_root(root: pathlib.Path) -> MailboxLayout:

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from pop_util import client_conf, deliver, make_root, message, read_reply, start_pop3d, write_users
-from pwtest import PwServer, wait_for, write_key
+from pop_util import deliver, make_root, message, read_reply, start_pop3d, users_pwserver
+from pwtest import wait_for
 
 USERS = {"juan": ("juan-pw", "127.0.0.1"), "maria": ("maria pw", "127.0.0.1")}
 HOST = "127.0.0.1"
@@ -23,12 +23,8 @@ OTHER = "127.0.0.2"          # a second client address on loopback (a "proxy" fo
 
 @pytest.fixture(scope="module")
 def pwserver(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pop3d-signals")
-    users = write_users(tmp / "users", USERS)
-    key = tmp / "shadow.key"
-    write_key(key)
-    with PwServer(users, shadow_key=key) as pws:
-        yield client_conf(tmp / "pwserver.conf", pws.address, key)
+    with users_pwserver(tmp_path_factory.mktemp("pop3d-signals"), USERS) as conf:
+        yield conf
 
 
 @pytest.fixture

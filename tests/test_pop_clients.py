@@ -7,9 +7,8 @@ import os
 
 import pytest
 
-from pop_util import (client_conf, curl_pop, deliver, fetchmail_fetch, make_root, message, mpop_fetch,
-                      self_signed, start_pop3d, start_proxy, write_users)
-from pwtest import PwServer, write_key
+from pop_util import (curl_pop, deliver, fetchmail_fetch, make_root, message, mpop_fetch, self_signed,
+                      start_pop3d, start_proxy, users_pwserver)
 
 pytestmark = pytest.mark.slow
 
@@ -19,13 +18,9 @@ USERS = {f"user{i}": (f"pw-{i} x", "store1") for i in range(8)}
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("clients")
-    users = write_users(tmp / "users", USERS)
-    key = tmp / "shadow.key"
-    write_key(key)
     cert, certkey = self_signed(tmp)
     layout = make_root(tmp / "store1")
-    with PwServer(users, shadow_key=key) as pws:
-        conf = client_conf(tmp / "pwserver.conf", pws.address, key)
+    with users_pwserver(tmp, USERS) as conf:
         with start_pop3d(tmp, tmp / "store1", conf, host="127.0.0.2", trusted=["127.0.0.0/8"]) as store:
             settings = (f'backends = {{store1 = "127.0.0.2:{store.port}"}}\n'
                         f'tls_cert = "{cert}"\ntls_key = "{certkey}"\nauth_failure_delay = 0.2\n')

@@ -12,9 +12,8 @@ import time
 
 import pytest
 
-from pop_util import (client_conf, deliver, make_root, message, read_reply, self_signed, start_pop3d, start_proxy,
-                      write_users)
-from pwtest import PwServer, write_key
+from pop_util import (deliver, make_root, message, read_reply, self_signed, start_pop3d, start_proxy,
+                      users_pwserver)
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +26,7 @@ COMMON = ("auth_failure_delay = 0.05\nbackend_retries = 0\nbackend_connect_timeo
 def stores(tmp_path_factory):
     """One pwserver, two storage servers; each user has a message saying which."""
     tmp = tmp_path_factory.mktemp("signals")
-    users = write_users(tmp / "users", USERS)
-    key = tmp / "shadow.key"
-    write_key(key)
-    with PwServer(users, shadow_key=key) as pws:
-        conf = client_conf(tmp / "pwserver.conf", pws.address, key)
+    with users_pwserver(tmp, USERS) as conf:
         servers = {}
         for n, host in ((1, "127.0.0.2"), (2, "127.0.0.3")):
             layout = make_root(tmp / f"store{n}")
