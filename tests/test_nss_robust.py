@@ -106,7 +106,14 @@ new = {{fd: p for fd, p in fds().items() if fd not in before}}
 out["one_socket"] = len(new) == 1 or list(new) == [sock]
 out["cloexec"] = bool(fcntl.fcntl(sock, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
 os.close(sock)
-with open({str(tmp_path / "victim")!r}, "w+b") as victim:
+# The program reuses the number. dup2 puts the file on exactly that number:
+# open() takes the lowest free one, which under load can be a lower number
+# freed meanwhile by the interpreter.
+opened = os.open({str(tmp_path / "victim")!r}, os.O_RDWR | os.O_CREAT, 0o600)
+if opened != sock:
+    os.dup2(opened, sock)
+    os.close(opened)
+with open(sock, "w+b") as victim:
     assert victim.fileno() == sock  # the number is reused by the program
     out["after_close"] = u.lookup(nss, "passwd", "bob")[0] == 1
     victim.seek(0)
