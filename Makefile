@@ -31,7 +31,9 @@ $(STAMP): pyproject.toml setup.py pwcache/build_pwtable.py pop/build_engine.py n
           $(wildcard pwcache/_csrc/*.c pwcache/_csrc/*.h pop/_csrc/*.c pop/_csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel cffi
-	$(PIP) install -q -e '.[test]'
+	@# setuptools' note on every editable install (folders named like the
+	@# package take precedence: here they are the package) is not for us.
+	PYTHONWARNINGS="ignore:Editable installation" $(PIP) install -q -e '.[test]'
 	@touch $@
 
 nss: $(APT_STAMP)

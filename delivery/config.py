@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pwcache import settings
+from pwmail.base import settings
+from pwmail.base.hostport import parse_hostport  # noqa: F401  (delivery's modules take it from here)
 
 from delivery import lmtp
 from delivery.layout import DEFAULT_SCHEME
@@ -50,15 +51,3 @@ def limits_from(cfg: dict[str, Any]) -> lmtp.Limits:
                        message_line_max=int(cfg["message_line_max"]),
                        recipients_max=int(cfg["recipients_max"]),
                        bad_commands_max=int(cfg["bad_commands_max"]))
-
-
-def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
-    """`host`, `host:port`, `[v6]:port` -> (host, port)."""
-    text = text.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else default_port
-    if text.count(":") == 1:
-        host, port = text.split(":")
-        return host, int(port)
-    return text, default_port

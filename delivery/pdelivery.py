@@ -26,7 +26,7 @@ import socket
 import sys
 from dataclasses import dataclass
 
-from pwcache.logsetup import setup_logging
+from pwmail.base.logsetup import setup_logging
 
 from delivery import config as dconfig
 from delivery.layout import LayoutError, check_user
@@ -67,7 +67,8 @@ class Router:
 
     def placement(self):
         if self._placement is None:
-            from pwcache import placement, settings
+            from pwcache import placement
+            from pwmail.base import settings
             self._placement = placement.PlacementRule.from_settings(
                 settings.section("placement", placement.DEFAULTS))
         return self._placement

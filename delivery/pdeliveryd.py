@@ -19,7 +19,7 @@ import signal
 import socket
 import sys
 
-from pwcache.logsetup import setup_logging
+from pwmail.base.logsetup import setup_logging
 
 from delivery import config as dconfig
 from delivery.layout import SCHEMES, MailboxLayout
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
         n = clean_tree(cfg["root"], float(cfg["tmp_max_age"]))
         log.info("removed %d stale tmp file(s) under %s", n, cfg["root"])
         return 0
-    host, port = dconfig.parse_hostport(cfg["listen"] or "0.0.0.0", int(cfg["lmtp_port"]))
+    host, port = dconfig.parse_hostport(cfg["listen"] or "0.0.0.0", int(cfg["lmtp_port"]), port_zero=True)
     return asyncio.run(serve(cfg, host, port, args))
 
 

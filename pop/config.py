@@ -6,8 +6,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from pwcache import settings
-from pwcache.config import parse_hostport  # noqa: F401  (one reader of HOST:PORT)
+from pwmail.base import settings
+from pwmail.base.hostport import parse_hostport  # noqa: F401  (pop's modules take it from here)
 
 DEFAULTS: dict[str, Any] = {
     # both

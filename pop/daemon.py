@@ -38,10 +38,7 @@ def raise_nofile() -> int:
 
 def parse_listen(text: str, default_port: int) -> tuple[str, int]:
     """HOST:PORT as parse_hostport, and port 0 (pick one) allowed."""
-    host, sep, port = text.strip().rpartition(":")
-    if sep and port == "0":
-        return parse_hostport(host, default_port)[0], 0
-    return parse_hostport(text, default_port)
+    return parse_hostport(text, default_port, port_zero=True)
 
 
 def listening_socket(listen: str, default_port: int) -> socket.socket:

@@ -4,7 +4,7 @@ The engine accepts on the plain listening socket and carries a session
 from greeting to close when it goes the common way (CAPA, USER, PASS,
 QUIT; mailhost lookup; backend login; splice relay), in a thread of its
 own without the GIL, and writes that session's log records itself, to the
-places and in the format of pwcache/logsetup.py. Everything else is
+places and in the format of pwmail/base/logsetup.py. Everything else is
 handed over to the asyncio loop (through an eventfd): the proxy adopts
 the socket, replays what the engine read through pop/protocol.py and goes
 on from there.
@@ -89,7 +89,7 @@ def answers(greeting: str, *, stls: bool, plaintext_auth: bool) -> dict[str, byt
 
 def log_targets() -> tuple[int, int, int, int]:
     """(level, syslog fd, facility << 3, stderr fd) of the root logger's
-    handlers (pwcache/logsetup.py): descriptors of the engine's own, -1
+    handlers (pwmail/base/logsetup.py): descriptors of the engine's own, -1
     for none."""
     root = logging.getLogger()
     syslog_fd = stderr_fd = -1

@@ -26,7 +26,7 @@ import time
 
 from delivery.layout import LayoutError, MailboxLayout, check_user
 from pwcache.client import AsyncClient, Denied, PwError, Unavailable
-from pwcache.logsetup import setup_logging
+from pwmail.base.logsetup import setup_logging
 
 from . import config as popconfig
 from . import crypt, daemon

@@ -29,7 +29,7 @@ import ssl
 from collections import Counter
 
 from pwcache.client import AsyncClient, PwError, Unavailable
-from pwcache.logsetup import setup_logging
+from pwmail.base.logsetup import setup_logging
 
 from . import config as popconfig
 from . import daemon

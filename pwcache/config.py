@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
+
+from pwmail.base import hostport
+from pwmail.base.errors import ConfigError
 
 from .protocol import DEFAULT_PORT
 
 DEFAULT_PATH = "/etc/pwserver.conf"
 MAX_SERVERS = 8
-
-
-class ConfigError(ValueError):
-    pass
 
 
 @dataclasses.dataclass
@@ -30,30 +30,12 @@ class ClientConfig:
     recheck_s: int = 5
 
 
-def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
-    """HOST:PORT, [V6]:PORT, or HOST alone."""
-    text = text.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        host, port = text, ""
-    if not host:
-        raise ConfigError(f"no host in {text!r}")
-    try:
-        p = int(port) if port else default_port
-    except ValueError:
-        raise ConfigError(f"bad port in {text!r}") from None
-    if not 0 < p < 65536:
-        raise ConfigError(f"bad port in {text!r}")
-    return host, p
+def parse_hostport(text: str) -> tuple[str, int]:
+    """A `server` line's address; the port defaults to pwserver's."""
+    return hostport.parse_hostport(text, DEFAULT_PORT)
 
 
-def format_hostport(addr: tuple[str, int]) -> str:
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+format_hostport = hostport.format_hostport
 
 
 def _positive(key: str, value: str) -> int:
@@ -107,6 +89,25 @@ def parse(text: str, origin: str = "<config>") -> ClientConfig:
     if not cfg.servers:
         cfg.servers = ClientConfig().servers
     return cfg
+
+
+def write(path: os.PathLike | str, servers: list[str], *, timeout_ms: int | None = None,
+          hedge_ms: int | None = None, recheck_s: int | None = None, enumerate_: bool = False,
+          shadow_keyfile: os.PathLike | str | None = None, keyfile: os.PathLike | str | None = None,
+          health_file: os.PathLike | str | None = None) -> pathlib.Path:
+    """Writes a client configuration (the test bed's hosts, tests); an
+    option left out takes the client's default, the health file is beside it."""
+    path = pathlib.Path(path)
+    lines = [f"server {s}" for s in servers]
+    for name, value in (("timeout_ms", timeout_ms), ("hedge_ms", hedge_ms), ("recheck_s", recheck_s),
+                        ("shadow_keyfile", shadow_keyfile), ("keyfile", keyfile)):
+        if value is not None:
+            lines.append(f"{name} {value}")
+    if enumerate_:
+        lines.append("enumerate yes")
+    lines.append(f"health_file {health_file or path.parent / 'health'}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def config_path() -> str:

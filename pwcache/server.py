@@ -22,12 +22,14 @@ import threading
 import time
 from dataclasses import dataclass
 
-from pwcache import settings
 from pwcache._pwtable import ffi, lib
-from pwcache.logsetup import setup_logging
 from pwcache.placement import DEFAULTS as PLACEMENT_DEFAULTS
 from pwcache.placement import PlacementError, PlacementRule
 from pwcache.table import CHandle, Table, TableError
+from pwmail.base import settings
+from pwmail.base.errors import ConfigError
+from pwmail.base.hostport import parse_hostport
+from pwmail.base.logsetup import setup_logging
 
 DEFAULT_PORT = 7773
 DEFAULTS: dict = {
@@ -54,10 +56,6 @@ RELOAD_NICE = 10
 COUNTERS_LOG_SECONDS = 600  # the packet counters go to the log this often
 
 log = logging.getLogger("pwserver")
-
-
-class ConfigError(Exception):
-    """The command line or pwmail.toml cannot be used."""
 
 
 # ---- the C server ---------------------------------------------------------
@@ -176,11 +174,8 @@ class Config:
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"--listen wants HOST:PORT, not {text!r}")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    return host or "0.0.0.0", int(port)
+    """--listen / listen: HOST:PORT, an empty host meaning every address."""
+    return parse_hostport(text, default_host="0.0.0.0", port_zero=True)
 
 
 def read_key(path: str, what: str) -> bytes:

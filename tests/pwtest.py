@@ -46,7 +46,7 @@ def wait_for(cond, timeout: float = 20.0, step: float = 0.05, describe=None):
 
 def gen_users(out: pathlib.Path, count: int, hosts: str = "store1,store2", seed: int = 1) -> pathlib.Path:
     """`pwmail gen-users` into `out`; returns `out`."""
-    from pwcache.genusers import generate, parse_hosts
+    from pwmail.genusers import generate, parse_hosts
 
     generate(count, str(out), parse_hosts(hosts), groups=max(3, min(300, count // 10)), seed=seed)
     return out
@@ -70,23 +70,11 @@ def read_key(path: os.PathLike | str) -> bytes:
     return bytes.fromhex(pathlib.Path(path).read_text().strip())
 
 
-def client_conf(path: pathlib.Path, servers: list[str], *, timeout_ms: int | None = None,
-                hedge_ms: int | None = None, recheck_s: int | None = None, enumerate_: bool = False,
-                shadow_keyfile: os.PathLike | str | None = None, keyfile: os.PathLike | str | None = None,
-                health_file: os.PathLike | str | None = None) -> pathlib.Path:
-    """A client configuration (pwserver.conf, docs/protocol.md); an option
-    left out takes the client's default, the health file is beside it."""
-    path = pathlib.Path(path)
-    lines = [f"server {s}" for s in servers]
-    for name, value in (("timeout_ms", timeout_ms), ("hedge_ms", hedge_ms), ("recheck_s", recheck_s),
-                        ("shadow_keyfile", shadow_keyfile), ("keyfile", keyfile)):
-        if value is not None:
-            lines.append(f"{name} {value}")
-    if enumerate_:
-        lines.append("enumerate yes")
-    lines.append(f"health_file {health_file or path.parent / 'health'}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def client_conf(path: pathlib.Path, servers: list[str], **options) -> pathlib.Path:
+    """A client configuration (pwserver.conf, docs/protocol.md): pwcache.config.write."""
+    from pwcache import config
+
+    return config.write(path, servers, **options)
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> int:

@@ -1,7 +1,7 @@
 """Real Sendmail (Debian sendmail-bin) as the MX, with pdelivery as its local
 mailer built from the m4 definition shipped in docs/delivery.md. Used by
 tests/test_delivery_sendmail.py (Sendmail on 127.0.0.1) and by the test bed
-(tests/testbed/system.py: Sendmail on mx1, docs/testbed.md).
+(pwmail/testbed/system.py: Sendmail on mx1, docs/testbed.md).
 
 Sendmail runs with a private /etc/mail (our sendmail.cf, queue, aliases and
 the client configurations of its mailer) and a private /etc/hosts, in

@@ -5,7 +5,7 @@ import subprocess
 import pytest
 
 import pwtest
-from pwcache.hashreport import ALL_SCHEMES, ascii_login, isp_logins, leaf_dir, measure, read_names
+from pwmail.placement.hashreport import ALL_SCHEMES, ascii_login, isp_logins, leaf_dir, measure, read_names
 
 
 def test_leaf_dirs_follow_the_layout_and_the_extra_schemes():
@@ -55,7 +55,7 @@ def test_cli_on_a_passwd_file_with_chart(tmp_path):
 
 def test_faker_names_when_faker_is_there():
     pytest.importorskip("faker")
-    from pwcache.hashreport import faker_names
+    from pwmail.placement.hashreport import faker_names
 
     names = faker_names("es_AR", 500)
     assert len(names) == len(set(names)) >= 490

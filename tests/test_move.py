@@ -20,8 +20,8 @@ from delivery.maildir import ROOT_MARKER, MaildirWriter
 from delivery.pdelivery import Router, send
 from delivery_util import Pdeliveryd, env_with, free_port_on, write_users
 from pwcache.client import Client
-from pwcache.genusers import make_names
-from pwcache.move import FAIL_EXIT, FAIL_POINTS, MailhostsFile, is_maildir, scan
+from pwmail.genusers import make_names
+from pwmail.placement.move import FAIL_EXIT, FAIL_POINTS, MailhostsFile, is_maildir, scan
 
 S2, S3, S4 = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 N_USERS = 1000
@@ -387,7 +387,7 @@ def test_resume_refuses_an_unmounted_root(bed):
 def test_throttled_and_every_step_logged_to_syslog(bed, tmp_path):
     port = pwtest.free_port()
     out = tmp_path / "messages"
-    syslogd = [str(pwtest.BIN / "python"), str(pwtest.ROOT / "tests/testbed/syslogd.py"),
+    syslogd = [str(pwtest.BIN / "python"), str(pwtest.ROOT / "pwmail/testbed/syslogd.py"),
                "--listen", f"127.0.0.1:{port}", "--out", str(out)]
     with pwtest.Process(syslogd, tmp_path / "syslogd.log"):
         w = MaildirWriter(layout(bed, S2))

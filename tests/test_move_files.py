@@ -7,7 +7,7 @@ import pytest
 
 from delivery.layout import MailboxLayout
 from delivery.maildir import ROOT_MARKER, MaildirWriter
-from pwcache.move import MailhostsFile, Throttle, message_key, scan, sync_box
+from pwmail.placement.move import MailhostsFile, Throttle, message_key, scan, sync_box
 
 FAST = Throttle(0, 0)
 
@@ -100,7 +100,7 @@ def test_scan_skips_tmp(tmp_path, name):
 
 
 def test_storage_roots_from_settings_and_flags():
-    from pwcache.move import MoveError, storage_roots
+    from pwmail.placement.move import MoveError, storage_roots
 
     data = {"delivery": {"root": "/srv/mail", "mailhost_names": ["store1", "store1.example"]},
             "move": {"roots": {"store2": "/mnt/store2", "store1.example": "/x"}}}

@@ -14,7 +14,7 @@ import pytest
 
 import pwtest
 from pop_util import client_conf, deliver, make_root, message, start_pop3d, start_proxy, write_users
-from pwcache.move import MailhostsFile, is_maildir
+from pwmail.placement.move import MailhostsFile, is_maildir
 
 pytestmark = pytest.mark.slow
 N = 40

@@ -8,7 +8,7 @@ import pwtest
 from delivery.layout import MailboxLayout
 from delivery.maildir import ROOT_MARKER, MaildirWriter
 from delivery_util import write_users
-from pwcache.placement_report import build, imbalance
+from pwmail.placement.report import build, imbalance
 
 USERS = {"ana": (1, 1, "s1", False), "juan": (2, 2, "s1", False), "pepe": (3, 3, "s2", True),
          "luis": (4, 4, "s1", False)}
@@ -54,7 +54,7 @@ def test_imbalance_uses_weights():
 def test_report_from_a_running_server(tmp_path):
     roots = setup(tmp_path)
     with pwtest.PwServer(tmp_path / "users") as pw:
-        from pwcache.placement_report import users_from_server
+        from pwmail.placement.report import users_from_server
         users = users_from_server(pw.address)
     assert users == {n: (h, False) for n, (_, _, h, _) in USERS.items()}
     rep = build(users, roots, "first3", {})

@@ -40,7 +40,7 @@ work="$1"; libdir="$2"; shift 2
 for d in etc lib; do mkdir -p "$work/$d.up" "$work/$d.work"; done
 mount -t overlay overlay -o "lowerdir=/etc,upperdir=$work/etc.up,workdir=$work/etc.work" /etc
 mount -t overlay overlay -o "lowerdir=$libdir,upperdir=$work/lib.up,workdir=$work/lib.work" "$libdir"
-pwmail() { "$PYTHON" -c 'import sys; from pwcache.admin import main; sys.exit(main(sys.argv[1:]))' "$@"; }
+pwmail() { "$PYTHON" -c 'import sys; from pwmail.admin import main; sys.exit(main(sys.argv[1:]))' "$@"; }
 cp /etc/nsswitch.conf "$work/orig"
 echo "== dry-run"; pwmail nss install --dry-run
 cmp /etc/nsswitch.conf "$work/orig"; test ! -e "$libdir/libnss_pwserver.so.2"

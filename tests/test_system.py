@@ -14,8 +14,8 @@ from email.parser import BytesParser
 import pytest
 
 from pwtest import wait_for
-from testbed import TestBed, namespace_support
-from testbed.system import PartMissing, PwmailSystem, hosts_for
+from pwmail.testbed import TestBed, namespace_support
+from pwmail.testbed.system import PartMissing, PwmailSystem, hosts_for
 
 USERS = 3000
 TIMEOUT_MS = 1000      # per-try timeout of every pwserver client on the bed

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from testbed import TestBed, namespace_support
-from testbed.system import PartMissing, PwmailSystem, require
+from pwmail.testbed import TestBed, namespace_support
+from pwmail.testbed.system import PartMissing, PwmailSystem, require
 
 USERS = int(os.environ.get("PWMAIL_RELOAD_USERS", "1000000"))
 pytestmark = [pytest.mark.root, pytest.mark.slow]

@@ -13,8 +13,8 @@ import pytest
 import sendmail_util
 from delivery_util import wait_for
 from sendmail_util import message
-from testbed import TestBed, namespace_support
-from testbed.system import MAIL_DOMAIN, PwmailSystem, hosts_for
+from pwmail.testbed import TestBed, namespace_support
+from pwmail.testbed.system import MAIL_DOMAIN, PwmailSystem, hosts_for
 
 USERS = 3000
 SENDER = f"ana@{MAIL_DOMAIN}"

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from pwtest import wait_for
-from testbed import SUBNET, LoopbackBed, TestBed, cleanup_stale, namespace_support
-from testbed.syslogd import format_line
+from pwmail.testbed import SUBNET, LoopbackBed, TestBed, cleanup_stale, namespace_support
+from pwmail.testbed.syslogd import format_line
 
 ECHO = r"""
 import socket, sys, threading
@@ -199,7 +199,7 @@ def test_kill_and_restart(bed):
 
 
 def test_central_log_names_the_sending_host(bed):
-    code = ("from pwcache.logsetup import setup_logging; import logging;"
+    code = ("from pwmail.base.logsetup import setup_logging; import logging;"
             "log = setup_logging('probe'); log.info('testbed probe from %s', 'here');"
             "logging.shutdown()")
     for h in ("a1", "c1"):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import sendmail_util
-from testbed import namespace_support
-from testbed.system import PartMissing, require
+from pwmail.testbed import namespace_support
+from pwmail.testbed.system import PartMissing, require
 
 PWMAIL = str(Path(sys.executable).parent / "pwmail")
 pytestmark = pytest.mark.slow
@@ -68,7 +68,7 @@ def test_demo_once_on_loopback():
 
 def test_demo_names_a_missing_part(tmp_path):
     # The same check the demo makes, for a part that is certainly absent.
-    import testbed.system as ts
+    import pwmail.testbed.system as ts
     ts.PARTS["nothing-here"] = ("pwcache.no_such_part", "a part that does not exist")
     try:
         with pytest.raises(PartMissing, match=r"part nothing-here not available yet"):

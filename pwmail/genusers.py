@@ -117,8 +117,8 @@ def parse_hosts(text: str) -> list[tuple[str, float]]:
 
 def generate(n: int, out: str, hosts: list[tuple[str, float]], groups: int = 300,
              seed: int = 1, spool: str = "/var/spool/mail") -> dict[str, float]:
-    from .placement import PlacementRule  # the server's default rule
-    from .table import CRule  # the same rule in C: 1,000,000 picks in a second
+    from pwcache.placement import PlacementRule  # the server's default rule
+    from pwcache.table import CRule  # the same rule in C: 1,000,000 picks in a second
 
     t0 = time.monotonic()
     rng = random.Random(seed)

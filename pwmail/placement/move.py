@@ -757,8 +757,9 @@ def layout_scheme(data: dict, flag: str | None) -> str:
 
 
 def build_settings(args: argparse.Namespace) -> MoveSettings:
-    from pwcache import config as client_config, settings
-    from pwcache.logsetup import setup_logging
+    from pwcache import config as client_config
+    from pwmail.base import settings
+    from pwmail.base.logsetup import setup_logging
 
     setup_logging("pwmail-move", stderr=args.log_stderr)
     data = settings.load()
@@ -819,8 +820,8 @@ def rebalance_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
 
     def plan(cfg: MoveSettings) -> list[tuple[str, str]]:
-        from pwcache import settings
-        from pwcache.genusers import parse_hosts
+        from pwmail.base import settings
+        from pwmail.genusers import parse_hosts
         from pwcache.placement import PlacementRule
 
         data = settings.load()

@@ -11,7 +11,7 @@ with `getent` through the NSS module, prints what went where, and keeps
 running until Ctrl-C (`--once`: exits 0 when every check passed).
 
 The hosts and the way the parts are started live in the test bed
-(tests/testbed/), shared with the whole-system tests, so the demo runs
+(pwmail/testbed/), shared with the whole-system tests, so the demo runs
 exactly what the tests check.
 """
 from __future__ import annotations
@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 EXIT_FAILED = 1
 EXIT_MISSING = 3
 
@@ -34,16 +33,10 @@ class DemoFailure(Exception):
 
 
 def _testbed():
-    """The test bed package lives in the source tree (tests/testbed/); the
-    demo runs from a checkout (`make demo`)."""
-    path = REPO / "tests"
-    if not (path / "testbed" / "__init__.py").exists():
-        raise DemoFailure(f"the test bed is not in this installation ({path / 'testbed'}): "
-                          "run `pwmail demo` from a pwmail checkout")
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-    import testbed.system
-    return testbed.system
+    """The test bed (pwmail/testbed/system.py), imported on use: its
+    imports reach every part."""
+    from pwmail.testbed import system
+    return system
 
 
 def say(text: str = "") -> None:
@@ -69,7 +62,7 @@ def describe_hosts(sysm) -> None:
 
 def run_checks(sysm, n_messages: int = 6) -> dict:
     """Deliver, fetch, resolve, time; raise DemoFailure on any wrong result."""
-    from testbed.system import summarize
+    from pwmail.testbed.system import summarize
     bed = sysm.bed
     counts: dict[str, int] = {}
     for h in sysm.mailhosts.values():

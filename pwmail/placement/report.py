@@ -71,7 +71,7 @@ def imbalance(values: list[float], weights: list[float]) -> float:
 
 def box_usage(box: pathlib.Path) -> tuple[int, int]:
     """(messages, bytes) of a Maildir, every folder."""
-    from pwcache.move import scan
+    from pwmail.placement.move import scan
 
     msgs = size = 0
     for key, (_, nbytes, _) in scan(box).items():
@@ -82,8 +82,9 @@ def box_usage(box: pathlib.Path) -> tuple[int, int]:
 
 
 def users_from_files(passwd: str, mailhosts: str | None) -> dict[str, tuple[str, bool]]:
-    from pwcache import placement, settings
-    from pwcache.move import MailhostsFile
+    from pwcache import placement
+    from pwmail.base import settings
+    from pwmail.placement.move import MailhostsFile
 
     mapped = MailhostsFile(mailhosts).read() if mailhosts else {}
     rule = placement.PlacementRule.from_settings(settings.section("placement", placement.DEFAULTS))
@@ -161,9 +162,9 @@ def find_strays(users: dict[str, tuple[str, bool]], roots: dict[str, str], schem
 
 
 def main(argv: list[str]) -> int:
-    from pwcache import settings
-    from pwcache.genusers import parse_hosts
-    from pwcache.move import MoveError, layout_scheme, storage_roots
+    from pwmail.base import settings
+    from pwmail.genusers import parse_hosts
+    from pwmail.placement.move import MoveError, layout_scheme, storage_roots
 
     ap = argparse.ArgumentParser(prog="pwmail placement-report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -9,14 +9,14 @@ import sys
 # name -> (module, function, one-line help). The function takes argv (list)
 # and returns an exit code.
 SUBCOMMANDS = {
-    "gen-users": ("pwcache.genusers", "main", "generate synthetic passwd/shadow/group/mailhosts files"),
+    "gen-users": ("pwmail.genusers", "main", "generate synthetic passwd/shadow/group/mailhosts files"),
     "gen-key": ("pwcache.keys", "main", "write a new network or shadow key file (mode 0600)"),
     "nss": ("nss_module.install", "main", "install/uninstall libnss_pwserver.so.2 and the nsswitch.conf lines"),
-    "demo": ("pwcache.demo", "main", "run the whole system on this machine and show it working"),
-    "hash-report": ("pwcache.hashreport", "main", "compare mailbox directory hashing schemes on login names"),
-    "placement-report": ("pwcache.placement_report", "main", "users and bytes per storage server, and the imbalance"),
-    "move": ("pwcache.move", "main", "move a mailbox to another storage server, live (no mail lost)"),
-    "rebalance": ("pwcache.move", "rebalance_main", "move the mailboxes a new storage server should hold"),
+    "demo": ("pwmail.testbed.demo", "main", "run the whole system on this machine and show it working"),
+    "hash-report": ("pwmail.placement.hashreport", "main", "compare mailbox directory hashing schemes on login names"),
+    "placement-report": ("pwmail.placement.report", "main", "users and bytes per storage server, and the imbalance"),
+    "move": ("pwmail.placement.move", "main", "move a mailbox to another storage server, live (no mail lost)"),
+    "rebalance": ("pwmail.placement.move", "rebalance_main", "move the mailboxes a new storage server should hold"),
 }
 
 

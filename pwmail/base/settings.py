@@ -14,10 +14,12 @@ import os
 import tomllib
 from typing import Any
 
+from .errors import ConfigError
+
 DEFAULT_PATH = "/etc/pwmail.toml"
 
 
-class SettingsError(Exception):
+class SettingsError(ConfigError):
     """The settings file exists but cannot be used."""
 
 

@@ -31,17 +31,17 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Sequence
 
-import pwtest
+import nss_module
+from pwcache import config as client_config
 
 from .bed import LoopbackBed, TestBed, _Bed
 
-REPO = Path(__file__).resolve().parents[2]
-NSS_DIR = REPO / "nss_module"
+NSS_DIR = Path(nss_module.__file__).resolve().parent     # the checkout's or the installed package's
 NSS_LIB = NSS_DIR / "libnss_pwserver.so.2"
 
 # part -> (module that holds it, what to call it in messages)
 PARTS = {
-    "gen-users": ("pwcache.genusers", "`pwmail gen-users` (issue 2)"),
+    "gen-users": ("pwmail.genusers", "`pwmail gen-users` (issue 2)"),
     "pwserver": ("pwcache.server", "the password server `pwserver` (issue 2)"),
     "client": ("pwcache.client", "the Python pwserver client (issue 2)"),
     "layout": ("delivery.layout", "the mailbox layout (issue 4)"),
@@ -79,7 +79,7 @@ def require(*parts: str) -> None:
     missing = [p for p in parts if not part_available(p)]
     if missing:
         what = "\n  ".join(
-            f"part {p} not available yet ({NSS_LIB.relative_to(REPO)} is not built: `make nss`)" if p == "nss"
+            f"part {p} not available yet ({NSS_LIB} is not built: `make nss`)" if p == "nss"
             else f"part {p} not available yet ({PARTS[p][1]}: no module {PARTS[p][0]})"
             for p in missing)
         raise PartMissing(what if len(missing) == 1 else "\n  " + what)
@@ -181,7 +181,7 @@ class PwmailSystem:
         for h in self.bed.names():
             # One health record per host, as on real machines (all the
             # namespaces share one file system).
-            pwtest.client_conf(self.client_conf(h), servers, timeout_ms=self.timeout_ms, hedge_ms=self.hedge_ms,
+            client_config.write(self.client_conf(h), servers, timeout_ms=self.timeout_ms, hedge_ms=self.hedge_ms,
                                recheck_s=self.recheck_s, shadow_keyfile=self.shadow_key,
                                health_file=self.bed.dir(h) / "pwserver-health")
 

@@ -125,7 +125,7 @@ def faker_names(locale: str, count: int, seed: int = 1) -> list[str]:
 
 
 def generated_names(count: int, seed: int = 1) -> list[str]:
-    from pwcache.genusers import make_names
+    from pwmail.genusers import make_names
 
     return make_names(count, random.Random(seed))
 
