@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 APT_STAMP := .apt-installed
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv build nss test demo clean
+.PHONY: all deps venv build nss test lint lint-c demo clean
 
 all: build
 
@@ -44,6 +44,20 @@ build: deps venv nss
 test: build
 	@set +e; $(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest ran no test: failing" >&2; exit 1; fi; exit $$rc
+
+# ruff (lint and format), the layer contracts of DESIGN.md (import-linter,
+# [tool.importlinter] in pyproject.toml), and every C file warning-free.
+lint: venv lint-c
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+C_SOURCES := $(wildcard pwcache/_csrc/*.c nss_module/*.c pop/_csrc/*.c)
+lint-c: $(APT_STAMP)
+	@for f in $(C_SOURCES); do \
+	  cc -std=gnu11 -O2 -Wall -Wextra -Werror -fsyntax-only -D_FORTIFY_SOURCE=2 \
+	     -Ipwcache/_csrc -Inss_module -Ipop/_csrc $$f || exit 1; \
+	done; echo "C: $(words $(C_SOURCES)) files, no warnings"
 
 demo: build
 	$(VENV)/bin/pwmail demo
