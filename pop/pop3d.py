@@ -26,10 +26,11 @@ import time
 
 from delivery.layout import LayoutError, MailboxLayout, check_user
 from pwcache.client import AsyncClient, Denied, PwError, Unavailable
+from pwmail.base import daemon
 from pwmail.base.logsetup import setup_logging
 
 from . import config as popconfig
-from . import crypt, daemon
+from . import crypt
 from .mailbox import MailboxBusy, MaildirMailbox
 from .protocol import (NEED_DATA, NEED_REPLY, Closed, Command, Login, RemoteProtocolError,
                        ServerConnection, XClient)
@@ -292,7 +293,7 @@ async def serve(args, cfg) -> None:
     srv = await asyncio.start_server(server.handle, sock=sock, limit=READ_SIZE, backlog=daemon.LISTEN_BACKLOG)
     def reload() -> None:
         nonlocal cfg, grace
-        new = daemon.reread_settings(args.config, cfg, restart_only=RESTART_ONLY)
+        new = daemon.reread_settings(lambda: popconfig.load(args.config), cfg, RESTART_ONLY)
         new_grace = float(new["shutdown_grace"])
         server.configure(trusted=args.trusted or new["trusted_networks"],
                          failure_delay=new["pop3d_failure_delay"], timeout=new["pop3d_timeout"])

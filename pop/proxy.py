@@ -29,10 +29,10 @@ import ssl
 from collections import Counter
 
 from pwcache.client import AsyncClient, PwError, Unavailable
+from pwmail.base import daemon
 from pwmail.base.logsetup import setup_logging
 
 from . import config as popconfig
-from . import daemon
 from . import engine as popengine
 from .backend import BackendError, BackendLogin, response_code
 from .protocol import (NEED_DATA, NEED_REPLY, Closed, Login, RemoteProtocolError, ServerConnection,
@@ -627,7 +627,7 @@ async def serve(args, cfg) -> None:
                                                 ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT))
 
     def reload() -> None:
-        new = daemon.reread_settings(None, server.cfg, RESTART_ONLY, source=lambda: settings(args))
+        new = daemon.reread_settings(lambda: settings(args), server.cfg, RESTART_ONLY)
         setup_logging("pop-proxy", stderr=args.stderr)
         server.reload(new)
     stop = daemon.handle_signals(on_reload=reload)

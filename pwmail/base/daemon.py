@@ -1,6 +1,7 @@
-"""What pop-proxy and pop3d share as processes: raising the descriptor
-limit, binding, the "ready" line, running until SIGTERM/SIGINT, re-reading
-the settings on SIGHUP, and letting sessions finish at shutdown."""
+"""What every daemon shares as a process: raising the descriptor limit,
+binding, readiness (the "ready" line, sd_notify), running until
+SIGTERM/SIGINT, re-reading the settings on SIGHUP, letting sessions finish
+at shutdown, and the choice of event loop."""
 from __future__ import annotations
 
 import asyncio
@@ -13,8 +14,7 @@ import sys
 import time
 from typing import Callable
 
-from . import config as popconfig
-from .config import parse_hostport
+from .hostport import parse_hostport
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,26 @@ def listening_socket(listen: str, default_port: int) -> socket.socket:
 
 
 def announce(name: str, sock: socket.socket) -> None:
-    """One line on stderr once serving (tests and scripts wait for it)."""
+    """Once serving: one line on stderr (tests and scripts wait for it) and
+    READY=1 to the service manager."""
     host, port = sock.getsockname()[:2]
     print(f"{name}: ready on {host}:{port}", file=sys.stderr, flush=True)
+    notify_ready()
+
+
+def notify_ready() -> None:
+    """sd_notify(READY=1) when started by a service manager that asks
+    (systemd's Type=notify sets NOTIFY_SOCKET)."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(b"READY=1", path)
+    except OSError as e:
+        log.warning("NOTIFY_SOCKET: %s", e)
 
 
 def handle_signals(on_reload: Callable[[], None] | None = None) -> asyncio.Event:
@@ -90,14 +107,13 @@ async def wait_for_signal(stop: asyncio.Event) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)     # still not fatal while sessions drain
 
 
-def reread_settings(path: str | None, running: dict, restart_only: tuple[str, ...],
-                    source: Callable[[], dict] | None = None) -> dict:
-    """The [pop] section again (from `path`, or as `source()` reads it with
-    the command line's flags), for SIGHUP. Keys in `restart_only` keep their
+def reread_settings(source: Callable[[], dict], running: dict, restart_only: tuple[str, ...]) -> dict:
+    """The settings again, as `source()` reads them (the section with the
+    command line's flags), for SIGHUP. Keys in `restart_only` keep their
     running values (a warning says so when the file changed them). Raises
     (settings.SettingsError & co) when the file is bad: the caller keeps
     the old settings."""
-    new = source() if source is not None else popconfig.load(path)
+    new = source()
     for key in restart_only:
         if new[key] != running[key]:
             log.warning("reload: %s changed; it takes effect at restart", key)
