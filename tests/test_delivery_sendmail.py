@@ -3,7 +3,7 @@ built from the m4 definition shipped in docs/delivery.md.
 
 Sendmail runs as a foreground daemon on 127.0.0.1:<high port> with its
 private /etc/mail, /etc/hosts, host name and /dev/log, as set up by
-tests/sendmail_util.py (which names the traps it solves; the test bed runs
+pwmail/testbed/sendmail.py (which names the traps it solves; the test bed runs
 the same on mx1).
 Storage: a real pwserver and two real pdeliveryd (127.0.0.2, 127.0.0.3).
 """
@@ -21,7 +21,7 @@ import pwtest
 from delivery.layout import MailboxLayout
 from delivery_util import (Pdeliveryd, client_conf, free_port, free_port_on, messages, stop_process, wait_for,
                            write_users)
-from sendmail_util import CF_M4, SENDMAIL, SendmailDir, SyslogSink, enter, message
+from pwmail.testbed.sendmail import CF_M4, SENDMAIL, SendmailDir, SyslogSink, enter, message
 
 STORES = ["127.0.0.2", "127.0.0.3"]
 

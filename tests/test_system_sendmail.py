@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-import sendmail_util
+from pwmail.testbed import sendmail
 from delivery_util import wait_for
-from sendmail_util import message
+from pwmail.testbed.sendmail import message
 from pwmail.testbed import TestBed, namespace_support
 from pwmail.testbed.system import MAIL_DOMAIN, PwmailSystem, hosts_for
 
@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def system():
-    reason = namespace_support() or sendmail_util.unavailable()
+    reason = namespace_support() or sendmail.unavailable()
     if reason:
         pytest.skip(reason)
     with TestBed(hosts_for()) as bed:

@@ -2,13 +2,15 @@
 addresses, with fewer users than the default to keep it quick."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-import sendmail_util
+from pwmail.testbed import sendmail
 from pwmail.testbed import namespace_support
 from pwmail.testbed.system import PartMissing, require
 
@@ -45,7 +47,7 @@ def test_demo_once_on_namespaces():
     r = run_demo()
     check_account(r)
     assert "network namespaces on one private bridge, 10.77.0.0/24" in r.stdout
-    if sendmail_util.unavailable() is None:            # one message through real Sendmail on mx1
+    if sendmail.unavailable() is None:            # one message through real Sendmail on mx1
         assert "mx1      10.77.0.4    Sendmail (SMTP, port 25)" in r.stdout
         assert "-> Sendmail on mx1:25 -> pdelivery" in r.stdout
         assert r.stdout.count("accepted by Sendmail and in its Maildir on store") == 1
@@ -75,3 +77,30 @@ def test_demo_names_a_missing_part(tmp_path):
             require("nothing-here")
     finally:
         del ts.PARTS["nothing-here"]
+
+
+@pytest.mark.timeout(600)
+def test_installed_package_runs_the_demo_outside_the_checkout(tmp_path):
+    """`pip install .` into a new virtual environment, then `pwmail demo
+    --once` from a folder that is not the checkout: the test bed, the NSS
+    module and the Sendmail mailer files come with the package."""
+    repo = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"        # pip builds in the tree it is given: not in the checkout
+    shutil.copytree(repo, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "*.so",
+                                                                 "*.so.*", "__pycache__", ".pytest_cache"))
+    # Sendmail runs pdelivery as the user mail: the environment must not sit
+    # below pytest's private (0700) temporary folder.
+    place = Path(tempfile.mkdtemp(prefix="pwmail-installed-"))
+    try:
+        place.chmod(0o755)
+        venv = place / "venv"
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+        build = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(source)], capture_output=True,
+                               text=True, timeout=400, cwd=tmp_path)
+        assert build.returncode == 0, build.stderr[-3000:]
+        assert "BuildBackendWarning" not in build.stderr, build.stderr[-3000:]   # no setuptools warnings either
+        r = subprocess.run([str(venv / "bin" / "pwmail"), "demo", "--once", "--users", "5000"],
+                           capture_output=True, text=True, timeout=240, cwd=tmp_path)
+        check_account(r)
+    finally:
+        shutil.rmtree(place)

@@ -136,7 +136,7 @@ class PwmailSystem:
         (PartMissing otherwise), False never starts it."""
         self.bed = bed
         self.want_sendmail = sendmail
-        self.sendmail = None          # sendmail_util.SendmailDir once started
+        self.sendmail = None          # sendmail.SendmailDir once started
         self.n_users = users
         self.stores = list(stores)
         self.netns = isinstance(bed, TestBed)
@@ -239,8 +239,8 @@ class PwmailSystem:
             return "Sendmail runs on the namespace bed only (as root), not on loopback addresses"
         if "mx1" not in self.bed.hosts:
             return "the bed has no host mx1"
-        import sendmail_util
-        return sendmail_util.unavailable()
+        from . import sendmail
+        return sendmail.unavailable()
 
     def sendmail_wanted(self) -> bool:
         """Whether start() starts Sendmail on mx1."""
@@ -255,7 +255,7 @@ class PwmailSystem:
         if reason:
             raise PartMissing(f"real Sendmail: {reason}")
         require("pdelivery")
-        import sendmail_util as su
+        from . import sendmail as su
         d = self.bed.dir(host) / "sendmail"
         addr, name = self.bed.addr(host), f"{host}.{MAIL_DOMAIN}"
         hosts = "127.0.0.1\tlocalhost\n" + "".join(
@@ -279,7 +279,7 @@ class PwmailSystem:
 
     def sendmail_queue_run(self, host: str = "mx1", timeout: float = 120.0) -> subprocess.CompletedProcess:
         """`sendmail -q` on host, in the daemon's namespaces (its queue and config)."""
-        import sendmail_util as su
+        from . import sendmail as su
         pid = self.bed.proc(host, "sendmail").pid
         return self.bed.exec(host, su.enter(pid, su.SENDMAIL, "-q"), timeout=timeout)
 

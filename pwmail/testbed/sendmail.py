@@ -1,7 +1,9 @@
 """Real Sendmail (Debian sendmail-bin) as the MX, with pdelivery as its local
-mailer built from the m4 definition shipped in docs/delivery.md. Used by
-tests/test_delivery_sendmail.py (Sendmail on 127.0.0.1) and by the test bed
-(pwmail/testbed/system.py: Sendmail on mx1, docs/testbed.md).
+mailer built from the m4 definitions of docs/delivery.md (shipped beside
+this file in mailers/, so an installed test bed has them; a test checks
+that the two agree). Used by tests/test_delivery_sendmail.py (Sendmail on
+127.0.0.1) and by the test bed (pwmail/testbed/system.py: Sendmail on mx1,
+docs/testbed.md).
 
 Sendmail runs with a private /etc/mail (our sendmail.cf, queue, aliases and
 the client configurations of its mailer) and a private /etc/hosts, in
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import re
 import shutil
 import socket
 import subprocess
@@ -34,7 +35,7 @@ import threading
 
 SENDMAIL = shutil.which("sendmail-mta") or "/usr/sbin/sendmail-mta"
 CF_M4 = "/usr/share/sendmail/cf/m4/cf.m4"
-DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "delivery.md"
+MAILERS = pathlib.Path(__file__).resolve().parent / "mailers"   # the m4 blocks of docs/delivery.md
 DOCUMENTED_PDELIVERY = "/usr/local/bin/pdelivery"
 DOCUMENTED_DIRECT_TARGET = "TCP store1.example.org 24"
 
@@ -52,11 +53,8 @@ def unavailable() -> str | None:
 
 
 def documented_mailer(block: str) -> str:
-    """The m4 lines of a local mailer definition, taken from docs/delivery.md."""
-    text = DOCS.read_text()
-    m = re.search(rf"<!-- {block} -->\s*```m4\n(.*?)```", text, re.S)
-    assert m, f"docs/delivery.md lost its {block} block"
-    return m.group(1)
+    """The m4 lines of a local mailer definition, as docs/delivery.md gives them."""
+    return (MAILERS / f"{block}.m4").read_text()
 
 
 def sendmail_mc(port: int, block: str = "sendmail-mailer", *, pdelivery: str, addr: str = "127.0.0.1",
