@@ -21,13 +21,13 @@ def fake(answers):
         conn, _ = srv.accept()
         with conn:
             conn.settimeout(10)
-            for i, a in enumerate(answers):
-                if i:
-                    try:
+            try:                          # the client may hang up early: that is the point
+                for i, a in enumerate(answers):
+                    if i:
                         seen.append(conn.recv(65536))
-                    except OSError:
-                        return
-                conn.sendall(a)
+                    conn.sendall(a)
+            except OSError:
+                pass
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return srv, seen
