@@ -8,10 +8,17 @@ to the user's mailhost (from the password server, else the `[placement]`
 default rule), port `lmtp_port` of `[delivery]` (default 24).
 
 Exit codes (sysexits, and only these): 0 when every user's copy is durable
-(pdeliveryd said 250); 67 (EX_NOUSER) when a user does not exist or the
-message was refused for good (the status, e.g. `5.1.1`, is on stderr);
-75 (EX_TEMPFAIL) for everything temporary: password server unavailable,
-mailbox frozen, storage host down, timeouts, any surprise. With several
+(pdeliveryd said 250, and its replies matched the commands sent, to the
+221 of QUIT); 64 (EX_USAGE) when an argument cannot go on an LMTP command
+line (`-f`, `-d`, `-i` outside the grammar of lmtpclient.check_address and
+check_queue_id: CR, LF, NUL, `<`, `>`, too long), refused before anything
+is sent (with `-l`, such a MAIL, RCPT or XQUEUEID in the input is
+answered 501, never relayed, and the session ends with 64); 67
+(EX_NOUSER) when a user does not exist or the message was refused for
+good (the status, e.g. `5.1.1`, is on stderr); 75 (EX_TEMPFAIL) for
+everything temporary: password server unavailable, mailbox frozen,
+storage host down, timeouts, replies out of step with the commands, any
+surprise. With several
 users, any temporary failure gives 75 and the whole message is retried;
 pdeliveryd acknowledges the copies it already holds (same queue id, same
 recipient, same bytes) without storing them twice. Sendmail's mailer is
@@ -32,12 +39,13 @@ from delivery import config as dconfig
 from delivery.layout import LayoutError, check_user
 from delivery.lmtp import (CLOSED, NEED_DATA, LMTPServerConnection, MessageReceived, PeerError,
                            RcptRequest, Reply)
-from delivery.lmtpclient import LMTPUnavailable, crlf, deliver
+from delivery.lmtpclient import InvalidArgument, LMTPUnavailable, check_address, check_queue_id, crlf, deliver
 from delivery.replies import R_BAD_ADDRESS, R_FROZEN, R_LOOKUP_DOWN, R_NO_USER
 from delivery.replies import R_RCPT_OK as R_OK
 from delivery.users import user_from_address
 
 EX_OK = 0
+EX_USAGE = 64
 EX_NOUSER = 67
 EX_TEMPFAIL = 75
 
@@ -45,6 +53,10 @@ log = logging.getLogger("pdelivery")
 
 R_NO_ROUTE = Reply(451, "4.4.0", "no mailhost for user")
 R_READ_LIMIT = Reply(552, "5.3.4", "message too big")
+# -l input whose MAIL, RCPT or XQUEUEID could not be relayed as one command line
+R_BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "bad sender address syntax")
+R_BAD_RCPT_SYNTAX = Reply(501, "5.1.3", "bad recipient address syntax")
+R_BAD_QUEUE_ID = Reply(501, "5.5.4", "bad XQUEUEID")
 
 
 @dataclass
@@ -155,10 +167,33 @@ def run_users(cfg: dict, router: Router, users: list[str], sender: str, queue_id
     return exit_code(replies)
 
 
+def _fits(check, *args, **kwargs) -> bool:
+    """Whether -l input passes `check` (lmtpclient's grammar); a refusal is logged."""
+    try:
+        check(*args, **kwargs)
+        return True
+    except InvalidArgument as e:
+        log.warning("-l input: %s", e)
+        return False
+
+
+def refused_rcpt(ev: RcptRequest) -> Reply | None:
+    """The refusal of a -l RCPT whose sender or address is outside the
+    grammar (it is never relayed), None if both may be sent."""
+    if not _fits(check_address, ev.sender, "sender", empty_ok=True):
+        return R_BAD_SENDER_SYNTAX
+    if not _fits(check_address, ev.address):
+        return R_BAD_RCPT_SYNTAX
+    return None
+
+
 def run_lmtp(cfg: dict, router: Router, queue_id: str | None, stdin, stdout) -> int:
-    """Speak LMTP on stdin/stdout (Sendmail F=z), relaying to the mailhosts."""
+    """Speak LMTP on stdin/stdout (Sendmail F=z), relaying to the mailhosts.
+    Input that cannot be relayed as it came (see refused_rcpt) is answered
+    501 and the session ends with EX_USAGE instead of EX_OK."""
     conn = LMTPServerConnection(socket.getfqdn(), dconfig.limits_from(cfg), "LMTP pdelivery ready")
     routes: list[Route] = []
+    bad_input = False
     while True:
         try:
             ev = conn.next_event()
@@ -169,22 +204,29 @@ def run_lmtp(cfg: dict, router: Router, queue_id: str | None, stdin, stdout) -> 
         if ev is CLOSED:
             stdout.write(conn.data_to_send())
             stdout.flush()
-            return EX_OK
+            return EX_USAGE if bad_input else EX_OK
         if ev is NEED_DATA:
             stdout.write(conn.data_to_send())
             stdout.flush()
             conn.receive_data(stdin.read1(65536) if hasattr(stdin, "read1") else stdin.read(65536))
         elif isinstance(ev, RcptRequest):
-            route = router.route(ev.address)
-            if route.reply.ok:
+            refusal = refused_rcpt(ev)
+            bad_input |= refusal is not None
+            route = router.route(ev.address) if refusal is None else None
+            if route is not None and route.reply.ok:
                 routes.append(route)
-            conn.answer_rcpt(route.reply)
+            conn.answer_rcpt(refusal or route.reply)
         elif isinstance(ev, MessageReceived):
             mine = routes[-len(ev.recipients):]
             routes.clear()
-            replies = send(cfg, mine, ev.recipients, ev.sender, ev.data, queue_id or ev.queue_id)
+            qid = queue_id or ev.queue_id
+            if qid and not _fits(check_queue_id, qid):
+                bad_input = True
+                replies = [R_BAD_QUEUE_ID] * len(ev.recipients)
+            else:
+                replies = send(cfg, mine, ev.recipients, ev.sender, ev.data, qid)
             for a, r in zip(ev.recipients, replies):
-                log.log(logging.INFO if r.ok else logging.WARNING, "qid=%s to=%s: %s", queue_id or "-", a, r)
+                log.log(logging.INFO if r.ok else logging.WARNING, "qid=%s to=%s: %s", qid or "-", a, r)
             conn.answer_message(replies)
         if conn.phase == conn.READY and not conn.recipients:
             routes.clear()
@@ -208,6 +250,9 @@ def main(argv=None) -> int:
         return _main(sys.argv[1:] if argv is None else argv)
     except SystemExit as e:       # argparse: a usage error is the MTA's config, keep the mail
         return EX_TEMPFAIL if e.code not in (0, None) else EX_OK
+    except InvalidArgument as e:  # an argument that cannot go on a command line (checked first thing)
+        print(f"pdelivery: 5.5.4 {e}", file=sys.stderr)
+        return EX_USAGE
     except Exception as e:        # never an exit code outside sysexits
         print(f"pdelivery: 4.3.0 internal error: {e!r}", file=sys.stderr)
         return EX_TEMPFAIL
@@ -222,10 +267,16 @@ def _main(argv) -> int:
     if args.lmtp == bool(args.deliver) or (args.deliver and not args.users) or (args.lmtp and args.users):
         print("pdelivery: usage: pdelivery [-f SENDER] [-i QUEUEID] (-d USER... | -l)", file=sys.stderr)
         return EX_TEMPFAIL
+    # Whatever reaches an LMTP command line is checked before anything is
+    # read or sent: an argument with CR or LF would be commands of its own.
+    # InvalidArgument -> EX_USAGE in main().
+    sender = check_address(args.sender, "sender", empty_ok=True)
+    users = [check_address(u) for u in args.users]
+    queue_id = check_queue_id(args.queue_id) if args.queue_id else None
     router = Router(cfg)
     if args.lmtp:
-        return run_lmtp(cfg, router, args.queue_id, sys.stdin.buffer, sys.stdout.buffer)
-    return run_users(cfg, router, args.users, args.sender, args.queue_id, sys.stdin.buffer)
+        return run_lmtp(cfg, router, queue_id, sys.stdin.buffer, sys.stdout.buffer)
+    return run_users(cfg, router, users, sender, queue_id, sys.stdin.buffer)
 
 
 if __name__ == "__main__":

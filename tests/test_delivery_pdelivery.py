@@ -127,3 +127,30 @@ def test_placement_rule_when_the_server_names_no_host(bed, tmp_path):
             assert r.returncode == 0, r.stderr
     assert len(messages(bed["l3"].path("ana"))) == n_ana3 + 1      # a-i -> 127.0.0.3
     assert len(messages(bed["l2"].path("pepe"))) == n_pepe2 + 1    # j-z -> 127.0.0.2
+
+
+def _all_counts(bed):
+    return {(s, u): len(messages(bed[s].path(u))) for s in ("l2", "l3") for u in ("juan", "pepe", "ana", "jo")}
+
+
+@pytest.mark.parametrize("args", [
+    ["-f", "a@x", "-d", "juan@x>\r\nRCPT TO:<pepe"],
+    ["-f", "a@x>\r\nRCPT TO:<pepe>", "-d", "juan"],
+    ["-f", "a@x", "-i", "Q1\r\nRCPT TO:<pepe>", "-d", "juan"],
+    ["-f", "a@x", "-d", "ju\x01an"],
+], ids=["-d", "-f", "-i", "control"])
+def test_injection_in_arguments_is_64_and_delivers_nothing(bed, args):
+    before = _all_counts(bed)
+    r = pdelivery(bed, *args)
+    assert r.returncode == 64, r.stderr
+    assert r.stderr.count(b"\n") == 1 and r.stderr.startswith(b"pdelivery: ")
+    assert _all_counts(bed) == before
+
+
+def test_injection_in_lmtp_input_is_501_and_64(bed):
+    before = _all_counts(bed)
+    r = pdelivery(bed, "-l", stdin=b"LHLO mx\r\nMAIL FROM:<a@x>\r\nRCPT TO:<juan\x00>\r\nDATA\r\nQUIT\r\n")
+    assert r.returncode == 64 and codes(r.stdout) == ["220", "250", "250", "501", "554", "221"]
+    r = pdelivery(bed, "-l", "-i", "Q\rX", stdin=b"QUIT\r\n")
+    assert r.returncode == 64 and r.stdout == b""
+    assert _all_counts(bed) == before
