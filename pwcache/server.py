@@ -3,8 +3,8 @@
 Python keeps configuration, loading, reloads, signals, statistics and
 logging; receiving, looking up and answering run in C with the GIL released
 (pwcache/_csrc/pw_server.c): one `pws_serve_udp` loop per serving thread on
-a shared UDP socket, and one TCP thread (selectors) that hands each framed
-request to the same C answer function.
+a shared UDP socket, and one TCP thread (pwcache/tcp_server.py) that hands
+each framed request to the same C answer function.
 """
 from __future__ import annotations
 
@@ -12,11 +12,9 @@ import argparse
 import ipaddress
 import logging
 import os
-import selectors
 import signal
 import socket
 import stat
-import struct
 import sys
 import threading
 import time
@@ -26,6 +24,7 @@ from pwcache._pwtable import ffi, lib
 from pwcache.placement import DEFAULTS as PLACEMENT_DEFAULTS
 from pwcache.placement import PlacementError, PlacementRule
 from pwcache.table import CHandle, Table, TableError
+from pwcache.tcp_server import TCP_DEFAULTS, TcpLimits, TcpServer
 from pwmail.base import settings
 from pwmail.base.errors import ConfigError
 from pwmail.base.hostport import parse_hostport
@@ -33,6 +32,7 @@ from pwmail.base.logsetup import setup_logging
 
 DEFAULT_PORT = 7773
 DEFAULTS: dict = {
+    **TCP_DEFAULTS,  # tcp_* (pwcache/tcp_server.py)
     "listen": f"127.0.0.1:{DEFAULT_PORT}",
     "passwd": "",
     "shadow": "",
@@ -47,9 +47,6 @@ DEFAULTS: dict = {
     "syslog": "",
 }
 SOURCES = ("passwd", "shadow", "group", "mailhosts")
-TCP_IDLE_SECONDS = 10.0
-TCP_MAX_CONNECTIONS = 256
-TCP_MAX_PENDING_OUT = 4 * 1024 * 1024  # stop reading a connection past this
 UDP_RCVBUF = 4 * 1024 * 1024
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux
 RELOAD_NICE = 10
@@ -78,6 +75,7 @@ class ServerCore(CHandle):
     def __init__(self):
         super().__init__(lib.pws_new())
         self.generation = 0
+        self.counter_ids = {ffi.string(lib.pws_counter_name(i)).decode(): i for i in range(lib.pws_ncounters())}
 
     def set_keys(self, network_key: bytes | None, shadow_key: bytes | None) -> None:
         # the C side copies the keys
@@ -114,8 +112,7 @@ class ServerCore(CHandle):
         return Answerer(self, tcp)
 
     def counters(self) -> dict[str, int]:
-        return {ffi.string(lib.pws_counter_name(i)).decode(): lib.pws_counter(self.ptr, i)
-                for i in range(lib.pws_ncounters())}
+        return {name: lib.pws_counter(self.ptr, i) for name, i in self.counter_ids.items()}
 
     def serve_udp(self, fd: int, slot: int) -> int:
         return lib.pws_serve_udp(self.ptr, fd, slot)
@@ -150,6 +147,10 @@ class Answerer:
         n = lib.pws_answer(self.core.ptr, self.slot, request, len(request), self.tcp, self.out, self.cap)
         return ffi.buffer(self.out, n)[:] if n else None
 
+    def count(self, counter: str) -> None:
+        """Counts an event the caller decided (one of STATS' counters)."""
+        lib.pws_count(self.core.ptr, self.slot, self.core.counter_ids[counter])
+
     def close(self) -> None:
         if self.slot is not None:
             self.core.release(self.slot)
@@ -166,6 +167,7 @@ class Config:
     shadow_key: bytes | None
     network_key: bytes | None
     allow: list[str]
+    tcp: TcpLimits
     threads: int
     poll_seconds: float
     busy_poll_us: int
@@ -245,12 +247,16 @@ def load_config(args: argparse.Namespace) -> Config:
     allow = cfg["allow"]
     if isinstance(allow, str) or not all(isinstance(a, str) for a in allow):
         raise ConfigError("allow must be a list of CIDR strings")
+    try:
+        tcp = TcpLimits.from_settings(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return Config(
         listen=parse_listen(cfg["listen"]),
         sources={k: os.path.abspath(cfg[k]) if cfg[k] else "" for k in SOURCES},
         shadow_key=read_key(cfg["shadow_key"], "shadow") if cfg["shadow_key"] else None,
         network_key=read_key(cfg["network_key"], "network") if cfg["network_key"] else None,
-        allow=list(allow), threads=threads, poll_seconds=poll_seconds,
+        allow=list(allow), tcp=tcp, threads=threads, poll_seconds=poll_seconds,
         busy_poll_us=busy_poll_us,
         syslog=cfg["syslog"], rule=rule)
 
@@ -364,147 +370,6 @@ def bind_sockets(host: str, port: int) -> tuple[socket.socket, socket.socket]:
     raise OSError("no port free for both UDP and TCP")
 
 
-def _frame_ready(buf: bytearray) -> bool:
-    """Whether buf starts with a whole frame (or a length past the limit)."""
-    if len(buf) < 4:
-        return False
-    (n,) = struct.unpack_from(">I", buf)
-    return n > lib.PW_MAX_REQUEST or len(buf) >= 4 + n
-
-
-class TcpServer:
-    """TCP on the serving port: 4-byte big-endian framing, many requests per
-    connection, 256 connections, 10 s idle (docs/protocol.md)."""
-
-    def __init__(self, core: ServerCore, sock: socket.socket, stop_fd: int):
-        self.core = core
-        self.sock = sock
-        self.stop_fd = stop_fd
-        self.sel = selectors.DefaultSelector()
-        self.conns: dict[socket.socket, dict] = {}
-        self.thread = threading.Thread(target=self._run, name="pwserver-tcp", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def _run(self) -> None:
-        answerer = self.core.answerer(tcp=True)
-        try:
-            self._loop(answerer)
-        except Exception:
-            log.exception("TCP server failed")
-        finally:
-            answerer.close()
-            for c in list(self.conns):
-                self._close(c)
-            self.sel.close()
-
-    def _loop(self, answerer: Answerer) -> None:
-        self.sock.setblocking(False)
-        self.sel.register(self.sock, selectors.EVENT_READ, "accept")
-        self.sel.register(self.stop_fd, selectors.EVENT_READ, "stop")
-        accepting = True
-        while True:
-            for key, events in self.sel.select(timeout=1.0):
-                if key.data == "stop":
-                    return
-                if key.data == "accept":
-                    self._accept(answerer)
-                else:
-                    try:
-                        self._service(key.fileobj, events, answerer)
-                    except Exception:  # one connection's bug must not stop TCP
-                        log.exception("TCP connection failed")
-                        self._close(key.fileobj)
-            now = time.monotonic()
-            for c, st in list(self.conns.items()):
-                if now - st["seen"] > TCP_IDLE_SECONDS:
-                    self._close(c)
-            full = len(self.conns) >= TCP_MAX_CONNECTIONS
-            if full and accepting:  # the rest wait in the backlog
-                self.sel.unregister(self.sock)
-                accepting = False
-            elif not full and not accepting:
-                self.sel.register(self.sock, selectors.EVENT_READ, "accept")
-                accepting = True
-
-    def _accept(self, answerer: Answerer) -> None:
-        try:
-            c, addr = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            log.warning("accept: %s", e)
-            return
-        if not self.core.source_allowed(answerer.slot, addr[0]):
-            c.close()
-            return
-        c.setblocking(False)
-        self.conns[c] = {"in": bytearray(), "out": bytearray(), "seen": time.monotonic()}
-        self.sel.register(c, selectors.EVENT_READ, "conn")
-
-    def _service(self, c: socket.socket, events: int, answerer: Answerer) -> None:
-        st = self.conns[c]
-        st["seen"] = time.monotonic()
-        if events & selectors.EVENT_READ:
-            try:
-                data = c.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                data = None
-            except OSError:
-                data = b""
-            if data == b"":
-                self._close(c)
-                return
-            if data:
-                st["in"] += data
-        if not self._answer_frames(st, answerer):
-            self._close(c)
-            return
-        if st["out"]:
-            try:
-                sent = c.send(st["out"])
-                del st["out"][:sent]
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
-                self._close(c)
-                return
-        # frames left unanswered (output was full) come back on the next
-        # writable event, which is at once when the output has drained
-        want = selectors.EVENT_WRITE if st["out"] or _frame_ready(st["in"]) else 0
-        if len(st["out"]) < TCP_MAX_PENDING_OUT:
-            want |= selectors.EVENT_READ
-        self.sel.modify(c, want, "conn")
-
-    def _answer_frames(self, st: dict, answerer: Answerer) -> bool:
-        """Answers complete frames while the output is not full; False
-        closes the connection."""
-        buf = st["in"]
-        while _frame_ready(buf) and len(st["out"]) < TCP_MAX_PENDING_OUT:
-            (n,) = struct.unpack_from(">I", buf)
-            if n > lib.PW_MAX_REQUEST:
-                answerer.answer(bytes(lib.PW_MAX_REQUEST + 1))  # counted as oversize
-                return False
-            ans = answerer.answer(bytes(buf[4:4 + n]))
-            del buf[:4 + n]
-            if ans is None:
-                return False
-            st["out"] += struct.pack(">I", len(ans)) + ans
-        return True
-
-    def _close(self, c: socket.socket) -> None:
-        self.conns.pop(c, None)
-        try:
-            self.sel.unregister(c)
-        except (KeyError, ValueError):
-            pass
-        c.close()
-
-    def join(self) -> None:
-        self.thread.join(timeout=10)
-
-
 # ---- the daemon -----------------------------------------------------------
 
 
@@ -580,7 +445,7 @@ def serve(cfg: Config) -> int:
         t = threading.Thread(target=run, name=f"pwserver-udp{i}", daemon=True)
         t.start()
         udp_threads.append((t, slot))
-    tcp_server = TcpServer(core, tcp, stop_fd)
+    tcp_server = TcpServer(core, tcp, stop_fd, cfg.tcp)
     tcp_server.start()
     loader.start()
     shown = f"[{host}]" if ":" in host else host

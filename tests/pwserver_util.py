@@ -92,8 +92,8 @@ def recv_exact(sock: socket.socket, n: int) -> bytes | None:
 
 
 class TcpConn:
-    def __init__(self, addr, timeout: float = 10.0):
-        self.s = socket.create_connection(addr, timeout=timeout)
+    def __init__(self, addr, timeout: float = 10.0, source: str | None = None):
+        self.s = socket.create_connection(addr, timeout=timeout, source_address=(source, 0) if source else None)
 
     def exchange(self, packet: bytes) -> bytes | None:
         self.s.sendall(struct.pack(">I", len(packet)) + packet)

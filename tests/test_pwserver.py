@@ -334,23 +334,3 @@ def test_bad_settings_exit_2(tmp_path, toml):
     run = subprocess.run([str(BIN / "pwserver"), "--config", str(conf), "--passwd", str(paths["passwd"]),
                           "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=30)
     assert run.returncode == 2 and any(line.startswith("pwserver: ") for line in run.stderr.splitlines())
-
-
-def test_tcp_connection_limit(server):
-    # 256 connections at once; the next one waits in the backlog until one closes
-    import socket
-    conns = [socket.create_connection(server.addr, timeout=10) for _ in range(256)]
-    try:
-        with TcpConn(server.addr) as c:  # number 257
-            c.s.settimeout(1.0)
-            packet = request("ping", rid=9, pad=0)
-            c.s.sendall(len(packet).to_bytes(4, "big") + packet)
-            with pytest.raises(socket.timeout):
-                c.s.recv(100)
-            conns.pop().close()
-            c.s.settimeout(10)
-            head = c.recv_exact(4)
-            assert msgpack.unpackb(c.recv_exact(int.from_bytes(head, "big")))[:3] == [1, 9, OK]
-    finally:
-        for s in conns:
-            s.close()

@@ -22,6 +22,12 @@
 #define COUNTERS(X)                                                          \
     X(requests)           /* packets received, UDP and TCP */                \
     X(tcp_requests)                                                          \
+    /* TCP connections closed by the limits (pwcache/tcp_server.py) */       \
+    X(tcp_refused_source) /* at once: its address holds its share */         \
+    X(tcp_refused_full)   /* at once: every place taken, none to free */     \
+    X(tcp_evicted)        /* the longest-waiting of the busiest address */   \
+    X(tcp_frame_timeouts) /* a request frame not whole in time */            \
+    X(tcp_send_timeouts)  /* answers not taken in time */                    \
     X(ok) X(notfound) X(truncated) X(denied) X(bad_request) X(bad_version)   \
     X(unavailable)                                                           \
     X(bad_packet)         /* dropped: not a request, id unreadable */        \
@@ -240,6 +246,12 @@ uint64_t pws_counter(pws_server *s, int i)
     for (int k = 0; k < PWS_MAX_SLOTS; k++)
         sum += atomic_load_explicit(&s->slots[k].c[i], memory_order_relaxed);
     return sum;
+}
+
+void pws_count(pws_server *s, int slot, int i)
+{
+    if (i >= 0 && i < NCOUNTERS)
+        bump(&s->slots[slot], i);
 }
 
 static void put_key(pwp_buf *b, const char *name, uint64_t v)

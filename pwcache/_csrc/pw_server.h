@@ -72,6 +72,9 @@ void pws_set_busy_poll(pws_server *s, unsigned usec);
 int pws_ncounters(void);
 const char *pws_counter_name(int i);
 uint64_t pws_counter(pws_server *s, int i);
+/* Counts one event of counter i in a slot (its thread's only): for what
+ * the callers decide, such as the TCP connection limits. */
+void pws_count(pws_server *s, int slot, int i);
 /* cffi: end */
 
 #endif /* PW_SERVER_H */
