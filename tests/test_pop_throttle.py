@@ -140,3 +140,15 @@ def test_throttle_counts_in_flight_and_drains():
     # Nothing in flight; the address's 3 failures have drained (20 per 30 s),
     # the user's not yet (5 per 30 s): one key left.
     assert len(t) == 1
+
+
+def test_throttle_table_is_bounded():
+    t = LoginThrottle({"throttle_ip_failures": 20, "throttle_user_ip_failures": 10,
+                       "throttle_user_failures": 100, "throttle_window": 300.0}, max_keys=4)
+    assert t.begin("10.0.0.1", "ana", 0) == ADMITTED          # 3 keys
+    t.end("10.0.0.1", "ana", VERDICT_FAILED, 0)
+    assert t.begin("10.0.0.2", "bea", 0) == ADMITTED          # 3 more: idle ones make room
+    assert len(t) <= 4 and t.evicted() >= 2
+    assert t.begin("10.0.0.3", "cid", 0) != ADMITTED          # all 4 left are in flight (bea's)
+    t.end("10.0.0.2", "bea", VERDICT_OK, 0)
+    assert t.begin("10.0.0.3", "cid", 0) == ADMITTED

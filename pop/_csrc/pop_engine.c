@@ -400,11 +400,12 @@ int pe_throttle_begin(pe_throttle *t, const char *addr, const char *user, double
             verdict = PE_THROTTLED_ADDRESS + k;
     }
     for (int k = 0; k < TK_KINDS && verdict == PE_ADMITTED; k++) {
+        x[k] = *throttle_slot(t, keys[k]);      /* again: making room may have evicted it */
         if (!x[k]) {
             size_t n = strlen(keys[k]) + 1;
             if ((t->size >= t->max_keys && throttle_evict(t) < 0) || !(x[k] = malloc(sizeof *x[k] + n))) {
                 for (int j = 0; j < k; j++)
-                    x[j]->inflight--;       /* (left for the next prune) */
+                    x[j]->inflight--;       /* (idle now: evictable) */
                 verdict = PE_THROTTLED_FULL;
                 break;
             }
@@ -412,7 +413,7 @@ int pe_throttle_begin(pe_throttle *t, const char *addr, const char *user, double
             x[k]->level = 0;
             x[k]->then = now;
             x[k]->inflight = 0;
-            pt_entry **slot = throttle_slot(t, keys[k]);     /* (an eviction may have moved it) */
+            pt_entry **slot = throttle_slot(t, keys[k]);
             x[k]->next = *slot;
             *slot = x[k];
             t->size++;
