@@ -28,7 +28,7 @@ from .protocol import Closed, ServerConnection
 
 # pe_stats() order (ST_* in pop_engine.c).
 STAT_NAMES = ("connections", "refused_limit", "handoffs", "login_ok", "prelogin_timeout",
-              "relay_errors", "idle_timeout", "throttle_table_full")
+              "relay_errors", "idle_timeout")
 
 READ_AT_HANDOFF = 262144       # as much as one read of an asyncio transport
 OUTCOME_NONE, OUTCOME_ANSWER, OUTCOME_ERROR = lib.PE_OUTCOME_NONE, lib.PE_OUTCOME_ANSWER, lib.PE_OUTCOME_ERROR
@@ -46,6 +46,9 @@ class Handoff:
     text: str                            # the backend's answer line, or what failed
     mailhost: str
     started: float                       # CLOCK_MONOTONIC seconds of the PASS (0: none)
+    user: str = ""                       # the USER of the login the engine tried
+    attempt: bool = False                # that login is in flight in the throttle: Python ends it
+    result: tuple | None = None          # what Python made of the engine's outcome
     eof: bool = False                    # the client has closed its side
     more: bytearray = field(default_factory=bytearray, repr=False)   # read by Python before adopting
 
@@ -116,8 +119,9 @@ def usable(cfg: dict) -> bool:
 
 class Engine:
     def __init__(self, cfg: dict, sock: socket.socket, texts: dict[str, bytes], refuse: bytes,
-                 backends: dict[str, tuple[str, int] | None], *, on_handoff, ident: str = "pop-proxy"):
+                 backends: dict[str, tuple[str, int] | None], *, throttle, on_handoff, ident: str = "pop-proxy"):
         self.on_handoff = on_handoff
+        self._throttle = throttle           # (kept alive as long as the engine uses it)
         self._keep = {k: ffi.new("char[]", v) for k, v in texts.items() if v}
         self._keep["refuse"] = ffi.new("char[]", refuse)
         self._keep["ident"] = ffi.new("char[]", ident.encode())
@@ -135,6 +139,7 @@ class Engine:
         c.lookup_threads = cfg["lookup_threads"]
         c.backend_port = cfg["backend_port"]
         c.log_ident = self._keep["ident"]
+        c.throttle = throttle.handle
         c.log_level, c.syslog_fd, c.syslog_facility, c.stderr_fd = log_targets()
         fd = os.dup(sock.fileno())           # the engine closes its own copies
         self._e = lib.pe_new(c, fd)
@@ -189,11 +194,6 @@ class Engine:
         lib.pe_free(self._e)
         self._e = ffi.NULL
 
-    def block(self, key: str, until: float) -> None:
-        """Logins from `key` (an address, or "user:" + name) go to Python until `until`."""
-        if self._e != ffi.NULL:
-            lib.pe_block(self._e, key.encode("utf-8", "replace"), until)
-
     def stats(self) -> dict[str, int]:
         if self._e == ffi.NULL:
             return {}
@@ -210,4 +210,5 @@ class Engine:
             waiting, eof = _read_waiting(sock)
             self.on_handoff(Handoff(sock, ffi.string(ev.addr).decode(), ev.port, history + waiting, ev.answered,
                                     ev.outcome, ffi.string(ev.text).decode("utf-8", "replace"),
-                                    ffi.string(ev.mailhost).decode("utf-8", "replace"), ev.started, eof))
+                                    ffi.string(ev.mailhost).decode("utf-8", "replace"), ev.started,
+                                    ffi.string(ev.user).decode("utf-8", "replace"), bool(ev.attempt), None, eof))

@@ -38,7 +38,7 @@ from .backend import BackendError, BackendLogin, response_code
 from .protocol import (NEED_DATA, NEED_REPLY, Closed, Login, RemoteProtocolError, ServerConnection,
                        StartTLS)
 from .relay import HAVE_SPLICE, SpliceRelay, TransportRelay
-from .throttle import FailureThrottle
+from . import throttle as popthrottle
 
 log = logging.getLogger("pop-proxy")
 
@@ -74,8 +74,7 @@ class ProxyServer:
         self.pw = pw
         self.tls_context = tls_context
         self.backend = backend_login(cfg)
-        self.ip_throttle = FailureThrottle(cfg["throttle_ip_failures"], cfg["throttle_window"])
-        self.user_throttle = FailureThrottle(cfg["throttle_user_failures"], cfg["throttle_window"])
+        self.throttle = popthrottle.LoginThrottle(cfg)     # shared with the engines
         self.connections = 0
         self.per_ip: Counter[str] = Counter()
         self.stats: Counter[str] = Counter()
@@ -104,13 +103,9 @@ class ProxyServer:
             self.tls_context.load_cert_chain(new["tls_cert"], new["tls_key"] or None)
         self.cfg, self.backend = new, backend
         self._addresses.clear()
-        self.ip_throttle.configure(new["throttle_ip_failures"], new["throttle_window"])
-        self.user_throttle.configure(new["throttle_user_failures"], new["throttle_window"])
+        self.throttle.configure(new)        # the new engine shares the same table: nothing to carry over
         if engine is not None:
             old, self.engine = self.engine, engine
-            now = asyncio.get_running_loop().time()
-            for key, until in self.blocks(now):
-                engine.block(key, until)
             old.drain()
             self.old_engines.append(old)
         log.info("reloaded settings: %d backends mapped", len(new["backends"]))
@@ -132,13 +127,6 @@ class ProxyServer:
 
     def open_sessions(self) -> int:
         return self.connections + sum(e.open_sessions() for e in self.engines())
-
-    def blocks(self, now: float):
-        """(engine key, until) of every blocked address and user name."""
-        for key, until in self.ip_throttle.blocked_keys(now):
-            yield key, until
-        for key, until in self.user_throttle.blocked_keys(now):
-            yield "user:" + key, until
 
     def protocol(self) -> "ClientSide":
         return ClientSide(self)
@@ -164,13 +152,21 @@ class ProxyServer:
 
     # --- the login decision ------------------------------------------------------------
     async def login(self, session: "ClientSide", event: Login):
-        """Returns ("ok", backend, answer) or ("err", code, text, delayed)."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        user_key = event.user.lower()
-        if self.ip_throttle.blocked(session.addr, now) or self.user_throttle.blocked(user_key, now):
+        """Returns ("ok", backend, answer) or ("err", code, text, delayed).
+        The attempt is counted by the throttle from here to its verdict."""
+        refused = self.throttle.begin(session.addr, event.user)
+        if refused != popthrottle.ADMITTED:
             self.stats["throttled"] += 1
+            log.info("throttled user=%s from=%s by=%s", event.user, session.addr, popthrottle.REFUSED_BY[refused])
             return ("err", "LOGIN-DELAY", "Too many failed logins, try again later.", True)
+        result = None
+        try:
+            result = await self._decide(session, event)
+            return result
+        finally:             # (also when the client leaves and the task is cancelled)
+            self.throttle.end(session.addr, event.user, verdict(result))
+
+    async def _decide(self, session: "ClientSide", event: Login):
         try:
             entry = await self.pw.mailhost(event.user)
         except Unavailable as e:
@@ -180,8 +176,7 @@ class ProxyServer:
         except (PwError, ValueError):
             entry = None               # a name the server refuses: as unknown
         if entry is None:
-            self.failure(session, user_key)
-            return ("err", "AUTH", AUTH_FAILED, True)
+            return self.failed()
         if entry.frozen:
             self.stats["frozen"] += 1
             return ("err", "IN-USE", "Mailbox is being moved, try again in a few minutes.", True)
@@ -199,43 +194,40 @@ class ProxyServer:
         if answer.startswith(b"+OK"):
             session.backend_name = entry.host
             return ("ok", backend, answer)
-        return self.refused(session, user_key, answer)
+        return self.refused(answer)
 
-    def outcome(self, session: "ClientSide", event: Login, h: popengine.Handoff):
+    def outcome(self, h: popengine.Handoff):
         """The result of a login the engine tried (handed over with its outcome)."""
         if h.outcome == popengine.OUTCOME_ERROR:
-            return self.backend_failed(h.mailhost, event.user, h.text)
-        return self.refused(session, event.user.lower(), h.text.encode("utf-8", "replace"))
+            return self.backend_failed(h.mailhost, h.user, h.text)
+        return self.refused(h.text.encode("utf-8", "replace"))
 
     def backend_failed(self, mailhost: str, user: str, error) -> tuple:
         log.warning("backend %s for user=%s: %s", mailhost, user, error)
         self.stats["backend_down"] += 1
         return ("err", "SYS/TEMP", "Mail server unavailable, try again later.", False)
 
-    def refused(self, session: "ClientSide", user_key: str, answer: bytes) -> tuple:
+    def refused(self, answer: bytes) -> tuple:
         """A backend's -ERR to the login: its code passed on, or a failure."""
         code = response_code(answer)
         if code in PASSED_CODES:
             text = answer.split(b"]", 1)[-1].strip().decode("utf-8", "replace") or "Try again later."
             return ("err", code, text, False)
-        self.failure(session, user_key)
-        return ("err", "AUTH", AUTH_FAILED, True)
+        return self.failed()
 
-    def failure(self, session: "ClientSide", user_key: str) -> None:
-        now = asyncio.get_running_loop().time()
-        self.ip_throttle.failure(session.addr, now)
-        self.user_throttle.failure(user_key, now)
+    def failed(self) -> tuple:
         self.stats["login_failed"] += 1
-        # Failures are all seen here; the engines only learn who is blocked.
-        for throttle, key, engine_key in ((self.ip_throttle, session.addr, session.addr),
-                                          (self.user_throttle, user_key, "user:" + user_key)):
-            until = throttle.blocked_until(key, now)
-            if until is not None:
-                for engine in self.engines():
-                    engine.block(engine_key, until)
+        return ("err", "AUTH", AUTH_FAILED, True)
 
     # --- sessions the engine hands over --------------------------------------------------
     def engine_handoff(self, h: popengine.Handoff) -> None:
+        if h.outcome != popengine.OUTCOME_NONE:
+            h.result = self.outcome(h)
+        if h.attempt:
+            # The engine began this attempt in the throttle; its verdict is
+            # given here, at once (not when the session is adopted, which
+            # may never happen). A login without an outcome is redone.
+            self.throttle.end(h.addr, h.user, verdict(h.result))
         asyncio.get_running_loop().create_task(self._take_over(h))
 
     async def _take_over(self, h: popengine.Handoff) -> None:
@@ -245,6 +237,16 @@ class ProxyServer:
             log.warning("client %s:%s: cannot take over from the engine: %s", h.addr, h.port, e)
             self.stats["handoff_failed"] += 1
             h.sock.close()
+
+
+def verdict(result: tuple | None) -> int:
+    """What a login's result tells the throttle: [AUTH] is the one failure
+    (wrong password, unknown user); a code for anything else is none."""
+    if result is None:
+        return popthrottle.VERDICT_NONE
+    if result[0] == "ok":
+        return popthrottle.VERDICT_OK
+    return popthrottle.VERDICT_FAILED if result[1] == "AUTH" else popthrottle.VERDICT_NONE
 
 
 class ClientSide(asyncio.Protocol):
@@ -325,7 +327,7 @@ class ClientSide(asyncio.Protocol):
             return
         self.transport.pause_reading()     # (as the login and STLS below expect)
         if isinstance(login, Login):
-            result = self.server.outcome(self, login, h) if h.outcome != popengine.OUTCOME_NONE else None
+            result = h.result
             self.task = asyncio.get_running_loop().create_task(
                 self._login(login, result, h.started or None))
             return
@@ -657,6 +659,8 @@ async def serve(args, cfg) -> None:
         for engine in server.engines():
             server.retire(engine)
         server.engine = None
+        if server.throttle.evicted():
+            server.stats["throttle_evicted"] = server.throttle.evicted()
         log.info("stopping: %d sessions cut; %s", cut, dict(server.stats))
         await pw.close()
 
@@ -672,7 +676,8 @@ def start_engine(server: ProxyServer, sock: socket.socket, cfg: dict, *, stls: b
         except (ValueError, OSError):
             backends[name] = None          # a name to resolve: logins to it go to Python
     texts = popengine.answers(GREETING, stls=stls, plaintext_auth=cfg["plaintext_auth"])
-    engine = popengine.Engine(cfg, sock, texts, TOO_MANY, backends, on_handoff=server.engine_handoff)
+    engine = popengine.Engine(cfg, sock, texts, TOO_MANY, backends, throttle=server.throttle,
+                              on_handoff=server.engine_handoff)
     engine.start(on_exit=server.engine_finished)
     return engine
 

@@ -1,55 +1,56 @@
-"""Failed-login throttling: a leaky bucket per key (client address, user
-name). Each failure adds one; the level drains at `limit / window` per
-second; a key whose next failure would pass `limit` is refused until it
-has drained by one (window / limit seconds after the last failure).
-Memory is bounded: past `max_keys`, the least recently failed key goes."""
+"""Failed-login throttling (docs/pop.md, "Throttling"): one table in C
+(pop/_csrc/pop_engine.c, pe_throttle_*) that the Python proxy and every
+engine share, so the same policy decides every login, and a reload
+keeps what was counted.
+
+An attempt counts from its start: `begin()` refuses a login whose
+address, (user, address) or user name already has `limit` failures plus
+attempts in flight, so parallel attempts cannot pass a limit. `end()`
+gives the verdict: a failure adds one to each of the three leaky buckets
+(each drains at `limit / window` per second), a success clears the
+(user, address) one. Memory is bounded: past `max_keys` an idle key goes."""
 from __future__ import annotations
 
-from collections import OrderedDict
+import time
+
+from ._engine import ffi, lib
 
 MAX_KEYS = 100_000
+ADMITTED = lib.PE_ADMITTED
+VERDICT_NONE, VERDICT_OK, VERDICT_FAILED = lib.PE_VERDICT_NONE, lib.PE_VERDICT_OK, lib.PE_VERDICT_FAILED
+# pe_throttle_begin()'s refusals, as the log names them.
+REFUSED_BY = {lib.PE_THROTTLED_ADDRESS: "address", lib.PE_THROTTLED_USER_ADDRESS: "user+address",
+              lib.PE_THROTTLED_USER: "user", lib.PE_THROTTLED_FULL: "table-full"}
 
 
-class FailureThrottle:
-    def __init__(self, limit: int, window: float, max_keys: int = MAX_KEYS):
-        self.configure(limit, window)
-        self.max_keys = max_keys
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+def user_key(user: str) -> bytes:
+    return user.lower().encode("utf-8", "replace")
 
-    def configure(self, limit: int, window: float) -> None:
-        """New numbers (SIGHUP); the failures counted so far stay."""
-        self.limit = limit
-        self.rate = limit / window if window > 0 else float("inf")
 
-    def level(self, key: str, now: float) -> float:
-        hit = self._buckets.get(key)
-        if hit is None:
-            return 0.0
-        level, then = hit
-        return max(0.0, level - (now - then) * self.rate)
+class LoginThrottle:
+    def __init__(self, cfg: dict, max_keys: int = MAX_KEYS):
+        t = lib.pe_throttle_new(max_keys)
+        if t == ffi.NULL:
+            raise MemoryError("login throttle")
+        self.handle = ffi.gc(t, lib.pe_throttle_free)    # engines get it in pe_config
+        self.configure(cfg)
 
-    def blocked(self, key: str, now: float) -> bool:
-        return self.limit > 0 and self.level(key, now) > self.limit - 1
+    def configure(self, cfg: dict) -> None:
+        """New limits (SIGHUP); what was counted so far stays."""
+        lib.pe_throttle_configure(self.handle, cfg["throttle_ip_failures"], cfg["throttle_user_ip_failures"],
+                                  cfg["throttle_user_failures"], cfg["throttle_window"])
 
-    def blocked_until(self, key: str, now: float) -> float | None:
-        """When a blocked key drains below the limit again (None: not blocked)."""
-        if not self.blocked(key, now):
-            return None
-        return now + (self.level(key, now) - (self.limit - 1)) / self.rate
+    def begin(self, addr: str, user: str, now: float | None = None) -> int:
+        """ADMITTED (now in flight: end() it), or which limit refused it."""
+        return lib.pe_throttle_begin(self.handle, addr.encode(), user_key(user),
+                                     time.monotonic() if now is None else now)
 
-    def blocked_keys(self, now: float):
-        """(key, until) of every key blocked now."""
-        for key in list(self._buckets):
-            until = self.blocked_until(key, now)
-            if until is not None:
-                yield key, until
+    def end(self, addr: str, user: str, verdict: int, now: float | None = None) -> None:
+        lib.pe_throttle_end(self.handle, addr.encode(), user_key(user), verdict,
+                            time.monotonic() if now is None else now)
 
-    def failure(self, key: str, now: float) -> None:
-        level = self.level(key, now) + 1.0
-        self._buckets[key] = (level, now)
-        self._buckets.move_to_end(key)
-        while len(self._buckets) > self.max_keys:
-            self._buckets.popitem(last=False)
+    def evicted(self) -> int:
+        return lib.pe_throttle_evicted(self.handle)
 
     def __len__(self) -> int:
-        return len(self._buckets)
+        return lib.pe_throttle_keys(self.handle)

@@ -33,7 +33,7 @@ def bed(tmp_path_factory):
         s1 = start_pop3d(tmp, tmp / "store1", conf, host="127.0.0.2")
         s2 = start_pop3d(tmp, tmp / "store2", conf, host="127.0.0.3")
         settings = (f'backends = {{ store1 = "127.0.0.2:{s1.port}", store2 = "127.0.0.3:{s2.port}" }}\n'
-                    "auth_failure_delay = 0.05\nthrottle_user_failures = 1000\nthrottle_ip_failures = 100000\n"
+                    "auth_failure_delay = 0.05\nthrottle_user_failures = 1000\nthrottle_user_ip_failures = 1000\nthrottle_ip_failures = 100000\n"
                     "max_connections_per_ip = 1000\n")
         with s1, s2, start_proxy(tmp, conf, settings) as proxy:
             yield {"tmp": tmp, "pw": pws, "proxy": proxy, "layouts": layouts, "users": users}

@@ -37,7 +37,7 @@ def bed(tmp_path_factory):
         settings = (f'backends = {{ store1 = "127.0.0.2:{store.port}" }}\n'
                     "auth_failure_delay = 0.05\nprelogin_timeout = 5.0\nbackend_retries = 0\n"
                     "backend_connect_timeout = 1.0\nthrottle_user_failures = 100000\n"
-                    "throttle_ip_failures = 100000\nmax_connections_per_ip = 1000\n")
+                    "throttle_ip_failures = 100000\nthrottle_user_ip_failures = 100000\nmax_connections_per_ip = 1000\n")
         with store, start_proxy(tmp, conf, settings, name="engine") as engine, \
                 start_proxy(tmp, conf, settings + "engine = false\n", name="python") as python:
             yield {"tmp": tmp, "conf": conf, "engine": engine, "python": python, "store": store,

@@ -50,13 +50,14 @@
 #define MAX_EPOLL_EVENTS 256
 #define MAX_QUEUED_LOOKUPS 4096 /* past it, logins go to Python's own client */
 #define MAX_BACKENDS 4096       /* [pop] backends entries */
-#define MAX_BLOCKED 100000      /* throttled keys held */
+#define THROTTLE_BUCKETS 65536
+#define THROTTLE_KEY_MAX 1024
 #define MAP_BUCKETS 16384
 
 enum { PRELOGIN, LOOKUP, CONNECTING, BACKEND, RELAY, GONE };
 enum { END_CLIENT, END_BACKEND, END_LISTEN, END_WAKE };
 enum { ST_CONNECTIONS, ST_REFUSED, ST_HANDOFFS, ST_LOGINS, ST_PRELOGIN_TIMEOUT, ST_RELAY_ERRORS,
-       ST_IDLE_TIMEOUT, ST_BLOCKED_FULL };
+       ST_IDLE_TIMEOUT };
 
 typedef struct pe_conn pe_conn;
 
@@ -83,6 +84,8 @@ struct pe_conn {
     char pass[PE_NAME_MAX];
     char mailhost[PE_NAME_MAX];
     int have_user;
+    int attempt;                /* began in the throttle, not yet ended */
+    char user_key[PE_NAME_MAX]; /* ... for user, lower-cased */
     double started, login_at;
     /* Client bytes before login: answered ones, then unanswered ones. */
     uint8_t in[HISTORY_MAX];
@@ -113,7 +116,7 @@ struct pe_conn {
     uint64_t bytes_up, bytes_down;
 };
 
-/* A small string map (connections per address, blocked keys). */
+/* A small string map (connections per address). */
 typedef struct pe_entry {
     struct pe_entry *next;
     double value;
@@ -173,9 +176,6 @@ struct pe_engine {
     /* Events to Python. */
     pthread_mutex_t qlock;
     pe_qevent *events, *events_tail;
-    /* Blocked keys (written by Python's thread). */
-    pthread_mutex_t block_lock;
-    pe_map blocked;
     uint8_t scratch[COPY_CHUNK];
 };
 
@@ -299,6 +299,203 @@ static void map_prune(pe_map *m, double floor)
 static void map_clear(pe_map *m)
 {
     map_prune(m, 1e300);
+}
+
+/* ---- the login throttle --------------------------------------------------- */
+
+enum { TK_ADDRESS, TK_USER_ADDRESS, TK_USER, TK_KINDS };
+
+typedef struct pt_entry {
+    struct pt_entry *next;
+    double level, then;         /* failures, drained up to `then` */
+    int inflight;
+    char key[];
+} pt_entry;
+
+struct pe_throttle {
+    pthread_mutex_t lock;
+    int limit[TK_KINDS];
+    double window;
+    size_t size, max_keys, cursor;
+    uint64_t evicted;
+    pt_entry *buckets[THROTTLE_BUCKETS];
+};
+
+pe_throttle *pe_throttle_new(size_t max_keys)
+{
+    pe_throttle *t = calloc(1, sizeof *t);
+    if (!t)
+        return NULL;
+    pthread_mutex_init(&t->lock, NULL);
+    t->max_keys = max_keys;
+    return t;
+}
+
+void pe_throttle_configure(pe_throttle *t, int per_address, int per_user_address, int per_user, double window)
+{
+    pthread_mutex_lock(&t->lock);
+    t->limit[TK_ADDRESS] = per_address;
+    t->limit[TK_USER_ADDRESS] = per_user_address;
+    t->limit[TK_USER] = per_user;
+    t->window = window;
+    pthread_mutex_unlock(&t->lock);
+}
+
+/* "A addr", "B addr user", "C user": an address holds no space. */
+static void throttle_keys(char keys[TK_KINDS][THROTTLE_KEY_MAX], const char *addr, const char *user)
+{
+    snprintf(keys[TK_ADDRESS], THROTTLE_KEY_MAX, "A %s", addr);
+    snprintf(keys[TK_USER_ADDRESS], THROTTLE_KEY_MAX, "B %s %s", addr, user);
+    snprintf(keys[TK_USER], THROTTLE_KEY_MAX, "C %s", user);
+}
+
+static pt_entry **throttle_slot(pe_throttle *t, const char *key)
+{
+    size_t h = 1469598103934665603ULL;
+    for (const char *p = key; *p; p++)
+        h = (h ^ (unsigned char)*p) * 1099511628211ULL;
+    pt_entry **p = &t->buckets[h % THROTTLE_BUCKETS];
+    while (*p && strcmp((*p)->key, key) != 0)
+        p = &(*p)->next;
+    return p;
+}
+
+/* The failures left after draining at `limit / window` per second. */
+static double throttle_level(pe_throttle *t, int kind, pt_entry *x, double now)
+{
+    if (t->limit[kind] <= 0 || t->window <= 0)
+        return 0;
+    double level = x->level - (now - x->then) * t->limit[kind] / t->window;
+    return level > 0 ? level : 0;
+}
+
+/* Full: an idle key goes (the next one from a moving cursor, so about the
+ * oldest); 0, or -1 when every key has an attempt in flight. */
+static int throttle_evict(pe_throttle *t)
+{
+    for (size_t n = 0; n < THROTTLE_BUCKETS; n++, t->cursor = (t->cursor + 1) % THROTTLE_BUCKETS)
+        for (pt_entry **p = &t->buckets[t->cursor]; *p; p = &(*p)->next)
+            if ((*p)->inflight == 0) {
+                pt_entry *x = *p;
+                *p = x->next;
+                free(x);
+                t->size--;
+                t->evicted++;
+                return 0;
+            }
+    return -1;
+}
+
+int pe_throttle_begin(pe_throttle *t, const char *addr, const char *user, double now)
+{
+    char keys[TK_KINDS][THROTTLE_KEY_MAX];
+    pt_entry *x[TK_KINDS];
+    throttle_keys(keys, addr, user);
+    pthread_mutex_lock(&t->lock);
+    int verdict = PE_ADMITTED;
+    /* In flight counts as failed: parallel attempts cannot pass the limit. */
+    for (int k = 0; k < TK_KINDS && verdict == PE_ADMITTED; k++) {
+        x[k] = *throttle_slot(t, keys[k]);
+        if (t->limit[k] > 0 && x[k] && throttle_level(t, k, x[k], now) + x[k]->inflight > t->limit[k] - 1)
+            verdict = PE_THROTTLED_ADDRESS + k;
+    }
+    for (int k = 0; k < TK_KINDS && verdict == PE_ADMITTED; k++) {
+        x[k] = *throttle_slot(t, keys[k]);      /* again: making room may have evicted it */
+        if (!x[k]) {
+            size_t n = strlen(keys[k]) + 1;
+            if ((t->size >= t->max_keys && throttle_evict(t) < 0) || !(x[k] = malloc(sizeof *x[k] + n))) {
+                for (int j = 0; j < k; j++)
+                    x[j]->inflight--;       /* (idle now: evictable) */
+                verdict = PE_THROTTLED_FULL;
+                break;
+            }
+            memcpy(x[k]->key, keys[k], n);
+            x[k]->level = 0;
+            x[k]->then = now;
+            x[k]->inflight = 0;
+            pt_entry **slot = throttle_slot(t, keys[k]);
+            x[k]->next = *slot;
+            *slot = x[k];
+            t->size++;
+        }
+        x[k]->inflight++;
+    }
+    pthread_mutex_unlock(&t->lock);
+    return verdict;
+}
+
+void pe_throttle_end(pe_throttle *t, const char *addr, const char *user, int verdict, double now)
+{
+    char keys[TK_KINDS][THROTTLE_KEY_MAX];
+    throttle_keys(keys, addr, user);
+    pthread_mutex_lock(&t->lock);
+    for (int k = 0; k < TK_KINDS; k++) {
+        pt_entry **p = throttle_slot(t, keys[k]);
+        pt_entry *x = *p;
+        if (!x)
+            continue;
+        if (x->inflight > 0)
+            x->inflight--;
+        x->level = throttle_level(t, k, x, now);
+        x->then = now;
+        if (verdict == PE_VERDICT_FAILED)
+            x->level += 1;
+        else if (verdict == PE_VERDICT_OK && k == TK_USER_ADDRESS)
+            x->level = 0;       /* the owner, from there: a fresh start */
+        if (x->inflight == 0 && x->level <= 0) {     /* nothing to remember */
+            *p = x->next;
+            free(x);
+            t->size--;
+        }
+    }
+    pthread_mutex_unlock(&t->lock);
+}
+
+size_t pe_throttle_keys(pe_throttle *t)
+{
+    pthread_mutex_lock(&t->lock);
+    size_t n = t->size;
+    pthread_mutex_unlock(&t->lock);
+    return n;
+}
+
+uint64_t pe_throttle_evicted(pe_throttle *t)
+{
+    pthread_mutex_lock(&t->lock);
+    uint64_t n = t->evicted;
+    pthread_mutex_unlock(&t->lock);
+    return n;
+}
+
+void pe_throttle_free(pe_throttle *t)
+{
+    if (!t)
+        return;
+    for (size_t i = 0; i < THROTTLE_BUCKETS; i++)
+        for (pt_entry *x = t->buckets[i]; x;) {
+            pt_entry *next = x->next;
+            free(x);
+            x = next;
+        }
+    pthread_mutex_destroy(&t->lock);
+    free(t);
+}
+
+/* The throttle's user key: the name lower-cased (ASCII: the engine takes no other). */
+static void user_key(char out[PE_NAME_MAX], const char *user)
+{
+    for (size_t i = 0; i < PE_NAME_MAX; i++)
+        if (!(out[i] = tolower((unsigned char)user[i])))
+            break;
+    out[PE_NAME_MAX - 1] = 0;
+}
+
+/* An attempt the engine began and ends itself (a success, a client gone). */
+static void attempt_end(pe_engine *e, pe_conn *c, int verdict)
+{
+    if (c->attempt && e->cfg.throttle)
+        pe_throttle_end(e->cfg.throttle, c->addr, c->user_key, verdict, e->now);
+    c->attempt = 0;
 }
 
 /* ---- deadlines ---------------------------------------------------------- */
@@ -439,6 +636,7 @@ static void release_count(pe_engine *e, pe_conn *c)
  * struct itself waits on the graveyard until the epoll batch is done. */
 static void conn_free(pe_engine *e, pe_conn *c)
 {
+    attempt_end(e, c, PE_VERDICT_NONE);
     timer_stop(c);
     close_fd(&c->bfd);
     if (c->pr >= 0) {
@@ -509,6 +707,8 @@ static void handoff(pe_engine *e, pe_conn *c, int outcome, const char *text)
     q->ev.answered = c->answered;
     q->ev.started = c->started;
     q->ev.outcome = outcome;
+    q->ev.attempt = c->attempt;     /* Python gives the verdict */
+    c->attempt = 0;
     if (text)
         snprintf(q->ev.text, sizeof q->ev.text, "%s", text);
     epoll_ctl(e->epfd, EPOLL_CTL_DEL, c->cfd, NULL);
@@ -701,26 +901,18 @@ static int prelogin_lines(pe_engine *e, pe_conn *c)
 
 /* ---- the login: lookup ----------------------------------------------------- */
 
-static int blocked(pe_engine *e, const char *key)
-{
-    pthread_mutex_lock(&e->block_lock);
-    pe_entry *b = e->blocked.size ? map_get(&e->blocked, key) : NULL;
-    int on = b && b->value > e->now;
-    pthread_mutex_unlock(&e->block_lock);
-    return on;
-}
-
 static void start_login(pe_engine *e, pe_conn *c)
 {
-    char key[PE_NAME_MAX + 8];
     c->started = e->now;
-    snprintf(key, sizeof key, "user:%s", c->user);
-    for (char *p = key + 5; *p; p++)
-        *p = tolower((unsigned char)*p);
-    if (blocked(e, c->addr) || blocked(e, key) || e->queued >= MAX_QUEUED_LOOKUPS) {
+    user_key(c->user_key, c->user);
+    /* A throttled login goes to Python, which answers it (the same table
+     * refuses it there too). */
+    if (e->queued >= MAX_QUEUED_LOOKUPS || !e->cfg.throttle ||
+        pe_throttle_begin(e->cfg.throttle, c->addr, c->user_key, e->now) != PE_ADMITTED) {
         handoff(e, c, PE_OUTCOME_NONE, NULL);
         return;
     }
+    c->attempt = 1;
     pe_job *j = calloc(1, sizeof *j);
     if (!j) {
         handoff(e, c, PE_OUTCOME_NONE, NULL);
@@ -1316,6 +1508,7 @@ static void start_relay(pe_engine *e, pe_conn *c, const char *first, size_t n)
     c->state = RELAY;
     c->login_at = e->now;
     e->stats[ST_LOGINS]++;
+    attempt_end(e, c, PE_VERDICT_OK);
     log_record(e, LOG_INFO_LEVEL, "login user=%s from=%s:%d backend=%s", c->user, c->addr, c->port, c->mailhost);
     if (hold(&c->down, &c->down_len, &c->down_off, (const uint8_t *)first, n) < 0 ||
         hold(&c->up, &c->up_len, &c->up_off, c->in + c->answered, c->in_len - c->answered) < 0) {
@@ -1514,7 +1707,6 @@ pe_engine *pe_new(const pe_config *cfg, int listen_fd)
     pthread_mutex_init(&e->jlock, NULL);
     pthread_cond_init(&e->jcond, NULL);
     pthread_mutex_init(&e->qlock, NULL);
-    pthread_mutex_init(&e->block_lock, NULL);
     e->lend = (pe_end){NULL, END_LISTEN};
     e->wend = (pe_end){NULL, END_WAKE};
     struct epoll_event lev = {.events = EPOLLIN, .data.ptr = &e->lend};
@@ -1579,18 +1771,6 @@ int pe_event_fd(pe_engine *e)
     return e->event_fd;
 }
 
-void pe_block(pe_engine *e, const char *key, double until)
-{
-    pthread_mutex_lock(&e->block_lock);
-    if (e->blocked.size >= MAX_BLOCKED)
-        map_prune(&e->blocked, monotonic());
-    if (e->blocked.size < MAX_BLOCKED)
-        map_put(&e->blocked, key, until);
-    else
-        e->stats[ST_BLOCKED_FULL]++;
-    pthread_mutex_unlock(&e->block_lock);
-}
-
 void pe_stats(pe_engine *e, uint64_t *out)
 {
     memcpy(out, e->stats, sizeof e->stats);
@@ -1622,10 +1802,14 @@ void pe_free(pe_engine *e)
     while (e->event_fd >= 0 && pe_next_event(e, &ev)) {
         if (ev.fd >= 0)
             close(ev.fd);
+        if (ev.attempt && e->cfg.throttle) {
+            char user[PE_NAME_MAX];
+            user_key(user, ev.user);
+            pe_throttle_end(e->cfg.throttle, ev.addr, user, PE_VERDICT_NONE, monotonic());
+        }
         pe_event_release(&ev);
     }
     map_clear(&e->per_ip);
-    map_clear(&e->blocked);
     for (int i = 0; i < 7; i++)
         free(e->texts[i]);
     if (e->cfg.syslog_fd >= 0)

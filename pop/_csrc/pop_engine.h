@@ -24,6 +24,31 @@
 /* cffi: begin */
 typedef struct pe_engine pe_engine;
 
+/* The login throttle (docs/pop.md, "Throttling"): one table that Python
+ * and every engine share, so one policy decides every login. An attempt
+ * counts from its start (in flight) until its verdict; a failure then
+ * adds one to a leaky bucket per client address, per (user, address) and
+ * per user name, each with its own limit (0: off) over one window. */
+typedef struct pe_throttle pe_throttle;
+enum {
+    PE_ADMITTED = 0,            /* pe_throttle_begin: counted in flight */
+    PE_THROTTLED_ADDRESS = 1,   /* ... or refused, and which limit said so */
+    PE_THROTTLED_USER_ADDRESS = 2,
+    PE_THROTTLED_USER = 3,
+    PE_THROTTLED_FULL = 4       /* no room for the keys (out of memory) */
+};
+enum { PE_VERDICT_NONE = 0, PE_VERDICT_OK = 1, PE_VERDICT_FAILED = 2 };
+pe_throttle *pe_throttle_new(size_t max_keys);
+void pe_throttle_configure(pe_throttle *t, int per_address, int per_user_address, int per_user, double window);
+/* `user` lower-cased; `now` CLOCK_MONOTONIC seconds. */
+int pe_throttle_begin(pe_throttle *t, const char *addr, const char *user, double now);
+/* Ends an admitted attempt: OK clears the (user, address) bucket, FAILED
+ * adds one to each bucket, NONE (no verdict) only leaves the in-flight count. */
+void pe_throttle_end(pe_throttle *t, const char *addr, const char *user, int verdict, double now);
+size_t pe_throttle_keys(pe_throttle *t);
+uint64_t pe_throttle_evicted(pe_throttle *t);
+void pe_throttle_free(pe_throttle *t);
+
 typedef struct {
     /* Whole answers, CRLF included, as pop/protocol.py writes them. */
     const char *greeting;
@@ -44,6 +69,7 @@ typedef struct {
     int syslog_fd;              /* connected syslog socket, or -1 */
     int syslog_facility;        /* LOG_MAIL & co (already shifted: facility << 3) */
     int stderr_fd;              /* -1: none */
+    pe_throttle *throttle;      /* the caller's; outlives the engine */
 } pe_config;
 
 enum {
@@ -73,9 +99,10 @@ typedef struct {
     uint8_t *history;           /* HANDOFF: every byte read from the client */
     size_t history_len;
     size_t answered;            /* ... of which the engine answered this many */
+    int attempt;                /* a login attempt the engine began: the caller ends it (pe_throttle_end) */
 } pe_event;
 
-#define PE_NSTATS 8             /* pe_stats(): see PE_STAT_NAMES in pop/engine.py */
+#define PE_NSTATS 7             /* pe_stats(): see PE_STAT_NAMES in pop/engine.py */
 
 /* A new engine on a listening socket (nonblocking, bound, listening);
  * it owns that socket and the log descriptors from now on. NULL with
@@ -99,9 +126,6 @@ int pe_event_fd(pe_engine *e);
 /* Takes the next event: 1, or 0 when the queue is empty. */
 int pe_next_event(pe_engine *e, pe_event *ev);
 void pe_event_release(pe_event *ev);
-/* Logins from `key` (an address, or "user:" + lower-case name) go to
- * Python until `until` (CLOCK_MONOTONIC seconds). */
-void pe_block(pe_engine *e, const char *key, double until);
 void pe_stats(pe_engine *e, uint64_t *out);
 /* After pe_run returned. */
 void pe_free(pe_engine *e);
