@@ -26,6 +26,7 @@ from pwcache.placement import PlacementError, PlacementRule
 from pwcache.table import CHandle, Table, TableError
 from pwcache.tcp_server import TCP_DEFAULTS, TcpLimits, TcpServer
 from pwmail.base import settings
+from pwmail.base.daemon import notify_ready
 from pwmail.base.errors import ConfigError
 from pwmail.base.hostport import parse_hostport
 from pwmail.base.logsetup import setup_logging
@@ -375,20 +376,6 @@ def bind_sockets(host: str, port: int) -> tuple[socket.socket, socket.socket]:
 
 def format_counters(counters: dict[str, int]) -> str:
     return ", ".join(f"{k}={v}" for k, v in counters.items() if v) or "none"
-
-
-def notify_ready() -> None:
-    """sd_notify(READY=1) when started by a service manager that asks."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.sendto(b"READY=1", path)
-    except OSError as e:
-        log.warning("NOTIFY_SOCKET: %s", e)
 
 
 def serve(cfg: Config) -> int:
