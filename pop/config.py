@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "trusted_networks": [],           # proxies allowed XCLIENT, exempt from pop3d's failure delay
     "pop3d_failure_delay": 2.0,       # for peers outside trusted_networks
     "pop3d_timeout": 600.0,
+    "pop3d_dummy_hash": "",           # method and cost for unknown users ("" = the first real user's)
 }
 
 

@@ -12,6 +12,7 @@ document. Locked or disabled entries ("!", "*", "", "!$y$...") never match.
 from __future__ import annotations
 
 import hmac
+import secrets
 import threading
 
 import cffi
@@ -27,9 +28,9 @@ MAX_PASSWORD = 512               # bytes; longer phrases are refused, not hashed
 
 # Prefixes of the methods we accept (all strong in libxcrypt 4.4).
 STRONG_PREFIXES = ("$y$", "$gy$", "$7$", "$6$", "$5$", "$2b$", "$2y$")
-# A valid yescrypt hash of a random password nobody knows: checking against it
-# costs the same as a real check, so an unknown user takes as long as a wrong
-# password (pop3d uses it when the password server has no such user).
+# A valid yescrypt hash (libxcrypt's default cost) of a random password
+# nobody knows: what check_password() checks a locked account against unless
+# told otherwise. pop3d uses a DummyHash (below) shaped like its users' hashes.
 DUMMY_HASH = "$y$j9T$F5Jx5fExrKuPp53xLKQ..1$mDNiTHlX8FxoBRzwa2FnNROWHmYo2bAA5te4hP/YUDD"
 
 _ffi = cffi.FFI()
@@ -88,10 +89,54 @@ def usable_hash(hashed: str) -> bool:
     return isinstance(hashed, str) and hashed.startswith(STRONG_PREFIXES)
 
 
-def check_password(phrase: str, hashed: str) -> bool:
-    """True when `phrase` matches the shadow hash `hashed`."""
+def check_password(phrase: str, hashed: str | None, dummy: str = DUMMY_HASH) -> bool:
+    """True when `phrase` matches the shadow hash `hashed`. When there is
+    nothing to match (no user: None, a locked account, a phrase too long),
+    `phrase` is checked against `dummy` instead, so that the answer takes
+    as long as a real check of that method and cost."""
     if not usable_hash(hashed) or len(phrase.encode("utf-8")) > MAX_PASSWORD:
-        crypt(phrase[:MAX_PASSWORD], DUMMY_HASH)  # same cost as a real check
+        crypt(phrase[:MAX_PASSWORD], dummy)
         return False
     result = crypt(phrase, hashed)
     return result is not None and hmac.compare_digest(result.encode(), hashed.encode())
+
+
+class DummyHash:
+    """The hash pop3d checks unknown users against: a real hash of a random
+    password nobody knows, with the method and cost of the site's users, so
+    that "no such user" takes as long as a wrong password.
+
+    `model`: a hash (or crypt setting) of the site's method and cost, e.g.
+    `mkpasswd -m yescrypt -R 7 anything`; its password does not matter.
+    Empty: until a real user's hash is seen, libxcrypt's default (yescrypt);
+    then the first usable hash learn() is given decides, once. Either way the
+    dummy is crypt(random password, model): the same method, cost and salt.
+    Raises CryptError for a model libxcrypt refuses or we do not accept.
+    """
+
+    def __init__(self, model: str = "") -> None:
+        self.settled = bool(model)      # configured, or learned already
+        self._lock = threading.Lock()
+        self.hash = self._like(model) if model else hash_password(secrets.token_urlsafe(32))
+
+    @staticmethod
+    def _like(model: str) -> str:
+        result = crypt(secrets.token_urlsafe(32), model) if usable_hash(model) else None
+        if result is None:
+            raise CryptError(f"not a usable crypt(3) hash or setting: {model[:16]!r}...")
+        return result
+
+    def learn(self, real: str | None) -> None:
+        """Take the shape of the first real user's usable hash (costs one
+        crypt(3) call, once); a configured model is never replaced."""
+        if self.settled or not usable_hash(real):
+            return
+        with self._lock:
+            if not self.settled:
+                self.hash = self._like(real)
+                self.settled = True
+
+    def check(self, phrase: str, hashed: str | None) -> bool:
+        """check_password() with this dummy; learns from `hashed` first."""
+        self.learn(hashed)
+        return check_password(phrase, hashed, self.hash)

@@ -6,8 +6,12 @@ states). No sockets here: pop3d asks, this reads and renames files.
   every message of new/ into cur/ (`name` -> `name:2,`), and lists cur/.
 * UIDL is the Maildir base name (the name without `:2,flags`): it does not
   change when the message moves to cur/ or the mailbox to another server.
-* LIST sizes count CRLF line ends: the `W=` field of the name when there,
-  else computed from the file once.
+* LIST and STAT sizes are what RETR sends for the file (protocol.MessageSize:
+  CRLF line ends, and the CRLF RETR adds to a last line without one),
+  computed from the bytes, never taken from the `S=`/`W=` of the name (whose
+  writers count otherwise: delivery/maildir.py counts a CR before an LF
+  twice and no final line end). Maildir message files never change, so a
+  size is read once per process and remembered by file identity.
 * DELE only marks; files are unlinked at QUIT (`commit()`); RSET unmarks.
 """
 from __future__ import annotations
@@ -15,11 +19,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import re
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
-from .protocol import crlf_size
+from .protocol import MessageSize
 
 READ_CHUNK = 256 * 1024
 MAX_MESSAGES = 1_000_000       # a session lists at most this many (bounded memory)
@@ -28,7 +32,12 @@ MAX_TOP_LINE = 64 * 1024       # TOP reads lines of at most this many bytes
 # yet (nothing to flock); the flock covers other processes.
 _open_here: set[str] = set()
 _open_lock = threading.Lock()
-_W_RE = re.compile(r",W=(\d{1,15})(?:,|$)")
+# Sizes of message files already read, by (device, inode, bytes, mtime):
+# a login then reads only the messages it has not seen. Least recently used
+# entries go first past the cap (about 150 bytes each).
+SIZE_CACHE_ENTRIES = 200_000
+_sizes: OrderedDict[tuple[int, int, int, int], int] = OrderedDict()
+_sizes_lock = threading.Lock()
 
 
 class MailboxBusy(Exception):
@@ -47,19 +56,23 @@ def base_name(filename: str) -> str:
     return filename.split(":", 1)[0]
 
 
-def _size_of(path: str, filename: str) -> int:
-    m = _W_RE.search(base_name(filename))
-    if m:
-        return int(m.group(1))
-    size = 0
-    prev_cr = False
+def pop_size(path: str, st: os.stat_result) -> int:
+    """The POP size of the message file at `path` (stat `st`). Raises OSError."""
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _sizes_lock:
+        size = _sizes.get(key)
+        if size is not None:
+            _sizes.move_to_end(key)
+            return size
+    counter = MessageSize()
     with open(path, "rb") as f:
         while chunk := f.read(READ_CHUNK):
-            size += crlf_size(chunk)
-            if prev_cr and chunk.startswith(b"\n"):   # a CRLF split between chunks
-                size -= 1
-            prev_cr = chunk.endswith(b"\r")
-    return size
+            counter.feed(chunk)
+    with _sizes_lock:
+        _sizes[key] = counter.size
+        while len(_sizes) > SIZE_CACHE_ENTRIES:
+            _sizes.popitem(last=False)
+    return counter.size
 
 
 class MaildirMailbox:
@@ -140,8 +153,8 @@ class MaildirMailbox:
             if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
                 continue
             try:
-                mtime = entry.stat(follow_symlinks=False).st_mtime
-                size = _size_of(entry.path, entry.name)
+                st = entry.stat(follow_symlinks=False)
+                mtime, size = st.st_mtime, pop_size(entry.path, st)
             except OSError:
                 continue
             found.append((mtime, entry.name, entry.path, size))

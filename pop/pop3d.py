@@ -12,15 +12,14 @@ override. SIGTERM or SIGINT: stop listening at once (new connections are
 refused), let open sessions go on, QUIT and its deletions included, for up
 to `shutdown_grace` seconds, then close the rest (nothing of theirs is
 deleted) and exit 0. SIGHUP: re-read `[pop]` and re-open logging; new
-sessions get the new trusted_networks, pop3d_failure_delay and
-pop3d_timeout, open ones keep theirs; pop3d_listen, root and layout need a
+sessions get the new trusted_networks, pop3d_failure_delay,
+pop3d_timeout and pop3d_dummy_hash, open ones keep theirs; pop3d_listen, root and layout need a
 restart; a bad file is logged and the old settings stay.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import logging
 import time
 
@@ -43,18 +42,21 @@ RESTART_ONLY = ("pop3d_listen", "root", "layout")    # SIGHUP warns and keeps th
 
 class Pop3Server:
     def __init__(self, layout: MailboxLayout, pw: AsyncClient, *, trusted=(), failure_delay: float = 2.0,
-                 timeout: float = 600.0):
+                 timeout: float = 600.0, dummy_hash: str = ""):
         self.layout = layout
         self.pw = pw
-        self.configure(trusted=trusted, failure_delay=failure_delay, timeout=timeout)
+        self.dummy_model: str | None = None
+        self.configure(trusted=trusted, failure_delay=failure_delay, timeout=timeout, dummy_hash=dummy_hash)
         self.tasks: set[asyncio.Task] = set()
 
-    def configure(self, *, trusted, failure_delay: float, timeout: float) -> None:
+    def configure(self, *, trusted, failure_delay: float, timeout: float, dummy_hash: str = "") -> None:
         """New values for sessions that start from now on (a session copies
         them when it starts). Checks everything before changing anything."""
         nets = popconfig.networks(trusted)
         failure_delay, timeout = float(failure_delay), float(timeout)
+        dummy = self.dummy if dummy_hash == self.dummy_model else crypt.DummyHash(dummy_hash)
         self.trusted, self.failure_delay, self.timeout = nets, failure_delay, timeout
+        self.dummy, self.dummy_model = dummy, dummy_hash
 
     @property
     def sessions(self) -> int:
@@ -93,7 +95,6 @@ class Pop3Server:
     async def authenticate(self, user: str, password: str) -> tuple[str | None, str]:
         """(None, "") on success, else (RFC 3206 code, text)."""
         loop = asyncio.get_running_loop()
-        check = functools.partial(crypt.check_password, password)
         try:
             check_user(user)
             entry = await self.pw.shadow_by_name(user)
@@ -104,8 +105,9 @@ class Pop3Server:
         except (Denied, PwError) as e:
             log.error("shadow lookup refused (is shadow_keyfile set and readable?): %s", e)
             return "SYS/TEMP", "Authentication service unavailable, try again later."
-        hashed = entry.hash if entry is not None else crypt.DUMMY_HASH + "!"  # never matches
-        ok = await loop.run_in_executor(None, check, hashed)
+        # No such user: checked against the dummy, as long as a wrong password.
+        hashed = entry.hash if entry is not None else None
+        ok = await loop.run_in_executor(None, self.dummy.check, password, hashed)
         if ok and entry.expire is not None and entry.expire > 0 and time.time() // 86400 >= entry.expire:
             ok = False          # expired account (shadow(5); 0 means none, as in shadow-utils)
         if not ok:
@@ -287,7 +289,8 @@ async def serve(args, cfg) -> None:
     layout = MailboxLayout(args.root or cfg["root"], args.layout or cfg["layout"])
     pw = AsyncClient.from_config(args.pwserver_conf)
     server = Pop3Server(layout, pw, trusted=args.trusted or cfg["trusted_networks"],
-                        failure_delay=cfg["pop3d_failure_delay"], timeout=cfg["pop3d_timeout"])
+                        failure_delay=cfg["pop3d_failure_delay"], timeout=cfg["pop3d_timeout"],
+                        dummy_hash=cfg["pop3d_dummy_hash"])
     grace = float(cfg["shutdown_grace"])
     sock = daemon.listening_socket(args.listen or cfg["pop3d_listen"], 110)
     srv = await asyncio.start_server(server.handle, sock=sock, limit=READ_SIZE, backlog=daemon.LISTEN_BACKLOG)
@@ -296,7 +299,8 @@ async def serve(args, cfg) -> None:
         new = daemon.reread_settings(lambda: popconfig.load(args.config), cfg, RESTART_ONLY)
         new_grace = float(new["shutdown_grace"])
         server.configure(trusted=args.trusted or new["trusted_networks"],
-                         failure_delay=new["pop3d_failure_delay"], timeout=new["pop3d_timeout"])
+                         failure_delay=new["pop3d_failure_delay"], timeout=new["pop3d_timeout"],
+                         dummy_hash=new["pop3d_dummy_hash"])
         cfg, grace = new, new_grace
         setup_logging("pop3d", stderr=args.stderr)
         log.info("reloaded settings")

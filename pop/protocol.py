@@ -184,8 +184,38 @@ class MultilineEncoder:
 
 
 def crlf_size(data: bytes) -> int:
-    """Octets of `data` once every line end is CRLF (what LIST reports)."""
+    """Octets of `data` once every line end is CRLF."""
     return len(data) + data.count(b"\n") - data.count(b"\r\n")
+
+
+class MessageSize:
+    """The size LIST and STAT give for stored message bytes: what
+    MultilineEncoder sends for them, before dot-stuffing and without the
+    final ".CRLF" (RFC 1939). That is every line end as CRLF, plus the CRLF
+    finish() adds to a last line without one (a final bare CR becomes
+    CRLF). Fed chunk by chunk, as the encoder is."""
+
+    __slots__ = ("_size", "_last")
+
+    def __init__(self) -> None:
+        self._size = 0
+        self._last = b""        # the last byte fed so far
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self._size += crlf_size(chunk)
+        if self._last == b"\r" and chunk[:1] == b"\n":    # a CRLF split between chunks
+            self._size -= 1
+        self._last = chunk[-1:]
+
+    @property
+    def size(self) -> int:
+        return self._size + _UNENDED_LAST_LINE.get(self._last, 2)
+
+
+# What a message's last byte adds to its size at the end (see MessageSize).
+_UNENDED_LAST_LINE = {b"": 0, b"\n": 0, b"\r": 1}
 
 
 class ServerConnection:

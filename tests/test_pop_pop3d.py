@@ -6,6 +6,7 @@ import base64
 import os
 import poplib
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -51,6 +52,31 @@ def test_crypt_unknown_user_costs_like_a_real_check():
     assert 0.5 < fastest("!") / fastest(real) < 2.0
 
 
+def test_dummy_hash_learns_the_method_and_cost_of_the_first_real_user():
+    dummy = crypt.DummyHash()
+    assert dummy.hash.startswith("$y$") and not dummy.settled        # libxcrypt's default until then
+    real = crypt.hash_password("pw", "$6$", 20000)
+    assert not dummy.check("pw", None)                               # no user: never matches
+    dummy.learn("!")                                                 # a locked account teaches nothing
+    assert not dummy.settled
+    assert not dummy.check("wrong", real)
+    assert dummy.hash.startswith("$6$rounds=20000$") and dummy.hash != real
+    dummy.learn(crypt.hash_password("pw", "$y$"))                    # once: the first one decides
+    assert dummy.hash.startswith("$6$rounds=20000$")
+    assert dummy.check("pw", real) and not dummy.check("pw", None) and not dummy.check("pw", "!")
+
+
+def test_dummy_hash_configured_model():
+    model = crypt.hash_password("anything", "$y$", 7)
+    dummy = crypt.DummyHash(model)
+    assert dummy.hash.startswith(model[:7]) and dummy.hash != model and dummy.settled
+    dummy.learn(crypt.hash_password("pw", "$6$"))                    # a configured model stays
+    assert dummy.hash.startswith(model[:7])
+    for bad in ("!", "$1$abc$def", "$y$nonsense"):
+        with pytest.raises(crypt.CryptError):
+            crypt.DummyHash(bad)
+
+
 def test_crypt_in_threads():
     h = crypt.hash_password("pw", "$6$")
     results = []
@@ -85,7 +111,8 @@ def test_mailbox_size_without_w_field(tmp_path):
     data = b"a\nb\r\n" * 100_000 + b"c"        # CRLF split across read chunks somewhere
     (box_path / "new" / "1700000000.M1P1Q1.host").write_bytes(data)
     with MaildirMailbox(box_path) as box:
-        assert box.messages[0].size == len(data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+        # + the CRLF that RETR adds after the last line "c"
+        assert box.messages[0].size == len(data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")) + 2
         assert box.messages[0].uidl == "1700000000.M1P1Q1.host"
 
 
@@ -299,3 +326,50 @@ def test_pop3d_never_logs_passwords(bed):
     assert "login user=juan" in out
     for _, (pw, _) in USERS.items():
         assert pw not in out
+
+
+# --- timing of unknown users (no failure delay) ---------------------------------------------------
+SLOW_COST = 7       # yescrypt cost above libxcrypt's default (5): ~4 times as slow
+
+
+def timed_pass(address, user: str, password: str) -> float:
+    """Seconds from PASS to its -ERR answer."""
+    p = poplib.POP3(*address, timeout=30)
+    try:
+        p.user(user)
+        t0 = time.perf_counter()
+        with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+            p.pass_(password)
+        return time.perf_counter() - t0
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("dummy", ["learned", "configured"])
+def test_pop3d_unknown_user_takes_as_long_as_a_wrong_password(tmp_path, dummy):
+    """Where no failure delay hides it, an unknown user must cost the hash a
+    real user costs: same method and cost (here a slower yescrypt than
+    libxcrypt's default, so a fixed default dummy would show too)."""
+    users = write_users(tmp_path / "users", {"slowpoke": ("slow-pw", "127.0.0.1")})
+    shadow = (users / "shadow").read_text().split(":")
+    shadow[1] = crypt.hash_password("slow-pw", "$y$", SLOW_COST)
+    (users / "shadow").write_text(":".join(shadow))
+    settings = "pop3d_failure_delay = 0\n"
+    if dummy == "configured":
+        settings += f'pop3d_dummy_hash = "{crypt.hash_password("x", "$y$", SLOW_COST)}"\n'
+    key = tmp_path / "shadow.key"
+    write_key(key)
+    make_root(tmp_path / "spool")
+    with PwServer(users, shadow_key=key) as pws:
+        conf = client_conf(tmp_path / "pwserver.conf", pws.address, key)
+        with start_pop3d(tmp_path, tmp_path / "spool", conf, settings=settings) as d:
+            if dummy == "learned":          # the first real user looked up gives the shape
+                timed_pass(d.address, "slowpoke", "warm-up")
+            unknown, wrong = [], []
+            for i in range(7):              # interleaved, so load changes hit both alike
+                unknown.append(timed_pass(d.address, f"nobody{i}", "wrong"))
+                wrong.append(timed_pass(d.address, "slowpoke", "wrong"))
+    # Generous: the bug was a factor of 100 (a refused hash), a default-cost
+    # dummy would be a factor of 4; medians drop the odd disturbed attempt.
+    ratio = statistics.median(unknown) / statistics.median(wrong)
+    assert 0.5 < ratio < 2.0, (unknown, wrong)
