@@ -109,3 +109,15 @@ def test_tricklers_are_capped_per_address_and_cut(bed):
     again = connect_from(TRICKLER, port)
     assert read_reply(again).startswith(b"220")
     again.close()
+
+
+def test_one_copy_per_mailbox_per_transaction(bed):
+    n = 300
+    rcpts = b"".join(b"RCPT TO:<pepe@x>\r\n" if i % 2 else b"RCPT TO:<pepe+t%d@x>\r\n" % i for i in range(n))
+    out = lmtp_session(STORE, bed["port"], b"LHLO a\r\nMAIL FROM:<s@x>\r\n" + rcpts + b"RCPT TO:<jo@x>\r\n"
+                       b"DATA\r\nSubject: many\r\n\r\nonce\r\n.\r\nQUIT\r\n", timeout=30)
+    assert codes(out) == ["220", "250", "250"] + ["250"] * (n + 1) + ["354"] + ["250"] * (n + 1) + ["221"]
+    files = messages(bed["layout"].path("pepe"))
+    assert len(files) == 1
+    assert files[0].read_bytes().startswith(b"Return-Path: <s@x>\nDelivered-To: pepe+t0@x\n")
+    assert len(messages(bed["layout"].path("jo"))) == 1
