@@ -30,6 +30,8 @@ DEFAULTS: dict[str, Any] = {
     "bad_commands_max": lmtp.BAD_COMMANDS_MAX,
     "sessions_max": 1000,
     "idle_timeout": 300.0,              # seconds without a byte from the peer
+    "data_timeout": 600.0,              # seconds from DATA / first BDAT to the end of the message
+    "sessions_per_address_max": 200,    # open sessions from one client address (an MTA runs many)
     "dedup_window": 86400.0,            # seconds a (queue id, recipient) is remembered
     "dedup_max": 200_000,               # entries remembered at most
     "tmp_max_age": 36 * 3600.0,

@@ -224,6 +224,12 @@ class LMTPServerConnection:
     def recipients(self) -> list[str]:
         return list(self._rcpts)
 
+    @property
+    def in_transaction_data(self) -> bool:
+        """Between a first BDAT chunk and BDAT LAST (the commands between
+        chunks are part of the message's data time)."""
+        return self._bdat_started
+
     # -- internals -----------------------------------------------------------
     def _reply(self, reply: Reply) -> None:
         if reply.status:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import logging
 import os
 import signal
@@ -34,6 +35,8 @@ log = logging.getLogger("pdeliveryd")
 READ_SIZE = 256 * 1024
 R_TOO_MANY_SESSIONS = Reply(421, "4.3.2", "too many sessions, try again later")
 R_IDLE = Reply(421, "4.4.2", "idle timeout, closing")
+R_DATA_TIMEOUT = Reply(421, "4.4.2", "message data too slow, closing")
+R_TOO_MANY_FROM_ADDRESS = Reply(421, "4.7.0", "too many sessions from your address, try again later")
 R_SHUTDOWN = Reply(421, "4.3.2", "shutting down, try again later")
 
 
@@ -59,6 +62,10 @@ class DeliveryServer:
         self.apply(cfg)
         # open sessions -> when their pending read began (None: not reading)
         self.sessions: dict[asyncio.StreamWriter, float | None] = {}
+        # sessions in a message's data -> when that data began (data_timeout)
+        self.in_data: dict[asyncio.StreamWriter, float] = {}
+        # client address -> its open sessions (sessions_per_address_max)
+        self.per_address: collections.Counter[str] = collections.Counter()
         self.store.alone = lambda: len(self.sessions) == 1
         self.busy: set[asyncio.StreamWriter] = set()
         self.stopping = False
@@ -74,6 +81,9 @@ class DeliveryServer:
         self.store.dedup.window = float(cfg["dedup_window"])
         self.store.dedup.max_entries = int(cfg["dedup_max"])
         self.store.tmp_max_age = float(cfg["tmp_max_age"])
+        if int(cfg["sessions_per_address_max"]) >= int(cfg["sessions_max"]):
+            log.warning("sessions_per_address_max %s is not below sessions_max %s: one client address "
+                        "can take every session", cfg["sessions_per_address_max"], cfg["sessions_max"])
 
     async def start(self, host: str, port: int) -> None:
         if not (self.layout.root / ROOT_MARKER).exists():
@@ -89,14 +99,27 @@ class DeliveryServer:
     def port(self) -> int:
         return self.server.sockets[0].getsockname()[1]
 
+    def _refusal(self, client: str) -> Reply | None:
+        if self.stopping:
+            return R_SHUTDOWN
+        if len(self.sessions) >= int(self.cfg["sessions_max"]):
+            return R_TOO_MANY_SESSIONS
+        if self.per_address[client] >= int(self.cfg["sessions_per_address_max"]):
+            # below sessions_max, so one address cannot take every slot
+            return R_TOO_MANY_FROM_ADDRESS
+        return None
+
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.stopping or len(self.sessions) >= int(self.cfg["sessions_max"]):
+        peer = writer.get_extra_info("peername")
+        client = peer[0] if isinstance(peer, tuple) else str(peer)
+        refusal = self._refusal(client)
+        if refusal is not None:
             self.refused_sessions += 1
-            writer.write(bytes(R_TOO_MANY_SESSIONS if not self.stopping else R_SHUTDOWN))
+            writer.write(bytes(refusal))
             await _close(writer)
             return
         self.sessions[writer] = None
-        peer = writer.get_extra_info("peername")
+        self.per_address[client] += 1
         conn = LMTPServerConnection(self.hostname, self.limits, "LMTP pdeliveryd ready")
         accepted = []            # Recipient of each accepted RCPT, in order
         loop = asyncio.get_running_loop()
@@ -119,6 +142,11 @@ class DeliveryServer:
                     if self.stopping and conn.phase == conn.READY:
                         writer.write(bytes(R_SHUTDOWN))
                         break
+                    if conn.phase in (conn.DATA, conn.BDAT) or conn.in_transaction_data:
+                        # the data clock starts once and runs to the end of the message
+                        self.in_data.setdefault(writer, loop.time())
+                    else:
+                        self.in_data.pop(writer, None)
                     self.sessions[writer] = loop.time()   # the idle sweeper watches from here
                     data = await reader.read(READ_SIZE)
                     self.sessions[writer] = None
@@ -129,6 +157,7 @@ class DeliveryServer:
                         accepted.append(rec)
                     conn.answer_rcpt(reply)
                 elif isinstance(ev, MessageReceived):
+                    self.in_data.pop(writer, None)
                     self.busy.add(writer)
                     try:
                         replies = await self.store.deliver(ev, accepted[-len(ev.recipients):])
@@ -142,21 +171,39 @@ class DeliveryServer:
             log.info("%s: connection lost: %s", peer, e)
         finally:
             self.sessions.pop(writer, None)
+            self.in_data.pop(writer, None)
+            self.per_address[client] -= 1
+            if self.per_address[client] <= 0:
+                del self.per_address[client]
             await _close(writer)
 
     async def sweep_idle(self) -> None:
-        """Say 421 to and close sessions silent for idle_timeout (one timer
-        for all sessions instead of a timeout per read)."""
+        """Say 421 to and close sessions silent for idle_timeout, or whose
+        message data has taken longer than data_timeout in all (a client
+        trickling a byte now and then restarts the idle clock, not this one).
+        One timer for all sessions instead of a timeout per read."""
         loop = asyncio.get_running_loop()
         while not self.stopping:
             idle = float(self.cfg["idle_timeout"])
-            await asyncio.sleep(min(1.0, idle / 4))
+            data_max = float(self.cfg["data_timeout"])
+            await asyncio.sleep(min(1.0, idle / 4, data_max / 4))
             now = loop.time()
             for w, since in list(self.sessions.items()):
-                if since is not None and now - since > idle:
-                    self.sessions[w] = None
-                    w.write(bytes(R_IDLE))
-                    w.transport.close()       # the pending read sees EOF
+                if since is None:
+                    continue                  # not reading: delivering or writing
+                if now - since > idle:
+                    self._cut(w, R_IDLE)
+                elif now - self.in_data.get(w, now) > data_max:
+                    log.info("%s: message data took over %.0f s: cut", w.get_extra_info("peername"), data_max)
+                    self._cut(w, R_DATA_TIMEOUT)
+
+    def _cut(self, w: asyncio.StreamWriter, reply: Reply) -> None:
+        """421 and close: the pending read sees EOF, and the unfinished
+        transaction is dropped with the session (nothing of it was stored)."""
+        self.sessions[w] = None
+        self.in_data.pop(w, None)
+        w.write(bytes(reply))
+        w.transport.close()
 
     def request_stop(self) -> None:
         if self.stopping:

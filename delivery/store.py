@@ -107,13 +107,22 @@ class MailStore:
     async def deliver(self, ev: MessageReceived, recipients: list[Recipient]) -> list[Reply]:
         qid = ev.queue_id or msg.received_queue_id(ev.data)
         digest = msg.digest(ev.data) if qid else b""
-        if len(recipients) == 1:
-            # a lone session with a lone recipient: nothing to share a
+        # one copy per distinct mailbox: a user named by several RCPTs (the
+        # same address again, or user+tag) gets the copy of the first, and
+        # every one of those RCPTs gets that copy's reply
+        first: dict[str, tuple[str, Recipient]] = {}
+        for addr, rec in zip(ev.recipients, recipients):
+            first.setdefault(rec.name, (addr, rec))
+        if len(first) == 1:
+            # a lone session with a lone mailbox: nothing to share a
             # commit with, so no trip to an I/O thread (two wake-ups less)
             inline = self.alone is not None and self.alone()
-            return [await self._one(ev, ev.recipients[0], recipients[0], qid, digest, inline)]
-        return list(await asyncio.gather(*(self._one(ev, addr, rec, qid, digest)
-                                           for addr, rec in zip(ev.recipients, recipients))))
+            (addr, rec), = first.values()
+            reply = await self._one(ev, addr, rec, qid, digest, inline)
+            return [reply] * len(recipients)
+        replies = await asyncio.gather(*(self._one(ev, addr, rec, qid, digest) for addr, rec in first.values()))
+        by_name = dict(zip(first, replies))
+        return [by_name[rec.name] for rec in recipients]
 
     async def _one(self, ev: MessageReceived, address: str, rec: Recipient, qid: str | None,
                    digest: bytes, inline: bool = False) -> Reply:

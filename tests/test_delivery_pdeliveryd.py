@@ -70,9 +70,10 @@ def test_per_recipient_answers_pipelined_data_and_bdat(bed):
                           "250", "250", "250", "250", "221"], out
     assert b"550 5.1.1" in out and b"450 4.2.1" in out and b"550 5.1.3" in out
     got = [p.read_bytes() for p in messages(bed["layout"].path("ana"))[before:]]
-    assert len(got) == 3
+    # ana@x and Ana+list@y name one mailbox: one copy of that transaction (issue 13)
+    assert len(got) == 2
     bodies = sorted(g.split(b"\n", 2)[2] for g in got)
-    assert bodies == sorted([b"Subject: p\n\n.x\n", b"Subject: p\n\n.x\n", b"abc\n.xyz\n"])
+    assert bodies == sorted([b"Subject: p\n\n.x\n", b"abc\n.xyz\n"])
     assert not bed["layout"].path("mudando").exists()
 
 
