@@ -27,7 +27,7 @@ $(APT_STAMP): deps/debian-packages.txt
 	@touch $@
 
 venv: $(STAMP)
-$(STAMP): pyproject.toml setup.py pwcache/build_pwtable.py pop/build_engine.py nss_module/client.c nss_module/client.h \
+$(STAMP): pyproject.toml setup.py pwcache/build_pwtable.py pop/build_engine.py pwcache/_csrc/client-sources.txt \
           $(wildcard pwcache/_csrc/*.c pwcache/_csrc/*.h pop/_csrc/*.c pop/_csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel cffi

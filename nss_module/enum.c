@@ -8,13 +8,13 @@
  * only once it was packed, so ERANGE gives the same record again.
  */
 #define _GNU_SOURCE
-#include "client.h"
+#include "nss_pwserver.h"
 
 #include <pthread.h>
 #include <stdlib.h>
 #include <unistd.h>
 
-struct pwc_enum {
+struct pwnss_enum {
     pthread_mutex_t lock;
     int op;
     pid_t pid;
@@ -25,12 +25,12 @@ struct pwc_enum {
     uint32_t left;     /* records left in the page */
 };
 
-#define PWC_ENUM_INIT(o) {PTHREAD_MUTEX_INITIALIZER, (o), 0, 0, 0, NULL, {NULL, NULL}, 0}
-pwc_enum pwc_enum_passwd = PWC_ENUM_INIT(PW_OP_PASSWD_ENUM);
-pwc_enum pwc_enum_group = PWC_ENUM_INIT(PW_OP_GROUP_ENUM);
-pwc_enum pwc_enum_shadow = PWC_ENUM_INIT(PW_OP_SHADOW_ENUM);
+#define PWNSS_ENUM_INIT(o) {PTHREAD_MUTEX_INITIALIZER, (o), 0, 0, 0, NULL, {NULL, NULL}, 0}
+pwnss_enum pwnss_enum_passwd = PWNSS_ENUM_INIT(PW_OP_PASSWD_ENUM);
+pwnss_enum pwnss_enum_group = PWNSS_ENUM_INIT(PW_OP_GROUP_ENUM);
+pwnss_enum pwnss_enum_shadow = PWNSS_ENUM_INIT(PW_OP_SHADOW_ENUM);
 
-static pwc_enum *const all_enums[] = {&pwc_enum_passwd, &pwc_enum_group, &pwc_enum_shadow};
+static pwnss_enum *const all_enums[] = {&pwnss_enum_passwd, &pwnss_enum_group, &pwnss_enum_shadow};
 
 static void atfork_prepare(void)
 {
@@ -44,13 +44,13 @@ static void atfork_release(void)
         pthread_mutex_unlock(&all_enums[i]->lock);
 }
 
-__attribute__((constructor)) static void pwc_enum_init(void)
+__attribute__((constructor)) static void pwnss_enum_init(void)
 {
     pthread_atfork(atfork_prepare, atfork_release, atfork_release);
 }
 
 /* Back to the first record. Lock held. */
-static void reset(pwc_enum *e)
+static void reset(pwnss_enum *e)
 {
     if (e->page) {
         pwc_answer_free(e->page);
@@ -63,7 +63,7 @@ static void reset(pwc_enum *e)
     e->pid = getpid();
 }
 
-enum nss_status pwc_enum_reset(pwc_enum *e)
+enum nss_status pwnss_enum_reset(pwnss_enum *e)
 {
     int saved = errno;
     pthread_mutex_lock(&e->lock);
@@ -74,7 +74,7 @@ enum nss_status pwc_enum_reset(pwc_enum *e)
 }
 
 /* Fetches the page at e->next_index. Lock held. */
-static int fetch_page(pwc_enum *e)
+static int fetch_page(pwnss_enum *e)
 {
     if (!e->page) {
         e->page = malloc(sizeof *e->page);
@@ -90,25 +90,24 @@ static int fetch_page(pwc_enum *e)
         e->at_end = 1;
         return 0;
     }
-    /* shape checked by pwc_query: [next_index or nil, [record, ...]] */
+    /* shape checked by pwc_query */
     pwp_reader r = e->page->payload;
-    uint32_t n;
-    uint64_t next;
-    pwp_get_array(&r, &n);
-    if (pwp_get_nil(&r) == 0) {
+    pw_page_view page;
+    if (pw_get_page(&r, &page) < 0)
+        return -EAGAIN;
+    if (!page.has_next) {
         e->at_end = 1;
     } else {
-        pwp_get_uint(&r, &next);
-        if (next <= e->next_index) /* a server must move forward */
+        if (page.next <= e->next_index) /* a server must move forward */
             e->at_end = 1;
-        e->next_index = next;
+        e->next_index = page.next;
     }
-    pwp_get_array(&r, &e->left);
-    e->cursor = r;
+    e->left = page.count;
+    e->cursor = page.records;
     return 0;
 }
 
-int pwc_enum_next(pwc_enum *e, pwc_pack_fn pack, void *result, char *buf, size_t buflen)
+int pwnss_enum_next(pwnss_enum *e, pwc_pack_fn pack, void *result, char *buf, size_t buflen)
 {
     int rc;
     pthread_mutex_lock(&e->lock);

@@ -6,7 +6,7 @@
 #include <grp.h>
 #include <stdlib.h>
 
-#include "client.h"
+#include "nss_pwserver.h"
 
 /* Appends gid to the caller's array unless present; grows it up to limit
  * (limit <= 0: no limit). Returns 0, or -ENOMEM. */
@@ -36,7 +36,7 @@ PWNSS_EXPORT enum nss_status _nss_pwserver_initgroups_dyn(const char *user, gid_
                                                           gid_t **groupsp, long limit,
                                                           int *errnop)
 {
-    int saved = pwc_enter();
+    int saved = pwnss_enter();
     int rc = -ENOENT;
     if (pw_valid_name(user, strlen(user))) {
         pwc_answer ans;
@@ -44,16 +44,17 @@ PWNSS_EXPORT enum nss_status _nss_pwserver_initgroups_dyn(const char *user, gid_
         if (rc == 0 && ans.status != PW_OK)
             rc = -ENOENT;
         if (rc == 0) {
-            /* shape checked by pwc_query: an array of gids */
+            /* shape checked by pwc_query */
             pwp_reader r = ans.payload;
-            uint32_t n;
+            pw_gids_view gids;
             uint64_t gid;
-            pwp_get_array(&r, &n);
-            while (rc == 0 && n-- && pwp_get_uint(&r, &gid) == 0)
+            if (pw_get_gids(&r, &gids) < 0)
+                rc = -EAGAIN;
+            while (rc == 0 && pw_gids_next(&gids, &gid) == 0)
                 if ((gid_t)gid != group)
                     rc = add_gid((gid_t)gid, start, size, groupsp, limit);
         }
         pwc_answer_free(&ans);
     }
-    return pwc_status(rc, errnop, saved);
+    return pwnss_status(rc, errnop, saved);
 }

@@ -4,7 +4,7 @@
 #define _GNU_SOURCE
 #include <pwd.h>
 
-#include "client.h"
+#include "nss_pwserver.h"
 
 /* Packs a passwd record into *pw and buf (two passes: size, then copy). */
 static int pack_passwd(pwp_reader *r, void *result, char *buf, size_t buflen)
@@ -13,35 +13,35 @@ static int pack_passwd(pwp_reader *r, void *result, char *buf, size_t buflen)
     pw_passwd_view v;
     if (pw_get_passwd(r, &v) < 0)
         return -EAGAIN;
-    size_t need = pwc_str_size(v.name) + pwc_str_size(v.passwd) + pwc_str_size(v.gecos) +
-                  pwc_str_size(v.dir) + pwc_str_size(v.shell);
+    size_t need = pwnss_str_size(v.name) + pwnss_str_size(v.passwd) + pwnss_str_size(v.gecos) +
+                  pwnss_str_size(v.dir) + pwnss_str_size(v.shell);
     if (need > buflen)
         return -ERANGE;
-    pwc_pack k = {buf, buf + buflen};
-    pw->pw_name = pwc_put_str(&k, v.name);
-    pw->pw_passwd = pwc_put_str(&k, v.passwd);
+    pwnss_pack k = {buf, buf + buflen};
+    pw->pw_name = pwnss_put_str(&k, v.name);
+    pw->pw_passwd = pwnss_put_str(&k, v.passwd);
     pw->pw_uid = (uid_t)v.uid;
     pw->pw_gid = (gid_t)v.gid;
-    pw->pw_gecos = pwc_put_str(&k, v.gecos);
-    pw->pw_dir = pwc_put_str(&k, v.dir);
-    pw->pw_shell = pwc_put_str(&k, v.shell);
+    pw->pw_gecos = pwnss_put_str(&k, v.gecos);
+    pw->pw_dir = pwnss_put_str(&k, v.dir);
+    pw->pw_shell = pwnss_put_str(&k, v.shell);
     return 0;
 }
 
 PWNSS_EXPORT enum nss_status _nss_pwserver_getpwnam_r(const char *name, struct passwd *pw,
                                                       char *buf, size_t buflen, int *errnop)
 {
-    int saved = pwc_enter();
+    int saved = pwnss_enter();
     int rc = pwc_lookup(PW_OP_PASSWD_BY_NAME, name, 0, pack_passwd, pw, buf, buflen);
-    return pwc_status(rc, errnop, saved);
+    return pwnss_status(rc, errnop, saved);
 }
 
 PWNSS_EXPORT enum nss_status _nss_pwserver_getpwuid_r(uid_t uid, struct passwd *pw, char *buf,
                                                       size_t buflen, int *errnop)
 {
-    int saved = pwc_enter();
+    int saved = pwnss_enter();
     int rc = pwc_lookup(PW_OP_PASSWD_BY_UID, NULL, uid, pack_passwd, pw, buf, buflen);
-    return pwc_status(rc, errnop, saved);
+    return pwnss_status(rc, errnop, saved);
 }
 
-PWNSS_ENUM_FUNCTIONS(pw, struct passwd, pwc_enum_passwd, pack_passwd)
+PWNSS_ENUM_FUNCTIONS(pw, struct passwd, pwnss_enum_passwd, pack_passwd)

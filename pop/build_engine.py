@@ -1,8 +1,8 @@
 """cffi build script for pop._engine: pop-proxy's engine (pop/_csrc), with
-libnss_pwserver's client (nss_module/client.c) and the wire format
-(pwcache/_csrc) compiled in for the mailhost lookups. API mode, plain C;
-cffi releases the GIL around every call, so pe_run() runs in a thread of
-its own beside the asyncio loop."""
+the C client library of the wire protocol (pwcache/_csrc, the sources
+listed in its client-sources.txt) compiled in for the mailhost lookups.
+API mode, plain C; cffi releases the GIL around every call, so pe_run()
+runs in a thread of its own beside the asyncio loop."""
 import os
 import pathlib
 import re
@@ -17,9 +17,15 @@ def rel(*parts: str) -> str:
     return os.path.relpath(ROOT.joinpath(*parts))
 
 
-SOURCES = [rel("pop", "_csrc", "pop_engine.c"), rel("nss_module", "client.c"),
-           rel("pwcache", "_csrc", "pw_wire.c"), rel("pwcache", "_csrc", "pw_seal.c")]
-INCLUDE_DIRS = [rel("pop", "_csrc"), rel("nss_module"), rel("pwcache", "_csrc")]
+def client_sources() -> list[str]:
+    """The client library's sources, as nss_module/Makefile reads them."""
+    listing = ROOT / "pwcache" / "_csrc" / "client-sources.txt"
+    names = (line.split("#", 1)[0].strip() for line in listing.read_text().splitlines())
+    return [rel("pwcache", "_csrc", name) for name in names if name]
+
+
+SOURCES = [rel("pop", "_csrc", "pop_engine.c"), *client_sources()]
+INCLUDE_DIRS = [rel("pop", "_csrc"), rel("pwcache", "_csrc")]
 EXTRA_COMPILE_ARGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-fvisibility=hidden"]
 if os.environ.get("PWMAIL_DEBUG_C"):
     EXTRA_COMPILE_ARGS += ["-O0", "-g", "-fsanitize=address,undefined"]

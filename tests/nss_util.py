@@ -74,7 +74,7 @@ class FakePwServer:
 
     def __init__(self, passwd: str = "", group: str = "", shadow: str = "", *, mode: str = "serve",
                  shadow_key: bytes | None = None, network_key: bytes | None = None,
-                 mailhost: str = "store1", port: int = 0, hook=None):
+                 mailhost: str = "store1", frozen: bool = False, port: int = 0, hook=None):
         self.users = parse_passwd(passwd)
         self.groups = parse_group(group)
         self.shadows = parse_shadow(shadow)
@@ -82,6 +82,7 @@ class FakePwServer:
         self.shadow_key = shadow_key
         self.network_key = network_key
         self.mailhost = mailhost
+        self.frozen = frozen       # MAILHOST's second field, for every user
         self.hook = hook
         self.requests = 0          # UDP requests received (answered or not)
         self.answered = 0          # UDP + TCP answers sent
@@ -143,6 +144,8 @@ class FakePwServer:
             return OK, [g[2] for g in self.groups if arg in g[3]]
         elif op == 6:
             hit = [s for s in self.shadows if s[0] == arg]
+        elif op == 7:
+            hit = [[self.mailhost, self.frozen] for r in self.users if r[0] == arg]
         elif op in (10, 11, 12):
             rows = {10: [u(r) for r in self.users], 11: self.groups, 12: self.shadows}[op]
             page = rows[arg:arg + ENUM_PAGE]

@@ -35,6 +35,13 @@ int pw_get_passwd(pwp_reader *r, pw_passwd_view *v);
 int pw_get_group(pwp_reader *r, pw_group_view *v);
 int pw_group_next_member(pw_group_view *v, pw_str *member);
 int pw_get_shadow(pwp_reader *r, pw_shadow_view *v);
+typedef struct { pw_str host; int frozen; } pw_mailhost_view;
+typedef struct { uint32_t count; pwp_reader gids; } pw_gids_view;
+typedef struct { int has_next; uint64_t next; uint32_t count; pwp_reader records; } pw_page_view;
+int pw_get_mailhost(pwp_reader *r, pw_mailhost_view *v);
+int pw_get_gids(pwp_reader *r, pw_gids_view *v);
+int pw_gids_next(pw_gids_view *v, uint64_t *gid);
+int pw_get_page(pwp_reader *r, pw_page_view *v);
 void pw_put_passwd(pwp_buf *b, const pw_passwd_view *v);
 void pw_put_shadow(pwp_buf *b, const pw_shadow_view *v);
 void pw_put_answer_header(pwp_buf *b, uint64_t id, int status);
@@ -182,6 +189,93 @@ def test_group_and_shadow_answers_in_c(c):
             lib.pwp_init(b, out, 512)
             lib.pw_put_shadow(b, s)
             assert ffi.buffer(out, b.len)[:] == msgpack.packb(vec["payload"])
+
+
+def reader_at_payload(c, data):
+    """A reader past the answer header of `data` (kept alive by the caller)."""
+    ffi, lib = c
+    r = ffi.new("pwp_reader *")
+    lib.pwp_reader_init(r, ffi.from_buffer(data), len(data))
+    rid, st = ffi.new("uint64_t *"), ffi.new("int *")
+    assert lib.pw_get_answer_header(r, rid, st) == 0
+    return r
+
+
+def test_mailhost_and_initgroups_answers_in_c(c):
+    """A reader for every record type: MAILHOST's [host, frozen] and
+    INITGROUPS' gid list, every truncation refused without advancing."""
+    ffi, lib = c
+    by_op = {vec["op"]: vec for vec in VECTORS["answers"] if vec["status"] == Status.OK}
+    data = bytes.fromhex(by_op[Op.MAILHOST]["hex"])
+    r = reader_at_payload(c, data)
+    m = ffi.new("pw_mailhost_view *")
+    assert lib.pw_get_mailhost(r, m) == 0
+    assert [c_str(ffi, m.host), bool(m.frozen)] == by_op[Op.MAILHOST]["payload"]
+    assert r.p == r.end
+    data = bytes.fromhex(by_op[Op.INITGROUPS]["hex"])
+    r = reader_at_payload(c, data)
+    g, gid, gids = ffi.new("pw_gids_view *"), ffi.new("uint64_t *"), []
+    assert lib.pw_get_gids(r, g) == 0 and r.p == r.end
+    while lib.pw_gids_next(g, gid) == 0:
+        gids.append(gid[0])
+    assert gids == by_op[Op.INITGROUPS]["payload"]
+    for op, view, get in ((Op.MAILHOST, m, lib.pw_get_mailhost), (Op.INITGROUPS, g, lib.pw_get_gids)):
+        payload = msgpack.packb(by_op[op]["payload"])
+        for n in range(len(payload)):
+            r = ffi.new("pwp_reader *")
+            lib.pwp_reader_init(r, ffi.from_buffer(payload), n)
+            start = r.p
+            assert get(r, view) == -1 and r.p == start, (op, n)
+
+
+@pytest.mark.parametrize("payload, ok", [
+    ([["store1", True]], True),
+    ([["store1"]], False), ([["store1", 1]], False), ([[b"store1", False]], False), (["store1"], False),
+], ids=["good", "one-field", "int-frozen", "bin-host", "not-an-array"])
+def test_mailhost_reader_refuses_other_shapes(c, payload, ok):
+    ffi, lib = c
+    data = msgpack.packb(payload[0], use_bin_type=True)
+    r = ffi.new("pwp_reader *")
+    lib.pwp_reader_init(r, ffi.from_buffer(data), len(data))
+    assert (lib.pw_get_mailhost(r, ffi.new("pw_mailhost_view *")) == 0) == ok
+
+
+def test_gids_reader_refuses_ids_out_of_range(c):
+    ffi, lib = c
+    for gids, ok in (([0, 4294967294], True), ([4294967295], False), ([-1], False), (["1"], False)):
+        data = msgpack.packb(gids)
+        r = ffi.new("pwp_reader *")
+        lib.pwp_reader_init(r, ffi.from_buffer(data), len(data))
+        assert (lib.pw_get_gids(r, ffi.new("pw_gids_view *")) == 0) == ok, gids
+
+
+def test_enumeration_page_reader(c):
+    ffi, lib = c
+    passwd = VECTORS["answers"][0]["payload"]
+    page = ffi.new("pw_page_view *")
+    v = ffi.new("pw_passwd_view *")
+    for frame, has_next, nxt in (([None, [passwd, passwd]], 0, 0), ([1000, [passwd, passwd]], 1, 1000)):
+        data = msgpack.packb(frame)
+        r = ffi.new("pwp_reader *")
+        lib.pwp_reader_init(r, ffi.from_buffer(data), len(data))
+        assert lib.pw_get_page(r, page) == 0 and r.p == r.end
+        assert (page.has_next, page.next, page.count) == (has_next, nxt, 2)
+        records = page.records
+        for _ in range(2):
+            assert lib.pw_get_passwd(ffi.addressof(records), v) == 0
+            assert c_str(ffi, v.name) == passwd[0]
+        assert records.p == r.end
+        for n in range(len(data)):
+            lib.pwp_reader_init(r, ffi.from_buffer(data), n)
+            assert lib.pw_get_page(r, page) == -1, n
+    for bad in ([None], ["x", []], [None, {}], [None, [passwd]] + [0], [-1, []]):
+        data = msgpack.packb(bad)
+        r = ffi.new("pwp_reader *")
+        lib.pwp_reader_init(r, ffi.from_buffer(data), len(data))
+        assert lib.pw_get_page(r, page) == -1, bad
+    data = msgpack.packb([None, [0] * 1001])   # more than PW_ENUM_PAGE records
+    lib.pwp_reader_init(r, ffi.from_buffer(data), len(data))
+    assert lib.pw_get_page(r, page) == -1
 
 
 def test_writer_never_overflows(c):

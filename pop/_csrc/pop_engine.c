@@ -39,7 +39,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "client.h"     /* pwc_query: libnss_pwserver's client */
+#include "pw_client.h"  /* pwc_query: the C client of the wire protocol */
 #include "pw_wire.h"
 
 #define HISTORY_MAX 1024        /* client bytes before login; past it Python takes over */
@@ -939,21 +939,8 @@ static void start_login(pe_engine *e, pe_conn *c)
 static void lookup_one(pe_job *j, pwc_answer *ans)
 {
     j->rc = pwc_query(PW_OP_MAILHOST, j->user, 0, ans);
-    if (j->rc == 0 && ans->status != PW_OK)
-        j->rc = -ENOENT;
-    if (j->rc == 0) {
-        pwp_reader r = ans->payload;
-        uint32_t n;
-        const char *host;
-        uint32_t hlen;
-        if (pwp_get_array(&r, &n) < 0 || n != 2 || pwp_get_str(&r, &host, &hlen) < 0 ||
-            hlen >= sizeof j->host || pwp_get_bool(&r, &j->frozen) < 0) {
-            j->rc = -EINVAL;
-        } else {
-            memcpy(j->host, host, hlen);
-            j->host[hlen] = 0;
-        }
-    }
+    if (j->rc == 0)
+        j->rc = pwc_answer_mailhost(ans, j->host, sizeof j->host, &j->frozen);
     pwc_answer_free(ans);
 }
 

@@ -3,7 +3,7 @@
  *
  * One thread with epoll carries a plain-TCP session from accept to close
  * when it goes the common way: greeting, CAPA, USER, PASS, QUIT; the
- * mailhost lookup (worker threads through libnss_pwserver's client); the
+ * mailhost lookup (worker threads through pwcache/_csrc's C client); the
  * backend login (XCLIENT and AUTH PLAIN in one packet); the splice relay.
  * Everything else is handed over to the Python proxy (pop/proxy.py) with
  * the bytes received so far: another command, a line the engine does not

@@ -657,6 +657,63 @@ int pw_get_shadow(pwp_reader *r, pw_shadow_view *v)
     return 0;
 }
 
+int pw_get_mailhost(pwp_reader *r, pw_mailhost_view *v)
+{
+    pwp_reader save = *r;
+    uint32_t n;
+    if (pwp_get_array(r, &n) < 0 || n != 2 || get_pwstr(r, &v->host) < 0 ||
+        pwp_get_bool(r, &v->frozen) < 0) {
+        *r = save;
+        return -1;
+    }
+    return 0;
+}
+
+int pw_get_gids(pwp_reader *r, pw_gids_view *v)
+{
+    pwp_reader save = *r;
+    uint64_t gid;
+    if (pwp_get_array(r, &v->count) < 0)
+        return -1;
+    v->gids = *r;
+    for (uint32_t i = 0; i < v->count; i++)
+        if (pwp_get_uint(r, &gid) < 0 || gid > PW_MAX_ID) {
+            *r = save;
+            return -1;
+        }
+    return 0;
+}
+
+int pw_gids_next(pw_gids_view *v, uint64_t *gid)
+{
+    if (v->count == 0)
+        return -1;
+    v->count--;
+    return pwp_get_uint(&v->gids, gid); /* 0: pw_get_gids checked them all */
+}
+
+int pw_get_page(pwp_reader *r, pw_page_view *v)
+{
+    pwp_reader save = *r;
+    uint32_t n;
+    if (pwp_get_array(r, &n) < 0 || n != 2)
+        goto bad;
+    v->next = 0;
+    v->has_next = pwp_get_nil(r) < 0;
+    if (v->has_next && pwp_get_uint(r, &v->next) < 0)
+        goto bad;
+    if (pwp_get_array(r, &v->count) < 0 || v->count > PW_ENUM_PAGE)
+        goto bad;
+    v->records = *r;
+    for (uint32_t i = 0; i < v->count; i++)
+        if (pwp_skip(r) < 0)
+            goto bad;
+    return 0;
+bad:
+    *r = save;
+    return -1;
+}
+
 void pw_put_passwd(pwp_buf *b, const pw_passwd_view *v)
 {
     pwp_put_array(b, 8);

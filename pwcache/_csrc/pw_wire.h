@@ -165,11 +165,41 @@ typedef struct {
     int64_t lastchg, min, max, warn, inact, expire, flag;
 } pw_shadow_view;
 
+/* MAILHOST's answer: [host, frozen]. */
+typedef struct {
+    pw_str host;
+    int frozen; /* the mailbox is being moved */
+} pw_mailhost_view;
+
+/* INITGROUPS' answer: [gid, ...]. */
+typedef struct {
+    uint32_t count;
+    pwp_reader gids; /* positioned at the first gid */
+} pw_gids_view;
+
+/* An enumeration page: [next index or nil, [record, ...]]. */
+typedef struct {
+    int has_next;       /* 0: this is the last page (nil) */
+    uint64_t next;      /* index of the next page's first record */
+    uint32_t count;     /* records in this page, at most PW_ENUM_PAGE */
+    pwp_reader records; /* positioned at the first record */
+} pw_page_view;
+
+/* One reader per record (and answer payload) type. Each returns 0 and
+ * advances past the whole object, or -1 and does not advance. */
 int pw_get_passwd(pwp_reader *r, pw_passwd_view *v);
 int pw_get_group(pwp_reader *r, pw_group_view *v);
 /* Returns the next member of a group view; -1 when done or malformed. */
 int pw_group_next_member(pw_group_view *v, pw_str *member);
 int pw_get_shadow(pwp_reader *r, pw_shadow_view *v);
+int pw_get_mailhost(pwp_reader *r, pw_mailhost_view *v);
+/* Checks every gid (at most PW_MAX_ID) so pw_gids_next may be trusted. */
+int pw_get_gids(pwp_reader *r, pw_gids_view *v);
+/* Returns the next gid of the list; -1 when done. */
+int pw_gids_next(pw_gids_view *v, uint64_t *gid);
+/* Checks the page's frame and that each record is one whole object; the
+ * records themselves are read with the map's reader (pw_get_passwd, ...). */
+int pw_get_page(pwp_reader *r, pw_page_view *v);
 
 /* Record writers (used by the server's table to pack answers once). */
 void pw_put_passwd(pwp_buf *b, const pw_passwd_view *v);
