@@ -42,12 +42,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from delivery.layout import DEFAULT_SCHEME, SCHEMES, MailboxLayout, check_user
 from delivery.maildir import ROOT_MARKER, MaildirWriter, fsync_dir
+from pwmail.placement.ratelimit import Throttle
 
 log = logging.getLogger("pwmail-move")
 
@@ -246,27 +246,6 @@ class PasswordServers:
 
 
 # ---- copying mailboxes -----------------------------------------------------
-
-class Throttle:
-    """At most `bps` bytes and `fps` files per second, averaged; shared by
-    the copying threads."""
-
-    def __init__(self, bps: float, fps: float):
-        self.bps, self.fps = bps, fps
-        self.t0 = time.monotonic()
-        self.bytes = 0
-        self.files = 0
-        self._lock = threading.Lock()
-
-    def spend(self, nbytes: int = 0, nfiles: int = 0) -> None:
-        with self._lock:
-            self.bytes += nbytes
-            self.files += nfiles
-            need = max(self.bytes / self.bps if self.bps > 0 else 0, self.files / self.fps if self.fps > 0 else 0)
-        ahead = need - (time.monotonic() - self.t0)
-        if ahead > 0:
-            time.sleep(ahead)
-
 
 def message_key(rel: str) -> str:
     """A Maildir message is named by its base name (its UIDL) whatever its
