@@ -42,22 +42,21 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from delivery.layout import DEFAULT_SCHEME, SCHEMES, MailboxLayout, check_user
 from delivery.maildir import ROOT_MARKER, MaildirWriter, fsync_dir
+from pwmail.placement.journal import STEPS, TRASH_SUFFIX, Journal
+from pwmail.placement.ratelimit import Throttle
 
 log = logging.getLogger("pwmail-move")
 
-STEPS = ("start", "copied", "frozen", "synced", "flipped", "unfrozen")
 FAIL_ENV = "PWMAIL_MOVE_FAIL"
 FAIL_POINTS = ("after-start", "mid-copy", "after-copy", "after-freeze-write", "after-freeze",
                "mid-sync", "after-sync", "after-flip-write", "after-flip", "after-unfreeze-write",
                "after-unfreeze", "after-trash", "mid-remove")
 FAIL_EXIT = 70
-TRASH_SUFFIX = " pwmove-old"   # `<user> pwmove-old`: no user name holds a space
 COPY_SUFFIX = ".pwmove"        # files being copied, in the new box's tmp/
 DEFAULTS = {
     "roots": {},                 # host -> storage root path as seen here
@@ -247,27 +246,6 @@ class PasswordServers:
 
 # ---- copying mailboxes -----------------------------------------------------
 
-class Throttle:
-    """At most `bps` bytes and `fps` files per second, averaged; shared by
-    the copying threads."""
-
-    def __init__(self, bps: float, fps: float):
-        self.bps, self.fps = bps, fps
-        self.t0 = time.monotonic()
-        self.bytes = 0
-        self.files = 0
-        self._lock = threading.Lock()
-
-    def spend(self, nbytes: int = 0, nfiles: int = 0) -> None:
-        with self._lock:
-            self.bytes += nbytes
-            self.files += nfiles
-            need = max(self.bytes / self.bps if self.bps > 0 else 0, self.files / self.fps if self.fps > 0 else 0)
-        ahead = need - (time.monotonic() - self.t0)
-        if ahead > 0:
-            time.sleep(ahead)
-
-
 def message_key(rel: str) -> str:
     """A Maildir message is named by its base name (its UIDL) whatever its
     flags or whether it is in new/ or cur/; other files by their path."""
@@ -453,36 +431,6 @@ def clean_copy_leftovers(box: pathlib.Path) -> None:
 
 
 # ---- one move --------------------------------------------------------------
-
-@dataclasses.dataclass
-class Journal:
-    user: str
-    src: str
-    dst: str
-    src_root: str
-    dst_root: str
-    scheme: str
-    step: str = "start"
-    started: float = 0.0
-    manifest: list[str] | None = None   # message keys in the mirror at `synced`
-
-    @classmethod
-    def load(cls, path: pathlib.Path) -> "Journal":
-        return cls(**json.loads(path.read_text()))
-
-    def src_box(self) -> pathlib.Path:
-        return MailboxLayout(self.src_root, self.scheme).path(self.user)
-
-    def dst_box(self) -> pathlib.Path:
-        return MailboxLayout(self.dst_root, self.scheme).path(self.user)
-
-    def trash(self) -> pathlib.Path:
-        box = self.src_box()
-        return box.with_name(box.name + TRASH_SUFFIX)
-
-    def at_least(self, step: str) -> bool:
-        return STEPS.index(self.step) >= STEPS.index(step)
-
 
 @dataclasses.dataclass
 class MoveSettings:
