@@ -26,7 +26,7 @@ from pwcache.placement import PlacementError, PlacementRule
 from pwcache.table import CHandle, Table, TableError
 from pwcache.tcp_server import TCP_DEFAULTS, TcpLimits, TcpServer
 from pwmail.base import settings
-from pwmail.base.daemon import notify_ready
+from pwmail.base.sdnotify import notify_ready
 from pwmail.base.errors import ConfigError
 from pwmail.base.hostport import parse_hostport
 from pwmail.base.logsetup import setup_logging

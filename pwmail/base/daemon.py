@@ -15,6 +15,7 @@ import time
 from typing import Callable
 
 from .hostport import parse_hostport
+from .sdnotify import notify_ready
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +62,6 @@ def announce(name: str, sock: socket.socket) -> None:
     host, port = sock.getsockname()[:2]
     print(f"{name}: ready on {host}:{port}", file=sys.stderr, flush=True)
     notify_ready()
-
-
-def notify_ready() -> None:
-    """sd_notify(READY=1) when started by a service manager that asks
-    (systemd's Type=notify sets NOTIFY_SOCKET)."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.sendto(b"READY=1", path)
-    except OSError as e:
-        log.warning("NOTIFY_SOCKET: %s", e)
 
 
 def handle_signals(on_reload: Callable[[], None] | None = None) -> asyncio.Event:
