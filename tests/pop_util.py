@@ -10,7 +10,7 @@ import socket
 import subprocess
 
 import pwtest
-from pwtest import BIN, Process, free_port
+from pwtest import BIN, Process, free_port, read_reply  # noqa: F401  (the POP tests take it from here)
 
 from delivery.layout import MailboxLayout
 from delivery.maildir import MaildirWriter, ROOT_MARKER
@@ -107,17 +107,6 @@ def start_proxy(tmp: pathlib.Path, conf: os.PathLike | str, settings: str = "", 
     cfg.write_text("[pop]\n" + settings)
     return Daemon("pop-proxy", ["--listen", "127.0.0.1:0", *argv],
                   {"PWSERVER_CONF": str(conf), "PWMAIL_CONF": str(cfg), **(env or {})}, tmp / f"{name}.log")
-
-
-def read_reply(sock: socket.socket, timeout: float = 10.0) -> bytes:
-    sock.settimeout(timeout)
-    data = b""
-    while not data.endswith(b"\r\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def self_signed(tmp: pathlib.Path, cn: str = "localhost", ips: tuple = ("127.0.0.1",)) -> tuple[str, str]:

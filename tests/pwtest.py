@@ -44,6 +44,19 @@ def wait_for(cond, timeout: float = 20.0, step: float = 0.05, describe=None):
     raise AssertionError(describe() if describe else "condition not met in time")
 
 
+def read_reply(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """One reply line (up to CRLF) of a line protocol (POP3, LMTP), or what
+    came before the peer closed."""
+    sock.settimeout(timeout)
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def gen_users(out: pathlib.Path, count: int, hosts: str = "store1,store2", seed: int = 1) -> pathlib.Path:
     """`pwmail gen-users` into `out`; returns `out`."""
     from pwmail.genusers import generate, parse_hosts

@@ -38,23 +38,13 @@ def connect_from(source: str, port: int) -> socket.socket:
     return s
 
 
-def read_reply(s: socket.socket) -> bytes:
-    out = b""
-    while not out.endswith(b"\r\n"):
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        out += chunk
-    return out
-
-
 def test_tricklers_are_capped_per_address_and_cut(bed):
     port = bed["port"]
     tricklers = []
     try:
         for _ in range(PER_ADDRESS):
             s = connect_from(TRICKLER, port)
-            assert read_reply(s).startswith(b"220")
+            assert pwtest.read_reply(s, 20).startswith(b"220")
             s.sendall(b"LHLO t\r\nMAIL FROM:<t@x>\r\nRCPT TO:<ana@x>\r\nDATA\r\n")
             tricklers.append(s)
         for s in tricklers:
@@ -64,7 +54,7 @@ def test_tricklers_are_capped_per_address_and_cut(bed):
         # more from the same address: refused at once, though sessions_max has room
         for _ in range(2):
             extra = connect_from(TRICKLER, port)
-            assert read_reply(extra).startswith(b"421 4.7.0")
+            assert pwtest.read_reply(extra, 20).startswith(b"421 4.7.0")
             extra.close()
         # an honest client from another address still delivers
         legit = connect_from(LEGIT, port)
@@ -107,7 +97,7 @@ def test_tricklers_are_capped_per_address_and_cut(bed):
     assert not (bed["layout"].path("ana") / "tmp").exists() or \
         list((bed["layout"].path("ana") / "tmp").iterdir()) == []
     again = connect_from(TRICKLER, port)
-    assert read_reply(again).startswith(b"220")
+    assert pwtest.read_reply(again, 20).startswith(b"220")
     again.close()
 
 
