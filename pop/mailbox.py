@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -50,6 +51,16 @@ class Message:
     path: str
     size: int
     deleted: bool = False
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def delivery_order(name: str) -> tuple:
+    """Sort key of a Maildir name with its numbers compared as numbers:
+    writers (ours, Dovecot's) do not zero-pad `M<usec>`, so as text
+    `1.M99999` would sort after `1.M100000`."""
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(_DIGITS.split(name)))
 
 
 def base_name(filename: str) -> str:
@@ -157,12 +168,13 @@ class MaildirMailbox:
                 mtime, size = st.st_mtime, pop_size(entry.path, st)
             except OSError:
                 continue
-            found.append((mtime, entry.name, entry.path, size))
+            found.append((mtime, delivery_order(entry.name), entry.name, entry.path, size))
             if len(found) >= MAX_MESSAGES:
                 break
-        # Oldest first, ties by name (the name starts with the delivery time).
+        # Oldest first. File times are coarse (a clock tick), so ties are
+        # broken by the delivery time written in the name.
         found.sort()
-        self.messages = [Message(base_name(name), path, size) for _, name, path, size in found]
+        self.messages = [Message(base_name(name), path, size) for _, _, name, path, size in found]
 
     # --- TRANSACTION -----------------------------------------------------------------------
     def get(self, number: int) -> Message | None:

@@ -116,6 +116,21 @@ def test_mailbox_size_without_w_field(tmp_path):
         assert box.messages[0].uidl == "1700000000.M1P1Q1.host"
 
 
+def test_mailbox_orders_by_delivery_time_when_file_times_tie(tmp_path):
+    """File times tick coarsely; the names' M<usec> is not zero-padded, so
+    it must be compared as a number (M99999 is older than M100000)."""
+    box_path = tmp_path / "box"
+    for sub in ("cur", "new", "tmp"):
+        (box_path / sub).mkdir(parents=True)
+    names = ["1700000000.M99999P7Q1.host", "1700000000.M100000P7Q2.host", "1700000000.M100000P7Q10.host",
+             "1700000001.M5P7Q11.host"]
+    for name in reversed(names):
+        (box_path / "new" / name).write_bytes(name.encode() + b"\n")
+        os.utime(box_path / "new" / name, (1700000005, 1700000005))
+    with MaildirMailbox(box_path) as box:
+        assert [m.uidl for m in box.messages] == names
+
+
 def test_mailbox_deletes_only_at_commit_and_one_session(tmp_path):
     layout = make_root(tmp_path / "spool")
     paths = [deliver(layout, "maria", message(str(i))) for i in range(3)]
