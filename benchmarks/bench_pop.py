@@ -331,7 +331,7 @@ def cpu_per_login(args, proxies: dict, creds) -> None:
     # same neighbours at the same moment.
     got = {(name, conc): [] for name in proxies for conc in (1, args.concurrency)}
     addrs = [p.address for p in proxies.values()]
-    for r in range(args.cpu_rounds):
+    for _round in range(args.cpu_rounds):
         for conc in (1, args.concurrency):
             total = args.cpu * len(proxies)
             shares = [total // conc + (k < total % conc) for k in range(conc)]   # as count_logins

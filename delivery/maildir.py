@@ -242,7 +242,7 @@ class MaildirWriter:
             finally:
                 os.close(fd)
         except OSError as e:
-            raise _classify(e)
+            raise _classify(e) from e
         return box
 
     def open_dirs(self, user: str, box: str | os.PathLike | None = None) -> list[int]:
@@ -275,14 +275,14 @@ class MaildirWriter:
         try:
             tmp_fd, new_fd = self.open_dirs(user, box)
         except OSError as e:
-            raise _classify(e)
+            raise _classify(e) from e
         staged = Staged(name, tmp_fd, new_fd, f"{box}/new")
         try:
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                          FILE_MODE, dir_fd=tmp_fd)
         except OSError as e:
             staged.close()
-            raise _classify(e)
+            raise _classify(e) from e
         try:
             try:
                 if uid >= 0 or gid >= 0:
@@ -296,7 +296,7 @@ class MaildirWriter:
                 os.close(fd)
         except OSError as e:
             self.withdraw(staged)
-            raise _classify(e)
+            raise _classify(e) from e
         return staged
 
     def publish(self, staged: Staged) -> None:
@@ -306,7 +306,7 @@ class MaildirWriter:
             staged.published = True
         except OSError as e:
             self.withdraw(staged)
-            raise _classify(e)
+            raise _classify(e) from e
 
     def withdraw(self, staged: Staged) -> None:
         """Remove a staged or published message that cannot be acknowledged."""
@@ -322,7 +322,7 @@ class MaildirWriter:
             self.group.sync(staged.new_dir, staged.new_fd)
         except OSError as e:
             self.withdraw(staged)
-            raise _classify(e)
+            raise _classify(e) from e
         staged.close()
 
     def clean_tmp(self, user: str, max_age: float = TMP_MAX_AGE) -> int:

@@ -244,7 +244,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="pdeliveryd", description="LMTP delivery into hashed Maildirs")
     p.add_argument("--listen", help="HOST:PORT (default 0.0.0.0:lmtp_port)")
     p.add_argument("--lmtp-port", type=int, help="port when --listen gives none")
-    p.add_argument("--root", help="storage root (must hold %s)" % ROOT_MARKER)
+    p.add_argument("--root", help=f"storage root (must hold {ROOT_MARKER})")
     p.add_argument("--layout", choices=SCHEMES)
     p.add_argument("--users", help="'pwserver' (default) or 'passwd:FILE'")
     p.add_argument("--config", help="settings file (default $PWMAIL_CONF or /etc/pwmail.toml)")

@@ -12,7 +12,10 @@ UNKNOWN = Reply(550, "5.1.1", "no such user")
 STORED = Reply(250, "2.0.0", "stored")
 
 
-def run(chunks, limits=Limits()):
+DEFAULT_LIMITS = Limits()
+
+
+def run(chunks, limits=DEFAULT_LIMITS):
     """Drive a session; recipients named 'nobody' are refused. Returns
     (reply codes in order, messages, closed)."""
     conn = LMTPServerConnection("store1.example", limits)

@@ -138,9 +138,9 @@ def test_message_lands_byte_for_byte_in_hashed_maildir(mx):
     assert wait_for(lambda: mx["mx"].queue_files() == [], timeout=30)
     # both log through /dev/log: Sendmail's verdict, pdelivery's delivery line with the queue id
     qid = re.search(rb"id ([0-9A-Za-z]+)", received.replace(b"\n\t", b" ")).group(1).decode()
-    assert wait_for(lambda: any(qid in l and "mailer=local" in l and "stat=Sent" in l
-                                for l in mx["mx"].syslog.lines), timeout=10), mx["mx"].output()
-    assert any(f"pdelivery[" in l and f"qid={qid} to=juan" in l for l in mx["mx"].syslog.lines)
+    assert wait_for(lambda: any(qid in line and "mailer=local" in line and "stat=Sent" in line
+                                for line in mx["mx"].syslog.lines), timeout=10), mx["mx"].output()
+    assert any(f"pdelivery[" in line and f"qid={qid} to=juan" in line for line in mx["mx"].syslog.lines)
 
 
 def test_unknown_user_bounces_with_511(mx):
@@ -224,4 +224,4 @@ def test_sendmail_lmtp_straight_to_pdeliveryd(mx_direct):
     bounce = wait_for(lambda: messages(layout.path("ana")), timeout=60)
     assert bounce and b"Status: 5.1.1" in bounce[0].read_bytes(), m.output()
     assert wait_for(lambda: m.queue_files() == [], timeout=30)
-    assert any("mailer=local" in l and "stat=Sent" in l and "juan@pwmail.test" in l for l in m.syslog.lines)
+    assert any("mailer=local" in line and "stat=Sent" in line and "juan@pwmail.test" in line for line in m.syslog.lines)

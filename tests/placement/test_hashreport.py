@@ -32,7 +32,7 @@ def test_isp_logins_are_ascii_unique_and_usable():
     people = [("Juan", "Pérez"), ("Julia", "Pérez"), ("José", "Núñez"), ("Ana", "De la Cruz")] * 50
     logins = isp_logins(people, random.Random(1))
     assert len(logins) == len(set(logins)) == 200
-    assert all(l.isascii() and l[0].isalpha() and len(l) <= 16 for l in logins)
+    assert all(login.isascii() and login[0].isalpha() and len(login) <= 16 for login in logins)
     assert ascii_login("Núñez") == "nunez" and ascii_login("De la Cruz") == "delacruz"
     assert "jperez" in logins
 

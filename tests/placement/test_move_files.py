@@ -61,7 +61,7 @@ def test_sync_mirrors_names_flags_deletions_and_other_files(tmp_path):
     assert (r.copied, r.renamed, r.deleted) == (0, 1, 1)
     assert sorted(p.name for p in (dst / "cur").iterdir()) == [p1.name + ":2,S"]
     assert {k: v[0] for k, v in scan(dst).items()} == {k: v[0] for k, v in scan(src).items()}
-    for k, (rel, _, _) in scan(src).items():
+    for rel, _, _ in scan(src).values():
         assert (dst / rel).read_bytes() == (src / rel).read_bytes()
     assert not list((dst / "tmp").iterdir())
 

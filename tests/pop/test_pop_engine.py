@@ -78,7 +78,7 @@ def script(rnd: random.Random) -> bytes:
         lines.insert(0, "USER ana" if rnd.random() < 0.5 else "USER beto")
         lines.insert(1, "PASS ana-secret" if lines[0] == "USER ana" else "PASS beto pw")
     ends = [rnd.choice(["\r\n", "\r\n", "\n"]) for _ in lines]
-    data = "".join(l + e for l, e in zip(lines, ends)).encode()
+    data = "".join(line + end for line, end in zip(lines, ends)).encode()
     if rnd.random() < 0.1:
         data = data[:-1]            # the last line never ends
     return data

@@ -99,7 +99,7 @@ def test_password_never_in_repr():
 
 def test_rejected_login_returns_to_authorization_and_ends_after_max_attempts():
     conn = ServerConnection()
-    for attempt in range(1, P.MAX_AUTH_ATTEMPTS + 1):
+    for _attempt in range(1, P.MAX_AUTH_ATTEMPTS + 1):
         events, _ = drive(conn, b"USER juan\r\nPASS bad\r\n")
         assert events == [Login("juan", "bad")]
         conn.reject_login()

@@ -92,7 +92,7 @@ def test_routes_each_user_to_their_backend(bed):
     time.sleep(0.2)
     assert f"login user=bruno from=127.0.0.1:{port}" in bed["stores"]["store2"].output()
     assert "user=bruno" not in bed["stores"]["store1"].output()
-    assert re.search(r"logout user=bruno from=127\.0\.0\.1:%d backend=store2 seconds=\S+ in=\d+ out=\d+" % port,
+    assert re.search(rf"logout user=bruno from=127\.0\.0\.1:{port} backend=store2 seconds=\S+ in=\d+ out=\d+",
                      bed["proxy"].output())
 
 
@@ -156,7 +156,7 @@ def test_failures_are_throttled_per_address(bed):
 
 def test_three_failures_on_one_connection_hang_up(bed):
     p = pop(bed)
-    for attempt in range(3):
+    for _attempt in range(3):
         p.user("beatriz")
         with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
             p.pass_("nope")

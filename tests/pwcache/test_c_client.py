@@ -23,11 +23,11 @@ PW_OK, PW_NOTFOUND, PW_OP_MAILHOST, PW_OP_PASSWD_BY_NAME = 0, 1, 7, 1
 
 CDEF = """
 typedef struct { const uint8_t *p; const uint8_t *end; } pwp_reader;
-typedef struct { int status; pwp_reader payload; uint8_t *heap; uint8_t udp[%d]; } pwc_answer;
+typedef struct { int status; pwp_reader payload; uint8_t *heap; uint8_t udp[PWC_UDP_BUF]; } pwc_answer;
 int pwc_query(int op, const char *name, uint64_t num, pwc_answer *ans);
 void pwc_answer_free(pwc_answer *ans);
 int pwc_answer_mailhost(const pwc_answer *ans, char *host, size_t cap, int *frozen);
-""" % (8192 + 2 + 24 + 16)  # PWC_UDP_BUF: PW_MAX_UDP_ANSWER + PW_SEAL_OVERHEAD
+""".replace("PWC_UDP_BUF", str(8192 + 2 + 24 + 16))  # PW_MAX_UDP_ANSWER + PW_SEAL_OVERHEAD
 
 
 def client_sources() -> list[str]:

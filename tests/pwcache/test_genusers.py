@@ -54,7 +54,9 @@ def test_same_seed_same_names(tmp_path):
     for d in ("a", "b"):
         subprocess.run([str(BIN / "pwmail"), "gen-users", "50", "--out", str(tmp_path / d)], check=True,
                        capture_output=True)
-    first = lambda d: [line.split(":")[0] for line in (tmp_path / d / "passwd").read_text().splitlines()]
+    def first(d):
+        return [line.split(":")[0] for line in (tmp_path / d / "passwd").read_text().splitlines()]
+
     assert first("a") == first("b")
 
 
