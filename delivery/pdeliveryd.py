@@ -21,6 +21,7 @@ import socket
 import sys
 
 from pwmail.base.logsetup import setup_logging
+from pwmail.base.sdnotify import notify_ready
 
 from delivery import config as dconfig
 from delivery.layout import SCHEMES, MailboxLayout
@@ -330,6 +331,7 @@ async def serve(cfg: dict, host: str, port: int, args) -> int:
     loop.add_signal_handler(signal.SIGINT, on_term)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     print(f"pdeliveryd: ready on {host}:{server.port}", file=sys.stderr, flush=True)
+    notify_ready()       # systemd Type=notify (examples/systemd/pdeliveryd.service)
     await stop.wait()
     await server.wait_stopped()
     log.info("stopped; %d message(s) delivered", server.store.delivered)
