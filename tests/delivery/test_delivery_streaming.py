@@ -2,6 +2,7 @@
 session is bounded by buffers, not by the message; what is stored is byte
 for byte what the in-memory writer stored, whatever the chunk edges; a
 message over the size limit leaves nothing behind."""
+import asyncio
 import errno
 import hashlib
 import os
@@ -15,9 +16,12 @@ import pytest
 from delivery import config as dconfig, message as msg, spool
 from delivery.layout import MailboxLayout
 from delivery.lmtp import CLOSED, NEED_DATA, LMTPServerConnection, MessageReceived, RcptRequest, Reply
-from delivery.maildir import ROOT_MARKER, MaildirWriter
+from delivery.maildir import ROOT_MARKER, MaildirWriter, StorageFull, StorageUnavailable
+from delivery.replies import R_LOCAL_ERROR, R_STORAGE_DOWN, R_STORAGE_FULL
 from delivery.pdeliveryd import session_memory_bound
 from delivery.spool import SpooledBody, open_unnamed
+from delivery.store import MailStore
+from delivery.users import Recipient
 from tests.support import pwtest
 from tests.support.delivery_util import (NAME_RE, Pdeliveryd, client_conf, codes, env_with, free_port_on, messages,
                                          write_users)
@@ -55,14 +59,13 @@ def session_script(payload: bytes, bdat_chunks: list[bytes] | None) -> bytes:
     return script + b"QUIT\r\n"
 
 
-def receive(script: bytes, pieces: list[int], spool_dir, memory_max: int) -> MessageReceived:
-    """Feed `script` cut at `pieces`; the message, its body spooled."""
-    bodies = []
+def spooler(spool_dir, memory_max: int):
+    """A body factory: SpooledBody with its spool files in `spool_dir`."""
+    return lambda: SpooledBody(lambda: open_unnamed(spool_dir), memory_max)
 
-    def new_body():
-        bodies.append(SpooledBody(lambda: open_unnamed(spool_dir), memory_max))
-        return bodies[-1]
 
+def receive(script: bytes, pieces: list[int], new_body) -> MessageReceived:
+    """Feed `script` cut at `pieces`; the message, its body from new_body()."""
     conn = LMTPServerConnection("h", new_body=new_body)
     cuts = [0, *sorted(pieces), len(script)]
     feed = [script[a:b] for a, b in zip(cuts, cuts[1:])]
@@ -120,7 +123,7 @@ def test_stored_bytes_and_sizes_match_the_old_writer_at_any_chunk_edge(tmp_path,
     splits += [rnd.sample(range(1, len(script)), rnd.randint(1, 40)) for _ in range(12)]
     for pieces in splits:
         for memory_max in (0, 7, 1 << 20):                              # spooled at once, soon, never
-            ev = receive(script, pieces, tmp_path, memory_max)
+            ev = receive(script, pieces, spooler(tmp_path, memory_max))
             body = ev.body
             assert body.error is None
             assert body.spooled == (memory_max < len(old_bytes) - len(trace))
@@ -143,7 +146,7 @@ def test_any_data_stream_unstuffs_as_the_old_machine_did(tmp_path):
         expected = old_data_from_stuffed(raw)
         script = session_script(raw, None)
         pieces = rnd.sample(range(1, len(script)), rnd.randint(1, min(30, len(script) - 1)))
-        ev = receive(script, pieces, tmp_path, rnd.choice([0, 5, 1 << 20]))
+        ev = receive(script, pieces, spooler(tmp_path, rnd.choice([0, 5, 1 << 20])))
         assert ev.body.size == len(expected) and ev.body.digest() == msg.digest(expected), raw
         assert ev.body.lf_size == len(expected.replace(b"\r\n", b"\n"))
         assert ev.body.newlines == expected.count(b"\n")
@@ -163,7 +166,7 @@ def test_bdat_without_final_newline_and_cr_at_the_chunk_edge(tmp_path):
     writer = MaildirWriter(MailboxLayout(root))
     message = b"Subject: e\r\n\r\nends with a CR\r\n...no final line end\r"
     chunks = [b"Subject: e\r", b"\n\r\nends with a CR\r", b"\n...no final line end\r"]
-    ev = receive(session_script(b"", chunks), [], tmp_path, 0)
+    ev = receive(session_script(b"", chunks), [], spooler(tmp_path, 0))
     new = writer.deliver("juan", ev.body.stored_with(msg.trace_headers("s@x", "juan@x")))
     old = writer.deliver("juan", msg.for_maildir(message, "s@x", "juan@x"))
     assert open(new, "rb").read() == open(old, "rb").read()
@@ -188,6 +191,35 @@ def test_spool_copy_falls_back_when_the_kernel_cannot_copy(tmp_path, monkeypatch
     finally:
         os.close(src)
         os.close(dst)
+
+
+@pytest.mark.parametrize("failure,expected", [
+    (StorageFull(errno.ENOSPC, "full"), R_STORAGE_FULL),
+    (OSError(errno.ENOSPC, "no space left"), R_STORAGE_FULL),
+    (StorageUnavailable(errno.ENOENT, "not mounted"), R_STORAGE_DOWN),
+    (OSError(errno.EIO, "I/O error"), R_LOCAL_ERROR),
+])
+def test_a_spool_that_cannot_be_written_is_answered_for_every_recipient(tmp_path, failure, expected):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / ROOT_MARKER).touch()
+    layout = MailboxLayout(root)
+    store = MailStore(MaildirWriter(layout), io_threads=2)
+
+    def open_spool():
+        raise failure
+
+    store.writer.open_spool = open_spool
+    store.spool_memory_max = 10
+    try:
+        ev = receive(b"LHLO mx\r\nMAIL FROM:<s@x>\r\nRCPT TO:<juan@x>\r\nRCPT TO:<ana@x>\r\nDATA\r\n"
+                     + stuff(b"Subject: s\r\n\r\n" + b"q" * 100 + b"\r\n"), [60], store.new_body)
+        assert ev.body.error is failure
+        recipients = [Recipient("juan", 2001, 2001), Recipient("ana", 2003, 2003)]
+        assert asyncio.run(store.deliver(ev, recipients)) == [expected, expected]
+    finally:
+        store.close()
+    assert list(root.iterdir()) == [root / ROOT_MARKER]
 
 
 # -- a real pdeliveryd ------------------------------------------------------
@@ -222,39 +254,53 @@ def spool_files(pid: int) -> list[str]:
     return out
 
 
-def send_message(port: int, rcpt: str, payload: bytes, timeout: float = 300) -> bytes:
-    """One LMTP transaction with DATA `payload` (already stuffed and
-    terminated); the transcript."""
+def send_message(port: int, rcpt: str, message: bytes, bdat_chunk: int = 0, timeout: float = 300):
+    """One LMTP transaction for `message`, by DATA (it must end with CRLF)
+    or in BDAT chunks of `bdat_chunk` bytes; (transcript, the reply codes
+    expected for success)."""
+    if bdat_chunk:
+        chunks = [message[i:i + bdat_chunk] for i in range(0, len(message), bdat_chunk)]
+        data = b"".join(b"BDAT %d%s\r\n" % (len(c), b" LAST" if i == len(chunks) - 1 else b"") + c
+                        for i, c in enumerate(chunks))
+        expected = ["220", "250", "250", "250"] + ["250"] * len(chunks) + ["221"]
+    else:
+        data = b"DATA\r\n" + stuff(message)
+        expected = ["220", "250", "250", "250", "354", "250", "221"]
     with socket.create_connection((STORE, port), timeout=timeout) as s:
-        s.sendall(b"LHLO mx\r\nMAIL FROM:<s@x>\r\nRCPT TO:<%s>\r\nDATA\r\n" % rcpt.encode())
-        s.sendall(payload)
+        s.sendall(b"LHLO mx\r\nMAIL FROM:<s@x>\r\nRCPT TO:<%s>\r\n" % rcpt.encode())
+        s.sendall(data)
         s.sendall(b"QUIT\r\n")
         out = bytearray()
         while chunk := s.recv(65536):
             out += chunk
-        return bytes(out)
+        return bytes(out), expected
 
 
-def big_message(tag: bytes) -> bytes:
+def big_message(tag: bytes, final_newline: bool = True) -> bytes:
     line = b"x" * 997 + b"\r\n"
     head = b"Subject: big " + tag + b"\r\n\r\n"
     body = (line * 99 + b".leading dot\r\n") * (BIG // (len(line) * 100) + 1)
-    return (head + body)[:BIG - 2] + b"\r\n"
+    return (head + body)[:BIG - 2] + (b"\r\n" if final_newline else b"no final line end")
+
+
+# half the sessions send by DATA, half by BDAT in chunks whose edges fall
+# anywhere in a line (and between CR and LF), without a final line end
+SENDERS = {"juan": 0, "pepe": 1024 * 1024 + 1, "jo": 0, "ana": 999_999}
 
 
 def test_parallel_big_messages_stay_within_the_session_bound(bed):
     pid = bed["srv"].proc.pid
     port = bed["port"]
     # warm up: imports, the I/O threads, one spooled message
-    warm = b"Subject: warm\r\n\r\n" + (b"w" * 998 + b"\r\n") * 300
-    assert codes(send_message(port, "ana@x", stuff(warm))) == ["220", "250", "250", "250", "354", "250", "221"]
+    out, expected = send_message(port, "ana@x", b"Subject: warm\r\n\r\n" + (b"w" * 998 + b"\r\n") * 300)
+    assert codes(out) == expected
     before = status_kib(pid, "VmHWM") * 1024
-    users = ["juan", "pepe", "jo", "ana"][:SESSIONS]
-    payloads = {u: stuff(big_message(u.encode())) for u in users}
+    users = list(SENDERS)[:SESSIONS]
+    originals = {u: big_message(u.encode(), final_newline=not SENDERS[u]) for u in users}
     results = {}
 
     def client(u):
-        results[u] = send_message(port, f"{u}@x", payloads[u])
+        results[u] = send_message(port, f"{u}@x", originals[u], SENDERS[u])
 
     threads = [threading.Thread(target=client, args=(u,)) for u in users]
     for t in threads:
@@ -263,7 +309,8 @@ def test_parallel_big_messages_stay_within_the_session_bound(bed):
         t.join(600)
     after = status_kib(pid, "VmHWM") * 1024
     for u in users:
-        assert codes(results[u]) == ["220", "250", "250", "250", "354", "250", "221"], results[u][-300:]
+        out, expected = results[u]
+        assert codes(out) == expected, out[-300:]
     growth = after - before
     bound = SESSIONS * session_memory_bound(dconfig.DEFAULTS) + PROCESS_SLACK
     print(f"VmHWM {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB (+{growth / 2**20:.1f}; bound "
@@ -271,7 +318,7 @@ def test_parallel_big_messages_stay_within_the_session_bound(bed):
     assert growth < bound, f"resident peak grew {growth / 2**20:.1f} MiB for {SESSIONS} messages"
     for u in users:
         [path] = [p for p in messages(bed["layout"].path(u)) if b"Subject: big" in p.read_bytes()[:200]]
-        expected = msg.for_maildir(big_message(u.encode()), "s@x", f"{u}@x")
+        expected = msg.for_maildir(originals[u], "s@x", f"{u}@x")
         data = path.read_bytes()
         assert hashlib.sha256(data).digest() == hashlib.sha256(expected).digest()
         assert size_suffix(path) == (len(expected), len(expected) + expected.count(b"\n"))
@@ -286,12 +333,13 @@ def test_over_the_size_limit_or_cut_mid_data_leaves_nothing(tmp_path, bed):
     port = free_port_on([STORE])
     with Pdeliveryd(root, STORE, port, env_with(bed["conf"], settings)) as srv:
         layout = MailboxLayout(root)
-        big = stuff(b"Subject: too big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 3000)
-        out = send_message(port, "juan@x", big)
-        assert codes(out) == ["220", "250", "250", "250", "354", "552", "221"]
+        big = b"Subject: too big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 3000
+        for chunk in (0, 100_000):                       # DATA, BDAT
+            out, _ = send_message(port, "juan@x", big, chunk)
+            assert codes(out)[-2:] == ["552", "221"]
         # cut in the middle of a spooled message: the spool is let go as well
         with socket.create_connection((STORE, port), timeout=30) as s:
-            s.sendall(b"LHLO mx\r\nMAIL FROM:<s@x>\r\nRCPT TO:<juan@x>\r\nDATA\r\n" + big[:500_000])
+            s.sendall(b"LHLO mx\r\nMAIL FROM:<s@x>\r\nRCPT TO:<juan@x>\r\nDATA\r\n" + stuff(big)[:500_000])
             pwtest.wait_for(lambda: spool_files(srv.proc.pid), 30, describe=lambda: "no spool file while in DATA")
         pwtest.wait_for(lambda: not spool_files(srv.proc.pid), 30,
                         describe=lambda: f"spool files left open: {spool_files(srv.proc.pid)}")
