@@ -347,3 +347,10 @@ def test_over_the_size_limit_or_cut_mid_data_leaves_nothing(tmp_path, bed):
         assert messages(box) == []
         assert not (box / "tmp").exists() or list((box / "tmp").iterdir()) == []
         assert sorted(p.name for p in root.iterdir()) == [ROOT_MARKER]     # no spool names either
+
+
+def test_docs_state_the_bound_the_code_computes():
+    docs = (pwtest.ROOT / "docs" / "delivery.md").read_text()
+    per_session = session_memory_bound(dconfig.DEFAULTS)
+    assert f"**{per_session / 2**20:g} MiB**" in docs
+    assert f"| `spool_memory_max` | {spool.SPOOL_MEMORY_MAX} |" in docs
