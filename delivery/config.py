@@ -10,7 +10,7 @@ from typing import Any
 from pwmail.base import settings
 from pwmail.base.hostport import parse_hostport  # noqa: F401  (delivery's modules take it from here)
 
-from delivery import lmtp
+from delivery import lmtp, spool
 from delivery.layout import DEFAULT_SCHEME
 
 DEFAULTS: dict[str, Any] = {
@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "dedup_window": 86400.0,            # seconds a (queue id, recipient) is remembered
     "dedup_max": 200_000,               # entries remembered at most
     "tmp_max_age": 36 * 3600.0,
+    "spool_memory_max": spool.SPOOL_MEMORY_MAX,   # bytes of a message in memory; the rest in a spool file
     "io_threads": 32,
     # pdelivery
     "connect_timeout": 10.0,

@@ -4,7 +4,9 @@ A message is durable before anyone is told so: the file is created in
 `tmp/` with O_EXCL, written, fsynced and closed, renamed into `new/`, and
 `new/` is fsynced. Concurrent deliveries (threads) share the last step:
 one fsync of a directory serves every rename done before it started
-(`GroupSync`, group commit); `deliver()` does all of it in one call.
+(`GroupSync`, group commit); `deliver()` does all of it in one call. What
+is written is bytes or a `Content` (pdeliveryd's: trace headers, then a body
+copied from its spool file, spool.StoredCopy).
 
 File names: `<time>.M<usec>P<pid>Q<n>.<host>,S=<size>,W=<size with CRLF>`,
 the Dovecot/Courier form; `<n>` counts deliveries in this process, and `/`
@@ -25,8 +27,10 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from delivery.layout import MailboxLayout
+from delivery.spool import open_unnamed, write_all
 
 # Present at the top of a storage root only when the right file system is
 # mounted there: an empty mount point is refused instead of filled.
@@ -143,6 +147,25 @@ class GroupSync:
             self._done = batch
             self._leading = False
             self._cond.notify_all()
+
+
+class Content(Protocol):
+    """What stage() writes: `size` bytes with `newlines` LFs (the S= and W=
+    of the name), put into a descriptor by write_to()."""
+    size: int
+    newlines: int
+
+    def write_to(self, fd: int) -> None: ...
+
+
+class BytesContent:
+    def __init__(self, data: bytes):
+        self.data = data
+        self.size = len(data)
+        self.newlines = data.count(b"\n")
+
+    def write_to(self, fd: int) -> None:
+        write_all(fd, self.data)
 
 
 @dataclass
@@ -268,9 +291,11 @@ class MaildirWriter:
             os.close(fd)
 
     # -- messages --------------------------------------------------------
-    def stage(self, user: str, content: bytes, uid: int = -1, gid: int = -1) -> Staged:
+    def stage(self, user: str, content: "bytes | Content", uid: int = -1, gid: int = -1) -> Staged:
         """Write `content` (LF line ends) to the user's tmp/ and fsync it."""
-        name = unique_name(len(content), len(content) + content.count(b"\n"), self.host)
+        if isinstance(content, (bytes, bytearray)):
+            content = BytesContent(content)
+        name = unique_name(content.size, content.size + content.newlines, self.host)
         box = self.layout.path(user)
         try:
             tmp_fd, new_fd = self.open_dirs(user, box)
@@ -287,10 +312,7 @@ class MaildirWriter:
             try:
                 if uid >= 0 or gid >= 0:
                     os.fchown(fd, uid, gid)
-                view = memoryview(content)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+                content.write_to(fd)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -334,7 +356,7 @@ class MaildirWriter:
         os.close(new_fd)
         return clean_tmp(self.layout.path(user), max_age, tmp_fd=tmp_fd)
 
-    def deliver(self, user: str, content: bytes, uid: int = -1, gid: int = -1) -> str:
+    def deliver(self, user: str, content: "bytes | Content", uid: int = -1, gid: int = -1) -> str:
         """Write, publish and sync into the user's Maildir (created on first
         use): returns the path in new/. Thread-safe; concurrent calls share
         directory fsyncs."""
@@ -345,6 +367,16 @@ class MaildirWriter:
             staged = self.stage(user, content, uid, gid)
         self.commit(staged)
         return staged.new_path
+
+    def open_spool(self) -> int:
+        """An unnamed read-write file on the storage root's file system, for
+        a message on its way (spool.py); StorageUnavailable when the root is
+        not mounted, so nothing fills the mount point."""
+        self.check_root()
+        try:
+            return open_unnamed(self.layout.root)
+        except OSError as e:
+            raise _classify(e)
 
 
 def _mkdirat(dir_fd: int, name: str, mode: int) -> bool:

@@ -7,7 +7,8 @@ flags override. SIGTERM: stop listening, finish the transactions in flight,
 say 421 to idle sessions, exit 0. SIGHUP: re-read the settings (limits,
 timeouts, mailhost names) and re-open logging. `--clean-tmp` removes stale
 tmp/ files under the whole root once and exits (for cron); deliveries also
-clean each mailbox's tmp/ as they pass.
+clean each mailbox's tmp/ as they pass. Message data is spooled as it
+arrives (delivery/spool.py): memory per session is session_memory_bound().
 """
 from __future__ import annotations
 
@@ -28,17 +29,28 @@ from delivery.layout import SCHEMES, MailboxLayout
 from delivery.lmtp import (CLOSED, NEED_DATA, LMTPServerConnection, MessageReceived, PeerError,
                            RcptRequest, Reply)
 from delivery.maildir import ROOT_MARKER, MaildirWriter, clean_tree
+from delivery.message import HEADER_SCAN_MAX
 from delivery.store import MailStore, RecipientCheck
 from delivery.users import PasswdFileLookup, PwserverLookup
 
 log = logging.getLogger("pdeliveryd")
 
 READ_SIZE = 256 * 1024
+TRANSPORT_READ = 256 * 1024    # what asyncio's socket transport reads at once (its max_size)
 R_TOO_MANY_SESSIONS = Reply(421, "4.3.2", "too many sessions, try again later")
 R_IDLE = Reply(421, "4.4.2", "idle timeout, closing")
 R_DATA_TIMEOUT = Reply(421, "4.4.2", "message data too slow, closing")
 R_TOO_MANY_FROM_ADDRESS = Reply(421, "4.7.0", "too many sessions from your address, try again later")
 R_SHUTDOWN = Reply(421, "4.3.2", "shutting down, try again later")
+
+
+def session_memory_bound(cfg: dict) -> int:
+    """Bytes a session holds at most, whatever the size of its messages
+    (docs/delivery.md, "Memory"): the stream reader's buffer (it stops the
+    socket past 2 x READ_SIZE, plus the read in flight), the LMTP machine's
+    input (one read; the held DATA is a few bytes), the body's bytes kept in
+    memory (spool_memory_max) and its head (HEADER_SCAN_MAX)."""
+    return 2 * READ_SIZE + TRANSPORT_READ + READ_SIZE + int(cfg["spool_memory_max"]) + HEADER_SCAN_MAX
 
 
 def make_users(spec: str):
@@ -82,6 +94,7 @@ class DeliveryServer:
         self.store.dedup.window = float(cfg["dedup_window"])
         self.store.dedup.max_entries = int(cfg["dedup_max"])
         self.store.tmp_max_age = float(cfg["tmp_max_age"])
+        self.store.spool_memory_max = int(cfg["spool_memory_max"])
         if int(cfg["sessions_per_address_max"]) >= int(cfg["sessions_max"]):
             log.warning("sessions_per_address_max %s is not below sessions_max %s: one client address "
                         "can take every session", cfg["sessions_per_address_max"], cfg["sessions_max"])
@@ -95,6 +108,10 @@ class DeliveryServer:
         self._sweeper = asyncio.get_running_loop().create_task(self.sweep_idle())
         addr = self.server.sockets[0].getsockname()
         log.info("listening on %s:%d root=%s layout=%s", addr[0], addr[1], self.layout.root, self.layout.scheme)
+        per_session = session_memory_bound(self.cfg)
+        log.info("message data: %.1f MiB per session at most, %.0f MiB for sessions_max %s (the rest spooled "
+                 "in %s)", per_session / 2**20, per_session * int(self.cfg["sessions_max"]) / 2**20,
+                 self.cfg["sessions_max"], self.layout.root)
 
     @property
     def port(self) -> int:
@@ -121,7 +138,8 @@ class DeliveryServer:
             return
         self.sessions[writer] = None
         self.per_address[client] += 1
-        conn = LMTPServerConnection(self.hostname, self.limits, "LMTP pdeliveryd ready")
+        conn = LMTPServerConnection(self.hostname, self.limits, "LMTP pdeliveryd ready",
+                                    new_body=self.store.new_body)
         accepted = []            # Recipient of each accepted RCPT, in order
         loop = asyncio.get_running_loop()
         try:
@@ -171,6 +189,7 @@ class DeliveryServer:
         except (ConnectionError, OSError) as e:
             log.info("%s: connection lost: %s", peer, e)
         finally:
+            conn.close()
             self.sessions.pop(writer, None)
             self.in_data.pop(writer, None)
             self.per_address[client] -= 1
