@@ -54,7 +54,7 @@ class GuardLimits:
     allow_empty: bool
 
     @classmethod
-    def from_settings(cls, cfg: dict) -> "GuardLimits":
+    def from_settings(cls, cfg: dict) -> GuardLimits:
         """From the keys of GUARD_DEFAULTS in [pwserver]; ValueError says
         what is wrong."""
         max_shrink, max_bad, allow_empty = cfg["reload_max_shrink"], cfg["reload_max_bad_lines"], cfg["allow_empty"]

@@ -371,7 +371,7 @@ class Loader:
     def _note_missing(self, sig: tuple) -> None:
         """Logs a source file that went missing, once, and once when it is
         back; raises SourceMissing while one is missing."""
-        missing = {name for name, st in zip(SOURCES, sig) if self.cfg.sources[name] and st is None}
+        missing = {name for name, st in zip(SOURCES, sig, strict=True) if self.cfg.sources[name] and st is None}
         what = {name: f"{name} file {self.cfg.sources[name]}" for name in SOURCES}
         new = missing - self._missing
         if self.core.generation:  # (a first load that fails is reported by serve)
