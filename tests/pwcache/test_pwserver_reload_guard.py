@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from pwserver_util import NOTFOUND, OK, passwd_line, stats, udp_query, write_sources
-from pwtest import BIN, PwServer, wait_for
+from tests.support.pwserver_util import NOTFOUND, OK, passwd_line, stats, udp_query, write_sources
+from tests.support.pwtest import BIN, PwServer, wait_for
 
 USERS = [(f"user{i:04d}", 10000 + i) for i in range(40)]
 POLL = 0.1  # s between checks of the sources: a "once" that is not shows up as many lines
@@ -207,3 +207,14 @@ def test_missing_source_logged_once_and_once_when_back(server):
     assert len(lines_with(server, f"passwd file {server.paths['passwd']} is back")) == 1
     assert len(lines_with(server, "is missing")) == 1
     assert generation(server) == 2
+
+
+def test_override_is_spent_by_the_load_it_asks_for_even_a_failed_one(server):
+    server.paths["passwd"].unlink()
+    wait_for(lambda: lines_with(server, "is missing"), describe=server.output)
+    server.signal(signal.SIGUSR1)  # its load fails: the file is still missing
+    wait_for(lambda: lines_with(server, "reload skipped"), describe=server.output)
+    replace(server.paths["passwd"], b"")  # a later mistake is not served on the old override
+    wait_for(lambda: lines_with(server, REFUSED), describe=server.output)
+    assert stats(server.addr)["reloads_refused"] == 1 and generation(server) == 1
+    still_served(server)
