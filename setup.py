@@ -15,6 +15,7 @@ class build_py_and_nss(build_py):
     def run(self):
         super().run()
         subprocess.run(["make", "-s", "-C", "nss_module"], check=True)
+        subprocess.run(["make", "-s", "-C", "delivery/_csrc"], check=True)   # pdelivery (the Makefile installs it)
         if not self.editable_mode:
             shutil.copy2(NSS_LIB, pathlib.Path(self.build_lib) / NSS_LIB)
 
