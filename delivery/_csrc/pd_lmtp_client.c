@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -66,25 +67,43 @@ static int wait_fd(int fd, short events, int timeout_ms)
     return r > 0 ? 0 : r == 0 ? -ETIMEDOUT : -errno;
 }
 
-static int send_all(session *s, const char *p, size_t n)
+/* Sends the pieces as one stream (one system call when they fit), after
+ * checking that nothing unanswered came in: every command sent so far is
+ * answered, so anything received now is a reply to nothing. */
+static int send_pieces(session *s, struct iovec *iov, int n)
 {
-    if (s->len)      /* every command sent so far is answered: this answers nothing */
+    if (s->len)
         return fail(s, "reply to no command: %.40s", s->buf);
     while (n) {
-        ssize_t w = send(s->fd, p, n, MSG_NOSIGNAL);
+        struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)n};
+        ssize_t w = sendmsg(s->fd, &msg, MSG_NOSIGNAL);
         if (w < 0 && errno == EAGAIN) {
             int rc = wait_fd(s->fd, POLLOUT, s->timeout_ms);
             if (rc < 0)
-                return fail(s, "send: %s", strerror(-rc));
+                return fail(s, "send: %s", rc == -ETIMEDOUT ? "timed out" : strerror(-rc));
             continue;
         }
         if (w < 0 && errno == EINTR)
             continue;
         if (w < 0)
             return fail(s, "send: %s", strerror(errno));
-        p += w, n -= (size_t)w;
+        size_t left = (size_t)w;
+        while (n && left >= iov->iov_len) {
+            left -= iov->iov_len;
+            iov++, n--;
+        }
+        if (n) {
+            iov->iov_base = (char *)iov->iov_base + left;
+            iov->iov_len -= left;
+        }
     }
     return 0;
+}
+
+static int send_all(session *s, const char *p, size_t n)
+{
+    struct iovec iov = {(void *)p, n};
+    return send_pieces(s, &iov, 1);
 }
 
 /* One reply line (CR LF or LF taken off) into line[PD_REPLY_LINE_MAX + 1]. */
@@ -285,7 +304,8 @@ static int message(session *s, const pd_message *m, const pd_reply *mail, pd_rep
     if (chunking) {
         char head[64];
         int n = snprintf(head, sizeof head, "BDAT %zu LAST\r\n", m->len);
-        if (send_all(s, head, (size_t)n) < 0 || (m->len && send_all(s, m->data, m->len) < 0))
+        struct iovec iov[2] = {{head, (size_t)n}, {(void *)m->data, m->len}};
+        if (send_pieces(s, iov, 2) < 0)
             return -1;
     } else {
         if (send_all(s, "DATA\r\n", 6) < 0 || answer(s, C_DATA, &go, NULL, 0) < 0)
