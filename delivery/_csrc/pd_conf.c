@@ -593,21 +593,29 @@ static int apply_delivery(const section *s, pd_conf *c, const char *path, char *
     return 0;
 }
 
-/* pwcache/placement.py's _check_host and _parse_weighted. */
-static int placement_host(pwpl_rule *r, const char *host, size_t n, double weight)
+/* pwcache/placement.py's _check_host: 1 to 255 bytes, no space. */
+static int usable_host(const char *host, size_t n)
 {
     if (n == 0 || n > PWPL_MAX_HOST_LEN)
-        return -1;
+        return 0;
     for (size_t i = 0; i < n; i++)
         if (isspace((unsigned char)host[i]))
-            return -1;
+            return 0;
+    return 1;
+}
+
+/* The index of a "ranges" host (each named once), added if new. */
+static int range_host(pwpl_rule *r, const char *host, size_t n)
+{
+    if (!usable_host(host, n))
+        return -1;
     for (int k = 0; k < pwpl_nhosts(r); k++) {
         size_t kn;
         const char *known_host = pwpl_host(r, k, &kn);
         if (kn == n && !memcmp(known_host, host, n))
             return k;
     }
-    return pwpl_add_host(r, host, n, weight);
+    return pwpl_add_host(r, host, n, 1.0);
 }
 
 static int placement_entry(pwpl_rule *r, int kind, const char *item)
@@ -621,7 +629,8 @@ static int placement_entry(pwpl_rule *r, int kind, const char *item)
             if (stop == colon + 1 || *stop || !(w > 0) || !isfinite(w))
                 return -1;
         }
-        return pwpl_add_host(r, item, colon ? (size_t)(colon - item) : strlen(item), w) < 0 ? -1 : 0;
+        size_t n = colon ? (size_t)(colon - item) : strlen(item);
+        return !usable_host(item, n) || pwpl_add_host(r, item, n, w) < 0 ? -1 : 0;   /* _parse_weighted */
     }
     /* "FIRST-LAST HOST" or "L HOST" */
     char letters[8], host[PWPL_MAX_HOST_LEN + 2], extra;
@@ -633,7 +642,7 @@ static int placement_entry(pwpl_rule *r, int kind, const char *item)
     int a = tolower((unsigned char)letters[0]), b = tolower((unsigned char)letters[ln - 1]);
     if (a > 127 || b > 127 || a > b)
         return -1;
-    int h = placement_host(r, host, strlen(host), 1.0);
+    int h = range_host(r, host, strlen(host));
     return h < 0 || pwpl_add_range(r, a, b, h) < 0 ? -1 : 0;
 }
 

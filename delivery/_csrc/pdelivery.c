@@ -413,57 +413,70 @@ static int run_lmtp(const pd_conf *c, const char *queue_id)
     return code;
 }
 
+/* Checks the arguments, then runs -d or -l: the exit code. */
+static int run(const args *a, const pd_conf *c)
+{
+    /* Whatever reaches an LMTP command line is checked before anything is
+     * read or sent: an argument with CR or LF would be commands of its own. */
+    static char sender[PD_ADDRESS_MAX + 1];
+    char err[512];
+    char **users = calloc((size_t)a->nusers + 1, sizeof *users);
+    if (!users)
+        return internal_error("out of memory");
+    int bad = pd_check_address(a->sender, "sender", 1, sender, err, sizeof err) < 0;
+    for (int i = 0; !bad && i < a->nusers; i++)
+        bad = !(users[i] = malloc(PD_ADDRESS_MAX + 1)) ||
+              pd_check_address(a->users[i], "recipient", 0, users[i], err, sizeof err) < 0;
+    if (!bad && a->queue_id)
+        bad = pd_check_queue_id(a->queue_id, err, sizeof err) < 0;
+    int code;
+    if (bad) {
+        fprintf(stderr, "pdelivery: 5.5.4 %s\n", err);
+        code = EX_USAGE;
+    } else if (a->lmtp) {
+        code = run_lmtp(c, a->queue_id);
+    } else {
+        code = run_users(c, (const char *const *)users, (size_t)a->nusers, sender, a->queue_id);
+    }
+    for (int i = 0; i < a->nusers; i++)
+        free(users[i]);
+    free(users);
+    return code;
+}
+
 int main(int argc, char **argv)
 {
     args a;
     pd_conf c;
     char err[1024];
+    int code;
     signal(SIGPIPE, SIG_IGN);     /* a peer gone is an error return, not a signal */
     int parsed = parse_args(argc, argv, &a);
     if (parsed == 1) {
         printf("%s\n", USAGE + strlen("pdelivery: "));
+        free(a.users);
         return EX_OK;
     }
     if (parsed < 0) {             /* a usage error is the MTA's configuration: keep the mail */
         fprintf(stderr, "%s\n", USAGE);
+        free(a.users);
         return EX_TEMPFAIL;
     }
     pd_log_open(a.log_stderr);
     if (pd_conf_load(a.config, &c, err, sizeof err) < 0) {
         fprintf(stderr, "pdelivery: 4.3.5 configuration error: %s\n", err);
         pd_log(PD_LOG_ERROR, "configuration error: %s", err);
-        return EX_CONFIG;
-    }
-    if (a.lmtp_port)
-        c.lmtp_port = a.lmtp_port;
-    if (a.lmtp == a.deliver || (a.deliver && !a.nusers) || (a.lmtp && a.nusers)) {
-        fprintf(stderr, "%s\n", USAGE);
-        return EX_TEMPFAIL;
-    }
-    /* Whatever reaches an LMTP command line is checked before anything is
-     * read or sent: an argument with CR or LF would be commands of its own. */
-    static char sender[PD_ADDRESS_MAX + 1];
-    char **users = calloc((size_t)a.nusers + 1, sizeof *users);
-    if (!users)
-        return internal_error("out of memory");
-    int bad = pd_check_address(a.sender, "sender", 1, sender, err, sizeof err) < 0;
-    for (int i = 0; !bad && i < a.nusers; i++)
-        bad = !(users[i] = malloc(PD_ADDRESS_MAX + 1)) ||
-              pd_check_address(a.users[i], "recipient", 0, users[i], err, sizeof err) < 0;
-    if (!bad && a.queue_id)
-        bad = pd_check_queue_id(a.queue_id, err, sizeof err) < 0;
-    int code;
-    if (bad) {
-        fprintf(stderr, "pdelivery: 5.5.4 %s\n", err);
-        code = EX_USAGE;
-    } else if (a.lmtp) {
-        code = run_lmtp(&c, a.queue_id);
+        code = EX_CONFIG;
     } else {
-        code = run_users(&c, (const char *const *)users, (size_t)a.nusers, sender, a.queue_id);
+        if (a.lmtp_port)
+            c.lmtp_port = a.lmtp_port;
+        if (a.lmtp == a.deliver || (a.deliver && !a.nusers) || (a.lmtp && a.nusers)) {
+            fprintf(stderr, "%s\n", USAGE);
+            code = EX_TEMPFAIL;
+        } else {
+            code = run(&a, &c);
+        }
     }
-    for (int i = 0; i < a.nusers; i++)
-        free(users[i]);
-    free(users);
     free(a.users);
     pd_conf_free(&c);
     return code;

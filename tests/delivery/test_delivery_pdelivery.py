@@ -1,6 +1,7 @@
 """pdelivery end to end: real pwserver, real pdeliveryd on two storage
 addresses (127.0.0.2, 127.0.0.3) sharing one LMTP port, sysexits only."""
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -267,3 +268,24 @@ def test_other_sections_may_use_all_of_toml(bed, tmp_path):
     assert r.returncode == 0, r.stderr
     assert len(messages(bed["l3"].path("jo"))) == n + 1
     assert python_pdelivery(bed, "-f", "a@x", "-d", "jo", env=env_with(bed["conf"], settings)).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is in deps/debian-packages.txt")
+def test_valgrind_memcheck_clean(bed, tmp_path):
+    bad_settings = tmp_path / "pwmail.toml"
+    bad_settings.write_text("[delivery]\nlmtp_port = 24\n[placement]\nrule = 'hash'\nhosts = ['a:x']\n")
+    runs = [
+        (["-f", "a@x", "-i", "VG1", "-d", "juan", "pepe", "nadie"], MSG, bed["env"], 67),
+        (["-f", "a@x", "-d", "mudando"], MSG, bed["env"], 75),
+        (["-l", "-i", "VG2"], LMTP_SCRIPTS["deliver"], bed["env"], 0),
+        (["-l"], LMTP_SCRIPTS["errors"] + LMTP_SCRIPTS["bdat"], bed["env"], 0),
+        (["-f", "a@x>", "-d", "juan"], MSG, bed["env"], 64),
+        (["-d", "juan"], MSG, env_with(bed["conf"], bad_settings), 78),
+    ]
+    for args, stdin, env, code in runs:
+        r = subprocess.run(["valgrind", "-q", "--error-exitcode=99", "--leak-check=full",
+                            "--errors-for-leak-kinds=definite,indirect", "--track-fds=no",
+                            str(pwtest.BIN / "pdelivery"), *args], input=stdin, env=env, capture_output=True,
+                           timeout=300)
+        assert r.returncode == code, (args, r.stderr[-3000:])
