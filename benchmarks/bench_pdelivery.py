@@ -27,10 +27,10 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))      # the test helpers start the daemons
+sys.path.insert(0, str(ROOT))  # tests.support: the test helpers start the daemons
 
-from delivery_util import Pdeliveryd, client_conf, env_with, free_port, messages, write_users  # noqa: E402
-from pwtest import BIN, PwServer  # noqa: E402
+from tests.support.delivery_util import Pdeliveryd, client_conf, env_with, free_port, messages, write_users  # noqa: E402
+from tests.support.pwtest import BIN, PwServer  # noqa: E402
 
 USERS = 100
 

@@ -8,9 +8,9 @@ import threading
 
 import pytest
 
-import pwtest
 from delivery.lmtpclient import InvalidArgument, LMTPProtocolError, LMTPUnavailable, deliver
-from delivery_util import client_conf, env_with, write_users
+from tests.support import pwtest
+from tests.support.delivery_util import client_conf, env_with, write_users
 
 LHLO = b"250-fake\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n250 CHUNKING\r\n"
 GOOD = [b"220 fake\r\n", LHLO, b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n", b"250 2.0.0 stored\r\n", b"221 2.0.0 bye\r\n"]

@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from tests.support import pwtest
 from delivery.layout import MailboxLayout
+from tests.support import pwtest
 from tests.support.delivery_util import Pdeliveryd, client_conf, codes, env_with, free_port_on, messages, write_users
 
 STORES = ["127.0.0.2", "127.0.0.3"]
@@ -260,7 +260,8 @@ def test_other_sections_may_use_all_of_toml(bed, tmp_path):
         '# the site\'s settings\n[pop]\nbackends = { store1 = "10.1.0.11:110", "store 2" = { a = [1, [2]] } }\n'
         'banner = """two\nlines "" \\""""\nmotd = \'\'\'raw\nstring\'\'\'\nwhen = 1979-05-27T07:32:00Z\n'
         '[[move.jobs]]\nname = "x"\n'
-        f'[delivery]  # ours\nlmtp_port = {bed["port"]}\nconnect_timeout = 2\nmailhost_names = [\n  "a", # one\n  "b",\n]\n'
+        f'[delivery]  # ours\nlmtp_port = {bed["port"]}\nconnect_timeout = 2\n'
+        'mailhost_names = [\n  "a", # one\n  "b",\n]\n'
         'mailhost_suffix = "\\u0000"\n'.replace('"\\u0000"', '""')
         + '[placement]\nrule = "ranges"\nranges = [\'a-z 127.0.0.2\']\n')
     n = len(messages(bed["l3"].path("jo")))
