@@ -39,9 +39,10 @@ $(STAMP): pyproject.toml setup.py pwcache/build_pwtable.py pop/build_engine.py p
 nss: $(APT_STAMP)
 	$(MAKE) -C nss_module
 
-# pdelivery, Sendmail's local mailer, is C (delivery/_csrc): built here and
-# installed as the venv's `pdelivery` command, where the tests, the test bed
-# and the demo find it (pyproject.toml has no Python entry point for it).
+# pdelivery, Sendmail's local mailer, is C (delivery/_csrc): the venv's
+# `pdelivery` command, where the tests, the test bed and the demo find it.
+# pip installs it (setup.py: a data file of bin/); this re-installs it after a
+# change of its C sources, which does not re-run pip.
 PDELIVERY := $(VENV)/bin/pdelivery
 pdelivery: $(PDELIVERY)
 $(PDELIVERY): $(STAMP) $(APT_STAMP) $(wildcard delivery/_csrc/*.c delivery/_csrc/*.h pwcache/_csrc/*.c pwcache/_csrc/*.h) \
