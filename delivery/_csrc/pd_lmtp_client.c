@@ -215,7 +215,7 @@ static int answer(session *s, enum cmd cmd, pd_reply *out, char *ext, size_t ext
 static int connect_to(const char *host, long port, double timeout, char *err, size_t errcap)
 {
     char service[16];
-    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_ADDRCONFIG}, *list, *ai;
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *list, *ai;   /* as create_connection */
     snprintf(service, sizeof service, "%ld", port);
     int rc = getaddrinfo(host, service, &hints, &list);
     if (rc != 0) {

@@ -101,10 +101,17 @@ static int parse_args(int argc, char **argv, args *a)
     if (!a->users)
         return -1;
     int positional_only = 0;
+    enum { NONE_YET, IN_RUN, RUN_ENDED } users_run = NONE_YET;   /* the users are one run of words */
     for (int i = 1; i < argc; i++) {
         const char *arg = argv[i];
-        if (positional_only || arg[0] != '-' || !arg[1]) {
+        int positional = positional_only || arg[0] != '-' || !arg[1];
+        if (positional && users_run == RUN_ENDED)
+            return -1;                /* argparse: "unrecognized arguments" */
+        if (!positional && strcmp(arg, "--") && users_run == IN_RUN)
+            users_run = RUN_ENDED;
+        if (positional) {
             a->users[a->nusers++] = arg;
+            users_run = IN_RUN;
         } else if (!strcmp(arg, "--")) {
             positional_only = 1;
         } else if (arg[1] == '-') {

@@ -217,6 +217,10 @@ ARGVS = {
     "two-ats": ["-d", "a@b@c"], "attached-values": ["-fa@x", "-iQ77", "-d", "jo", "juan"],
     "delimiter": ["-d", "Juan+tag@example.org"], "bad-port": ["--lmtp-port", "x", "-d", "juan"],
     "empty-user": ["-d", ""],
+    "flags-after-users": ["-d", "juan", "-f", "a@x"],
+    "users-on-both-sides": ["juan", "-d", "pepe"],
+    "users-split-by-a-flag": ["-d", "juan", "-f", "a@x", "pepe"],
+    "double-dash": ["-f", "a@x", "-d", "--", "jo"],
 }
 
 
