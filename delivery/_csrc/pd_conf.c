@@ -444,6 +444,8 @@ static int parse_header(parser *ps, section *delivery, section *placement, secti
         return fail(ps, "bad table header");
     ps->p += array ? 2 : 1;
     *cur = NULL;
+    if (!strncmp(name, "delivery.", 9) || !strncmp(name, "placement.", 10))
+        return fail(ps, "[%s]: [%.*s] has no sub-tables", name, (int)strcspn(name, "."), name);
     if (!strcmp(name, "delivery"))
         *cur = delivery;
     else if (!strcmp(name, "placement"))

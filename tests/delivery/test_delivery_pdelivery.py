@@ -232,6 +232,31 @@ def test_arguments_give_the_exit_codes_of_the_python_one(bed, argv):
         assert got.stderr.count(b"\n") == 1 and got.stderr.startswith(b"pdelivery: 5.5.4 ")
 
 
+LIMITED = {  # scripts against small limits (settings below), each over one of them
+    "size": b"LHLO x\r\nMAIL FROM:<a@x> SIZE=101\r\nMAIL FROM:<a@x>\r\nRCPT TO:<juan>\r\nDATA\r\n"
+            + b"0123456789\r\n" * 20 + b".\r\nQUIT\r\n",
+    "size-bdat": b"LHLO x\r\nMAIL FROM:<a@x>\r\nRCPT TO:<juan>\r\nBDAT 150 LAST\r\n" + b"b" * 150 + b"QUIT\r\n",
+    "line": b"LHLO x\r\nMAIL FROM:<a@x>\r\nRCPT TO:<juan>\r\nDATA\r\n" + b"L" * 30 + b"\r\n.\r\nQUIT\r\n",
+    "recipients": b"LHLO x\r\nMAIL FROM:<a@x>\r\nRCPT TO:<juan>\r\nRCPT TO:<jo>\r\nRCPT TO:<ana>\r\nRSET\r\nQUIT\r\n",
+    "command-line": b"LHLO x\r\nNOOP " + b"n" * 70 + b"\r\nNOOP\r\nQUIT\r\n",
+    "unended-line": b"LHLO x\r\n" + b"n" * 70,
+    "bad-commands": b"LHLO x\r\nx\r\ny\r\nz\r\nNOOP\r\n",
+}
+
+
+@pytest.mark.parametrize("script", LIMITED.values(), ids=LIMITED.keys())
+def test_limits_are_the_python_ones(bed, tmp_path, script):
+    settings = tmp_path / "pwmail.toml"
+    settings.write_text(f"[delivery]\nlmtp_port = {bed['port']}\nmessage_size_max = 100\nmessage_line_max = 20\n"
+                        "recipients_max = 2\ncommand_line_max = 64\nbad_commands_max = 3\n")
+    env = env_with(bed["conf"], settings)
+    want, got = python_pdelivery(bed, "-l", stdin=script, env=env), pdelivery(bed, "-l", stdin=script, env=env)
+    assert (got.returncode, _normalized(got.stdout)) == (want.returncode, _normalized(want.stdout)), got.stderr
+    big = pdelivery(bed, "-f", "a@x", "-d", "juan", stdin=b"x" * 101, env=env)
+    assert big.returncode == python_pdelivery(bed, "-f", "a@x", "-d", "juan", stdin=b"x" * 101, env=env).returncode
+    assert big.returncode == 67 and b"552 5.3.4" in big.stderr
+
+
 BAD_SETTINGS = {
     "unknown-key": ("[delivery]\nlmtp_prot = 24\n", "lmtp_prot"),
     "wrong-type": ('[delivery]\nlmtp_port = "24"\n', "lmtp_port"),
@@ -242,6 +267,9 @@ BAD_SETTINGS = {
     "placement-rule": ('[placement]\nrule = "modulo"\n', "rule"),
     "placement-range": ('[placement]\nranges = ["a-z"]\n', "ranges"),
     "unterminated": ('[delivery]\nmailhost_suffix = "x\n', "line 2"),
+    "sub-table": ("[delivery.extra]\nx = 1\n", "[delivery.extra]"),
+    "dotted-key": ("[delivery]\nlmtp.port = 24\n", "lmtp"),
+    "list-of-numbers": ("[placement]\nrule = 'hash'\nhosts = [1, 2]\n", "hosts"),
 }
 
 
