@@ -363,10 +363,9 @@ static int transaction(session *s, const pd_message *m, pd_reply *replies)
     if (m->queue_id && strstr(ext, " XQUEUEID "))
         snprintf(params + pn, sizeof params - pn, " XQUEUEID=%s", m->queue_id);
     used = 0;
-    size_t ends[2] = {0, 0};   /* where MAIL's line ends, for unpipelined sending */
     if (command(s, cmds, cap, &used, "MAIL FROM:<%s>%s", m->sender, params) < 0)
         goto out;
-    ends[0] = used;
+    size_t mail_end = used;    /* without PIPELINING each line goes alone */
     for (size_t i = 0; i < m->nrcpts; i++)
         if (command(s, cmds, cap, &used, "RCPT TO:<%s>", m->rcpts[i]) < 0)
             goto out;
@@ -377,9 +376,9 @@ static int transaction(session *s, const pd_message *m, pd_reply *replies)
             if (answer(s, C_RCPT, &replies[i], NULL, 0) < 0)
                 goto out;
     } else {
-        if (send_all(s, cmds, ends[0]) < 0 || answer(s, C_MAIL, &mail, NULL, 0) < 0)
+        if (send_all(s, cmds, mail_end) < 0 || answer(s, C_MAIL, &mail, NULL, 0) < 0)
             goto out;
-        size_t at = ends[0];
+        size_t at = mail_end;
         for (size_t i = 0; i < m->nrcpts; i++) {
             size_t n = (size_t)((char *)memchr(cmds + at, '\n', used - at) - (cmds + at)) + 1;
             if (send_all(s, cmds + at, n) < 0 || answer(s, C_RCPT, &replies[i], NULL, 0) < 0)

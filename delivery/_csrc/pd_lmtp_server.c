@@ -456,15 +456,11 @@ static size_t max_line_length(const char *p, size_t n)
 
 static int message_complete(pd_srv *s)
 {
-    const char *failure = NULL;
-    int code = 0;
-    if (s->too_big || (long)s->body.len > s->limits->message_size_max)
-        code = 552, failure = "5.3.4";
-    else if ((long)max_line_length(s->body.buf, s->body.len) > s->limits->message_line_max + 1)
-        code = 554, failure = "5.6.0";
-    if (failure) {
+    int too_big = s->too_big || (long)s->body.len > s->limits->message_size_max;
+    int long_lines = !too_big && (long)max_line_length(s->body.buf, s->body.len) > s->limits->message_line_max + 1;
+    if (too_big || long_lines) {
         for (size_t i = 0; i < s->nrcpts; i++)
-            if (reply(s, code, failure, code == 552 ? "message too big" : "message has lines longer than allowed") < 0)
+            if ((too_big ? reply(s, R_TOO_BIG) : reply(s, R_LONG_LINES)) < 0)
                 return PD_NO_MEMORY;
         reset_transaction(s);
         s->phase = READY;

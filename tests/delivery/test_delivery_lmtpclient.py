@@ -141,3 +141,13 @@ def test_pdelivery_refusals_are_per_recipient(directory):
     assert seen[2] == b"RSET\r\n"
     r, _ = pdelivery_to(directory, GOOD[:3] + [b"452 4.3.1 full\r\n", GOOD[4]], "-d", "juan")
     assert r.returncode == 75 and b"4.3.1" in r.stderr
+
+
+def test_pdelivery_without_pipelining_sends_one_command_at_a_time(directory):
+    answers = [GOOD[0], b"250-fake\r\n250 8BITMIME\r\n", b"250 2.1.0 ok\r\n", b"250 2.1.5 ok\r\n", b"354 go\r\n",
+               b"250 2.0.0 stored\r\n", GOOD[4]]
+    r, seen = pdelivery_to(directory, answers, "-i", "Q2", "-d", "juan")
+    assert r.returncode == 0, r.stderr
+    assert seen == [seen[0], b"MAIL FROM:<a@x> BODY=8BITMIME\r\n", b"RCPT TO:<juan>\r\n", b"DATA\r\n",
+                    b"hi\r\n.\r\n", b"QUIT\r\n"]
+    assert seen[0].startswith(b"LHLO ")
