@@ -5,7 +5,6 @@
  * "<PRI>pdelivery[PID]: LEVEL message"; and to stderr when asked
  * (--log-stderr) or when there is no syslog socket.
  */
-#include <arpa/inet.h>
 #include <netdb.h>
 #include <stdarg.h>
 #include <stdio.h>

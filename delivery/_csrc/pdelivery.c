@@ -24,7 +24,6 @@
 
 #include "pd.h"
 #include "pd_lmtp_server.h"
-#include "pw_placement.h"
 
 #define READ_CHUNK 65536
 #define USAGE "pdelivery: usage: pdelivery [-f SENDER] [-i QUEUEID] (-d USER... | -l)"
