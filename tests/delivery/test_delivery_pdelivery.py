@@ -9,6 +9,7 @@ import pytest
 from delivery.layout import MailboxLayout
 from tests.support import pwtest
 from tests.support.delivery_util import Pdeliveryd, client_conf, codes, env_with, free_port_on, messages, write_users
+from tests.system.test_examples import EXAMPLES, uncommented_settings
 
 STORES = ["127.0.0.2", "127.0.0.3"]
 MSG = b"From: a@example.org\nSubject: via pdelivery\n\nhello\n.\n..two dots\n"
@@ -322,3 +323,16 @@ def test_valgrind_memcheck_clean(bed, tmp_path):
                             str(pwtest.BIN / "pdelivery"), *args], input=stdin, env=env, capture_output=True,
                            timeout=300)
         assert r.returncode == code, (args, r.stderr[-3000:])
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["as-installed", "every-key-live"])
+def test_the_example_settings_are_accepted(bed, tmp_path, live):
+    """examples/pwmail.toml, as installed (all commented) and with every key
+    of every section at its default (the C program knows each [delivery]
+    key of delivery/config.py, pdeliveryd's too)."""
+    settings = tmp_path / "pwmail.toml"
+    settings.write_text(uncommented_settings() if live else (EXAMPLES / "pwmail.toml").read_text())
+    n = len(messages(bed["l2"].path("ana")))
+    r = pdelivery(bed, "--lmtp-port", str(bed["port"]), "-f", "a@x", "-d", "ana", env=env_with(bed["conf"], settings))
+    assert r.returncode == 0, r.stderr
+    assert len(messages(bed["l2"].path("ana"))) == n + 1
