@@ -7,6 +7,7 @@ After a successful login the protocol object is handed to a relay
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 
 from .protocol import encode_plain
@@ -134,6 +135,21 @@ class BackendConnector:
                 last = e
         raise BackendError(f"{host}:{port} unreachable after {1 + max(0, self.retries)} tries: {last!r}")
 
+    @contextlib.asynccontextmanager
+    async def exchange(self, proto: BackendSide, host: str, port: int):
+        """The login exchange on a new connection: bounded by `timeout`; on
+        any failure the connection is closed, and network failures are
+        BackendError."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                yield
+        except (TimeoutError, OSError, ssl.SSLError) as e:
+            proto.close()
+            raise BackendError(f"{host}:{port}: {e!r}") from None
+        except BaseException:
+            proto.close()
+            raise
+
     async def start_tls(self, proto: BackendSide, host: str) -> None:
         """TLS on a connection after the protocol's STARTTLS was accepted."""
         loop = asyncio.get_running_loop()
@@ -150,32 +166,25 @@ class BackendLogin(BackendConnector):
         to relay), anything else is the backend's "-ERR" line (the backend is
         then closed already). Raises BackendError."""
         proto = await self.connect(host, port)
-        try:
-            async with asyncio.timeout(self.timeout):
-                greeting = await proto.read_line()
-                if not greeting.startswith(b"+OK"):
-                    raise BackendError(f"backend greeting: {greeting[:80]!r}")
-                if self.tls == "stls":
-                    proto.send(b"STLS\r\n")
-                    if not (await proto.read_line()).startswith(b"+OK"):
-                        raise BackendError("backend refused STLS")
-                    await self.start_tls(proto, host)
-                # XCLIENT and AUTH go in one packet (one round trip less);
-                # both pop3d and Dovecot read pipelined commands in order.
-                xclient = b"[XCLIENT]" in greeting[:32]
-                commands = f"AUTH PLAIN {encode_plain(user, password)}\r\n".encode()
-                if xclient:
-                    commands = f"XCLIENT ADDR={client_addr[0]} PORT={client_addr[1]}\r\n".encode() + commands
-                proto.send(commands)
-                if xclient and not (await proto.read_line()).startswith(b"+OK"):
-                    raise BackendError("backend refused XCLIENT")
-                answer = await proto.read_line()
-        except (TimeoutError, OSError, ssl.SSLError) as e:
-            proto.close()
-            raise BackendError(f"{host}:{port}: {e!r}") from None
-        except BaseException:
-            proto.close()
-            raise
+        async with self.exchange(proto, host, port):
+            greeting = await proto.read_line()
+            if not greeting.startswith(b"+OK"):
+                raise BackendError(f"backend greeting: {greeting[:80]!r}")
+            if self.tls == "stls":
+                proto.send(b"STLS\r\n")
+                if not (await proto.read_line()).startswith(b"+OK"):
+                    raise BackendError("backend refused STLS")
+                await self.start_tls(proto, host)
+            # XCLIENT and AUTH go in one packet (one round trip less);
+            # both pop3d and Dovecot read pipelined commands in order.
+            xclient = b"[XCLIENT]" in greeting[:32]
+            commands = f"AUTH PLAIN {encode_plain(user, password)}\r\n".encode()
+            if xclient:
+                commands = f"XCLIENT ADDR={client_addr[0]} PORT={client_addr[1]}\r\n".encode() + commands
+            proto.send(commands)
+            if xclient and not (await proto.read_line()).startswith(b"+OK"):
+                raise BackendError("backend refused XCLIENT")
+            answer = await proto.read_line()
         if not answer.startswith(b"+OK"):
             proto.send(b"QUIT\r\n")
             proto.close()

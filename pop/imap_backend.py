@@ -10,9 +10,6 @@ backend's answers are read line by line with bounded lines and a bounded
 number of them."""
 from __future__ import annotations
 
-import asyncio
-import ssl
-
 from .backend import BackendConnector, BackendError, BackendSide
 from .imap_protocol import quoted
 from .protocol import encode_plain
@@ -59,25 +56,18 @@ class ImapBackendLogin(BackendConnector):
         ...] text"), or the backend's tagged NO/BAD (the backend is then
         closed already). Raises BackendError."""
         proto = await self.connect(host, port)
-        try:
-            async with asyncio.timeout(self.timeout):
-                greeting = await proto.read_line()
-                if not greeting.startswith(b"* OK"):
-                    raise BackendError(f"backend greeting: {greeting[:80]!r}")
-                capabilities = capability_code(greeting)
-                if self.tls == "starttls":
-                    proto.send(TAG_STARTTLS + b" STARTTLS\r\n")
-                    if (await _tagged(proto, TAG_STARTTLS))[1] != b"OK":
-                        raise BackendError("backend refused STARTTLS")
-                    await self.start_tls(proto, host)
-                    capabilities = None        # what was said before TLS no longer holds
-                answer, capabilities = await self._login(proto, user, password, client_addr, capabilities)
-        except (TimeoutError, OSError, ssl.SSLError) as e:
-            proto.close()
-            raise BackendError(f"{host}:{port}: {e!r}") from None
-        except BaseException:
-            proto.close()
-            raise
+        async with self.exchange(proto, host, port):
+            greeting = await proto.read_line()
+            if not greeting.startswith(b"* OK"):
+                raise BackendError(f"backend greeting: {greeting[:80]!r}")
+            capabilities = capability_code(greeting)
+            if self.tls == "starttls":
+                proto.send(TAG_STARTTLS + b" STARTTLS\r\n")
+                if (await _tagged(proto, TAG_STARTTLS))[1] != b"OK":
+                    raise BackendError("backend refused STARTTLS")
+                await self.start_tls(proto, host)
+                capabilities = None        # what was said before TLS no longer holds
+            answer, capabilities = await self._login(proto, user, password, client_addr, capabilities)
         tag, word, _, text = status(answer)
         if word != b"OK":
             proto.send(TAG_LOGOUT + b" LOGOUT\r\n")

@@ -33,7 +33,7 @@ import enum
 import re
 from dataclasses import dataclass, field
 
-from .protocol import LocalProtocolError, RemoteProtocolError, parse_plain
+from .protocol import LineConnection, LocalProtocolError, RemoteProtocolError, parse_plain
 
 __all__ = ["ServerConnection", "Login", "StartTLS", "Closed", "NEED_DATA", "NEED_REPLY",
            "RemoteProtocolError", "LocalProtocolError"]
@@ -183,21 +183,23 @@ def _nstring_list(tokens: list) -> list | None:
     return items
 
 
-class ServerConnection:
+class ServerConnection(LineConnection):
     """One IMAP session before login, server side.
 
     starttls: offer STARTTLS (a certificate is configured and TLS is not on).
     plaintext_auth: allow LOGIN and AUTHENTICATE PLAIN without TLS.
     """
 
+    max_line = MAX_LINE
+    max_pending_input = MAX_PENDING_INPUT
+    limit_code = "LIMIT"
+
     def __init__(self, *, starttls: bool = False, tls_active: bool = False, plaintext_auth: bool = True) -> None:
+        super().__init__()
         self.state = State.NOT_AUTHENTICATED
         self.tls_active = tls_active
         self._starttls_offered = starttls and not tls_active
         self._plaintext_auth = plaintext_auth
-        self._in = bytearray()
-        self._out = bytearray()
-        self._eof = False
         self._awaiting: object | None = None    # event waiting for the application's reply
         self._tokens: list = []                 # of the command being read (across literals)
         self._command_size = 0
@@ -207,25 +209,8 @@ class ServerConnection:
         self.bad_commands = 0
         self.failed_logins = 0
 
-    # --- I/O ----------------------------------------------------------------------
-    def receive_data(self, data: bytes) -> None:
-        """Feed bytes from the peer; b"" means the peer closed."""
-        if not data:
-            self._eof = True
-            return
-        if len(self._in) > MAX_PENDING_INPUT and self.state is State.NOT_AUTHENTICATED:
-            self._fatal("Too much pipelined input", "LIMIT")
-        self._in += data
-
-    def data_to_send(self) -> bytearray:
-        out, self._out = self._out, bytearray()
-        return out
-
-    def trailing_data(self) -> bytes:
-        """Input received but not parsed (the proxy forwards it after login)."""
-        data = bytes(self._in)
-        self._in.clear()
-        return data
+    def _parsing(self) -> bool:
+        return self.state is State.NOT_AUTHENTICATED
 
     @property
     def auth_allowed(self) -> bool:
@@ -304,18 +289,6 @@ class ServerConnection:
             return self._bad_command(e)
         tokens, self._tokens, self._command_size = self._tokens, [], 0
         return self._command(tokens)
-
-    def _take_line(self) -> bytes | None:
-        i = self._in.find(b"\n", 0, MAX_LINE)
-        if i < 0:
-            if len(self._in) >= MAX_LINE:
-                self._fatal("Line too long", "LIMIT")
-            return None
-        line = bytes(self._in[:i])
-        del self._in[:i + 1]
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        return line
 
     def _bad_command(self, e: _Bad):
         """The command being read is malformed: answer BAD with its tag (when

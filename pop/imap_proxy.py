@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 
-from pwcache.client import AsyncClient
 from pwmail.base import daemon
 
 from . import config as popconfig
@@ -57,10 +56,10 @@ class ImapProxyServer(core.ProxyCore):
             return ("err", code, text.decode("utf-8", "replace") or "Try again later.", False)
         return self.failed()
 
-    def protocol(self) -> "ImapClientSide":
+    def protocol(self) -> ImapClientSide:
         return ImapClientSide(self)
 
-    def tls_protocol(self) -> "ImapClientSide":
+    def tls_protocol(self) -> ImapClientSide:
         return ImapClientSide(self, implicit_tls=True)
 
 

@@ -27,15 +27,15 @@ import os
 import socket
 import ssl
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 from pwcache.client import AsyncClient, PwError, Unavailable
 from pwmail.base import daemon
+from pwmail.base.hostport import parse_hostport
 from pwmail.base.logsetup import setup_logging
 
 from . import throttle as popthrottle
 from .backend import BackendError
-from pwmail.base.hostport import parse_hostport
 from .protocol import RemoteProtocolError
 from .relay import HAVE_SPLICE, SpliceRelay, TransportRelay
 
@@ -174,7 +174,7 @@ class ProxyCore:
         return address
 
     # --- the login decision ---------------------------------------------------------------
-    async def login(self, session: "FrontSession", event) -> tuple:
+    async def login(self, session: FrontSession, event) -> tuple:
         """Returns ("ok", backend, answer) or ("err", code, text, delayed).
         The attempt is counted by the throttle from here to its verdict."""
         refused = self.throttle.begin(session.addr, event.user)
@@ -189,7 +189,7 @@ class ProxyCore:
         finally:             # (also when the client leaves and the task is cancelled)
             self.throttle.end(session.addr, event.user, verdict(result))
 
-    async def _decide(self, session: "FrontSession", event) -> tuple:
+    async def _decide(self, session: FrontSession, event) -> tuple:
         try:
             entry = await self.pw.mailhost(event.user)
         except Unavailable as e:
@@ -229,10 +229,10 @@ class ProxyCore:
         return ("err", FAILED, AUTH_FAILED_TEXT, True)
 
     # --- serving --------------------------------------------------------------------------
-    def protocol(self) -> "FrontSession":
+    def protocol(self) -> FrontSession:
         raise NotImplementedError
 
-    def tls_protocol(self) -> "FrontSession":
+    def tls_protocol(self) -> FrontSession:
         raise NotImplementedError
 
     def take_listener(self, sock: socket.socket) -> bool:

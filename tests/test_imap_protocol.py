@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 
 import pytest
+import sansio_util
 from hypothesis import given, settings, strategies as st
 
 from pop import imap_protocol as I
@@ -20,21 +21,7 @@ def b64(data: bytes) -> bytes:
 
 
 def drive(conn: ServerConnection, data: bytes, *, bytewise: bool = False):
-    """Feed data, collect (events, output) until an event waits for its answer or the session closes."""
-    events = []
-    chunks = [data[i:i + 1] for i in range(len(data))] if bytewise else [data]
-    for chunk in chunks:
-        conn.receive_data(chunk)
-        while True:
-            ev = conn.next_event()
-            if ev in (NEED_DATA, NEED_REPLY):
-                break
-            events.append(ev)
-            if isinstance(ev, Closed):
-                return events, bytes(conn.data_to_send())
-        if conn._awaiting is not None:
-            break
-    return events, bytes(conn.data_to_send())
+    return sansio_util.drive(conn, data, Closed, bytewise=bytewise)
 
 
 CASES = [
@@ -79,7 +66,7 @@ def test_cases(data, events, output, bytewise):
     conn = ServerConnection()
     got_events, got_out = drive(conn, data, bytewise=bytewise)
     assert got_events == events
-    assert got_out == output
+    assert bytes(got_out) == output
 
 
 def test_greeting_has_capabilities_and_starttls_when_offered():

@@ -29,7 +29,8 @@ pytestmark = [
     pytest.mark.skipif(not shutil.which("dovecot") or not pathlib.Path("/usr/lib/dovecot/imap").exists(),
                        reason="dovecot-imapd not installed (deps/debian-packages.txt)"),
     pytest.mark.skipif(os.geteuid() != 0, reason="Dovecot's master and mount namespaces need root"),
-    pytest.mark.skipif(not (NSS_DIR / "libnss_pwserver.so.2").exists(), reason="libnss_pwserver.so.2 not built (make nss)"),
+    pytest.mark.skipif(not (NSS_DIR / "libnss_pwserver.so.2").exists(),
+                       reason="libnss_pwserver.so.2 not built (make nss)"),
 ]
 
 DELAY = 0.5
