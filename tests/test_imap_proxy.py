@@ -171,6 +171,7 @@ def test_authenticate_plain_with_continuation(bed):
 
 
 def test_authenticate_plain_sasl_ir_and_quoted_password(bed):
+    put(bed, "carla", message("authenticate_plain_sasl_ir_and_quoted_password"))
     s = raw(bed)
     ir = base64.b64encode(b"\0carla\0" + USERS["carla"][0].encode())
     s.sendall(b"x1 AUTHENTICATE PLAIN " + ir + b"\r\n")
@@ -185,6 +186,7 @@ def test_authenticate_plain_sasl_ir_and_quoted_password(bed):
 
 
 def test_literals_sync_and_nonsync_login(bed):
+    put(bed, "ana", message("literals_sync_and_nonsync_login"))
     s = raw(bed)
     pw = USERS["ana"][0].encode()
     s.sendall(b"l1 LOGIN {3}\r\n")
@@ -197,6 +199,7 @@ def test_literals_sync_and_nonsync_login(bed):
 
 
 def test_starttls_then_login(bed):
+    put(bed, "ana", message("starttls_then_login"))
     ctx = ssl.create_default_context(cafile=bed["cert"])
     m = imaplib.IMAP4(*bed["proxy"].address, timeout=TIMEOUT)
     assert "STARTTLS" in m.capabilities
@@ -208,6 +211,7 @@ def test_starttls_then_login(bed):
 
 
 def test_imaps(bed):
+    put(bed, "ana", message("imaps"))
     ctx = ssl.create_default_context(cafile=bed["cert"])
     m = imaplib.IMAP4_SSL(*bed["imaps"], ssl_context=ctx, timeout=TIMEOUT)
     assert m.login("ana", USERS["ana"][0])[0] == "OK"
@@ -355,3 +359,43 @@ def test_backend_killed_mid_session_closes_client(bed):
             s.close()
             assert proxy.proc.poll() is None
             assert "Traceback" not in proxy.output()
+
+
+def test_long_literals_both_ways(bed):
+    """A 3 MiB APPEND literal up and its FETCH down pass the relay untouched."""
+    big = message("big", lines=3) + b"".join(b"%07d %s\r\n" % (i, b"x" * 60) for i in range(3 * 1024 * 1024 // 70))
+    big = big.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    put(bed, "elena", message("before the big one"))       # (the Maildir, owned by elena)
+    m = imaplib.IMAP4(*bed["proxy"].address, timeout=60)
+    m.login("elena", USERS["elena"][0])
+    typ, data = m.append("INBOX", None, None, big)
+    assert typ == "OK", data
+    n = m.select("INBOX")[1][0].decode()
+    typ, data = m.fetch(n, "(BODY.PEEK[])")
+    m.logout()
+    assert typ == "OK" and data[0][1] == big
+
+
+@pytest.mark.parametrize("mode", ["tls", "starttls"])
+def test_backend_over_tls(bed, tmp_path, mode):
+    put(bed, "ana", message(f"over {mode}"))
+    dove = bed["dove"]["store1"]
+    port = dove.imaps_port if mode == "tls" else dove.port
+    settings = bed["settings"].replace(f'store1 = "127.0.0.6:{dove.port}"', f'store1 = "127.0.0.6:{port}"')
+    settings = settings.replace('tls_listen = "127.0.0.1:0"\n', "")
+    settings += f'backend_tls = "{mode}"\nbackend_ca = "{bed["cert"]}"\n'
+    with start_imap_proxy(tmp_path, bed["conf"], settings, name=f"imap-proxy-{mode}") as proxy:
+        m = imaplib.IMAP4(*proxy.address, timeout=TIMEOUT)
+        assert m.login("ana", USERS["ana"][0])[0] == "OK"
+        assert m.select("INBOX")[0] == "OK"
+        m.logout()
+    assert re.search(r"Login: user=<ana>.*, TLS", dove.output())
+
+
+def test_curl_imaps(bed):
+    put(bed, "ana", message("curl imaps"))
+    r = subprocess.run(["curl", "-sS", "--max-time", str(TIMEOUT), "--cacert", bed["cert"],
+                        "-u", f"ana:{USERS['ana'][0]}", f"imaps://{bed['imaps'][0]}:{bed['imaps'][1]}/",
+                        "-X", "EXAMINE INBOX"], capture_output=True, timeout=TIMEOUT + 5)
+    assert r.returncode == 0, r.stderr
+    assert re.search(rb"\* \d+ EXISTS", r.stdout), r.stdout
