@@ -19,7 +19,7 @@ import tempfile
 import time
 
 import pytest
-from imap_util import DovecotImap, start_imap_proxy
+from imap_util import DovecotImap, docs_block, start_imap_proxy
 from pop_util import NSS_DIR, UID0, client_conf, deliver, free_port, make_root, message, self_signed, write_users
 from pwtest import PwServer, write_key
 
@@ -136,10 +136,12 @@ def tagged(s: socket.socket, tag: bytes) -> bytes:
 
 
 def test_dovecot_runs_the_documented_block(bed):
-    conf = (bed["dove"]["store1"].workdir / "local-imap.conf").read_text()
-    assert "protocols = imap pop3" in conf and "driver = shadow" in conf
-    r = subprocess.run(["doveconf", "-c", str(bed["dove"]["store1"].conf), "-h", "protocols"],
-                       capture_output=True, text=True, timeout=30)
+    dove = bed["dove"]["store1"]
+    documented = dove.workdir / "local-imap.conf"
+    assert documented.read_text() == docs_block()
+    assert f"!include {documented}\n" in dove.conf.read_text()
+    r = subprocess.run(["doveconf", "-c", str(dove.conf), "-h", "protocols"], capture_output=True, text=True,
+                       timeout=30)
     assert r.stdout.split() == ["imap", "pop3"], r.stderr
 
 

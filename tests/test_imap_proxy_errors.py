@@ -5,6 +5,7 @@ loopback; no Dovecot (tests/test_imap_proxy.py has the logins that work)."""
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import ssl
 import time
@@ -110,3 +111,19 @@ def test_too_many_connections_per_address(bed):
         s.close()
         for h in held:
             h.close()
+
+
+def test_sighup_rereads_imap_and_sigterm_drains(bed):
+    settings = bed["tmp"] / "pwmail-imap-proxy-signals.toml"
+    with start_imap_proxy(bed["tmp"], bed["conf"], bed["settings"], name="imap-proxy-signals") as proxy:
+        held = greet(proxy.address)
+        settings.write_text("[imap]\n" + bed["settings"] + "max_connections_per_ip = 1\n")
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_line(r"reloaded settings", "the reload")
+        s = socket.create_connection(proxy.address, timeout=TIMEOUT)      # a second one: over the new limit
+        assert s.recv(4096) == b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n"
+        s.close()
+        held.close()
+        proxy.signal(signal.SIGTERM)
+        assert proxy.proc.wait(timeout=30) == 0
+        assert "stopping: 0 sessions cut" in proxy.output()
