@@ -265,11 +265,10 @@ class ServerConnection(LineConnection):
             tag, self._auth_tag = self._auth_tag, None
             return self._sasl_response(tag, line.strip())
         self._command_size += len(line) + 2
-        m = None
+        m = _LITERAL_AT_END.search(line)
         try:
             if self._command_size > MAX_COMMAND:
                 raise _Bad("Command too long", "LIMIT")
-            m = _LITERAL_AT_END.search(line)
             if m is not None:
                 _tokens(line[:m.start()], self._tokens)
                 literal = _Literal(int(m.group(1)), not m.group(2))

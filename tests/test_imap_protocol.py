@@ -252,3 +252,24 @@ def test_fuzz_parser_only_events_or_peer_errors(data, starttls, plaintext, chunk
     except RemoteProtocolError:
         assert conn.state is State.CLOSED
         assert bytes(conn.data_to_send()).endswith(b"\r\n") and isinstance(conn.next_event(), Closed)
+
+
+def test_bad_line_announcing_a_nonsync_literal_is_fatal():
+    """Its octets are already on the way: read as commands they would be an
+    injection (the client's, but still), so the session ends."""
+    for line in (b'a LOGIN "unterminated {5+}\r\n', b"a LOGIN \x01 {5+}\r\n"):
+        conn = ServerConnection()
+        conn.receive_data(line + b"b NOOP\r\n")
+        with pytest.raises(RemoteProtocolError):
+            conn.next_event()
+        assert bytes(conn.data_to_send()).startswith(b"* BYE ")
+
+
+def test_command_over_the_total_limit_announcing_a_nonsync_literal_is_fatal():
+    conn = ServerConnection()
+    x = b"x" * 8000
+    conn.receive_data(b"a ID (" + x + b" {1}\r\nz " + x + b" {1}\r\nz " + x + b" {1+}\r\nz)\r\n")
+    with pytest.raises(RemoteProtocolError):
+        for _ in range(10):
+            conn.next_event()
+    assert bytes(conn.data_to_send()).endswith(b"* BYE [LIMIT] Command too long\r\n")
