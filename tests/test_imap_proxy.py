@@ -372,8 +372,9 @@ def test_long_literals_both_ways(bed):
     m.login("elena", USERS["elena"][0])
     typ, data = m.append("INBOX", None, None, big)
     assert typ == "OK", data
-    n = m.select("INBOX")[1][0].decode()
-    typ, data = m.fetch(n, "(BODY.PEEK[])")
+    uid = re.search(rb"\[APPENDUID \d+ (\d+)\]", data[0]).group(1).decode()     # (UIDPLUS)
+    m.select("INBOX")
+    typ, data = m.uid("FETCH", uid, "(BODY.PEEK[])")
     m.logout()
     assert typ == "OK" and data[0][1] == big
 
