@@ -124,10 +124,10 @@ class ProxyServer(core.ProxyCore):
     def open_sessions(self) -> int:
         return self.connections + sum(e.open_sessions() for e in self.engines())
 
-    def protocol(self) -> "ClientSide":
+    def protocol(self) -> ClientSide:
         return ClientSide(self)
 
-    def tls_protocol(self) -> "ClientSide":
+    def tls_protocol(self) -> ClientSide:
         return ClientSide(self, implicit_tls=True)
 
     def outcome(self, h: popengine.Handoff):

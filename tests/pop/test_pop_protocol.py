@@ -5,12 +5,12 @@ from __future__ import annotations
 import base64
 
 import pytest
-import sansio_util
 from hypothesis import given, settings, strategies as st
 
 from pop import protocol as P
 from pop.protocol import (NEED_DATA, NEED_REPLY, Closed, Command, Login, LocalProtocolError,
                           MultilineEncoder, RemoteProtocolError, ServerConnection, StartTLS, State, XClient)
+from tests.support import sansio_util
 
 
 def b64(data: bytes) -> str:

@@ -199,7 +199,7 @@ class Dovecot(PopServer):
     through libnss_pwserver; mail_location is the hashed Maildir tree.
     Everything lives under `workdir`, which must be traversable by the
     dovenull and mail users (not under pytest's 0700 folders). Subclasses
-    (tests/imap_util.py) give another config_text() and GREETING."""
+    (tests/support/imap_util.py) give another config_text() and GREETING."""
 
     GREETING = b"+OK"
 

@@ -6,7 +6,7 @@ import os
 import pathlib
 import re
 
-from pop_util import NSS_DIR, Daemon, Dovecot, free_port
+from tests.support.pop_util import NSS_DIR, Daemon, Dovecot, free_port
 
 from delivery.layout import MailboxLayout
 

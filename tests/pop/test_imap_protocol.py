@@ -6,12 +6,12 @@ from __future__ import annotations
 import base64
 
 import pytest
-import sansio_util
 from hypothesis import given, settings, strategies as st
 
 from pop import imap_protocol as I
 from pop.imap_protocol import (NEED_DATA, NEED_REPLY, Closed, LocalProtocolError, Login, RemoteProtocolError,
                                ServerConnection, StartTLS, State)
+from tests.support import sansio_util
 
 CAPS = b"IMAP4rev1 SASL-IR LITERAL+ ID ENABLE IDLE"
 

@@ -19,9 +19,11 @@ import tempfile
 import time
 
 import pytest
-from imap_util import DovecotImap, docs_block, start_imap_proxy
-from pop_util import NSS_DIR, UID0, client_conf, deliver, free_port, make_root, message, self_signed, write_users
-from pwtest import PwServer, write_key
+
+from tests.support.imap_util import DovecotImap, docs_block, start_imap_proxy
+from tests.support.pop_util import (NSS_DIR, UID0, client_conf, deliver, free_port, make_root, message, self_signed,
+                                    write_users)
+from tests.support.pwtest import PwServer, write_key
 
 pytestmark = [
     pytest.mark.slow,

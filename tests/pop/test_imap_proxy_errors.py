@@ -11,8 +11,9 @@ import ssl
 import time
 
 import pytest
-from imap_util import start_imap_proxy
-from pop_util import client_conf, free_port, self_signed, users_pwserver
+
+from tests.support.imap_util import start_imap_proxy
+from tests.support.pop_util import client_conf, free_port, self_signed, users_pwserver
 
 DELAY = 0.3
 TIMEOUT = 20
