@@ -6,11 +6,11 @@ import os
 import pathlib
 import re
 
-from tests.support.pop_util import NSS_DIR, Daemon, Dovecot, free_port
+from tests.support.pop_util import NSS_DIR, ROOT, Daemon, Dovecot, free_port
 
 from delivery.layout import MailboxLayout
 
-DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "imap.md"
+DOCS = ROOT / "docs" / "imap.md"
 
 
 def docs_block(name: str = "dovecot-imap") -> str:
