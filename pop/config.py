@@ -1,11 +1,13 @@
 """The `[pop]` section of /etc/pwmail.toml, shared by pop-proxy and pop3d
-(one section, so one table of defaults). Command-line flags override it;
+(one section, so one table of defaults, and CHECKS: the values refused).
+Command-line flags override it (SECTION.override checks them too);
 docs/pop.md describes every key."""
 from __future__ import annotations
 
 import ipaddress
 from typing import Any
 
+from delivery.layout import SCHEMES
 from pwmail.base import settings
 from pwmail.base.hostport import parse_hostport  # noqa: F401  (pop's modules take it from here)
 
@@ -51,8 +53,27 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+CHECKS: dict[str, settings.Check] = {
+    "listen": settings.address(port_zero=True),
+    "pop3d_listen": settings.address(port_zero=True),
+    "tls_listen": settings.address(empty=True, port_zero=True),
+    "backend_port": settings.port,
+    "backends": settings.each(settings.address()),
+    "backend_tls": settings.one_of("none", "tls", "stls"),
+    "layout": settings.one_of(*SCHEMES),
+    "trusted_networks": settings.networks,
+    **{key: settings.positive for key in (
+        "backend_connect_timeout", "backend_timeout", "prelogin_timeout", "idle_timeout", "pop3d_timeout",
+        "max_connections", "max_connections_per_ip", "throttle_ip_failures", "throttle_user_ip_failures",
+        "throttle_user_failures", "throttle_window", "relay_buffer", "lookup_threads")},
+    **{key: settings.non_negative for key in (
+        "shutdown_grace", "backend_retries", "backend_retry_delay", "auth_failure_delay", "pop3d_failure_delay")},
+}
+SECTION = settings.Section("pop", DEFAULTS, CHECKS)
+
+
 def load(path: str | None = None) -> dict[str, Any]:
-    return settings.section("pop", DEFAULTS, path)
+    return SECTION.load(path)
 
 
 def networks(items) -> list:

@@ -29,7 +29,8 @@ import ssl
 from collections import Counter
 
 from pwcache.client import AsyncClient, PwError, Unavailable
-from pwmail.base import daemon
+from pwmail.base import cli, daemon
+from pwmail.base.errors import ConfigError, exit_on_config_error
 from pwmail.base.logsetup import setup_logging
 
 from . import config as popconfig
@@ -592,17 +593,19 @@ class _Detached:
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key or None)
+    try:
+        ctx.load_cert_chain(cert, key or None)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot load tls_cert {cert} / tls_key {key or cert}: {e}") from None
     return ctx
 
 
 def settings(args) -> dict:
     """[pop] from the settings file, with the command line's flags over it."""
-    cfg = popconfig.load(args.config)
-    for key in ("listen", "tls_listen", "tls_cert", "tls_key", "backend_port"):
-        flag = getattr(args, key)
-        if flag:
-            cfg[key] = flag
+    cfg = popconfig.SECTION.override(popconfig.load(args.config), {
+        key: getattr(args, key) for key in ("listen", "tls_listen", "tls_cert", "tls_key", "backend_port")})
+    if cfg["tls_listen"] and not cfg["tls_cert"]:
+        raise ConfigError("tls_listen needs tls_cert and tls_key (in [pop], or --tls-cert and --tls-key)")
     return cfg
 
 
@@ -621,8 +624,6 @@ async def serve(args, cfg) -> None:
         servers.append(await loop.create_server(server.protocol, sock=sock, backlog=daemon.LISTEN_BACKLOG))
     tls_listen = cfg["tls_listen"]
     if tls_listen:
-        if ctx is None:
-            raise SystemExit("pop-proxy: --tls-listen needs --tls-cert and --tls-key")
         tls_sock = daemon.listening_socket(tls_listen, 995)
         servers.append(await loop.create_server(server.tls_protocol, sock=tls_sock, ssl=ctx,
                                                 backlog=daemon.LISTEN_BACKLOG,
@@ -630,7 +631,7 @@ async def serve(args, cfg) -> None:
 
     def reload() -> None:
         new = daemon.reread_settings(lambda: settings(args), server.cfg, RESTART_ONLY)
-        setup_logging("pop-proxy", stderr=args.stderr)
+        setup_logging("pop-proxy", stderr=args.log_stderr)
         server.reload(new)
     stop = daemon.handle_signals(on_reload=reload)
     if tls_listen:
@@ -692,14 +693,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls-cert", help="PEM certificate chain for STLS (default [pop] tls_cert)")
     p.add_argument("--tls-key", help="PEM private key for STLS (default [pop] tls_key)")
     p.add_argument("--tls-listen", help="HOST:PORT for POP3S, TLS from the start (default [pop] tls_listen, off)")
-    p.add_argument("--pwserver-conf", help="client configuration (default $PWSERVER_CONF or /etc/pwserver.conf)")
-    p.add_argument("--config", help="settings file (default $PWMAIL_CONF or /etc/pwmail.toml)")
-    p.add_argument("--stderr", action="store_true", help="also log to stderr")
+    cli.add_common_flags(p)
     args = p.parse_args(argv)
+    return exit_on_config_error("pop-proxy", lambda: start(args))
+
+
+def start(args) -> int:
     cfg = settings(args)
     if args.pwserver_conf:      # the engine's lookups read it from the environment, as NSS does
         os.environ["PWSERVER_CONF"] = args.pwserver_conf
-    setup_logging("pop-proxy", stderr=args.stderr)
+    setup_logging("pop-proxy", stderr=args.log_stderr)
     # Two records per session: skip what the format never shows (the
     # caller's file and line cost a frame walk per record; thread names).
     logging._srcfile = None

@@ -21,13 +21,13 @@ import time
 from dataclasses import dataclass
 
 from pwcache._pwtable import ffi, lib
-from pwcache.placement import DEFAULTS as PLACEMENT_DEFAULTS
+from pwcache.placement import SECTION as PLACEMENT
 from pwcache.placement import PlacementError, PlacementRule
 from pwcache.table import CHandle, Table, TableError
 from pwcache.tcp_server import TCP_DEFAULTS, TcpLimits, TcpServer
-from pwmail.base import settings
+from pwmail.base import cli, settings
 from pwmail.base.sdnotify import notify_ready
-from pwmail.base.errors import ConfigError
+from pwmail.base.errors import ConfigError, exit_on_config_error, listen_error
 from pwmail.base.hostport import parse_hostport
 from pwmail.base.logsetup import setup_logging
 
@@ -47,6 +47,16 @@ DEFAULTS: dict = {
     "poll_seconds": 2.0,
     "syslog": "",
 }
+SECTION = settings.Section("pwserver", DEFAULTS, {
+    "listen": settings.address(port_zero=True),
+    "allow": settings.networks,
+    "threads": settings.between(1, 32),
+    "busy_poll_us": settings.between(0, 10000),
+    "poll_seconds": settings.positive,
+    **{key: settings.positive for key in ("tcp_max_connections", "tcp_max_per_source", "tcp_frame_timeout",
+                                          "tcp_idle_timeout")},
+    "tcp_max_queued": settings.non_negative,
+})
 SOURCES = ("passwd", "shadow", "group", "mailhosts")
 UDP_RCVBUF = 4 * 1024 * 1024
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux
@@ -209,7 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shadow", metavar="F", help="shadow(5) file")
     p.add_argument("--group", metavar="F", help="group(5) file")
     p.add_argument("--mailhosts", metavar="F", help="mailhosts map: 'user host [frozen]' a line")
-    p.add_argument("--config", metavar="F", help="pwmail.toml to read [pwserver] and [placement] from")
     p.add_argument("--shadow-key", metavar="F", help="shadow key file: shadow answers only to requests sealed with it")
     p.add_argument("--network-key", metavar="F", help="network key file: drop every packet not sealed")
     p.add_argument("--allow", metavar="CIDR", action="append",
@@ -218,40 +227,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--busy-poll-us", metavar="US", type=int,
                    help=f"after answering, keep receiving without blocking this long, yielding the CPU "
                         f"(0..10000 µs, default {DEFAULTS['busy_poll_us']}; 0: always block)")
-    p.add_argument("--log-stderr", action="store_true", help="also log to stderr")
+    cli.add_common_flags(p, pwserver_conf=False)
     return p
 
 
 def load_config(args: argparse.Namespace) -> Config:
+    """[pwserver] and [placement], the flags over them; every value checked
+    (settings.SettingsError, a ConfigError, names the file's key or the flag)."""
+    cfg = SECTION.override(SECTION.load(args.config), {key: getattr(args, key) for key in (
+        "listen", "passwd", "shadow", "group", "mailhosts", "shadow_key", "network_key", "allow", "threads",
+        "busy_poll_us")})
+    path = args.config or settings.settings_path()
     try:
-        cfg = settings.section("pwserver", DEFAULTS, args.config)
-        placement = settings.section("placement", PLACEMENT_DEFAULTS, args.config)
-        rule = PlacementRule.from_settings(placement)
-    except (settings.SettingsError, PlacementError) as e:
-        raise ConfigError(str(e)) from None
-    for key in ("listen", "passwd", "shadow", "group", "mailhosts", "shadow_key", "network_key", "allow", "threads",
-                "busy_poll_us"):
-        value = getattr(args, key)
-        if value is not None:
-            cfg[key] = value
+        rule = PlacementRule.from_settings(PLACEMENT.load(args.config))
+    except PlacementError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if not cfg["passwd"]:
         raise ConfigError("no passwd file: give --passwd F (or passwd in [pwserver])")
-    try:
-        threads, poll_seconds = int(cfg["threads"]), float(cfg["poll_seconds"])
-        busy_poll_us = int(cfg["busy_poll_us"])
-    except (TypeError, ValueError):
-        raise ConfigError("threads and busy_poll_us must be integers, poll_seconds a number") from None
-    if not 1 <= threads <= 32 or not poll_seconds > 0:
-        raise ConfigError("threads must be 1..32, poll_seconds > 0")
-    if not 0 <= busy_poll_us <= 10000:
-        raise ConfigError("busy_poll_us must be 0..10000")
-    allow = cfg["allow"]
-    if isinstance(allow, str) or not all(isinstance(a, str) for a in allow):
-        raise ConfigError("allow must be a list of CIDR strings")
+    threads, poll_seconds, busy_poll_us, allow = cfg["threads"], cfg["poll_seconds"], cfg["busy_poll_us"], cfg["allow"]
     try:
         tcp = TcpLimits.from_settings(cfg)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(f"{path}: [pwserver] {e}") from None
     return Config(
         listen=parse_listen(cfg["listen"]),
         sources={k: os.path.abspath(cfg[k]) if cfg[k] else "" for k in SOURCES},
@@ -411,11 +408,11 @@ def serve(cfg: Config) -> int:
             raise ConfigError(f"cannot load the tables: {e}") from None
         udp, tcp = bind_sockets(*cfg.listen)
     except (ConfigError, OSError) as e:
-        log.error("%s", e)
-        print(f"pwserver: {e}", file=sys.stderr)
         core.close()
         os.close(stop_fd)
-        return 1
+        if isinstance(e, OSError):      # from binding: the address busy or not ours
+            raise listen_error(*cfg.listen, e) from None
+        raise
 
     host, port = udp.getsockname()[:2]
     udp_threads = []
@@ -478,15 +475,19 @@ def serve(cfg: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logger = setup_logging("pwserver", stderr=args.log_stderr)
-    try:
-        cfg = load_config(args)
-    except ConfigError as e:
-        logger.error("%s", e)
-        print(f"pwserver: {e}", file=sys.stderr)
-        return 2
+    return exit_on_config_error("pwserver", lambda: start(args))
+
+
+def start(args: argparse.Namespace) -> int:
+    setup_logging("pwserver", stderr=args.log_stderr)
+    cfg = load_config(args)
     if cfg.syslog:
         setup_logging("pwserver", stderr=args.log_stderr, syslog_address=cfg.syslog)
+    if cfg.sources["shadow"] and not cfg.shadow_key:
+        # shadow requests must be sealed with a key the server holds: every client would time out
+        log.warning("shadow source %s given but no shadow key (--shadow-key): shadow lookups are not enabled "
+                    "on this server, and its clients will report that no password server answered",
+                    cfg.sources["shadow"])
     return serve(cfg)
 
 
