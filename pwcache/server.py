@@ -293,7 +293,7 @@ class Loader:
         t0, cpu0 = time.monotonic(), time.thread_time()
         src = self.cfg.sources
         table = Table.from_files(src["passwd"], src["shadow"], src["group"], src["mailhosts"], self.cfg.rule)
-        stats = table.stats()
+        stats, skipped_lines = table.stats(), table.skipped_lines()
         load_ms = int((time.monotonic() - t0) * 1000)
         cpu_ms = int((time.thread_time() - cpu0) * 1000)
         self.core.install(table, load_ms)
@@ -303,6 +303,8 @@ class Loader:
         log.info("loaded generation %d: %d users, %d groups, %d shadow entries in %d ms (%d ms CPU, %d table bytes)%s",
                  self.core.generation, stats["users"], stats["groups"], stats["shadows"], load_ms, cpu_ms,
                  stats["bytes"], "; skipped: " + ", ".join(f"{k}={v}" for k, v in skipped.items()) if skipped else "")
+        for source, line, why in skipped_lines:     # the first few, located
+            log.warning("%s:%d: line skipped (%s)", src[source], line, why)
 
     def start(self) -> None:
         self._thread.start()

@@ -15,7 +15,7 @@ import pytest
 from pwserver_util import write_sources
 from pwtest import BIN, PwServer, Process, client_conf, wait_for
 
-from pwmail.base.errors import EX_CONFIG
+EX_CONFIG = 78      # sysexits.h, documented in every part's docs
 
 SYSLOG_NOTE = "cannot log to syslog"
 RUN_TIMEOUT = 20        # a daemon that wrongly starts is killed after this (and the test fails)
@@ -55,8 +55,7 @@ def daemon_argv(name: str, tmp_path, users) -> list[str]:
     """What each daemon needs to start at all, besides --config."""
     conf = client_conf(tmp_path / "pwserver.conf", ["127.0.0.1:1"])
     return {
-        "pdeliveryd": ["pdeliveryd", "--root", str(tmp_path), "--users", f"passwd:{users['passwd']}",
-                       "--pwserver-conf", str(conf)],
+        "pdeliveryd": ["pdeliveryd", "--root", str(tmp_path), "--users", f"passwd:{users['passwd']}"],
         "pop3d": ["pop3d", "--root", str(tmp_path), "--pwserver-conf", str(conf)],
         "pop-proxy": ["pop-proxy", "--pwserver-conf", str(conf)],
         "pwserver": ["pwserver", "--passwd", str(users["passwd"])],
@@ -146,9 +145,7 @@ def test_bad_client_configuration_exit_78(tmp_path, users):
     assert_one_line(run(["pwquery", "--pwserver-conf", str(bad), "ping"]), "pwquery", f"{bad}:1", "77x3")
     conf = tmp_path / "empty.toml"
     conf.write_text("")
-    argv = daemon_argv("pdeliveryd", tmp_path, users)
-    argv[argv.index("--users") + 1] = "pwserver"
-    argv[argv.index("--pwserver-conf") + 1] = str(bad)
+    argv = ["pdeliveryd", "--root", str(tmp_path), "--users", "pwserver", "--pwserver-conf", str(bad)]
     assert_one_line(run(argv + ["--listen", "127.0.0.1:0", "--config", str(conf)]), "pdeliveryd", f"{bad}:1")
 
 
@@ -167,6 +164,39 @@ def test_shadow_without_key_warns_at_start(tmp_path, users):
     with PwServer(users) as s:          # passwd and shadow, no --shadow-key
         out = s.output()
     assert "shadow lookups are not enabled on this server" in out and str(users["shadow"]) in out
+
+
+def test_skipped_lines_located_first_few(tmp_path, users):
+    """Every skipped line is counted; the first PWT_SKIP_NOTES (5) of a load
+    are logged with their file and line number."""
+    lines = users["passwd"].read_text().splitlines()
+    bad = {3: "broken line", 5: "nouid:x::1::/:/bin/sh", 6: "a:b", 9: "x" * 10, 10: "no:colons", 12: "late:one"}
+    out, good = [], iter(lines + [f"user{i}:x:{2000 + i}:100::/home/u{i}:/bin/sh" for i in range(20)])
+    for n in range(1, 14):
+        out.append(bad.get(n) or next(good))
+    users["passwd"].write_text("\n".join(out) + "\n")
+    users["shadow"].write_text(users["shadow"].read_text() + "ghost:x:1:0:99999:7:::\n")
+    with PwServer(users) as s:
+        log = s.output()
+    located = re.findall(rf"{re.escape(str(users['passwd']))}:(\d+): line skipped \((.+?)\)", log)
+    assert [int(n) for n, _ in located] == [3, 5, 6, 9, 10] and {w for _, w in located} == {"malformed"}, log
+    assert "passwd_bad=6" in log                       # all counted, the sixth not located
+    assert f"{users['shadow']}:" not in log            # the load's five notes were used up by passwd
+
+
+def test_table_locates_skipped_lines_in_every_source():
+    from pwcache.table import Table
+
+    ok = "a:x:1:1::/:/bin/sh\n"
+    t = Table.from_bytes(passwd=ok.encode(), shadow=b"# c\nghost:x:1:0:9:7:::\n",
+                         group=b"g:x:5:\n\ng:x:6:\n", mailhosts=b"a\n")
+    assert sorted(t.skipped_lines()) == [("group", 3, "duplicate name"), ("mailhosts", 1, "malformed"),
+                                         ("shadow", 2, "no such user in passwd")]
+    t.close()
+    t = Table.from_bytes(passwd=(ok + "bad\n" * 9).encode())
+    assert t.skipped_lines() == [("passwd", n, "malformed") for n in range(2, 7)]   # the first five only
+    assert t.stats()["passwd_bad"] == 9
+    t.close()
 
 
 def test_no_syslog_said_once_on_stderr(tmp_path, users):
