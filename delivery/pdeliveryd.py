@@ -270,7 +270,7 @@ def main(argv=None) -> int:
 
 def start(args) -> int:
     cfg = effective_config(args)
-    setup_logging("pdeliveryd", stderr=args.log_stderr, level=args.log_level.upper())
+    setup_logging("pdeliveryd", stderr=args.log_stderr, daemon=True, level=args.log_level.upper())
     if args.init_root:
         os.makedirs(cfg["root"], exist_ok=True)
         open(os.path.join(cfg["root"], ROOT_MARKER), "a").close()
@@ -317,7 +317,7 @@ async def serve(cfg: dict, host: str, port: int, args) -> int:
             if new[key] != server.cfg[key]:
                 log.warning("reload: %s changed; it takes effect at restart", key)
                 new[key] = server.cfg[key]
-        setup_logging("pdeliveryd", stderr=args.log_stderr, level=args.log_level.upper())
+        setup_logging("pdeliveryd", stderr=args.log_stderr, daemon=True, level=args.log_level.upper())
         server.apply(new)
         log.info("reloaded settings")
 

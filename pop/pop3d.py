@@ -303,7 +303,7 @@ async def serve(args, cfg) -> None:
                          failure_delay=new["pop3d_failure_delay"], timeout=new["pop3d_timeout"],
                          dummy_hash=new["pop3d_dummy_hash"])
         cfg, grace = new, new_grace
-        setup_logging("pop3d", stderr=args.log_stderr)
+        setup_logging("pop3d", stderr=args.log_stderr, daemon=True)
         log.info("reloaded settings")
 
     stop = daemon.handle_signals(on_reload=reload)
@@ -342,7 +342,7 @@ def start(args) -> int:
     # the flags checked only: serve() applies them, cfg stays the file's (SIGHUP compares file with file)
     popconfig.SECTION.override(dict(cfg), {"pop3d_listen": args.listen, "trusted_networks": args.trusted},
                                names={"pop3d_listen": "--listen", "trusted_networks": "--trusted"})
-    setup_logging("pop3d", stderr=args.log_stderr)
+    setup_logging("pop3d", stderr=args.log_stderr, daemon=True)
     daemon.raise_nofile()
     daemon.run(serve(args, cfg))
     return 0

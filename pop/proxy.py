@@ -631,7 +631,7 @@ async def serve(args, cfg) -> None:
 
     def reload() -> None:
         new = daemon.reread_settings(lambda: settings(args), server.cfg, RESTART_ONLY)
-        setup_logging("pop-proxy", stderr=args.log_stderr)
+        setup_logging("pop-proxy", stderr=args.log_stderr, daemon=True)
         server.reload(new)
     stop = daemon.handle_signals(on_reload=reload)
     if tls_listen:
@@ -702,7 +702,7 @@ def start(args) -> int:
     cfg = settings(args)
     if args.pwserver_conf:      # the engine's lookups read it from the environment, as NSS does
         os.environ["PWSERVER_CONF"] = args.pwserver_conf
-    setup_logging("pop-proxy", stderr=args.log_stderr)
+    setup_logging("pop-proxy", stderr=args.log_stderr, daemon=True)
     # Two records per session: skip what the format never shows (the
     # caller's file and line cost a frame walk per record; thread names).
     logging._srcfile = None

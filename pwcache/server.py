@@ -481,10 +481,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def start(args: argparse.Namespace) -> int:
-    setup_logging("pwserver", stderr=args.log_stderr)
+    setup_logging("pwserver", stderr=args.log_stderr, daemon=True)
     cfg = load_config(args)
     if cfg.syslog:
-        setup_logging("pwserver", stderr=args.log_stderr, syslog_address=cfg.syslog)
+        setup_logging("pwserver", stderr=args.log_stderr, daemon=True, syslog_address=cfg.syslog)
     if cfg.sources["shadow"] and not cfg.shadow_key:
         # shadow requests must be sealed with a key the server holds: every client would time out
         log.warning("shadow source %s given but no shadow key (--shadow-key): shadow lookups are not enabled "

@@ -24,12 +24,14 @@ def _say_no_syslog(ident: str, path: str, e: OSError) -> None:
 
 
 def setup_logging(ident: str, *, stderr: bool = False, syslog_address: str | None = None,
-                  level: int | str = logging.INFO, facility: int = logging.handlers.SysLogHandler.LOG_MAIL) -> logging.Logger:
+                  level: int | str = logging.INFO, facility: int = logging.handlers.SysLogHandler.LOG_MAIL,
+                  daemon: bool = False) -> logging.Logger:
     """Configure the root logger once for process `ident`.
 
     syslog_address: "HOST:PORT" (UDP) for a remote collector, a socket path,
     or None for /dev/log. Without one (no syslog daemon, a container) the
-    records go to stderr, and one line on stderr says so.
+    records go to stderr, and for a `daemon` one line on stderr says so (a
+    delivery agent's stderr goes into bounces: it stays quiet).
     PWMAIL_SYSLOG in the environment overrides it, so a test bed can point
     every daemon at its log host.
     """
@@ -49,7 +51,8 @@ def setup_logging(ident: str, *, stderr: bool = False, syslog_address: str | Non
                 raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
             handler = logging.handlers.SysLogHandler(path, facility=facility)
         except OSError as e:
-            _say_no_syslog(ident, path, e)
+            if daemon:
+                _say_no_syslog(ident, path, e)
     if handler is not None:
         handler.setFormatter(logging.Formatter(FORMAT.replace("%(name)s", ident)))
         root.addHandler(handler)
