@@ -157,6 +157,24 @@ def test_admin_command_settings_mistake_exit_78(tmp_path, users):
     assert_one_line(r, "pwmail placement-report", str(conf), "[placement] rule")
 
 
+def test_section_types_from_defaults(tmp_path):
+    """The typed loader: a value's type is its default's (an integer where a
+    float is the default is taken, as a float); true is not an integer."""
+    from pwmail.base import settings
+
+    section = settings.Section("t", {"n": 1, "x": 1.5, "on": True, "name": "", "hosts": []},
+                               {"n": settings.positive})
+    path = tmp_path / "t.toml"
+    path.write_text("[t]\nx = 2\n")
+    assert section.load(str(path))["x"] == 2.0 and isinstance(section.load(str(path))["x"], float)
+    for text, wanted in (("n = true", "n = True: want an integer"), ("n = 1.5", "n = 1.5: want an integer"),
+                         ("on = 1", "on = 1: want true or false"), ('hosts = "a"', "hosts = 'a': want a list"),
+                         ("n = 0", "n = 0: must be above 0"), ("x = 'fast'", "x = 'fast': want a number")):
+        path.write_text(f"[t]\n{text}\n")
+        with pytest.raises(settings.SettingsError, match=re.escape(f"{path}: [t] {wanted}")):
+            section.load(str(path))
+
+
 # ---- silent misconfigurations --------------------------------------------
 
 
