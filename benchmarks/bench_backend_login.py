@@ -17,12 +17,12 @@ import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))      # tests.support
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_pop import cpu_seconds, tree_cpu_seconds  # noqa: E402
-from pop_util import UID0, Dovecot, client_conf, deliver, make_root, start_pop3d, write_key, write_users  # noqa: E402
-from pwtest import PwServer  # noqa: E402
+from tests.support.pop_util import UID0, Dovecot, client_conf, deliver, make_root, start_pop3d, write_key, write_users  # noqa: E402
+from tests.support.pwtest import PwServer  # noqa: E402
 
 MODES = {
     "USER, PASS": (False, False),

@@ -232,7 +232,7 @@ def main() -> int:
         servers["pdeliveryd"] = Pdeliveryd(work, users)
         servers["dovecot"] = DovecotLMTP(work)
         # every mailbox exists (and Dovecot has its index files) before the timed cells
-        for name, s in servers.items():
+        for s in servers.values():
             load(s.port, 16, iter(ubytes), make_message(1024), 3600.0)
         results: dict[tuple, list[float]] = {}
         for r in range(args.rounds):

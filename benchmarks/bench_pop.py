@@ -28,11 +28,11 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))      # the test helpers start the daemons
+sys.path.insert(0, str(ROOT))      # tests.support: the test helpers start the daemons
 
-from pop_util import (UID0, Dovecot, client_conf, deliver, make_root, start_pop3d,  # noqa: E402
+from tests.support.pop_util import (UID0, Dovecot, client_conf, deliver, make_root, start_pop3d,  # noqa: E402
                       start_proxy, write_key, write_users)
-from pwtest import PwServer  # noqa: E402
+from tests.support.pwtest import PwServer  # noqa: E402
 
 from nginx_peer import NginxMailProxy  # noqa: E402
 
@@ -331,7 +331,7 @@ def cpu_per_login(args, proxies: dict, creds) -> None:
     # same neighbours at the same moment.
     got = {(name, conc): [] for name in proxies for conc in (1, args.concurrency)}
     addrs = [p.address for p in proxies.values()]
-    for r in range(args.cpu_rounds):
+    for _round in range(args.cpu_rounds):
         for conc in (1, args.concurrency):
             total = args.cpu * len(proxies)
             shares = [total // conc + (k < total % conc) for k in range(conc)]   # as count_logins

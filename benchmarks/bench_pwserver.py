@@ -10,7 +10,7 @@ against pwserver (--threads 1), a minimal C UDP echo server
 (benchmarks/udp_echo.c) and a minimal Python recvfrom loop
 (benchmarks/py_recvfrom.py), in one run. The load generator is pinned to
 CPU 0; servers to CPU 0 ("same") and to CPU 1 ("cross"). Load time and RSS:
-pwserver on generated users (tests/pwserver_util.write_many_users). Prints
+pwserver on generated users (tests/support/pwserver_util.write_many_users). Prints
 Markdown tables for benchmarks/README.md; each throughput figure is the
 median of 3 runs.
 """
@@ -28,9 +28,9 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))      # tests.support
 
-from pwserver_util import Server, rss_bytes, stats, write_many_users  # noqa: E402
+from tests.support.pwserver_util import Server, rss_bytes, stats, write_many_users  # noqa: E402
 
 MiB = 1024 * 1024
 RUNS = 3  # each figure is the median of RUNS runs (shared, noisy machine)

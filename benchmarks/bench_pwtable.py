@@ -13,11 +13,11 @@ import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))      # tests.support
 
 from pwcache.server import ServerCore  # noqa: E402
 from pwcache.table import Table  # noqa: E402
-from pwserver_util import request, write_many_users  # noqa: E402
+from tests.support.pwserver_util import request, write_many_users  # noqa: E402
 
 N = 100_000
 

@@ -21,9 +21,9 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))      # tests.support
 
-from pwtest import Process  # noqa: E402
+from tests.support.pwtest import Process  # noqa: E402
 
 CACHE = pathlib.Path("/var/cache/pwmail-bench/nginx")
 PACKAGES = ("nginx", "libnginx-mod-mail")

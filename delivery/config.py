@@ -11,7 +11,7 @@ from typing import Any
 from pwmail.base import settings
 from pwmail.base.hostport import parse_hostport  # noqa: F401  (delivery's modules take it from here)
 
-from delivery import lmtp
+from delivery import lmtp, spool
 from delivery.layout import DEFAULT_SCHEME, SCHEMES
 
 DEFAULTS: dict[str, Any] = {
@@ -36,14 +36,13 @@ DEFAULTS: dict[str, Any] = {
     "dedup_window": 86400.0,            # seconds a (queue id, recipient) is remembered
     "dedup_max": 200_000,               # entries remembered at most
     "tmp_max_age": 36 * 3600.0,
+    "spool_memory_max": spool.SPOOL_MEMORY_MAX,   # bytes of a message in memory; the rest in a spool file
     "io_threads": 32,
     # pdelivery
     "connect_timeout": 10.0,
     "timeout": 300.0,                   # per LMTP reply
     "mailhost_suffix": "",              # appended to the mailhost name before resolving it
 }
-
-
 
 
 def _users(v: str) -> str | None:
@@ -59,7 +58,7 @@ CHECKS: dict[str, settings.Check] = {
     **{key: settings.positive for key in (
         "message_size_max", "message_line_max", "recipients_max", "command_line_max", "bad_commands_max",
         "sessions_max", "idle_timeout", "data_timeout", "sessions_per_address_max", "dedup_window",
-        "dedup_max", "tmp_max_age", "io_threads", "connect_timeout", "timeout")},
+        "dedup_max", "tmp_max_age", "spool_memory_max", "io_threads", "connect_timeout", "timeout")},
 }
 SECTION = settings.Section("delivery", DEFAULTS, CHECKS)
 

@@ -4,7 +4,7 @@ The paper (III.C) keeps `juan` at `/var/spool/mail/j/u/a/juan` instead of one
 huge directory; IV.1 compares other picks of letters. Each scheme below is
 defined as the Dovecot `mail_location` template that computes the same path,
 so Dovecot can serve the tree we deliver into (docs/delivery.md, and
-tests/test_delivery_dovecot.py checks each against `doveadm user -f mail`):
+tests/delivery/test_delivery_dovecot.py checks each against `doveadm user -f mail`):
 
 | scheme       | levels                              | Dovecot template                          |
 |--------------|-------------------------------------|-------------------------------------------|

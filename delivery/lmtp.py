@@ -9,7 +9,11 @@ The machine answers every command itself except two decisions that are
 policy: whether a recipient is accepted (`RcptRequest`, answered with
 `answer_rcpt`) and what became of a complete message for each accepted
 recipient (`MessageReceived`, answered with `answer_message`, one reply per
-recipient in RCPT order, as LMTP requires). The I/O glue loops:
+recipient in RCPT order, as LMTP requires). A message's data is not kept
+here: it goes, unstuffed, piece by piece as it arrives, to a `Body` from the
+`new_body` factory (delivery/body.py; in memory by default, pdeliveryd's
+spools to disk), so the machine's buffers never grow with the message. The
+I/O glue loops:
 
     conn = LMTPServerConnection("host.example")
     out = conn.data_to_send()            # the 220 greeting
@@ -27,8 +31,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
-from delivery.message import max_line_length
+from delivery.body import Body, MemoryBody
 
 
 # -- limits ------------------------------------------------------------------
@@ -131,9 +136,20 @@ class RcptRequest:
 class MessageReceived:
     sender: str
     recipients: list[str]
-    data: bytes                       # as on the wire after unstuffing, CRLF line ends
+    body: Body                        # the data as on the wire after unstuffing, CRLF line ends
     queue_id: str | None = None
     params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def data(self) -> bytes:
+        """The bytes of a MemoryBody (the default)."""
+        return self.body.data
+
+
+# What a piece of DATA may end with that a terminator ("\r\n.\r\n") or a
+# stuffed dot ("\r\n..") could continue: held back until more comes, so
+# both are found across any split of the input. Longest first.
+_HOLD_BACK = (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r")
 
 
 _PATH_RE = re.compile(r"^\s*<([^<>]*)>\s*(.*)$")
@@ -161,9 +177,14 @@ class LMTPServerConnection:
     # phases
     INIT, READY, MAIL, DATA, BDAT, WAIT_RCPT, WAIT_MESSAGE, DONE = range(8)
 
-    def __init__(self, hostname: str, limits: Limits = Limits(), greeting: str = "LMTP ready"):
+    def __init__(self, hostname: str, limits: Limits = Limits(), greeting: str = "LMTP ready",
+                 new_body: Callable[[], Body] = MemoryBody):
         self.hostname = hostname
         self.limits = limits
+        # makes the Body each message's data is written to as it arrives
+        # (pdeliveryd's spools to disk; the default keeps it in memory)
+        self._new_body = new_body
+        self._body: Body | None = None
         self._in = bytearray()
         self._out = bytearray()
         self._eof = False
@@ -220,6 +241,12 @@ class LMTPServerConnection:
             if ev is not None:
                 return ev
 
+    def close(self) -> None:
+        """The session is over: release the body of a transaction left
+        unfinished (a spool file)."""
+        self._drop_body()
+        self.phase = self.DONE
+
     @property
     def recipients(self) -> list[str]:
         return list(self._rcpts)
@@ -249,8 +276,9 @@ class LMTPServerConnection:
         self._pending_rcpt: str | None = None
         self._queue_id: str | None = None
         self._params: dict[str, str] = {}
-        self._body = bytearray()
-        self._scan = 0
+        self._drop_body()
+        self._stuffed = bytearray()     # DATA not yet unstuffed: at most _HOLD_BACK's longest
+        self._fake_crlf = False         # _stuffed begins with a CRLF that is not the message's
         self._too_big = False
         self._bdat_left = 0
         self._bdat_last = False
@@ -375,8 +403,8 @@ class LMTPServerConnection:
         if not self._rcpts:
             self._reply(R_NO_VALID_RCPT)
             return None
-        self._body = bytearray(b"\r\n")   # so a leading "." line is found like any other
-        self._scan = 0
+        self._stuffed = bytearray(b"\r\n")   # so a leading "." line is found like any other
+        self._fake_crlf = True
         self.phase = self.DATA
         self._reply(R_START_DATA)
         return None
@@ -422,36 +450,56 @@ class LMTPServerConnection:
     _COMMANDS = {k: v for k, v in _COMMANDS.items() if v is not None}
 
     # -- message bodies --------------------------------------------------------
+    # The data goes to the Body as it comes: nothing here grows with the message.
+    def _drop_body(self) -> None:
+        if self._body is not None:
+            self._body.discard()
+            self._body = None
+
+    def _write_body(self, piece: bytes | bytearray) -> None:
+        if self._too_big or not piece:
+            return
+        if self._body is None:
+            self._body = self._new_body()
+        self._body.write(piece)
+        if self._body.size > self.limits.message_size_max:
+            # refused at the end of the data; what came is dropped now
+            self._too_big = True
+            self._drop_body()
+
+    def _unstuff(self, stuffed: bytes | bytearray) -> None:
+        """Pass on DATA cut where no terminator or stuffed dot straddles."""
+        data = stuffed.replace(b"\r\n..", b"\r\n.")
+        if self._fake_crlf and data:
+            data = data[2:]
+            self._fake_crlf = False
+        self._write_body(data)
+
     def _data_step(self):
         if not self._in:
             return self._end_of_input()
-        self._body += self._in
+        buf = self._stuffed
+        buf += self._in
         self._in.clear()
-        end = self._body.find(b"\r\n.\r\n", max(0, self._scan - 4))
+        end = buf.find(b"\r\n.\r\n")
         if end < 0:
-            self._scan = len(self._body)
-            if len(self._body) > self.limits.message_size_max + 2:
-                # keep only what a terminator could straddle
-                self._too_big = True
-                del self._body[:-4]
-                self._scan = len(self._body)
+            hold = next((len(h) for h in _HOLD_BACK if buf.endswith(h)), 0)
+            self._unstuff(buf[:len(buf) - hold])
+            del buf[:len(buf) - hold]
             return None
         # put back what follows the terminator (pipelined commands)
-        self._in[:0] = self._body[end + 5:]
-        del self._body[end + 2:]
-        data = bytes(self._body).replace(b"\r\n..", b"\r\n.")[2:]
-        return self._message_complete(data)
+        self._in += buf[end + 5:]
+        self._unstuff(buf[:end + 2])
+        buf.clear()
+        return self._message_complete()
 
     def _bdat_step(self):
         if self._bdat_left:
             if not self._in:
                 return self._end_of_input()
             take = min(self._bdat_left, len(self._in))
-            if not self._too_big:
-                self._body += self._in[:take]
-                if len(self._body) > self.limits.message_size_max:
-                    self._too_big = True
-                    self._body.clear()
+            if self._sender is not None and self._rcpts:
+                self._write_body(self._in[:take])
             del self._in[:take]
             self._bdat_left -= take
             if self._bdat_left:
@@ -472,14 +520,18 @@ class LMTPServerConnection:
             self.phase = self.MAIL
             self._reply(Reply(250, "2.0.0", "chunk received"))
             return None
-        return self._message_complete(bytes(self._body))
+        return self._message_complete()
 
-    def _message_complete(self, data: bytes):
+    def _message_complete(self):
         failure = None
-        if self._too_big or len(data) > self.limits.message_size_max:
+        if self._body is None and not self._too_big:
+            self._body = self._new_body()          # an empty message
+        if self._too_big:
             failure = R_TOO_BIG
-        elif max_line_length(data) > self.limits.message_line_max + 1:
-            failure = R_LONG_LINES
+        else:
+            self._body.finish()
+            if self._body.longest_line > self.limits.message_line_max + 1:
+                failure = R_LONG_LINES
         if failure is not None:
             for _ in self._rcpts:
                 self._reply(failure)
@@ -487,4 +539,5 @@ class LMTPServerConnection:
             self.phase = self.READY
             return None
         self.phase = self.WAIT_MESSAGE
-        return MessageReceived(self._sender, list(self._rcpts), data, self._queue_id, dict(self._params))
+        # the body stays ours: answer_message() releases it
+        return MessageReceived(self._sender, list(self._rcpts), self._body, self._queue_id, dict(self._params))

@@ -4,7 +4,9 @@ A message is durable before anyone is told so: the file is created in
 `tmp/` with O_EXCL, written, fsynced and closed, renamed into `new/`, and
 `new/` is fsynced. Concurrent deliveries (threads) share the last step:
 one fsync of a directory serves every rename done before it started
-(`GroupSync`, group commit); `deliver()` does all of it in one call.
+(`GroupSync`, group commit); `deliver()` does all of it in one call. What
+is written is bytes or a `Content` (pdeliveryd's: trace headers, then a body
+copied from its spool file, spool.StoredCopy).
 
 File names: `<time>.M<usec>P<pid>Q<n>.<host>,S=<size>,W=<size with CRLF>`,
 the Dovecot/Courier form; `<n>` counts deliveries in this process, and `/`
@@ -25,8 +27,10 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from delivery.layout import MailboxLayout
+from delivery.spool import open_unnamed, write_all
 
 # Present at the top of a storage root only when the right file system is
 # mounted there: an empty mount point is refused instead of filled.
@@ -145,6 +149,25 @@ class GroupSync:
             self._cond.notify_all()
 
 
+class Content(Protocol):
+    """What stage() writes: `size` bytes with `newlines` LFs (the S= and W=
+    of the name), put into a descriptor by write_to()."""
+    size: int
+    newlines: int
+
+    def write_to(self, fd: int) -> None: ...
+
+
+class BytesContent:
+    def __init__(self, data: bytes):
+        self.data = data
+        self.size = len(data)
+        self.newlines = data.count(b"\n")
+
+    def write_to(self, fd: int) -> None:
+        write_all(fd, self.data)
+
+
 @dataclass
 class Staged:
     """A message written and fsynced in tmp/, not yet visible. Holds the
@@ -242,7 +265,7 @@ class MaildirWriter:
             finally:
                 os.close(fd)
         except OSError as e:
-            raise _classify(e)
+            raise _classify(e) from e
         return box
 
     def open_dirs(self, user: str, box: str | os.PathLike | None = None) -> list[int]:
@@ -268,35 +291,34 @@ class MaildirWriter:
             os.close(fd)
 
     # -- messages --------------------------------------------------------
-    def stage(self, user: str, content: bytes, uid: int = -1, gid: int = -1) -> Staged:
+    def stage(self, user: str, content: "bytes | Content", uid: int = -1, gid: int = -1) -> Staged:
         """Write `content` (LF line ends) to the user's tmp/ and fsync it."""
-        name = unique_name(len(content), len(content) + content.count(b"\n"), self.host)
+        if isinstance(content, (bytes, bytearray)):
+            content = BytesContent(content)
+        name = unique_name(content.size, content.size + content.newlines, self.host)
         box = self.layout.path(user)
         try:
             tmp_fd, new_fd = self.open_dirs(user, box)
         except OSError as e:
-            raise _classify(e)
+            raise _classify(e) from e
         staged = Staged(name, tmp_fd, new_fd, f"{box}/new")
         try:
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                          FILE_MODE, dir_fd=tmp_fd)
         except OSError as e:
             staged.close()
-            raise _classify(e)
+            raise _classify(e) from e
         try:
             try:
                 if uid >= 0 or gid >= 0:
                     os.fchown(fd, uid, gid)
-                view = memoryview(content)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+                content.write_to(fd)
                 os.fsync(fd)
             finally:
                 os.close(fd)
         except OSError as e:
             self.withdraw(staged)
-            raise _classify(e)
+            raise _classify(e) from e
         return staged
 
     def publish(self, staged: Staged) -> None:
@@ -306,7 +328,7 @@ class MaildirWriter:
             staged.published = True
         except OSError as e:
             self.withdraw(staged)
-            raise _classify(e)
+            raise _classify(e) from e
 
     def withdraw(self, staged: Staged) -> None:
         """Remove a staged or published message that cannot be acknowledged."""
@@ -322,7 +344,7 @@ class MaildirWriter:
             self.group.sync(staged.new_dir, staged.new_fd)
         except OSError as e:
             self.withdraw(staged)
-            raise _classify(e)
+            raise _classify(e) from e
         staged.close()
 
     def clean_tmp(self, user: str, max_age: float = TMP_MAX_AGE) -> int:
@@ -334,7 +356,7 @@ class MaildirWriter:
         os.close(new_fd)
         return clean_tmp(self.layout.path(user), max_age, tmp_fd=tmp_fd)
 
-    def deliver(self, user: str, content: bytes, uid: int = -1, gid: int = -1) -> str:
+    def deliver(self, user: str, content: "bytes | Content", uid: int = -1, gid: int = -1) -> str:
         """Write, publish and sync into the user's Maildir (created on first
         use): returns the path in new/. Thread-safe; concurrent calls share
         directory fsyncs."""
@@ -345,6 +367,16 @@ class MaildirWriter:
             staged = self.stage(user, content, uid, gid)
         self.commit(staged)
         return staged.new_path
+
+    def open_spool(self) -> int:
+        """An unnamed read-write file on the storage root's file system, for
+        a message on its way (spool.py); StorageUnavailable when the root is
+        not mounted, so nothing fills the mount point."""
+        self.check_root()
+        try:
+            return open_unnamed(self.layout.root)
+        except OSError as e:
+            raise _classify(e)
 
 
 def _mkdirat(dir_fd: int, name: str, mode: int) -> bool:

@@ -79,11 +79,16 @@ def _header_safe(text: str) -> bytes:
     return text.replace("\r", "").replace("\n", "").encode("utf-8", "replace")
 
 
+def trace_headers(return_path: str, delivered_to: str) -> bytes:
+    """What delivery puts before a recipient's copy (LF line ends)."""
+    return (b"Return-Path: <" + _header_safe(return_path) + b">\n"
+            + b"Delivered-To: " + _header_safe(delivered_to) + b"\n")
+
+
 def for_maildir(raw: bytes, return_path: str, delivered_to: str) -> bytes:
-    """Trace headers + the message with LF line ends, as stored."""
-    trace = (b"Return-Path: <" + _header_safe(return_path) + b">\n"
-             + b"Delivered-To: " + _header_safe(delivered_to) + b"\n")
-    return trace + raw.replace(b"\r\n", b"\n")
+    """Trace headers + the message with LF line ends, as stored (pdeliveryd
+    streams the same bytes: spool.SpooledBody)."""
+    return trace_headers(return_path, delivered_to) + raw.replace(b"\r\n", b"\n")
 
 
 def max_line_length(raw: bytes) -> int:

@@ -7,7 +7,8 @@ flags override. SIGTERM: stop listening, finish the transactions in flight,
 say 421 to idle sessions, exit 0. SIGHUP: re-read the settings (limits,
 timeouts, mailhost names) and re-open logging. `--clean-tmp` removes stale
 tmp/ files under the whole root once and exits (for cron); deliveries also
-clean each mailbox's tmp/ as they pass.
+clean each mailbox's tmp/ as they pass. Message data is spooled as it
+arrives (delivery/spool.py): memory per session is session_memory_bound().
 """
 from __future__ import annotations
 
@@ -23,23 +24,35 @@ import sys
 from pwmail.base import cli, daemon
 from pwmail.base.errors import exit_on_config_error
 from pwmail.base.logsetup import setup_logging
+from pwmail.base.sdnotify import notify_ready
 
 from delivery import config as dconfig
 from delivery.layout import SCHEMES, MailboxLayout
 from delivery.lmtp import (CLOSED, NEED_DATA, LMTPServerConnection, MessageReceived, PeerError,
                            RcptRequest, Reply)
 from delivery.maildir import ROOT_MARKER, MaildirWriter, clean_tree
+from delivery.message import HEADER_SCAN_MAX
 from delivery.store import MailStore, RecipientCheck
 from delivery.users import PasswdFileLookup, PwserverLookup
 
 log = logging.getLogger("pdeliveryd")
 
 READ_SIZE = 256 * 1024
+TRANSPORT_READ = 256 * 1024    # what asyncio's socket transport reads at once (its max_size)
 R_TOO_MANY_SESSIONS = Reply(421, "4.3.2", "too many sessions, try again later")
 R_IDLE = Reply(421, "4.4.2", "idle timeout, closing")
 R_DATA_TIMEOUT = Reply(421, "4.4.2", "message data too slow, closing")
 R_TOO_MANY_FROM_ADDRESS = Reply(421, "4.7.0", "too many sessions from your address, try again later")
 R_SHUTDOWN = Reply(421, "4.3.2", "shutting down, try again later")
+
+
+def session_memory_bound(cfg: dict) -> int:
+    """Bytes a session holds at most, whatever the size of its messages
+    (docs/delivery.md, "Memory"): the stream reader's buffer (it stops the
+    socket past 2 x READ_SIZE, plus the read in flight), the LMTP machine's
+    input (one read; the held DATA is a few bytes), the body's bytes kept in
+    memory (spool_memory_max) and its head (HEADER_SCAN_MAX)."""
+    return 2 * READ_SIZE + TRANSPORT_READ + READ_SIZE + int(cfg["spool_memory_max"]) + HEADER_SCAN_MAX
 
 
 def make_users(spec: str, pwserver_conf: str | None = None):
@@ -82,6 +95,7 @@ class DeliveryServer:
         self.store.dedup.window = float(cfg["dedup_window"])
         self.store.dedup.max_entries = int(cfg["dedup_max"])
         self.store.tmp_max_age = float(cfg["tmp_max_age"])
+        self.store.spool_memory_max = int(cfg["spool_memory_max"])
         if int(cfg["sessions_per_address_max"]) >= int(cfg["sessions_max"]):
             log.warning("sessions_per_address_max %s is not below sessions_max %s: one client address "
                         "can take every session", cfg["sessions_per_address_max"], cfg["sessions_max"])
@@ -96,6 +110,10 @@ class DeliveryServer:
         self._sweeper = asyncio.get_running_loop().create_task(self.sweep_idle())
         addr = self.server.sockets[0].getsockname()
         log.info("listening on %s:%d root=%s layout=%s", addr[0], addr[1], self.layout.root, self.layout.scheme)
+        per_session = session_memory_bound(self.cfg)
+        log.info("message data: %.1f MiB per session at most, %.0f MiB for sessions_max %s (the rest spooled "
+                 "in %s)", per_session / 2**20, per_session * int(self.cfg["sessions_max"]) / 2**20,
+                 self.cfg["sessions_max"], self.layout.root)
 
     @property
     def port(self) -> int:
@@ -122,7 +140,8 @@ class DeliveryServer:
             return
         self.sessions[writer] = None
         self.per_address[client] += 1
-        conn = LMTPServerConnection(self.hostname, self.limits, "LMTP pdeliveryd ready")
+        conn = LMTPServerConnection(self.hostname, self.limits, "LMTP pdeliveryd ready",
+                                    new_body=self.store.new_body)
         accepted = []            # Recipient of each accepted RCPT, in order
         loop = asyncio.get_running_loop()
         try:
@@ -172,6 +191,7 @@ class DeliveryServer:
         except (ConnectionError, OSError) as e:
             log.info("%s: connection lost: %s", peer, e)
         finally:
+            conn.close()
             self.sessions.pop(writer, None)
             self.in_data.pop(writer, None)
             self.per_address[client] -= 1
@@ -246,7 +266,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="pdeliveryd", description="LMTP delivery into hashed Maildirs")
     p.add_argument("--listen", help="HOST:PORT (default 0.0.0.0:lmtp_port)")
     p.add_argument("--lmtp-port", type=int, help="port when --listen gives none")
-    p.add_argument("--root", help="storage root (must hold %s)" % ROOT_MARKER)
+    p.add_argument("--root", help=f"storage root (must hold {ROOT_MARKER})")
     p.add_argument("--layout", choices=SCHEMES)
     p.add_argument("--users", help="'pwserver' (default) or 'passwd:FILE'")
     cli.add_common_flags(p)
@@ -325,6 +345,7 @@ async def serve(cfg: dict, host: str, port: int, args) -> int:
     loop.add_signal_handler(signal.SIGINT, on_term)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     print(f"pdeliveryd: ready on {host}:{server.port}", file=sys.stderr, flush=True)
+    notify_ready()       # systemd Type=notify (examples/systemd/pdeliveryd.service)
     await stop.wait()
     await server.wait_stopped()
     log.info("stopped; %d message(s) delivered", server.store.delivered)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import logging
 import os
 import threading
@@ -24,6 +25,7 @@ from delivery.lmtp import MessageReceived, Reply
 from delivery.replies import (R_BAD_ADDRESS, R_FROZEN, R_LOCAL_ERROR, R_LOOKUP_DOWN, R_LOOP, R_NO_USER,
                               R_RCPT_OK, R_STORAGE_DOWN, R_STORAGE_FULL, R_WRONG_HOST)
 from delivery.maildir import MaildirWriter, StorageFull, StorageUnavailable
+from delivery.spool import SPOOL_MEMORY_MAX, SpooledBody, StoredCopy
 from delivery.users import LookupUnavailable, Recipient, UserLookup, user_from_address
 
 log = logging.getLogger("pdeliveryd")
@@ -91,7 +93,8 @@ class DedupTable:
 
 class MailStore:
     def __init__(self, writer: MaildirWriter, *, io_threads: int = 32, dedup_window: float = 86400,
-                 dedup_max: int = 200_000, tmp_max_age: float = 36 * 3600):
+                 dedup_max: int = 200_000, tmp_max_age: float = 36 * 3600,
+                 spool_memory_max: int = SPOOL_MEMORY_MAX):
         self.writer = writer
         self.executor = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="pdeliveryd-io")
         self.dedup = DedupTable(dedup_window, dedup_max)
@@ -103,10 +106,20 @@ class MailStore:
         self.recheck = None
         # True when this is the only session: write without the thread pool
         self.alone = None
+        self.spool_memory_max = spool_memory_max
+
+    def new_body(self) -> SpooledBody:
+        """The body the LMTP machine writes a message's data to as it arrives."""
+        return SpooledBody(self.writer.open_spool, self.spool_memory_max)
 
     async def deliver(self, ev: MessageReceived, recipients: list[Recipient]) -> list[Reply]:
-        qid = ev.queue_id or msg.received_queue_id(ev.data)
-        digest = msg.digest(ev.data) if qid else b""
+        """ev.body is a SpooledBody (new_body())."""
+        if ev.body.error is not None:
+            # the data could not be spooled (disk full, root unmounted)
+            return [_failure_reply(ev.body.error, "spooling the message")] * len(recipients)
+        head = ev.body.head
+        qid = ev.queue_id or msg.received_queue_id(head)
+        digest = ev.body.digest() if qid else b""
         # one copy per distinct mailbox: a user named by several RCPTs (the
         # same address again, or user+tag) gets the copy of the first, and
         # every one of those RCPTs gets that copy's reply
@@ -118,13 +131,14 @@ class MailStore:
             # commit with, so no trip to an I/O thread (two wake-ups less)
             inline = self.alone is not None and self.alone()
             (addr, rec), = first.values()
-            reply = await self._one(ev, addr, rec, qid, digest, inline)
+            reply = await self._one(ev, head, addr, rec, qid, digest, inline)
             return [reply] * len(recipients)
-        replies = await asyncio.gather(*(self._one(ev, addr, rec, qid, digest) for addr, rec in first.values()))
+        replies = await asyncio.gather(*(self._one(ev, head, addr, rec, qid, digest)
+                                         for addr, rec in first.values()))
         by_name = dict(zip(first, replies))
         return [by_name[rec.name] for rec in recipients]
 
-    async def _one(self, ev: MessageReceived, address: str, rec: Recipient, qid: str | None,
+    async def _one(self, ev: MessageReceived, head: bytes, address: str, rec: Recipient, qid: str | None,
                    digest: bytes, inline: bool = False) -> Reply:
         if self.recheck is not None:
             # asked again now that the data is in: a mailbox frozen for a move
@@ -134,7 +148,7 @@ class MailStore:
             if fresh is None:
                 return reply
             rec = fresh
-        if msg.is_loop(ev.data, rec.name):
+        if msg.is_loop(head, rec.name):
             log.warning("loop: %s already delivered to %s (qid %s)", address, rec.name, qid)
             return R_LOOP
         key = (qid, rec.name, digest) if qid else None
@@ -162,28 +176,21 @@ class MailStore:
     async def _store(self, ev: MessageReceived, address: str, rec: Recipient, qid: str | None,
                      inline: bool = False) -> Reply:
         loop = asyncio.get_running_loop()
-        content = msg.for_maildir(ev.data, ev.sender, address)
+        content = ev.body.stored_with(msg.trace_headers(ev.sender, address))
         try:
             if inline:
                 path = self._write(rec, content)
             else:
                 path = await loop.run_in_executor(self.executor, self._write, rec, content)
-        except StorageUnavailable as e:
-            log.error("storage unavailable for %s: %s", rec.name, e)
-            return R_STORAGE_DOWN
-        except StorageFull as e:
-            log.error("storage full for %s: %s", rec.name, e)
-            return R_STORAGE_FULL
         except OSError as e:
-            log.error("I/O error delivering to %s: %s", rec.name, e)
-            return R_LOCAL_ERROR
+            return _failure_reply(e, f"delivering to {rec.name}")
         self.delivered += 1
         name = os.path.basename(path)
         log.info("delivered qid=%s to=%s from=<%s> size=%d file=%s", qid or "-", rec.name, ev.sender,
-                 len(content), name)
+                 content.size, name)
         return Reply(250, "2.0.0", f"{rec.name} delivered {name.split(',')[0]}")
 
-    def _write(self, rec: Recipient, content: bytes) -> str:
+    def _write(self, rec: Recipient, content: StoredCopy) -> str:
         """In an I/O thread: everything up to the durable commit."""
         path = self.writer.deliver(rec.name, content, rec.uid, rec.gid)
         self._maybe_clean(rec.name)
@@ -206,3 +213,15 @@ class MailStore:
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
+
+
+def _failure_reply(e: OSError, doing: str) -> Reply:
+    """The reply to an I/O failure (all temporary), logged."""
+    if isinstance(e, StorageUnavailable):
+        log.error("storage unavailable %s: %s", doing, e)
+        return R_STORAGE_DOWN
+    if isinstance(e, StorageFull) or e.errno in (errno.ENOSPC, errno.EDQUOT):
+        log.error("storage full %s: %s", doing, e)
+        return R_STORAGE_FULL
+    log.error("I/O error %s: %s", doing, e)
+    return R_LOCAL_ERROR

@@ -222,12 +222,12 @@ class Pop3Session:
                 conn.reply_ok("Bye.")
             return
         if verb == "STAT":
-            conn.reply_ok("%d %d" % box.stat())
+            conn.reply_ok("{} {}".format(*box.stat()))
         elif verb == "NOOP":
             conn.reply_ok()
         elif verb == "RSET":
             box.reset()
-            conn.reply_ok("%d messages" % box.stat()[0])
+            conn.reply_ok(f"{box.stat()[0]} messages")
         elif verb in ("LIST", "UIDL"):
             field = (lambda m: m.size) if verb == "LIST" else (lambda m: m.uidl)
             if args:

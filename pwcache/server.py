@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pwcache._pwtable import ffi, lib
 from pwcache.placement import SECTION as PLACEMENT
 from pwcache.placement import PlacementError, PlacementRule
+from pwcache.reload_guard import GUARD_DEFAULTS, GuardLimits, Reason, Refusal
 from pwcache.table import CHandle, Table, TableError
 from pwcache.tcp_server import TCP_DEFAULTS, TcpLimits, TcpServer
 from pwmail.base import cli, settings
@@ -34,6 +35,7 @@ from pwmail.base.logsetup import setup_logging
 DEFAULT_PORT = 7773
 DEFAULTS: dict = {
     **TCP_DEFAULTS,  # tcp_* (pwcache/tcp_server.py)
+    **GUARD_DEFAULTS,  # reload_max_*, allow_empty (pwcache/reload_guard.py)
     "listen": f"127.0.0.1:{DEFAULT_PORT}",
     "passwd": "",
     "shadow": "",
@@ -134,6 +136,12 @@ class ServerCore(CHandle):
     def set_busy_poll(self, usec: int) -> None:
         lib.pws_set_busy_poll(self.ptr, usec)
 
+    def set_refusals(self, count: int, last: Refusal) -> None:
+        """What STATS says of refused loads: how many, and the last one."""
+        lib.pws_set_refusals(self.ptr, ffi.new("pws_refusals *", {
+            "count": count, "time": int(time.time()), "reason": int(last.reason),
+            "users": last.users, "bad_lines": last.bad_lines}))
+
     def _release(self, ptr) -> None:
         _swap_table(ptr, ffi.NULL, self.generation, 0)
         lib.pws_free(ptr)
@@ -184,6 +192,8 @@ class Config:
     busy_poll_us: int
     syslog: str
     rule: PlacementRule
+    guard: GuardLimits
+    accept_shrink: bool  # serve the first load even if the guard refuses it
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -211,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pwserver",
         description="The pwmail password server: answers passwd, group, shadow, initgroups and "
                     "mailhost lookups over UDP (and TCP on the same port) from tables held in memory. "
-                    "Runs in the foreground; SIGHUP or a change of a source file reloads; SIGTERM stops.",
+                    "Runs in the foreground; SIGHUP or a change of a source file reloads (a load that is empty, "
+                    "lost more than reload_max_shrink of the users or holds too many malformed lines is refused); "
+                    "SIGUSR1 reloads and serves the result even so; SIGTERM stops.",
         epilog="Settings also come from [pwserver] in pwmail.toml (--config, $PWMAIL_CONF, "
                "/etc/pwmail.toml); flags override them. See docs/pwserver.md.")
     p.add_argument("--listen", metavar="HOST:PORT", help=f"address to serve (default {DEFAULTS['listen']}; port 0 picks one)")
@@ -227,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--busy-poll-us", metavar="US", type=int,
                    help=f"after answering, keep receiving without blocking this long, yielding the CPU "
                         f"(0..10000 µs, default {DEFAULTS['busy_poll_us']}; 0: always block)")
+    p.add_argument("--allow-empty", action="store_true", default=None,
+                   help="serve sources without any user (otherwise such a load is refused: at start, "
+                        "pwserver exits 1)")
+    p.add_argument("--accept-shrink", action="store_true",
+                   help="serve the first load even if the reload guard refuses it (too many malformed lines, "
+                        "no users); on a running server, SIGUSR1 reloads and serves the result whatever it holds")
     cli.add_common_flags(p, pwserver_conf=False)
     return p
 
@@ -236,7 +254,7 @@ def load_config(args: argparse.Namespace) -> Config:
     (settings.SettingsError, a ConfigError, names the file's key or the flag)."""
     cfg = SECTION.override(SECTION.load(args.config), {key: getattr(args, key) for key in (
         "listen", "passwd", "shadow", "group", "mailhosts", "shadow_key", "network_key", "allow", "threads",
-        "busy_poll_us")})
+        "busy_poll_us", "allow_empty")})
     path = args.config or settings.settings_path()
     try:
         rule = PlacementRule.from_settings(PLACEMENT.load(args.config))
@@ -247,6 +265,7 @@ def load_config(args: argparse.Namespace) -> Config:
     threads, poll_seconds, busy_poll_us, allow = cfg["threads"], cfg["poll_seconds"], cfg["busy_poll_us"], cfg["allow"]
     try:
         tcp = TcpLimits.from_settings(cfg)
+        guard = GuardLimits.from_settings(cfg)
     except ValueError as e:
         raise ConfigError(f"{path}: [pwserver] {e}") from None
     return Config(
@@ -256,7 +275,7 @@ def load_config(args: argparse.Namespace) -> Config:
         network_key=read_key(cfg["network_key"], "network") if cfg["network_key"] else None,
         allow=list(allow), tcp=tcp, threads=threads, poll_seconds=poll_seconds,
         busy_poll_us=busy_poll_us,
-        syslog=cfg["syslog"], rule=rule)
+        syslog=cfg["syslog"], rule=rule, guard=guard, accept_shrink=args.accept_shrink)
 
 
 # ---- loading --------------------------------------------------------------
@@ -274,30 +293,78 @@ def source_signature(sources: dict[str, str]) -> tuple:
     return tuple(sig)
 
 
+class SourceMissing(TableError):
+    """A configured source file does not exist; `logged`: the loader just
+    said so (it says it once, not on every try)."""
+
+    def __init__(self, text: str, logged: bool):
+        super().__init__(text)
+        self.logged = logged
+
+
+class Unservable(Exception):
+    """At start, the sources cannot be served (unreadable, missing, or
+    refused by the reload guard): exit 1, where a configuration error is
+    EX_CONFIG."""
+
+
+class LoadRefused(Exception):
+    """The reload guard refuses to serve what the sources hold
+    (pwcache/reload_guard.py); `again`: refused for the same files as the
+    previous refusal."""
+
+    def __init__(self, refusal: Refusal, again: bool):
+        super().__init__(refusal.text)
+        self.refusal = refusal
+        self.again = again
+
+
 class Loader:
     """Builds tables from the sources and installs them; one at a time, in
-    its own thread so that signals and serving never wait for a build."""
+    its own thread so that signals and serving never wait for a build.
+
+    Each state of the source files (source_signature) is loaded once: when
+    its load fails or is refused, that is logged once, and the next poll
+    does not try (and log) again; a change of the files or SIGHUP does."""
 
     def __init__(self, core: ServerCore, cfg: Config):
         self.core = core
         self.cfg = cfg
         self.signature = None
         self.users = 0
+        self.refused = 0  # loads the guard refused (STATS reloads_refused)
+        self._refused_signature = None  # the files of the last refusal
+        self._missing: set[str] = set()  # sources found missing (logged once)
+        self._accept = False  # the next load is served whatever the guard says
         self._wanted = threading.Event()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="pwserver-reload", daemon=True)
 
-    def load(self) -> None:
-        """Loads now (in the calling thread); raises TableError."""
+    def load(self, accept: bool = False) -> None:
+        """Loads now (in the calling thread) and serves the result. Raises
+        TableError (SourceMissing) when the sources cannot be read, and
+        LoadRefused when the guard refuses what they hold, unless `accept`;
+        either way the served generation stays."""
         sig = source_signature(self.cfg.sources)
+        self.signature = sig
+        self._note_missing(sig)
         t0, cpu0 = time.monotonic(), time.thread_time()
         src = self.cfg.sources
         table = Table.from_files(src["passwd"], src["shadow"], src["group"], src["mailhosts"], self.cfg.rule)
         stats, skipped_lines = table.stats(), table.skipped_lines()
+        refusal = self.cfg.guard.check(stats, self.users)
+        if refusal and not accept:
+            table.close()
+            self.refused += 1
+            self.core.set_refusals(self.refused, refusal)
+            again, self._refused_signature = sig == self._refused_signature, sig
+            raise LoadRefused(refusal, again)
+        if refusal:
+            log.warning("serving a load the reload guard refuses, as the operator asked: %s", refusal.text)
+        self._refused_signature = None
         load_ms = int((time.monotonic() - t0) * 1000)
         cpu_ms = int((time.thread_time() - cpu0) * 1000)
         self.core.install(table, load_ms)
-        self.signature = sig
         self.users = stats["users"]
         skipped = {k: v for k, v in stats.items() if v and k not in ("users", "groups", "shadows", "bytes")}
         log.info("loaded generation %d: %d users, %d groups, %d shadow entries in %d ms (%d ms CPU, %d table bytes)%s",
@@ -306,10 +373,30 @@ class Loader:
         for source, line, why in skipped_lines:     # the first few, located
             log.warning("%s:%d: line skipped (%s)", src[source], line, why)
 
+    def _note_missing(self, sig: tuple) -> None:
+        """Logs a source file that went missing, once, and once when it is
+        back; raises SourceMissing while one is missing."""
+        missing = {name for name, st in zip(SOURCES, sig, strict=True) if self.cfg.sources[name] and st is None}
+        what = {name: f"{name} file {self.cfg.sources[name]}" for name in SOURCES}
+        new = missing - self._missing
+        if self.core.generation:  # (a first load that fails is reported by serve)
+            for name in sorted(new):
+                log.error("reload failed, still serving generation %d: %s is missing (said once; it is loaded "
+                          "when it is back)", self.core.generation, what[name])
+            for name in sorted(self._missing - missing):
+                log.info("%s is back", what[name])
+        self._missing = missing
+        if missing:
+            raise SourceMissing(", ".join(f"{what[name]}: missing" for name in sorted(missing)), bool(new))
+
     def start(self) -> None:
         self._thread.start()
 
-    def request(self) -> None:
+    def request(self, accept: bool = False) -> None:
+        """Asks for a load; `accept`: serve it whatever the guard says (the
+        operator's override, for that load only)."""
+        if accept:
+            self._accept = True
         self._wanted.set()
 
     def changed(self) -> bool:
@@ -331,8 +418,18 @@ class Loader:
             self._wanted.clear()
             if self._stop:
                 return
+            accept, self._accept = self._accept, False  # the override is spent by this load, whatever comes of it
             try:
-                self.load()
+                self.load(accept)
+            except SourceMissing as e:
+                if not e.logged:
+                    log.info("reload skipped, still serving generation %d: %s", self.core.generation, e)
+            except LoadRefused as e:
+                # ERROR once for these files; asked again (SIGHUP), the same answer is news to nobody
+                log.log(logging.INFO if e.again else logging.ERROR,
+                        "reload refused%s, still serving generation %d (%d users): %s; fix the sources, "
+                        "or send SIGUSR1 to serve them anyway", " again" if e.again else "",
+                        self.core.generation, self.users, e)
             except TableError as e:
                 log.error("reload failed, still serving generation %d: %s", self.core.generation, e)
             except Exception:  # keep reloading later
@@ -382,6 +479,7 @@ def serve(cfg: Config) -> int:
     stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
     stopping = threading.Event()
     reload_wanted = threading.Event()
+    accept_wanted = threading.Event()  # SIGUSR1: reload, serving whatever the sources hold
     wake = threading.Event()
 
     def on_stop(signum, frame):
@@ -392,9 +490,14 @@ def serve(cfg: Config) -> int:
         reload_wanted.set()
         wake.set()
 
+    def on_usr1(signum, frame):
+        accept_wanted.set()
+        wake.set()
+
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_hup)
+    signal.signal(signal.SIGUSR1, on_usr1)
 
     try:
         core.set_keys(cfg.network_key, cfg.shadow_key)
@@ -405,13 +508,20 @@ def serve(cfg: Config) -> int:
             core.allow(cidr)
         loader = Loader(core, cfg)
         try:
-            loader.load()  # bind only once there is something to serve
+            loader.load(cfg.accept_shrink)  # bind only once there is something to serve
         except TableError as e:
-            raise ConfigError(f"cannot load the tables: {e}") from None
+            raise Unservable(f"cannot load the tables: {e}") from None
+        except LoadRefused as e:  # nothing served: clients fail over, MTAs defer, nobody gets NOTFOUND
+            raise Unservable(f"refusing to serve the tables: {e}; " + (
+                "--allow-empty serves an empty table" if e.refusal.reason == Reason.EMPTY
+                else "--accept-shrink serves them anyway")) from None
         udp, tcp = bind_sockets(*cfg.listen)
-    except (ConfigError, OSError) as e:
+    except (ConfigError, OSError, Unservable) as e:
         core.close()
         os.close(stop_fd)
+        if isinstance(e, Unservable):   # the sources' fault, not the configuration's: exit 1
+            print(f"pwserver: {e}", file=sys.stderr, flush=True)
+            return 1
         if isinstance(e, OSError):      # from binding: the address busy or not ours
             raise listen_error(*cfg.listen, e) from None
         raise
@@ -450,6 +560,10 @@ def serve(cfg: Config) -> int:
             reload_wanted.clear()
             log.info("SIGHUP: reloading")
             loader.request()
+        if accept_wanted.is_set():
+            accept_wanted.clear()
+            log.warning("SIGUSR1: reloading; the result is served even if the reload guard refuses it")
+            loader.request(accept=True)
         if time.monotonic() >= next_poll:
             next_poll = time.monotonic() + cfg.poll_seconds
             if loader.changed():

@@ -1,14 +1,12 @@
-"""Shared pytest set-up: tests import their helpers (pwtest, testbed, ...)
-from this folder."""
+"""Shared pytest set-up. Tests import their helpers from the tests.support
+package (pytest puts the checkout's root on sys.path: tests/ is a package)."""
 import os
 import pathlib
 import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-
-import pwtest  # noqa: E402  (found through the line above)
+from tests.support import pwtest
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <stdalign.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -66,6 +67,8 @@ typedef struct {
 struct pws_server {
     _Atomic(pwt_table *) table;
     _Atomic uint64_t generation, load_ms;
+    pthread_mutex_t refusals_lock; /* the reload thread writes, STATS reads */
+    pws_refusals refusals;
     _Atomic int stopping;
     _Atomic unsigned busy_poll_us; /* 0: always block */
     _Atomic int spinner;           /* a thread is in its busy-poll window */
@@ -86,16 +89,27 @@ static inline void bump(slot_t *sl, int c)
 pws_server *pws_new(void)
 {
     pws_server *s = aligned_alloc(64, (sizeof(pws_server) + 63) & ~(size_t)63);
-    if (s)
+    if (s) {
         memset(s, 0, sizeof *s);
+        pthread_mutex_init(&s->refusals_lock, NULL);
+    }
     return s;
 }
 
 void pws_free(pws_server *s)
 {
-    if (s)
+    if (s) {
+        pthread_mutex_destroy(&s->refusals_lock);
         explicit_bzero(s, sizeof *s);
+    }
     free(s);
+}
+
+void pws_set_refusals(pws_server *s, const pws_refusals *r)
+{
+    pthread_mutex_lock(&s->refusals_lock);
+    s->refusals = *r;
+    pthread_mutex_unlock(&s->refusals_lock);
 }
 
 void pws_set_keys(pws_server *s, const uint8_t *network_key, const uint8_t *shadow_key)
@@ -265,6 +279,10 @@ static void put_stats(pws_server *s, const pwt_table *t, pwp_buf *b)
     pwt_load_stats st = {0};
     if (t)
         pwt_get_stats(t, &st);
+    pws_refusals rf;
+    pthread_mutex_lock(&s->refusals_lock);
+    rf = s->refusals;
+    pthread_mutex_unlock(&s->refusals_lock);
     const struct {
         const char *name;
         uint64_t v;
@@ -280,6 +298,9 @@ static void put_stats(pws_server *s, const pwt_table *t, pwp_buf *b)
         {"mailhosts_bad", st.mailhosts_bad}, {"mailhosts_dup", st.mailhosts_dup},
         {"mailhosts_unknown", st.mailhosts_unknown},
         {"too_many_groups", st.too_many_groups},
+        {"reloads_refused", rf.count}, {"last_refusal_time", rf.time},
+        {"last_refusal_reason", rf.reason}, {"last_refused_users", rf.users},
+        {"last_refused_bad_lines", rf.bad_lines},
     };
     size_t ntv = sizeof tv / sizeof tv[0];
     pwp_put_map(b, (uint32_t)(NCOUNTERS + ntv));

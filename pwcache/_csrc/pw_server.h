@@ -68,6 +68,20 @@ void pws_stop(pws_server *s);
  * receiving without blocking this long, yielding the CPU between tries. */
 void pws_set_busy_poll(pws_server *s, unsigned usec);
 
+/* What STATS says of the loads the reload guard refused
+ * (pwcache/reload_guard.py; docs/pwserver.md, "Reloading"). */
+typedef struct {
+    uint64_t count;     /* loads refused since start */
+    uint64_t time;      /* Unix time of the last one (0: none yet) */
+    uint64_t reason;    /* why: 1 empty, 2 shrink, 3 bad lines */
+    uint64_t users;     /* users the refused load held */
+    uint64_t bad_lines; /* malformed lines it held */
+} pws_refusals;
+
+/* Replaces what STATS says of refused loads (copied; STATS sees all of
+ * one record or of the previous one, never a mix). */
+void pws_set_refusals(pws_server *s, const pws_refusals *r);
+
 /* Counters, summed over slots. */
 int pws_ncounters(void);
 const char *pws_counter_name(int i);

@@ -91,18 +91,18 @@ def isp_logins(people: list[tuple[str, str]], rng: random.Random) -> list[str]:
     taken: set[str] = set()
     out = []
     for first, last in people:
-        f, l = ascii_login(first), ascii_login(last)
-        if not f or not l:
+        first_login, last_login = ascii_login(first), ascii_login(last)
+        if not first_login or not last_login:
             continue
         r = rng.random()
         if r < 0.6:
-            base = f[0] + l
+            base = first_login[0] + last_login
         elif r < 0.75:
-            base = f"{f}.{l}"
+            base = f"{first_login}.{last_login}"
         elif r < 0.9:
-            base = f + l[0]
+            base = first_login + last_login[0]
         else:
-            base = l + f[0]
+            base = last_login + first_login[0]
         base = base[:MAX_LOGIN - 4]
         if rng.random() < 0.1:
             base += str(rng.randrange(1950, 2010))

@@ -1,7 +1,7 @@
 """Real Sendmail (Debian sendmail-bin) as the MX, with pdelivery as its local
 mailer built from the m4 definitions of docs/delivery.md (shipped beside
 this file in mailers/, so an installed test bed has them; a test checks
-that the two agree). Used by tests/test_delivery_sendmail.py (Sendmail on
+that the two agree). Used by tests/delivery/test_delivery_sendmail.py (Sendmail on
 127.0.0.1) and by the test bed (pwmail/testbed/system.py: Sendmail on mx1,
 docs/testbed.md).
 

@@ -9,7 +9,7 @@
     client1       where POP clients and lookups come from
     log1          the syslog collector every daemon logs to
 
-Used by `pwmail demo` and by the fault tests (tests/test_system*.py). Each
+Used by `pwmail demo` and by the fault tests (tests/system/test_system*.py). Each
 part is started through its command line only; a part whose code has not
 landed gives PartMissing ("part X not available yet"), never a stand-in.
 """

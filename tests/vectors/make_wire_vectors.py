@@ -1,7 +1,7 @@
 """Regenerates wire.json, the shared vectors of docs/protocol.md.
 
 The bytes come from the msgpack reference packer, not from either of our
-implementations; tests/test_wire_vectors.py checks both against them.
+implementations; tests/pwcache/test_wire_vectors.py checks both against them.
 Run: .venv/bin/python tests/vectors/make_wire_vectors.py
 """
 import json

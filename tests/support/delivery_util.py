@@ -1,0 +1,103 @@
+"""Helpers for the delivery tests: users served by a real pwserver, real
+`pdeliveryd` processes on loopback addresses, Maildir inspection."""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import socket
+import subprocess
+
+from tests.support import pwtest
+from tests.support.pwtest import free_port, stop_process, wait_for  # noqa: F401 (re-exported for the tests)
+
+BIN = pwtest.BIN
+
+USERS = {  # name: (uid, gid, mailhost, frozen)
+    "juan": (2001, 2001, "127.0.0.2", False),
+    "pepe": (2002, 2002, "127.0.0.3", False),
+    "ana": (2003, 2003, "127.0.0.2", False),
+    "mudando": (2004, 2004, "127.0.0.2", True),
+    "jo": (2005, 2005, "127.0.0.3", False),
+}
+
+
+def write_users(d: pathlib.Path, users=USERS) -> pathlib.Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "passwd").write_text("".join(f"{n}:x:{u}:{g}::/home/{n}:/bin/sh\n" for n, (u, g, _, _) in users.items()))
+    (d / "mailhosts").write_text("".join(f"{n} {h}{' frozen' if f else ''}\n" for n, (_, _, h, f) in users.items()))
+    return d
+
+
+def client_conf(path: pathlib.Path, servers: list[str], timeout_ms: int = 300) -> pathlib.Path:
+    """pwserver.conf with the delivery tests' short timeouts."""
+    return pwtest.client_conf(path, servers, timeout_ms=timeout_ms, hedge_ms=50, recheck_s=1,
+                              health_file=path.parent / "pwserver-health")
+
+
+def free_port_on(hosts: list[str]) -> int:
+    """A TCP port free on every address in `hosts`."""
+    for _ in range(100):
+        port = free_port(hosts[0])
+        try:
+            for h in hosts[1:]:
+                with socket.socket() as s:
+                    s.bind((h, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no common free port")
+
+
+class Pdeliveryd(pwtest.Process):
+    """A running pdeliveryd (stopped by PID: SIGTERM, then SIGKILL)."""
+
+    def __init__(self, root: pathlib.Path, host: str, port: int, env: dict, *, extra=(), init_root=True,
+                 layout: str | None = None, wrap: list[str] | None = None, prestart: str = ""):
+        self.root, self.host, self.port = root, host, port
+        root.mkdir(parents=True, exist_ok=True)
+        if init_root and not wrap:
+            subprocess.run([str(BIN / "pdeliveryd"), "--root", str(root), "--init-root"], check=True, env=env)
+        argv = [str(BIN / "pdeliveryd"), "--listen", f"{host}:{port}", "--root", str(root), "--log-stderr",
+                *(["--layout", layout] if layout else []), *extra]
+        if wrap:  # e.g. unshare --mount, with a shell prelude that mounts something first
+            argv = [*wrap, "sh", "-c", prestart + ' exec "$@"', "sh", *argv]
+        super().__init__(argv, root.parent / f"pdeliveryd-{host}-{port}.log", env=env)
+        self.wait_line(r"pdeliveryd: ready on", "pdeliveryd", 30)
+
+    def stop(self, timeout: float = 20) -> int:
+        return super().stop(timeout)
+
+
+def messages(box: pathlib.Path) -> list[pathlib.Path]:
+    return sorted((box / "new").iterdir()) if (box / "new").is_dir() else []
+
+
+NAME_RE = re.compile(r"^(\d+)\.M(\d+)P(\d+)Q(\d+)\.([^,/]+),S=(\d+),W=(\d+)$")
+
+
+def lmtp_session(host: str, port: int, script: bytes, timeout: float = 10) -> bytes:
+    """Send `script` at once (pipelined) and read until the server closes."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(script)
+        out = bytearray()
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            out += chunk
+        return bytes(out)
+
+
+def codes(transcript: bytes) -> list[str]:
+    return [line[:3].decode() for line in transcript.split(b"\r\n") if line[3:4] == b" "]
+
+
+def env_with(conf: pathlib.Path, settings: pathlib.Path | None = None, **extra) -> dict:
+    env = {**os.environ, "PWSERVER_CONF": str(conf), **extra}
+    if settings is not None:
+        env["PWMAIL_CONF"] = str(settings)
+    return env
