@@ -1,7 +1,8 @@
 """The `[delivery]` section of /etc/pwmail.toml, with its defaults.
 
 Read by both pdeliveryd and pdelivery (one section for the part); command
-line flags override. docs/delivery.md describes each key.
+line flags override (SECTION.override checks them as the file's values).
+docs/delivery.md describes each key; CHECKS says which values are refused.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pwmail.base import settings
 from pwmail.base.hostport import parse_hostport  # noqa: F401  (delivery's modules take it from here)
 
 from delivery import lmtp, spool
-from delivery.layout import DEFAULT_SCHEME
+from delivery.layout import DEFAULT_SCHEME, SCHEMES
 
 DEFAULTS: dict[str, Any] = {
     # where LMTP lives on every storage host (pdelivery connects to MAILHOST:lmtp_port)
@@ -44,8 +45,26 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+def _users(v: str) -> str | None:
+    return None if v == "pwserver" or v.startswith("passwd:") else "want 'pwserver' or 'passwd:FILE'"
+
+
+CHECKS: dict[str, settings.Check] = {
+    "lmtp_port": settings.port,
+    "listen": settings.address(empty=True, port_zero=True),
+    "layout": settings.one_of(*SCHEMES),
+    "users": _users,
+    "mailhost_names": settings.each(lambda v: None if isinstance(v, str) else "want a string"),
+    **{key: settings.positive for key in (
+        "message_size_max", "message_line_max", "recipients_max", "command_line_max", "bad_commands_max",
+        "sessions_max", "idle_timeout", "data_timeout", "sessions_per_address_max", "dedup_window",
+        "dedup_max", "tmp_max_age", "spool_memory_max", "io_threads", "connect_timeout", "timeout")},
+}
+SECTION = settings.Section("delivery", DEFAULTS, CHECKS)
+
+
 def load(path: str | None = None) -> dict[str, Any]:
-    return settings.section("delivery", DEFAULTS, path)
+    return SECTION.load(path)
 
 
 def limits_from(cfg: dict[str, Any]) -> lmtp.Limits:

@@ -21,6 +21,8 @@ import signal
 import socket
 import sys
 
+from pwmail.base import cli, daemon
+from pwmail.base.errors import exit_on_config_error
 from pwmail.base.logsetup import setup_logging
 from pwmail.base.sdnotify import notify_ready
 
@@ -53,12 +55,11 @@ def session_memory_bound(cfg: dict) -> int:
     return 2 * READ_SIZE + TRANSPORT_READ + READ_SIZE + int(cfg["spool_memory_max"]) + HEADER_SCAN_MAX
 
 
-def make_users(spec: str):
+def make_users(spec: str, pwserver_conf: str | None = None):
+    """`spec` as the [delivery] users key (checked by delivery/config.py)."""
     if spec.startswith("passwd:"):
         return PasswdFileLookup(spec[len("passwd:"):])
-    if spec == "pwserver":
-        return PwserverLookup()
-    raise SystemExit(f"pdeliveryd: users must be 'pwserver' or 'passwd:FILE', not {spec!r}")
+    return PwserverLookup(pwserver_conf=pwserver_conf)
 
 
 class DeliveryServer:
@@ -103,8 +104,9 @@ class DeliveryServer:
         if not (self.layout.root / ROOT_MARKER).exists():
             log.warning("storage root %s has no %s: deliveries get 451 until it is mounted",
                         self.layout.root, ROOT_MARKER)
-        self.server = await asyncio.start_server(self.session, host, port, limit=READ_SIZE,
-                                                 reuse_address=True, backlog=1024)
+        sock = daemon.bind_listener(host, port)
+        self.server = await asyncio.start_server(self.session, sock=sock, limit=READ_SIZE,
+                                                 backlog=daemon.LISTEN_BACKLOG)
         self._sweeper = asyncio.get_running_loop().create_task(self.sweep_idle())
         addr = self.server.sockets[0].getsockname()
         log.info("listening on %s:%d root=%s layout=%s", addr[0], addr[1], self.layout.root, self.layout.scheme)
@@ -267,35 +269,28 @@ def parse_args(argv):
     p.add_argument("--root", help=f"storage root (must hold {ROOT_MARKER})")
     p.add_argument("--layout", choices=SCHEMES)
     p.add_argument("--users", help="'pwserver' (default) or 'passwd:FILE'")
-    p.add_argument("--config", help="settings file (default $PWMAIL_CONF or /etc/pwmail.toml)")
+    cli.add_common_flags(p)
     p.add_argument("--hostname", help="name in the greeting and in file names")
     p.add_argument("--init-root", action="store_true", help="create the root marker in --root and exit")
     p.add_argument("--clean-tmp", action="store_true", help="remove stale tmp/ files under the root and exit")
-    p.add_argument("--log-stderr", action="store_true")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
 
 def effective_config(args) -> dict:
-    cfg = dconfig.load(args.config)
-    for key in ("root", "layout", "users"):
-        if getattr(args, key):
-            cfg[key] = getattr(args, key)
-    if args.lmtp_port:
-        cfg["lmtp_port"] = args.lmtp_port
-    if args.listen:
-        cfg["listen"] = args.listen
-    return cfg
+    """[delivery] from the file, the flags given over it (both checked)."""
+    return dconfig.SECTION.override(dconfig.load(args.config), {
+        key: getattr(args, key) for key in ("root", "layout", "users", "lmtp_port", "listen")})
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging("pdeliveryd", stderr=args.log_stderr, level=args.log_level.upper())
-    try:
-        cfg = effective_config(args)
-    except Exception as e:
-        print(f"pdeliveryd: {e}", file=sys.stderr)
-        return 78  # EX_CONFIG
+    return exit_on_config_error("pdeliveryd", lambda: start(args))
+
+
+def start(args) -> int:
+    cfg = effective_config(args)
+    setup_logging("pdeliveryd", stderr=args.log_stderr, daemon=True, level=args.log_level.upper())
     if args.init_root:
         os.makedirs(cfg["root"], exist_ok=True)
         open(os.path.join(cfg["root"], ROOT_MARKER), "a").close()
@@ -323,7 +318,7 @@ def raise_fd_limit(sessions_max: int) -> None:
 
 async def serve(cfg: dict, host: str, port: int, args) -> int:
     raise_fd_limit(int(cfg["sessions_max"]))
-    server = DeliveryServer(cfg, make_users(cfg["users"]), hostname=args.hostname)
+    server = DeliveryServer(cfg, make_users(cfg["users"], args.pwserver_conf), hostname=args.hostname)
     await server.start(host, port)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -342,7 +337,7 @@ async def serve(cfg: dict, host: str, port: int, args) -> int:
             if new[key] != server.cfg[key]:
                 log.warning("reload: %s changed; it takes effect at restart", key)
                 new[key] = server.cfg[key]
-        setup_logging("pdeliveryd", stderr=args.log_stderr, level=args.log_level.upper())
+        setup_logging("pdeliveryd", stderr=args.log_stderr, daemon=True, level=args.log_level.upper())
         server.apply(new)
         log.info("reloaded settings")
 

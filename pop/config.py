@@ -1,12 +1,14 @@
 """The `[pop]` section of /etc/pwmail.toml, shared by pop-proxy and pop3d
-(one section, so one table of defaults), and imap-proxy's `[imap]`, whose
-proxy settings are the same keys. Command-line flags override it;
+(one section, so one table of defaults, and CHECKS: the values refused),
+and imap-proxy's `[imap]`, whose proxy settings are the same keys.
+Command-line flags override them (SECTION.override checks them too);
 docs/pop.md describes every key."""
 from __future__ import annotations
 
 import ipaddress
 from typing import Any
 
+from delivery.layout import SCHEMES
 from pwmail.base import settings
 from pwmail.base.hostport import parse_hostport  # noqa: F401  (pop's modules take it from here)
 
@@ -65,12 +67,38 @@ IMAP_DEFAULTS: dict[str, Any] = {
 }
 
 
+CHECKS: dict[str, settings.Check] = {
+    "listen": settings.address(port_zero=True),
+    "pop3d_listen": settings.address(port_zero=True),
+    "tls_listen": settings.address(empty=True, port_zero=True),
+    "backend_port": settings.port,
+    "backends": settings.each(settings.address()),
+    "backend_tls": settings.one_of("none", "tls", "stls"),
+    "layout": settings.one_of(*SCHEMES),
+    "trusted_networks": settings.networks,
+    **{key: settings.positive for key in (
+        "backend_connect_timeout", "backend_timeout", "prelogin_timeout", "idle_timeout", "pop3d_timeout",
+        "max_connections", "max_connections_per_ip", "throttle_ip_failures", "throttle_user_ip_failures",
+        "throttle_user_failures", "throttle_window", "relay_buffer", "lookup_threads")},
+    **{key: settings.non_negative for key in (
+        "shutdown_grace", "backend_retries", "backend_retry_delay", "auth_failure_delay", "pop3d_failure_delay")},
+}
+SECTION = settings.Section("pop", DEFAULTS, CHECKS)
+
+
 def load(path: str | None = None) -> dict[str, Any]:
-    return settings.section("pop", DEFAULTS, path)
+    return SECTION.load(path)
+
+
+IMAP_CHECKS: dict[str, settings.Check] = {
+    **{key: check for key, check in CHECKS.items() if key in IMAP_DEFAULTS},
+    "backend_tls": settings.one_of("none", "tls", "starttls"),
+}
+IMAP_SECTION = settings.Section("imap", IMAP_DEFAULTS, IMAP_CHECKS)
 
 
 def load_imap(path: str | None = None) -> dict[str, Any]:
-    return settings.section("imap", IMAP_DEFAULTS, path)
+    return IMAP_SECTION.load(path)
 
 
 def networks(items) -> list:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 
 from pwmail.base import daemon
+from pwmail.base.errors import exit_on_config_error
 
 from . import config as popconfig
 from . import proxy_core as core
@@ -93,7 +94,7 @@ class ImapClientSide(core.FrontSession):
 
 def settings(args) -> dict:
     """[imap] from the settings file, with the command line's flags over it."""
-    return core.with_flags(popconfig.load_imap(args.config), args)
+    return core.with_flags(popconfig.IMAP_SECTION, popconfig.load_imap(args.config), args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         "the settings for new sessions; SIGTERM stops accepting and gives open sessions shutdown_grace "
         "seconds to end.", "imap", "STARTTLS", "IMAPS")
     args = p.parse_args(argv)
+    return exit_on_config_error("imap-proxy", lambda: start(args))
+
+
+def start(args) -> int:
     cfg = settings(args)
     core.setup_process("imap-proxy", args)
     daemon.run(core.serve(args, cfg, ImapProxyServer, lambda: settings(args), ports=(143, 993), tls_name="IMAPS"))

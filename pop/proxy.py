@@ -27,6 +27,7 @@ import socket
 
 from pwcache.client import AsyncClient
 from pwmail.base import daemon
+from pwmail.base.errors import exit_on_config_error
 
 from . import config as popconfig
 from . import engine as popengine
@@ -234,7 +235,7 @@ class ClientSide(core.FrontSession):
 
 def settings(args) -> dict:
     """[pop] from the settings file, with the command line's flags over it."""
-    return core.with_flags(popconfig.load(args.config), args)
+    return core.with_flags(popconfig.SECTION, popconfig.load(args.config), args)
 
 
 def start_engine(server: ProxyServer, sock: socket.socket, cfg: dict, *, stls: bool) -> popengine.Engine:
@@ -260,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         "the settings for new sessions; SIGTERM stops accepting and gives open sessions shutdown_grace "
         "seconds to end.", "pop", "STLS", "POP3S")
     args = p.parse_args(argv)
+    return exit_on_config_error("pop-proxy", lambda: start(args))
+
+
+def start(args) -> int:
     cfg = settings(args)
     if args.pwserver_conf:      # the engine's lookups read it from the environment, as NSS does
         os.environ["PWSERVER_CONF"] = args.pwserver_conf

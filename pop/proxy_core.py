@@ -30,9 +30,11 @@ from collections import Counter
 from collections.abc import Callable
 
 from pwcache.client import AsyncClient, PwError, Unavailable
-from pwmail.base import daemon
+from pwmail.base import cli, daemon
+from pwmail.base.errors import ConfigError
 from pwmail.base.hostport import parse_hostport
 from pwmail.base.logsetup import setup_logging
+from pwmail.base.settings import Section
 
 from . import throttle as popthrottle
 from .backend import BackendError
@@ -65,7 +67,10 @@ def backend_ssl_context(cfg: dict) -> ssl.SSLContext | None:
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key or None)
+    try:
+        ctx.load_cert_chain(cert, key or None)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot load tls_cert {cert} / tls_key {key or cert}: {e}") from None
     return ctx
 
 
@@ -573,23 +578,21 @@ def arg_parser(prog: str, description: str, section: str, protocol: str, tls_nam
     p.add_argument("--tls-key", help=f"PEM private key for {protocol} (default [{section}] tls_key)")
     p.add_argument("--tls-listen", help=f"HOST:PORT for {tls_name}, TLS from the start "
                    f"(default [{section}] tls_listen, off)")
-    p.add_argument("--pwserver-conf", help="client configuration (default $PWSERVER_CONF or /etc/pwserver.conf)")
-    p.add_argument("--config", help="settings file (default $PWMAIL_CONF or /etc/pwmail.toml)")
-    p.add_argument("--stderr", action="store_true", help="also log to stderr")
+    cli.add_common_flags(p)
     return p
 
 
-def with_flags(cfg: dict, args) -> dict:
-    """The settings section with the command line's flags over it."""
-    for key in ("listen", "tls_listen", "tls_cert", "tls_key", "backend_port"):
-        flag = getattr(args, key)
-        if flag:
-            cfg[key] = flag
+def with_flags(section: Section, cfg: dict, args) -> dict:
+    """The settings section with the command line's flags over it (checked as the file's values are)."""
+    cfg = section.override(cfg, {key: getattr(args, key)
+                                 for key in ("listen", "tls_listen", "tls_cert", "tls_key", "backend_port")})
+    if cfg["tls_listen"] and not cfg["tls_cert"]:
+        raise ConfigError(f"tls_listen needs tls_cert and tls_key (in [{section.name}], or --tls-cert and --tls-key)")
     return cfg
 
 
 def setup_process(name: str, args) -> None:
-    setup_logging(name, stderr=args.stderr)
+    setup_logging(name, stderr=args.log_stderr, daemon=True)
     # Two records per session: skip what the format never shows (the
     # caller's file and line cost a frame walk per record; thread names).
     logging._srcfile = None
@@ -614,8 +617,6 @@ async def serve(args, cfg: dict, make_server: Callable[[dict, AsyncClient, ssl.S
         servers.append(await loop.create_server(server.protocol, sock=sock, backlog=daemon.LISTEN_BACKLOG))
     tls_listen = cfg["tls_listen"]
     if tls_listen:
-        if ctx is None:
-            raise SystemExit(f"{name}: --tls-listen needs --tls-cert and --tls-key")
         tls_sock = daemon.listening_socket(tls_listen, ports[1])
         servers.append(await loop.create_server(server.tls_protocol, sock=tls_sock, ssl=ctx,
                                                 backlog=daemon.LISTEN_BACKLOG,
@@ -623,7 +624,7 @@ async def serve(args, cfg: dict, make_server: Callable[[dict, AsyncClient, ssl.S
 
     def reload() -> None:
         new = daemon.reread_settings(settings, server.cfg, server.restart_only)
-        setup_logging(name, stderr=args.stderr)
+        setup_logging(name, stderr=args.log_stderr, daemon=True)
         server.reload(new)
     stop = daemon.handle_signals(on_reload=reload)
     if tls_listen:

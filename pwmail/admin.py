@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from pwmail.base.errors import exit_on_config_error
+
 # name -> (module, function, one-line help). The function takes argv (list)
 # and returns an exit code.
 SUBCOMMANDS = {
@@ -40,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pwmail: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, func, _ = SUBCOMMANDS[name]
-    return getattr(importlib.import_module(module), func)(rest) or 0
+    # a configuration mistake in any subcommand: one line and EX_CONFIG
+    return exit_on_config_error(f"pwmail {name}", lambda: getattr(importlib.import_module(module), func)(rest))
 
 
 if __name__ == "__main__":

@@ -75,9 +75,39 @@ struct pwt_table {
     uint32_t nhosts, hosts_cap;
     index_t by_name, by_uid, gr_by_name, gr_by_gid;
     pwt_load_stats st;
+    pwt_skip_note notes[PWT_SKIP_NOTES];
+    uint32_t nnotes;
+    /* where note_skip's line count stands: source, position, line there */
+    uint32_t note_source;
+    const char *note_at;
+    uint32_t note_line;
 };
 
 /* ---- small helpers ----------------------------------------------------- */
+
+/* Locates a skipped line (starting at `at` in `buf`, the text of `source`)
+ * for the first PWT_SKIP_NOTES of a load. Sources are read one after the
+ * other, front to back, so the line count resumes where the last note left. */
+static void note_skip(pwt_table *t, uint32_t source, const char *buf, const char *at, const char *why)
+{
+    if (t->nnotes >= PWT_SKIP_NOTES)
+        return;
+    if (t->note_source != source || !t->note_at) {
+        t->note_source = source;
+        t->note_at = buf;
+        t->note_line = 1;
+    }
+    const char *p = t->note_at;
+    while (p < at) {
+        const char *nl = memchr(p, '\n', (size_t)(at - p));
+        if (!nl)
+            break;
+        t->note_line++;
+        p = nl + 1;
+    }
+    t->note_at = at;
+    t->notes[t->nnotes++] = (pwt_skip_note){source, t->note_line, why};
+}
 
 static int arena_reserve(arena *a, size_t more)
 {
@@ -526,11 +556,13 @@ static int load_mailhosts(pwt_table *t, mh_map *m, const char *buf, size_t len)
         if (k < 2 || !file_name_ok(&w[0]) || !pw_valid_utf8(w[1].p, w[1].n) ||
             (k == 3 && !(w[2].n == 6 && memcmp(w[2].p, "frozen", 6) == 0))) {
             t->st.mailhosts_bad++;
+            note_skip(t, PWT_SRC_MAILHOSTS, buf, line.p, "malformed");
             continue;
         }
         int h = intern_host(t, w[1].p, w[1].n);
         if (h < 0) {
             t->st.mailhosts_bad++;
+            note_skip(t, PWT_SRC_MAILHOSTS, buf, line.p, "bad host or too many hosts");
             continue;
         }
         mh_entry *e = &m->e[m->n];
@@ -626,6 +658,7 @@ static int load_passwd(pwt_table *t, mh_map *mh, const pwpl_rule *rule,
             parse_id(&f[3], &gid) < 0 || !pw_valid_utf8(f[4].p, f[4].n) ||
             !pw_valid_utf8(f[5].p, f[5].n) || !pw_valid_utf8(f[6].p, f[6].n)) {
             t->st.passwd_bad++;
+            note_skip(t, PWT_SRC_PASSWD, buf, line.p, "malformed");
             continue;
         }
         int host = -1, frozen = 0;
@@ -664,6 +697,7 @@ static int load_passwd(pwt_table *t, mh_map *mh, const pwpl_rule *rule,
         pw_put_passwd(&b, &v);
         if (b.overflow || b.len > UINT16_MAX) {
             t->st.passwd_bad++;
+            note_skip(t, PWT_SRC_PASSWD, buf, line.p, "record too long");
             continue;
         }
         user_t *u = &t->users[t->nusers];
@@ -699,6 +733,7 @@ static int load_shadow(pwt_table *t, const char *buf, size_t len)
             parse_long(&f[6], &v.inact) < 0 || parse_long(&f[7], &v.expire) < 0 ||
             parse_long(&f[8], &v.flag) < 0) {
             t->st.shadow_bad++;
+            note_skip(t, PWT_SRC_SHADOW, buf, line.p, "malformed");
             continue;
         }
         uint32_t i = next < t->nusers && user_same(t, next, f[0].p, f[0].n)
@@ -707,10 +742,12 @@ static int load_shadow(pwt_table *t, const char *buf, size_t len)
         next = i + 1;
         if (i == NONE) {
             t->st.shadow_orphan++;
+            note_skip(t, PWT_SRC_SHADOW, buf, line.p, "no such user in passwd");
             continue;
         }
         if (t->users[i].sh_len) {
             t->st.shadow_dup++;
+            note_skip(t, PWT_SRC_SHADOW, buf, line.p, "duplicate name");
             continue;
         }
         v.name.p = f[0].p;
@@ -725,6 +762,7 @@ static int load_shadow(pwt_table *t, const char *buf, size_t len)
         pw_put_shadow(&b, &v);
         if (b.overflow || b.len > UINT16_MAX) {
             t->st.shadow_bad++;
+            note_skip(t, PWT_SRC_SHADOW, buf, line.p, "record too long");
             continue;
         }
         t->users[i].sh_off = (uint32_t)t->sh.len;
@@ -815,6 +853,7 @@ static int load_group(pwt_table *t, const char *buf, size_t len,
         if (split_colons(&line, f, 4) != 4 || !file_name_ok(&f[0]) ||
             parse_id(&f[2], &gid) < 0) {
             t->st.group_bad++;
+            note_skip(t, PWT_SRC_GROUP, buf, line.p, "malformed");
             continue;
         }
         uint64_t h = name_hash(f[0].p, f[0].n);
@@ -822,6 +861,7 @@ static int load_group(pwt_table *t, const char *buf, size_t len,
         if (index_probe(&t->gr_by_name, h, (uint32_t)(h >> 32), group_same, t, f[0].p, f[0].n,
                         &name_slot) != NONE) {
             t->st.group_dup_name++;
+            note_skip(t, PWT_SRC_GROUP, buf, line.p, "duplicate name");
             continue;
         }
         /* members: validate and hash, pack, then resolve */
@@ -860,6 +900,7 @@ static int load_group(pwt_table *t, const char *buf, size_t len,
             pwp_put_str(&b, refs[k].p, refs[k].n);
         if (b.overflow) {
             t->st.group_bad++;
+            note_skip(t, PWT_SRC_GROUP, buf, line.p, "record too long");
             continue;
         }
         if (*nms + nmem > ms_cap) {
@@ -1134,6 +1175,12 @@ void pwt_free(pwt_table *t)
 void pwt_get_stats(const pwt_table *t, pwt_load_stats *st)
 {
     *st = t->st;
+}
+
+uint32_t pwt_skip_notes(const pwt_table *t, const pwt_skip_note **notes)
+{
+    *notes = t->notes;
+    return t->nnotes;
 }
 
 
