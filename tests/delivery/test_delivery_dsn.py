@@ -1,0 +1,84 @@
+"""RFC 3461 (DSN) parameters in the LMTP machine (delivery/lmtp.py): accepted
+with a valid syntax, refused with 501 5.5.4 otherwise, announced in LHLO and
+handed on in the events (a proxy passes them on, pdeliveryd logs ORCPT)."""
+import pytest
+
+from delivery.lmtp import ENVID_MAX, ORCPT_MAX
+from tests.delivery.test_delivery_lmtp import feeds, run
+
+# exactly what Dovecot's LMTP proxy sends (lmtp_proxy = yes)
+DOVECOT_RCPT = b"RCPT TO:<user@example.org> ORCPT=rfc822;user@example.org\r\n"
+
+
+def session(mail: bytes = b"MAIL FROM:<s@x>", rcpts: list[bytes] = (b"RCPT TO:<u@x>",)) -> bytes:
+    return (b"LHLO a\r\n" + mail + b"\r\n" + b"".join(r if r.endswith(b"\n") else r + b"\r\n" for r in rcpts)
+            + b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+
+
+def test_dsn_announced_in_lhlo():
+    _, _, _, out = run([b"LHLO a\r\nQUIT\r\n"])
+    assert b"250-DSN\r\n" in out
+
+
+def test_dovecot_proxy_rcpt_accepted_and_orcpt_handed_on():
+    for chunks in feeds(session(rcpts=[DOVECOT_RCPT])):
+        codes, messages, _, _ = run(chunks)
+        assert codes == ["220", "250", "250", "250", "354", "250", "221"]
+        [m] = messages
+        assert m.recipients == ["user@example.org"]
+        assert m.rcpt_params == [{"ORCPT": "rfc822;user@example.org"}]
+
+
+def test_all_dsn_parameters_kept_per_recipient():
+    data = session(b"MAIL FROM:<s@x> RET=HDRS ENVID=QQ314159+2B1",
+                   [b"RCPT TO:<a@x> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;A+2Bx@y",
+                    b"RCPT TO:<nobody@x> NOTIFY=NEVER",
+                    b"RCPT TO:<b@x> notify=never"])
+    codes, [m], _, _ = run([data])
+    assert codes == ["220", "250", "250", "250", "550", "250", "354", "250", "250", "221"]
+    assert m.params == {"RET": "HDRS", "ENVID": "QQ314159+2B1"}
+    assert m.recipients == ["a@x", "b@x"]
+    assert m.rcpt_params == [{"NOTIFY": "SUCCESS,DELAY", "ORCPT": "rfc822;A+2Bx@y"}, {"NOTIFY": "never"}]
+
+
+BAD = [
+    b"MAIL FROM:<s@x> RET=BODY",
+    b"MAIL FROM:<s@x> RET=FULL RET=HDRS",
+    b"MAIL FROM:<s@x> ENVID=",
+    b"MAIL FROM:<s@x> ENVID=a=b",                        # "=" must be written +3D
+    b"MAIL FROM:<s@x> ENVID=a+3d",                       # hex digits are upper case
+    b"MAIL FROM:<s@x> ENVID=" + b"e" * (ENVID_MAX + 1),
+    b"RCPT TO:<u@x> NOTIFY=NEVER,SUCCESS",
+    b"RCPT TO:<u@x> NOTIFY=SOMETIMES",
+    b"RCPT TO:<u@x> NOTIFY=",
+    b"RCPT TO:<u@x> NOTIFY=DELAY,DELAY",
+    b"RCPT TO:<u@x> ORCPT=user@example.org",             # no address type
+    b"RCPT TO:<u@x> ORCPT=rfc822;",
+    "RCPT TO:<u@x> ORCPT=rfc822;josé@x".encode(),     # xtext is ASCII
+    b"RCPT TO:<u@x> ORCPT=rfc822;" + b"o" * ORCPT_MAX,
+    b"RCPT TO:<u@x> NOTIFY=NEVER NOTIFY=NEVER",
+]
+
+
+@pytest.mark.parametrize("command", BAD, ids=[c.decode()[:40] for c in BAD])
+def test_bad_dsn_values_are_501_5_5_4(command):
+    if command.startswith(b"MAIL"):
+        data = b"LHLO a\r\n" + command + b"\r\nQUIT\r\n"
+        expect = ["220", "250", "501", "221"]
+    else:
+        data = b"LHLO a\r\nMAIL FROM:<s@x>\r\n" + command + b"\r\nQUIT\r\n"
+        expect = ["220", "250", "250", "501", "221"]
+    codes, _, _, out = run([data])
+    assert codes == expect
+    assert b"501 5.5.4 " in out
+
+
+def test_rcpt_event_carries_params():
+    from delivery.lmtp import LMTPServerConnection, NEED_DATA, RcptRequest
+    conn = LMTPServerConnection("h")
+    conn.receive_data(b"LHLO a\r\nMAIL FROM:<s@x> RET=FULL\r\n" + DOVECOT_RCPT)
+    ev = conn.next_event()
+    while ev is NEED_DATA:
+        ev = conn.next_event()
+    assert isinstance(ev, RcptRequest)
+    assert ev.params == {"ORCPT": "rfc822;user@example.org"}
