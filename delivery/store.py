@@ -176,7 +176,7 @@ class MailStore:
     async def _store(self, ev: MessageReceived, address: str, rec: Recipient, qid: str | None,
                      inline: bool = False) -> Reply:
         loop = asyncio.get_running_loop()
-        content = ev.body.stored_with(msg.trace_headers(ev.sender, address))
+        content = ev.body.stored_with(msg.trace_headers(ev.sender, address), address)
         try:
             if inline:
                 path = self._write(rec, content)
@@ -186,8 +186,8 @@ class MailStore:
             return _failure_reply(e, f"delivering to {rec.name}")
         self.delivered += 1
         name = os.path.basename(path)
-        log.info("delivered qid=%s to=%s from=<%s> size=%d file=%s", qid or "-", rec.name, ev.sender,
-                 content.size, name)
+        log.info("delivered qid=%s to=%s from=<%s> size=%d file=%s%s", qid or "-", rec.name, ev.sender,
+                 content.size, name, _orcpt_note(ev, address))
         return Reply(250, "2.0.0", f"{rec.name} delivered {name.split(',')[0]}")
 
     def _write(self, rec: Recipient, content: StoredCopy) -> str:
@@ -213,6 +213,17 @@ class MailStore:
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
+
+
+def _orcpt_note(ev: MessageReceived, address: str) -> str:
+    """` orcpt=...` for the log when the MTA gave the recipient's original
+    address (RFC 3461 ORCPT: before its aliases and forwards). Delivered-To
+    keeps the RCPT address: the mailbox delivered to, which the loop check
+    looks for."""
+    for addr, params in zip(ev.recipients, ev.rcpt_params):
+        if addr == address and "ORCPT" in params:
+            return f" orcpt={params['ORCPT']}"
+    return ""
 
 
 def _failure_reply(e: OSError, doing: str) -> Reply:
