@@ -103,6 +103,7 @@ class DeliveryServer:
         if not (self.layout.root / ROOT_MARKER).exists():
             log.warning("storage root %s has no %s: deliveries get 451 until it is mounted",
                         self.layout.root, ROOT_MARKER)
+        self.store.dedup.load()
         self.server = await asyncio.start_server(self.session, host, port, limit=READ_SIZE,
                                                  reuse_address=True, backlog=1024)
         self._sweeper = asyncio.get_running_loop().create_task(self.sweep_idle())

@@ -6,9 +6,7 @@ import pytest
 from delivery.layout import MailboxLayout
 from delivery.lmtp import ENVID_MAX, ORCPT_MAX
 from tests.delivery.test_delivery_lmtp import feeds, run
-from tests.support import pwtest
-from tests.support.delivery_util import (Pdeliveryd, client_conf, codes, env_with, free_port_on, lmtp_session,
-                                         messages, write_users)
+from tests.support.delivery_util import codes, lmtp_session, messages, one_store
 
 # exactly what Dovecot's LMTP proxy sends (lmtp_proxy = yes)
 DOVECOT_RCPT = b"RCPT TO:<user@example.org> ORCPT=rfc822;user@example.org\r\n"
@@ -92,21 +90,17 @@ STORE = "127.0.0.34"
 
 
 def test_pdeliveryd_delivers_what_dovecots_lmtp_proxy_sends_and_logs_orcpt(tmp_path):
-    users = write_users(tmp_path / "users")
-    with pwtest.PwServer(users) as pw:
-        env = env_with(client_conf(tmp_path / "pwserver.conf", [pw.address]))
-        port = free_port_on([STORE])
-        with Pdeliveryd(tmp_path / "root", STORE, port, env) as srv:
-            out = lmtp_session(STORE, port, b"LHLO proxy.example\r\nMAIL FROM:<ana@example.org> RET=HDRS "
-                               b"ENVID=e1\r\nRCPT TO:<juan@example.org> ORCPT=rfc822;juan@example.org\r\n"
-                               b"RCPT TO:<pepe@example.org> NOTIFY=FAILURE ORCPT=rfc822;Alias+2Bx@lists.example"
-                               b"\r\nDATA\r\nSubject: dsn\r\n\r\nx\r\n.\r\nQUIT\r\n")
-            assert codes(out) == ["220", "250", "250", "250", "250", "354", "250", "250", "221"], out
-            assert b"250-DSN\r\n" in out
-            layout = MailboxLayout(tmp_path / "root")
-            for user in ("juan", "pepe"):
-                [f] = messages(layout.path(user))
-                # Delivered-To is the RCPT address, not ORCPT
-                assert f.read_bytes().startswith(b"Return-Path: <ana@example.org>\nDelivered-To: %s@example.org\n"
-                                                 % user.encode())
-            srv.wait_line(r"delivered qid=- to=pepe .* orcpt=rfc822;Alias\+2Bx@lists\.example", "orcpt logged", 10)
+    with one_store(tmp_path, STORE) as (srv, port):
+        out = lmtp_session(STORE, port, b"LHLO proxy.example\r\nMAIL FROM:<ana@example.org> RET=HDRS "
+                           b"ENVID=e1\r\nRCPT TO:<juan@example.org> ORCPT=rfc822;juan@example.org\r\n"
+                           b"RCPT TO:<pepe@example.org> NOTIFY=FAILURE ORCPT=rfc822;Alias+2Bx@lists.example"
+                           b"\r\nDATA\r\nSubject: dsn\r\n\r\nx\r\n.\r\nQUIT\r\n")
+        assert codes(out) == ["220", "250", "250", "250", "250", "354", "250", "250", "221"], out
+        assert b"250-DSN\r\n" in out
+        layout = MailboxLayout(tmp_path / "root")
+        for user in ("juan", "pepe"):
+            [f] = messages(layout.path(user))
+            # Delivered-To is the RCPT address, not ORCPT
+            assert f.read_bytes().startswith(b"Return-Path: <ana@example.org>\nDelivered-To: %s@example.org\n"
+                                             % user.encode())
+        srv.wait_line(r"delivered qid=- to=pepe .* orcpt=rfc822;Alias\+2Bx@lists\.example", "orcpt logged", 10)

@@ -13,9 +13,7 @@ from delivery import message as msg
 from delivery.layout import MailboxLayout
 from delivery.maildir import ROOT_MARKER, MaildirWriter
 from delivery.message import HEADER_SCAN_MAX
-from tests.support import pwtest
-from tests.support.delivery_util import (NAME_RE, Pdeliveryd, client_conf, codes, env_with, free_port_on,
-                                         lmtp_session, messages, write_users)
+from tests.support.delivery_util import NAME_RE, codes, lmtp_session, messages, one_store
 from tests.delivery.test_delivery_streaming import receive, session_script, spooler, stuff
 
 OURS = b"Return-Path: <s@x>\nDelivered-To: juan@x\n"
@@ -101,26 +99,22 @@ STORE = "127.0.0.33"
 
 
 def test_pdeliveryd_stores_one_return_path_the_envelope_senders(tmp_path):
-    users = write_users(tmp_path / "users")
-    with pwtest.PwServer(users) as pw:
-        env = env_with(client_conf(tmp_path / "pwserver.conf", [pw.address]))
-        port = free_port_on([STORE])
-        with Pdeliveryd(tmp_path / "root", STORE, port, env):
-            data = (b"Return-Path: <ana@mx.example>\r\nReturn-Path: <ana@mx.example>\r\n"
-                    b"Delivered-To: list@lists.example\r\nSubject: two\r\n\r\nbody\r\n")
-            big = data + (b"y" * 98 + b"\r\n") * 3000                  # past spool_memory_max: from the spool
-            for payload in (data, big):
-                out = lmtp_session(STORE, port, b"LHLO mx\r\nMAIL FROM:<ana@example.org>\r\n"
-                                   b"RCPT TO:<juan@example.org>\r\nRCPT TO:<ana@example.org>\r\nDATA\r\n"
-                                   + stuff(payload) + b"QUIT\r\n")
-                assert codes(out) == ["220", "250", "250", "250", "250", "354", "250", "250", "221"], out
-            layout = MailboxLayout(tmp_path / "root")
-            for user in ("juan", "ana"):
-                files = messages(layout.path(user))
-                assert len(files) == 2
-                for f, payload in zip(sorted(files, key=lambda p: os.stat(p).st_size), (data, big)):
-                    stored = f.read_bytes()
-                    assert stored.count(b"Return-Path:") == 1 and stored.count(b"Delivered-To:") == 2
-                    assert stored == (b"Return-Path: <ana@example.org>\nDelivered-To: " + user.encode()
-                                      + b"@example.org\n" + payload[62:].replace(b"\r\n", b"\n"))
-                    assert size_suffix(f) == (len(stored), len(stored) + stored.count(b"\n"))
+    with one_store(tmp_path, STORE) as (_, port):
+        data = (b"Return-Path: <ana@mx.example>\r\nReturn-Path: <ana@mx.example>\r\n"
+                b"Delivered-To: list@lists.example\r\nSubject: two\r\n\r\nbody\r\n")
+        big = data + (b"y" * 98 + b"\r\n") * 3000                  # past spool_memory_max: from the spool
+        for payload in (data, big):
+            out = lmtp_session(STORE, port, b"LHLO mx\r\nMAIL FROM:<ana@example.org>\r\n"
+                               b"RCPT TO:<juan@example.org>\r\nRCPT TO:<ana@example.org>\r\nDATA\r\n"
+                               + stuff(payload) + b"QUIT\r\n")
+            assert codes(out) == ["220", "250", "250", "250", "250", "354", "250", "250", "221"], out
+        layout = MailboxLayout(tmp_path / "root")
+        for user in ("juan", "ana"):
+            files = messages(layout.path(user))
+            assert len(files) == 2
+            for f, payload in zip(sorted(files, key=lambda p: os.stat(p).st_size), (data, big)):
+                stored = f.read_bytes()
+                assert stored.count(b"Return-Path:") == 1 and stored.count(b"Delivered-To:") == 2
+                assert stored == (b"Return-Path: <ana@example.org>\nDelivered-To: " + user.encode()
+                                  + b"@example.org\n" + payload[62:].replace(b"\r\n", b"\n"))
+                assert size_suffix(f) == (len(stored), len(stored) + stored.count(b"\n"))
