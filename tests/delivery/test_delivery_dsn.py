@@ -1,12 +1,17 @@
 """RFC 3461 (DSN) parameters in the LMTP machine (delivery/lmtp.py): accepted
 with a valid syntax, refused with 501 5.5.4 otherwise, announced in LHLO and
 handed on in the events (a proxy passes them on, pdeliveryd logs ORCPT)."""
+import os
+import shutil
+import socket
+import subprocess
+
 import pytest
 
 from delivery.layout import MailboxLayout
 from delivery.lmtp import ENVID_MAX, ORCPT_MAX
 from tests.delivery.test_delivery_lmtp import feeds, run
-from tests.support.delivery_util import codes, lmtp_session, messages, one_store
+from tests.support.delivery_util import codes, free_port, lmtp_session, messages, one_store, wait_for
 
 # exactly what Dovecot's LMTP proxy sends (lmtp_proxy = yes)
 DOVECOT_RCPT = b"RCPT TO:<user@example.org> ORCPT=rfc822;user@example.org\r\n"
@@ -104,3 +109,69 @@ def test_pdeliveryd_delivers_what_dovecots_lmtp_proxy_sends_and_logs_orcpt(tmp_p
             assert f.read_bytes().startswith(b"Return-Path: <ana@example.org>\nDelivered-To: %s@example.org\n"
                                              % user.encode())
         srv.wait_line(r"delivered qid=- to=pepe .* orcpt=rfc822;Alias\+2Bx@lists\.example", "orcpt logged", 10)
+
+
+PROXIED_STORE = "127.0.0.37"
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not shutil.which("dovecot"), reason="dovecot-core not installed (deps/debian-packages.txt)")
+@pytest.mark.skipif(os.geteuid() != 0, reason="Dovecot's master needs root")
+def test_dovecot_lmtp_proxy_in_front_of_pdeliveryd(tmp_path):
+    """Dovecot's LMTP proxy (lmtp_proxy = yes, the passdb giving the host)
+    sends ORCPT when its passdb rewrites the recipient (destuser): the old
+    pdeliveryd answered that RCPT 555, and Dovecot passed the refusal on."""
+    with one_store(tmp_path, PROXIED_STORE) as (srv, port):
+        d = tmp_path / "dovecot"
+        (d / "run").mkdir(parents=True)
+        (d / "state").mkdir()
+        proxy_port = free_port()
+        conf = d / "dovecot.conf"
+        conf.write_text(f"""base_dir = {d}/run
+state_dir = {d}/state
+instance_name = pwmail-test-lmtp-proxy
+protocols = lmtp
+listen = 127.0.0.1
+log_path = {d}/log
+ssl = no
+hostname = proxy.example
+postmaster_address = postmaster@example.org
+lmtp_proxy = yes
+passdb {{
+  driver = static
+  args = nopassword=y proxy=y host={PROXIED_STORE} port={port} destuser=%n@store.example
+}}
+userdb {{
+  driver = static
+  args = uid=2000 gid=2000 home=/nonexistent
+}}
+service lmtp {{
+  inet_listener lmtp {{
+    address = 127.0.0.1
+    port = {proxy_port}
+  }}
+}}
+""")
+        subprocess.run(["dovecot", "-c", str(conf)], check=True, timeout=30)
+        try:
+            wait_for(lambda: _connects("127.0.0.1", proxy_port), timeout=30)
+            out = lmtp_session("127.0.0.1", proxy_port, b"LHLO mx\r\nMAIL FROM:<ana@example.org>\r\n"
+                               b"RCPT TO:<juan@example.org>\r\nRCPT TO:<pepe@example.org>\r\nDATA\r\n"
+                               b"Subject: via Dovecot\r\n\r\nx\r\n.\r\nQUIT\r\n", timeout=30)
+        finally:
+            subprocess.run(["dovecot", "-c", str(conf), "stop"], timeout=30)
+        assert codes(out) == ["220", "250", "250", "250", "250", "354", "250", "250", "221"], out
+        layout = MailboxLayout(tmp_path / "root")
+        for user in ("juan", "pepe"):
+            [f] = messages(layout.path(user))
+            assert f.read_bytes().startswith(b"Return-Path: <ana@example.org>\nDelivered-To: %s@store.example\n"
+                                             % user.encode())
+        srv.wait_line(r"delivered qid=\S+ to=juan .* orcpt=rfc822;juan@example\.org", "orcpt logged", 10)
+
+
+def _connects(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
