@@ -1,9 +1,9 @@
 """LMTP server protocol, sans-I/O (bytes in, events out, bytes to send).
 
 RFC 2033 (LMTP) with PIPELINING (2920), SIZE (1870), 8BITMIME (6152),
-ENHANCEDSTATUSCODES (2034, 3463), CHUNKING (3030, BDAT) and DSN (3461: its
-parameters are checked and handed on, `params` of the events; the notices
-themselves are the MTA's job), plus one extension parameter of ours,
+ENHANCEDSTATUSCODES (2034, 3463), CHUNKING (3030, BDAT) and, with `dsn=True`,
+DSN (3461: its parameters are checked and handed on, `params` of the events;
+the notices themselves are the MTA's job), plus one extension parameter of ours,
 `XQUEUEID=<id>` on MAIL, which lets `pdelivery -i QUEUEID` name the sender's
 queue id for duplicate detection.
 
@@ -203,9 +203,13 @@ class LMTPServerConnection:
     INIT, READY, MAIL, DATA, BDAT, WAIT_RCPT, WAIT_MESSAGE, DONE = range(8)
 
     def __init__(self, hostname: str, limits: Limits = Limits(), greeting: str = "LMTP ready",
-                 new_body: Callable[[], Body] = MemoryBody):
+                 new_body: Callable[[], Body] = MemoryBody, dsn: bool = False):
         self.hostname = hostname
         self.limits = limits
+        # RFC 3461's parameters accepted and DSN announced (pdeliveryd); off,
+        # they are 555 as any unknown parameter (pdelivery -l, whose C twin
+        # answers the same)
+        self.dsn = dsn
         # makes the Body each message's data is written to as it arrives
         # (pdeliveryd's spools to disk; the default keeps it in memory)
         self._new_body = new_body
@@ -361,7 +365,7 @@ class LMTPServerConnection:
         self._reset_transaction()
         self.phase = self.READY
         lines = [self.hostname, "PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME",
-                 f"SIZE {self.limits.message_size_max}", "CHUNKING", "DSN", "XQUEUEID"]
+                 f"SIZE {self.limits.message_size_max}", "CHUNKING", *(["DSN"] if self.dsn else []), "XQUEUEID"]
         for i, text in enumerate(lines):
             sep = " " if i == len(lines) - 1 else "-"
             self._out += f"250{sep}{text}\r\n".encode()
@@ -393,7 +397,7 @@ class LMTPServerConnection:
                 if not _XTEXT_RE.match(v):
                     return self._bad_command(R_SYNTAX)
                 self._queue_id = v
-            elif k in ("RET", "ENVID"):
+            elif k in ("RET", "ENVID") and self.dsn:
                 if k in opts or not _dsn_param_ok(k, v):
                     return self._bad_command(R_SYNTAX)
             else:
@@ -419,7 +423,7 @@ class LMTPServerConnection:
         for p in params:
             k, _, v = p.partition("=")
             k = k.upper()
-            if k not in ("NOTIFY", "ORCPT"):
+            if k not in ("NOTIFY", "ORCPT") or not self.dsn:
                 self._reply(R_PARAM)
                 return None
             if k in opts or not _dsn_param_ok(k, v):

@@ -140,7 +140,7 @@ class DeliveryServer:
         self.sessions[writer] = None
         self.per_address[client] += 1
         conn = LMTPServerConnection(self.hostname, self.limits, "LMTP pdeliveryd ready",
-                                    new_body=self.store.new_body)
+                                    new_body=self.store.new_body, dsn=True)
         accepted = []            # Recipient of each accepted RCPT, in order
         loop = asyncio.get_running_loop()
         try:

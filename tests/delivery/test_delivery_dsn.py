@@ -23,13 +23,20 @@ def session(mail: bytes = b"MAIL FROM:<s@x>", rcpts: list[bytes] = (b"RCPT TO:<u
 
 
 def test_dsn_announced_in_lhlo():
-    _, _, _, out = run([b"LHLO a\r\nQUIT\r\n"])
+    _, _, _, out = run([b"LHLO a\r\nQUIT\r\n"], dsn=True)
     assert b"250-DSN\r\n" in out
+    _, _, _, out = run([b"LHLO a\r\nQUIT\r\n"])         # off by default (pdelivery -l, as its C twin)
+    assert b"DSN" not in out
+
+
+def test_without_dsn_its_parameters_stay_unsupported():
+    codes, _, _, _ = run([b"LHLO a\r\nMAIL FROM:<s@x> RET=FULL\r\nMAIL FROM:<s@x>\r\n" + DOVECOT_RCPT + b"QUIT\r\n"])
+    assert codes == ["220", "250", "555", "250", "555", "221"]
 
 
 def test_dovecot_proxy_rcpt_accepted_and_orcpt_handed_on():
     for chunks in feeds(session(rcpts=[DOVECOT_RCPT])):
-        codes, messages, _, _ = run(chunks)
+        codes, messages, _, _ = run(chunks, dsn=True)
         assert codes == ["220", "250", "250", "250", "354", "250", "221"]
         [m] = messages
         assert m.recipients == ["user@example.org"]
@@ -41,7 +48,7 @@ def test_all_dsn_parameters_kept_per_recipient():
                    [b"RCPT TO:<a@x> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;A+2Bx@y",
                     b"RCPT TO:<nobody@x> NOTIFY=NEVER",
                     b"RCPT TO:<b@x> notify=never"])
-    codes, [m], _, _ = run([data])
+    codes, [m], _, _ = run([data], dsn=True)
     assert codes == ["220", "250", "250", "250", "550", "250", "354", "250", "250", "221"]
     assert m.params == {"RET": "HDRS", "ENVID": "QQ314159+2B1"}
     assert m.recipients == ["a@x", "b@x"]
@@ -75,14 +82,14 @@ def test_bad_dsn_values_are_501_5_5_4(command):
     else:
         data = b"LHLO a\r\nMAIL FROM:<s@x>\r\n" + command + b"\r\nQUIT\r\n"
         expect = ["220", "250", "250", "501", "221"]
-    codes, _, _, out = run([data])
+    codes, _, _, out = run([data], dsn=True)
     assert codes == expect
     assert b"501 5.5.4 " in out
 
 
 def test_rcpt_event_carries_params():
     from delivery.lmtp import LMTPServerConnection, NEED_DATA, RcptRequest
-    conn = LMTPServerConnection("h")
+    conn = LMTPServerConnection("h", dsn=True)
     conn.receive_data(b"LHLO a\r\nMAIL FROM:<s@x> RET=FULL\r\n" + DOVECOT_RCPT)
     ev = conn.next_event()
     while ev is NEED_DATA:
@@ -94,6 +101,15 @@ def test_rcpt_event_carries_params():
 STORE = "127.0.0.34"
 
 
+def assert_one_copy_each(root, rcpt_domain: str, users=("juan", "pepe")) -> None:
+    """One copy in each user's Maildir, from ana, delivered to user@rcpt_domain."""
+    layout = MailboxLayout(root)
+    for user in users:
+        [f] = messages(layout.path(user))
+        assert f.read_bytes().startswith(b"Return-Path: <ana@example.org>\nDelivered-To: %s@%s\n"
+                                         % (user.encode(), rcpt_domain.encode()))
+
+
 def test_pdeliveryd_delivers_what_dovecots_lmtp_proxy_sends_and_logs_orcpt(tmp_path):
     with one_store(tmp_path, STORE) as (srv, port):
         out = lmtp_session(STORE, port, b"LHLO proxy.example\r\nMAIL FROM:<ana@example.org> RET=HDRS "
@@ -102,12 +118,8 @@ def test_pdeliveryd_delivers_what_dovecots_lmtp_proxy_sends_and_logs_orcpt(tmp_p
                            b"\r\nDATA\r\nSubject: dsn\r\n\r\nx\r\n.\r\nQUIT\r\n")
         assert codes(out) == ["220", "250", "250", "250", "250", "354", "250", "250", "221"], out
         assert b"250-DSN\r\n" in out
-        layout = MailboxLayout(tmp_path / "root")
-        for user in ("juan", "pepe"):
-            [f] = messages(layout.path(user))
-            # Delivered-To is the RCPT address, not ORCPT
-            assert f.read_bytes().startswith(b"Return-Path: <ana@example.org>\nDelivered-To: %s@example.org\n"
-                                             % user.encode())
+        # Delivered-To is the RCPT address, not ORCPT
+        assert_one_copy_each(tmp_path / "root", "example.org")
         srv.wait_line(r"delivered qid=- to=pepe .* orcpt=rfc822;Alias\+2Bx@lists\.example", "orcpt logged", 10)
 
 
@@ -161,11 +173,7 @@ service lmtp {{
         finally:
             subprocess.run(["dovecot", "-c", str(conf), "stop"], timeout=30)
         assert codes(out) == ["220", "250", "250", "250", "250", "354", "250", "250", "221"], out
-        layout = MailboxLayout(tmp_path / "root")
-        for user in ("juan", "pepe"):
-            [f] = messages(layout.path(user))
-            assert f.read_bytes().startswith(b"Return-Path: <ana@example.org>\nDelivered-To: %s@store.example\n"
-                                             % user.encode())
+        assert_one_copy_each(tmp_path / "root", "store.example")
         srv.wait_line(r"delivered qid=\S+ to=juan .* orcpt=rfc822;juan@example\.org", "orcpt logged", 10)
 
 
