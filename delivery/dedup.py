@@ -129,7 +129,9 @@ class DedupTable:
             with self._cond:
                 self._syncing -= 1
                 self._cond.notify_all()
-                if self._records >= self._compact_at and self._fd >= 0:
+                if self._broken:
+                    self._close_fd()
+                elif self._records >= self._compact_at:
                     self._rewrite()
 
     def load(self) -> None:
@@ -209,11 +211,13 @@ class DedupTable:
         self._compact_at = max(2 * self._records, self._records + COMPACT_SLACK)
 
     def _fail(self, e: OSError) -> None:
-        log.error("duplicate table %s: %s; duplicates are remembered in memory only until restart", self.path, e)
+        if not self._broken:
+            log.error("duplicate table %s: %s; duplicates are remembered in memory only until restart", self.path, e)
         self._broken = True
         self._close_fd()
 
     def _close_fd(self) -> None:
-        if self._fd >= 0:
+        """Close the file once no fsync of it is pending (the last one closes it)."""
+        if self._fd >= 0 and not self._syncing:
             os.close(self._fd)
             self._fd = -1

@@ -100,3 +100,17 @@ def test_sigkill_before_the_250_is_read_then_retry_stores_one_copy(tmp_path):
         files = messages(box)
         assert len(files) == 2
         assert sorted(f.read_bytes().rsplit(b"\n\n", 1)[1] for f in files) == [b"another message\n", b"only one copy\n"]
+
+
+def test_a_file_that_fails_leaves_the_table_in_memory(tmp_path):
+    path = tmp_path / DEDUP_FILE
+
+    def failing_sync(p, fd):
+        raise OSError(5, "I/O error")
+
+    t = DedupTable(3600, 10, path, sync=failing_sync)
+    t.remember(key(1))                  # logged; the copy is durable, so no exception reaches the delivery
+    t.remember(key(2))
+    assert t.seen(key(1)) and t.seen(key(2))
+    assert [line.split()[1] for line in lines(path)] == [b"4AbC1"]     # nothing written after the failure
+    assert t._fd < 0
