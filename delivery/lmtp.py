@@ -283,6 +283,12 @@ class LMTPServerConnection:
         return list(self._rcpts)
 
     @property
+    def mail_params(self) -> dict[str, str]:
+        """The parameters of the transaction's MAIL (upper-case names), e.g.
+        for a proxy opening its own transaction before the data comes."""
+        return dict(self._params)
+
+    @property
     def in_transaction_data(self) -> bool:
         """Between a first BDAT chunk and BDAT LAST (the commands between
         chunks are part of the message's data time)."""

@@ -96,6 +96,7 @@ def test_rcpt_event_carries_params():
         ev = conn.next_event()
     assert isinstance(ev, RcptRequest)
     assert ev.params == {"ORCPT": "rfc822;user@example.org"}
+    assert conn.mail_params == {"RET": "FULL"}
 
 
 STORE = "127.0.0.34"
