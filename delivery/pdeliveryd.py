@@ -104,6 +104,7 @@ class DeliveryServer:
         if not (self.layout.root / ROOT_MARKER).exists():
             log.warning("storage root %s has no %s: deliveries get 451 until it is mounted",
                         self.layout.root, ROOT_MARKER)
+        self.store.dedup.load()
         sock = daemon.bind_listener(host, port)
         self.server = await asyncio.start_server(self.session, sock=sock, limit=READ_SIZE,
                                                  backlog=daemon.LISTEN_BACKLOG)
@@ -141,7 +142,7 @@ class DeliveryServer:
         self.sessions[writer] = None
         self.per_address[client] += 1
         conn = LMTPServerConnection(self.hostname, self.limits, "LMTP pdeliveryd ready",
-                                    new_body=self.store.new_body)
+                                    new_body=self.store.new_body, dsn=True)
         accepted = []            # Recipient of each accepted RCPT, in order
         loop = asyncio.get_running_loop()
         try:

@@ -21,6 +21,7 @@ from tests.support import pwtest
 from delivery.layout import MailboxLayout
 from tests.support.delivery_util import (Pdeliveryd, client_conf, free_port, free_port_on, messages, stop_process, wait_for,
                            write_users)
+from pwmail.testbed import sendmail as testbed_sendmail
 from pwmail.testbed.sendmail import CF_M4, SENDMAIL, SendmailDir, SyslogSink, enter, message
 
 STORES = ["127.0.0.2", "127.0.0.3"]
@@ -113,6 +114,21 @@ def mx_lmtp(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mx_direct(tmp_path_factory):
     yield from _bed(tmp_path_factory, "sendmail-mailer-direct")
+
+
+@pytest.fixture(scope="module")
+def mx_flag_p(tmp_path_factory):
+    """The one-user mailer with Sendmail's default `P` kept: Sendmail adds its own `Return-Path: <$g>`."""
+    documented = testbed_sendmail.documented_mailer
+
+    def with_p(block: str) -> str:
+        text = documented(block)
+        assert "`lsDFMA5:/|@qn')" in text
+        return text.replace("`lsDFMA5:/|@qn')", "`lsDFMA5:/|@qnP')")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(testbed_sendmail, "documented_mailer", with_p)
+        yield from _bed(tmp_path_factory, "sendmail-mailer")
 
 
 def smtp_send(mx, sender, rcpts, data):
@@ -225,3 +241,17 @@ def test_sendmail_lmtp_straight_to_pdeliveryd(mx_direct):
     assert bounce and b"Status: 5.1.1" in bounce[0].read_bytes(), m.output()
     assert wait_for(lambda: m.queue_files() == [], timeout=30)
     assert any("mailer=local" in line and "stat=Sent" in line and "juan@pwmail.test" in line for line in m.syslog.lines)
+
+
+def test_mailer_flag_p_still_gives_one_return_path(mx_flag_p):
+    """Sendmail's F=P Return-Path (seen doubled before, issue 15) is replaced by pdeliveryd's."""
+    m, layout = mx_flag_p["mx"], mx_flag_p["layout"]["127.0.0.2"]
+    data = message("flag P", "juan@pwmail.test")
+    assert smtp_send(m, "ana@pwmail.test", ["juan@pwmail.test"], data) == {}
+    files = wait_for(lambda: messages(layout.path("juan")), timeout=60)
+    assert len(files) == 1, m.output()
+    stored = files[0].read_bytes()
+    header = stored.partition(b"\n\n")[0].split(b"\n")
+    assert [line for line in header if line.lower().startswith(b"return-path:")] == [b"Return-Path: <ana@pwmail.test>"]
+    assert stored.startswith(b"Return-Path: <ana@pwmail.test>\nDelivered-To: juan\nReceived: ")
+    assert stored.endswith(data.replace(b"\r\n", b"\n"))

@@ -2,6 +2,7 @@
 `pdeliveryd` processes on loopback addresses, Maildir inspection."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import re
@@ -101,3 +102,19 @@ def env_with(conf: pathlib.Path, settings: pathlib.Path | None = None, **extra) 
     if settings is not None:
         env["PWMAIL_CONF"] = str(settings)
     return env
+
+
+@contextlib.contextmanager
+def pwserver_env(d: pathlib.Path):
+    """A real pwserver serving USERS; yields the environment that points clients (pdeliveryd) at it."""
+    with pwtest.PwServer(write_users(d / "users")) as pw:
+        yield env_with(client_conf(d / "pwserver.conf", [pw.address]))
+
+
+@contextlib.contextmanager
+def one_store(d: pathlib.Path, host: str):
+    """pwserver_env() and one pdeliveryd on `host` with its root in d/root: yields (pdeliveryd, its port)."""
+    with pwserver_env(d) as env:
+        port = free_port_on([host])
+        with Pdeliveryd(d / "root", host, port, env) as srv:
+            yield srv, port
