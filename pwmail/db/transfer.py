@@ -1,0 +1,120 @@
+"""Moving a whole site between the four files and the database with COPY
+(`pwmail db import` and `pwmail db export`, docs/database.md)."""
+from __future__ import annotations
+
+import pathlib
+import re
+
+from . import files
+from .progress import Progress
+
+BATCH = 20_000      # rows per COPY write: big enough to be cheap, small enough to draw progress
+
+USER_COLUMNS = ("name", "uid", "gid", "gecos", "home", "shell", "password_hash", "last_change", "min_days",
+                "max_days", "warn_days", "inactive_days", "expire_day", "shadow_flag", "mailhost", "frozen")
+
+# The export's SELECTs: each row is one line of the file. Users in uid order,
+# groups in gid order, members in the order they were added.
+_OPT = "coalesce({}::text, '')"
+EXPORT_QUERIES = {
+    "passwd": "SELECT name || ':x:' || uid || ':' || gid || ':' || gecos || ':' || home || ':' || shell "
+              "FROM pwmail.users ORDER BY uid",
+    "shadow": "SELECT name || ':' || password_hash || ':' || "
+              + " || ':' || ".join(_OPT.format(c) for c in USER_COLUMNS[7:14])
+              + " FROM pwmail.users WHERE password_hash IS NOT NULL ORDER BY uid",
+    "group": "SELECT g.name || ':x:' || g.gid || ':' || coalesce(string_agg(m.user_name, ',' ORDER BY m.position), '') "
+             "FROM pwmail.groups g LEFT JOIN pwmail.members m ON m.group_name = g.name "
+             "GROUP BY g.name, g.gid ORDER BY g.gid",
+    "mailhosts": "SELECT name || ' ' || mailhost || CASE WHEN frozen THEN ' frozen' ELSE '' END "
+                 "FROM pwmail.users WHERE mailhost IS NOT NULL ORDER BY uid",
+}
+FILE_MODES = {"passwd": files.PUBLIC_MODE, "shadow": files.SHADOW_MODE, "group": files.PUBLIC_MODE,
+              "mailhosts": files.PUBLIC_MODE}
+
+# COPY's text format escapes (PostgreSQL docs, "COPY ... File Formats")
+_COPY_ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_COPY_UNESCAPE = re.compile(rb"\\(.)")
+_UNESCAPED = {b"\\": b"\\", b"t": b"\t", b"n": b"\n", b"r": b"\r", b"b": b"\b", b"f": b"\f", b"v": b"\v"}
+
+
+class ImportRefused(Exception):
+    """The database already holds a site (and --replace was not given)."""
+
+
+def _field(value) -> str:
+    if value is None:
+        return "\\N"
+    if value is True or value is False:
+        return "t" if value else "f"
+    text = str(value)
+    return text.translate(_COPY_ESCAPE) if ("\\" in text or "\t" in text) else text
+
+
+def _copy_rows(cur, sql: str, rows, progress: Progress) -> None:
+    with cur.copy(sql) as copy:
+        batch: list[str] = []
+        for row in rows:
+            batch.append("\t".join(map(_field, row)))
+            if len(batch) == BATCH:
+                copy.write("\n".join(batch) + "\n")
+                progress.advance(len(batch))
+                batch = []
+        if batch:
+            copy.write("\n".join(batch) + "\n")
+            progress.advance(len(batch))
+
+
+def _user_rows(site: files.Site):
+    no_shadow = [None] * (1 + files.SHADOW_NUMBERS)
+    for name, uid, gid, gecos, home, shell in site.users:
+        host, frozen = site.mailhosts.get(name, (None, False))
+        yield (name, uid, gid, gecos, home, shell, *site.shadow.get(name, no_shadow), host, frozen)
+
+
+def import_site(conn, site: files.Site, replace: bool = False, stream=None) -> dict[str, int]:
+    """Loads `site` in one transaction: all of it or nothing. A database
+    that holds users or groups already is refused unless `replace`, which
+    deletes them first (in the same transaction: readers and followers see
+    the old site or the new one)."""
+    total = len(site.groups) + len(site.users) + len(site.members)
+    progress = Progress(total, "importing", stream)
+    with conn.transaction(), conn.cursor() as cur:
+        held = cur.execute("SELECT (SELECT count(*) FROM pwmail.users), "
+                           "(SELECT count(*) FROM pwmail.groups)").fetchone()
+        if any(held) and not replace:
+            raise ImportRefused(f"the database holds {held[0]} users and {held[1]} groups already "
+                                "(--replace deletes them first)")
+        if replace:
+            cur.execute("DELETE FROM pwmail.members; DELETE FROM pwmail.users; DELETE FROM pwmail.groups")
+        _copy_rows(cur, "COPY pwmail.groups (name, gid) FROM STDIN", site.groups, progress)
+        _copy_rows(cur, f"COPY pwmail.users ({', '.join(USER_COLUMNS)}) FROM STDIN", _user_rows(site), progress)
+        _copy_rows(cur, "COPY pwmail.members (group_name, user_name) FROM STDIN", site.members, progress)
+    progress.finish()
+    return {"users": len(site.users), "groups": len(site.groups), "members": len(site.members)}
+
+
+def _unescape(row: bytes) -> bytes:
+    return _COPY_UNESCAPE.sub(lambda m: _UNESCAPED.get(m.group(1), m.group(1)), row) if b"\\" in row else row
+
+
+def export_site(conn, folder: pathlib.Path) -> dict[str, int]:
+    """Writes passwd, shadow, group and mailhosts into `folder` from one
+    snapshot of the database; the four files replace the old ones together
+    at the end (files.StagedFiles). Returns the lines written per file."""
+    staged = files.StagedFiles(folder)
+    counts: dict[str, int] = {}
+    try:
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            for name, query in EXPORT_QUERIES.items():
+                n = 0
+                with staged.open(name, FILE_MODES[name]) as out, cur.copy(f"COPY ({query}) TO STDOUT") as copy:
+                    for row in copy:
+                        out.write(_unescape(bytes(row)))
+                        n += 1
+                counts[name] = n
+        staged.commit()
+    except BaseException:
+        staged.abort()
+        raise
+    return counts
