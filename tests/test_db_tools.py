@@ -55,7 +55,7 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def query(dsn: str, sql: str, params=()) -> list[tuple]:
+def query(dsn: str, sql: str, params=None) -> list[tuple]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         return conn.execute(sql, params).fetchall()
 
@@ -226,9 +226,19 @@ def _data_lines(path):
     return [line for line in path.read_text().splitlines() if not line.startswith("#")]
 
 
+KEYS_SQL = ("SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE connamespace = 'pwmail'::regnamespace "
+            "UNION ALL SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index "
+            "WHERE indrelid::regclass::text LIKE 'pwmail.%' ORDER BY 1")
+
+
 def test_import_then_export_gives_the_same_files(dsn, site, tmp_path):
+    keys = query(dsn, KEYS_SQL)
     proc = _import(dsn, site)
     assert proc.returncode == 0, proc.stderr
+    # the import drops keys and indexes for the load: all of them are back, and hold
+    assert query(dsn, KEYS_SQL) == keys and len(keys) > 15
+    first = site.joinpath("passwd").read_text().split(":")[0]
+    assert "other letter case" in one_line_error(user(dsn, "add", first.upper(), "--no-password"))
     assert "imported 3,001 users" in proc.stdout
     out = tmp_path / "out"
     out.mkdir()
@@ -246,6 +256,23 @@ def test_import_then_export_gives_the_same_files(dsn, site, tmp_path):
         ("member", sum(len(line.split(":")[3].split(",")) for line in _data_lines(site / "group")
                        if line.split(":")[3])),
         ("user", 3001)]
+
+
+def test_progress_bar_only_on_a_terminal():
+    import io
+
+    from pwmail.db.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, drawn in ((Terminal(), True), (io.StringIO(), False)):
+        bar = Progress(1000, "importing", stream)
+        bar.advance(500)
+        bar.advance(500)
+        bar.finish()
+        assert ("1,000/1,000" in stream.getvalue()) is drawn and ("[" in stream.getvalue()) is drawn
 
 
 def test_import_refuses_a_database_that_holds_users(dsn, site):

@@ -61,17 +61,29 @@ def _id(text: str) -> int:
     return value
 
 
-def _optional_number(text: str) -> int | None:
-    return None if text == "" else int(text)
+def _numbers_ok(numbers: list[str]) -> bool:
+    """shadow(5)'s day counts: each empty or a whole number (negative too:
+    -1 is "unset" in some files). The common case costs one isdigit()."""
+    joined = "".join(numbers)
+    if not joined or joined.isdigit():
+        return True
+    try:
+        for n in numbers:
+            if n:
+                int(n)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclasses.dataclass
 class Site:
-    """A site read from files: rows in file order, ready for COPY."""
+    """A site read from files: rows of strings in file order (numbers as
+    their text, None for an empty shadow field), ready for COPY."""
 
-    users: list[list] = dataclasses.field(default_factory=list)      # name uid gid gecos home shell
-    shadow: dict[str, list] = dataclasses.field(default_factory=dict)  # name -> [hash, 7 numbers]
-    groups: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    users: list[tuple[str, ...]] = dataclasses.field(default_factory=list)   # name uid gid gecos home shell
+    shadow: dict[str, list] = dataclasses.field(default_factory=dict)        # name -> [hash, 7 numbers or None]
+    groups: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, gid)
     members: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (group, user)
     mailhosts: dict[str, tuple[str, bool]] = dataclasses.field(default_factory=dict)
     skipped: dict[str, Skipped] = dataclasses.field(default_factory=dict)
@@ -103,7 +115,7 @@ def parse_passwd(site: Site, text: str) -> None:
         else:
             seen_names.add(name.lower())
             seen_uids.add(uid)
-            site.users.append([name, uid, gid, f[4], f[5], f[6]])
+            site.users.append((name, str(uid), str(gid), f[4], f[5], f[6]))
 
 
 def parse_shadow(site: Site, text: str) -> None:
@@ -111,16 +123,12 @@ def parse_shadow(site: Site, text: str) -> None:
         f = line.split(":")
         if len(f) != 2 + SHADOW_NUMBERS:
             site.skip("shadow", lineno, f"not {2 + SHADOW_NUMBERS} fields")
-            continue
-        try:
-            numbers = [_optional_number(x) for x in f[2:]]
-        except ValueError:
+        elif not _numbers_ok(f[2:]):
             site.skip("shadow", lineno, "bad number")
-            continue
-        if f[0] in site.shadow:
+        elif f[0] in site.shadow:
             site.skip("shadow", lineno, f"duplicate name {f[0]!r}")
         else:
-            site.shadow[f[0]] = [f[1], *numbers]
+            site.shadow[f[0]] = [f[1]] + [n or None for n in f[2:]]
 
 
 def parse_group(site: Site, text: str, users: set[str]) -> None:
@@ -143,7 +151,7 @@ def parse_group(site: Site, text: str, users: set[str]) -> None:
             continue
         names.add(f[0])
         gids.add(gid)
-        site.groups.append((f[0], gid))
+        site.groups.append((f[0], str(gid)))
         for member in dict.fromkeys(m for m in f[3].split(",") if m):
             if member in users:
                 site.members.append((f[0], member))

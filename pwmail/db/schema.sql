@@ -16,13 +16,13 @@ SELECT pg_advisory_xact_lock(hashtext('pwmail.schema'));
 -- dot, '+' or '-' (delivery/layout.py check_user; ':' separates passwd(5)
 -- fields; '+' and '-' start NIS compat lines, which pwserver skips in files).
 CREATE OR REPLACE FUNCTION pwmail.valid_name(name text) RETURNS boolean
-    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-    RETURN name ~ '^[!-~]{1,255}$' AND strpos(name, '/') = 0 AND strpos(name, ':') = 0
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN name ~ '^[!-~]+$' AND octet_length(name) <= 255 AND strpos(name, '/') = 0 AND strpos(name, ':') = 0
            AND left(name, 1) NOT IN ('.', '+', '-');
 
 -- A passwd(5)/shadow(5) field: anything but ':' and line ends.
 CREATE OR REPLACE FUNCTION pwmail.valid_field(value text) RETURNS boolean
-    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
     RETURN value !~ '[:\n\r]';
 
 CREATE TABLE IF NOT EXISTS pwmail.users (
@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS pwmail.users (
     CONSTRAINT users_fields_valid CHECK (pwmail.valid_field(gecos) AND pwmail.valid_field(home)
                                          AND pwmail.valid_field(shell)
                                          AND pwmail.valid_field(coalesce(password_hash, ''))),
-    CONSTRAINT users_mailhost_valid CHECK (mailhost ~ '^[!-~]{1,255}$' AND mailhost !~ '^#'),
+    CONSTRAINT users_mailhost_valid CHECK (mailhost ~ '^[!-~]+$' AND octet_length(mailhost) <= 255
+                                           AND left(mailhost, 1) <> '#'),
     CONSTRAINT users_frozen_needs_mailhost CHECK (NOT frozen OR mailhost IS NOT NULL),
     CONSTRAINT users_quota_valid CHECK (quota_bytes >= 0)
 );
@@ -147,23 +148,21 @@ BEGIN
     RETURN NULL;
 END $$;
 
-CREATE OR REPLACE TRIGGER users_log_insert AFTER INSERT ON pwmail.users
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION pwmail.log_rows('user', 'name', 'NULL');
-CREATE OR REPLACE TRIGGER users_log_delete AFTER DELETE ON pwmail.users
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION pwmail.log_rows('user', 'name', 'NULL');
-CREATE OR REPLACE TRIGGER users_log_update AFTER UPDATE ON pwmail.users
-    FOR EACH ROW EXECUTE FUNCTION pwmail.log_update('user');
-CREATE OR REPLACE TRIGGER groups_log_insert AFTER INSERT ON pwmail.groups
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION pwmail.log_rows('group', 'name', 'NULL');
-CREATE OR REPLACE TRIGGER groups_log_delete AFTER DELETE ON pwmail.groups
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION pwmail.log_rows('group', 'name', 'NULL');
-CREATE OR REPLACE TRIGGER groups_log_update AFTER UPDATE ON pwmail.groups
-    FOR EACH ROW EXECUTE FUNCTION pwmail.log_update('group');
-CREATE OR REPLACE TRIGGER members_log_insert AFTER INSERT ON pwmail.members
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT
-    EXECUTE FUNCTION pwmail.log_rows('member', 'group_name', 'user_name');
-CREATE OR REPLACE TRIGGER members_log_delete AFTER DELETE ON pwmail.members
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT
-    EXECUTE FUNCTION pwmail.log_rows('member', 'group_name', 'user_name');
-CREATE OR REPLACE TRIGGER members_log_update AFTER UPDATE ON pwmail.members
-    FOR EACH ROW EXECUTE FUNCTION pwmail.log_update('member');
+-- The same three triggers on each table: (table, kind, name, member).
+DO $$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN SELECT * FROM (VALUES ('users', 'user', 'name', 'NULL'), ('groups', 'group', 'name', 'NULL'),
+                                   ('members', 'member', 'group_name', 'user_name')) v (tbl, kind, name, member)
+    LOOP
+        EXECUTE format('CREATE OR REPLACE TRIGGER %1$s_log_insert AFTER INSERT ON pwmail.%1$I '
+                       'REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT '
+                       'EXECUTE FUNCTION pwmail.log_rows(%2$L, %3$L, %4$L)', t.tbl, t.kind, t.name, t.member);
+        EXECUTE format('CREATE OR REPLACE TRIGGER %1$s_log_delete AFTER DELETE ON pwmail.%1$I '
+                       'REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT '
+                       'EXECUTE FUNCTION pwmail.log_rows(%2$L, %3$L, %4$L)', t.tbl, t.kind, t.name, t.member);
+        EXECUTE format('CREATE OR REPLACE TRIGGER %1$s_log_update AFTER UPDATE ON pwmail.%1$I '
+                       'FOR EACH ROW EXECUTE FUNCTION pwmail.log_update(%2$L)', t.tbl, t.kind);
+    END LOOP;
+END $$;

@@ -9,6 +9,7 @@ from . import files
 from .progress import Progress
 
 BATCH = 20_000      # rows per COPY write: big enough to be cheap, small enough to draw progress
+LOADED_TABLES = ("pwmail.groups", "pwmail.users", "pwmail.members")
 
 USER_COLUMNS = ("name", "uid", "gid", "gecos", "home", "shell", "password_hash", "last_change", "min_days",
                 "max_days", "warn_days", "inactive_days", "expire_day", "shadow_flag", "mailhost", "frozen")
@@ -41,20 +42,24 @@ class ImportRefused(Exception):
     """The database already holds a site (and --replace was not given)."""
 
 
-def _field(value) -> str:
+def _copy_line(fields) -> str:
+    """One row in COPY's text format (fields: str, or None for NULL)."""
+    return "\t".join([_field(f) for f in fields])
+
+
+def _field(value: str | None) -> str:
     if value is None:
         return "\\N"
-    if value is True or value is False:
-        return "t" if value else "f"
-    text = str(value)
-    return text.translate(_COPY_ESCAPE) if ("\\" in text or "\t" in text) else text
+    if "\\" in value or "\t" in value or "\r" in value or "\n" in value:   # rare: translate is slow
+        return value.translate(_COPY_ESCAPE)
+    return value
 
 
 def _copy_rows(cur, sql: str, rows, progress: Progress) -> None:
     with cur.copy(sql) as copy:
         batch: list[str] = []
         for row in rows:
-            batch.append("\t".join(map(_field, row)))
+            batch.append(_copy_line(row))
             if len(batch) == BATCH:
                 copy.write("\n".join(batch) + "\n")
                 progress.advance(len(batch))
@@ -66,9 +71,34 @@ def _copy_rows(cur, sql: str, rows, progress: Progress) -> None:
 
 def _user_rows(site: files.Site):
     no_shadow = [None] * (1 + files.SHADOW_NUMBERS)
-    for name, uid, gid, gecos, home, shell in site.users:
-        host, frozen = site.mailhosts.get(name, (None, False))
-        yield (name, uid, gid, gecos, home, shell, *site.shadow.get(name, no_shadow), host, frozen)
+    for row in site.users:
+        host, frozen = site.mailhosts.get(row[0], (None, False))
+        yield (*row, *site.shadow.get(row[0], no_shadow), host, "t" if frozen else "f")
+
+
+def _drop_keys(cur) -> list[str]:
+    """Drops the keys, indexes and foreign keys of the loaded tables and
+    returns the statements that put them back, taken from the catalog (so
+    schema.sql stays their one definition). Built once over the loaded rows,
+    they cost a fraction of a million index insertions and foreign-key
+    checks made row by row; the import's transaction holds the tables
+    meanwhile (readers wait for its commit)."""
+    tables = list(LOADED_TABLES)
+    constraints = cur.execute(
+        "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid), contype = 'f' FROM pg_constraint "
+        "WHERE conrelid = ANY (%s::regclass[]) AND contype IN ('f', 'p', 'u') ORDER BY contype = 'f' DESC",
+        (tables,)).fetchall()
+    indexes = cur.execute(
+        "SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index i "
+        "WHERE indrelid = ANY (%s::regclass[]) AND NOT EXISTS (SELECT 1 FROM pg_constraint c "
+        "  WHERE c.conindid = i.indexrelid AND c.contype IN ('p', 'u'))", (tables,)).fetchall()
+    for table, name, _, _ in constraints:
+        cur.execute(f'ALTER TABLE {table} DROP CONSTRAINT "{name}"')
+    for index, _ in indexes:
+        cur.execute(f"DROP INDEX {index}")
+    keys = [f'ALTER TABLE {t} ADD CONSTRAINT "{n}" {d}' for t, n, d, fk in reversed(constraints) if not fk]
+    foreign = [f'ALTER TABLE {t} ADD CONSTRAINT "{n}" {d}' for t, n, d, fk in reversed(constraints) if fk]
+    return keys + [d for _, d in indexes] + foreign
 
 
 def import_site(conn, site: files.Site, replace: bool = False, stream=None) -> dict[str, int]:
@@ -86,9 +116,12 @@ def import_site(conn, site: files.Site, replace: bool = False, stream=None) -> d
                                 "(--replace deletes them first)")
         if replace:
             cur.execute("DELETE FROM pwmail.members; DELETE FROM pwmail.users; DELETE FROM pwmail.groups")
+        restore = _drop_keys(cur)
         _copy_rows(cur, "COPY pwmail.groups (name, gid) FROM STDIN", site.groups, progress)
         _copy_rows(cur, f"COPY pwmail.users ({', '.join(USER_COLUMNS)}) FROM STDIN", _user_rows(site), progress)
         _copy_rows(cur, "COPY pwmail.members (group_name, user_name) FROM STDIN", site.members, progress)
+        for statement in restore:
+            cur.execute(statement)
     progress.finish()
     return {"users": len(site.users), "groups": len(site.groups), "members": len(site.members)}
 
