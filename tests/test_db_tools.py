@@ -38,8 +38,8 @@ def dsn(pg) -> str:
     return dsn
 
 
-def pwmail(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    env = dict(os.environ, PWMAIL_CONF="/nonexistent/pwmail.toml")
+def pwmail(*args: str, stdin: str = "", conf: str = "/nonexistent/pwmail.toml") -> subprocess.CompletedProcess:
+    env = dict(os.environ, PWMAIL_CONF=conf)
     return subprocess.run([str(BIN / "pwmail"), *args], input=stdin, capture_output=True, text=True, env=env,
                           timeout=300)
 
@@ -192,6 +192,18 @@ def test_values_set_are_what_show_prints(dsn):
     assert shown["gecos"] == "Juan Garcia" and shown["mailhost"] == "store1" and shown["password"] == "locked"
     assert shown["home"] == "/var/spool/mail/j/g/a/jgarcia"
     assert user(dsn, "show", "nobody-here").returncode == 2
+
+
+def test_db_settings_from_pwmail_toml(dsn, tmp_path):
+    conf = tmp_path / "pwmail.toml"
+    conf.write_text(f'[db]\ndsn = "{dsn}"\nfirst_uid = 70000\ngid = 500\nshell = "/bin/false"\n'
+                    '[delivery]\nroot = "/srv/mail"\nlayout = "first2last"\n')
+    proc = pwmail("user", "add", "mlopez", "--no-password", conf=str(conf))
+    assert proc.returncode == 0, proc.stderr
+    assert query(dsn, "SELECT uid, gid, shell, home FROM pwmail.users") == [
+        (70000, 500, "/bin/false", "/srv/mail/m/l/z/mlopez")]
+    conf.write_text('[db]\ndns = "typo"\n')
+    assert "unknown key(s) in [db]: dns" in one_line_error(pwmail("user", "show", "mlopez", conf=str(conf)))
 
 
 def test_new_uids_follow_the_highest(dsn):

@@ -45,9 +45,9 @@ def run(args: argparse.Namespace) -> str:
             init_schema(conn)
             return "schema pwmail ready"
         if args.action == "import":
-            site = files.read_site(args.passwd, args.shadow, args.group, args.mailhosts)
+            n, site = transfer.import_files(conn, args.passwd, args.shadow, args.group, args.mailhosts,
+                                            replace=args.replace)
             _report_skipped(site)
-            n = transfer.import_site(conn, site, replace=args.replace)
             return (f"imported {n['users']:,} users, {n['groups']:,} groups, {n['members']:,} memberships "
                     f"in {time.monotonic() - t0:.1f} s")
         folder = pathlib.Path(args.dir)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from delivery.layout import LayoutError, check_user
 
@@ -42,13 +42,14 @@ class Skipped:
 
     def add(self, lineno: int, why: str) -> None:
         if not self.count:
-            self.first = f"line {lineno}: {why}"
+            self.first = f"line {lineno}: {why}" if lineno else why
         self.count += 1
 
 
-def _lines(text: str) -> Iterator[tuple[int, str]]:
-    for lineno, line in enumerate(text.split("\n"), 1):
-        line = line.rstrip("\r")
+def _lines(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
+    """(number, line) of the lines that are not blank or comments."""
+    for lineno, line in enumerate(lines, 1):
+        line = line.rstrip("\r\n")
         stripped = line.lstrip(" \t")
         if stripped and not stripped.startswith("#"):
             yield lineno, line
@@ -79,9 +80,11 @@ def _numbers_ok(numbers: list[str]) -> bool:
 @dataclasses.dataclass
 class Site:
     """A site read from files: rows of strings in file order (numbers as
-    their text, None for an empty shadow field), ready for COPY."""
+    their text, None for an empty shadow field), ready for COPY. Users are
+    not kept: passwd_rows() hands them on as it reads them (a million rows
+    go to the database while the next are read) and remembers their names."""
 
-    users: list[tuple[str, ...]] = dataclasses.field(default_factory=list)   # name uid gid gecos home shell
+    names: set[str] = dataclasses.field(default_factory=set)
     shadow: dict[str, list] = dataclasses.field(default_factory=dict)        # name -> [hash, 7 numbers or None]
     groups: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, gid)
     members: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (group, user)
@@ -92,10 +95,11 @@ class Site:
         self.skipped.setdefault(what, Skipped()).add(lineno, why)
 
 
-def parse_passwd(site: Site, text: str) -> None:
+def passwd_rows(site: Site, lines: Iterable[str]) -> Iterator[tuple[str, ...]]:
+    """(name, uid, gid, gecos, home, shell) of each usable line, in order."""
     seen_names: set[str] = set()     # lower-cased: Juan and juan share a mailbox
     seen_uids: set[int] = set()
-    for lineno, line in _lines(text):
+    for lineno, line in _lines(lines):
         f = line.split(":")
         if len(f) != 7:
             site.skip("passwd", lineno, "not 7 fields")
@@ -115,11 +119,12 @@ def parse_passwd(site: Site, text: str) -> None:
         else:
             seen_names.add(name.lower())
             seen_uids.add(uid)
-            site.users.append((name, str(uid), str(gid), f[4], f[5], f[6]))
+            site.names.add(name)
+            yield name, str(uid), str(gid), f[4], f[5], f[6]
 
 
-def parse_shadow(site: Site, text: str) -> None:
-    for lineno, line in _lines(text):
+def parse_shadow(site: Site, lines: Iterable[str]) -> None:
+    for lineno, line in _lines(lines):
         f = line.split(":")
         if len(f) != 2 + SHADOW_NUMBERS:
             site.skip("shadow", lineno, f"not {2 + SHADOW_NUMBERS} fields")
@@ -131,12 +136,12 @@ def parse_shadow(site: Site, text: str) -> None:
             site.shadow[f[0]] = [f[1]] + [n or None for n in f[2:]]
 
 
-def parse_group(site: Site, text: str, users: set[str]) -> None:
+def parse_group(site: Site, lines: Iterable[str], users: set[str]) -> None:
     """Members must be users of the site (the database keeps memberships of
     users only); others are skipped and counted under "group members"."""
     names: set[str] = set()
     gids: set[int] = set()
-    for lineno, line in _lines(text):
+    for lineno, line in _lines(lines):
         f = line.split(":")
         if len(f) != 4:
             site.skip("group", lineno, "not 4 fields")
@@ -159,8 +164,8 @@ def parse_group(site: Site, text: str, users: set[str]) -> None:
                 site.skip("group members", lineno, f"{member!r} in {f[0]} is not a user")
 
 
-def parse_mailhosts(site: Site, text: str) -> None:
-    for lineno, line in _lines(text):
+def parse_mailhosts(site: Site, lines: Iterable[str]) -> None:
+    for lineno, line in _lines(lines):
         w = line.split("#", 1)[0].split()
         if len(w) not in (2, 3) or (len(w) == 3 and w[2] != "frozen"):
             site.skip("mailhosts", lineno, "not 'user host [frozen]'")
@@ -170,29 +175,30 @@ def parse_mailhosts(site: Site, text: str) -> None:
             site.mailhosts[w[0]] = (w[1], len(w) == 3)
 
 
-def read_site(passwd: str, shadow: str | None = None, group: str | None = None,
-              mailhosts: str | None = None) -> Site:
-    """Reads the files (paths; None = not given) into a Site."""
+def opened(path: str):
+    """A file read line by line (newline="": a CR is kept, then stripped, as
+    pwserver does)."""
+    return open(path, encoding="utf-8", errors="surrogateescape", newline="")
+
+
+def read_side_files(shadow: str | None, mailhosts: str | None) -> Site:
+    """A Site with the shadow and mailhosts maps (paths; None = not given),
+    to be joined to passwd as it is read."""
     site = Site()
-
-    def text(path: str) -> str:
-        return pathlib.Path(path).read_text(encoding="utf-8", errors="surrogateescape")
-
-    parse_passwd(site, text(passwd))
-    names = {u[0] for u in site.users}
-    if shadow:
-        parse_shadow(site, text(shadow))
-        for name in set(site.shadow) - names:
-            del site.shadow[name]
-            site.skip("shadow", 0, f"{name!r} is not in passwd")
-    if group:
-        parse_group(site, text(group), names)
-    if mailhosts:
-        parse_mailhosts(site, text(mailhosts))
-        for name in set(site.mailhosts) - names:
-            del site.mailhosts[name]
-            site.skip("mailhosts", 0, f"{name!r} is not in passwd")
+    for path, parse in ((shadow, parse_shadow), (mailhosts, parse_mailhosts)):
+        if path:
+            with opened(path) as f:
+                parse(site, f)
     return site
+
+
+def drop_orphans(site: Site) -> None:
+    """Once passwd is read: shadow and mailhosts lines of names it lacks are
+    skipped (counted, as pwserver does)."""
+    for what, entries in (("shadow", site.shadow), ("mailhosts", site.mailhosts)):
+        for name in set(entries) - site.names:
+            del entries[name]
+            site.skip(what, 0, f"{name!r} is not in passwd")
 
 
 class StagedFiles:

@@ -69,9 +69,9 @@ def _copy_rows(cur, sql: str, rows, progress: Progress) -> None:
             progress.advance(len(batch))
 
 
-def _user_rows(site: files.Site):
+def _user_rows(site: files.Site, users):
     no_shadow = [None] * (1 + files.SHADOW_NUMBERS)
-    for row in site.users:
+    for row in users:
         host, frozen = site.mailhosts.get(row[0], (None, False))
         yield (*row, *site.shadow.get(row[0], no_shadow), host, "t" if frozen else "f")
 
@@ -101,13 +101,24 @@ def _drop_keys(cur) -> list[str]:
     return keys + [d for _, d in indexes] + foreign
 
 
-def import_site(conn, site: files.Site, replace: bool = False, stream=None) -> dict[str, int]:
-    """Loads `site` in one transaction: all of it or nothing. A database
-    that holds users or groups already is refused unless `replace`, which
-    deletes them first (in the same transaction: readers and followers see
-    the old site or the new one)."""
-    total = len(site.groups) + len(site.users) + len(site.members)
-    progress = Progress(total, "importing", stream)
+def _count_lines(path: str | None, also: bytes = b"") -> int:
+    """Lines (and `also` bytes) in a file: the progress bar's total."""
+    if not path:
+        return 0
+    with open(path, "rb") as f:
+        data = f.read()
+    return data.count(b"\n") + (data.count(also) if also else 0)
+
+
+def import_files(conn, passwd: str, shadow: str | None = None, group: str | None = None,
+                 mailhosts: str | None = None, replace: bool = False, stream=None) -> tuple[dict, files.Site]:
+    """Loads a site from its files in one transaction: all of it or nothing.
+    A database that holds users or groups already is refused unless
+    `replace`, which deletes them first (in the same transaction: readers
+    and followers see the old site or the new one). Returns the counts and
+    the Site (its `skipped` says what was left out)."""
+    site = files.read_side_files(shadow, mailhosts)
+    progress = Progress(_count_lines(passwd) + _count_lines(group, b","), "importing", stream)
     with conn.transaction(), conn.cursor() as cur:
         held = cur.execute("SELECT (SELECT count(*) FROM pwmail.users), "
                            "(SELECT count(*) FROM pwmail.groups)").fetchone()
@@ -117,13 +128,19 @@ def import_site(conn, site: files.Site, replace: bool = False, stream=None) -> d
         if replace:
             cur.execute("DELETE FROM pwmail.members; DELETE FROM pwmail.users; DELETE FROM pwmail.groups")
         restore = _drop_keys(cur)
+        with files.opened(passwd) as f:
+            _copy_rows(cur, f"COPY pwmail.users ({', '.join(USER_COLUMNS)}) FROM STDIN",
+                       _user_rows(site, files.passwd_rows(site, f)), progress)
+        files.drop_orphans(site)
+        if group:
+            with files.opened(group) as f:
+                files.parse_group(site, f, site.names)
         _copy_rows(cur, "COPY pwmail.groups (name, gid) FROM STDIN", site.groups, progress)
-        _copy_rows(cur, f"COPY pwmail.users ({', '.join(USER_COLUMNS)}) FROM STDIN", _user_rows(site), progress)
         _copy_rows(cur, "COPY pwmail.members (group_name, user_name) FROM STDIN", site.members, progress)
         for statement in restore:
             cur.execute(statement)
     progress.finish()
-    return {"users": len(site.users), "groups": len(site.groups), "members": len(site.members)}
+    return {"users": len(site.names), "groups": len(site.groups), "members": len(site.members)}, site
 
 
 def _unescape(row: bytes) -> bytes:
