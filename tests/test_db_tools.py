@@ -184,6 +184,25 @@ def test_every_change_is_logged_in_order_and_notified(dsn):
     assert notified == seqs      # one notification per transaction, carrying its last seq
 
 
+def test_deleting_a_user_logs_their_memberships_going(dsn):
+    for name in ("jgarcia", "mlopez"):
+        assert user(dsn, "add", name, "--no-password").returncode == 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO pwmail.groups VALUES ('staff', 50)")
+        conn.execute("INSERT INTO pwmail.members (group_name, user_name) VALUES ('staff', 'jgarcia'), "
+                     "('staff', 'mlopez')")
+    [(last,)] = query(dsn, "SELECT max(seq) FROM pwmail.changes")
+    assert user(dsn, "set", "mlopez", "name=mlopez2").returncode == 0
+    assert user(dsn, "del", "jgarcia").returncode == 0
+    assert query(dsn, "SELECT kind, op, name, member, old_name FROM pwmail.changes WHERE seq > %s ORDER BY seq",
+                 (last,)) == [
+        ("user", "update", "mlopez2", None, "mlopez"),
+        ("member", "delete", "staff", "mlopez", None), ("member", "insert", "staff", "mlopez2", None),
+        ("user", "delete", "jgarcia", None, None), ("member", "delete", "staff", "jgarcia", None)]
+    assert query(dsn, "SELECT group_name, user_name FROM pwmail.members") == [("staff", "mlopez2")]
+    assert "groups=staff" in user(dsn, "show", "mlopez2").stdout
+
+
 def test_values_set_are_what_show_prints(dsn):
     assert user(dsn, "add", "jgarcia", "--no-password", "--mailhost", "store1", "--uid", "12345").returncode == 0
     assert user(dsn, "set", "jgarcia", "quota=2G", "gecos=Juan Garcia", "frozen=true").returncode == 0

@@ -69,7 +69,7 @@ def describe(exc: Exception) -> str:
     if constraint in CONSTRAINT_TEXT:
         return CONSTRAINT_TEXT[constraint] + (f" ({diag.message_detail})" if diag.message_detail else "")
     if isinstance(exc, psycopg.OperationalError):
-        return "cannot reach the database: " + (str(exc).strip().splitlines() or ["?"])[-1]
+        return "cannot reach the database: " + " ".join((str(exc).strip().splitlines() or ["?"])[0].split())
     if isinstance(exc, psycopg.errors.UndefinedTable):
         return "no pwmail schema in this database: run `pwmail db init DSN` first"
     text = (diag.message_primary if diag is not None and diag.message_primary else str(exc)).strip()

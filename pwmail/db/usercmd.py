@@ -207,7 +207,7 @@ def set_fields(conn, args) -> str:
 
 def freeze(conn, args) -> str:
     update(conn, args.name, {"frozen": args.action == "freeze"})
-    return f"{args.name} {args.action}{'d' if args.action.endswith('e') else 'ed'}"
+    return f"{args.name} {'frozen' if args.action == 'freeze' else 'unfrozen'}"
 
 
 def show(conn, args) -> str:
