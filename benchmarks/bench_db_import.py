@@ -1,5 +1,5 @@
 """`pwmail db import` and `pwmail db export` of a generated site against a
-PostgreSQL 15 started for the run (tests/pg_util.py: as nobody, in a
+PostgreSQL 15 started for the run (tests/support/pg_util.py: as nobody, in a
 temporary folder, fsync off as in the tests), one run each; prints wall
 time, CPU time and peak memory of the pwmail process (GNU time) and checks
 that the export gives the imported files back.
@@ -15,9 +15,9 @@ import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
-import pg_util  # noqa: E402  (found through the line above)
+from tests.support import pg_util  # noqa: E402  (found through the line above)
 
 PWMAIL = str(pathlib.Path(sys.executable).parent / "pwmail")
 TIME_FORMAT = "wall %e s, CPU %U s user + %S s system, peak RSS %M KiB"

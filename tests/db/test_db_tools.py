@@ -1,5 +1,5 @@
 """`pwmail db` and `pwmail user` against a real PostgreSQL 15 started by the
-tests (tests/pg_util.py): the schema, its constraints and change log, and
+tests (tests/support/pg_util.py): the schema, its constraints and change log, and
 whole sites moved from files to the database and back."""
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import os
 import stat
 import subprocess
 
-import pg_util
 import pytest
-from pwtest import BIN, gen_users
+
+from tests.support import pg_util
+from tests.support.pwtest import BIN, gen_users
 
 psycopg = pytest.importorskip("psycopg")
 from pop import crypt  # noqa: E402

@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 import time
 
-from pwtest import free_port, wait_for
+from tests.support.pwtest import free_port, wait_for
 
 PG_BIN = pathlib.Path(os.environ.get("PWMAIL_PG_BIN", "/usr/lib/postgresql/15/bin"))
 NOBODY = 65534
