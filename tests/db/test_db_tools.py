@@ -73,6 +73,11 @@ def test_init_twice_keeps_the_data(pg):
     assert query(dsn, "SELECT count(*) FROM pwmail.changes") == [(1,)]
 
 
+def test_a_database_without_the_schema_says_so(pg):
+    dsn = pg.create_database("no_schema")
+    assert "run `pwmail db init DSN` first" in one_line_error(user(dsn, "show", "jgarcia"))
+
+
 def test_python_name_rule_is_the_schema_rule(dsn):
     names = ["jgarcia", "Juan", "a", "x" * 255, "x" * 256, "j.garcia", "j_g-1+2", "a/b", "a:b", "a b", ".hidden",
              "+nis", "-nis", "ñandu", "tab\there", "", "semi;colon", "#hash", "~tilde"]
