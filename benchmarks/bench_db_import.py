@@ -35,9 +35,9 @@ def main() -> int:
         site, out = pathlib.Path(tmp, "site"), pathlib.Path(tmp, "out")
         out.mkdir()
         subprocess.run([PWMAIL, "gen-users", str(args.users), "--out", str(site)], check=True)
-        server = pg_util.PostgresServer().start()
+        server = pg_util.PostgresServer()
         try:
-            dsn = server.create_database("bench")
+            dsn = server.start().create_database("bench")
             subprocess.run([PWMAIL, "db", "init", dsn], check=True)
             timed("db", "import", dsn, *(x for f in ("passwd", "shadow", "group", "mailhosts")
                                          for x in (f"--{f}", str(site / f))))

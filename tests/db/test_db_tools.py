@@ -24,9 +24,9 @@ _db_numbers = itertools.count(1)
 
 @pytest.fixture(scope="session")
 def pg():
-    server = pg_util.PostgresServer().start()
+    server = pg_util.PostgresServer()
     try:
-        yield server
+        yield server.start()
     finally:
         server.stop()
 

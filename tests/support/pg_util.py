@@ -69,6 +69,9 @@ class PostgresServer:
         return self.dsn(name)
 
     def stop(self) -> None:
+        pidfile = self.data / "postmaster.pid"
+        if self.pid is None and pidfile.exists():      # start() failed after the server came up
+            self.pid = int(pidfile.read_text().split("\n", 1)[0])
         if self.pid is not None:
             try:
                 self._as_nobody(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop",
