@@ -20,6 +20,8 @@ SUBCOMMANDS = {
     "move": ("pwmail.placement.move", "main", "move a mailbox to another storage server, live (no mail lost)"),
     "rebalance": ("pwmail.placement.move", "rebalance_main", "move the mailboxes a new storage server should hold"),
     "status": ("pwmail.status", "main", "are the password servers, stores and proxies up (exit 0 when all is well)"),
+    "db": ("pwmail.db.dbcmd", "main", "the user database: init the schema, import or export the four files"),
+    "user": ("pwmail.db.usercmd", "main", "add, change, freeze or delete one user in the database"),
 }
 
 

@@ -18,13 +18,15 @@ import pop.config
 import pwcache.config
 import pwcache.placement
 import pwcache.server
+import pwmail.db.connect
 import pwmail.placement.move
 from pwmail.base import settings
 from tests.support.pwtest import BIN, ROOT
 
 EXAMPLES = ROOT / "examples"
 SECTIONS = {"pwserver": pwcache.server.DEFAULTS, "placement": pwcache.placement.DEFAULTS,
-            "delivery": delivery.config.DEFAULTS, "pop": pop.config.DEFAULTS, "imap": pop.config.IMAP_DEFAULTS, "move": pwmail.placement.move.DEFAULTS}
+            "delivery": delivery.config.DEFAULTS, "pop": pop.config.DEFAULTS, "imap": pop.config.IMAP_DEFAULTS,
+            "move": pwmail.placement.move.DEFAULTS, "db": pwmail.db.connect.DEFAULTS}
 UNITS = sorted((EXAMPLES / "systemd").glob("*.service"))
 
 
