@@ -10,7 +10,8 @@ that file by the kernel (copy_file_range, which may share extents on
 XFS/Btrfs; sendfile, then read/write, where it cannot). Memory per session
 is bounded by memory_max and the read buffers, never by the message.
 
-The bytes are stored with CRLF turned into LF as they arrive (a CR at the
+(`WireBody` keeps the wire form instead, for lmtp-proxy.) The bytes of a
+SpooledBody are stored with CRLF turned into LF as they arrive (a CR at the
 end of a piece waits for the next one), so the file holds exactly what
 message.for_maildir() would have made of the whole message after its trace.
 A failure to spool (disk full, root not mounted) is kept in `error` and
@@ -163,9 +164,32 @@ class SpooledBody(Body):
         write_all(fd, before)
         copy_range(self._fd, fd, self._stored)
 
+    def chunks(self, size: int = COPY_CHUNK):
+        """The stored bytes, in pieces of at most `size` (read from the spool
+        file by offset: several readers may go through one body at once)."""
+        if self._fd < 0:
+            for i in range(0, len(self._memory), size):
+                yield bytes(self._memory[i:i + size])
+            return
+        offset = 0
+        while offset < self._stored:
+            piece = os.pread(self._fd, min(size, self._stored - offset), offset)
+            if not piece:
+                raise OSError(errno.EIO, f"spool file ended {self._stored - offset} bytes early")
+            offset += len(piece)
+            yield piece
+
     def stored_with(self, trace: bytes) -> "StoredCopy":
         """One recipient's copy: its trace headers, then this body."""
         return StoredCopy(self, trace)
+
+
+class WireBody(SpooledBody):
+    """A body kept in its wire form (CRLF as it came), for lmtp-proxy, which
+    sends it on over LMTP instead of writing a Maildir."""
+
+    def _keep(self, piece: bytes) -> None:
+        self._store(piece)
 
 
 class StoredCopy:
