@@ -1,6 +1,6 @@
 """The `[delivery]` section of /etc/pwmail.toml, with its defaults.
 
-Read by both pdeliveryd and pdelivery (one section for the part); command
+Read by pdeliveryd, pdelivery and lmtp-proxy (one section for the part); command
 line flags override. docs/delivery.md describes each key.
 """
 from __future__ import annotations
@@ -41,6 +41,14 @@ DEFAULTS: dict[str, Any] = {
     "connect_timeout": 10.0,
     "timeout": 300.0,                   # per LMTP reply
     "mailhost_suffix": "",              # appended to the mailhost name before resolving it
+    # lmtp-proxy (also uses the limits, sessions, timeouts, spool_memory_max and pdelivery's keys above)
+    "proxy_listen": "127.0.0.1:24",     # HOST:PORT (--listen)
+    "proxy_unix": "",                   # path of a UNIX socket to listen on as well (--unix); "" = none
+    "proxy_unix_mode": 0o660,           # its permissions
+    "proxy_pool_size": 4,               # idle LMTP connections kept per store
+    "proxy_pool_idle": 60.0,            # seconds one is kept idle (below the stores' idle_timeout)
+    "proxy_spool_dir": "/var/tmp",      # where message data past spool_memory_max waits (unnamed files)
+    "shutdown_grace": 30.0,             # seconds open transactions may take after SIGTERM
 }
 
 

@@ -81,7 +81,7 @@ def check_queue_id(text: str) -> str:
     return text
 
 
-def _command(text: str) -> bytes:
+def command_line(text: str) -> bytes:
     """One command line. The arguments were checked already; this is the
     last guard: a command that would be two is never written."""
     if any(c in text for c in "\r\n\0"):
@@ -232,15 +232,15 @@ def _transaction(sock, sender, recipients, data, queue_id, helo) -> list[Reply]:
     greeting, _ = rd.answer("greeting")
     if greeting.code != 220:
         raise LMTPUnavailable(f"greeting: {greeting}")
-    _send(sock, rd, _command(f"LHLO {helo}"))
+    _send(sock, rd, command_line(f"LHLO {helo}"))
     lhlo, lines = rd.answer("LHLO")
     if lhlo.code != 250:
         raise LMTPUnavailable(f"LHLO: {lhlo}")
     ext = extensions(lines)
     rd.enhanced = "ENHANCEDSTATUSCODES" in ext
     params = mail_params(ext, len(data), queue_id)
-    cmds = [("MAIL", _command(f"MAIL FROM:<{sender}>{params}"))]
-    cmds += [("RCPT", _command(f"RCPT TO:<{r}>")) for r in recipients]
+    cmds = [("MAIL", command_line(f"MAIL FROM:<{sender}>{params}"))]
+    cmds += [("RCPT", command_line(f"RCPT TO:<{r}>")) for r in recipients]
     if "PIPELINING" in ext:
         _send(sock, rd, b"".join(c for _, c in cmds))
         replies = [rd.answer(verb)[0] for verb, _ in cmds]

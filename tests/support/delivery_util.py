@@ -101,3 +101,75 @@ def env_with(conf: pathlib.Path, settings: pathlib.Path | None = None, **extra) 
     if settings is not None:
         env["PWMAIL_CONF"] = str(settings)
     return env
+
+
+class LmtpProxy(pwtest.Process):
+    """A running lmtp-proxy on HOST:PORT (and `unix` if given), with `settings`
+    as its [delivery] section (TOML values)."""
+
+    def __init__(self, d: pathlib.Path, port: int, conf: pathlib.Path, settings: dict, *, host: str = "127.0.0.1",
+                 unix: pathlib.Path | None = None):
+        self.host, self.port, self.unix = host, port, unix
+        d.mkdir(parents=True, exist_ok=True)
+        self.settings = d / f"lmtp-proxy-{port}.toml"
+        self.write_settings(settings)
+        argv = [str(BIN / "lmtp-proxy"), "--listen", f"{host}:{port}", "--log-stderr",
+                *(["--unix", str(unix)] if unix else [])]
+        super().__init__(argv, d / f"lmtp-proxy-{port}.log", env=env_with(conf, self.settings))
+        self.wait_line(r"lmtp-proxy: ready on", "lmtp-proxy", 30)
+
+    def write_settings(self, settings: dict) -> None:
+        import json
+        lines = "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
+        self.settings.write_text(f"[delivery]\n{lines}")
+
+    def rss_peak_kib(self) -> int:
+        """VmHWM: the most resident memory the process has had."""
+        status = pathlib.Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1))
+
+
+class CountingRelay:
+    """A TCP relay from `listen` to `target` that counts the connections it
+    accepts: a store's connection count, seen from the store's side."""
+
+    def __init__(self, listen: tuple[str, int], target: tuple[str, int]):
+        import threading
+        self.target = target
+        self.accepted = 0
+        self.sock = socket.create_server(listen)
+        self._threading = threading
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            for a, b in ((client, upstream), (upstream, client)):
+                self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
