@@ -59,9 +59,10 @@ def session_memory_bound(cfg: dict, stores: int = 1) -> int:
     """Bytes a session holds at most, whatever its messages' size
     (docs/delivery.md, "lmtp-proxy"): its input (lmtpsessions), the body's
     bytes in memory and its head, and per store the message is being sent
-    to at once one spool read and the socket's write buffer."""
+    to at once: one spool read, the transport's copy of what the socket did
+    not take of it, and the write buffer drain() lets fill."""
     return (reader_memory_bound() + int(cfg["spool_memory_max"]) + HEADER_SCAN_MAX
-            + stores * (SEND_CHUNK + STORE_WRITE_BUFFER))
+            + stores * (2 * SEND_CHUNK + STORE_WRITE_BUFFER))
 
 
 @dataclass(frozen=True)

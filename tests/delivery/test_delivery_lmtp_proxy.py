@@ -11,9 +11,8 @@ import pytest
 
 from delivery.layout import MailboxLayout
 from delivery.lmtpclient import dot_stuff
-from tests.support import pwtest
-from tests.support.delivery_util import (CountingRelay, LmtpProxy, Pdeliveryd, client_conf, codes, env_with,
-                                         free_port, free_port_on, lmtp_session, messages, wait_for, write_users)
+from tests.support.delivery_util import (CountingRelay, LmtpProxy, Pdeliveryd, client_conf, codes, free_port,
+                                         free_port_on, lmtp_session, messages, users_served, wait_for)
 
 STORES = ["127.0.0.2", "127.0.0.3"]
 
@@ -26,10 +25,7 @@ def msg(subject: str, size: int = 0) -> bytes:
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
     d = tmp_path_factory.mktemp("lmtp-proxy")
-    users = write_users(d / "users")
-    with pwtest.PwServer(users) as pw:
-        conf = client_conf(d / "pwserver.conf", [pw.address])
-        env = env_with(conf)
+    with users_served(d) as (_, conf, env):
         port = free_port_on(STORES)
         stores = {h: Pdeliveryd(d / f"store-{h}", h, port, env) for h in STORES}
         try:

@@ -102,7 +102,8 @@ def _bed(tmp_path_factory, block, proxy: str = ""):
                 # Sendmail refuses a socket below a world-writable folder (/tmp): one of ours in /run
                 bed["run"] = pathlib.Path(tempfile.mkdtemp(prefix="pwmail-test-", dir="/run"))
             if proxy:
-                bed["proxy"] = start_proxy(bed, free_port(), bed["run"] / "lmtp-proxy.sock" if proxy == "unix" else None)
+                unix = bed["run"] / "lmtp-proxy.sock" if proxy == "unix" else None
+                bed["proxy"] = start_proxy(bed, free_port(), unix)
                 target = str(bed["proxy"].unix) if proxy == "unix" else f"127.0.0.1 {bed['proxy'].port}"
             bed["mx"] = m = SendmailMX(d / "mx", free_port(), lmtp_port, pw.address, block, target)
             yield bed

@@ -2,6 +2,7 @@
 `pdeliveryd` processes on loopback addresses, Maildir inspection."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import re
@@ -33,6 +34,15 @@ def client_conf(path: pathlib.Path, servers: list[str], timeout_ms: int = 300) -
     """pwserver.conf with the delivery tests' short timeouts."""
     return pwtest.client_conf(path, servers, timeout_ms=timeout_ms, hedge_ms=50, recheck_s=1,
                               health_file=path.parent / "pwserver-health")
+
+
+@contextlib.contextmanager
+def users_served(d: pathlib.Path):
+    """USERS served by a real pwserver: yields it, the client configuration
+    (pwserver.conf in `d`) and an environment naming that configuration."""
+    with pwtest.PwServer(write_users(d / "users")) as pw:
+        conf = client_conf(d / "pwserver.conf", [pw.address])
+        yield pw, conf, env_with(conf)
 
 
 def free_port_on(hosts: list[str]) -> int:
