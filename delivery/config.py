@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "proxy_unix_mode": 0o660,           # its permissions
     "proxy_pool_size": 4,               # idle LMTP connections kept per store
     "proxy_pool_idle": 60.0,            # seconds one is kept idle (below the stores' idle_timeout)
+    "proxy_store_connections_max": 100,  # connections to one store at once (below its sessions_per_address_max)
     "proxy_spool_dir": "/var/tmp",      # where message data past spool_memory_max waits (unnamed files)
     "shutdown_grace": 30.0,             # seconds open transactions may take after SIGTERM
 }

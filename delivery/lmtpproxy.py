@@ -96,6 +96,7 @@ class LMTPProxy(LMTPSessions):
     @staticmethod
     def _pool_settings(cfg: dict) -> dict:
         return {"pool_size": int(cfg["proxy_pool_size"]), "pool_idle": float(cfg["proxy_pool_idle"]),
+                "connections_max": int(cfg["proxy_store_connections_max"]),
                 "connect_timeout": float(cfg["connect_timeout"]), "timeout": float(cfg["timeout"])}
 
     def apply(self, cfg: dict) -> None:

@@ -1,7 +1,11 @@
 """lmtp-proxy's side towards the stores: pooled LMTP client connections over asyncio.
 
 One `StorePool` holds, per store (host, port), up to `proxy_pool_size` idle
-connections that have spoken LHLO; a transaction takes one (or opens one),
+connections that have spoken LHLO, for `proxy_pool_idle` seconds; at most
+`proxy_store_connections_max` transactions are on a store's connections at
+once (the others wait for a place, up to `timeout`, so that the proxy stays
+below the store's sessions_per_address_max). A transaction takes an idle
+connection (or opens one),
 sends `RSET` first when it was used before, then MAIL, the RCPTs (pipelined
 when the store offers PIPELINING) and the body from its spool (`BDAT n LAST`
 with CHUNKING, else DATA, dot-stuffed as it goes), and reads one reply per
@@ -185,15 +189,38 @@ class StoreConnection:
 class StorePool:
     """Idle store connections by (host, port), and how many were opened (logged, tested)."""
 
-    def __init__(self, helo: str, *, pool_size: int, pool_idle: float, connect_timeout: float, timeout: float):
+    def __init__(self, helo: str, *, pool_size: int, pool_idle: float, connections_max: int,
+                 connect_timeout: float, timeout: float):
         self.helo = helo
         self._idle: dict[tuple[str, int], list[StoreConnection]] = collections.defaultdict(list)
         self.opened: collections.Counter[tuple[str, int]] = collections.Counter()
-        self.configure(pool_size=pool_size, pool_idle=pool_idle, connect_timeout=connect_timeout, timeout=timeout)
+        self._in_use: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._freed: dict[tuple[str, int], asyncio.Condition] = {}
+        self.configure(pool_size=pool_size, pool_idle=pool_idle, connections_max=connections_max,
+                       connect_timeout=connect_timeout, timeout=timeout)
 
-    def configure(self, *, pool_size: int, pool_idle: float, connect_timeout: float, timeout: float) -> None:
-        self.pool_size, self.pool_idle = pool_size, pool_idle
+    def configure(self, *, pool_size: int, pool_idle: float, connections_max: int, connect_timeout: float,
+                  timeout: float) -> None:
+        self.pool_size, self.pool_idle, self.connections_max = pool_size, pool_idle, max(1, connections_max)
         self.connect_timeout, self.timeout = connect_timeout, timeout
+
+    async def _take_slot(self, key: tuple[str, int]) -> None:
+        """Wait (up to `timeout`) until fewer than connections_max
+        transactions are on the store's connections, and take a place."""
+        cond = self._freed.setdefault(key, asyncio.Condition())
+        async with cond:
+            try:
+                await asyncio.wait_for(cond.wait_for(lambda: self._in_use[key] < self.connections_max),
+                                       self.timeout)
+            except asyncio.TimeoutError:
+                raise LMTPUnavailable(f"all {self.connections_max} connections busy for {self.timeout:g} s") from None
+            self._in_use[key] += 1
+
+    async def _give_slot(self, key: tuple[str, int]) -> None:
+        cond = self._freed[key]
+        async with cond:
+            self._in_use[key] -= 1
+            cond.notify()
 
     async def _acquire(self, key: tuple[str, int]) -> StoreConnection:
         idle = self._idle[key]
@@ -224,6 +251,13 @@ class StorePool:
     async def deliver(self, host: str, port: int, env: Envelope, rcpts: list[bytes], body: SpooledBody) -> list[Reply]:
         """One reply per RCPT line, from the store; LMTPUnavailable when it could not answer."""
         key = (host, port)
+        await self._take_slot(key)
+        try:
+            return await self._deliver(key, env, rcpts, body)
+        finally:
+            await self._give_slot(key)
+
+    async def _deliver(self, key: tuple[str, int], env: Envelope, rcpts: list[bytes], body: SpooledBody):
         while True:
             conn = await self._acquire(key)
             reused = conn.used
@@ -233,7 +267,7 @@ class StorePool:
                 conn.close()
                 if reused and not conn.data_sent:
                     # closed by the store while pooled: its other idle ones are likely closed too
-                    log.info("store %s:%d: pooled connection unusable (%s), opening a new one", host, port, e)
+                    log.info("store %s:%d: pooled connection unusable (%s), opening a new one", *key, e)
                     self._drop_idle(key)
                     continue
                 raise

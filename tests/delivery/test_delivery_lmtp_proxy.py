@@ -174,6 +174,38 @@ def test_pipelined_transactions_reuse_pooled_connections(bed, proxy):
             r.close()
 
 
+def test_connections_to_a_store_are_bounded(bed, proxy):
+    """proxy_store_connections_max = 1: a second transaction for a busy store
+    waits for the connection instead of opening another; both are delivered."""
+    relay_port = free_port_on(STORES)
+    relay = CountingRelay(("127.0.0.2", relay_port), ("127.0.0.2", bed["port"]))
+    store = bed["stores"]["127.0.0.2"]
+    p = proxy(lmtp_port=relay_port, proxy_store_connections_max=1, timeout=60.0)
+    n = len(messages(box(bed, "ana")))
+    clients = []
+    store.signal(signal.SIGSTOP)              # the first transaction holds its connection
+    try:
+        for i in range(2):
+            c = socket.create_connection((p.host, p.port), timeout=60)
+            c.sendall(b"LHLO mx\r\n" + transaction(["ana@x"], msg(f"bounded {i}")) + b"QUIT\r\n")
+            clients.append(c)
+        assert wait_for(lambda: relay.accepted >= 1, timeout=30)
+        time.sleep(1)                         # room for a second connection, were there no bound
+    finally:
+        store.signal(signal.SIGCONT)
+    outs = []
+    for c in clients:
+        out = b""
+        while chunk := c.recv(65536):
+            out += chunk
+        c.close()
+        outs.append(out)
+    relay.close()
+    assert [codes(o) for o in outs] == [["220", "250", "250", "250", "354", "250", "221"]] * 2
+    assert relay.accepted == 1
+    assert len(messages(box(bed, "ana"))) == n + 2
+
+
 def test_large_message_streamed_with_bounded_memory(bed, proxy, tmp_path):
     spool = tmp_path / "spool"
     spool.mkdir()
