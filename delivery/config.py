@@ -63,3 +63,10 @@ def limits_from(cfg: dict[str, Any]) -> lmtp.Limits:
                        message_line_max=int(cfg["message_line_max"]),
                        recipients_max=int(cfg["recipients_max"]),
                        bad_commands_max=int(cfg["bad_commands_max"]))
+
+
+def placement_rule(path: str | None = None):
+    """The `[placement]` rule (docs/placement.md): where a user goes whose
+    mailhost the password server leaves empty (pdelivery, lmtp-proxy)."""
+    from pwcache import placement
+    return placement.PlacementRule.from_settings(settings.section("placement", placement.DEFAULTS, path))

@@ -87,8 +87,9 @@ def _param_text(params) -> str:
 class LMTPProxy(LMTPSessions):
     greeting = "LMTP lmtp-proxy ready"
 
-    def __init__(self, cfg: dict, users, *, hostname: str | None = None):
+    def __init__(self, cfg: dict, users, *, hostname: str | None = None, config_path: str | None = None):
         self.users = users
+        self.config_path = config_path        # where [placement] is read too
         super().__init__(cfg, hostname or socket.getfqdn())
         self.pool = StorePool(self.hostname, **self._pool_settings(cfg))
         self.apply(cfg)
@@ -100,8 +101,20 @@ class LMTPProxy(LMTPSessions):
                 "connect_timeout": float(cfg["connect_timeout"]), "timeout": float(cfg["timeout"])}
 
     def apply(self, cfg: dict) -> None:
+        placement = dconfig.placement_rule(self.config_path)     # may raise: nothing changed yet
         super().apply(cfg)
         self.pool.configure(**self._pool_settings(cfg))
+        self.placement = placement
+
+    def mailhost(self, rec) -> str | None:
+        """The user's mailhost, else the [placement] rule's pick (as pdelivery)."""
+        if rec.mailhost:
+            return rec.mailhost
+        try:
+            return self.placement.pick(rec.name)
+        except Exception as e:
+            log.error("placement rule: %s", e)
+            return None
 
     def new_body(self) -> WireBody:
         spool_dir = self.cfg["proxy_spool_dir"]
@@ -125,9 +138,10 @@ class LMTPProxy(LMTPSessions):
             return R_NO_USER
         if rec.frozen:
             return R_FROZEN
-        if not rec.mailhost:
+        host = self.mailhost(rec)
+        if not host:
             return R_NO_ROUTE
-        host = rec.mailhost + self.cfg["mailhost_suffix"]
+        host += self.cfg["mailhost_suffix"]
         line = command_line(f"RCPT TO:<{ev.address}>{_param_text(getattr(ev, 'params', None))}")
         accepted.append(Routed(ev.address, host, line))
         return R_RCPT_OK
@@ -199,7 +213,7 @@ async def _unix_server(proxy: LMTPProxy, path: str, mode: int):
 
 
 async def serve(cfg: dict, args) -> int:
-    proxy = LMTPProxy(cfg, PwserverLookup(), hostname=args.hostname)
+    proxy = LMTPProxy(cfg, PwserverLookup(), hostname=args.hostname, config_path=args.config)
     sock = daemon.listening_socket(cfg["proxy_listen"], int(cfg["lmtp_port"]))
     servers = [await asyncio.start_server(proxy.session, sock=sock, limit=READ_SIZE, backlog=daemon.LISTEN_BACKLOG)]
     unix = cfg["proxy_unix"]

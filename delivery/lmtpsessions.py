@@ -42,6 +42,7 @@ class LMTPSessions:
     greeting = "LMTP ready"
 
     def __init__(self, cfg: dict, hostname: str):
+        # the subclass calls self.apply(cfg) once its own parts exist
         self.hostname = hostname
         # open sessions -> when their pending read began (None: not reading)
         self.sessions: dict[asyncio.StreamWriter, float | None] = {}
@@ -54,7 +55,7 @@ class LMTPSessions:
         self.stopping = False
         self.refused_sessions = 0
         self._sweeper: asyncio.Task | None = None
-        LMTPSessions.apply(self, cfg)
+        self.cfg = cfg
 
     def apply(self, cfg: dict) -> None:
         """Settings that may change at run time (SIGHUP)."""

@@ -78,10 +78,7 @@ class Router:
 
     def placement(self):
         if self._placement is None:
-            from pwcache import placement
-            from pwmail.base import settings
-            self._placement = placement.PlacementRule.from_settings(
-                settings.section("placement", placement.DEFAULTS))
+            self._placement = dconfig.placement_rule()
         return self._placement
 
     def route(self, address: str) -> Route:

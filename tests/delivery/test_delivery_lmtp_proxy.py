@@ -11,6 +11,7 @@ import pytest
 
 from delivery.layout import MailboxLayout
 from delivery.lmtpclient import dot_stuff
+from tests.support import pwtest
 from tests.support.delivery_util import (CountingRelay, LmtpProxy, Pdeliveryd, client_conf, codes, free_port,
                                          free_port_on, lmtp_session, messages, users_served, wait_for)
 
@@ -52,8 +53,9 @@ def proxy(bed, tmp_path):
     """A proxy to the stores of `bed`; call it with [delivery] settings."""
     started = []
 
-    def start(conf=None, **settings):
-        p = LmtpProxy(tmp_path, free_port(), conf or bed["conf"], {"lmtp_port": bed["port"], **settings})
+    def start(conf=None, other_sections="", **settings):
+        p = LmtpProxy(tmp_path, free_port(), conf or bed["conf"], {"lmtp_port": bed["port"], **settings},
+                      other_sections=other_sections)
         started.append(p)
         return p
     yield start
@@ -113,6 +115,23 @@ def test_password_server_down_is_451_443(bed, proxy, tmp_path):
     out = lmtp_session(p.host, p.port, b"LHLO mx\r\nMAIL FROM:<s@x>\r\nRCPT TO:<juan@x>\r\nQUIT\r\n")
     assert codes(out) == ["220", "250", "250", "451", "221"]
     assert b"451 4.4.3" in out
+
+
+def test_placement_rule_when_the_server_names_no_host(bed, proxy, tmp_path):
+    """A password server without a mailhosts map answers an empty host: the
+    proxy applies [placement] (as pdelivery does)."""
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "passwd").write_text((bed["d"] / "users" / "passwd").read_text())
+    with pwtest.PwServer(users, env={"PWMAIL_CONF": str(tmp_path / "absent.toml")}) as pw:
+        conf = client_conf(tmp_path / "pw.conf", [pw.address])
+        p = proxy(conf=conf, other_sections=f'[placement]\nrule = "ranges"\n'
+                                            f'ranges = ["a-i {STORES[1]}", "j-z {STORES[0]}"]\n')
+        ana3, pepe2 = bed["layout"]["127.0.0.3"].path("ana"), bed["layout"]["127.0.0.2"].path("pepe")
+        n_ana3, n_pepe2 = len(messages(ana3)), len(messages(pepe2))
+        out = session(p, transaction(["ana@x", "pepe@x"], msg("placed")))
+    assert codes(out) == ["220", "250", "250", "250", "250", "354", "250", "250", "221"]
+    assert len(messages(ana3)) == n_ana3 + 1 and len(messages(pepe2)) == n_pepe2 + 1
 
 
 def test_store_down_defers_only_its_recipients_then_retry_delivers_once(bed, proxy):

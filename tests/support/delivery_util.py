@@ -115,13 +115,14 @@ def env_with(conf: pathlib.Path, settings: pathlib.Path | None = None, **extra) 
 
 class LmtpProxy(pwtest.Process):
     """A running lmtp-proxy on HOST:PORT (and `unix` if given), with `settings`
-    as its [delivery] section (TOML values)."""
+    as its [delivery] section (TOML values), then `other_sections`."""
 
     def __init__(self, d: pathlib.Path, port: int, conf: pathlib.Path, settings: dict, *, host: str = "127.0.0.1",
-                 unix: pathlib.Path | None = None):
+                 unix: pathlib.Path | None = None, other_sections: str = ""):
         self.host, self.port, self.unix = host, port, unix
         d.mkdir(parents=True, exist_ok=True)
         self.settings = d / f"lmtp-proxy-{port}.toml"
+        self.other_sections = other_sections       # TOML of sections besides [delivery]
         self.write_settings(settings)
         argv = [str(BIN / "lmtp-proxy"), "--listen", f"{host}:{port}", "--log-stderr",
                 *(["--unix", str(unix)] if unix else [])]
@@ -131,7 +132,7 @@ class LmtpProxy(pwtest.Process):
     def write_settings(self, settings: dict) -> None:
         import json
         lines = "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
-        self.settings.write_text(f"[delivery]\n{lines}")
+        self.settings.write_text(f"[delivery]\n{lines}\n{self.other_sections}")
 
     def rss_peak_kib(self) -> int:
         """VmHWM: the most resident memory the process has had."""
