@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 APT_STAMP := .apt-installed
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv build nss test lint lint-c demo clean
+.PHONY: all deps venv build nss pdelivery test lint lint-c demo clean
 
 all: build
 
@@ -39,7 +39,18 @@ $(STAMP): pyproject.toml setup.py pwcache/build_pwtable.py pop/build_engine.py p
 nss: $(APT_STAMP)
 	$(MAKE) -C nss_module
 
-build: deps venv nss
+# pdelivery, Sendmail's local mailer, is C (delivery/_csrc): the venv's
+# `pdelivery` command, where the tests, the test bed and the demo find it.
+# pip installs it (setup.py: a data file of bin/); this re-installs it after a
+# change of its C sources, which does not re-run pip.
+PDELIVERY := $(VENV)/bin/pdelivery
+pdelivery: $(PDELIVERY)
+$(PDELIVERY): $(STAMP) $(APT_STAMP) $(wildcard delivery/_csrc/*.c delivery/_csrc/*.h pwcache/_csrc/*.c pwcache/_csrc/*.h) \
+              delivery/_csrc/Makefile pwcache/_csrc/client-sources.txt
+	$(MAKE) -C delivery/_csrc
+	install -m 0755 delivery/_csrc/pdelivery $@
+
+build: deps venv nss pdelivery
 
 test: build
 	@set +e; $(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
@@ -52,11 +63,11 @@ lint: venv lint-c
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 
-C_SOURCES := $(wildcard pwcache/_csrc/*.c nss_module/*.c pop/_csrc/*.c)
+C_SOURCES := $(wildcard pwcache/_csrc/*.c nss_module/*.c pop/_csrc/*.c delivery/_csrc/*.c)
 lint-c: $(APT_STAMP)
 	@for f in $(C_SOURCES); do \
 	  cc -std=gnu11 -O2 -Wall -Wextra -Werror -fsyntax-only -D_FORTIFY_SOURCE=2 \
-	     -Ipwcache/_csrc -Inss_module -Ipop/_csrc $$f || exit 1; \
+	     -Ipwcache/_csrc -Inss_module -Ipop/_csrc -Idelivery/_csrc $$f || exit 1; \
 	done; echo "C: $(words $(C_SOURCES)) files, no warnings"
 
 demo: build
@@ -65,3 +76,4 @@ demo: build
 clean:
 	rm -rf build *.egg-info pwcache/_pwtable*.so pwcache/_pwtable.c pop/_engine*.so pop/_engine.c
 	$(MAKE) -C nss_module clean
+	$(MAKE) -C delivery/_csrc clean

@@ -1,5 +1,11 @@
 """pdelivery: Sendmail's local mailer (the paper's III.F), a client of pdeliveryd.
 
+The installed `pdelivery` command is the C program in delivery/_csrc (same
+command line, settings, log lines and exit codes, plus 78 for settings it
+cannot use), because starting this module costs about 100 ms of CPU a
+message. This module stays as its reference: the tests compare the two, the
+benchmark measures both, and Router/send serve tests/placement/test_move.py.
+
     pdelivery [-f SENDER] [-i QUEUEID] [--lmtp-port N] -d USER [USER...] < message
     pdelivery [-f SENDER] [-i QUEUEID] [--lmtp-port N] -l          (LMTP on stdin/stdout)
 

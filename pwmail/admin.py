@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "placement-report": ("pwmail.placement.report", "main", "users and bytes per storage server, and the imbalance"),
     "move": ("pwmail.placement.move", "main", "move a mailbox to another storage server, live (no mail lost)"),
     "rebalance": ("pwmail.placement.move", "rebalance_main", "move the mailboxes a new storage server should hold"),
+    "status": ("pwmail.status", "main", "are the password servers, stores and proxies up (exit 0 when all is well)"),
 }
 
 

@@ -67,6 +67,7 @@ typedef struct {
 struct pws_server {
     _Atomic(pwt_table *) table;
     _Atomic uint64_t generation, load_ms;
+    _Atomic uint64_t loaded_time; /* Unix time the served generation was put in place */
     pthread_mutex_t refusals_lock; /* the reload thread writes, STATS reads */
     pws_refusals refusals;
     _Atomic int stopping;
@@ -226,6 +227,7 @@ pwt_table *pws_swap_table(pws_server *s, pwt_table *t, uint64_t generation, uint
     pwt_table *old = atomic_exchange(&s->table, t);
     atomic_store(&s->generation, generation);
     atomic_store(&s->load_ms, load_ms);
+    atomic_store(&s->loaded_time, (uint64_t)time(NULL));
     atomic_thread_fence(memory_order_seq_cst);
     for (int i = 0; i < PWS_MAX_SLOTS; i++) {
         uint64_t v = atomic_load(&s->slots[i].seq);
@@ -289,7 +291,8 @@ static void put_stats(pws_server *s, const pwt_table *t, pwp_buf *b)
     } tv[] = {
         {"users", st.users}, {"groups", st.groups}, {"shadows", st.shadows},
         {"generation", atomic_load(&s->generation)},
-        {"load_ms", atomic_load(&s->load_ms)}, {"table_bytes", st.bytes},
+        {"load_ms", atomic_load(&s->load_ms)}, {"loaded_time", atomic_load(&s->loaded_time)},
+        {"table_bytes", st.bytes},
         {"passwd_bad", st.passwd_bad}, {"passwd_dup_name", st.passwd_dup_name},
         {"passwd_dup_uid", st.passwd_dup_uid}, {"shadow_bad", st.shadow_bad},
         {"shadow_dup", st.shadow_dup}, {"shadow_orphan", st.shadow_orphan},

@@ -99,6 +99,12 @@ def work():
     for name in ("alice", "nosuch", "pwbig"):
         u.lookup(nss, "group" if name == "pwbig" else "passwd", name)
 t = threading.Thread(target=work); t.start(); t.join()
+# join() returns when Python is done with the thread; the module's
+# thread-exit destructor runs after that, in pthread_exit: wait for it.
+import time
+deadline = time.monotonic() + 20
+while fds() != before and time.monotonic() < deadline:
+    time.sleep(0.01)
 out = {{"thread_exit_closes": fds() == before}}
 assert u.lookup(nss, "passwd", "alice")[0] == 1
 new = {{fd: p for fd, p in fds().items() if fd not in before}}
