@@ -11,7 +11,8 @@ that file by the kernel (copy_file_range, which may share extents on
 XFS/Btrfs; sendfile, then read/write, where it cannot). Memory per session
 is bounded by memory_max and the read buffers, never by the message.
 
-The bytes are stored with CRLF turned into LF as they arrive (a CR at the
+(`WireBody` keeps the wire form instead, for lmtp-proxy.) The bytes of a
+SpooledBody are stored with CRLF turned into LF as they arrive (a CR at the
 end of a piece waits for the next one), so the file holds exactly what
 message.for_maildir() would have made of the whole message after its trace.
 A failure to spool (disk full, root not mounted) is kept in `error` and
@@ -182,6 +183,29 @@ class SpooledBody(Body):
         if kept is lines:
             return StoredCopy(self, trace)
         return StoredCopy(self, trace + kept, skip=len(lines), skipped_newlines=lines.count(b"\n"))
+
+    def chunks(self, size: int = COPY_CHUNK):
+        """The stored bytes, in pieces of at most `size` (read from the spool
+        file by offset: several readers may go through one body at once)."""
+        if self._fd < 0:
+            for i in range(0, len(self._memory), size):
+                yield bytes(self._memory[i:i + size])
+            return
+        offset = 0
+        while offset < self._stored:
+            piece = os.pread(self._fd, min(size, self._stored - offset), offset)
+            if not piece:
+                raise OSError(errno.EIO, f"spool file ended {self._stored - offset} bytes early")
+            offset += len(piece)
+            yield piece
+
+
+class WireBody(SpooledBody):
+    """A body kept in its wire form (CRLF as it came), for lmtp-proxy, which
+    sends it on over LMTP instead of writing a Maildir."""
+
+    def _keep(self, piece: bytes) -> None:
+        self._store(piece)
 
 
 class StoredCopy:

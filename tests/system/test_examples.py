@@ -71,7 +71,7 @@ def test_client_configuration_example_is_the_clients_defaults():
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="needs systemd-analyze (systemd)")
 def test_units_pass_systemd_analyze_verify(tmp_path):
-    assert {u.stem for u in UNITS} >= {"pwserver", "pdeliveryd", "pop3d", "pop-proxy", "imap-proxy"}
+    assert {u.stem for u in UNITS} >= {"pwserver", "pdeliveryd", "pop3d", "pop-proxy", "imap-proxy", "lmtp-proxy"}
     for unit in UNITS:
         # the units name /usr/local/bin (pip install as root); here the commands are in the venv
         (tmp_path / unit.name).write_text(unit.read_text().replace("/usr/local/bin/", f"{BIN}/"))
@@ -92,7 +92,9 @@ def daemon_argv(name: str, tmp: pathlib.Path) -> list[str]:
                            "--log-stderr"],
             "pop3d": ["--listen", "127.0.0.1:0", "--root", str(root), "--stderr"],
             "pop-proxy": ["--listen", "127.0.0.1:0", "--stderr"],
-            "imap-proxy": ["--listen", "127.0.0.1:0", "--stderr"]}[name]
+            "imap-proxy": ["--listen", "127.0.0.1:0", "--stderr"],
+
+"lmtp-proxy": ["--listen", "127.0.0.1:0", "--log-stderr"]}[name]
 
 
 @pytest.mark.parametrize("unit", [u.stem for u in UNITS])
