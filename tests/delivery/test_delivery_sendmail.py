@@ -148,9 +148,12 @@ def mx_flag_p(tmp_path_factory):
         assert "`lsDFMA5:/|@qn')" in text
         return text.replace("`lsDFMA5:/|@qn')", "`lsDFMA5:/|@qnP')")
 
-    with pytest.MonkeyPatch.context() as mp:
+    bed = _bed(tmp_path_factory, "sendmail-mailer")
+    with pytest.MonkeyPatch.context() as mp:     # only while this bed's sendmail.cf is made
         mp.setattr(testbed_sendmail, "documented_mailer", with_p)
-        yield from _bed(tmp_path_factory, "sendmail-mailer")
+        started = next(bed)
+    yield started
+    bed.close()                                  # _bed's finally: everything stopped
 
 
 @pytest.fixture(scope="module", params=["tcp", "unix"])
