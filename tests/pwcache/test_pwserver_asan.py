@@ -1,6 +1,7 @@
 """The C table and answer path under AddressSanitizer and UBSan: a driver
 built here from pwcache/_csrc feeds them random and mutated sources and
 packets (seeded), and any memory error or undefined behaviour aborts it."""
+
 import pathlib
 import shutil
 import subprocess
@@ -18,7 +19,11 @@ DRIVER = r"""
 #include "pw_wire.h"
 
 static uint64_t rng = 88172645463325252ull;
-static uint32_t rnd(uint32_t n) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return n ? (uint32_t)(rng % n) : 0; }
+static uint32_t rnd(uint32_t n)
+{
+    rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
+    return n ? (uint32_t)(rng % n) : 0;
+}
 
 static const char *pieces[] = {"user", ":", "x", "::", "1000", "\n", ",", " ", "#", "-1", "4294967295",
                                "\xff", "\xc3\xa9", "/bin/sh", "frozen", "host", "+", "", "0", "99999999999"};
@@ -100,9 +105,26 @@ def test_c_code_under_sanitizers(tmp_path):
     driver = tmp_path / "driver.c"
     driver.write_text(DRIVER)
     exe = tmp_path / "driver"
-    subprocess.run(["gcc", "-std=gnu11", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-                    "-I", str(CSRC), str(driver), *(str(CSRC / s) for s in SOURCES), "-ldl", "-lpthread", "-lm",
-                    "-o", str(exe)], check=True)
+    subprocess.run(
+        [
+            "gcc",
+            "-std=gnu11",
+            "-O1",
+            "-g",
+            "-fsanitize=address,undefined",
+            "-fno-sanitize-recover=all",
+            "-I",
+            str(CSRC),
+            str(driver),
+            *(str(CSRC / s) for s in SOURCES),
+            "-ldl",
+            "-lpthread",
+            "-lm",
+            "-o",
+            str(exe),
+        ],
+        check=True,
+    )
     run = subprocess.run([str(exe), "3000"], capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "ok"
