@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 CSRC = pathlib.Path(__file__).resolve().parents[2] / "pwcache" / "_csrc"
-SOURCES = ["pw_wire.c", "pw_seal.c", "pw_placement.c", "pw_table.c", "pw_server.c"]
+SOURCES = ["pw_wire.c", "pw_seal.c", "pw_placement.c", "pw_table.c", "pw_delta.c", "pw_server.c"]
 
 DRIVER = r"""
 #include <stdio.h>
