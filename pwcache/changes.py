@@ -50,7 +50,8 @@ class TableChanges:
                 raise TableError("no table is served yet")
             new, status = apply_changes_to(core.table_ptr, batch, self.rule)
             if "applied" not in status:
-                lib.pwt_free(new)
+                # refusals only: counted in STATS, the records and the generation stay
+                core.publish(new, new_generation=False)
                 return status
             core.publish(new)
             if self._since_snapshot is not None:

@@ -110,10 +110,11 @@ class ServerCore(CHandle):
             self.load_ms = load_ms
             self.publish(table.detach())
 
-    def publish(self, table_ptr) -> None:
-        """(self.lock held) Serves a C table as the next generation and frees
-        the previous one once no serving thread can still read it."""
-        self.generation += 1
+    def publish(self, table_ptr, new_generation: bool = True) -> None:
+        """(self.lock held) Serves a C table as the next generation (or the
+        same one: records unchanged, counters only) and frees the previous
+        one once no serving thread can still read it."""
+        self.generation += 1 if new_generation else 0
         self.table_ptr = table_ptr
         _swap_table(self.ptr, table_ptr, self.generation, self.load_ms)
 
