@@ -44,6 +44,8 @@ class TableChanges:
         applied); returns each change's status (pwcache.table.CHANGE_STATUS).
         A refused change is counted in STATS and skipped."""
         batch = list(changes)
+        if not batch:
+            return []
         core = self.core
         with core.lock:
             if core.table_ptr == ffi.NULL:
@@ -100,6 +102,10 @@ class TableChanges:
                 lib.pwt_free(folded)
             with core.lock:
                 self._since_snapshot = None
+
+    def close(self, timeout: float | None = 60) -> None:
+        """Waits for a running fold (call before closing the core)."""
+        self.wait_folded(timeout)
 
     def wait_folded(self, timeout: float | None = None) -> bool:
         """Waits for a running fold; True when none runs any more."""

@@ -5,6 +5,8 @@ memory stays bounded. docs/pwserver.md, "Changes"."""
 from __future__ import annotations
 
 import random
+import shutil
+import subprocess
 import sys
 import threading
 
@@ -479,3 +481,109 @@ def test_folding_keeps_the_counters_and_changes_made_meanwhile(served):
         assert served.found("passwd_by_name", name)[0] == name
     st = served.stats()
     assert st["passwd_bad"] == 1 and st["users"] == len(USERS) + 3
+
+
+# ---- under AddressSanitizer -----------------------------------------------------
+
+CHANGES_DRIVER = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "pw_server.h"
+#include "pw_wire.h"
+
+static uint64_t rng = 88172645463325252ull;
+static uint32_t rnd(uint32_t n) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return n ? (uint32_t)(rng % n) : 0; }
+
+/* A change line: mostly well formed, sometimes mangled. */
+static size_t make_line(int kind, char *out, size_t cap)
+{
+    unsigned u = rnd(40), g = rnd(10);
+    int n;
+    switch (kind) {
+    case 0: n = snprintf(out, cap, "u%u:x:%u:%u:g%u:/h:/bin/sh", u, 1000 + rnd(60), g, rnd(99)); break;
+    case 1: n = snprintf(out, cap, "u%u:$6$%u:1:0:9::::", u, rnd(99)); break;
+    case 2: n = snprintf(out, cap, "g%u:x:%u:u%u,u%u,,u%u", g, 100 + rnd(15), rnd(40), rnd(40), rnd(40)); break;
+    case 3: n = snprintf(out, cap, "u%u h%u%s", u, rnd(4), rnd(3) ? "" : " frozen"); break;
+    case 4: n = snprintf(out, cap, "u%u", u); break;
+    default: n = snprintf(out, cap, "g%u", g); break;
+    }
+    size_t len = (size_t)n;
+    for (int m = rnd(3) == 0 ? (int)rnd(3) : 0; m > 0 && len; m--)
+        out[rnd((uint32_t)len)] = "::,\n#\xff x"[rnd(8)];
+    if (rnd(10) == 0)
+        len = rnd((uint32_t)len + 1);
+    return len;
+}
+
+int main(int argc, char **argv)
+{
+    int rounds = argc > 1 ? atoi(argv[1]) : 1000;
+    static uint8_t out[PW_MAX_TCP_ANSWER + PW_SEAL_OVERHEAD];
+    const char *passwd = "u1:x:1001:1::/h:/bin/sh\nu2:x:1002:1::/h:/bin/sh\n";
+    const char *group = "g1:x:101:u1,u2,u9\n";
+    pwpl_rule *rule = pwpl_new(PWPL_HASH);
+    pwpl_add_host(rule, "a", 1, 1.0);
+    char err[128];
+    pwt_table *t = pwt_build(passwd, strlen(passwd), NULL, 0, group, strlen(group), NULL, 0, rule, err, sizeof err);
+    pws_server *s = pws_new();
+    int slot = pws_slot_acquire(s);
+    pws_swap_table(s, t, 1, 0);
+    static char text[8][256];
+    for (int r = 0; r < rounds; r++) {
+        pwt_change ch[8];
+        int st[8];
+        size_t n = 1 + rnd(8);
+        for (size_t i = 0; i < n; i++) {
+            ch[i].kind = (int)rnd(7) - (rnd(50) == 0); /* now and then a kind that is none */
+            ch[i].len = make_line(ch[i].kind < 0 ? 0 : ch[i].kind, text[i], sizeof text[i]);
+            ch[i].text = text[i];
+        }
+        pwt_table *next = pwt_apply(t, ch, n, r % 2 ? rule : NULL, st, err, sizeof err);
+        if (!next) { fprintf(stderr, "apply failed: %s\n", err); return 1; }
+        if (r % 97 == 96) {
+            pwt_table *held = pwt_share(next), *folded = pwt_fold(held, rule, err, sizeof err);
+            pwt_free(held);
+            if (!folded) { fprintf(stderr, "fold failed: %s\n", err); return 1; }
+            pwt_free(next);
+            next = folded;
+        }
+        pwt_free(pws_swap_table(s, next, (uint64_t)r + 2, 0));
+        t = next;
+        for (int q = 0; q < 20; q++) {
+            uint8_t pkt[PW_MAX_REQUEST];
+            char name[8];
+            snprintf(name, sizeof name, rnd(2) ? "u%u" : "g%u", rnd(40));
+            pw_request rq = {.id = rng, .op = 1 + (int)rnd(12), .name = name, .name_len = (uint32_t)strlen(name),
+                             .num = rnd(3) ? 1000 + rnd(60) : rnd(30)};
+            rq.arg_kind = pw_op_arg_kind(rq.op);
+            int k = pw_encode_request(pkt, sizeof pkt, &rq, 0);
+            if (k > 0)
+                pws_answer(s, slot, pkt, (size_t)k, 1, out, sizeof out);
+        }
+    }
+    pwt_free(pws_swap_table(s, NULL, 0, 0));
+    pws_slot_release(s, slot);
+    pws_free(s);
+    pwpl_free(rule);
+    puts("ok");
+    return 0;
+}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_changes_under_sanitizers(tmp_path):
+    """Random (and mangled) changes, folds and lookups under ASan/UBSan:
+    any leak, overflow or use after free of a delta entry aborts."""
+    from tests.pwcache.test_pwserver_asan import CSRC, SOURCES
+    driver = tmp_path / "driver.c"
+    driver.write_text(CHANGES_DRIVER)
+    exe = tmp_path / "driver"
+    subprocess.run(["gcc", "-std=gnu11", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                    "-I", str(CSRC), str(driver), *(str(CSRC / s) for s in SOURCES), "-ldl", "-lpthread", "-lm",
+                    "-o", str(exe)], check=True)
+    run = subprocess.run([str(exe), "3000"], capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "ok"
