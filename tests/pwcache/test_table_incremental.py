@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import subprocess
 import sys
 import threading
 
@@ -18,6 +17,7 @@ from pwcache.placement import PlacementRule
 from pwcache.protocol import Op
 from pwcache.server import ServerCore
 from pwcache.table import Table
+from tests.pwcache.test_pwserver_asan import run_under_sanitizers
 from tests.support.pwserver_util import KEY_SHADOW, NOTFOUND, OK, request, seal, unseal
 
 SHADOW_KEY = bytes(range(32))
@@ -577,13 +577,4 @@ int main(int argc, char **argv)
 def test_changes_under_sanitizers(tmp_path):
     """Random (and mangled) changes, folds and lookups under ASan/UBSan:
     any leak, overflow or use after free of a delta entry aborts."""
-    from tests.pwcache.test_pwserver_asan import CSRC, SOURCES
-    driver = tmp_path / "driver.c"
-    driver.write_text(CHANGES_DRIVER)
-    exe = tmp_path / "driver"
-    subprocess.run(["gcc", "-std=gnu11", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-                    "-I", str(CSRC), str(driver), *(str(CSRC / s) for s in SOURCES), "-ldl", "-lpthread", "-lm",
-                    "-o", str(exe)], check=True)
-    run = subprocess.run([str(exe), "3000"], capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip() == "ok"
+    run_under_sanitizers(tmp_path, CHANGES_DRIVER)
