@@ -486,13 +486,17 @@ def test_folding_keeps_the_counters_and_changes_made_meanwhile(served):
 # ---- under AddressSanitizer -----------------------------------------------------
 
 CHANGES_DRIVER = r"""
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "pw_server.h"
 #include "pw_wire.h"
 
-static uint64_t rng = 88172645463325252ull;
+#define STABLE 10 /* users s0..s9 (uid 5000 + i): updated, never deleted */
+
+static _Thread_local uint64_t rng = 88172645463325252ull;
 static uint32_t rnd(uint32_t n) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return n ? (uint32_t)(rng % n) : 0; }
 
 /* A change line: mostly well formed, sometimes mangled. */
@@ -501,10 +505,12 @@ static size_t make_line(int kind, char *out, size_t cap)
     unsigned u = rnd(40), g = rnd(10);
     int n;
     switch (kind) {
-    case 0: n = snprintf(out, cap, "u%u:x:%u:%u:g%u:/h:/bin/sh", u, 1000 + rnd(60), g, rnd(99)); break;
+    case 0: n = rnd(4) ? snprintf(out, cap, "u%u:x:%u:%u:g%u:/h:/bin/sh", u, 1000 + rnd(60), g, rnd(99))
+                       : snprintf(out, cap, "s%u:x:%u:1:v%u:/h:/bin/sh", u % STABLE, 5000 + u % STABLE, rnd(99));
+            return (size_t)n; /* (never mangled: s* must stay) */
     case 1: n = snprintf(out, cap, "u%u:$6$%u:1:0:9::::", u, rnd(99)); break;
-    case 2: n = snprintf(out, cap, "g%u:x:%u:u%u,u%u,,u%u", g, 100 + rnd(15), rnd(40), rnd(40), rnd(40)); break;
-    case 3: n = snprintf(out, cap, "u%u h%u%s", u, rnd(4), rnd(3) ? "" : " frozen"); break;
+    case 2: n = snprintf(out, cap, "g%u:x:%u:u%u,s%u,,u%u", g, 100 + rnd(15), rnd(40), rnd(STABLE), rnd(40)); break;
+    case 3: n = snprintf(out, cap, "%c%u h%u%s", rnd(2) ? 'u' : 's', u % STABLE, rnd(4), rnd(3) ? "" : " frozen"); break;
     case 4: n = snprintf(out, cap, "u%u", u); break;
     default: n = snprintf(out, cap, "g%u", g); break;
     }
@@ -516,19 +522,70 @@ static size_t make_line(int kind, char *out, size_t cap)
     return len;
 }
 
+static pws_server *s;
+static atomic_int stop, failures;
+static atomic_long asked;
+
+static int ask(int slot, pw_request *rq, uint8_t *out, size_t cap)
+{
+    uint8_t pkt[PW_MAX_REQUEST];
+    int k = pw_encode_request(pkt, sizeof pkt, rq, 0);
+    size_t n = k > 0 ? pws_answer(s, slot, pkt, (size_t)k, 1, out, cap) : 0;
+    pwp_reader r;
+    uint64_t id;
+    int status = -1;
+    pwp_reader_init(&r, out, n);
+    if (n && pw_get_answer_header(&r, &id, &status) < 0)
+        status = -1;
+    return status;
+}
+
+/* Lookups of the stable users in a thread of its own: always found. */
+static void *reader(void *arg)
+{
+    static _Thread_local uint8_t out[1 << 16];
+    int slot = pws_slot_acquire(s);
+    rng += (uint64_t)(uintptr_t)arg * 7919;
+    while (!atomic_load(&stop)) {
+        char name[8];
+        unsigned i = rnd(STABLE);
+        snprintf(name, sizeof name, "s%u", i);
+        pw_request by_name = {.id = rng, .op = PW_OP_PASSWD_BY_NAME, .arg_kind = PW_ARG_STR, .name = name,
+                              .name_len = (uint32_t)strlen(name)};
+        pw_request by_uid = {.id = rng, .op = PW_OP_PASSWD_BY_UID, .arg_kind = PW_ARG_INT, .num = 5000 + i};
+        pw_request host = by_name, groups = by_name;
+        host.op = PW_OP_MAILHOST;
+        groups.op = PW_OP_INITGROUPS;
+        pw_request *all[] = {&by_name, &by_uid, &host, &groups};
+        for (int k = 0; k < 4; k++)
+            if (ask(slot, all[k], out, sizeof out) != PW_OK) {
+                fprintf(stderr, "s%u op %d not found\n", i, all[k]->op);
+                atomic_fetch_add(&failures, 1);
+            }
+        atomic_fetch_add(&asked, 4);
+    }
+    pws_slot_release(s, slot);
+    return NULL;
+}
+
 int main(int argc, char **argv)
 {
     int rounds = argc > 1 ? atoi(argv[1]) : 1000;
     static uint8_t out[PW_MAX_TCP_ANSWER + PW_SEAL_OVERHEAD];
-    const char *passwd = "u1:x:1001:1::/h:/bin/sh\nu2:x:1002:1::/h:/bin/sh\n";
+    char passwd[1024] = "u1:x:1001:1::/h:/bin/sh\nu2:x:1002:1::/h:/bin/sh\n";
+    for (int i = 0; i < STABLE; i++)
+        snprintf(passwd + strlen(passwd), 64, "s%d:x:%d:1:v:/h:/bin/sh\n", i, 5000 + i);
     const char *group = "g1:x:101:u1,u2,u9\n";
     pwpl_rule *rule = pwpl_new(PWPL_HASH);
     pwpl_add_host(rule, "a", 1, 1.0);
     char err[128];
     pwt_table *t = pwt_build(passwd, strlen(passwd), NULL, 0, group, strlen(group), NULL, 0, rule, err, sizeof err);
-    pws_server *s = pws_new();
+    s = pws_new();
     int slot = pws_slot_acquire(s);
     pws_swap_table(s, t, 1, 0);
+    pthread_t readers[2];
+    for (long k = 0; k < 2; k++)
+        pthread_create(&readers[k], NULL, reader, (void *)(k + 1));
     static char text[8][256];
     for (int r = 0; r < rounds; r++) {
         pwt_change ch[8];
@@ -551,21 +608,25 @@ int main(int argc, char **argv)
         pwt_free(pws_swap_table(s, next, (uint64_t)r + 2, 0));
         t = next;
         for (int q = 0; q < 20; q++) {
-            uint8_t pkt[PW_MAX_REQUEST];
             char name[8];
             snprintf(name, sizeof name, rnd(2) ? "u%u" : "g%u", rnd(40));
             pw_request rq = {.id = rng, .op = 1 + (int)rnd(12), .name = name, .name_len = (uint32_t)strlen(name),
                              .num = rnd(3) ? 1000 + rnd(60) : rnd(30)};
             rq.arg_kind = pw_op_arg_kind(rq.op);
-            int k = pw_encode_request(pkt, sizeof pkt, &rq, 0);
-            if (k > 0)
-                pws_answer(s, slot, pkt, (size_t)k, 1, out, sizeof out);
+            ask(slot, &rq, out, sizeof out);
         }
     }
+    atomic_store(&stop, 1);
+    for (int k = 0; k < 2; k++)
+        pthread_join(readers[k], NULL);
     pwt_free(pws_swap_table(s, NULL, 0, 0));
     pws_slot_release(s, slot);
     pws_free(s);
     pwpl_free(rule);
+    if (atomic_load(&failures) || atomic_load(&asked) < 100) {
+        fprintf(stderr, "%d failed lookups of %ld\n", atomic_load(&failures), atomic_load(&asked));
+        return 1;
+    }
     puts("ok");
     return 0;
 }
@@ -575,6 +636,8 @@ int main(int argc, char **argv)
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 def test_changes_under_sanitizers(tmp_path):
-    """Random (and mangled) changes, folds and lookups under ASan/UBSan:
-    any leak, overflow or use after free of a delta entry aborts."""
+    """Random (and mangled) changes, folds and lookups under ASan/UBSan,
+    with two reader threads asking for users that exist throughout (never
+    NOTFOUND): any leak, overflow or use after free of a delta entry or of
+    a table freed after the swap aborts."""
     run_under_sanitizers(tmp_path, CHANGES_DRIVER)
