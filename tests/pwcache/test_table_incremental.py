@@ -437,7 +437,7 @@ def test_lookups_during_10000_changes_see_old_or_new_records_never_notfound():
     assert served.changes.folds >= 1  # folds happened during the load
     assert served.changes.wait_folded(60)
     assert served.generation() >= 10_001
-    for i, name in enumerate(stable):
+    for name in stable:
         assert served.found("mailhost", name) == list(hosts[name])
     for t in transient:
         assert (served.found("passwd_by_name", t) is not None) == (t in live)
@@ -497,7 +497,11 @@ CHANGES_DRIVER = r"""
 #define STABLE 10 /* users s0..s9 (uid 5000 + i): updated, never deleted */
 
 static _Thread_local uint64_t rng = 88172645463325252ull;
-static uint32_t rnd(uint32_t n) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return n ? (uint32_t)(rng % n) : 0; }
+static uint32_t rnd(uint32_t n)
+{
+    rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+    return n ? (uint32_t)(rng % n) : 0;
+}
 
 /* A change line: mostly well formed, sometimes mangled. */
 static size_t make_line(int kind, char *out, size_t cap)
@@ -510,7 +514,9 @@ static size_t make_line(int kind, char *out, size_t cap)
             return (size_t)n; /* (never mangled: s* must stay) */
     case 1: n = snprintf(out, cap, "u%u:$6$%u:1:0:9::::", u, rnd(99)); break;
     case 2: n = snprintf(out, cap, "g%u:x:%u:u%u,s%u,,u%u", g, 100 + rnd(15), rnd(40), rnd(STABLE), rnd(40)); break;
-    case 3: n = snprintf(out, cap, "%c%u h%u%s", rnd(2) ? 'u' : 's', u % STABLE, rnd(4), rnd(3) ? "" : " frozen"); break;
+    case 3:
+        n = snprintf(out, cap, "%c%u h%u%s", rnd(2) ? 'u' : 's', u % STABLE, rnd(4), rnd(3) ? "" : " frozen");
+        break;
     case 4: n = snprintf(out, cap, "u%u", u); break;
     default: n = snprintf(out, cap, "g%u", g); break;
     }
