@@ -647,3 +647,34 @@ def test_changes_under_sanitizers(tmp_path):
     NOTFOUND): any leak, overflow or use after free of a delta entry or of
     a table freed after the swap aborts."""
     run_under_sanitizers(tmp_path, CHANGES_DRIVER)
+
+
+def test_batches_applied_during_a_fold_are_kept(served, monkeypatch):
+    """The fold builds from a snapshot; what is applied while it runs is
+    applied again to the folded table before that is served."""
+    import pwcache.changes
+
+    started, release = threading.Event(), threading.Event()
+    real_fold = pwcache.changes.fold_table
+
+    def slow_fold(ptr, rule=None):
+        started.set()
+        assert release.wait(60)
+        return real_fold(ptr, rule)
+
+    monkeypatch.setattr(pwcache.changes, "fold_table", slow_fold)
+    served.changes.fold_entries = 1
+    served.changes.apply([("passwd", passwd("a1", 7001)), ("passwd", passwd("a2", 7002))])  # starts a fold
+    assert started.wait(60)
+    gen = served.generation()
+    assert served.changes.apply([("passwd", passwd("a3", 7003)), ("del_user", "a1")]) == ["applied", "applied"]
+    assert served.changes.apply([("shadow", shadow("a3", "$6$a3"))]) == ["applied"]
+    assert served.found("passwd_by_name", "a3")[0] == "a3"  # served at once, before the fold ends
+    release.set()
+    assert served.changes.wait_folded(60)
+    assert served.changes.folds == 1 and served.generation() == gen + 3
+    assert served.stats()["delta_entries"] == 2  # a1 and a3: applied again on top of the folded base
+    assert served.found("passwd_by_name", "a1") is None
+    assert served.found("passwd_by_name", "a2")[0] == "a2"
+    assert served.found("shadow_by_name", "a3")[1] == "$6$a3"
+    assert served.stats()["users"] == len(USERS) + 2
