@@ -649,9 +649,9 @@ def test_changes_under_sanitizers(tmp_path):
     run_under_sanitizers(tmp_path, CHANGES_DRIVER)
 
 
-def test_batches_applied_during_a_fold_are_kept(served, monkeypatch):
-    """The fold builds from a snapshot; what is applied while it runs is
-    applied again to the folded table before that is served."""
+@pytest.fixture
+def held_fold(monkeypatch):
+    """Folds wait for release.set() once started (started.is_set())."""
     import pwcache.changes
 
     started, release = threading.Event(), threading.Event()
@@ -663,6 +663,13 @@ def test_batches_applied_during_a_fold_are_kept(served, monkeypatch):
         return real_fold(ptr, rule)
 
     monkeypatch.setattr(pwcache.changes, "fold_table", slow_fold)
+    return started, release
+
+
+def test_batches_applied_during_a_fold_are_kept(served, held_fold):
+    """The fold builds from a snapshot; what is applied while it runs is
+    applied again to the folded table before that is served."""
+    started, release = held_fold
     served.changes.fold_entries = 1
     served.changes.apply([("passwd", passwd("a1", 7001)), ("passwd", passwd("a2", 7002))])  # starts a fold
     assert started.wait(60)
@@ -678,3 +685,18 @@ def test_batches_applied_during_a_fold_are_kept(served, monkeypatch):
     assert served.found("passwd_by_name", "a2")[0] == "a2"
     assert served.found("shadow_by_name", "a3")[1] == "$6$a3"
     assert served.stats()["users"] == len(USERS) + 2
+
+
+def test_a_reload_during_a_fold_wins(served, held_fold):
+    started, release = held_fold
+    served.changes.fold_entries = 1
+    served.changes.apply([("passwd", passwd("a1", 7001)), ("passwd", passwd("a2", 7002))])
+    assert started.wait(60)
+    served.core.install(Table.from_bytes(b"only:x:9000:1::/:/bin/sh\n"), 0)
+    gen = served.generation()
+    release.set()
+    assert served.changes.wait_folded(60)
+    assert served.changes.folds == 0 and served.generation() == gen  # the fold of the older table is dropped
+    assert served.found("passwd_by_name", "a1") is None and served.found("passwd_by_name", "only")[0] == "only"
+    assert served.changes.apply([("passwd", passwd("a4", 7004))]) == ["applied"]  # changes go on, on the new table
+    assert served.stats()["users"] == 2
