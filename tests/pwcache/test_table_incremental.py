@@ -700,3 +700,12 @@ def test_a_reload_during_a_fold_wins(served, held_fold):
     assert served.found("passwd_by_name", "a1") is None and served.found("passwd_by_name", "only")[0] == "only"
     assert served.changes.apply([("passwd", passwd("a4", 7004))]) == ["applied"]  # changes go on, on the new table
     assert served.stats()["users"] == 2
+
+
+def test_a_uid_the_source_holds_twice():
+    with Table.from_bytes(passwd("a", 5).encode() + b"\n" + passwd("b", 5).encode() + b"\n") as t:
+        assert t.passwd_by_uid(5)[:3] == b"\x98\xa1a"  # the first holder, as at load
+        assert t.apply_changes([("passwd", passwd("b", 5, gecos="x"))]) == ["dup_id"]
+        assert t.apply_changes([("passwd", passwd("b", 6))]) == ["applied"]
+        assert t.apply_changes([("del_user", "a")]) == ["applied"]
+        assert t.passwd_by_uid(5) is None and t.passwd_by_uid(6)[:3] == b"\x98\xa1b"
