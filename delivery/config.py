@@ -1,7 +1,8 @@
 """The `[delivery]` section of /etc/pwmail.toml, with its defaults.
 
-Read by both pdeliveryd and pdelivery (one section for the part); command
-line flags override. docs/delivery.md describes each key.
+Read by pdeliveryd, pdelivery and lmtp-proxy (one section for the part);
+command line flags override (SECTION.override checks them as the file's values).
+docs/delivery.md describes each key; CHECKS says which values are refused.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pwmail.base import settings
 from pwmail.base.hostport import parse_hostport  # noqa: F401  (delivery's modules take it from here)
 
 from delivery import lmtp, spool
-from delivery.layout import DEFAULT_SCHEME
+from delivery.layout import DEFAULT_SCHEME, SCHEMES
 
 DEFAULTS: dict[str, Any] = {
     # where LMTP lives on every storage host (pdelivery connects to MAILHOST:lmtp_port)
@@ -41,11 +42,38 @@ DEFAULTS: dict[str, Any] = {
     "connect_timeout": 10.0,
     "timeout": 300.0,                   # per LMTP reply
     "mailhost_suffix": "",              # appended to the mailhost name before resolving it
+    # lmtp-proxy (also uses the limits, sessions, timeouts, spool_memory_max and pdelivery's keys above)
+    "proxy_listen": "127.0.0.1:24",     # HOST:PORT (--listen)
+    "proxy_unix": "",                   # path of a UNIX socket to listen on as well (--unix); "" = none
+    "proxy_unix_mode": 0o660,           # its permissions
+    "proxy_pool_size": 4,               # idle LMTP connections kept per store
+    "proxy_pool_idle": 60.0,            # seconds one is kept idle (below the stores' idle_timeout)
+    "proxy_store_connections_max": 100,  # connections to one store at once (below its sessions_per_address_max)
+    "proxy_spool_dir": "/var/tmp",      # where message data past spool_memory_max waits (unnamed files)
+    "shutdown_grace": 30.0,             # seconds open transactions may take after SIGTERM
 }
 
 
+def _users(v: str) -> str | None:
+    return None if v == "pwserver" or v.startswith("passwd:") else "want 'pwserver' or 'passwd:FILE'"
+
+
+CHECKS: dict[str, settings.Check] = {
+    "lmtp_port": settings.port,
+    "listen": settings.address(empty=True, port_zero=True),
+    "layout": settings.one_of(*SCHEMES),
+    "users": _users,
+    "mailhost_names": settings.each(lambda v: None if isinstance(v, str) else "want a string"),
+    **{key: settings.positive for key in (
+        "message_size_max", "message_line_max", "recipients_max", "command_line_max", "bad_commands_max",
+        "sessions_max", "idle_timeout", "data_timeout", "sessions_per_address_max", "dedup_window",
+        "dedup_max", "tmp_max_age", "spool_memory_max", "io_threads", "connect_timeout", "timeout")},
+}
+SECTION = settings.Section("delivery", DEFAULTS, CHECKS)
+
+
 def load(path: str | None = None) -> dict[str, Any]:
-    return settings.section("delivery", DEFAULTS, path)
+    return SECTION.load(path)
 
 
 def limits_from(cfg: dict[str, Any]) -> lmtp.Limits:
@@ -54,3 +82,10 @@ def limits_from(cfg: dict[str, Any]) -> lmtp.Limits:
                        message_line_max=int(cfg["message_line_max"]),
                        recipients_max=int(cfg["recipients_max"]),
                        bad_commands_max=int(cfg["bad_commands_max"]))
+
+
+def placement_rule(path: str | None = None):
+    """The `[placement]` rule (docs/placement.md): where a user goes whose
+    mailhost the password server leaves empty (pdelivery, lmtp-proxy)."""
+    from pwcache import placement
+    return placement.PlacementRule.from_settings(settings.section("placement", placement.DEFAULTS, path))

@@ -1,9 +1,11 @@
 """LMTP server protocol, sans-I/O (bytes in, events out, bytes to send).
 
 RFC 2033 (LMTP) with PIPELINING (2920), SIZE (1870), 8BITMIME (6152),
-ENHANCEDSTATUSCODES (2034, 3463) and CHUNKING (3030, BDAT), plus one
-extension parameter of ours, `XQUEUEID=<id>` on MAIL, which lets
-`pdelivery -i QUEUEID` name the sender's queue id for duplicate detection.
+ENHANCEDSTATUSCODES (2034, 3463), CHUNKING (3030, BDAT) and, with `dsn=True`,
+DSN (3461: its parameters are checked and handed on, `params` of the events;
+the notices themselves are the MTA's job), plus one extension parameter of ours,
+`XQUEUEID=<id>` on MAIL, which lets `pdelivery -i QUEUEID` name the sender's
+queue id for duplicate detection.
 
 The machine answers every command itself except two decisions that are
 policy: whether a recipient is accepted (`RcptRequest`, answered with
@@ -43,6 +45,8 @@ MESSAGE_LINE_MAX = 64 * 1024     # longer lines than this are refused (RFC 5321:
 RECIPIENTS_MAX = 1000            # per transaction (RFC 5321 minimum: 100)
 BAD_COMMANDS_MAX = 20            # syntax errors before the session is dropped
 ADDRESS_MAX = 512
+ENVID_MAX = 100                  # RFC 3461 4.4: characters of ENVID's xtext
+ORCPT_MAX = 500                  # RFC 3461 4.2: characters of ORCPT's value
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,7 @@ CLOSED = _Sentinel("CLOSED")         # send data_to_send(), then close
 class RcptRequest:
     address: str
     sender: str
+    params: dict[str, str] = field(default_factory=dict)   # NOTIFY, ORCPT (upper-case names), as given
 
 
 @dataclass
@@ -138,7 +143,8 @@ class MessageReceived:
     recipients: list[str]
     body: Body                        # the data as on the wire after unstuffing, CRLF line ends
     queue_id: str | None = None
-    params: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)             # MAIL's (SIZE, BODY, RET, ENVID...)
+    rcpt_params: list[dict[str, str]] = field(default_factory=list)  # each recipient's RCPT parameters
 
     @property
     def data(self) -> bytes:
@@ -154,6 +160,25 @@ _HOLD_BACK = (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r")
 
 _PATH_RE = re.compile(r"^\s*<([^<>]*)>\s*(.*)$")
 _XTEXT_RE = re.compile(r"^[!-~]{1,128}$")
+# RFC 3461 4: xtext is printable ASCII but "+" and "=", which is written "+XX"
+_DSN_XTEXT = r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})+"
+_ENVID_RE = re.compile(_DSN_XTEXT)
+_ORCPT_RE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+;" + _DSN_XTEXT)   # addr-type ";" xtext
+_NOTIFY_WORDS = {"SUCCESS", "FAILURE", "DELAY"}
+
+
+def _dsn_param_ok(name: str, value: str) -> bool:
+    """The syntax of an RFC 3461 parameter's value (4.1-4.4)."""
+    if name == "NOTIFY":
+        words = value.upper().split(",")
+        return words == ["NEVER"] or (len(set(words)) == len(words) and set(words) <= _NOTIFY_WORDS)
+    if name == "ORCPT":
+        return len(value) <= ORCPT_MAX and _ORCPT_RE.fullmatch(value) is not None
+    if name == "RET":
+        return value.upper() in ("FULL", "HDRS")
+    if name == "ENVID":
+        return len(value) <= ENVID_MAX and _ENVID_RE.fullmatch(value) is not None
+    raise LocalProtocolError(f"{name} is no DSN parameter")
 
 
 def _parse_path(rest: str) -> tuple[str, list[str]] | None:
@@ -178,9 +203,13 @@ class LMTPServerConnection:
     INIT, READY, MAIL, DATA, BDAT, WAIT_RCPT, WAIT_MESSAGE, DONE = range(8)
 
     def __init__(self, hostname: str, limits: Limits = Limits(), greeting: str = "LMTP ready",
-                 new_body: Callable[[], Body] = MemoryBody):
+                 new_body: Callable[[], Body] = MemoryBody, dsn: bool = False):
         self.hostname = hostname
         self.limits = limits
+        # RFC 3461's parameters accepted and DSN announced (pdeliveryd); off,
+        # they are 555 as any unknown parameter (pdelivery -l, whose C twin
+        # answers the same)
+        self.dsn = dsn
         # makes the Body each message's data is written to as it arrives
         # (pdeliveryd's spools to disk; the default keeps it in memory)
         self._new_body = new_body
@@ -211,7 +240,9 @@ class LMTPServerConnection:
             raise LocalProtocolError("no recipient is waiting for an answer")
         if reply.ok:
             self._rcpts.append(self._pending_rcpt)
+            self._rcpt_params.append(self._pending_params)
         self._pending_rcpt = None
+        self._pending_params = {}
         self._reply(reply)
         self.phase = self.MAIL
 
@@ -252,6 +283,12 @@ class LMTPServerConnection:
         return list(self._rcpts)
 
     @property
+    def mail_params(self) -> dict[str, str]:
+        """The parameters of the transaction's MAIL (upper-case names), e.g.
+        for a proxy opening its own transaction before the data comes."""
+        return dict(self._params)
+
+    @property
     def in_transaction_data(self) -> bool:
         """Between a first BDAT chunk and BDAT LAST (the commands between
         chunks are part of the message's data time)."""
@@ -274,6 +311,8 @@ class LMTPServerConnection:
         self._sender: str | None = None
         self._rcpts: list[str] = []
         self._pending_rcpt: str | None = None
+        self._pending_params: dict[str, str] = {}
+        self._rcpt_params: list[dict[str, str]] = []
         self._queue_id: str | None = None
         self._params: dict[str, str] = {}
         self._drop_body()
@@ -332,7 +371,7 @@ class LMTPServerConnection:
         self._reset_transaction()
         self.phase = self.READY
         lines = [self.hostname, "PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME",
-                 f"SIZE {self.limits.message_size_max}", "CHUNKING", "XQUEUEID"]
+                 f"SIZE {self.limits.message_size_max}", "CHUNKING", *(["DSN"] if self.dsn else []), "XQUEUEID"]
         for i, text in enumerate(lines):
             sep = " " if i == len(lines) - 1 else "-"
             self._out += f"250{sep}{text}\r\n".encode()
@@ -364,6 +403,9 @@ class LMTPServerConnection:
                 if not _XTEXT_RE.match(v):
                     return self._bad_command(R_SYNTAX)
                 self._queue_id = v
+            elif k in ("RET", "ENVID") and self.dsn:
+                if k in opts or not _dsn_param_ok(k, v):
+                    return self._bad_command(R_SYNTAX)
             else:
                 self._reply(R_PARAM)
                 return None
@@ -383,15 +425,23 @@ class LMTPServerConnection:
         if parsed is None or not parsed[0]:
             return self._bad_command(R_SYNTAX)
         addr, params = parsed
-        if params:
-            self._reply(R_PARAM)
-            return None
+        opts: dict[str, str] = {}
+        for p in params:
+            k, _, v = p.partition("=")
+            k = k.upper()
+            if k not in ("NOTIFY", "ORCPT") or not self.dsn:
+                self._reply(R_PARAM)
+                return None
+            if k in opts or not _dsn_param_ok(k, v):
+                return self._bad_command(R_SYNTAX)
+            opts[k] = v
         if len(self._rcpts) >= self.limits.recipients_max:
             self._reply(R_TOO_MANY_RCPT)
             return None
         self._pending_rcpt = addr
+        self._pending_params = opts
         self.phase = self.WAIT_RCPT
-        return RcptRequest(addr, self._sender)
+        return RcptRequest(addr, self._sender, dict(opts))
 
     def _cmd_data(self, arg: str):
         if arg:
@@ -540,4 +590,5 @@ class LMTPServerConnection:
             return None
         self.phase = self.WAIT_MESSAGE
         # the body stays ours: answer_message() releases it
-        return MessageReceived(self._sender, list(self._rcpts), self._body, self._queue_id, dict(self._params))
+        return MessageReceived(self._sender, list(self._rcpts), self._body, self._queue_id, dict(self._params),
+                               [dict(p) for p in self._rcpt_params])

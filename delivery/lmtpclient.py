@@ -81,7 +81,7 @@ def check_queue_id(text: str) -> str:
     return text
 
 
-def _command(text: str) -> bytes:
+def command_line(text: str) -> bytes:
     """One command line. The arguments were checked already; this is the
     last guard: a command that would be two is never written."""
     if any(c in text for c in "\r\n\0"):
@@ -95,6 +95,56 @@ def _command(text: str) -> bytes:
 _SUCCESS_CODES = {"greeting": {220}, "LHLO": {250}, "MAIL": {250}, "RCPT": {250, 251},
                   "DATA": {354}, "message": {250}, "RSET": {250}, "QUIT": {221}}
 _ADDRESS_COMMANDS = {"MAIL", "RCPT"}     # their success is an address status, 2.1.x (RFC 3463)
+
+
+def continues(line: str, count: int) -> bool:
+    """Whether reply line number `count` (`line`, without its CRLF) has
+    another after it; raises LMTPUnavailable on a malformed or endless reply."""
+    if len(line) < 3 or not line[:3].isdigit():
+        raise LMTPUnavailable(f"malformed reply {line[:80]!r}")
+    if line[3:4] != "-":
+        return False
+    if count > REPLY_LINES_MAX:
+        raise LMTPUnavailable("reply too long")
+    return True
+
+
+def parse_reply(raw: list[str]) -> tuple[Reply, list[str]]:
+    """The Reply of a complete reply's lines, and their texts (past the code)."""
+    lines = [line[4:] for line in raw]
+    code = int(raw[-1][:3])
+    text = lines[-1]
+    status = ""
+    first = text.split(" ", 1)
+    if first and first[0][:1] in "245" and first[0].count(".") == 2:
+        status = first[0]
+        text = first[1] if len(first) > 1 else ""
+    return Reply(code, status, text), lines
+
+
+def check_fits(command: str, reply: Reply, enhanced: bool) -> None:
+    """Raise LMTPProtocolError unless `reply` is one `command` can have."""
+    fits = reply.code in _SUCCESS_CODES[command] or (command != "QUIT" and 400 <= reply.code < 600)
+    if fits and enhanced and reply.status:
+        fits = reply.status[0] == str(reply.code)[0] and \
+            (not (reply.ok and command in _ADDRESS_COMMANDS) or reply.status[1:3] == ".1")
+    if not fits:
+        raise LMTPProtocolError(f"reply {str(reply)[:80]!r} cannot answer {command}: replies out of step")
+
+
+def extensions(lhlo_lines: list[str]) -> set[str]:
+    """The extension keywords of a LHLO reply's lines (the first is the host name)."""
+    return {line.split(" ", 1)[0].upper() for line in lhlo_lines[1:]}
+
+
+def mail_params(ext: set[str], size: int, queue_id: str | None, body: str = "8BITMIME") -> str:
+    """The MAIL parameters worth sending to a server offering `ext`."""
+    params = f" SIZE={size}" if "SIZE" in ext else ""
+    if "8BITMIME" in ext and body:
+        params += f" BODY={body}"
+    if queue_id and "XQUEUEID" in ext:
+        params += f" XQUEUEID={queue_id}"
+    return params
 
 
 class _Reader:
@@ -118,34 +168,17 @@ class _Reader:
             self.buf += chunk
 
     def reply(self) -> tuple[Reply, list[str]]:
-        lines = []
+        raw = []
         while True:
-            line = self.line().decode("utf-8", "replace")
-            if len(line) < 3 or not line[:3].isdigit():
-                raise LMTPUnavailable(f"malformed reply {line[:80]!r}")
-            lines.append(line[4:])
-            if line[3:4] != "-":
+            raw.append(self.line().decode("utf-8", "replace"))
+            if not continues(raw[-1], len(raw)):
                 break
-            if len(lines) > REPLY_LINES_MAX:
-                raise LMTPUnavailable("reply too long")
-        code = int(line[:3])
-        text = lines[-1]
-        status = ""
-        first = text.split(" ", 1)
-        if first and first[0][:1] in "245" and first[0].count(".") == 2:
-            status = first[0]
-            text = first[1] if len(first) > 1 else ""
-        return Reply(code, status, text), lines
+        return parse_reply(raw)
 
     def answer(self, command: str) -> tuple[Reply, list[str]]:
         """The reply to `command`, which must be one it can have."""
         reply, lines = self.reply()
-        fits = reply.code in _SUCCESS_CODES[command] or (command != "QUIT" and 400 <= reply.code < 600)
-        if fits and self.enhanced and reply.status:
-            fits = reply.status[0] == str(reply.code)[0] and \
-                (not (reply.ok and command in _ADDRESS_COMMANDS) or reply.status[1:3] == ".1")
-        if not fits:
-            raise LMTPProtocolError(f"reply {str(reply)[:80]!r} cannot answer {command}: replies out of step")
+        check_fits(command, reply, self.enhanced)
         return reply, lines
 
     def expect_silence(self) -> None:
@@ -199,19 +232,15 @@ def _transaction(sock, sender, recipients, data, queue_id, helo) -> list[Reply]:
     greeting, _ = rd.answer("greeting")
     if greeting.code != 220:
         raise LMTPUnavailable(f"greeting: {greeting}")
-    _send(sock, rd, _command(f"LHLO {helo}"))
+    _send(sock, rd, command_line(f"LHLO {helo}"))
     lhlo, lines = rd.answer("LHLO")
     if lhlo.code != 250:
         raise LMTPUnavailable(f"LHLO: {lhlo}")
-    ext = {line.split(" ", 1)[0].upper() for line in lines[1:]} | {lines[-1].split(" ", 1)[0].upper()}
+    ext = extensions(lines)
     rd.enhanced = "ENHANCEDSTATUSCODES" in ext
-    params = f" SIZE={len(data)}" if "SIZE" in ext else ""
-    if "8BITMIME" in ext:
-        params += " BODY=8BITMIME"
-    if queue_id and "XQUEUEID" in ext:
-        params += f" XQUEUEID={queue_id}"
-    cmds = [("MAIL", _command(f"MAIL FROM:<{sender}>{params}"))]
-    cmds += [("RCPT", _command(f"RCPT TO:<{r}>")) for r in recipients]
+    params = mail_params(ext, len(data), queue_id)
+    cmds = [("MAIL", command_line(f"MAIL FROM:<{sender}>{params}"))]
+    cmds += [("RCPT", command_line(f"RCPT TO:<{r}>")) for r in recipients]
     if "PIPELINING" in ext:
         _send(sock, rd, b"".join(c for _, c in cmds))
         replies = [rd.answer(verb)[0] for verb, _ in cmds]

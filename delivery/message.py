@@ -2,7 +2,8 @@
 
 The wire form (LMTP, after dot-unstuffing) ends lines with CRLF; a Maildir
 file ends them with LF. Only the header section is parsed, and only to find
-`Delivered-To:` (loops) and the first `Received:` queue id (duplicates).
+`Delivered-To:` (loops), the first `Received:` queue id (duplicates) and the
+trace fields the final delivery's own replace (`without_replaced_trace`).
 """
 from __future__ import annotations
 
@@ -85,10 +86,45 @@ def trace_headers(return_path: str, delivered_to: str) -> bytes:
             + b"Delivered-To: " + _header_safe(delivered_to) + b"\n")
 
 
+def without_replaced_trace(lines: bytes, delivered_to: str) -> bytes:
+    """`lines` (whole lines, LF ends, from the top of a message) without the
+    header fields our trace headers replace: every `Return-Path` (an MTA's,
+    e.g. Sendmail's F=P; RFC 5321 4.4 wants one, the final delivery's) and a
+    `Delivered-To` naming `delivered_to` itself (one for another address
+    records an earlier hop and stays). Everything from the first empty line
+    on is kept as it is. Returns `lines` itself when nothing goes."""
+    low = lines.lower()
+    if b"return-path" not in low and b"delivered-to" not in low:
+        return lines
+    ours = delivered_to.strip().strip("<>").lower().encode("utf-8", "replace")
+    kept: list[bytes] = []
+    dropping = dropped = False
+    pos = 0
+    while pos < len(lines):
+        end = lines.find(b"\n", pos) + 1 or len(lines)
+        line = lines[pos:end]
+        if line.rstrip(b"\r\n") == b"":
+            kept.append(lines[pos:])               # the end of the header section
+            break
+        pos = end
+        if line[:1] not in (b" ", b"\t"):         # a new field (else a folded line of the last one)
+            name, colon, value = line.partition(b":")
+            name = name.strip().lower()
+            dropping = bool(colon) and (name == b"return-path" or (
+                name == b"delivered-to" and value.strip().strip(b"<>").lower() == ours))
+        if dropping:
+            dropped = True
+        else:
+            kept.append(line)
+    return b"".join(kept) if dropped else lines
+
+
 def for_maildir(raw: bytes, return_path: str, delivered_to: str) -> bytes:
-    """Trace headers + the message with LF line ends, as stored (pdeliveryd
-    streams the same bytes: spool.SpooledBody)."""
-    return trace_headers(return_path, delivered_to) + raw.replace(b"\r\n", b"\n")
+    """Trace headers + the message with LF line ends and without the fields
+    they replace, as stored (pdeliveryd streams the same bytes:
+    spool.SpooledBody)."""
+    return trace_headers(return_path, delivered_to) + without_replaced_trace(raw.replace(b"\r\n", b"\n"),
+                                                                            delivered_to)
 
 
 def max_line_length(raw: bytes) -> int:

@@ -46,7 +46,7 @@ from delivery.layout import LayoutError, check_user
 from delivery.lmtp import (CLOSED, NEED_DATA, LMTPServerConnection, MessageReceived, PeerError,
                            RcptRequest, Reply)
 from delivery.lmtpclient import InvalidArgument, LMTPUnavailable, check_address, check_queue_id, crlf, deliver
-from delivery.replies import R_BAD_ADDRESS, R_FROZEN, R_LOOKUP_DOWN, R_NO_USER
+from delivery.replies import R_BAD_ADDRESS, R_FROZEN, R_LOOKUP_DOWN, R_NO_ROUTE, R_NO_USER, store_unavailable
 from delivery.replies import R_RCPT_OK as R_OK
 from delivery.users import user_from_address
 
@@ -57,7 +57,6 @@ EX_TEMPFAIL = 75
 
 log = logging.getLogger("pdelivery")
 
-R_NO_ROUTE = Reply(451, "4.4.0", "no mailhost for user")
 R_READ_LIMIT = Reply(552, "5.3.4", "message too big")
 # -l input whose MAIL, RCPT or XQUEUEID could not be relayed as one command line
 R_BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "bad sender address syntax")
@@ -85,10 +84,7 @@ class Router:
 
     def placement(self):
         if self._placement is None:
-            from pwcache import placement
-            from pwmail.base import settings
-            self._placement = placement.PlacementRule.from_settings(
-                settings.section("placement", placement.DEFAULTS))
+            self._placement = dconfig.placement_rule()
         return self._placement
 
     def route(self, address: str) -> Route:
@@ -137,7 +133,7 @@ def send(cfg: dict, routes: list[Route], addresses: list[str], sender: str, data
                           connect_timeout=float(cfg["connect_timeout"]), timeout=float(cfg["timeout"]))
         except LMTPUnavailable as e:
             log.warning("%s:%d: %s", host, port, e)
-            got = [Reply(451, "4.4.1", f"storage host {host} unavailable: {e}")] * len(idx)
+            got = [store_unavailable(host, e)] * len(idx)
         for i, r in zip(idx, got):
             replies[i] = r
     return replies  # type: ignore[return-value]

@@ -14,20 +14,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import logging
 import os
 import signal
 import socket
 import sys
 
+from pwmail.base import cli, daemon
+from pwmail.base.errors import exit_on_config_error
 from pwmail.base.logsetup import setup_logging
 from pwmail.base.sdnotify import notify_ready
 
 from delivery import config as dconfig
 from delivery.layout import SCHEMES, MailboxLayout
-from delivery.lmtp import (CLOSED, NEED_DATA, LMTPServerConnection, MessageReceived, PeerError,
-                           RcptRequest, Reply)
+from delivery.lmtp import MessageReceived, RcptRequest, Reply
+from delivery.lmtpsessions import READ_SIZE, LMTPSessions, reader_memory_bound
 from delivery.maildir import ROOT_MARKER, MaildirWriter, clean_tree
 from delivery.message import HEADER_SCAN_MAX
 from delivery.store import MailStore, RecipientCheck
@@ -35,77 +36,69 @@ from delivery.users import PasswdFileLookup, PwserverLookup
 
 log = logging.getLogger("pdeliveryd")
 
-READ_SIZE = 256 * 1024
-TRANSPORT_READ = 256 * 1024    # what asyncio's socket transport reads at once (its max_size)
-R_TOO_MANY_SESSIONS = Reply(421, "4.3.2", "too many sessions, try again later")
-R_IDLE = Reply(421, "4.4.2", "idle timeout, closing")
-R_DATA_TIMEOUT = Reply(421, "4.4.2", "message data too slow, closing")
-R_TOO_MANY_FROM_ADDRESS = Reply(421, "4.7.0", "too many sessions from your address, try again later")
-R_SHUTDOWN = Reply(421, "4.3.2", "shutting down, try again later")
-
 
 def session_memory_bound(cfg: dict) -> int:
     """Bytes a session holds at most, whatever the size of its messages
-    (docs/delivery.md, "Memory"): the stream reader's buffer (it stops the
-    socket past 2 x READ_SIZE, plus the read in flight), the LMTP machine's
-    input (one read; the held DATA is a few bytes), the body's bytes kept in
-    memory (spool_memory_max) and its head (HEADER_SCAN_MAX)."""
-    return 2 * READ_SIZE + TRANSPORT_READ + READ_SIZE + int(cfg["spool_memory_max"]) + HEADER_SCAN_MAX
+    (docs/delivery.md, "Memory"): its input buffers (lmtpsessions), the
+    body's bytes kept in memory (spool_memory_max) and its head (HEADER_SCAN_MAX)."""
+    return reader_memory_bound() + int(cfg["spool_memory_max"]) + HEADER_SCAN_MAX
 
 
-def make_users(spec: str):
+def make_users(spec: str, pwserver_conf: str | None = None):
+    """`spec` as the [delivery] users key (checked by delivery/config.py)."""
     if spec.startswith("passwd:"):
         return PasswdFileLookup(spec[len("passwd:"):])
-    if spec == "pwserver":
-        return PwserverLookup()
-    raise SystemExit(f"pdeliveryd: users must be 'pwserver' or 'passwd:FILE', not {spec!r}")
+    return PwserverLookup(pwserver_conf=pwserver_conf)
 
 
-class DeliveryServer:
-    """Sessions over the LMTP machine; policy in RecipientCheck / MailStore."""
+class DeliveryServer(LMTPSessions):
+    """LMTP sessions (lmtpsessions) whose policy is RecipientCheck / MailStore."""
+
+    greeting = "LMTP pdeliveryd ready"
+    dsn = True              # RFC 3461 parameters accepted (and logged: ORCPT)
 
     def __init__(self, cfg: dict, users, *, hostname: str | None = None):
-        self.cfg = cfg
         self.users = users
-        self.hostname = hostname or socket.getfqdn()
         self.layout = MailboxLayout(cfg["root"], cfg["layout"])
         self.store = MailStore(MaildirWriter(self.layout), io_threads=int(cfg["io_threads"]),
                                dedup_window=float(cfg["dedup_window"]), dedup_max=int(cfg["dedup_max"]),
                                tmp_max_age=float(cfg["tmp_max_age"]))
+        super().__init__(cfg, hostname or socket.getfqdn())
         self.apply(cfg)
-        # open sessions -> when their pending read began (None: not reading)
-        self.sessions: dict[asyncio.StreamWriter, float | None] = {}
-        # sessions in a message's data -> when that data began (data_timeout)
-        self.in_data: dict[asyncio.StreamWriter, float] = {}
-        # client address -> its open sessions (sessions_per_address_max)
-        self.per_address: collections.Counter[str] = collections.Counter()
         self.store.alone = lambda: len(self.sessions) == 1
-        self.busy: set[asyncio.StreamWriter] = set()
-        self.stopping = False
         self.server: asyncio.base_events.Server | None = None
-        self.refused_sessions = 0
 
     def apply(self, cfg: dict) -> None:
         """Settings that may change at run time (SIGHUP)."""
-        self.cfg = cfg
-        self.limits = dconfig.limits_from(cfg)
+        super().apply(cfg)
         self.check = RecipientCheck(self.users, cfg["mailhost_names"], cfg["recipient_delimiter"])
         self.store.recheck = self.check.check
         self.store.dedup.window = float(cfg["dedup_window"])
         self.store.dedup.max_entries = int(cfg["dedup_max"])
         self.store.tmp_max_age = float(cfg["tmp_max_age"])
         self.store.spool_memory_max = int(cfg["spool_memory_max"])
-        if int(cfg["sessions_per_address_max"]) >= int(cfg["sessions_max"]):
-            log.warning("sessions_per_address_max %s is not below sessions_max %s: one client address "
-                        "can take every session", cfg["sessions_per_address_max"], cfg["sessions_max"])
+
+    def new_body(self):
+        return self.store.new_body()
+
+    async def rcpt(self, ev: RcptRequest, accepted: list) -> Reply:
+        reply, rec = await self.check.check(ev.address)
+        if rec is not None:
+            accepted.append(rec)
+        return reply
+
+    async def message(self, ev: MessageReceived, accepted: list) -> list[Reply]:
+        return await self.store.deliver(ev, accepted)
 
     async def start(self, host: str, port: int) -> None:
         if not (self.layout.root / ROOT_MARKER).exists():
             log.warning("storage root %s has no %s: deliveries get 451 until it is mounted",
                         self.layout.root, ROOT_MARKER)
-        self.server = await asyncio.start_server(self.session, host, port, limit=READ_SIZE,
-                                                 reuse_address=True, backlog=1024)
-        self._sweeper = asyncio.get_running_loop().create_task(self.sweep_idle())
+        self.store.dedup.load()
+        sock = daemon.bind_listener(host, port)
+        self.server = await asyncio.start_server(self.session, sock=sock, limit=READ_SIZE,
+                                                 backlog=daemon.LISTEN_BACKLOG)
+        self.start_sweeper()
         addr = self.server.sockets[0].getsockname()
         log.info("listening on %s:%d root=%s layout=%s", addr[0], addr[1], self.layout.root, self.layout.scheme)
         per_session = session_memory_bound(self.cfg)
@@ -117,147 +110,19 @@ class DeliveryServer:
     def port(self) -> int:
         return self.server.sockets[0].getsockname()[1]
 
-    def _refusal(self, client: str) -> Reply | None:
-        if self.stopping:
-            return R_SHUTDOWN
-        if len(self.sessions) >= int(self.cfg["sessions_max"]):
-            return R_TOO_MANY_SESSIONS
-        if self.per_address[client] >= int(self.cfg["sessions_per_address_max"]):
-            # below sessions_max, so one address cannot take every slot
-            return R_TOO_MANY_FROM_ADDRESS
-        return None
-
-    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        client = peer[0] if isinstance(peer, tuple) else str(peer)
-        refusal = self._refusal(client)
-        if refusal is not None:
-            self.refused_sessions += 1
-            writer.write(bytes(refusal))
-            await _close(writer)
-            return
-        self.sessions[writer] = None
-        self.per_address[client] += 1
-        conn = LMTPServerConnection(self.hostname, self.limits, "LMTP pdeliveryd ready",
-                                    new_body=self.store.new_body)
-        accepted = []            # Recipient of each accepted RCPT, in order
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                try:
-                    ev = conn.next_event()
-                except PeerError as e:
-                    log.info("%s: %s", peer, e)
-                    writer.write(conn.data_to_send())
-                    break
-                if ev is CLOSED:
-                    writer.write(conn.data_to_send())
-                    break
-                if ev is NEED_DATA:
-                    out = conn.data_to_send()
-                    if out:
-                        writer.write(out)
-                        await writer.drain()
-                    if self.stopping and conn.phase == conn.READY:
-                        writer.write(bytes(R_SHUTDOWN))
-                        break
-                    if conn.phase in (conn.DATA, conn.BDAT) or conn.in_transaction_data:
-                        # the data clock starts once and runs to the end of the message
-                        self.in_data.setdefault(writer, loop.time())
-                    else:
-                        self.in_data.pop(writer, None)
-                    self.sessions[writer] = loop.time()   # the idle sweeper watches from here
-                    data = await reader.read(READ_SIZE)
-                    self.sessions[writer] = None
-                    conn.receive_data(data)
-                elif isinstance(ev, RcptRequest):
-                    reply, rec = await self.check.check(ev.address)
-                    if rec is not None:
-                        accepted.append(rec)
-                    conn.answer_rcpt(reply)
-                elif isinstance(ev, MessageReceived):
-                    self.in_data.pop(writer, None)
-                    self.busy.add(writer)
-                    try:
-                        replies = await self.store.deliver(ev, accepted[-len(ev.recipients):])
-                    finally:
-                        self.busy.discard(writer)
-                    accepted.clear()
-                    conn.answer_message(replies)
-                if conn.phase == conn.READY and not conn.recipients:
-                    accepted.clear()       # RSET, LHLO or a refused transaction
-        except (ConnectionError, OSError) as e:
-            log.info("%s: connection lost: %s", peer, e)
-        finally:
-            conn.close()
-            self.sessions.pop(writer, None)
-            self.in_data.pop(writer, None)
-            self.per_address[client] -= 1
-            if self.per_address[client] <= 0:
-                del self.per_address[client]
-            await _close(writer)
-
-    async def sweep_idle(self) -> None:
-        """Say 421 to and close sessions silent for idle_timeout, or whose
-        message data has taken longer than data_timeout in all (a client
-        trickling a byte now and then restarts the idle clock, not this one).
-        One timer for all sessions instead of a timeout per read."""
-        loop = asyncio.get_running_loop()
-        while not self.stopping:
-            idle = float(self.cfg["idle_timeout"])
-            data_max = float(self.cfg["data_timeout"])
-            await asyncio.sleep(min(1.0, idle / 4, data_max / 4))
-            now = loop.time()
-            for w, since in list(self.sessions.items()):
-                if since is None:
-                    continue                  # not reading: delivering or writing
-                if now - since > idle:
-                    self._cut(w, R_IDLE)
-                elif now - self.in_data.get(w, now) > data_max:
-                    log.info("%s: message data took over %.0f s: cut", w.get_extra_info("peername"), data_max)
-                    self._cut(w, R_DATA_TIMEOUT)
-
-    def _cut(self, w: asyncio.StreamWriter, reply: Reply) -> None:
-        """421 and close: the pending read sees EOF, and the unfinished
-        transaction is dropped with the session (nothing of it was stored)."""
-        self.sessions[w] = None
-        self.in_data.pop(w, None)
-        w.write(bytes(reply))
-        w.transport.close()
-
     def request_stop(self) -> None:
-        if self.stopping:
-            return
-        self.stopping = True
-        log.info("stopping: %d session(s) open, %d delivering", len(self.sessions), len(self.busy))
         if self.server is not None:
             self.server.close()
-        for w in list(self.sessions):
-            if w not in self.busy:
-                # an idle session: tell it, and end its read with EOF
-                try:
-                    w.write(bytes(R_SHUTDOWN))
-                except Exception:
-                    pass
-                w.transport.close()
+        super().request_stop()
 
     async def wait_stopped(self, grace: float = 30.0) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         while self.sessions and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        for w in list(self.sessions):
-            w.transport.abort()
+        self.abort_all()
         await self.users.close()
         self.store.close()
-
-
-async def _close(writer: asyncio.StreamWriter) -> None:
-    try:
-        writer.close()
-        await writer.wait_closed()
-    except (ConnectionError, OSError):
-        pass
 
 
 def parse_args(argv):
@@ -267,35 +132,28 @@ def parse_args(argv):
     p.add_argument("--root", help=f"storage root (must hold {ROOT_MARKER})")
     p.add_argument("--layout", choices=SCHEMES)
     p.add_argument("--users", help="'pwserver' (default) or 'passwd:FILE'")
-    p.add_argument("--config", help="settings file (default $PWMAIL_CONF or /etc/pwmail.toml)")
+    cli.add_common_flags(p)
     p.add_argument("--hostname", help="name in the greeting and in file names")
     p.add_argument("--init-root", action="store_true", help="create the root marker in --root and exit")
     p.add_argument("--clean-tmp", action="store_true", help="remove stale tmp/ files under the root and exit")
-    p.add_argument("--log-stderr", action="store_true")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
 
 def effective_config(args) -> dict:
-    cfg = dconfig.load(args.config)
-    for key in ("root", "layout", "users"):
-        if getattr(args, key):
-            cfg[key] = getattr(args, key)
-    if args.lmtp_port:
-        cfg["lmtp_port"] = args.lmtp_port
-    if args.listen:
-        cfg["listen"] = args.listen
-    return cfg
+    """[delivery] from the file, the flags given over it (both checked)."""
+    return dconfig.SECTION.override(dconfig.load(args.config), {
+        key: getattr(args, key) for key in ("root", "layout", "users", "lmtp_port", "listen")})
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging("pdeliveryd", stderr=args.log_stderr, level=args.log_level.upper())
-    try:
-        cfg = effective_config(args)
-    except Exception as e:
-        print(f"pdeliveryd: {e}", file=sys.stderr)
-        return 78  # EX_CONFIG
+    return exit_on_config_error("pdeliveryd", lambda: start(args))
+
+
+def start(args) -> int:
+    cfg = effective_config(args)
+    setup_logging("pdeliveryd", stderr=args.log_stderr, daemon=True, level=args.log_level.upper())
     if args.init_root:
         os.makedirs(cfg["root"], exist_ok=True)
         open(os.path.join(cfg["root"], ROOT_MARKER), "a").close()
@@ -323,7 +181,7 @@ def raise_fd_limit(sessions_max: int) -> None:
 
 async def serve(cfg: dict, host: str, port: int, args) -> int:
     raise_fd_limit(int(cfg["sessions_max"]))
-    server = DeliveryServer(cfg, make_users(cfg["users"]), hostname=args.hostname)
+    server = DeliveryServer(cfg, make_users(cfg["users"], args.pwserver_conf), hostname=args.hostname)
     await server.start(host, port)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -342,7 +200,7 @@ async def serve(cfg: dict, host: str, port: int, args) -> int:
             if new[key] != server.cfg[key]:
                 log.warning("reload: %s changed; it takes effect at restart", key)
                 new[key] = server.cfg[key]
-        setup_logging("pdeliveryd", stderr=args.log_stderr, level=args.log_level.upper())
+        setup_logging("pdeliveryd", stderr=args.log_stderr, daemon=True, level=args.log_level.upper())
         server.apply(new)
         log.info("reloaded settings")
 

@@ -13,3 +13,9 @@ R_LOOP = Reply(550, "5.4.6", "mail loop: already delivered to this user")
 R_STORAGE_DOWN = Reply(451, "4.3.0", "storage unavailable, try again later")
 R_STORAGE_FULL = Reply(452, "4.3.1", "insufficient storage, try again later")
 R_LOCAL_ERROR = Reply(451, "4.3.0", "local error in processing, try again later")
+R_NO_ROUTE = Reply(451, "4.4.0", "no mailhost for user")
+
+
+def store_unavailable(host: str, why: object) -> Reply:
+    """The reply of each recipient whose storage host could not take the message."""
+    return Reply(451, "4.4.1", f"storage host {host} unavailable: {why}")

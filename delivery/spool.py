@@ -5,12 +5,14 @@ A message is written to no mailbox before its data is complete and checked
 the first `memory_max` bytes in memory (most mail is that small and never
 touches the spool), then the whole of it in an unnamed file on the storage
 root's file system (O_TMPFILE: nothing to clean after a crash). Each
-recipient's copy is its own trace headers followed by the body, copied from
+recipient's copy is its own trace headers followed by the body (its header
+section from memory when trace fields in it are replaced), copied from
 that file by the kernel (copy_file_range, which may share extents on
 XFS/Btrfs; sendfile, then read/write, where it cannot). Memory per session
 is bounded by memory_max and the read buffers, never by the message.
 
-The bytes are stored with CRLF turned into LF as they arrive (a CR at the
+(`WireBody` keeps the wire form instead, for lmtp-proxy.) The bytes of a
+SpooledBody are stored with CRLF turned into LF as they arrive (a CR at the
 end of a piece waits for the next one), so the file holds exactly what
 message.for_maildir() would have made of the whole message after its trace.
 A failure to spool (disk full, root not mounted) is kept in `error` and
@@ -23,6 +25,7 @@ import os
 import tempfile
 from typing import Callable
 
+from delivery import message as msg
 from delivery.body import Body
 
 SPOOL_MEMORY_MAX = 128 * 1024    # bytes of a message kept in memory before it goes to a spool file
@@ -155,28 +158,67 @@ class SpooledBody(Body):
             os.close(self._fd)
             self._fd = -1
 
-    def write_to(self, fd: int, before: bytes = b"") -> None:
-        """Write `before` (the trace headers), then the body, to `fd`."""
+    def write_to(self, fd: int, before: bytes = b"", skip: int = 0) -> None:
+        """Write `before` (the trace headers), then the body from its byte
+        `skip` on (of the stored form), to `fd`."""
         if self._fd < 0:
-            write_all(fd, before, self._memory)
+            write_all(fd, before, memoryview(self._memory)[skip:])
             return
         write_all(fd, before)
-        copy_range(self._fd, fd, self._stored)
+        copy_range(self._fd, fd, self._stored - skip, skip)
 
-    def stored_with(self, trace: bytes) -> "StoredCopy":
-        """One recipient's copy: its trace headers, then this body."""
-        return StoredCopy(self, trace)
+    def head_lines(self) -> bytes:
+        """The stored form of the head's whole lines (the header section,
+        unless it is longer than HEADER_SCAN_MAX): the first bytes of what
+        was stored, since CRLF -> LF keeps a prefix ending in LF a prefix."""
+        head = self.head
+        return head[:head.rfind(b"\n") + 1].replace(b"\r\n", b"\n")
+
+    def stored_with(self, trace: bytes, delivered_to: str) -> "StoredCopy":
+        """One recipient's copy: its trace headers, then this body without the
+        header fields they replace (message.without_replaced_trace: the
+        header section is written from memory, the rest copied)."""
+        lines = self.head_lines()
+        kept = msg.without_replaced_trace(lines, delivered_to)
+        if kept is lines:
+            return StoredCopy(self, trace)
+        return StoredCopy(self, trace + kept, skip=len(lines), skipped_newlines=lines.count(b"\n"))
+
+    def chunks(self, size: int = COPY_CHUNK):
+        """The stored bytes, in pieces of at most `size` (read from the spool
+        file by offset: several readers may go through one body at once)."""
+        if self._fd < 0:
+            for i in range(0, len(self._memory), size):
+                yield bytes(self._memory[i:i + size])
+            return
+        offset = 0
+        while offset < self._stored:
+            piece = os.pread(self._fd, min(size, self._stored - offset), offset)
+            if not piece:
+                raise OSError(errno.EIO, f"spool file ended {self._stored - offset} bytes early")
+            offset += len(piece)
+            yield piece
+
+
+class WireBody(SpooledBody):
+    """A body kept in its wire form (CRLF as it came), for lmtp-proxy, which
+    sends it on over LMTP instead of writing a Maildir."""
+
+    def _keep(self, piece: bytes) -> None:
+        self._store(piece)
 
 
 class StoredCopy:
     """What maildir.MaildirWriter.stage() writes for one recipient: sizes
-    for the file name, and the bytes."""
+    for the file name, and the bytes: `before`, then the body from its
+    byte `skip` on."""
 
-    def __init__(self, body: SpooledBody, trace: bytes):
+    def __init__(self, body: SpooledBody, before: bytes, skip: int = 0, skipped_newlines: int = 0):
         self.body = body
-        self.trace = trace
-        self.size = len(trace) + body.lf_size
-        self.newlines = trace.count(b"\n") + body.newlines
+        self.before = before
+        self.skip = skip
+        self.size = len(before) + body.lf_size - skip
+        self.newlines = before.count(b"\n") + body.newlines - skipped_newlines
 
     def write_to(self, fd: int) -> None:
-        self.body.write_to(fd, self.trace)
+        self.body.write_to(fd, self.before, self.skip)

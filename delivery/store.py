@@ -20,11 +20,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from delivery import message as msg
+from delivery.dedup import DEDUP_FILE, DedupTable
 from delivery.layout import LayoutError, check_user
 from delivery.lmtp import MessageReceived, Reply
 from delivery.replies import (R_BAD_ADDRESS, R_FROZEN, R_LOCAL_ERROR, R_LOOKUP_DOWN, R_LOOP, R_NO_USER,
                               R_RCPT_OK, R_STORAGE_DOWN, R_STORAGE_FULL, R_WRONG_HOST)
-from delivery.maildir import MaildirWriter, StorageFull, StorageUnavailable
+from delivery.maildir import ROOT_MARKER, MaildirWriter, StorageFull, StorageUnavailable
 from delivery.spool import SPOOL_MEMORY_MAX, SpooledBody, StoredCopy
 from delivery.users import LookupUnavailable, Recipient, UserLookup, user_from_address
 
@@ -61,43 +62,16 @@ class RecipientCheck:
         return R_RCPT_OK, rec
 
 
-class DedupTable:
-    """(queue id, user, content digest) delivered recently: acknowledge a
-    retry after a lost 250 without storing a second copy."""
-
-    def __init__(self, window: float, max_entries: int):
-        self.window = window
-        self.max_entries = max_entries
-        self._done: collections.OrderedDict[tuple, float] = collections.OrderedDict()
-        self._inflight: dict[tuple, asyncio.Future] = {}
-        self.hits = 0
-
-    def _expire(self, now: float) -> None:
-        while self._done:
-            key, t = next(iter(self._done.items()))
-            if now - t <= self.window and len(self._done) <= self.max_entries:
-                break
-            self._done.popitem(last=False)
-
-    def seen(self, key: tuple) -> bool:
-        now = time.monotonic()
-        self._expire(now)
-        t = self._done.get(key)
-        return t is not None and now - t <= self.window
-
-    def remember(self, key: tuple) -> None:
-        self._done[key] = time.monotonic()
-        self._done.move_to_end(key)
-        self._expire(time.monotonic())
-
-
 class MailStore:
     def __init__(self, writer: MaildirWriter, *, io_threads: int = 32, dedup_window: float = 86400,
                  dedup_max: int = 200_000, tmp_max_age: float = 36 * 3600,
                  spool_memory_max: int = SPOOL_MEMORY_MAX):
         self.writer = writer
         self.executor = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="pdeliveryd-io")
-        self.dedup = DedupTable(dedup_window, dedup_max)
+        root = writer.layout.root
+        # kept across restarts in the root, fsynced in the writer's group commits
+        self.dedup = DedupTable(dedup_window, dedup_max, root / DEDUP_FILE,
+                                usable=(root / ROOT_MARKER).exists, sync=writer.group.sync)
         self.tmp_max_age = tmp_max_age
         self._cleaned: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._cleaned_lock = threading.Lock()
@@ -157,42 +131,43 @@ class MailStore:
                 self.dedup.hits += 1
                 log.info("duplicate of qid=%s for %s acknowledged without a copy", qid, rec.name)
                 return Reply(250, "2.0.0", f"{rec.name} already delivered (duplicate)")
-            inflight = self.dedup._inflight.get(key)
+            inflight = self.dedup.inflight.get(key)
             if inflight is not None:
                 return await asyncio.shield(inflight)
             fut = asyncio.get_running_loop().create_future()
-            self.dedup._inflight[key] = fut
+            self.dedup.inflight[key] = fut
         reply = R_LOCAL_ERROR
         try:
-            reply = await self._store(ev, address, rec, qid, inline)
-            if key is not None and reply.ok:
-                self.dedup.remember(key)
+            reply = await self._store(ev, address, rec, qid, key, inline)
             return reply
         finally:
             if key is not None:
-                self.dedup._inflight.pop(key, None)
+                self.dedup.inflight.pop(key, None)
                 fut.set_result(reply)
 
     async def _store(self, ev: MessageReceived, address: str, rec: Recipient, qid: str | None,
-                     inline: bool = False) -> Reply:
+                     key: tuple | None, inline: bool = False) -> Reply:
         loop = asyncio.get_running_loop()
-        content = ev.body.stored_with(msg.trace_headers(ev.sender, address))
+        content = ev.body.stored_with(msg.trace_headers(ev.sender, address), address)
         try:
             if inline:
-                path = self._write(rec, content)
+                path = self._write(rec, content, key)
             else:
-                path = await loop.run_in_executor(self.executor, self._write, rec, content)
+                path = await loop.run_in_executor(self.executor, self._write, rec, content, key)
         except OSError as e:
             return _failure_reply(e, f"delivering to {rec.name}")
         self.delivered += 1
         name = os.path.basename(path)
-        log.info("delivered qid=%s to=%s from=<%s> size=%d file=%s", qid or "-", rec.name, ev.sender,
-                 content.size, name)
+        log.info("delivered qid=%s to=%s from=<%s> size=%d file=%s%s", qid or "-", rec.name, ev.sender,
+                 content.size, name, _orcpt_note(ev, address))
         return Reply(250, "2.0.0", f"{rec.name} delivered {name.split(',')[0]}")
 
-    def _write(self, rec: Recipient, content: StoredCopy) -> str:
-        """In an I/O thread: everything up to the durable commit."""
+    def _write(self, rec: Recipient, content: StoredCopy, key: tuple | None) -> str:
+        """In an I/O thread: everything up to the durable commit, then the
+        duplicate table's record of it (durable too, before the 250)."""
         path = self.writer.deliver(rec.name, content, rec.uid, rec.gid)
+        if key is not None:
+            self.dedup.remember(key)
         self._maybe_clean(rec.name)
         return path
 
@@ -213,6 +188,18 @@ class MailStore:
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
+        self.dedup.close()
+
+
+def _orcpt_note(ev: MessageReceived, address: str) -> str:
+    """` orcpt=...` for the log when the MTA gave the recipient's original
+    address (RFC 3461 ORCPT: before its aliases and forwards). Delivered-To
+    keeps the RCPT address: the mailbox delivered to, which the loop check
+    looks for."""
+    for addr, params in zip(ev.recipients, ev.rcpt_params):
+        if addr == address and "ORCPT" in params:
+            return f" orcpt={params['ORCPT']}"
+    return ""
 
 
 def _failure_reply(e: OSError, doing: str) -> Reply:

@@ -46,10 +46,10 @@ def user_from_address(address: str, delimiter: str = "+") -> str:
 class PwserverLookup:
     """Users from the password server (pwcache.client.AsyncClient)."""
 
-    def __init__(self, client=None):
+    def __init__(self, client=None, pwserver_conf: str | None = None):
         if client is None:
             from pwcache.client import AsyncClient
-            client = AsyncClient.from_config()
+            client = AsyncClient.from_config(pwserver_conf)
         self.client = client
 
     async def lookup(self, name: str) -> Recipient | None:

@@ -1,10 +1,13 @@
-"""pop-proxy's side of a backend POP3 server: connect with bounded retries,
-swallow the greeting, pass the client's address (XCLIENT), replay the
-login with AUTH PLAIN, and report the answer. After a successful login the
-protocol object is handed to a relay (pop/relay.py)."""
+"""The proxies' side of a backend: connect with bounded retries (shared by
+both proxies, BackendConnector), and for pop-proxy a POP3 login: swallow
+the greeting, pass the client's address (XCLIENT), replay the login with
+AUTH PLAIN, and report the answer (imap-proxy's is pop/imap_backend.py).
+After a successful login the protocol object is handed to a relay
+(pop/relay.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 
 from .protocol import encode_plain
@@ -94,14 +97,18 @@ def response_code(line: bytes) -> str | None:
     return None
 
 
-class BackendLogin:
-    """What one login attempt needs to know about backends (from [pop])."""
+class BackendConnector:
+    """What one login attempt needs to know about backends (from the
+    settings), and the connection with its retries; a protocol's login
+    subclasses it."""
+
+    TLS_MODES = ("none", "tls", "stls")      # plain, implicit TLS, the protocol's STARTTLS
 
     def __init__(self, *, tls: str = "none", ssl_context: ssl.SSLContext | None = None,
                  connect_timeout: float = 3.0, retries: int = 2, retry_delay: float = 0.25,
                  timeout: float = 15.0):
-        if tls not in ("none", "tls", "stls"):
-            raise ValueError(f"backend_tls must be none, tls or stls, not {tls!r}")
+        if tls not in self.TLS_MODES:
+            raise ValueError(f"backend_tls must be one of {', '.join(self.TLS_MODES)}, not {tls!r}")
         self.tls = tls
         self.ssl_context = ssl_context
         self.connect_timeout = connect_timeout
@@ -128,6 +135,30 @@ class BackendLogin:
                 last = e
         raise BackendError(f"{host}:{port} unreachable after {1 + max(0, self.retries)} tries: {last!r}")
 
+    @contextlib.asynccontextmanager
+    async def exchange(self, proto: BackendSide, host: str, port: int):
+        """The login exchange on a new connection: bounded by `timeout`; on
+        any failure the connection is closed, and network failures are
+        BackendError."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                yield
+        except (TimeoutError, OSError, ssl.SSLError) as e:
+            proto.close()
+            raise BackendError(f"{host}:{port}: {e!r}") from None
+        except BaseException:
+            proto.close()
+            raise
+
+    async def start_tls(self, proto: BackendSide, host: str) -> None:
+        """TLS on a connection after the protocol's STARTTLS was accepted."""
+        loop = asyncio.get_running_loop()
+        proto.transport = await loop.start_tls(proto.transport, proto, self.ssl_context, server_hostname=host)
+
+
+class BackendLogin(BackendConnector):
+    """pop-proxy's login to a POP3 backend."""
+
     async def login(self, host: str, port: int, user: str, password: str,
                     client_addr: tuple[str, int]) -> tuple[BackendSide, bytes]:
         """Connect and log in; returns (backend, its answer line). The caller
@@ -135,35 +166,25 @@ class BackendLogin:
         to relay), anything else is the backend's "-ERR" line (the backend is
         then closed already). Raises BackendError."""
         proto = await self.connect(host, port)
-        try:
-            async with asyncio.timeout(self.timeout):
-                greeting = await proto.read_line()
-                if not greeting.startswith(b"+OK"):
-                    raise BackendError(f"backend greeting: {greeting[:80]!r}")
-                if self.tls == "stls":
-                    proto.send(b"STLS\r\n")
-                    if not (await proto.read_line()).startswith(b"+OK"):
-                        raise BackendError("backend refused STLS")
-                    loop = asyncio.get_running_loop()
-                    transport = await loop.start_tls(proto.transport, proto, self.ssl_context,
-                                                     server_hostname=host)
-                    proto.transport = transport
-                # XCLIENT and AUTH go in one packet (one round trip less);
-                # both pop3d and Dovecot read pipelined commands in order.
-                xclient = b"[XCLIENT]" in greeting[:32]
-                commands = f"AUTH PLAIN {encode_plain(user, password)}\r\n".encode()
-                if xclient:
-                    commands = f"XCLIENT ADDR={client_addr[0]} PORT={client_addr[1]}\r\n".encode() + commands
-                proto.send(commands)
-                if xclient and not (await proto.read_line()).startswith(b"+OK"):
-                    raise BackendError("backend refused XCLIENT")
-                answer = await proto.read_line()
-        except (TimeoutError, OSError, ssl.SSLError) as e:
-            proto.close()
-            raise BackendError(f"{host}:{port}: {e!r}") from None
-        except BaseException:
-            proto.close()
-            raise
+        async with self.exchange(proto, host, port):
+            greeting = await proto.read_line()
+            if not greeting.startswith(b"+OK"):
+                raise BackendError(f"backend greeting: {greeting[:80]!r}")
+            if self.tls == "stls":
+                proto.send(b"STLS\r\n")
+                if not (await proto.read_line()).startswith(b"+OK"):
+                    raise BackendError("backend refused STLS")
+                await self.start_tls(proto, host)
+            # XCLIENT and AUTH go in one packet (one round trip less);
+            # both pop3d and Dovecot read pipelined commands in order.
+            xclient = b"[XCLIENT]" in greeting[:32]
+            commands = f"AUTH PLAIN {encode_plain(user, password)}\r\n".encode()
+            if xclient:
+                commands = f"XCLIENT ADDR={client_addr[0]} PORT={client_addr[1]}\r\n".encode() + commands
+            proto.send(commands)
+            if xclient and not (await proto.read_line()).startswith(b"+OK"):
+                raise BackendError("backend refused XCLIENT")
+            answer = await proto.read_line()
         if not answer.startswith(b"+OK"):
             proto.send(b"QUIT\r\n")
             proto.close()

@@ -23,9 +23,10 @@ import asyncio
 import logging
 import time
 
-from delivery.layout import LayoutError, MailboxLayout, check_user
+from delivery.layout import SCHEMES, LayoutError, MailboxLayout, check_user
 from pwcache.client import AsyncClient, Denied, PwError, Unavailable
-from pwmail.base import daemon
+from pwmail.base import cli, daemon
+from pwmail.base.errors import exit_on_config_error
 from pwmail.base.logsetup import setup_logging
 
 from . import config as popconfig
@@ -302,7 +303,7 @@ async def serve(args, cfg) -> None:
                          failure_delay=new["pop3d_failure_delay"], timeout=new["pop3d_timeout"],
                          dummy_hash=new["pop3d_dummy_hash"])
         cfg, grace = new, new_grace
-        setup_logging("pop3d", stderr=args.stderr)
+        setup_logging("pop3d", stderr=args.log_stderr, daemon=True)
         log.info("reloaded settings")
 
     stop = daemon.handle_signals(on_reload=reload)
@@ -328,15 +329,20 @@ def main(argv: list[str] | None = None) -> int:
         "sessions) and re-open logging.")
     p.add_argument("--listen", help="HOST:PORT (default [pop] pop3d_listen)")
     p.add_argument("--root", help="storage root (default [pop] root)")
-    p.add_argument("--layout", help="hash scheme (default [pop] layout)")
+    p.add_argument("--layout", choices=SCHEMES, help="hash scheme (default [pop] layout)")
     p.add_argument("--trusted", action="append",
                    help="network allowed XCLIENT (a proxy); repeatable; replaces [pop] trusted_networks")
-    p.add_argument("--pwserver-conf", help="client configuration (default $PWSERVER_CONF or /etc/pwserver.conf)")
-    p.add_argument("--config", help="settings file (default $PWMAIL_CONF or /etc/pwmail.toml); re-read on SIGHUP")
-    p.add_argument("--stderr", action="store_true", help="also log to stderr")
+    cli.add_common_flags(p)
     args = p.parse_args(argv)
+    return exit_on_config_error("pop3d", lambda: start(args))
+
+
+def start(args) -> int:
     cfg = popconfig.load(args.config)
-    setup_logging("pop3d", stderr=args.stderr)
+    # the flags checked only: serve() applies them, cfg stays the file's (SIGHUP compares file with file)
+    popconfig.SECTION.override(dict(cfg), {"pop3d_listen": args.listen, "trusted_networks": args.trusted},
+                               names={"pop3d_listen": "--listen", "trusted_networks": "--trusted"})
+    setup_logging("pop3d", stderr=args.log_stderr, daemon=True)
     daemon.raise_nofile()
     daemon.run(serve(args, cfg))
     return 0

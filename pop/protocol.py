@@ -218,35 +218,27 @@ class MessageSize:
 _UNENDED_LAST_LINE = {b"": 0, b"\n": 0, b"\r": 1}
 
 
-class ServerConnection:
-    """One POP3 session, server side.
+class LineConnection:
+    """The buffers of a sans-I/O server connection, line by line: input
+    held with a cap, output handed over. Shared by this POP3 machine and
+    imap_protocol's; each says its limits, its fatal answer and while
+    which states it still parses input."""
 
-    stls: offer STLS (a certificate is configured and TLS is not on yet).
-    plaintext_auth: allow USER/PASS and AUTH PLAIN without TLS.
-    xclient: the peer is a trusted proxy: greet with [XCLIENT] and accept it.
-    """
+    max_line = MAX_LINE
+    max_pending_input = MAX_PENDING_INPUT
+    limit_code: str | None = None       # the response code of a broken limit
 
-    def __init__(self, *, stls: bool = False, tls_active: bool = False,
-                 plaintext_auth: bool = True, xclient: bool = False,
-                 implementation: str | None = None) -> None:
-        self.state = State.AUTHORIZATION
-        self.tls_active = tls_active
-        self._stls_offered = stls and not tls_active
-        self._plaintext_auth = plaintext_auth
-        self._xclient = xclient
-        self._implementation = implementation
+    def __init__(self) -> None:
         self._in = bytearray()
         self._out = bytearray()
         self._eof = False
-        self._user: str | None = None           # from USER, waiting for PASS
-        self._awaiting: object | None = None    # event waiting for the application's reply
-        self._auth_continue = False             # sent "+ ", waiting for the SASL response
-        self._in_body: MultilineEncoder | None = None
-        self._xclient_done = False
-        self.bad_commands = 0
-        self.failed_logins = 0
 
-    # --- I/O ----------------------------------------------------------------------
+    def _parsing(self) -> bool:
+        raise NotImplementedError
+
+    def _fatal(self, text: str, code: str | None = None):
+        raise NotImplementedError
+
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the peer; b"" means the peer closed."""
         if not data:
@@ -254,8 +246,8 @@ class ServerConnection:
             return
         # A cap on input we hold unparsed: past it the application kept
         # feeding us while an answer was pending (one read may exceed it).
-        if len(self._in) > MAX_PENDING_INPUT and self.state is not State.CLOSED:
-            self._fatal("Too much pipelined input")
+        if len(self._in) > self.max_pending_input and self._parsing():
+            self._fatal("Too much pipelined input", self.limit_code)
         self._in += data
 
     def data_to_send(self) -> bytearray:
@@ -268,6 +260,49 @@ class ServerConnection:
         data = bytes(self._in)
         self._in.clear()
         return data
+
+    def _take_line(self) -> bytes | None:
+        """The next line without its line end (CRLF or a bare LF), or None."""
+        i = self._in.find(b"\n", 0, self.max_line)
+        if i < 0:
+            if len(self._in) >= self.max_line:
+                self._fatal("Line too long", self.limit_code)
+            return None
+        line = bytes(self._in[:i])
+        del self._in[:i + 1]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        return line
+
+
+class ServerConnection(LineConnection):
+    """One POP3 session, server side.
+
+    stls: offer STLS (a certificate is configured and TLS is not on yet).
+    plaintext_auth: allow USER/PASS and AUTH PLAIN without TLS.
+    xclient: the peer is a trusted proxy: greet with [XCLIENT] and accept it.
+    """
+
+    def __init__(self, *, stls: bool = False, tls_active: bool = False,
+                 plaintext_auth: bool = True, xclient: bool = False,
+                 implementation: str | None = None) -> None:
+        super().__init__()
+        self.state = State.AUTHORIZATION
+        self.tls_active = tls_active
+        self._stls_offered = stls and not tls_active
+        self._plaintext_auth = plaintext_auth
+        self._xclient = xclient
+        self._implementation = implementation
+        self._user: str | None = None           # from USER, waiting for PASS
+        self._awaiting: object | None = None    # event waiting for the application's reply
+        self._auth_continue = False             # sent "+ ", waiting for the SASL response
+        self._in_body: MultilineEncoder | None = None
+        self._xclient_done = False
+        self.bad_commands = 0
+        self.failed_logins = 0
+
+    def _parsing(self) -> bool:
+        return self.state is not State.CLOSED
 
     @property
     def auth_allowed(self) -> bool:
@@ -310,18 +345,6 @@ class ServerConnection:
                 if not isinstance(event, Closed):
                     self._awaiting = event
                 return event
-
-    def _take_line(self) -> bytes | None:
-        i = self._in.find(b"\n", 0, MAX_LINE)
-        if i < 0:
-            if len(self._in) >= MAX_LINE:
-                self._fatal("Line too long")
-            return None
-        line = bytes(self._in[:i])
-        del self._in[:i + 1]
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        return line
 
     def _fatal(self, text: str, code: str | None = None):
         self._out += _response(_ERR, text, code)

@@ -275,13 +275,19 @@ class Client(_Base):
             loc.pid = os.getpid()
         return loc.socks
 
-    def _udp(self, family: int) -> socket.socket:
+    def _udp(self, srv: Server) -> socket.socket:
+        """This thread's socket connected to `srv`: as in the C client, a
+        server whose port refuses (ICMP port unreachable) fails at once
+        with ECONNREFUSED instead of after the whole timeout, and only that
+        server's answers reach it."""
         socks = self._sock()
-        s = socks.get(family)
+        s = socks.get(srv)
         if s is None:
-            s = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            fam, sa = self._resolve(srv)
+            s = socket.socket(fam, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             s.setblocking(False)
-            socks[family] = s
+            s.connect(sa)
+            socks[srv] = s
         return s
 
     def close(self) -> None:
@@ -302,15 +308,11 @@ class Client(_Base):
         rid = new_request_id()
         packet = self._packet(op, arg, rid)
         plan = QueryPlan(self.servers, self.health, self.timeout, self.hedge, time.monotonic())
-        addrs: dict[Any, Server] = {}
         while True:
             now = time.monotonic()
             for srv in plan.due(now):
                 try:
-                    fam, sa = self._resolve(srv)
-                    sock = self._udp(fam)
-                    sock.sendto(packet, sa)
-                    addrs[(fam, sa[:2])] = srv
+                    self._udp(srv).send(packet)
                 except OSError:
                     plan.failure(srv)
             wait = plan.wait(time.monotonic())
@@ -318,19 +320,18 @@ class Client(_Base):
                 plan.settle(self.health, None)
                 raise Unavailable(f"no password server answered {op.name} "
                                   f"({', '.join(key(s) for s in plan.sent)})")
-            socks = list(self._sock().values())
-            ready, _, _ = select.select(socks, [], [], wait)
+            asked = {self._udp(srv): srv for srv in plan.sent if srv not in plan.failed}
+            ready, _, _ = select.select(list(asked), [], [], wait)
             for sock in ready:
+                srv = asked[sock]
                 while True:
                     try:
-                        data, sa = sock.recvfrom(MAX_UDP_PACKET)
+                        data = sock.recv(MAX_UDP_PACKET)
                     except (BlockingIOError, InterruptedError):
                         break
-                    except OSError:  # ICMP unreachable from one server
+                    except OSError:  # ECONNREFUSED (nothing on that port) or unreachable: the next one now
+                        plan.failure(srv)
                         break
-                    srv = addrs.get((sock.family, sa[:2]))
-                    if srv is None:
-                        continue  # not from a server we asked
                     try:
                         ans = self._open(op, data)
                     except ProtocolError:

@@ -9,14 +9,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pwmail.base import settings
+from pwmail.base.errors import ConfigError
+
 DEFAULTS: dict = {"rule": "ranges", "ranges": [], "hosts": []}
+# the file's [placement]; from_settings checks the entries themselves
+SECTION = settings.Section("placement", DEFAULTS, {"rule": settings.one_of("ranges", "hash")})
 
 FNV_BASIS = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
 MAX_HOST_LEN = 255
 
 
-class PlacementError(ValueError):
+class PlacementError(ConfigError):
     """The [placement] settings cannot be used."""
 
 

@@ -7,6 +7,7 @@ Exit codes (as getent where it has one):
   65  the server refused the request as malformed (EX_DATAERR)
   75  no server answered: temporary (EX_TEMPFAIL)
   77  denied: shadow needs the shadow key (EX_NOPERM)
+  78  configuration error: the client configuration, a key file or a flag (EX_CONFIG)
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import json
 import sys
 
 from .client import BadRequest, Client, Denied, Unavailable
+from pwmail.base.errors import EX_CONFIG
+
 from .config import ConfigError
 from .protocol import Op
 
@@ -47,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--server", action="append", metavar="HOST:PORT",
                     help="server to ask, repeat in priority order (default: from /etc/pwserver.conf)")
-    ap.add_argument("--config", help="client configuration file (default $PWSERVER_CONF or /etc/pwserver.conf)")
+    ap.add_argument("--pwserver-conf", metavar="F",
+                    help="client configuration file (default $PWSERVER_CONF or /etc/pwserver.conf)")
+    ap.add_argument("--config", dest="pwserver_conf", help=argparse.SUPPRESS)   # its first spelling
     ap.add_argument("--timeout-ms", type=int, help="per-try timeout")
     ap.add_argument("--shadow-key", help="shadow key file (for `shadow`)")
     ap.add_argument("--network-key", help="network key file")
@@ -58,11 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return EXIT_USAGE if e.code else 0
     try:
-        client = Client.from_config(args.config, servers=args.server, timeout_ms=args.timeout_ms,
+        client = Client.from_config(args.pwserver_conf, servers=args.server, timeout_ms=args.timeout_ms,
                                     shadow_keyfile=args.shadow_key, keyfile=args.network_key)
-    except (ConfigError, OSError, ValueError) as e:
+    except (ConfigError, OSError, ValueError) as e:     # a key file unreadable or malformed too
         print(f"pwquery: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return EX_CONFIG
     try:
         if args.database in ("stats", "ping"):
             result = client.query(Op.STATS if args.database == "stats" else Op.PING)

@@ -21,14 +21,14 @@ import time
 from dataclasses import dataclass
 
 from pwcache._pwtable import ffi, lib
-from pwcache.placement import DEFAULTS as PLACEMENT_DEFAULTS
+from pwcache.placement import SECTION as PLACEMENT
 from pwcache.placement import PlacementError, PlacementRule
 from pwcache.reload_guard import GUARD_DEFAULTS, GuardLimits, Reason, Refusal
 from pwcache.table import CHandle, Table, TableError
 from pwcache.tcp_server import TCP_DEFAULTS, TcpLimits, TcpServer
-from pwmail.base import settings
+from pwmail.base import cli, settings
 from pwmail.base.sdnotify import notify_ready
-from pwmail.base.errors import ConfigError
+from pwmail.base.errors import ConfigError, exit_on_config_error, listen_error
 from pwmail.base.hostport import parse_hostport
 from pwmail.base.logsetup import setup_logging
 
@@ -49,6 +49,16 @@ DEFAULTS: dict = {
     "poll_seconds": 2.0,
     "syslog": "",
 }
+SECTION = settings.Section("pwserver", DEFAULTS, {
+    "listen": settings.address(port_zero=True),
+    "allow": settings.networks,
+    "threads": settings.between(1, 32),
+    "busy_poll_us": settings.between(0, 10000),
+    "poll_seconds": settings.positive,
+    **{key: settings.positive for key in ("tcp_max_connections", "tcp_max_per_source", "tcp_frame_timeout",
+                                          "tcp_idle_timeout")},
+    "tcp_max_queued": settings.non_negative,
+})
 SOURCES = ("passwd", "shadow", "group", "mailhosts")
 UDP_RCVBUF = 4 * 1024 * 1024
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux
@@ -237,7 +247,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shadow", metavar="F", help="shadow(5) file")
     p.add_argument("--group", metavar="F", help="group(5) file")
     p.add_argument("--mailhosts", metavar="F", help="mailhosts map: 'user host [frozen]' a line")
-    p.add_argument("--config", metavar="F", help="pwmail.toml to read [pwserver] and [placement] from")
     p.add_argument("--shadow-key", metavar="F", help="shadow key file: shadow answers only to requests sealed with it")
     p.add_argument("--network-key", metavar="F", help="network key file: drop every packet not sealed")
     p.add_argument("--allow", metavar="CIDR", action="append",
@@ -252,41 +261,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accept-shrink", action="store_true",
                    help="serve the first load even if the reload guard refuses it (too many malformed lines, "
                         "no users); on a running server, SIGUSR1 reloads and serves the result whatever it holds")
-    p.add_argument("--log-stderr", action="store_true", help="also log to stderr")
+    cli.add_common_flags(p, pwserver_conf=False)
     return p
 
 
 def load_config(args: argparse.Namespace) -> Config:
+    """[pwserver] and [placement], the flags over them; every value checked
+    (settings.SettingsError, a ConfigError, names the file's key or the flag)."""
+    cfg = SECTION.override(SECTION.load(args.config), {key: getattr(args, key) for key in (
+        "listen", "passwd", "shadow", "group", "mailhosts", "shadow_key", "network_key", "allow", "threads",
+        "busy_poll_us", "allow_empty")})
+    path = args.config or settings.settings_path()
     try:
-        cfg = settings.section("pwserver", DEFAULTS, args.config)
-        placement = settings.section("placement", PLACEMENT_DEFAULTS, args.config)
-        rule = PlacementRule.from_settings(placement)
-    except (settings.SettingsError, PlacementError) as e:
-        raise ConfigError(str(e)) from None
-    for key in ("listen", "passwd", "shadow", "group", "mailhosts", "shadow_key", "network_key", "allow", "threads",
-                "busy_poll_us", "allow_empty"):
-        value = getattr(args, key)
-        if value is not None:
-            cfg[key] = value
+        rule = PlacementRule.from_settings(PLACEMENT.load(args.config))
+    except PlacementError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if not cfg["passwd"]:
         raise ConfigError("no passwd file: give --passwd F (or passwd in [pwserver])")
-    try:
-        threads, poll_seconds = int(cfg["threads"]), float(cfg["poll_seconds"])
-        busy_poll_us = int(cfg["busy_poll_us"])
-    except (TypeError, ValueError):
-        raise ConfigError("threads and busy_poll_us must be integers, poll_seconds a number") from None
-    if not 1 <= threads <= 32 or not poll_seconds > 0:
-        raise ConfigError("threads must be 1..32, poll_seconds > 0")
-    if not 0 <= busy_poll_us <= 10000:
-        raise ConfigError("busy_poll_us must be 0..10000")
-    allow = cfg["allow"]
-    if isinstance(allow, str) or not all(isinstance(a, str) for a in allow):
-        raise ConfigError("allow must be a list of CIDR strings")
+    threads, poll_seconds, busy_poll_us, allow = cfg["threads"], cfg["poll_seconds"], cfg["busy_poll_us"], cfg["allow"]
     try:
         tcp = TcpLimits.from_settings(cfg)
         guard = GuardLimits.from_settings(cfg)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(f"{path}: [pwserver] {e}") from None
     return Config(
         listen=parse_listen(cfg["listen"]),
         sources={k: os.path.abspath(cfg[k]) if cfg[k] else "" for k in SOURCES},
@@ -319,6 +316,12 @@ class SourceMissing(TableError):
     def __init__(self, text: str, logged: bool):
         super().__init__(text)
         self.logged = logged
+
+
+class Unservable(Exception):
+    """At start, the sources cannot be served (unreadable, missing, or
+    refused by the reload guard): exit 1, where a configuration error is
+    EX_CONFIG."""
 
 
 class LoadRefused(Exception):
@@ -364,7 +367,7 @@ class Loader:
         t0, cpu0 = time.monotonic(), time.thread_time()
         src = self.cfg.sources
         table = Table.from_files(src["passwd"], src["shadow"], src["group"], src["mailhosts"], self.cfg.rule)
-        stats = table.stats()
+        stats, skipped_lines = table.stats(), table.skipped_lines()
         refusal = self.cfg.guard.check(stats, self.users)
         if refusal and not accept:
             table.close()
@@ -383,6 +386,8 @@ class Loader:
         log.info("loaded generation %d: %d users, %d groups, %d shadow entries in %d ms (%d ms CPU, %d table bytes)%s",
                  self.core.generation, stats["users"], stats["groups"], stats["shadows"], load_ms, cpu_ms,
                  stats["bytes"], "; skipped: " + ", ".join(f"{k}={v}" for k, v in skipped.items()) if skipped else "")
+        for source, line, why in skipped_lines:     # the first few, located
+            log.warning("%s:%d: line skipped (%s)", src[source], line, why)
 
     def _note_missing(self, sig: tuple) -> None:
         """Logs a source file that went missing, once, and once when it is
@@ -521,18 +526,21 @@ def serve(cfg: Config) -> int:
         try:
             loader.load(cfg.accept_shrink)  # bind only once there is something to serve
         except TableError as e:
-            raise ConfigError(f"cannot load the tables: {e}") from None
+            raise Unservable(f"cannot load the tables: {e}") from None
         except LoadRefused as e:  # nothing served: clients fail over, MTAs defer, nobody gets NOTFOUND
-            raise ConfigError(f"refusing to serve the tables: {e}; " + (
+            raise Unservable(f"refusing to serve the tables: {e}; " + (
                 "--allow-empty serves an empty table" if e.refusal.reason == Reason.EMPTY
                 else "--accept-shrink serves them anyway")) from None
         udp, tcp = bind_sockets(*cfg.listen)
-    except (ConfigError, OSError) as e:
-        log.error("%s", e)
-        print(f"pwserver: {e}", file=sys.stderr)
+    except (ConfigError, OSError, Unservable) as e:
         core.close()
         os.close(stop_fd)
-        return 1
+        if isinstance(e, Unservable):   # the sources' fault, not the configuration's: exit 1
+            print(f"pwserver: {e}", file=sys.stderr, flush=True)
+            return 1
+        if isinstance(e, OSError):      # from binding: the address busy or not ours
+            raise listen_error(*cfg.listen, e) from None
+        raise
 
     host, port = udp.getsockname()[:2]
     udp_threads = []
@@ -599,15 +607,19 @@ def serve(cfg: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logger = setup_logging("pwserver", stderr=args.log_stderr)
-    try:
-        cfg = load_config(args)
-    except ConfigError as e:
-        logger.error("%s", e)
-        print(f"pwserver: {e}", file=sys.stderr)
-        return 2
+    return exit_on_config_error("pwserver", lambda: start(args))
+
+
+def start(args: argparse.Namespace) -> int:
+    setup_logging("pwserver", stderr=args.log_stderr, daemon=True)
+    cfg = load_config(args)
     if cfg.syslog:
-        setup_logging("pwserver", stderr=args.log_stderr, syslog_address=cfg.syslog)
+        setup_logging("pwserver", stderr=args.log_stderr, daemon=True, syslog_address=cfg.syslog)
+    if cfg.sources["shadow"] and not cfg.shadow_key:
+        # shadow requests must be sealed with a key the server holds: every client would time out
+        log.warning("shadow source %s given but no shadow key (--shadow-key): shadow lookups are not enabled "
+                    "on this server, and its clients will report that no password server answered",
+                    cfg.sources["shadow"])
     return serve(cfg)
 
 

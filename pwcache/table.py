@@ -15,6 +15,8 @@ from pwcache.placement import PlacementRule
 MAX_NAME = 255
 MAX_ID = 2**32 - 2
 _ERRCAP = 512
+# enum pwt_source, in order
+SKIP_SOURCES = ("passwd", "shadow", "group", "mailhosts")
 
 
 class TableError(Exception):
@@ -242,6 +244,14 @@ class Table(CHandle):
 
     def stats(self) -> dict[str, int]:
         return stats_of(self.ptr)
+
+    def skipped_lines(self) -> list[tuple[str, int, str]]:
+        """The first skipped source lines of the load (at most
+        lib.PWT_SKIP_NOTES): (source, 1-based line, why)."""
+        notes = ffi.new("pwt_skip_note **")
+        n = lib.pwt_skip_notes(self.ptr, notes)
+        return [(SKIP_SOURCES[notes[0][i].source], notes[0][i].line, ffi.string(notes[0][i].why).decode())
+                for i in range(n)]
 
     # -- changes (docs/pwserver.md, "Changes") -------------------------------
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from pwmail.base.errors import exit_on_config_error
+
 # name -> (module, function, one-line help). The function takes argv (list)
 # and returns an exit code.
 SUBCOMMANDS = {
@@ -18,6 +20,8 @@ SUBCOMMANDS = {
     "move": ("pwmail.placement.move", "main", "move a mailbox to another storage server, live (no mail lost)"),
     "rebalance": ("pwmail.placement.move", "rebalance_main", "move the mailboxes a new storage server should hold"),
     "status": ("pwmail.status", "main", "are the password servers, stores and proxies up (exit 0 when all is well)"),
+    "db": ("pwmail.db.dbcmd", "main", "the user database: init the schema, import or export the four files"),
+    "user": ("pwmail.db.usercmd", "main", "add, change, freeze or delete one user in the database"),
 }
 
 
@@ -40,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pwmail: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, func, _ = SUBCOMMANDS[name]
-    return getattr(importlib.import_module(module), func)(rest) or 0
+    # a configuration mistake in any subcommand: one line and EX_CONFIG
+    return exit_on_config_error(f"pwmail {name}", lambda: getattr(importlib.import_module(module), func)(rest))
 
 
 if __name__ == "__main__":

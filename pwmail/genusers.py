@@ -3,6 +3,7 @@
 Writes passwd, shadow, group and mailhosts files (formats as in passwd(5),
 shadow(5), group(5) and docs/placement.md) plus `passwords`, one
 `name cleartext` a line, matching the hashes, for tests and the demo.
+`shadow` and `passwords` are written mode 0600 (readable by their owner only).
 
 - login names: first initial + surname + digits, 8 to 12 characters, unique
   (as an ISP hands them out: jgarcia, jgarcia7, jgarcia1984 ...);
@@ -23,6 +24,8 @@ import os
 import random
 import sys
 import time
+
+PRIVATE_MODE = 0o600   # shadow (hashes) and passwords (cleartext)
 
 SURNAMES = """
 garcia rodriguez gonzalez fernandez lopez martinez sanchez perez gomez martin
@@ -115,6 +118,14 @@ def parse_hosts(text: str) -> list[tuple[str, float]]:
     return hosts
 
 
+def open_private(path: str):
+    """For writing, readable by the owner only (PRIVATE_MODE), even when the
+    file was there before with a wider mode: hashes and cleartext passwords."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, PRIVATE_MODE)
+    os.fchmod(fd, PRIVATE_MODE)
+    return os.fdopen(fd, "w")
+
+
 def generate(n: int, out: str, hosts: list[tuple[str, float]], groups: int = 300,
              seed: int = 1, spool: str = "/var/spool/mail") -> dict[str, float]:
     from pwcache.placement import PlacementRule  # the server's default rule
@@ -134,9 +145,9 @@ def generate(n: int, out: str, hosts: list[tuple[str, float]], groups: int = 300
         return f"{spool}/{name[0]}/{name[1]}/{name[2]}/{name}"
 
     with open(os.path.join(out, "passwd"), "w") as pw, \
-            open(os.path.join(out, "shadow"), "w") as sh, \
+            open_private(os.path.join(out, "shadow")) as sh, \
             open(os.path.join(out, "mailhosts"), "w") as mh, \
-            open(os.path.join(out, "passwords"), "w") as pws, rule:
+            open_private(os.path.join(out, "passwords")) as pws, rule:
         mh.write("# user host (pwmail gen-users)\n")
         for i, name in enumerate(names):
             uid = FIRST_UID + i
@@ -175,5 +186,5 @@ def main(argv: list[str]) -> int:
         print(f"pwmail gen-users: {e}", file=sys.stderr)
         return 1
     print(f"pwmail gen-users: {info['users']} users, {info['groups']} groups in {args.out} "
-          f"({info['seconds']:.1f} s)")
+          f"({info['seconds']:.1f} s); shadow and passwords are mode {PRIVATE_MODE:04o} (owner only)")
     return 0

@@ -29,7 +29,7 @@
 #define CONF_ITEMS_MAX 1024          /* strings in one array (PWPL_MAX_HOSTS) */
 
 /* delivery/config.py DEFAULTS: every key [delivery] may have (pdeliveryd's
- * included, which pdelivery does not use). tests/delivery/test_delivery_pdelivery.py
+ * and lmtp-proxy's included, which pdelivery does not use). tests/delivery/test_delivery_pdelivery.py
  * runs pdelivery on examples/pwmail.toml with every key live, which
  * tests/system/test_examples.py keeps equal to DEFAULTS: a key added there
  * and not here fails that test. */
@@ -37,7 +37,10 @@ static const char *const DELIVERY_KEYS[] = {
     "lmtp_port", "listen", "root", "layout", "users", "mailhost_names", "recipient_delimiter",
     "message_size_max", "message_line_max", "recipients_max", "command_line_max", "bad_commands_max",
     "sessions_max", "idle_timeout", "data_timeout", "sessions_per_address_max", "dedup_window", "dedup_max",
-    "tmp_max_age", "spool_memory_max", "io_threads", "connect_timeout", "timeout", "mailhost_suffix", NULL};
+    "tmp_max_age", "spool_memory_max", "io_threads", "connect_timeout", "timeout", "mailhost_suffix",
+    /* lmtp-proxy's */
+    "proxy_listen", "proxy_unix", "proxy_unix_mode", "proxy_pool_size", "proxy_pool_idle",
+    "proxy_store_connections_max", "proxy_spool_dir", "shutdown_grace", NULL};
 static const char *const PLACEMENT_KEYS[] = {"rule", "ranges", "hosts", NULL};
 
 enum vtype { V_STR, V_INT, V_FLOAT, V_BOOL, V_ARRAY, V_OTHER };

@@ -24,6 +24,30 @@
 
 /* ---- small helpers ----------------------------------------------------- */
 
+/* Locates a skipped line (starting at `at` in `buf`, the text of `source`)
+ * for the first PWT_SKIP_NOTES of a load. Sources are read one after the
+ * other, front to back, so the line count resumes where the last note left. */
+static void note_skip(pwt_table *t, uint32_t source, const char *buf, const char *at, const char *why)
+{
+    if (t->nnotes >= PWT_SKIP_NOTES)
+        return;
+    if (t->note_source != source || !t->note_at) {
+        t->note_source = source;
+        t->note_at = buf;
+        t->note_line = 1;
+    }
+    const char *p = t->note_at;
+    while (p < at) {
+        const char *nl = memchr(p, '\n', (size_t)(at - p));
+        if (!nl)
+            break;
+        t->note_line++;
+        p = nl + 1;
+    }
+    t->note_at = at;
+    t->notes[t->nnotes++] = (pwt_skip_note){source, t->note_line, why};
+}
+
 static int arena_reserve(arena *a, size_t more)
 {
     if (more <= a->cap - a->len)
@@ -322,11 +346,13 @@ static int load_mailhosts(pwt_table *t, mh_map *m, const char *buf, size_t len)
         int frozen;
         if (parse_mailhosts_line(&line, w, &frozen) < 0) {
             t->st.mailhosts_bad++;
+            note_skip(t, PWT_SRC_MAILHOSTS, buf, line.p, "malformed");
             continue;
         }
         int h = intern_host(t, w[1].p, w[1].n);
         if (h < 0) {
             t->st.mailhosts_bad++;
+            note_skip(t, PWT_SRC_MAILHOSTS, buf, line.p, "bad host or too many hosts");
             continue;
         }
         mh_entry *e = &m->e[m->n];
@@ -419,6 +445,7 @@ static int load_passwd(pwt_table *t, mh_map *mh, const pwpl_rule *rule,
         uint32_t uid, gid;
         if (parse_passwd_line(&line, f, &uid, &gid) < 0) {
             t->st.passwd_bad++;
+            note_skip(t, PWT_SRC_PASSWD, buf, line.p, "malformed");
             continue;
         }
         int host = -1, frozen = 0;
@@ -457,6 +484,7 @@ static int load_passwd(pwt_table *t, mh_map *mh, const pwpl_rule *rule,
         pw_put_passwd(&b, &v);
         if (b.overflow || b.len > UINT16_MAX) {
             t->st.passwd_bad++;
+            note_skip(t, PWT_SRC_PASSWD, buf, line.p, "record too long");
             continue;
         }
         user_t *u = &t->users[t->nusers];
@@ -487,6 +515,7 @@ static int load_shadow(pwt_table *t, const char *buf, size_t len)
         pw_shadow_view v;
         if (parse_shadow_line(&line, f, &v) < 0) {
             t->st.shadow_bad++;
+            note_skip(t, PWT_SRC_SHADOW, buf, line.p, "malformed");
             continue;
         }
         uint32_t i = next < t->nusers && user_same(t, next, f[0].p, f[0].n)
@@ -495,10 +524,12 @@ static int load_shadow(pwt_table *t, const char *buf, size_t len)
         next = i + 1;
         if (i == NONE) {
             t->st.shadow_orphan++;
+            note_skip(t, PWT_SRC_SHADOW, buf, line.p, "no such user in passwd");
             continue;
         }
         if (t->users[i].sh_len) {
             t->st.shadow_dup++;
+            note_skip(t, PWT_SRC_SHADOW, buf, line.p, "duplicate name");
             continue;
         }
         size_t need = line.n + 80;
@@ -509,6 +540,7 @@ static int load_shadow(pwt_table *t, const char *buf, size_t len)
         pw_put_shadow(&b, &v);
         if (b.overflow || b.len > UINT16_MAX) {
             t->st.shadow_bad++;
+            note_skip(t, PWT_SRC_SHADOW, buf, line.p, "record too long");
             continue;
         }
         t->users[i].sh_off = (uint32_t)t->sh.len;
@@ -598,6 +630,7 @@ static int load_group(pwt_table *t, const char *buf, size_t len,
         uint32_t gid;
         if (parse_group_line(&line, f, &gid) < 0) {
             t->st.group_bad++;
+            note_skip(t, PWT_SRC_GROUP, buf, line.p, "malformed");
             continue;
         }
         uint64_t h = name_hash(f[0].p, f[0].n);
@@ -605,6 +638,7 @@ static int load_group(pwt_table *t, const char *buf, size_t len,
         if (index_probe(&t->gr_by_name, h, (uint32_t)(h >> 32), group_same, t, f[0].p, f[0].n,
                         &name_slot) != NONE) {
             t->st.group_dup_name++;
+            note_skip(t, PWT_SRC_GROUP, buf, line.p, "duplicate name");
             continue;
         }
         /* members: validate and hash, pack, then resolve */
@@ -641,6 +675,7 @@ static int load_group(pwt_table *t, const char *buf, size_t len,
             pwp_put_str(&b, refs[k].p, refs[k].n);
         if (b.overflow) {
             t->st.group_bad++;
+            note_skip(t, PWT_SRC_GROUP, buf, line.p, "record too long");
             continue;
         }
         if (*nms + nmem > ms_cap) {
@@ -933,6 +968,12 @@ void pwt_free(pwt_table *t)
 void pwt_get_stats(const pwt_table *t, pwt_load_stats *st)
 {
     *st = t->st;
+}
+
+uint32_t pwt_skip_notes(const pwt_table *t, const pwt_skip_note **notes)
+{
+    *notes = t->notes;
+    return t->nnotes;
 }
 
 

@@ -73,6 +73,18 @@ enum pwt_change_status {
 };
 
 
+/* The first skipped lines of a load, located (the server logs them):
+ * malformed lines, shadow entries of no user, duplicates met while
+ * reading. Duplicate names and uids in passwd and mailhosts are found
+ * later, by the index, and only counted. */
+#define PWT_SKIP_NOTES 5
+enum pwt_source { PWT_SRC_PASSWD = 0, PWT_SRC_SHADOW = 1, PWT_SRC_GROUP = 2, PWT_SRC_MAILHOSTS = 3 };
+typedef struct {
+    uint32_t source;           /* enum pwt_source */
+    uint32_t line;             /* 1-based */
+    const char *why;           /* a static string */
+} pwt_skip_note;
+
 /* Which records an enumeration walks. */
 enum pwt_map { PWT_PASSWD = 0, PWT_GROUP = 1, PWT_SHADOW = 2 };
 
@@ -93,6 +105,8 @@ pwt_table *pwt_load_files(const char *passwd, const char *shadow,
 
 void pwt_free(pwt_table *t);
 void pwt_get_stats(const pwt_table *t, pwt_load_stats *st);
+/* The notes of the load (at most PWT_SKIP_NOTES); returns how many. */
+uint32_t pwt_skip_notes(const pwt_table *t, const pwt_skip_note **notes);
 
 /* Lookups: the record payload and its length, or NULL. */
 const uint8_t *pwt_passwd_by_name(const pwt_table *t, const char *name, size_t n, uint32_t *len);

@@ -76,6 +76,13 @@ struct pwt_table {
      * lookups then read the base alone). Immutable once published. */
     struct pwt_delta *delta;
     pwt_load_stats st; /* of the whole table, base and delta */
+    /* The first skipped lines of the load (pwt_skip_notes), and where
+     * note_skip's line count stands: source, position, line there. */
+    pwt_skip_note notes[PWT_SKIP_NOTES];
+    uint32_t nnotes;
+    uint32_t note_source;
+    const char *note_at;
+    uint32_t note_line;
 };
 
 static inline uint64_t mix64(uint64_t x)

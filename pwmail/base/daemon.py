@@ -1,7 +1,8 @@
 """What every daemon shares as a process: raising the descriptor limit,
-binding, readiness (the "ready" line, sd_notify), running until
-SIGTERM/SIGINT, re-reading the settings on SIGHUP, letting sessions finish
-at shutdown, and the choice of event loop."""
+binding (a busy address is a ConfigError, which errors.exit_on_config_error
+around each main turns into one line and EX_CONFIG), readiness (the "ready"
+line, sd_notify), running until SIGTERM/SIGINT, re-reading the settings on
+SIGHUP, letting sessions finish at shutdown, and the choice of event loop."""
 from __future__ import annotations
 
 import asyncio
@@ -14,6 +15,7 @@ import sys
 import time
 from typing import Callable
 
+from .errors import ConfigError, listen_error
 from .hostport import parse_hostport
 from .sdnotify import notify_ready
 
@@ -43,15 +45,24 @@ def parse_listen(text: str, default_port: int) -> tuple[str, int]:
 
 
 def listening_socket(listen: str, default_port: int) -> socket.socket:
-    host, port = parse_listen(listen, default_port)
+    return bind_listener(*parse_listen(listen, default_port))
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A non-blocking TCP listener; an address busy or not ours is a
+    ConfigError naming it (one line and EX_CONFIG, not a traceback)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # Accepted sockets inherit it (Linux): the engine's relay wants it and
-    # need not set it per connection; asyncio sets it anyway.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
-    sock.listen(LISTEN_BACKLOG)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted sockets inherit it (Linux): the engine's relay wants it and
+        # need not set it per connection; asyncio sets it anyway.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise listen_error(host, port, e) from None
     sock.setblocking(False)
     return sock
 
@@ -80,6 +91,8 @@ def handle_signals(on_reload: Callable[[], None] | None = None) -> asyncio.Event
             return
         try:
             on_reload()
+        except ConfigError as e:        # the file's mistake, in one line
+            log.error("reload failed, keeping the old settings: %s: %s", type(e).__name__, e)
         except Exception:
             log.exception("reload failed, keeping the old settings")
     loop.add_signal_handler(signal.SIGHUP, on_hup)

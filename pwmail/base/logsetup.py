@@ -3,6 +3,7 @@
 asked (foreground runs, tests)."""
 from __future__ import annotations
 
+import errno
 import logging
 import logging.handlers
 import os
@@ -10,14 +11,27 @@ import socket
 import sys
 
 FORMAT = "%(name)s[%(process)d]: %(levelname)s %(message)s"
+_told_no_syslog = False      # said once per process, not at every SIGHUP's re-opening
+
+
+def _say_no_syslog(ident: str, path: str, e: OSError) -> None:
+    """Without a syslog socket the log goes to stderr only: say so, once."""
+    global _told_no_syslog
+    if not _told_no_syslog:
+        _told_no_syslog = True
+        print(f"{ident}: cannot log to syslog at {path} ({e.strerror or e}): logging to stderr only",
+              file=sys.stderr, flush=True)
 
 
 def setup_logging(ident: str, *, stderr: bool = False, syslog_address: str | None = None,
-                  level: int | str = logging.INFO, facility: int = logging.handlers.SysLogHandler.LOG_MAIL) -> logging.Logger:
+                  level: int | str = logging.INFO, facility: int = logging.handlers.SysLogHandler.LOG_MAIL,
+                  daemon: bool = False) -> logging.Logger:
     """Configure the root logger once for process `ident`.
 
     syslog_address: "HOST:PORT" (UDP) for a remote collector, a socket path,
-    or None for /dev/log (skipped silently when there is no /dev/log).
+    or None for /dev/log. Without one (no syslog daemon, a container) the
+    records go to stderr, and for a `daemon` one line on stderr says so (a
+    delivery agent's stderr goes into bounces: it stays quiet).
     PWMAIL_SYSLOG in the environment overrides it, so a test bed can point
     every daemon at its log host.
     """
@@ -32,11 +46,13 @@ def setup_logging(ident: str, *, stderr: bool = False, syslog_address: str | Non
         handler = logging.handlers.SysLogHandler((host, int(port)), facility=facility, socktype=socket.SOCK_DGRAM)
     else:
         path = syslog_address or "/dev/log"
-        if os.path.exists(path):
-            try:
-                handler = logging.handlers.SysLogHandler(path, facility=facility)
-            except OSError:
-                handler = None
+        try:
+            if not os.path.exists(path):     # the handler would only find out at each record
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+            handler = logging.handlers.SysLogHandler(path, facility=facility)
+        except OSError as e:
+            if daemon:
+                _say_no_syslog(ident, path, e)
     if handler is not None:
         handler.setFormatter(logging.Formatter(FORMAT.replace("%(name)s", ident)))
         root.addHandler(handler)

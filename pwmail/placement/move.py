@@ -47,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from delivery.layout import DEFAULT_SCHEME, SCHEMES, MailboxLayout, check_user
 from delivery.maildir import ROOT_MARKER, MaildirWriter, fsync_dir
+from pwmail.base.errors import ConfigError
 from pwmail.placement.journal import STEPS, TRASH_SUFFIX, Journal
 from pwmail.placement.ratelimit import Throttle
 
@@ -802,6 +803,8 @@ def _run(args: argparse.Namespace, plan, what: str) -> int:
     try:
         cfg = build_settings(args)
         moves = plan(cfg)
+    except ConfigError:
+        raise                   # one line and EX_CONFIG (pwmail/admin.py)
     except (MoveError, OSError, ValueError) as e:
         print(f"pwmail {what}: {e}", file=sys.stderr)
         return 1

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 from delivery.layout import SCHEMES, MailboxLayout, check_user
 from delivery.maildir import walk_maildirs
+from pwmail.base.errors import ConfigError
 
 
 @dataclass
@@ -83,11 +84,10 @@ def box_usage(box: pathlib.Path) -> tuple[int, int]:
 
 def users_from_files(passwd: str, mailhosts: str | None) -> dict[str, tuple[str, bool]]:
     from pwcache import placement
-    from pwmail.base import settings
     from pwmail.placement.move import MailhostsFile
 
     mapped = MailhostsFile(mailhosts).read() if mailhosts else {}
-    rule = placement.PlacementRule.from_settings(settings.section("placement", placement.DEFAULTS))
+    rule = placement.PlacementRule.from_settings(placement.SECTION.load())
     out = {}
     with open(passwd) as f:
         for line in f:
@@ -198,7 +198,9 @@ def main(argv: list[str]) -> int:
             weights = dict(PlacementRule.from_settings({"rule": "hash", "hosts": hosts}).hosts) if hosts else {}
         report = build(users, roots, layout_scheme(data, args.layout), weights,
                        bytes_too=not args.users_only, strays=args.strays)
-    except (OSError, ValueError, MoveError, settings.SettingsError) as e:
+    except ConfigError:
+        raise                   # one line and EX_CONFIG (pwmail/admin.py)
+    except (OSError, ValueError, MoveError) as e:
         print(f"pwmail placement-report: {e}", file=sys.stderr)
         return 1
     if args.json:

@@ -37,7 +37,10 @@ SENDMAIL = shutil.which("sendmail-mta") or "/usr/sbin/sendmail-mta"
 CF_M4 = "/usr/share/sendmail/cf/m4/cf.m4"
 MAILERS = pathlib.Path(__file__).resolve().parent / "mailers"   # the m4 blocks of docs/delivery.md
 DOCUMENTED_PDELIVERY = "/usr/local/bin/pdelivery"
-DOCUMENTED_DIRECT_TARGET = "TCP store1.example.org 24"
+# the LMTP target of each [IPC] block, as documented (a test bed puts its own in place)
+DOCUMENTED_TARGETS = {"sendmail-mailer-direct": "TCP store1.example.org 24",
+                      "sendmail-mailer-proxy": "TCP 127.0.0.1 24",
+                      "sendmail-mailer-proxy-unix": "FILE /run/lmtp-proxy.sock"}
 
 
 def unavailable() -> str | None:
@@ -60,11 +63,13 @@ def documented_mailer(block: str) -> str:
 def sendmail_mc(port: int, block: str = "sendmail-mailer", *, pdelivery: str, addr: str = "127.0.0.1",
                 domain: str = "pwmail.test", direct_target: str | None = None) -> str:
     """sendmail.mc: the documented mailer block (only the path of pdelivery,
-    and for the direct block the LMTP target, replaced), then our private
-    paths, one daemon on addr:port, `domain` local."""
+    and for an [IPC] block the LMTP target, replaced: `direct_target` is
+    "HOST PORT", or the path of a UNIX socket), then our private paths, one
+    daemon on addr:port, `domain` local."""
     mailer = documented_mailer(block).replace(DOCUMENTED_PDELIVERY, pdelivery)
-    if direct_target:
-        mailer = mailer.replace(DOCUMENTED_DIRECT_TARGET, f"TCP {direct_target}")
+    if direct_target and block in DOCUMENTED_TARGETS:
+        target = f"FILE {direct_target}" if direct_target.startswith("/") else f"TCP {direct_target}"
+        mailer = mailer.replace(DOCUMENTED_TARGETS[block], target)
     # OSTYPE first: Debian's ostype sets its own local mailer, ours must come after it
     assert mailer.lstrip().startswith("OSTYPE(")
     return mailer + f"""\

@@ -15,10 +15,10 @@ STORED = Reply(250, "2.0.0", "stored")
 DEFAULT_LIMITS = Limits()
 
 
-def run(chunks, limits=DEFAULT_LIMITS):
+def run(chunks, limits=DEFAULT_LIMITS, dsn=False):
     """Drive a session; recipients named 'nobody' are refused. Returns
     (reply codes in order, messages, closed)."""
-    conn = LMTPServerConnection("store1.example", limits)
+    conn = LMTPServerConnection("store1.example", limits, dsn=dsn)
     out = bytearray(conn.data_to_send())
     messages = []
     chunks = list(chunks)

@@ -12,7 +12,7 @@ import pytest
 from tests.support import pwtest
 from delivery.layout import MailboxLayout
 from tests.support.delivery_util import (NAME_RE, USERS, Pdeliveryd, client_conf, codes, env_with, free_port_on,
-                           lmtp_session, messages, wait_for, write_users)
+                           lmtp_session, messages, users_served, wait_for, write_users)
 
 STORE = "127.0.0.2"
 MSG = b"From: a@example.org\r\nSubject: hola\r\n\r\nline 1\r\n.dotted\r\n\xc3\xb1 8bit\r\n"
@@ -21,10 +21,7 @@ MSG = b"From: a@example.org\r\nSubject: hola\r\n\r\nline 1\r\n.dotted\r\n\xc3\xb
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
     d = tmp_path_factory.mktemp("pdeliveryd")
-    users = write_users(d / "users")
-    with pwtest.PwServer(users) as pw:
-        conf = client_conf(d / "pwserver.conf", [pw.address])
-        env = env_with(conf)
+    with users_served(d) as (pw, conf, env):
         port = free_port_on([STORE])
         with Pdeliveryd(d / "root", STORE, port, env) as srv:
             yield {"dir": d, "pw": pw, "env": env, "conf": conf, "srv": srv, "port": port,

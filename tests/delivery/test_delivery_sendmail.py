@@ -10,17 +10,20 @@ Storage: a real pwserver and two real pdeliveryd (127.0.0.2, 127.0.0.3).
 import os
 import pathlib
 import re
+import shutil
 import smtplib
 import socket
 import subprocess
+import tempfile
 import time
 
 import pytest
 
 from tests.support import pwtest
 from delivery.layout import MailboxLayout
-from tests.support.delivery_util import (Pdeliveryd, client_conf, free_port, free_port_on, messages, stop_process, wait_for,
-                           write_users)
+from tests.support.delivery_util import (LmtpProxy, Pdeliveryd, client_conf, free_port, free_port_on, messages,
+                                         stop_process, wait_for, write_users)
+from pwmail.testbed import sendmail as testbed_sendmail
 from pwmail.testbed.sendmail import CF_M4, SENDMAIL, SendmailDir, SyslogSink, enter, message
 
 STORES = ["127.0.0.2", "127.0.0.3"]
@@ -34,11 +37,12 @@ pytestmark = [
 
 
 class SendmailMX:
-    def __init__(self, d: pathlib.Path, port: int, lmtp_port: int, pw_address: str, block: str = "sendmail-mailer"):
+    def __init__(self, d: pathlib.Path, port: int, lmtp_port: int, pw_address: str, block: str = "sendmail-mailer",
+                 target: str | None = None):
         self.d, self.port = d, port
         self.dir = SendmailDir(
             d, port=port, block=block, pdelivery=str(pwtest.BIN / "pdelivery"),
-            direct_target=f"{STORES[0]} {lmtp_port}",
+            direct_target=target or f"{STORES[0]} {lmtp_port}",
             pwserver_conf=f"server {pw_address}\ntimeout_ms 500\nhedge_ms 100\n",
             pwmail_toml=f"[delivery]\nlmtp_port = {lmtp_port}\nconnect_timeout = 2.0\n",
             hosts="127.0.0.1 localhost\n127.0.0.1 mx.pwmail.test mx\n")
@@ -78,7 +82,9 @@ class SendmailMX:
         self.syslog.close()
 
 
-def _bed(tmp_path_factory, block):
+def _bed(tmp_path_factory, block, proxy: str = ""):
+    """Sendmail with the mailer `block`, two stores; with `proxy` ("tcp" or
+    "unix") an lmtp-proxy in front of them, the [IPC] mailer's target."""
     d = tmp_path_factory.mktemp("sendmail")
     users = write_users(d / "users")
     lmtp_port = free_port_on(STORES)
@@ -87,17 +93,34 @@ def _bed(tmp_path_factory, block):
         env = {**os.environ, "PWSERVER_CONF": str(conf)}
         stores: dict[str, Pdeliveryd] = {}
         m = None
+        bed = {"stores": stores, "env": env, "lmtp_port": lmtp_port, "d": d, "conf": conf,
+               "layout": {h: MailboxLayout(d / f"store-{h}") for h in STORES}}
         try:
             for h in STORES:
                 stores[h] = Pdeliveryd(d / f"store-{h}", h, lmtp_port, env)
-            m = SendmailMX(d / "mx", free_port(), lmtp_port, pw.address, block)
-            yield {"mx": m, "stores": stores, "env": env, "lmtp_port": lmtp_port, "d": d,
-                   "layout": {h: MailboxLayout(d / f"store-{h}") for h in STORES}}
+            target = None
+            if proxy == "unix":
+                # Sendmail refuses a socket below a world-writable folder (/tmp): one of ours in /run
+                bed["run"] = pathlib.Path(tempfile.mkdtemp(prefix="pwmail-test-", dir="/run"))
+            if proxy:
+                unix = bed["run"] / "lmtp-proxy.sock" if proxy == "unix" else None
+                bed["proxy"] = start_proxy(bed, free_port(), unix)
+                target = str(bed["proxy"].unix) if proxy == "unix" else f"127.0.0.1 {bed['proxy'].port}"
+            bed["mx"] = m = SendmailMX(d / "mx", free_port(), lmtp_port, pw.address, block, target)
+            yield bed
         finally:
             if m is not None:
                 m.stop()
+            if bed.get("proxy"):
+                bed["proxy"].stop()
+            if bed.get("run"):
+                shutil.rmtree(bed["run"], ignore_errors=True)
             for s in stores.values():          # the current ones: a test may have restarted one
                 s.stop()
+
+
+def start_proxy(bed, port: int, unix: pathlib.Path | None = None) -> LmtpProxy:
+    return LmtpProxy(bed["d"] / "proxy", port, bed["conf"], {"lmtp_port": bed["lmtp_port"]}, unix=unix)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +136,30 @@ def mx_lmtp(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mx_direct(tmp_path_factory):
     yield from _bed(tmp_path_factory, "sendmail-mailer-direct")
+
+
+@pytest.fixture(scope="module")
+def mx_flag_p(tmp_path_factory):
+    """The one-user mailer with Sendmail's default `P` kept: Sendmail adds its own `Return-Path: <$g>`."""
+    documented = testbed_sendmail.documented_mailer
+
+    def with_p(block: str) -> str:
+        text = documented(block)
+        assert "`lsDFMA5:/|@qn')" in text
+        return text.replace("`lsDFMA5:/|@qn')", "`lsDFMA5:/|@qnP')")
+
+    bed = _bed(tmp_path_factory, "sendmail-mailer")
+    with pytest.MonkeyPatch.context() as mp:     # only while this bed's sendmail.cf is made
+        mp.setattr(testbed_sendmail, "documented_mailer", with_p)
+        started = next(bed)
+    yield started
+    bed.close()                                  # _bed's finally: everything stopped
+
+
+@pytest.fixture(scope="module", params=["tcp", "unix"])
+def mx_proxy(tmp_path_factory, request):
+    yield from _bed(tmp_path_factory, f"sendmail-mailer-proxy{'-unix' if request.param == 'unix' else ''}",
+                    proxy=request.param)
 
 
 def smtp_send(mx, sender, rcpts, data):
@@ -225,3 +272,64 @@ def test_sendmail_lmtp_straight_to_pdeliveryd(mx_direct):
     assert bounce and b"Status: 5.1.1" in bounce[0].read_bytes(), m.output()
     assert wait_for(lambda: m.queue_files() == [], timeout=30)
     assert any("mailer=local" in line and "stat=Sent" in line and "juan@pwmail.test" in line for line in m.syslog.lines)
+
+
+def test_mailer_flag_p_still_gives_one_return_path(mx_flag_p):
+    """Sendmail's F=P Return-Path (seen doubled before, issue 15) is replaced by pdeliveryd's."""
+    m, layout = mx_flag_p["mx"], mx_flag_p["layout"]["127.0.0.2"]
+    data = message("flag P", "juan@pwmail.test")
+    assert smtp_send(m, "ana@pwmail.test", ["juan@pwmail.test"], data) == {}
+    files = wait_for(lambda: messages(layout.path("juan")), timeout=60)
+    assert len(files) == 1, m.output()
+    stored = files[0].read_bytes()
+    header = stored.partition(b"\n\n")[0].split(b"\n")
+    assert [line for line in header if line.lower().startswith(b"return-path:")] == [b"Return-Path: <ana@pwmail.test>"]
+    assert stored.startswith(b"Return-Path: <ana@pwmail.test>\nDelivered-To: juan\nReceived: ")
+    assert stored.endswith(data.replace(b"\r\n", b"\n"))
+
+
+def test_sendmail_through_lmtp_proxy_to_two_stores(mx_proxy):
+    """Sendmail's [IPC] LMTP mailer to lmtp-proxy: one message to users on
+    both stores and an unknown one: each copy on its user's store, the
+    unknown bounced at RCPT (5.1.1)."""
+    m, layout = mx_proxy["mx"], mx_proxy["layout"]
+    juan, pepe, ana = (layout["127.0.0.2"].path("juan"), layout["127.0.0.3"].path("pepe"),
+                       layout["127.0.0.2"].path("ana"))
+    data = message("through the proxy", "staff@pwmail.test")
+    assert smtp_send(m, "ana@pwmail.test", ["juan@pwmail.test", "pepe@pwmail.test", "nadie@pwmail.test"], data) == {}
+    for b in (juan, pepe):
+        files = wait_for(lambda: messages(b), timeout=60)
+        assert len(files) == 1, m.output()
+        stored = files[0].read_bytes()
+        assert stored.startswith(b"Return-Path: <ana@pwmail.test>\nDelivered-To: ")
+        assert stored.endswith(data.replace(b"\r\n", b"\n"))
+    bounce = wait_for(lambda: messages(ana), timeout=60)
+    assert bounce and b"Status: 5.1.1" in bounce[0].read_bytes(), m.output()
+    assert not layout["127.0.0.3"].path("juan").exists() and not layout["127.0.0.2"].path("pepe").exists()
+    assert wait_for(lambda: m.queue_files() == [], timeout=30)
+
+
+def test_sendmail_queue_run_is_one_proxy_connection(mx_proxy):
+    """Proxy down: Sendmail queues; proxy back, one queue run delivers every
+    message over one LMTP connection to the proxy, and each exactly once."""
+    m, layout = mx_proxy["mx"], mx_proxy["layout"]
+    boxes = [layout["127.0.0.2"].path("juan"), layout["127.0.0.3"].path("jo"), layout["127.0.0.3"].path("pepe")]
+    before = [len(messages(b)) for b in boxes]
+    proxy = mx_proxy["proxy"]
+    proxy.stop()
+    try:
+        for i, to in enumerate(["juan", "jo", "pepe"]):
+            assert smtp_send(m, "ana@pwmail.test", [f"{to}@pwmail.test"], message(f"queued {i}", to)) == {}
+
+        def all_tried():
+            qf = m.queue_files()
+            return len(qf) == 3 and all(re.search(rb"^N[1-9]", q.read_bytes(), re.M) for q in qf)
+        assert wait_for(all_tried, timeout=60), m.output()
+    finally:
+        mx_proxy["proxy"] = proxy = start_proxy(mx_proxy, proxy.port, proxy.unix)
+    run = m.in_namespace(SENDMAIL, "-q")
+    assert run.returncode == 0, run.stderr
+    assert wait_for(lambda: m.queue_files() == [], timeout=60), m.output()
+    assert [len(messages(b)) for b in boxes] == [n + 1 for n in before]
+    sessions = wait_for(lambda: re.findall(r"session ended after (\d+) message", proxy.output()), timeout=30)
+    assert sessions == ["3"], proxy.output()

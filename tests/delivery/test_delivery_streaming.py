@@ -127,7 +127,7 @@ def test_stored_bytes_and_sizes_match_the_old_writer_at_any_chunk_edge(tmp_path,
             body = ev.body
             assert body.error is None
             assert body.spooled == (memory_max < len(old_bytes) - len(trace))
-            new = writer.deliver("juan", body.stored_with(trace))
+            new = writer.deliver("juan", body.stored_with(trace, "juan@x"))
             assert open(new, "rb").read() == old_bytes
             assert size_suffix(new) == size_suffix(old)
             assert body.size == len(expected_data) and body.digest() == msg.digest(expected_data)
@@ -167,7 +167,7 @@ def test_bdat_without_final_newline_and_cr_at_the_chunk_edge(tmp_path):
     message = b"Subject: e\r\n\r\nends with a CR\r\n...no final line end\r"
     chunks = [b"Subject: e\r", b"\n\r\nends with a CR\r", b"\n...no final line end\r"]
     ev = receive(session_script(b"", chunks), [], spooler(tmp_path, 0))
-    new = writer.deliver("juan", ev.body.stored_with(msg.trace_headers("s@x", "juan@x")))
+    new = writer.deliver("juan", ev.body.stored_with(msg.trace_headers("s@x", "juan@x"), "juan@x"))
     old = writer.deliver("juan", msg.for_maildir(message, "s@x", "juan@x"))
     assert open(new, "rb").read() == open(old, "rb").read()
     assert open(new, "rb").read().endswith(b"\n...no final line end\r")

@@ -162,7 +162,7 @@ def test_sighup_root_change_is_restart_only(bed, tmp_path):
     d = bed["start"]()
     other_root = tmp_path / "other-spool"
     make_root(other_root)
-    bed["settings"].write_text(f'[pop]\nroot = "{other_root}"\nlayout = "first2"\n')
+    bed["settings"].write_text(f'[pop]\nroot = "{other_root}"\nlayout = "hash2"\n')
     hup_and_wait(d, "reloaded settings")
     out = d.output()
     assert "reload: root changed; it takes effect at restart" in out

@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 from pop import protocol as P
 from pop.protocol import (NEED_DATA, NEED_REPLY, Closed, Command, Login, LocalProtocolError,
                           MultilineEncoder, RemoteProtocolError, ServerConnection, StartTLS, State, XClient)
+from tests.support import sansio_util
 
 
 def b64(data: bytes) -> str:
@@ -22,21 +23,7 @@ PLAIN_OTHER_AUTHZ = b64(b"admin\0juan\0pw")
 
 
 def drive(conn: ServerConnection, data: bytes, *, bytewise: bool = False):
-    """Feed data, collect (events, output) until NEED_DATA / NEED_REPLY / Closed."""
-    events = []
-    chunks = [data[i:i + 1] for i in range(len(data))] if bytewise else [data]
-    for chunk in chunks:
-        conn.receive_data(chunk)
-        while True:
-            ev = conn.next_event()
-            if ev in (NEED_DATA, NEED_REPLY):
-                break
-            events.append(ev)
-            if isinstance(ev, Closed):
-                return events, conn.data_to_send()
-        if events and not isinstance(events[-1], Closed) and conn._awaiting is not None:
-            break
-    return events, conn.data_to_send()
+    return sansio_util.drive(conn, data, Closed, bytewise=bytewise)
 
 
 # (input, expected events, expected output) in the AUTHORIZATION state.

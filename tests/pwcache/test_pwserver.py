@@ -15,6 +15,8 @@ from tests.support.pwserver_util import (BADREQUEST, BADVERSION, DENIED, KEY_NET
                            write_sources)
 from tests.support.pwtest import BIN, PwServer, wait_for, write_key
 
+from pwmail.base.errors import EX_CONFIG
+
 USERS = [(f"user{i:04d}", 10000 + i) for i in range(200)]
 BIG = [f"member{i:05d}" for i in range(50_000)]
 GROUPS = [("staff", 50, ["user0000", "user0001"]), ("dev", 51, ["user0001", "ghost"]),
@@ -253,7 +255,7 @@ def test_cli_help_and_errors(tmp_path):
     assert bad.returncode == 1 and "missing" in bad.stderr
     nopw = subprocess.run([str(BIN / "pwserver")], capture_output=True, text=True, timeout=30,
                           env={"PWMAIL_CONF": "/nonexistent", "PATH": "/usr/bin:/bin"})
-    assert nopw.returncode == 2 and "passwd" in nopw.stderr
+    assert nopw.returncode == EX_CONFIG and "passwd" in nopw.stderr
 
 
 def test_tcp_pipelined_big_answers_are_paced(server):
@@ -327,10 +329,10 @@ def test_answers_leave_from_the_address_asked(tmp_path):
                                   '[pwserver]\nallow = "10.0.0.0/8"\n', 'not toml [',
                                   '[pwserver]\nbusy_poll_us = -1\n', '[pwserver]\nbusy_poll_us = 10001\n',
                                   '[pwserver]\nbusy_poll_us = "fast"\n'])
-def test_bad_settings_exit_2(tmp_path, toml):
+def test_bad_settings_exit_ex_config(tmp_path, toml):
     paths = write_sources(tmp_path, USERS[:2])
     conf = tmp_path / "pwmail.toml"
     conf.write_text(toml)
     run = subprocess.run([str(BIN / "pwserver"), "--config", str(conf), "--passwd", str(paths["passwd"]),
                           "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=30)
-    assert run.returncode == 2 and any(line.startswith("pwserver: ") for line in run.stderr.splitlines())
+    assert run.returncode == EX_CONFIG and any(line.startswith("pwserver: ") for line in run.stderr.splitlines())

@@ -16,6 +16,8 @@ import pytest
 from tests.support.pwserver_util import NOTFOUND, OK, passwd_line, stats, udp_query, write_sources
 from tests.support.pwtest import BIN, PwServer, wait_for
 
+from pwmail.base.errors import EX_CONFIG
+
 USERS = [(f"user{i:04d}", 10000 + i) for i in range(40)]
 POLL = 0.1  # s between checks of the sources: a "once" that is not shows up as many lines
 QUIET = 2.0  # s to let the poll run after an event (about 20 polls)
@@ -163,12 +165,12 @@ def start(paths, *args) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("toml", ["reload_max_shrink = 1.5", "reload_max_shrink = -0.1", 'reload_max_shrink = "10%"',
                                   "reload_max_bad_lines = -1", "reload_max_bad_lines = 1.5", 'allow_empty = "yes"'])
-def test_bad_guard_settings_exit_2(tmp_path, toml):
+def test_bad_guard_settings_exit_ex_config(tmp_path, toml):
     paths = write_sources(tmp_path, USERS[:2])
     conf = tmp_path / "pwmail.toml"
     conf.write_text(f"[pwserver]\n{toml}\n")
     run = start(paths, "--config", str(conf))
-    assert run.returncode == 2 and f"{toml.split()[0]} must be" in run.stderr, run.stderr
+    assert run.returncode == EX_CONFIG and f"{conf}: [pwserver] {toml.split()[0]} " in run.stderr, run.stderr
 
 
 def test_nothing_to_serve_refuses_to_start(tmp_path):

@@ -13,6 +13,7 @@ import msgpack
 import pytest
 
 from pwcache.tcp_server import TCP_DEFAULTS
+from pwmail.base.errors import EX_CONFIG
 from tests.support.pwserver_util import OK, TcpConn, request, rss_bytes, stats, udp_query, write_many_users, write_sources
 from tests.support.pwtest import BIN, PwServer, wait_for
 
@@ -253,9 +254,9 @@ def test_non_reading_pipeliners_keep_memory_bounded(tmp_path):
 @pytest.mark.parametrize("toml", ['tcp_max_per_source = 0', 'tcp_max_per_source = 300',
                                   'tcp_max_connections = "many"', 'tcp_frame_timeout = 0',
                                   'tcp_idle_timeout = -1', 'tcp_max_queued = -1'])
-def test_bad_tcp_settings_exit_2(sources, tmp_path, toml):
+def test_bad_tcp_settings_exit_ex_config(sources, tmp_path, toml):
     conf = tmp_path / "pwmail.toml"
     conf.write_text(f"[pwserver]\n{toml}\n")
     run = subprocess.run([str(BIN / "pwserver"), "--config", str(conf), "--passwd", str(sources["passwd"]),
                           "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=30)
-    assert run.returncode == 2 and "tcp_" in run.stderr
+    assert run.returncode == EX_CONFIG and "tcp_" in run.stderr

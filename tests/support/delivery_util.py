@@ -2,6 +2,7 @@
 `pdeliveryd` processes on loopback addresses, Maildir inspection."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import re
@@ -33,6 +34,15 @@ def client_conf(path: pathlib.Path, servers: list[str], timeout_ms: int = 300) -
     """pwserver.conf with the delivery tests' short timeouts."""
     return pwtest.client_conf(path, servers, timeout_ms=timeout_ms, hedge_ms=50, recheck_s=1,
                               health_file=path.parent / "pwserver-health")
+
+
+@contextlib.contextmanager
+def users_served(d: pathlib.Path):
+    """USERS served by a real pwserver: yields it, the client configuration
+    (pwserver.conf in `d`) and an environment naming that configuration."""
+    with pwtest.PwServer(write_users(d / "users")) as pw:
+        conf = client_conf(d / "pwserver.conf", [pw.address])
+        yield pw, conf, env_with(conf)
 
 
 def free_port_on(hosts: list[str]) -> int:
@@ -101,3 +111,92 @@ def env_with(conf: pathlib.Path, settings: pathlib.Path | None = None, **extra) 
     if settings is not None:
         env["PWMAIL_CONF"] = str(settings)
     return env
+
+
+@contextlib.contextmanager
+def pwserver_env(d: pathlib.Path):
+    """A real pwserver serving USERS; yields the environment that points clients (pdeliveryd) at it."""
+    with pwtest.PwServer(write_users(d / "users")) as pw:
+        yield env_with(client_conf(d / "pwserver.conf", [pw.address]))
+
+
+@contextlib.contextmanager
+def one_store(d: pathlib.Path, host: str):
+    """pwserver_env() and one pdeliveryd on `host` with its root in d/root: yields (pdeliveryd, its port)."""
+    with pwserver_env(d) as env:
+        port = free_port_on([host])
+        with Pdeliveryd(d / "root", host, port, env) as srv:
+            yield srv, port
+
+
+class LmtpProxy(pwtest.Process):
+    """A running lmtp-proxy on HOST:PORT (and `unix` if given), with `settings`
+    as its [delivery] section (TOML values), then `other_sections`."""
+
+    def __init__(self, d: pathlib.Path, port: int, conf: pathlib.Path, settings: dict, *, host: str = "127.0.0.1",
+                 unix: pathlib.Path | None = None, other_sections: str = ""):
+        self.host, self.port, self.unix = host, port, unix
+        d.mkdir(parents=True, exist_ok=True)
+        self.settings = d / f"lmtp-proxy-{port}.toml"
+        self.other_sections = other_sections       # TOML of sections besides [delivery]
+        self.write_settings(settings)
+        argv = [str(BIN / "lmtp-proxy"), "--listen", f"{host}:{port}", "--log-stderr",
+                *(["--unix", str(unix)] if unix else [])]
+        super().__init__(argv, d / f"lmtp-proxy-{port}.log", env=env_with(conf, self.settings))
+        self.wait_line(r"lmtp-proxy: ready on", "lmtp-proxy", 30)
+
+    def write_settings(self, settings: dict) -> None:
+        import json
+        lines = "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
+        self.settings.write_text(f"[delivery]\n{lines}\n{self.other_sections}")
+
+    def rss_peak_kib(self) -> int:
+        """VmHWM: the most resident memory the process has had."""
+        status = pathlib.Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1))
+
+
+class CountingRelay:
+    """A TCP relay from `listen` to `target` that counts the connections it
+    accepts: a store's connection count, seen from the store's side."""
+
+    def __init__(self, listen: tuple[str, int], target: tuple[str, int]):
+        import threading
+        self.target = target
+        self.accepted = 0
+        self.sock = socket.create_server(listen)
+        self._threading = threading
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            for a, b in ((client, upstream), (upstream, client)):
+                self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()

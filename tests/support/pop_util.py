@@ -198,7 +198,10 @@ class Dovecot(PopServer):
     /etc/nsswitch.conf names pwserver; userdb passwd and passdb shadow come
     through libnss_pwserver; mail_location is the hashed Maildir tree.
     Everything lives under `workdir`, which must be traversable by the
-    dovenull and mail users (not under pytest's 0700 folders)."""
+    dovenull and mail users (not under pytest's 0700 folders). Subclasses
+    (tests/support/imap_util.py) give another config_text() and GREETING."""
+
+    GREETING = b"+OK"
 
     def __init__(self, workdir: pathlib.Path, layout: MailboxLayout, pwserver_conf: str, host: str,
                  *, first_valid_uid: int = 10000, tls: tuple[str, str] | None = None, timeout: float = 30.0):
@@ -210,7 +213,16 @@ class Dovecot(PopServer):
             (workdir / sub).mkdir(parents=True, exist_ok=True)
         self.log_path_dovecot = workdir / "dovecot.log"
         self.conf = workdir / "dovecot.conf"
-        self.conf.write_text(f"""base_dir = {workdir}/run
+        self.conf.write_text(self.config_text(layout, pwserver_conf, first_valid_uid, ssl_conf))
+        nss = nsswitch_with_pwserver(workdir / "nsswitch.conf")
+        script = f'mount --bind {nss} /etc/nsswitch.conf && exec dovecot -F -c {self.conf}'
+        super().__init__(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                         workdir / "dovecot.stderr")
+        self.wait_until(self._greets, "dovecot", timeout)
+
+    def config_text(self, layout: MailboxLayout, pwserver_conf: str, first_valid_uid: int, ssl_conf: str) -> str:
+        workdir, host = self.workdir, self.host
+        return f"""base_dir = {workdir}/run
 state_dir = {workdir}/state
 instance_name = pwmail-pop-{host}
 protocols = pop3
@@ -238,17 +250,12 @@ service pop3-login {{
     port = {self.pop3s_port}
   }}
 }}
-""")
-        nss = nsswitch_with_pwserver(workdir / "nsswitch.conf")
-        script = f'mount --bind {nss} /etc/nsswitch.conf && exec dovecot -F -c {self.conf}'
-        super().__init__(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                         workdir / "dovecot.stderr")
-        self.wait_until(self._greets, "dovecot", timeout)
+"""
 
     def _greets(self) -> bool:
         try:
             with socket.create_connection((self.host, self.port), timeout=2) as s:
-                return read_reply(s, 5).startswith(b"+OK")
+                return read_reply(s, 5).startswith(self.GREETING)
         except OSError:
             return False
 

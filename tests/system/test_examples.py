@@ -18,13 +18,15 @@ import pop.config
 import pwcache.config
 import pwcache.placement
 import pwcache.server
+import pwmail.db.connect
 import pwmail.placement.move
 from pwmail.base import settings
 from tests.support.pwtest import BIN, ROOT
 
 EXAMPLES = ROOT / "examples"
 SECTIONS = {"pwserver": pwcache.server.DEFAULTS, "placement": pwcache.placement.DEFAULTS,
-            "delivery": delivery.config.DEFAULTS, "pop": pop.config.DEFAULTS, "move": pwmail.placement.move.DEFAULTS}
+            "delivery": delivery.config.DEFAULTS, "pop": pop.config.DEFAULTS, "imap": pop.config.IMAP_DEFAULTS,
+            "move": pwmail.placement.move.DEFAULTS, "db": pwmail.db.connect.DEFAULTS}
 UNITS = sorted((EXAMPLES / "systemd").glob("*.service"))
 
 
@@ -51,6 +53,7 @@ def test_settings_example_as_installed_changes_nothing(tmp_path):
     live.write_text(uncommented_settings())
     assert delivery.config.load(str(live)) == delivery.config.load(str(tmp_path / "absent.toml"))
     assert pop.config.load(str(live)) == pop.config.load(str(tmp_path / "absent.toml"))
+    assert pop.config.load_imap(str(live)) == pop.config.load_imap(str(tmp_path / "absent.toml"))
     assert settings.section("pwserver", pwcache.server.DEFAULTS, str(live)) == pwcache.server.DEFAULTS
 
 
@@ -68,7 +71,7 @@ def test_client_configuration_example_is_the_clients_defaults():
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="needs systemd-analyze (systemd)")
 def test_units_pass_systemd_analyze_verify(tmp_path):
-    assert {u.stem for u in UNITS} >= {"pwserver", "pdeliveryd", "pop3d", "pop-proxy"}
+    assert {u.stem for u in UNITS} >= {"pwserver", "pdeliveryd", "pop3d", "pop-proxy", "imap-proxy", "lmtp-proxy"}
     for unit in UNITS:
         # the units name /usr/local/bin (pip install as root); here the commands are in the venv
         (tmp_path / unit.name).write_text(unit.read_text().replace("/usr/local/bin/", f"{BIN}/"))
@@ -88,7 +91,10 @@ def daemon_argv(name: str, tmp: pathlib.Path) -> list[str]:
             "pdeliveryd": ["--listen", "127.0.0.1:0", "--root", str(root), "--users", f"passwd:{passwd}",
                            "--log-stderr"],
             "pop3d": ["--listen", "127.0.0.1:0", "--root", str(root), "--stderr"],
-            "pop-proxy": ["--listen", "127.0.0.1:0", "--stderr"]}[name]
+            "pop-proxy": ["--listen", "127.0.0.1:0", "--stderr"],
+            "imap-proxy": ["--listen", "127.0.0.1:0", "--stderr"],
+
+"lmtp-proxy": ["--listen", "127.0.0.1:0", "--log-stderr"]}[name]
 
 
 @pytest.mark.parametrize("unit", [u.stem for u in UNITS])

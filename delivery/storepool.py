@@ -1,0 +1,282 @@
+"""lmtp-proxy's side towards the stores: pooled LMTP client connections over asyncio.
+
+One `StorePool` holds, per store (host, port), up to `proxy_pool_size` idle
+connections that have spoken LHLO, for `proxy_pool_idle` seconds; at most
+`proxy_store_connections_max` transactions are on a store's connections at
+once (the others wait for a place, up to `timeout`, so that the proxy stays
+below the store's sessions_per_address_max). A transaction takes an idle
+connection (or opens one),
+sends `RSET` first when it was used before, then MAIL, the RCPTs (pipelined
+when the store offers PIPELINING) and the body from its spool (`BDAT n LAST`
+with CHUNKING, else DATA, dot-stuffed as it goes), and reads one reply per
+accepted recipient. Replies are checked as lmtpclient checks them (each one
+must be one its command can have, in order). A connection the store closed
+while it sat in the pool (its idle timeout, a restart) fails before the data
+was sent: the idle ones of that store are dropped and the transaction is
+tried once more on a new connection. Nothing is retried after the data went
+(the store may hold the copy; the MTA's retry is deduplicated by the store).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass
+
+from delivery.lmtp import Reply
+from delivery.lmtpclient import (REPLY_LINE_MAX, LMTPUnavailable, check_fits, command_line, continues,
+                                 extensions, mail_params, parse_reply)
+from delivery.spool import SpooledBody
+
+log = logging.getLogger("lmtp-proxy.stores")
+
+SEND_CHUNK = 256 * 1024          # bytes of a body read from the spool and written to a store at once
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What a MAIL command to a store carries (SIZE is the body's; the
+    rest is offered only where the store announces it, `passed` verbatim)."""
+    sender: str
+    queue_id: str | None = None
+    body_type: str = ""          # BODY= as the client gave it
+    passed: str = ""             # other MAIL parameters of the client's, " K=V" each
+
+
+class DotStuffer:
+    """Dot-stuffs a body given in pieces of any size (for a store without CHUNKING)."""
+
+    def __init__(self):
+        self._tail = b"\r\n"          # the last two bytes seen: the start is a line start
+
+    def __call__(self, piece: bytes) -> bytes:
+        joined = self._tail + piece
+        out = joined.replace(b"\r\n.", b"\r\n..")[len(self._tail):]
+        self._tail = joined[-2:]
+        return out
+
+    def end(self) -> bytes:
+        return (b"" if self._tail == b"\r\n" else b"\r\n") + b".\r\n"
+
+
+class StoreConnection:
+    """One LMTP session with a store, between transactions or in one."""
+
+    def __init__(self, host: str, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 timeout: float):
+        self.host, self.port = host, port
+        self.reader, self.writer = reader, writer
+        self.timeout = timeout
+        self.ext: set[str] = set()
+        self.used = False             # a transaction ran on it: RSET before the next
+        self.data_sent = False        # the current transaction's data began to go
+        self.idle_since = 0.0
+
+    @classmethod
+    async def open(cls, host: str, port: int, helo: str, connect_timeout: float, timeout: float):
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, limit=REPLY_LINE_MAX), connect_timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            raise LMTPUnavailable(f"connect to {host}:{port}: {e or 'timed out'}") from e
+        conn = cls(host, port, reader, writer, timeout)
+        try:
+            greeting, _ = await conn.answer("greeting")
+            if greeting.code != 220:
+                raise LMTPUnavailable(f"greeting: {greeting}")
+            await conn.send(command_line(f"LHLO {helo}"))
+            lhlo, lines = await conn.answer("LHLO")
+            if lhlo.code != 250:
+                raise LMTPUnavailable(f"LHLO: {lhlo}")
+        except BaseException:
+            conn.close()
+            raise
+        conn.ext = extensions(lines)
+        return conn
+
+    @property
+    def enhanced(self) -> bool:
+        return "ENHANCEDSTATUSCODES" in self.ext
+
+    async def _line(self) -> str:
+        try:
+            line = await asyncio.wait_for(self.reader.readline(), self.timeout)
+        except asyncio.TimeoutError:
+            raise LMTPUnavailable(f"no reply in {self.timeout:g} s") from None
+        except ValueError:             # longer than the reader's limit
+            raise LMTPUnavailable("reply line too long") from None
+        except OSError as e:
+            raise LMTPUnavailable(str(e)) from e
+        if not line.endswith(b"\n"):
+            raise LMTPUnavailable("connection closed by the server")
+        return line.rstrip(b"\r\n").decode("utf-8", "replace")
+
+    async def answer(self, command: str) -> tuple[Reply, list[str]]:
+        raw = [await self._line()]
+        while continues(raw[-1], len(raw)):
+            raw.append(await self._line())
+        reply, lines = parse_reply(raw)
+        check_fits(command, reply, self.enhanced)
+        return reply, lines
+
+    async def send(self, data: bytes) -> None:
+        try:
+            self.writer.write(data)
+            await asyncio.wait_for(self.writer.drain(), self.timeout)
+        except asyncio.TimeoutError:
+            raise LMTPUnavailable(f"store took nothing for {self.timeout:g} s") from None
+        except OSError as e:
+            raise LMTPUnavailable(str(e)) from e
+
+    def mail_line(self, env: Envelope, size: int) -> bytes:
+        params = mail_params(self.ext, size, env.queue_id, env.body_type) + env.passed
+        return command_line(f"MAIL FROM:<{env.sender}>{params}")
+
+    async def transaction(self, env: Envelope, rcpts: list[bytes], body: SpooledBody) -> list[Reply]:
+        """One reply per RCPT line: its refusal, or the store's reply after the data."""
+        self.data_sent = False
+        mail = self.mail_line(env, body.size)
+        cmds = ([("RSET", b"RSET\r\n")] if self.used else []) + [("MAIL", mail)] + [("RCPT", r) for r in rcpts]
+        self.used = True
+        replies = []
+        if "PIPELINING" in self.ext:
+            await self.send(b"".join(c for _, c in cmds))
+            for verb, _ in cmds:
+                replies.append((await self.answer(verb))[0])
+        else:
+            for verb, c in cmds:
+                await self.send(c)
+                replies.append((await self.answer(verb))[0])
+        if cmds[0][0] == "RSET":
+            if not replies.pop(0).ok:
+                raise LMTPUnavailable("RSET refused")
+        mail_reply, rcpt_replies = replies[0], replies[1:]
+        if not mail_reply.ok:
+            return [mail_reply] * len(rcpts)
+        accepted = [i for i, r in enumerate(rcpt_replies) if r.ok]
+        if accepted:
+            go = await self._send_body(body)
+            if go is not None:
+                return [go if r.ok else r for r in rcpt_replies]
+            for i in accepted:
+                rcpt_replies[i] = (await self.answer("message"))[0]
+        return rcpt_replies
+
+    async def _send_body(self, body: SpooledBody) -> Reply | None:
+        """Send the data; a refusal of DATA is returned, else None."""
+        if "CHUNKING" in self.ext:
+            self.data_sent = True
+            await self.send(b"BDAT %d LAST\r\n" % body.size)
+            for piece in body.chunks(SEND_CHUNK):
+                await self.send(piece)
+            return None
+        await self.send(b"DATA\r\n")
+        go, _ = await self.answer("DATA")
+        if go.code != 354:
+            return go
+        self.data_sent = True
+        stuff = DotStuffer()
+        for piece in body.chunks(SEND_CHUNK):
+            await self.send(stuff(piece))
+        await self.send(stuff.end())
+        return None
+
+    def close(self) -> None:
+        self.writer.transport.abort()
+
+
+class StorePool:
+    """Idle store connections by (host, port), and how many were opened (logged, tested)."""
+
+    def __init__(self, helo: str, *, pool_size: int, pool_idle: float, connections_max: int,
+                 connect_timeout: float, timeout: float):
+        self.helo = helo
+        self._idle: dict[tuple[str, int], list[StoreConnection]] = collections.defaultdict(list)
+        self.opened: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._in_use: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._freed: dict[tuple[str, int], asyncio.Condition] = {}
+        self.configure(pool_size=pool_size, pool_idle=pool_idle, connections_max=connections_max,
+                       connect_timeout=connect_timeout, timeout=timeout)
+
+    def configure(self, *, pool_size: int, pool_idle: float, connections_max: int, connect_timeout: float,
+                  timeout: float) -> None:
+        self.pool_size, self.pool_idle, self.connections_max = pool_size, pool_idle, max(1, connections_max)
+        self.connect_timeout, self.timeout = connect_timeout, timeout
+
+    async def _take_slot(self, key: tuple[str, int]) -> None:
+        """Wait (up to `timeout`) until fewer than connections_max
+        transactions are on the store's connections, and take a place."""
+        cond = self._freed.setdefault(key, asyncio.Condition())
+        async with cond:
+            try:
+                await asyncio.wait_for(cond.wait_for(lambda: self._in_use[key] < self.connections_max),
+                                       self.timeout)
+            except asyncio.TimeoutError:
+                raise LMTPUnavailable(f"all {self.connections_max} connections busy for {self.timeout:g} s") from None
+            self._in_use[key] += 1
+
+    async def _give_slot(self, key: tuple[str, int]) -> None:
+        cond = self._freed[key]
+        async with cond:
+            self._in_use[key] -= 1
+            cond.notify()
+
+    async def _acquire(self, key: tuple[str, int]) -> StoreConnection:
+        idle = self._idle[key]
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if now - conn.idle_since <= self.pool_idle:
+                conn.timeout = self.timeout
+                return conn
+            conn.close()
+        conn = await StoreConnection.open(*key, self.helo, self.connect_timeout, self.timeout)
+        self.opened[key] += 1
+        log.info("store %s:%d: connected (%d connection(s) opened to it so far)", *key, self.opened[key])
+        return conn
+
+    def _release(self, key: tuple[str, int], conn: StoreConnection) -> None:
+        idle = self._idle[key]
+        if len(idle) >= self.pool_size:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        idle.append(conn)
+
+    def _drop_idle(self, key: tuple[str, int]) -> None:
+        for conn in self._idle.pop(key, []):
+            conn.close()
+
+    async def deliver(self, host: str, port: int, env: Envelope, rcpts: list[bytes], body: SpooledBody) -> list[Reply]:
+        """One reply per RCPT line, from the store; LMTPUnavailable when it could not answer."""
+        key = (host, port)
+        await self._take_slot(key)
+        try:
+            return await self._deliver(key, env, rcpts, body)
+        finally:
+            await self._give_slot(key)
+
+    async def _deliver(self, key: tuple[str, int], env: Envelope, rcpts: list[bytes], body: SpooledBody):
+        while True:
+            conn = await self._acquire(key)
+            reused = conn.used
+            try:
+                replies = await conn.transaction(env, rcpts, body)
+            except LMTPUnavailable as e:
+                conn.close()
+                if reused and not conn.data_sent:
+                    # closed by the store while pooled: its other idle ones are likely closed too
+                    log.info("store %s:%d: pooled connection unusable (%s), opening a new one", *key, e)
+                    self._drop_idle(key)
+                    continue
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            self._release(key, conn)
+            return replies
+
+    def close(self) -> None:
+        for key in list(self._idle):
+            self._drop_idle(key)
