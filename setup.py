@@ -23,5 +23,8 @@ class build_py_and_c(build_py):
             shutil.copy2(NSS_LIB, pathlib.Path(self.build_lib) / NSS_LIB)
 
 
-setup(cffi_modules=["pwcache/build_pwtable.py:ffibuilder", "pop/build_engine.py:ffibuilder"],
-      cmdclass={"build_py": build_py_and_c}, data_files=[("bin", [PDELIVERY])])
+setup(
+    cffi_modules=["pwcache/build_pwtable.py:ffibuilder", "pop/build_engine.py:ffibuilder"],
+    cmdclass={"build_py": build_py_and_c},
+    data_files=[("bin", [PDELIVERY])],
+)

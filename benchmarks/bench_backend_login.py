@@ -5,6 +5,7 @@ logging in costs the backend more (benchmarks/README.md, section POP).
 
     .venv/bin/python benchmarks/bench_backend_login.py [--backend pop3d|dovecot]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,10 +18,11 @@ import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))      # tests.support
+sys.path.insert(0, str(ROOT))  # tests.support
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_pop import cpu_seconds, tree_cpu_seconds  # noqa: E402
+
 from tests.support.pop_util import UID0, Dovecot, client_conf, deliver, make_root, start_pop3d, write_key, write_users  # noqa: E402
 from tests.support.pwtest import PwServer  # noqa: E402
 
@@ -58,11 +60,11 @@ async def _logins(addr, creds, n: int, xclient: bool, plain: bool) -> None:
 
 
 def logins(addr, creds, total: int, concurrency: int, xclient: bool, plain: bool) -> None:
-    per = [creds[k::concurrency] for k in range(concurrency)]    # a user is never logged in twice at once
+    per = [creds[k::concurrency] for k in range(concurrency)]  # a user is never logged in twice at once
 
     async def run():
-        await asyncio.gather(*(_logins(addr, per[k], total // concurrency, xclient, plain)
-                               for k in range(concurrency)))
+        await asyncio.gather(*(_logins(addr, per[k], total // concurrency, xclient, plain) for k in range(concurrency)))
+
     asyncio.run(run())
 
 
@@ -72,8 +74,12 @@ def main(argv=None) -> int:
     ap.add_argument("--logins", type=int, default=120, help="logins per round and way")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--hash", choices=["yescrypt", "sha512"], default="yescrypt",
-                    help="sha512 makes the hash cheap, so differences of a tenth of a millisecond show")
+    ap.add_argument(
+        "--hash",
+        choices=["yescrypt", "sha512"],
+        default="yescrypt",
+        help="sha512 makes the hash cheap, so differences of a tenth of a millisecond show",
+    )
     args = ap.parse_args(argv)
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench-backend-", dir="/tmp"))
     work.chmod(0o755)
@@ -93,7 +99,7 @@ def main(argv=None) -> int:
                 cpu = cpu_seconds
             else:
                 server = Dovecot(work / "dovecot", layout, conf, "127.0.0.6")
-                cpu = tree_cpu_seconds      # a process per session
+                cpu = tree_cpu_seconds  # a process per session
             got: dict[str, list[float]] = {m: [] for m in MODES}
             with server:
                 for _ in range(args.rounds):
@@ -101,8 +107,10 @@ def main(argv=None) -> int:
                         c0 = cpu(server.proc.pid)
                         logins(server.address, creds, args.logins, args.concurrency, xclient, plain)
                         got[mode].append(1000 * (cpu(server.proc.pid) - c0) / args.logins)
-        print(f"\n{args.backend}: CPU per login, ms, median (min-max) of {args.rounds} rounds of "
-              f"{args.logins} logins, {args.concurrency} clients\n")
+        print(
+            f"\n{args.backend}: CPU per login, ms, median (min-max) of {args.rounds} rounds of "
+            f"{args.logins} logins, {args.concurrency} clients\n"
+        )
         print("| login sent as | CPU per login |\n|---|---|")
         for mode, v in got.items():
             print(f"| {mode} | {statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f}) |")

@@ -6,6 +6,7 @@ that the export gives the imported files back.
 
     .venv/bin/python benchmarks/bench_db_import.py --users 1000000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,12 @@ def main() -> int:
         try:
             dsn = server.start().create_database("bench")
             subprocess.run([PWMAIL, "db", "init", dsn], check=True)
-            timed("db", "import", dsn, *(x for f in ("passwd", "shadow", "group", "mailhosts")
-                                         for x in (f"--{f}", str(site / f))))
+            timed(
+                "db",
+                "import",
+                dsn,
+                *(x for f in ("passwd", "shadow", "group", "mailhosts") for x in (f"--{f}", str(site / f))),
+            )
             timed("db", "export", dsn, "--dir", str(out))
         finally:
             server.stop()

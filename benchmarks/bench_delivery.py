@@ -15,6 +15,7 @@ keeps its index files, as deployed; pdeliveryd reads users from a passwd
 file, as Dovecot reads its static userdb (no network lookup in either).
 Results: a Markdown table on stdout; paste it into benchmarks/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,8 @@ import os
 import random
 import shutil
 import signal
-import statistics
 import socket
+import statistics
 import string
 import subprocess
 import sys
@@ -43,11 +44,13 @@ def free_port() -> int:
 
 
 def make_message(size: int) -> bytes:
-    head = (b"From: bench@example.org\r\nTo: someone@example.org\r\nSubject: benchmark\r\n"
-            b"Message-ID: <x@example.org>\r\n\r\n")
+    head = (
+        b"From: bench@example.org\r\nTo: someone@example.org\r\nSubject: benchmark\r\n"
+        b"Message-ID: <x@example.org>\r\n\r\n"
+    )
     line = (string.ascii_letters * 2)[:76].encode() + b"\r\n"
     body = line * ((size - len(head)) // len(line) + 1)
-    return (head + body)[:size - 2] + b"\r\n"
+    return (head + body)[: size - 2] + b"\r\n"
 
 
 # -- the disk's own rate ------------------------------------------------------
@@ -93,7 +96,7 @@ async def _client(port: int, users, stuffed: bytes, deadline: float, counts: lis
     while loop.time() < deadline:
         if isinstance(users, list):
             u = rnd.choice(users)
-        else:                        # an iterator shared by the clients: each user once
+        else:  # an iterator shared by the clients: each user once
             u = next(users, None)
             if u is None:
                 break
@@ -149,10 +152,21 @@ class Pdeliveryd:
         subprocess.run([os.path.join(BIN, "pdeliveryd"), "--root", self.root, "--init-root"], check=True)
         self.port = free_port()
         self.log = open(os.path.join(work, "pdeliveryd.log"), "wb")
-        self.proc = subprocess.Popen([os.path.join(BIN, "pdeliveryd"), "--listen", f"127.0.0.1:{self.port}",
-                                      "--root", self.root, "--users", f"passwd:{passwd}", "--log-stderr"],
-                                     stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PWMAIL_CONF": os.path.join(work, "none.toml")})
+        self.proc = subprocess.Popen(
+            [
+                os.path.join(BIN, "pdeliveryd"),
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--root",
+                self.root,
+                "--users",
+                f"passwd:{passwd}",
+                "--log-stderr",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PWMAIL_CONF": os.path.join(work, "none.toml")},
+        )
         wait_port(self.port, self.proc)
 
     def stop(self):
@@ -219,10 +233,11 @@ def main() -> int:
         print("needs root (Dovecot's master, mailbox ownership)", file=sys.stderr)
         return 1
     work = tempfile.mkdtemp(prefix="pwmail-bench-delivery-", dir=args.dir)
-    os.chmod(work, 0o755)            # Dovecot delivers as the mail uid
+    os.chmod(work, 0o755)  # Dovecot delivers as the mail uid
     rnd = random.Random(7)
-    users = sorted({"".join(rnd.choice(string.ascii_lowercase) for _ in range(rnd.randint(3, 10)))
-                    for _ in range(args.users)})
+    users = sorted(
+        {"".join(rnd.choice(string.ascii_lowercase) for _ in range(rnd.randint(3, 10))) for _ in range(args.users)}
+    )
     ubytes = [u.encode() for u in users]
     sizes = [int(s) for s in args.sizes.split(",")]
     clients = [int(c) for c in args.clients.split(",")]
@@ -246,23 +261,40 @@ def main() -> int:
                     for name, srv in order:
                         rate = load(srv.port, c, ubytes, msg, args.seconds)
                         results.setdefault((size, c, name), []).append(rate)
-                    print(f"# round {r + 1}: {size} B, {c} client(s): pdeliveryd "
-                          f"{results[(size, c, 'pdeliveryd')][-1]:.0f}/s, dovecot "
-                          f"{results[(size, c, 'dovecot')][-1]:.0f}/s, raw {raw:.0f}/s", file=sys.stderr, flush=True)
+                    print(
+                        f"# round {r + 1}: {size} B, {c} client(s): pdeliveryd "
+                        f"{results[(size, c, 'pdeliveryd')][-1]:.0f}/s, dovecot "
+                        f"{results[(size, c, 'dovecot')][-1]:.0f}/s, raw {raw:.0f}/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         for size in sizes:
             for c in clients:
                 p, d = results[(size, c, "pdeliveryd")], results[(size, c, "dovecot")]
-                ratios = [a / b for a, b in zip(p, d)]       # paired: same round, back to back
-                rows.append((size, c, statistics.median(p), statistics.median(d), statistics.median(ratios),
-                             min(ratios), statistics.median(results[(size, "raw")])))
+                ratios = [a / b for a, b in zip(p, d)]  # paired: same round, back to back
+                rows.append(
+                    (
+                        size,
+                        c,
+                        statistics.median(p),
+                        statistics.median(d),
+                        statistics.median(ratios),
+                        min(ratios),
+                        statistics.median(results[(size, "raw")]),
+                    )
+                )
     finally:
         for s in servers.values():
             s.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"medians of {args.rounds} rounds of {args.seconds:g} s per cell; {len(users)} users; "
-          f"ratio = pdeliveryd / Dovecot within a round")
-    print("| message | clients | pdeliveryd msg/s | Dovecot LMTP msg/s | ratio (median of rounds) | lowest round | raw disk loop files/s |")
+    print(
+        f"medians of {args.rounds} rounds of {args.seconds:g} s per cell; {len(users)} users; "
+        f"ratio = pdeliveryd / Dovecot within a round"
+    )
+    print(
+        "| message | clients | pdeliveryd msg/s | Dovecot LMTP msg/s | ratio (median of rounds) | lowest round | raw disk loop files/s |"
+    )
     print("|---|---|---|---|---|---|---|")
     for size, c, p, d, ratio, low, raw in rows:
         print(f"| {size // 1024} KiB | {c} | {p:.0f} | {d:.0f} | {ratio:.2f}x | {low:.2f}x | {raw:.0f} |")

@@ -18,6 +18,7 @@ the machine's noise falls on both alike), chrooted where
 pinned to CPU 1 ("cross") and to CPU 0 ("same"). Results go to stdout as a
 Markdown table, for benchmarks/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,19 @@ def build(work: pathlib.Path) -> dict[str, pathlib.Path]:
         subprocess.run(["cc", "-O2", "-o", str(out[name]), str(HERE / f"{name}.c")], check=True)
     csrc = ROOT / "pwcache" / "_csrc"
     out["rtt_breakdown"] = work / "rtt_breakdown"
-    subprocess.run(["cc", "-O2", f"-I{csrc}", "-o", str(out["rtt_breakdown"]), str(HERE / "rtt_breakdown.c"),
-                    str(csrc / "pw_wire.c"), "-ldl"], check=True)
+    subprocess.run(
+        [
+            "cc",
+            "-O2",
+            f"-I{csrc}",
+            "-o",
+            str(out["rtt_breakdown"]),
+            str(HERE / "rtt_breakdown.c"),
+            str(csrc / "pw_wire.c"),
+            "-ldl",
+        ],
+        check=True,
+    )
     return out
 
 
@@ -79,8 +91,13 @@ mount --bind {f.name} /etc/nsswitch.conf
 taskset -c {DRIVER_CPU} "$@"
 """
     try:
-        r = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *argv], env=env or os.environ,
-                           capture_output=True, text=True, timeout=3600)
+        r = subprocess.run(
+            ["unshare", "-m", "sh", "-c", script, "sh", *argv],
+            env=env or os.environ,
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
     finally:
         os.unlink(f.name)
     if r.returncode != 0:
@@ -109,13 +126,18 @@ def in_plain_root(argv: list[str], env: dict, binds: list[pathlib.Path], nsswitc
         (root / "etc").mkdir()
         (root / "usr").mkdir()
         for link in ("bin", "sbin", "lib", "lib64"):
-            if (pathlib.Path("/") / link).is_symlink():       # merged /usr (Debian 12)
+            if (pathlib.Path("/") / link).is_symlink():  # merged /usr (Debian 12)
                 (root / link).symlink_to(os.readlink(pathlib.Path("/") / link))
         shutil.copy("/etc/ld.so.cache", root / "etc")
         (root / "etc" / "nsswitch.conf").write_text(f"passwd: {nsswitch}\ngroup: files\nshadow: files\n")
         env = {**env, "PWBENCH_BINDS": " ".join(str(b) for b in binds)}
-        r = subprocess.run(["unshare", "-m", "sh", "-c", PLAIN_ROOT_SCRIPT.format(cpu=DRIVER_CPU), "sh", str(root),
-                            *argv], env=env, capture_output=True, text=True, timeout=3600)
+        r = subprocess.run(
+            ["unshare", "-m", "sh", "-c", PLAIN_ROOT_SCRIPT.format(cpu=DRIVER_CPU), "sh", str(root), *argv],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
         if r.returncode != 0:
             raise RuntimeError(f"{argv[0]}: {r.stderr[-2000:]}")
         return r.stdout
@@ -130,8 +152,12 @@ def breakdown(passwd, names, cpu, tools, work, rounds, server_args=(), nss_dir=R
     module called directly and getpwnam_r through glibc: interleaving puts
     the machine's noise on all four alike. Returns {peer: (median_us,
     p99_us)} for echo, raw, module, glibc."""
-    srv = Proc([str(PYBIN / "pwserver"), "--listen", "127.0.0.1:0", "--passwd", str(passwd), *server_args,
-                "--log-stderr"], cpu, READY, env={**os.environ, "PWMAIL_CONF": "/nonexistent"})
+    srv = Proc(
+        [str(PYBIN / "pwserver"), "--listen", "127.0.0.1:0", "--passwd", str(passwd), *server_args, "--log-stderr"],
+        cpu,
+        READY,
+        env={**os.environ, "PWMAIL_CONF": "/nonexistent"},
+    )
     eport = free_port()
     echo = Proc([str(tools["udp_echo"]), "server", str(eport)], cpu)
     try:
@@ -140,8 +166,11 @@ def breakdown(passwd, names, cpu, tools, work, rounds, server_args=(), nss_dir=R
         conf.write_text(f"server 127.0.0.1:{srv.port}\nhealth_file {work}/health\n")
         lib = pathlib.Path(nss_dir).resolve() / "libnss_pwserver.so.2"
         env = {**os.environ, "PWSERVER_CONF": str(conf), "LD_LIBRARY_PATH": str(lib.parent)}
-        out = in_plain_root([str(tools["rtt_breakdown"]), str(eport), str(srv.port), str(names), str(rounds),
-                             str(lib)], env, [work, lib.parent])
+        out = in_plain_root(
+            [str(tools["rtt_breakdown"]), str(eport), str(srv.port), str(names), str(rounds), str(lib)],
+            env,
+            [work, lib.parent],
+        )
         res = {}
         for line in out.splitlines():
             if line.strip():
@@ -192,8 +221,9 @@ class Proc:
     """A server process pinned to a CPU, stopped by PID."""
 
     def __init__(self, argv, cpu, ready=None, env=None):
-        self.proc = subprocess.Popen(["taskset", "-c", cpu, *argv], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", cpu, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+        )
         self.port = None
         if ready:
             for line in self.proc.stderr:
@@ -215,6 +245,7 @@ class Proc:
 
 def free_port() -> int:
     import socket
+
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -237,16 +268,22 @@ def bench_local(n, nl, names, passwd, work, res) -> None:
     res["files"] = measure(nl, names, slow_rounds, f"mount --bind {passwd} /etc/passwd", "files")
 
     try:
-        res["extrausers"] = measure(nl, names, slow_rounds,
-                                    f"mkdir -p /var/lib/extrausers; mount -t tmpfs tmpfs /var/lib/extrausers;"
-                                    f" cp {passwd} /var/lib/extrausers/passwd", "extrausers")
+        res["extrausers"] = measure(
+            nl,
+            names,
+            slow_rounds,
+            f"mkdir -p /var/lib/extrausers; mount -t tmpfs tmpfs /var/lib/extrausers;"
+            f" cp {passwd} /var/lib/extrausers/passwd",
+            "extrausers",
+        )
     except RuntimeError as e:
         res["extrausers"] = {"error": str(e)[:200]}
 
     dbin = work / f"makedb.{n}"
     makedb_input(passwd, dbin)
-    res["db"] = measure(nl, names, 10,
-                        f"mount -t tmpfs tmpfs /var/lib/misc; makedb -o /var/lib/misc/passwd.db {dbin}", "db")
+    res["db"] = measure(
+        nl, names, 10, f"mount -t tmpfs tmpfs /var/lib/misc; makedb -o /var/lib/misc/passwd.db {dbin}", "db"
+    )
     dbin.unlink()
 
     cdir = work / f"cache.{n}"
@@ -254,10 +291,12 @@ def bench_local(n, nl, names, passwd, work, res) -> None:
     res["cache"] = measure(nl, names, 10, f"mount -t overlay overlay -o lowerdir={cdir}:/etc /etc", "cache")
     shutil.rmtree(cdir)
 
-    nscd_setup = (f"mount --bind {passwd} /etc/passwd; mount -t tmpfs tmpfs /run/nscd;"
-                  " mount -t tmpfs tmpfs /var/cache/nscd;"
-                  " nscd -d 2>/dev/null & NSCD=$!; trap 'kill $NSCD' EXIT;"
-                  " i=0; while [ ! -S /run/nscd/socket ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done")
+    nscd_setup = (
+        f"mount --bind {passwd} /etc/passwd; mount -t tmpfs tmpfs /run/nscd;"
+        " mount -t tmpfs tmpfs /var/cache/nscd;"
+        " nscd -d 2>/dev/null & NSCD=$!; trap 'kill $NSCD' EXIT;"
+        " i=0; while [ ! -S /run/nscd/socket ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done"
+    )
     res["nscd"] = measure(nl, names, 10, nscd_setup, "files", warm=True)
 
 
@@ -291,8 +330,13 @@ def main() -> int:
     p.add_argument("--cache", default="/tmp/nssbench", help="where generated users are kept")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--network-only", action="store_true", help="only pwserver and the echo round trip")
-    p.add_argument("--pwserver-arg", action="append", default=[], metavar="ARG",
-                   help="extra pwserver argument, e.g. --pwserver-arg=--busy-poll-us=0 (repeatable)")
+    p.add_argument(
+        "--pwserver-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra pwserver argument, e.g. --pwserver-arg=--busy-poll-us=0 (repeatable)",
+    )
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench_nss: needs root (private mount namespaces)", file=sys.stderr)
@@ -310,11 +354,16 @@ def main() -> int:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
     print(table(results))
     for n, r in results.items():
-        files = (f"files / pwserver (cross) median = {r['files']['median_us'] / r['pwserver_cross']['median_us']:.0f}x; "
-                 if "files" in r else "")
-        print(f"\n{n:,} users: {files}"
-              f"pwserver / echo: cross {r['pwserver_cross']['median_us'] / r['echo_cross']['median_us']:.2f}x, "
-              f"same {r['pwserver_same']['median_us'] / r['echo_same']['median_us']:.2f}x")
+        files = (
+            f"files / pwserver (cross) median = {r['files']['median_us'] / r['pwserver_cross']['median_us']:.0f}x; "
+            if "files" in r
+            else ""
+        )
+        print(
+            f"\n{n:,} users: {files}"
+            f"pwserver / echo: cross {r['pwserver_cross']['median_us'] / r['echo_cross']['median_us']:.2f}x, "
+            f"same {r['pwserver_same']['median_us'] / r['echo_same']['median_us']:.2f}x"
+        )
     return 0
 
 

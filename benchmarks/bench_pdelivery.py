@@ -15,6 +15,7 @@ time includes them (and pdeliveryd's fsyncs). The Python start-up alone
 (`python -c 'import delivery.pdelivery'`) is measured too: it is most of
 the old cost. Results: a Markdown table on stdout (benchmarks/README.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,7 @@ USERS = 100
 def make_message(size: int) -> bytes:
     head = b"From: bench@example.org\nTo: someone@example.org\nSubject: benchmark\n\n"
     line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcd\n"
-    return (head + line * (size // len(line) + 1))[:size - 1] + b"\n"
+    return (head + line * (size // len(line) + 1))[: size - 1] + b"\n"
 
 
 def run_once(argv: list[str], data: bytes, env: dict, log: pathlib.Path) -> tuple[int, float, float]:
@@ -50,7 +51,7 @@ def run_once(argv: list[str], data: bytes, env: dict, log: pathlib.Path) -> tupl
         proc.stdin.close()
         _, status, ru = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)      # reaped by wait4, not by Popen
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4, not by Popen
     return proc.returncode, ru.ru_utime + ru.ru_stime, wall
 
 
@@ -63,8 +64,14 @@ def measure(name: str, argv_for, data: bytes | None, env: dict, n: int, work: pa
             raise SystemExit(f"{name}: {' '.join(argv)} exited {rc}: {(work / 'stderr.log').read_text()}")
         cpu.append(c)
         wall.append(w)
-    return {"name": name, "cpu_ms": 1000 * statistics.mean(cpu), "cpu_p50": 1000 * statistics.median(cpu),
-            "cpu_max": 1000 * max(cpu), "wall_ms": 1000 * statistics.mean(wall), "per_s": n / sum(wall)}
+    return {
+        "name": name,
+        "cpu_ms": 1000 * statistics.mean(cpu),
+        "cpu_p50": 1000 * statistics.median(cpu),
+        "cpu_max": 1000 * max(cpu),
+        "wall_ms": 1000 * statistics.mean(wall),
+        "per_s": n / sum(wall),
+    }
 
 
 def main(argv=None) -> int:
@@ -84,17 +91,38 @@ def main(argv=None) -> int:
             env.pop("PWMAIL_SYSLOG", None)
             store = Pdeliveryd(work / "store", "127.0.0.1", port, env)
             try:
+
                 def mailer(prog: list[str], tag: str):
-                    return lambda i: [*prog, "-f", "bench@example.org", "-i", f"{tag}{i:05d}", "-d",
-                                      f"user{i % USERS:03d}"]
+                    return lambda i: [
+                        *prog,
+                        "-f",
+                        "bench@example.org",
+                        "-i",
+                        f"{tag}{i:05d}",
+                        "-d",
+                        f"user{i % USERS:03d}",
+                    ]
+
                 rows = [
-                    measure("C `pdelivery -d USER`", mailer([str(BIN / "pdelivery")], "C"), data, env,
-                            args.messages, work),
-                    measure("Python `python -m delivery.pdelivery -d USER`",
-                            mailer([sys.executable, "-m", "delivery.pdelivery"], "P"), data, env, args.messages, work),
-                    measure("Python start-up alone: `python -c 'import delivery.pdelivery'`",
-                            lambda i: [sys.executable, "-c", "import delivery.pdelivery"], None, env,
-                            args.messages, work),
+                    measure(
+                        "C `pdelivery -d USER`", mailer([str(BIN / "pdelivery")], "C"), data, env, args.messages, work
+                    ),
+                    measure(
+                        "Python `python -m delivery.pdelivery -d USER`",
+                        mailer([sys.executable, "-m", "delivery.pdelivery"], "P"),
+                        data,
+                        env,
+                        args.messages,
+                        work,
+                    ),
+                    measure(
+                        "Python start-up alone: `python -c 'import delivery.pdelivery'`",
+                        lambda i: [sys.executable, "-c", "import delivery.pdelivery"],
+                        None,
+                        env,
+                        args.messages,
+                        work,
+                    ),
                 ]
             finally:
                 store.stop()
@@ -104,11 +132,12 @@ def main(argv=None) -> int:
     print("| program | CPU ms/run (mean) | median | max | wall ms/run | messages/s |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['name']} | {r['cpu_ms']:.2f} | {r['cpu_p50']:.2f} | {r['cpu_max']:.2f} | {r['wall_ms']:.1f} | "
-              f"{r['per_s']:.1f} |")
+        print(
+            f"| {r['name']} | {r['cpu_ms']:.2f} | {r['cpu_p50']:.2f} | {r['cpu_max']:.2f} | {r['wall_ms']:.1f} | "
+            f"{r['per_s']:.1f} |"
+        )
     c, py = rows[0], rows[1]
-    print(f"\nC/Python CPU per run: 1/{py['cpu_ms'] / c['cpu_ms']:.0f}; "
-          f"messages/s {c['per_s'] / py['per_s']:.1f}x")
+    print(f"\nC/Python CPU per run: 1/{py['cpu_ms'] / c['cpu_ms']:.0f}; messages/s {c['per_s'] / py['per_s']:.1f}x")
     return 0
 
 

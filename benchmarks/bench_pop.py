@@ -12,6 +12,7 @@ default, or --hash sha512 for a cheaper check that makes the proxy's share
 larger). `--peer nginx` measures nginx's mail proxy in the same rounds
 (benchmarks/nginx_peer.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,13 +29,22 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))      # tests.support: the test helpers start the daemons
-
-from tests.support.pop_util import (UID0, Dovecot, client_conf, deliver, make_root, start_pop3d,  # noqa: E402
-                      start_proxy, write_key, write_users)
-from tests.support.pwtest import PwServer  # noqa: E402
+sys.path.insert(0, str(ROOT))  # tests.support: the test helpers start the daemons
 
 from nginx_peer import NginxMailProxy  # noqa: E402
+
+from tests.support.pop_util import (  # noqa: E402
+    UID0,
+    Dovecot,
+    client_conf,
+    deliver,
+    make_root,
+    start_pop3d,
+    start_proxy,
+    write_key,
+    write_users,
+)
+from tests.support.pwtest import PwServer  # noqa: E402
 
 
 def _stat(pid: int) -> list[str]:
@@ -59,7 +69,7 @@ def tree_cpu_seconds(pid: int) -> float:
             except OSError:
                 continue
             parent[int(d)] = int(f[1])
-            ticks[int(d)] = sum(int(x) for x in f[11:15])     # utime stime cutime cstime
+            ticks[int(d)] = sum(int(x) for x in f[11:15])  # utime stime cutime cstime
     total, todo = 0, [pid]
     children: dict[int, list[int]] = {}
     for c, p in parent.items():
@@ -147,10 +157,11 @@ def logins_per_second(addr, creds, concurrency: int, seconds: float) -> float:
     async def run():
         loop = asyncio.get_running_loop()
         counts = [0]
-        per = [creds[k::concurrency] for k in range(concurrency)]   # a user is never logged in twice at once
+        per = [creds[k::concurrency] for k in range(concurrency)]  # a user is never logged in twice at once
         t0 = loop.time()
         await asyncio.gather(*(_login_worker(addr, per[k], t0 + seconds, counts) for k in range(concurrency)))
         return counts[0] / (loop.time() - t0)
+
     return asyncio.run(run())
 
 
@@ -186,7 +197,7 @@ def retr_throughput(addr, user, password, seconds: float) -> float:
                 if not n:
                     raise RuntimeError("closed during RETR")
                 total += n
-                tail = (tail + bytes(view[max(0, n - 5):n]))[-5:]
+                tail = (tail + bytes(view[max(0, n - 5) : n]))[-5:]
                 if tail == b"\r\n.\r\n":
                     break
         elapsed = time.perf_counter() - t0
@@ -216,29 +227,58 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=1.5, help="length of one measurement")
     # 40: the median of 15 pairs moved by +-0.03 from run to run (the
     # backend's hash costs +-7 % a login on these shared cores).
-    ap.add_argument("--pairs", type=int, default=40,
-                    help="rounds: direct and each proxy back to back, the order rotating")
-    ap.add_argument("--peer", choices=["none", "nginx"], default="none",
-                    help="also measure nginx's mail proxy in the same rounds (fetched from the Debian "
-                         "archive into /var/cache/pwmail-bench; benchmarks/nginx_peer.py)")
-    ap.add_argument("--measure", default="logins,retr", type=lambda v: v.split(","),
-                    help="what to measure: logins, retr or both (comma-separated)")
+    ap.add_argument(
+        "--pairs", type=int, default=40, help="rounds: direct and each proxy back to back, the order rotating"
+    )
+    ap.add_argument(
+        "--peer",
+        choices=["none", "nginx"],
+        default="none",
+        help="also measure nginx's mail proxy in the same rounds (fetched from the Debian "
+        "archive into /var/cache/pwmail-bench; benchmarks/nginx_peer.py)",
+    )
+    ap.add_argument(
+        "--measure",
+        default="logins,retr",
+        type=lambda v: v.split(","),
+        help="what to measure: logins, retr or both (comma-separated)",
+    )
     ap.add_argument("--retr-mb", type=int, default=32, help="size of the RETR message")
     ap.add_argument("--idle", type=int, default=5000, help="idle connections to hold")
-    ap.add_argument("--pin", action="store_true",
-                    help="the proxy alone on CPU 1, everything else on CPU 0 (the proxy on a host of its own)")
-    ap.add_argument("--proxy-setting", action="append", default=[], metavar="KEY=VALUE",
-                    help='one more [pop] line for the proxy, e.g. "splice = false" (repeatable)')
-    ap.add_argument("--cpu", type=int, metavar="N",
-                    help="only the proxy's CPU per login: N logins one after another, then N with "
-                         "--concurrency clients (pop3d backend; use --hash sha512 to make it quick)")
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="the proxy alone on CPU 1, everything else on CPU 0 (the proxy on a host of its own)",
+    )
+    ap.add_argument(
+        "--proxy-setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help='one more [pop] line for the proxy, e.g. "splice = false" (repeatable)',
+    )
+    ap.add_argument(
+        "--cpu",
+        type=int,
+        metavar="N",
+        help="only the proxy's CPU per login: N logins one after another, then N with "
+        "--concurrency clients (pop3d backend; use --hash sha512 to make it quick)",
+    )
     ap.add_argument("--cpu-rounds", type=int, default=5, help="with --cpu: rounds of N logins each")
-    ap.add_argument("--cpu-against", metavar="DIR",
-                    help="with --cpu: also a proxy running the code in DIR (PYTHONPATH, e.g. "
-                         "`git archive OLD pop pwcache | tar -x -C DIR`), logins alternating between the two")
-    ap.add_argument("--cpu-hold", type=float, default=0.0, metavar="S",
-                    help="with --cpu: keep logging in for S more seconds after the measurement "
-                         "(attach perf or strace to the printed proxy PID meanwhile)")
+    ap.add_argument(
+        "--cpu-against",
+        metavar="DIR",
+        help="with --cpu: also a proxy running the code in DIR (PYTHONPATH, e.g. "
+        "`git archive OLD pop pwcache | tar -x -C DIR`), logins alternating between the two",
+    )
+    ap.add_argument(
+        "--cpu-hold",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="with --cpu: keep logging in for S more seconds after the measurement "
+        "(attach perf or strace to the printed proxy PID meanwhile)",
+    )
     args = ap.parse_args(argv)
     if args.cpu:
         backends = ["pop3d"]
@@ -276,9 +316,11 @@ def main(argv=None) -> int:
                 else:
                     server = Dovecot(work / "dovecot", layout, conf, "127.0.0.6")
                 with server:
-                    settings = (f'backends = {{store = "{server.address[0]}:{server.address[1]}"}}\n'
-                                f"max_connections_per_ip = {args.idle + 100}\n"
-                                f"max_connections = {args.idle + 1000}\n" + "".join(f"{x}\n" for x in args.proxy_setting))
+                    settings = (
+                        f'backends = {{store = "{server.address[0]}:{server.address[1]}"}}\n'
+                        f"max_connections_per_ip = {args.idle + 100}\n"
+                        f"max_connections = {args.idle + 1000}\n" + "".join(f"{x}\n" for x in args.proxy_setting)
+                    )
                     with start_proxy(work, conf, settings, name=f"proxy-{backend}") as proxy:
                         if args.pin:
                             pin_tree(proxy.proc.pid, {1})
@@ -290,17 +332,28 @@ def main(argv=None) -> int:
                                 if args.cpu_against:
                                     env = {"PYTHONPATH": str(pathlib.Path(args.cpu_against).resolve())}
                                     proxies[args.cpu_against] = more.enter_context(
-                                        start_proxy(work, conf, settings, name="proxy-against", env=env))
+                                        start_proxy(work, conf, settings, name="proxy-against", env=env)
+                                    )
                                 cpu_per_login(args, proxies, creds)
                             continue
                         with contextlib.ExitStack() as more:
                             fronts = {"proxy": proxy}
                             if args.peer == "nginx":
                                 fronts["nginx"] = more.enter_context(
-                                    NginxMailProxy(work / f"nginx-{backend}", server.address, "127.0.0.1",
-                                                   connections=2 * args.idle + 1000))
-                            system = SystemCPU({"backend": server.proc.pid, "pwserver": pws.proc.pid,
-                                                **{name: f.proc.pid for name, f in fronts.items()}})
+                                    NginxMailProxy(
+                                        work / f"nginx-{backend}",
+                                        server.address,
+                                        "127.0.0.1",
+                                        connections=2 * args.idle + 1000,
+                                    )
+                                )
+                            system = SystemCPU(
+                                {
+                                    "backend": server.proc.pid,
+                                    "pwserver": pws.proc.pid,
+                                    **{name: f.proc.pid for name, f in fronts.items()},
+                                }
+                            )
                             results[backend] = measure(args, server.address, fronts, creds, system)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -311,11 +364,12 @@ def main(argv=None) -> int:
 
 def count_logins(addr, creds, concurrency: int, total: int) -> None:
     """Exactly `total` logins (connect, USER, PASS, QUIT) from `concurrency` clients."""
+
     async def run():
         per = [creds[k::concurrency] for k in range(concurrency)]
         share = [total // concurrency + (k < total % concurrency) for k in range(concurrency)]
-        await asyncio.gather(*(_login_worker(addr, per[k], float("inf"), [0], share[k])
-                               for k in range(concurrency)))
+        await asyncio.gather(*(_login_worker(addr, per[k], float("inf"), [0], share[k]) for k in range(concurrency)))
+
     asyncio.run(run())
 
 
@@ -325,7 +379,7 @@ def cpu_per_login(args, proxies: dict, creds) -> None:
     proxies (--cpu-against), the logins alternate between them: CPU time per
     login drifts with what else runs on the machine."""
     for proxy in proxies.values():
-        count_logins(proxy.address, creds, args.concurrency, 200)       # warm-up
+        count_logins(proxy.address, creds, args.concurrency, 200)  # warm-up
         print(f"{proxy.proc.pid}: {' '.join(proxy.proc.args[:1])}")
     # Each client takes the proxies in turn, login after login: both see the
     # same neighbours at the same moment.
@@ -334,19 +388,23 @@ def cpu_per_login(args, proxies: dict, creds) -> None:
     for _round in range(args.cpu_rounds):
         for conc in (1, args.concurrency):
             total = args.cpu * len(proxies)
-            shares = [total // conc + (k < total % conc) for k in range(conc)]   # as count_logins
+            shares = [total // conc + (k < total % conc) for k in range(conc)]  # as count_logins
             c0 = {name: cpu_seconds(p.proc.pid) for name, p in proxies.items()}
             count_logins(addrs, creds, conc, total)
             for j, (name, p) in enumerate(proxies.items()):
                 logins = sum(len(range(j, n, len(proxies))) for n in shares)
                 got[name, conc].append(1000 * (cpu_seconds(p.proc.pid) - c0[name]) / logins)
-    print(f"\nproxy CPU per login, ms: median (min-max) of {args.cpu_rounds} rounds of {args.cpu} logins "
-          f"per proxy ({os.sysconf('SC_CLK_TCK')} ticks/s)\n")
+    print(
+        f"\nproxy CPU per login, ms: median (min-max) of {args.cpu_rounds} rounds of {args.cpu} logins "
+        f"per proxy ({os.sysconf('SC_CLK_TCK')} ticks/s)\n"
+    )
     print("| proxy | 1 client | " + f"{args.concurrency} clients |")
     print("|---|---|---|")
     for name in proxies:
-        cells = [f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})"
-                 for v in (got[name, 1], got[name, args.concurrency])]
+        cells = [
+            f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})"
+            for v in (got[name, 1], got[name, args.concurrency])
+        ]
         print(f"| {name} | {cells[0]} | {cells[1]} |", flush=True)
     if args.cpu_hold > 0:
         proxy = next(iter(proxies.values()))
@@ -365,16 +423,18 @@ def measure(args, direct, fronts: dict, creds, system: SystemCPU) -> dict:
     out["pairs"] = {kind: {name: [] for name in fronts} for kind in kinds}
     out["front_cpu"] = {kind: {name: [0.0, 0.0] for name in fronts} for kind in kinds}
     for f in fronts.values():
-        logins_per_second(f.address, creds, args.concurrency, 1.0)      # warm-up
-    runs = {"logins": lambda addr: logins_per_second(addr, creds, args.concurrency, args.seconds),
-            "retr": lambda addr: retr_throughput(addr, "big", "pw-big", args.seconds)}
+        logins_per_second(f.address, creds, args.concurrency, 1.0)  # warm-up
+    runs = {
+        "logins": lambda addr: logins_per_second(addr, creds, args.concurrency, args.seconds),
+        "retr": lambda addr: retr_throughput(addr, "big", "pw-big", args.seconds),
+    }
     # Short measurements back to back: the machine is shared, and a round
     # sees the same neighbours; each ratio reported is the median of the
     # rounds' ratios.
     names = list(targets)
     for kind in kinds:
         for r in range(args.pairs):
-            order = names[r % len(names):] + names[:r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             got = {}
             for t in order:
                 c0, s0 = (tree_cpu_seconds(fronts[t].proc.pid) if t in fronts else 0.0), system()
@@ -400,8 +460,12 @@ def measure(args, direct, fronts: dict, creds, system: SystemCPU) -> dict:
         still = logins_per_second(f.address, creds, 2, 1.0)
         for s in socks:
             s.close()
-        out["idle"][name] = {"count": args.idle, "rss_before_kib": base, "rss_held_kib": held,
-                             "logins_while_held": still}
+        out["idle"][name] = {
+            "count": args.idle,
+            "rss_before_kib": base,
+            "rss_held_kib": held,
+            "logins_while_held": still,
+        }
         time.sleep(0.5)
     return out
 
@@ -418,11 +482,15 @@ def tree_rss_kib(pid: int) -> int:
 
 
 def report(args, results) -> None:
-    print(f"\nPOP proxy benchmark{' (proxy pinned to CPU 1, the rest to CPU 0)' if args.pin else ''}: "
-          f"{args.hash} hashes, {args.concurrency} concurrent login clients, "
-          f"{args.pairs} rounds of {args.seconds:g} s each way, RETR of {args.retr_mb} MiB\n")
-    print("| backend | in front | logins/s direct | logins/s through it | ratio (median of rounds) "
-          "| RETR MiB/s direct | RETR MiB/s through it | ratio (median of rounds) |")
+    print(
+        f"\nPOP proxy benchmark{' (proxy pinned to CPU 1, the rest to CPU 0)' if args.pin else ''}: "
+        f"{args.hash} hashes, {args.concurrency} concurrent login clients, "
+        f"{args.pairs} rounds of {args.seconds:g} s each way, RETR of {args.retr_mb} MiB\n"
+    )
+    print(
+        "| backend | in front | logins/s direct | logins/s through it | ratio (median of rounds) "
+        "| RETR MiB/s direct | RETR MiB/s through it | ratio (median of rounds) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for backend, r in results.items():
         for name in FRONT_NAMES:
@@ -440,9 +508,11 @@ def report(args, results) -> None:
     for backend, r in results.items():
         for name, i in r["idle"].items():
             per = (i["rss_held_kib"] - i["rss_before_kib"]) / max(i["count"], 1)
-            print(f"{backend}, {FRONT_NAMES[name]}: {i['count']} idle connections held; RSS "
-                  f"{i['rss_before_kib'] / 1024:.1f} MiB -> {i['rss_held_kib'] / 1024:.1f} MiB "
-                  f"({per:.2f} KiB per connection); {i['logins_while_held']:.1f} logins/s meanwhile (2 clients)")
+            print(
+                f"{backend}, {FRONT_NAMES[name]}: {i['count']} idle connections held; RSS "
+                f"{i['rss_before_kib'] / 1024:.1f} MiB -> {i['rss_held_kib'] / 1024:.1f} MiB "
+                f"({per:.2f} KiB per connection); {i['logins_while_held']:.1f} logins/s meanwhile (2 clients)"
+            )
         for kind, unit in (("logins", "login"), ("retr", "MiB")):
             if kind not in r["pairs"]:
                 continue
@@ -452,15 +522,22 @@ def report(args, results) -> None:
             for name in r["pairs"][kind]:
                 spent, units = r["front_cpu"][kind][name]
                 p = sum(per_unit[name].values())
-                print(f"{backend}, {FRONT_NAMES[name]}: its own CPU {1000 * spent / max(units, 1e-9):.2f} ms per "
-                      f"{unit}; whole-system CPU per {unit} direct {d:.2f} ms, through it {p:.2f} ms "
-                      f"(ratio when CPU-bound {d / p:.3f}); by part, direct -> through it: " + ", ".join(
-                          f"{part} {per_unit['direct'].get(part, 0):.2f} -> {per_unit[name][part]:.2f}"
-                          for part in per_unit[name] if per_unit[name][part] or per_unit['direct'].get(part)))
+                print(
+                    f"{backend}, {FRONT_NAMES[name]}: its own CPU {1000 * spent / max(units, 1e-9):.2f} ms per "
+                    f"{unit}; whole-system CPU per {unit} direct {d:.2f} ms, through it {p:.2f} ms "
+                    f"(ratio when CPU-bound {d / p:.3f}); by part, direct -> through it: "
+                    + ", ".join(
+                        f"{part} {per_unit['direct'].get(part, 0):.2f} -> {per_unit[name][part]:.2f}"
+                        for part in per_unit[name]
+                        if per_unit[name][part] or per_unit["direct"].get(part)
+                    )
+                )
                 pairs = r["pairs"][kind][name]
                 q = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else [pairs[0]] * 3
-                print(f"{backend}, {FRONT_NAMES[name]}: {kind} round ratios: quartiles {q[0]:.3f} / {q[1]:.3f} / "
-                      f"{q[2]:.3f}, min {min(pairs):.3f}, max {max(pairs):.3f}")
+                print(
+                    f"{backend}, {FRONT_NAMES[name]}: {kind} round ratios: quartiles {q[0]:.3f} / {q[1]:.3f} / "
+                    f"{q[2]:.3f}, min {min(pairs):.3f}, max {max(pairs):.3f}"
+                )
 
 
 FRONT_NAMES = {"proxy": "pop-proxy", "nginx": "nginx 1.22 mail proxy"}

@@ -14,6 +14,7 @@ pwserver on generated users (tests/support/pwserver_util.write_many_users). Prin
 Markdown tables for benchmarks/README.md; each throughput figure is the
 median of 3 runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))      # tests.support
+sys.path.insert(0, str(ROOT))  # tests.support
 
 from tests.support.pwserver_util import Server, rss_bytes, stats, write_many_users  # noqa: E402
 
@@ -56,8 +57,17 @@ def free_port() -> int:
 
 def start_peer(kind: str, cpu: str, bins: dict, paths: dict) -> tuple[subprocess.Popen, int]:
     if kind == "pwserver":
-        argv = ["taskset", "-c", cpu, str(pathlib.Path(sys.executable).parent / "pwserver"),
-                "--listen", "127.0.0.1:0", "--threads", "1", "--log-stderr"]
+        argv = [
+            "taskset",
+            "-c",
+            cpu,
+            str(pathlib.Path(sys.executable).parent / "pwserver"),
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+            "--log-stderr",
+        ]
         for name, path in paths.items():
             argv += [f"--{name}", str(path)]
         p = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env={**os.environ, "PWMAIL_CONF": "/nonexistent"})
@@ -85,9 +95,23 @@ def throughput(bins, paths, users: int, seconds: float) -> list[tuple]:
                 for inflight in (1, 16):
                     runs = []
                     for _ in range(RUNS):
-                        out = subprocess.run(["taskset", "-c", "0", str(bins["pwserver_loadgen"]), "127.0.0.1",
-                                              str(port), "2", str(inflight), str(seconds), str(users)],
-                                             capture_output=True, text=True, check=True).stdout.split()
+                        out = subprocess.run(
+                            [
+                                "taskset",
+                                "-c",
+                                "0",
+                                str(bins["pwserver_loadgen"]),
+                                "127.0.0.1",
+                                str(port),
+                                "2",
+                                str(inflight),
+                                str(seconds),
+                                str(users),
+                            ],
+                            capture_output=True,
+                            text=True,
+                            check=True,
+                        ).stdout.split()
                         runs.append((int(out[0]), int(out[1])))
                     qps, timeouts = sorted(runs)[RUNS // 2]  # the median run
                     rows.append((placement, kind, inflight, qps, timeouts))
@@ -135,11 +159,15 @@ def main() -> None:
     for placement, kind, inflight, qps, timeouts in rows:
         print(f"| {placement} | {kind} | {inflight} | {qps:,} | {timeouts} |")
     print()
-    print("| users | source files | load time (wall) | load time (CPU) | RSS | RSS budget (1.3 x sources + 40 MiB) | table bytes |")
+    print(
+        "| users | source files | load time (wall) | load time (CPU) | RSS | RSS budget (1.3 x sources + 40 MiB) | table bytes |"
+    )
     print("|---|---|---|---|---|---|---|")
     for n, source, load_ms, cpu_ms, rss, table in mem:
-        print(f"| {n:,} | {source / MiB:.0f} MiB | {load_ms} ms | {cpu_ms} ms | {rss / MiB:.0f} MiB | "
-              f"{(1.3 * source + 40 * MiB) / MiB:.0f} MiB | {table / MiB:.0f} MiB |")
+        print(
+            f"| {n:,} | {source / MiB:.0f} MiB | {load_ms} ms | {cpu_ms} ms | {rss / MiB:.0f} MiB | "
+            f"{(1.3 * source + 40 * MiB) / MiB:.0f} MiB | {table / MiB:.0f} MiB |"
+        )
 
 
 if __name__ == "__main__":

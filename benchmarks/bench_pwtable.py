@@ -7,13 +7,14 @@ call) against a Python dict holding the same packed records: the wrapper
 must not cost much more than a dict lookup, and the answer path in C
 (ServerCore.answer: decode, look up, encode) is timed too.
 """
+
 import pathlib
 import random
 import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))      # tests.support
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # tests.support
 
 from pwcache.server import ServerCore  # noqa: E402
 from pwcache.table import Table  # noqa: E402
@@ -54,8 +55,7 @@ def test_python_dict_of_the_same_records(benchmark, table, names):
 
 def test_c_answer_path(benchmark, table, names):
     with ServerCore() as core:
-        core.install(Table.from_bytes(b"".join(
-            f"{n}:x:{i}:1::/h:/bin/sh\n".encode() for i, n in enumerate(names))), 0)
+        core.install(Table.from_bytes(b"".join(f"{n}:x:{i}:1::/h:/bin/sh\n".encode() for i, n in enumerate(names))), 0)
         udp = core.answerer(tcp=False)
         packets = [request("passwd", n, rid=1) for n in names]
         it = iter(packets * 10_000)

@@ -11,6 +11,7 @@ whose /etc/nsswitch.conf, a plain file, names `passwd: pwserver`):
 
 Users come from `pwmail gen-users N` (kept in --cache, as bench_nss.py does).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,11 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--threads", type=int, help="pwserver --threads (default: pwserver's)")
     p.add_argument("--busy-poll-us", type=int, help="pwserver --busy-poll-us (default: pwserver's)")
-    p.add_argument("--nss-dir", default=str(ROOT / "nss_module"),
-                   help="folder holding the libnss_pwserver.so.2 to measure (another build, to compare)")
+    p.add_argument(
+        "--nss-dir",
+        default=str(ROOT / "nss_module"),
+        help="folder holding the libnss_pwserver.so.2 to measure (another build, to compare)",
+    )
     p.add_argument("--cache", default="/tmp/nssbench")
     args = p.parse_args()
     if os.geteuid() != 0:
@@ -48,13 +52,15 @@ def main() -> int:
             for place, cpu in (("cross", "1"), ("same", "0")):
                 users = gen_users(n, cache)
                 names = pick_names(users, args.names, work)
-                flags = [f"--{k.replace('_', '-')}={v}" for k, v in
-                         (("threads", args.threads), ("busy_poll_us", args.busy_poll_us)) if v is not None]
+                flags = [
+                    f"--{k.replace('_', '-')}={v}"
+                    for k, v in (("threads", args.threads), ("busy_poll_us", args.busy_poll_us))
+                    if v is not None
+                ]
                 r = breakdown(users / "passwd", names, cpu, tools, work, args.rounds, flags, args.nss_dir)
                 e = r["echo"][0]
                 cells = " | ".join(f"{r[k][0]:.1f} / {r[k][1]:.1f}" for k in ("echo", "raw", "module", "glibc"))
-                print(f"| {n:,} | {place} | {cells} | {r['raw'][0] / e:.2f}x | {r['glibc'][0] / e:.2f}x |",
-                      flush=True)
+                print(f"| {n:,} | {place} | {cells} | {r['raw'][0] / e:.2f}x | {r['glibc'][0] / e:.2f}x |", flush=True)
     return 0
 
 

@@ -11,6 +11,7 @@ every user to the one backend: the cheapest routing nginx can have (a
 real deployment asks an HTTP service that looks the user up, which costs
 more). nginx logs in to the backend with USER and PASS.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -21,7 +22,7 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))      # tests.support
+sys.path.insert(0, str(ROOT))  # tests.support
 
 from tests.support.pwtest import Process  # noqa: E402
 
@@ -38,8 +39,13 @@ def unpack(cache: pathlib.Path = CACHE) -> tuple[pathlib.Path, pathlib.Path]:
             raise SystemExit("--peer nginx needs apt-get (Debian) to fetch nginx")
         shutil.rmtree(cache, ignore_errors=True)
         (cache / "debs").mkdir(parents=True)
-        subprocess.run(["apt-get", "download", *PACKAGES], cwd=cache / "debs", check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            ["apt-get", "download", *PACKAGES],
+            cwd=cache / "debs",
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         for deb in (cache / "debs").glob("*.deb"):
             subprocess.run(["dpkg", "-x", str(deb), str(cache / "root")], check=True)
     return binary, module
@@ -85,17 +91,34 @@ mail {{
 class NginxMailProxy(Process):
     """nginx's POP3 proxy in front of `backend` (HOST, PORT), on `host`."""
 
-    def __init__(self, work: pathlib.Path, backend: tuple[str, int], host: str = "127.0.0.1",
-                 connections: int = 16384, buffer: str = "1m"):
+    def __init__(
+        self,
+        work: pathlib.Path,
+        backend: tuple[str, int],
+        host: str = "127.0.0.1",
+        connections: int = 16384,
+        buffer: str = "1m",
+    ):
         binary, module = unpack()
         work.mkdir(parents=True, exist_ok=True)
         self.host, self.port = host, free_port(host)
         conf = work / "nginx.conf"
-        conf.write_text(CONFIG.format(module=module, work=work, connections=connections,
-                                      auth_port=free_port("127.0.0.1"), backend_host=backend[0],
-                                      backend_port=backend[1], host=host, port=self.port, buffer=buffer))
-        super().__init__([str(binary), "-p", str(work), "-c", str(conf), "-e", str(work / "error.log")],
-                         work / "nginx.out")
+        conf.write_text(
+            CONFIG.format(
+                module=module,
+                work=work,
+                connections=connections,
+                auth_port=free_port("127.0.0.1"),
+                backend_host=backend[0],
+                backend_port=backend[1],
+                host=host,
+                port=self.port,
+                buffer=buffer,
+            )
+        )
+        super().__init__(
+            [str(binary), "-p", str(work), "-c", str(conf), "-e", str(work / "error.log")], work / "nginx.out"
+        )
         self.wait_until(self._listening, "nginx", timeout=15)
 
     def _listening(self) -> bool:

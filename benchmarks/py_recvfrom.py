@@ -1,5 +1,6 @@
 """A minimal Python UDP server: a recvfrom/sendto loop echoing each
 datagram (the peer pwserver is compared with). `python py_recvfrom.py PORT`."""
+
 import socket
 import sys
 

@@ -8,6 +8,7 @@ digest (the duplicate table) and the head (loop and queue-id checks).
 `MemoryBody` also keeps the bytes (pdelivery relays them as they came);
 pdeliveryd's `spool.SpooledBody` keeps them in a file past a small size.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,15 +22,15 @@ class Body:
     """Counters only; subclasses keep the bytes (`_keep`)."""
 
     def __init__(self):
-        self.size = 0             # bytes of the wire form
-        self.longest_line = 0     # in bytes, counting a CR before its LF (message.max_line_length)
-        self.crlf = 0             # CRLF pairs: the Maildir form keeps only their LF
-        self.newlines = 0         # LF bytes, in either form
+        self.size = 0  # bytes of the wire form
+        self.longest_line = 0  # in bytes, counting a CR before its LF (message.max_line_length)
+        self.crlf = 0  # CRLF pairs: the Maildir form keeps only their LF
+        self.newlines = 0  # LF bytes, in either form
         self._head = bytearray()
         self._head_done = False
         self._digest = hashlib.blake2b(digest_size=16)
-        self._line = 0            # length of the line still open at the end of the last piece
-        self._cr = False          # the last piece ended with a CR
+        self._line = 0  # length of the line still open at the end of the last piece
+        self._cr = False  # the last piece ended with a CR
 
     def write(self, piece: bytes) -> None:
         if not piece:
@@ -78,11 +79,11 @@ class Body:
     def _keep_head(self, piece: bytes) -> None:
         if self._head_done:
             return
-        start = max(0, len(self._head) - 3)          # an empty line straddling two pieces
-        self._head += piece[:HEADER_SCAN_MAX - len(self._head)]
+        start = max(0, len(self._head) - 3)  # an empty line straddling two pieces
+        self._head += piece[: HEADER_SCAN_MAX - len(self._head)]
         end = self._head.find(b"\r\n\r\n", start)
         if end >= 0:
-            del self._head[end + 4:]
+            del self._head[end + 4 :]
             self._head_done = True
         elif len(self._head) >= HEADER_SCAN_MAX:
             self._head_done = True

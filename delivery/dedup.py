@@ -21,6 +21,7 @@ before: a crash in between costs a second copy on the retry, never a lost
 message. A file that cannot be written is logged and the delivery is still
 acknowledged (the copy is durable); the table then lasts until the restart.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,7 +30,7 @@ import logging
 import os
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from delivery.spool import write_all
 
@@ -37,9 +38,9 @@ log = logging.getLogger("pdeliveryd")
 
 DEDUP_FILE = ".pwmail-dedup"
 DEDUP_FILE_MODE = 0o600
-COMPACT_SLACK = 1000        # records appended past the kept ones before the file is rewritten
+COMPACT_SLACK = 1000  # records appended past the kept ones before the file is rewritten
 
-Key = tuple[str, str, bytes]     # (queue id, mailbox, digest)
+Key = tuple[str, str, bytes]  # (queue id, mailbox, digest)
 
 
 def _line(key: Key, t: float) -> bytes:
@@ -71,22 +72,27 @@ class DedupTable:
     """Keys in memory (OrderedDict, oldest first) and, with `path`, in the
     file. seen() runs on the event loop, remember() in I/O threads: one lock."""
 
-    def __init__(self, window: float, max_entries: int, path: str | os.PathLike | None = None,
-                 usable: Callable[[], bool] = lambda: True,
-                 sync: Callable[[str, int], None] = lambda path, fd: os.fsync(fd)):
+    def __init__(
+        self,
+        window: float,
+        max_entries: int,
+        path: str | os.PathLike | None = None,
+        usable: Callable[[], bool] = lambda: True,
+        sync: Callable[[str, int], None] = lambda path, fd: os.fsync(fd),
+    ):
         self.window = window
         self.max_entries = max_entries
         self.path = os.fspath(path) if path is not None else None
-        self._usable = usable            # False while the storage root is not mounted
-        self._sync = sync                # maildir.GroupSync.sync in pdeliveryd
+        self._usable = usable  # False while the storage root is not mounted
+        self._sync = sync  # maildir.GroupSync.sync in pdeliveryd
         self._done: collections.OrderedDict[Key, float] = collections.OrderedDict()
         self._cond = threading.Condition()
         self._fd = -1
         self._loaded = False
-        self._broken = False             # the file failed: memory only until restart
-        self._records = 0                # lines in the file
+        self._broken = False  # the file failed: memory only until restart
+        self._records = 0  # lines in the file
         self._compact_at = COMPACT_SLACK
-        self._syncing = 0                # remember() calls between their append and their fsync's end
+        self._syncing = 0  # remember() calls between their append and their fsync's end
         self.hits = 0
         # keys being delivered (event loop only): a concurrent retry waits for the first
         self.inflight: dict[Key, asyncio.Future] = {}
@@ -179,7 +185,7 @@ class DedupTable:
     def _create(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, DEDUP_FILE_MODE)
         try:
-            _fsync_dir_of(self.path)          # the new name is durable before its first record
+            _fsync_dir_of(self.path)  # the new name is durable before its first record
         except OSError:
             os.close(fd)
             raise

@@ -36,6 +36,7 @@ are lower-cased (ASCII) first, as Dovecot does with its default
 `auth_username_format = %Lu` and as pdeliveryd does with recipients:
 `Juan` and `juan` share one mailbox.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -76,7 +77,7 @@ def _substr(name: str, offset: int, width: int) -> str:
     """Dovecot's %<offset>.<width>n substring rule."""
     if offset < 0:
         offset = max(0, len(name) + offset)
-    return name[offset:offset + width]
+    return name[offset : offset + width]
 
 
 def _md5_value(name: str) -> int:

@@ -29,24 +29,24 @@ session to end (its `.reply` is the last thing to send), `LocalProtocolError`
 when the caller misuses the machine. Every limit a peer controls is a field
 of `Limits`; docs/delivery.md lists them.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from delivery.body import Body, MemoryBody
 
-
 # -- limits ------------------------------------------------------------------
-COMMAND_LINE_MAX = 2048          # RFC 5321 says 512 for the command + room for parameters
+COMMAND_LINE_MAX = 2048  # RFC 5321 says 512 for the command + room for parameters
 MESSAGE_SIZE_MAX = 50 * 1024 * 1024
-MESSAGE_LINE_MAX = 64 * 1024     # longer lines than this are refused (RFC 5321: 1000)
-RECIPIENTS_MAX = 1000            # per transaction (RFC 5321 minimum: 100)
-BAD_COMMANDS_MAX = 20            # syntax errors before the session is dropped
+MESSAGE_LINE_MAX = 64 * 1024  # longer lines than this are refused (RFC 5321: 1000)
+RECIPIENTS_MAX = 1000  # per transaction (RFC 5321 minimum: 100)
+BAD_COMMANDS_MAX = 20  # syntax errors before the session is dropped
 ADDRESS_MAX = 512
-ENVID_MAX = 100                  # RFC 3461 4.4: characters of ENVID's xtext
-ORCPT_MAX = 500                  # RFC 3461 4.2: characters of ORCPT's value
+ENVID_MAX = 100  # RFC 3461 4.4: characters of ENVID's xtext
+ORCPT_MAX = 500  # RFC 3461 4.2: characters of ORCPT's value
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class PeerError(Exception):
     """The peer broke the protocol beyond repair: send data_to_send() (it
     ends with `.reply`), then close."""
 
-    def __init__(self, reply: "Reply"):
+    def __init__(self, reply: Reply):
         super().__init__(str(reply))
         self.reply = reply
 
@@ -126,24 +126,24 @@ class _Sentinel:
         return self.name
 
 
-NEED_DATA = _Sentinel("NEED_DATA")   # give it more bytes (after sending data_to_send())
-CLOSED = _Sentinel("CLOSED")         # send data_to_send(), then close
+NEED_DATA = _Sentinel("NEED_DATA")  # give it more bytes (after sending data_to_send())
+CLOSED = _Sentinel("CLOSED")  # send data_to_send(), then close
 
 
 @dataclass
 class RcptRequest:
     address: str
     sender: str
-    params: dict[str, str] = field(default_factory=dict)   # NOTIFY, ORCPT (upper-case names), as given
+    params: dict[str, str] = field(default_factory=dict)  # NOTIFY, ORCPT (upper-case names), as given
 
 
 @dataclass
 class MessageReceived:
     sender: str
     recipients: list[str]
-    body: Body                        # the data as on the wire after unstuffing, CRLF line ends
+    body: Body  # the data as on the wire after unstuffing, CRLF line ends
     queue_id: str | None = None
-    params: dict[str, str] = field(default_factory=dict)             # MAIL's (SIZE, BODY, RET, ENVID...)
+    params: dict[str, str] = field(default_factory=dict)  # MAIL's (SIZE, BODY, RET, ENVID...)
     rcpt_params: list[dict[str, str]] = field(default_factory=list)  # each recipient's RCPT parameters
 
     @property
@@ -163,7 +163,7 @@ _XTEXT_RE = re.compile(r"^[!-~]{1,128}$")
 # RFC 3461 4: xtext is printable ASCII but "+" and "=", which is written "+XX"
 _DSN_XTEXT = r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})+"
 _ENVID_RE = re.compile(_DSN_XTEXT)
-_ORCPT_RE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+;" + _DSN_XTEXT)   # addr-type ";" xtext
+_ORCPT_RE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+;" + _DSN_XTEXT)  # addr-type ";" xtext
 _NOTIFY_WORDS = {"SUCCESS", "FAILURE", "DELAY"}
 
 
@@ -191,7 +191,7 @@ def _parse_path(rest: str) -> tuple[str, list[str]] | None:
             return None
         return parts[0], parts[1:]
     addr = m.group(1)
-    if ":" in addr and addr.startswith("@"):       # source route: drop it (RFC 5321 C)
+    if ":" in addr and addr.startswith("@"):  # source route: drop it (RFC 5321 C)
         addr = addr.split(":", 1)[1]
     if any(c in addr for c in " \t\r\n") or len(addr) > ADDRESS_MAX:
         return None
@@ -202,8 +202,14 @@ class LMTPServerConnection:
     # phases
     INIT, READY, MAIL, DATA, BDAT, WAIT_RCPT, WAIT_MESSAGE, DONE = range(8)
 
-    def __init__(self, hostname: str, limits: Limits = Limits(), greeting: str = "LMTP ready",
-                 new_body: Callable[[], Body] = MemoryBody, dsn: bool = False):
+    def __init__(
+        self,
+        hostname: str,
+        limits: Limits = Limits(),
+        greeting: str = "LMTP ready",
+        new_body: Callable[[], Body] = MemoryBody,
+        dsn: bool = False,
+    ):
         self.hostname = hostname
         self.limits = limits
         # RFC 3461's parameters accepted and DSN announced (pdeliveryd); off,
@@ -250,7 +256,9 @@ class LMTPServerConnection:
         if self.phase != self.WAIT_MESSAGE:
             raise LocalProtocolError("no message is waiting for answers")
         if len(replies) != len(self._rcpts):
-            raise LocalProtocolError(f"{len(self._rcpts)} recipients need {len(self._rcpts)} replies, got {len(replies)}")
+            raise LocalProtocolError(
+                f"{len(self._rcpts)} recipients need {len(self._rcpts)} replies, got {len(replies)}"
+            )
         for r in replies:
             self._reply(r)
         self._reset_transaction()
@@ -316,8 +324,8 @@ class LMTPServerConnection:
         self._queue_id: str | None = None
         self._params: dict[str, str] = {}
         self._drop_body()
-        self._stuffed = bytearray()     # DATA not yet unstuffed: at most _HOLD_BACK's longest
-        self._fake_crlf = False         # _stuffed begins with a CRLF that is not the message's
+        self._stuffed = bytearray()  # DATA not yet unstuffed: at most _HOLD_BACK's longest
+        self._fake_crlf = False  # _stuffed begins with a CRLF that is not the message's
         self._too_big = False
         self._bdat_left = 0
         self._bdat_last = False
@@ -342,7 +350,7 @@ class LMTPServerConnection:
                 self._fail(R_LINE_TOO_LONG)
             return self._end_of_input()
         raw = bytes(self._in[:nl])
-        del self._in[:nl + 1]
+        del self._in[: nl + 1]
         if raw.endswith(b"\r"):
             raw = raw[:-1]
         if len(raw) > self.limits.command_line_max:
@@ -370,8 +378,16 @@ class LMTPServerConnection:
             return self._bad_command(R_SYNTAX)
         self._reset_transaction()
         self.phase = self.READY
-        lines = [self.hostname, "PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME",
-                 f"SIZE {self.limits.message_size_max}", "CHUNKING", *(["DSN"] if self.dsn else []), "XQUEUEID"]
+        lines = [
+            self.hostname,
+            "PIPELINING",
+            "ENHANCEDSTATUSCODES",
+            "8BITMIME",
+            f"SIZE {self.limits.message_size_max}",
+            "CHUNKING",
+            *(["DSN"] if self.dsn else []),
+            "XQUEUEID",
+        ]
         for i, text in enumerate(lines):
             sep = " " if i == len(lines) - 1 else "-"
             self._out += f"250{sep}{text}\r\n".encode()
@@ -453,7 +469,7 @@ class LMTPServerConnection:
         if not self._rcpts:
             self._reply(R_NO_VALID_RCPT)
             return None
-        self._stuffed = bytearray(b"\r\n")   # so a leading "." line is found like any other
+        self._stuffed = bytearray(b"\r\n")  # so a leading "." line is found like any other
         self._fake_crlf = True
         self.phase = self.DATA
         self._reply(R_START_DATA)
@@ -461,8 +477,13 @@ class LMTPServerConnection:
 
     def _cmd_bdat(self, arg: str):
         parts = arg.split()
-        if not parts or len(parts) > 2 or not parts[0].isdigit() or len(parts[0]) > 20 \
-                or (len(parts) == 2 and parts[1].upper() != "LAST"):
+        if (
+            not parts
+            or len(parts) > 2
+            or not parts[0].isdigit()
+            or len(parts[0]) > 20
+            or (len(parts) == 2 and parts[1].upper() != "LAST")
+        ):
             # the chunk length is unknown: the rest of the stream cannot be framed
             self._fail(R_SYNTAX)
         self._bdat_left = int(parts[0])
@@ -494,9 +515,20 @@ class LMTPServerConnection:
         self.phase = self.DONE
         return CLOSED
 
-    _COMMANDS = {"LHLO": _cmd_lhlo, "MAIL": _cmd_mail, "RCPT": _cmd_rcpt, "DATA": _cmd_data,
-                 "BDAT": _cmd_bdat, "RSET": _cmd_rset, "NOOP": _cmd_noop, "VRFY": _cmd_vrfy,
-                 "HELP": _cmd_help, "QUIT": _cmd_quit, "HELO": None, "EHLO": None}
+    _COMMANDS = {
+        "LHLO": _cmd_lhlo,
+        "MAIL": _cmd_mail,
+        "RCPT": _cmd_rcpt,
+        "DATA": _cmd_data,
+        "BDAT": _cmd_bdat,
+        "RSET": _cmd_rset,
+        "NOOP": _cmd_noop,
+        "VRFY": _cmd_vrfy,
+        "HELP": _cmd_help,
+        "QUIT": _cmd_quit,
+        "HELO": None,
+        "EHLO": None,
+    }
     _COMMANDS = {k: v for k, v in _COMMANDS.items() if v is not None}
 
     # -- message bodies --------------------------------------------------------
@@ -534,12 +566,12 @@ class LMTPServerConnection:
         end = buf.find(b"\r\n.\r\n")
         if end < 0:
             hold = next((len(h) for h in _HOLD_BACK if buf.endswith(h)), 0)
-            self._unstuff(buf[:len(buf) - hold])
-            del buf[:len(buf) - hold]
+            self._unstuff(buf[: len(buf) - hold])
+            del buf[: len(buf) - hold]
             return None
         # put back what follows the terminator (pipelined commands)
-        self._in += buf[end + 5:]
-        self._unstuff(buf[:end + 2])
+        self._in += buf[end + 5 :]
+        self._unstuff(buf[: end + 2])
         buf.clear()
         return self._message_complete()
 
@@ -575,7 +607,7 @@ class LMTPServerConnection:
     def _message_complete(self):
         failure = None
         if self._body is None and not self._too_big:
-            self._body = self._new_body()          # an empty message
+            self._body = self._new_body()  # an empty message
         if self._too_big:
             failure = R_TOO_BIG
         else:
@@ -590,5 +622,11 @@ class LMTPServerConnection:
             return None
         self.phase = self.WAIT_MESSAGE
         # the body stays ours: answer_message() releases it
-        return MessageReceived(self._sender, list(self._rcpts), self._body, self._queue_id, dict(self._params),
-                               [dict(p) for p in self._rcpt_params])
+        return MessageReceived(
+            self._sender,
+            list(self._rcpts),
+            self._body,
+            self._queue_id,
+            dict(self._params),
+            [dict(p) for p in self._rcpt_params],
+        )

@@ -17,6 +17,7 @@ must come exactly where it belongs, so an extra reply or a missing one
 anywhere in the session is an LMTPProtocolError (temporary), never a
 delivery. docs/delivery.md, "pdelivery".
 """
+
 from __future__ import annotations
 
 import re
@@ -27,7 +28,7 @@ from delivery.lmtp import ADDRESS_MAX, Reply
 
 REPLY_LINE_MAX = 4096
 REPLY_LINES_MAX = 100
-QUEUE_ID_MAX = 128                       # as pdeliveryd's XQUEUEID (delivery/lmtp.py)
+QUEUE_ID_MAX = 128  # as pdeliveryd's XQUEUEID (delivery/lmtp.py)
 
 # Queue ids of Sendmail and Postfix are letters and digits, Exim's add `-`;
 # nothing here needs xtext encoding (RFC 3461: no `+`, `=`, controls).
@@ -92,9 +93,17 @@ def command_line(text: str) -> bytes:
 # The replies each command can have besides a 4xx/5xx refusal (which any
 # command but QUIT can get). The key is what was sent ("greeting" for the
 # connection, "message" for each recipient's answer after the data).
-_SUCCESS_CODES = {"greeting": {220}, "LHLO": {250}, "MAIL": {250}, "RCPT": {250, 251},
-                  "DATA": {354}, "message": {250}, "RSET": {250}, "QUIT": {221}}
-_ADDRESS_COMMANDS = {"MAIL", "RCPT"}     # their success is an address status, 2.1.x (RFC 3463)
+_SUCCESS_CODES = {
+    "greeting": {220},
+    "LHLO": {250},
+    "MAIL": {250},
+    "RCPT": {250, 251},
+    "DATA": {354},
+    "message": {250},
+    "RSET": {250},
+    "QUIT": {221},
+}
+_ADDRESS_COMMANDS = {"MAIL", "RCPT"}  # their success is an address status, 2.1.x (RFC 3463)
 
 
 def continues(line: str, count: int) -> bool:
@@ -126,8 +135,9 @@ def check_fits(command: str, reply: Reply, enhanced: bool) -> None:
     """Raise LMTPProtocolError unless `reply` is one `command` can have."""
     fits = reply.code in _SUCCESS_CODES[command] or (command != "QUIT" and 400 <= reply.code < 600)
     if fits and enhanced and reply.status:
-        fits = reply.status[0] == str(reply.code)[0] and \
-            (not (reply.ok and command in _ADDRESS_COMMANDS) or reply.status[1:3] == ".1")
+        fits = reply.status[0] == str(reply.code)[0] and (
+            not (reply.ok and command in _ADDRESS_COMMANDS) or reply.status[1:3] == ".1"
+        )
     if not fits:
         raise LMTPProtocolError(f"reply {str(reply)[:80]!r} cannot answer {command}: replies out of step")
 
@@ -151,14 +161,14 @@ class _Reader:
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.buf = bytearray()
-        self.enhanced = False            # the server offered ENHANCEDSTATUSCODES
+        self.enhanced = False  # the server offered ENHANCEDSTATUSCODES
 
     def line(self) -> bytes:
         while True:
             i = self.buf.find(b"\n")
             if i >= 0:
                 line = bytes(self.buf[:i]).rstrip(b"\r")
-                del self.buf[:i + 1]
+                del self.buf[: i + 1]
                 return line
             if len(self.buf) > REPLY_LINE_MAX:
                 raise LMTPUnavailable("reply line too long")
@@ -200,9 +210,18 @@ def dot_stuff(data: bytes) -> bytes:
     return out + b".\r\n"
 
 
-def deliver(host: str, port: int, sender: str, recipients: list[str], data: bytes, *,
-            queue_id: str | None = None, connect_timeout: float = 10.0, timeout: float = 300.0,
-            helo: str | None = None) -> list[Reply]:
+def deliver(
+    host: str,
+    port: int,
+    sender: str,
+    recipients: list[str],
+    data: bytes,
+    *,
+    queue_id: str | None = None,
+    connect_timeout: float = 10.0,
+    timeout: float = 300.0,
+    helo: str | None = None,
+) -> list[Reply]:
     """Deliver `data` (CRLF line ends) to each recipient; one Reply each.
     Raises InvalidArgument before connecting if an argument cannot be sent."""
     sender = check_address(sender, "sender", empty_ok=True)
@@ -216,7 +235,7 @@ def deliver(host: str, port: int, sender: str, recipients: list[str], data: byte
     try:
         sock.settimeout(timeout)
         return _transaction(sock, sender, recipients, data, queue_id, helo or socket.gethostname())
-    except (OSError, socket.timeout) as e:
+    except (TimeoutError, OSError) as e:
         raise LMTPUnavailable(f"{host}:{port}: {e}") from e
     finally:
         sock.close()

@@ -20,6 +20,7 @@ them (limits, timeouts, pool; not the listening addresses); SIGTERM stops
 listening, lets open transactions finish for `shutdown_grace` seconds, then
 closes what is left. docs/delivery.md, "lmtp-proxy".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,6 @@ import socket
 import sys
 from dataclasses import dataclass
 
-from pwmail.base import daemon
-from pwmail.base.logsetup import setup_logging
-
 from delivery import config as dconfig
 from delivery.layout import LayoutError, check_user
 from delivery.lmtp import MessageReceived, RcptRequest, Reply
@@ -40,11 +38,21 @@ from delivery.lmtpclient import LMTPUnavailable, command_line
 from delivery.lmtpsessions import READ_SIZE, LMTPSessions, reader_memory_bound
 from delivery.message import HEADER_SCAN_MAX
 from delivery.pdelivery import refused_rcpt
-from delivery.replies import (R_BAD_ADDRESS, R_FROZEN, R_LOCAL_ERROR, R_LOOKUP_DOWN, R_NO_ROUTE, R_NO_USER,
-                              R_RCPT_OK, store_unavailable)
+from delivery.replies import (
+    R_BAD_ADDRESS,
+    R_FROZEN,
+    R_LOCAL_ERROR,
+    R_LOOKUP_DOWN,
+    R_NO_ROUTE,
+    R_NO_USER,
+    R_RCPT_OK,
+    store_unavailable,
+)
 from delivery.spool import WireBody, open_unnamed
 from delivery.storepool import SEND_CHUNK, Envelope, StorePool
 from delivery.users import LookupUnavailable, PwserverLookup, user_from_address
+from pwmail.base import daemon
+from pwmail.base.logsetup import setup_logging
 
 log = logging.getLogger("lmtp-proxy")
 
@@ -61,13 +69,18 @@ def session_memory_bound(cfg: dict, stores: int = 1) -> int:
     bytes in memory and its head, and per store the message is being sent
     to at once: one spool read, the transport's copy of what the socket did
     not take of it, and the write buffer drain() lets fill."""
-    return (reader_memory_bound() + int(cfg["spool_memory_max"]) + HEADER_SCAN_MAX
-            + stores * (2 * SEND_CHUNK + STORE_WRITE_BUFFER))
+    return (
+        reader_memory_bound()
+        + int(cfg["spool_memory_max"])
+        + HEADER_SCAN_MAX
+        + stores * (2 * SEND_CHUNK + STORE_WRITE_BUFFER)
+    )
 
 
 @dataclass(frozen=True)
 class Routed:
     """An accepted recipient: the RCPT line for its store, and where that is."""
+
     address: str
     host: str
     rcpt: bytes
@@ -89,19 +102,23 @@ class LMTPProxy(LMTPSessions):
 
     def __init__(self, cfg: dict, users, *, hostname: str | None = None, config_path: str | None = None):
         self.users = users
-        self.config_path = config_path        # where [placement] is read too
+        self.config_path = config_path  # where [placement] is read too
         super().__init__(cfg, hostname or socket.getfqdn())
         self.pool = StorePool(self.hostname, **self._pool_settings(cfg))
         self.apply(cfg)
 
     @staticmethod
     def _pool_settings(cfg: dict) -> dict:
-        return {"pool_size": int(cfg["proxy_pool_size"]), "pool_idle": float(cfg["proxy_pool_idle"]),
-                "connections_max": int(cfg["proxy_store_connections_max"]),
-                "connect_timeout": float(cfg["connect_timeout"]), "timeout": float(cfg["timeout"])}
+        return {
+            "pool_size": int(cfg["proxy_pool_size"]),
+            "pool_idle": float(cfg["proxy_pool_idle"]),
+            "connections_max": int(cfg["proxy_store_connections_max"]),
+            "connect_timeout": float(cfg["connect_timeout"]),
+            "timeout": float(cfg["timeout"]),
+        }
 
     def apply(self, cfg: dict) -> None:
-        placement = dconfig.placement_rule(self.config_path)     # may raise: nothing changed yet
+        placement = dconfig.placement_rule(self.config_path)  # may raise: nothing changed yet
         super().apply(cfg)
         self.pool.configure(**self._pool_settings(cfg))
         self.placement = placement
@@ -121,7 +138,7 @@ class LMTPProxy(LMTPSessions):
         return WireBody(lambda: open_unnamed(spool_dir), int(self.cfg["spool_memory_max"]))
 
     async def rcpt(self, ev: RcptRequest, accepted: list) -> Reply:
-        refusal = refused_rcpt(ev)            # what cannot go on a command line to a store
+        refusal = refused_rcpt(ev)  # what cannot go on a command line to a store
         if refusal is not None:
             return refusal
         user = user_from_address(ev.address, self.cfg["recipient_delimiter"])
@@ -165,7 +182,7 @@ class LMTPProxy(LMTPSessions):
             except LMTPUnavailable as e:
                 log.warning("store %s:%d: %s", host, port, e)
                 got = [store_unavailable(host, e)] * len(idx)
-            except OSError as e:              # the spool could not be read
+            except OSError as e:  # the spool could not be read
                 log.error("qid=%s: spool: %s", ev.queue_id or "-", e)
                 got = [R_LOCAL_ERROR] * len(idx)
             for i, r in zip(idx, got):
@@ -173,8 +190,14 @@ class LMTPProxy(LMTPSessions):
 
         await asyncio.gather(*(relay(h, idx) for h, idx in by_host.items()))
         for r, reply in zip(accepted, replies):
-            log.log(logging.INFO if reply.ok else logging.WARNING, "qid=%s to=%s via %s: %s",
-                    ev.queue_id or "-", r.address, r.host, reply)
+            log.log(
+                logging.INFO if reply.ok else logging.WARNING,
+                "qid=%s to=%s via %s: %s",
+                ev.queue_id or "-",
+                r.address,
+                r.host,
+                reply,
+            )
         return replies
 
     def session_ended(self, peer, messages: int) -> None:
@@ -182,9 +205,12 @@ class LMTPProxy(LMTPSessions):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="lmtp-proxy", description="LMTP proxy: each recipient to its storage host. "
-                                "SIGHUP re-reads [delivery]; SIGTERM stops listening and lets open "
-                                "transactions finish for shutdown_grace seconds.")
+    p = argparse.ArgumentParser(
+        prog="lmtp-proxy",
+        description="LMTP proxy: each recipient to its storage host. "
+        "SIGHUP re-reads [delivery]; SIGTERM stops listening and lets open "
+        "transactions finish for shutdown_grace seconds.",
+    )
     p.add_argument("--listen", help="HOST:PORT (default [delivery] proxy_listen)")
     p.add_argument("--unix", help="also listen on this UNIX socket (default [delivery] proxy_unix)")
     p.add_argument("--config", help="settings file (default $PWMAIL_CONF or /etc/pwmail.toml)")
@@ -205,9 +231,8 @@ def effective_config(args) -> dict:
 
 async def _unix_server(proxy: LMTPProxy, path: str, mode: int):
     if os.path.exists(path) and not os.path.isdir(path):
-        os.unlink(path)                   # left by a previous run
-    srv = await asyncio.start_unix_server(proxy.session, path=path, limit=READ_SIZE,
-                                          backlog=daemon.LISTEN_BACKLOG)
+        os.unlink(path)  # left by a previous run
+    srv = await asyncio.start_unix_server(proxy.session, path=path, limit=READ_SIZE, backlog=daemon.LISTEN_BACKLOG)
     os.chmod(path, mode)
     return srv
 
@@ -228,14 +253,18 @@ async def serve(cfg: dict, args) -> int:
         log.info("reloaded settings")
 
     stop = daemon.handle_signals(on_reload=reload)
-    log.info("listening on %s%s; message data: %.1f MiB per session at most (one store), the rest spooled in %s",
-             sock.getsockname(), f" and {unix}" if unix else "", session_memory_bound(cfg) / 2**20,
-             cfg["proxy_spool_dir"])
+    log.info(
+        "listening on %s%s; message data: %.1f MiB per session at most (one store), the rest spooled in %s",
+        sock.getsockname(),
+        f" and {unix}" if unix else "",
+        session_memory_bound(cfg) / 2**20,
+        cfg["proxy_spool_dir"],
+    )
     daemon.announce("lmtp-proxy", sock)
     try:
         await daemon.wait_for_signal(stop)
         for srv in servers:
-            srv.close()                   # no new sessions from here on
+            srv.close()  # no new sessions from here on
         proxy.request_stop()
         left = await daemon.drain(lambda: len(proxy.sessions), float(proxy.cfg["shutdown_grace"]), "sessions")
         if left:

@@ -8,6 +8,7 @@ sessions at shutdown. A subclass decides the two policy events: `rcpt()`
 (a recipient, answered at once) and `message()` (one reply per accepted
 recipient), and makes the bodies (`new_body`).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,7 +22,7 @@ from delivery.lmtp import CLOSED, NEED_DATA, LMTPServerConnection, MessageReceiv
 log = logging.getLogger("delivery.sessions")
 
 READ_SIZE = 256 * 1024
-TRANSPORT_READ = 256 * 1024    # what asyncio's socket transport reads at once (its max_size)
+TRANSPORT_READ = 256 * 1024  # what asyncio's socket transport reads at once (its max_size)
 R_TOO_MANY_SESSIONS = Reply(421, "4.3.2", "too many sessions, try again later")
 R_IDLE = Reply(421, "4.4.2", "idle timeout, closing")
 R_DATA_TIMEOUT = Reply(421, "4.4.2", "message data too slow, closing")
@@ -40,7 +41,7 @@ class LMTPSessions:
     """The sessions of one LMTP server; subclasses give the policy."""
 
     greeting = "LMTP ready"
-    dsn = False             # accept RFC 3461 parameters on MAIL and RCPT (lmtp.py)
+    dsn = False  # accept RFC 3461 parameters on MAIL and RCPT (lmtp.py)
 
     def __init__(self, cfg: dict, hostname: str):
         # the subclass calls self.apply(cfg) once its own parts exist
@@ -51,7 +52,7 @@ class LMTPSessions:
         self.in_data: dict[asyncio.StreamWriter, float] = {}
         # client address -> its open sessions (sessions_per_address_max)
         self.per_address: collections.Counter[str] = collections.Counter()
-        self.busy: set[asyncio.StreamWriter] = set()     # sessions whose message is being delivered
+        self.busy: set[asyncio.StreamWriter] = set()  # sessions whose message is being delivered
         self.conns: dict[asyncio.StreamWriter, LMTPServerConnection] = {}
         self.stopping = False
         self.refused_sessions = 0
@@ -63,8 +64,11 @@ class LMTPSessions:
         self.cfg = cfg
         self.limits = dconfig.limits_from(cfg)
         if int(cfg["sessions_per_address_max"]) >= int(cfg["sessions_max"]):
-            log.warning("sessions_per_address_max %s is not below sessions_max %s: one client address "
-                        "can take every session", cfg["sessions_per_address_max"], cfg["sessions_max"])
+            log.warning(
+                "sessions_per_address_max %s is not below sessions_max %s: one client address can take every session",
+                cfg["sessions_per_address_max"],
+                cfg["sessions_max"],
+            )
 
     # -- policy (subclasses) -----------------------------------------------------
     def new_body(self) -> Body:
@@ -105,7 +109,7 @@ class LMTPSessions:
         self.per_address[client] += 1
         conn = LMTPServerConnection(self.hostname, self.limits, self.greeting, new_body=self.new_body, dsn=self.dsn)
         self.conns[writer] = conn
-        accepted: list = []        # what rcpt() kept of each accepted RCPT, in order
+        accepted: list = []  # what rcpt() kept of each accepted RCPT, in order
         messages = 0
         loop = asyncio.get_running_loop()
         try:
@@ -132,7 +136,7 @@ class LMTPSessions:
                         self.in_data.setdefault(writer, loop.time())
                     else:
                         self.in_data.pop(writer, None)
-                    self.sessions[writer] = loop.time()   # the idle sweeper watches from here
+                    self.sessions[writer] = loop.time()  # the idle sweeper watches from here
                     data = await reader.read(READ_SIZE)
                     self.sessions[writer] = None
                     conn.receive_data(data)
@@ -142,14 +146,14 @@ class LMTPSessions:
                     self.in_data.pop(writer, None)
                     self.busy.add(writer)
                     try:
-                        replies = await self.message(ev, accepted[-len(ev.recipients):])
+                        replies = await self.message(ev, accepted[-len(ev.recipients) :])
                     finally:
                         self.busy.discard(writer)
                     accepted.clear()
                     messages += 1
                     conn.answer_message(replies)
                 if conn.phase == conn.READY and not conn.recipients:
-                    accepted.clear()       # RSET, LHLO or a refused transaction
+                    accepted.clear()  # RSET, LHLO or a refused transaction
         except (ConnectionError, OSError) as e:
             log.info("%s: connection lost: %s", peer, e)
         finally:
@@ -179,7 +183,7 @@ class LMTPSessions:
             now = loop.time()
             for w, since in list(self.sessions.items()):
                 if since is None:
-                    continue                  # not reading: delivering or writing
+                    continue  # not reading: delivering or writing
                 if now - since > idle:
                     self._cut(w, R_IDLE)
                 elif now - self.in_data.get(w, now) > data_max:

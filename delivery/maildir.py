@@ -17,6 +17,7 @@ mounted) raises StorageUnavailable; ENOSPC/EDQUOT raise StorageFull; any
 other OSError is passed on. In every case the temporary file is removed and
 nothing appears in `new/`.
 """
+
 from __future__ import annotations
 
 import errno
@@ -41,7 +42,7 @@ FILE_MODE = 0o600
 LEVEL_MODE = 0o755
 
 _counter = itertools.count(1)
-_pid = os.getpid()          # one system call less per message; kept right across fork()
+_pid = os.getpid()  # one system call less per message; kept right across fork()
 
 
 def _after_fork() -> None:
@@ -97,9 +98,9 @@ class GroupSync:
 
     def __init__(self):
         self._cond = threading.Condition()
-        self._pending: dict[str, int | None] = {}   # directory -> a descriptor of it
-        self._open = 1            # the batch new arrivals join
-        self._done = 0            # the last batch whose fsyncs are over
+        self._pending: dict[str, int | None] = {}  # directory -> a descriptor of it
+        self._open = 1  # the batch new arrivals join
+        self._done = 0  # the last batch whose fsyncs are over
         self._leading = False
         self._errors: dict[int, dict[str, OSError]] = {}
         self.batches = 0
@@ -152,6 +153,7 @@ class GroupSync:
 class Content(Protocol):
     """What stage() writes: `size` bytes with `newlines` LFs (the S= and W=
     of the name), put into a descriptor by write_to()."""
+
     size: int
     newlines: int
 
@@ -172,6 +174,7 @@ class BytesContent:
 class Staged:
     """A message written and fsynced in tmp/, not yet visible. Holds the
     tmp/ and new/ directory descriptors until commit() or withdraw()."""
+
     name: str
     tmp_fd: int
     new_fd: int
@@ -222,8 +225,9 @@ class MaildirWriter:
     def check_root(self) -> None:
         root = self.layout.root
         if not (root / ROOT_MARKER).exists():
-            raise StorageUnavailable(errno.ENOENT, f"storage root {root} missing or not mounted "
-                                     f"(no {ROOT_MARKER})", str(root))
+            raise StorageUnavailable(
+                errno.ENOENT, f"storage root {root} missing or not mounted (no {ROOT_MARKER})", str(root)
+            )
 
     def ensure_maildir(self, user: str, uid: int = -1, gid: int = -1) -> pathlib.Path:
         """The user's Maildir, created (owned by uid:gid, mode 0700) if absent.
@@ -261,7 +265,7 @@ class MaildirWriter:
                 if made:
                     os.fsync(fd)
                 if made_box and (uid >= 0 or gid >= 0):
-                    os.fchown(fd, uid, gid)        # handed over once complete
+                    os.fchown(fd, uid, gid)  # handed over once complete
             finally:
                 os.close(fd)
         except OSError as e:
@@ -291,7 +295,7 @@ class MaildirWriter:
             os.close(fd)
 
     # -- messages --------------------------------------------------------
-    def stage(self, user: str, content: "bytes | Content", uid: int = -1, gid: int = -1) -> Staged:
+    def stage(self, user: str, content: bytes | Content, uid: int = -1, gid: int = -1) -> Staged:
         """Write `content` (LF line ends) to the user's tmp/ and fsync it."""
         if isinstance(content, (bytes, bytearray)):
             content = BytesContent(content)
@@ -303,8 +307,9 @@ class MaildirWriter:
             raise _classify(e) from e
         staged = Staged(name, tmp_fd, new_fd, f"{box}/new")
         try:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         FILE_MODE, dir_fd=tmp_fd)
+            fd = os.open(
+                name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE, dir_fd=tmp_fd
+            )
         except OSError as e:
             staged.close()
             raise _classify(e) from e
@@ -356,7 +361,7 @@ class MaildirWriter:
         os.close(new_fd)
         return clean_tmp(self.layout.path(user), max_age, tmp_fd=tmp_fd)
 
-    def deliver(self, user: str, content: "bytes | Content", uid: int = -1, gid: int = -1) -> str:
+    def deliver(self, user: str, content: bytes | Content, uid: int = -1, gid: int = -1) -> str:
         """Write, publish and sync into the user's Maildir (created on first
         use): returns the path in new/. Thread-safe; concurrent calls share
         directory fsyncs."""
@@ -401,8 +406,9 @@ def _unlink_quietly(name: str, dir_fd: int | None = None) -> None:
         pass
 
 
-def clean_tmp(box: str | os.PathLike, max_age: float = TMP_MAX_AGE, now: float | None = None,
-              tmp_fd: int | None = None) -> int:
+def clean_tmp(
+    box: str | os.PathLike, max_age: float = TMP_MAX_AGE, now: float | None = None, tmp_fd: int | None = None
+) -> int:
     """Remove regular files in box/tmp (or the directory `tmp_fd`, which is
     then closed) older than max_age seconds; returns the count."""
     now = time.time() if now is None else now
@@ -442,8 +448,7 @@ def walk_maildirs(root: str | os.PathLike, max_depth: int = 4):
         if "tmp" in names and "new" in names:
             yield path
         if depth < max_depth:
-            stack.extend((p, depth + 1) for p in subdirs
-                         if os.path.basename(p) not in ("tmp", "new", "cur"))
+            stack.extend((p, depth + 1) for p in subdirs if os.path.basename(p) not in ("tmp", "new", "cur"))
 
 
 def clean_tree(root: str | os.PathLike, max_age: float = TMP_MAX_AGE, max_depth: int = 5) -> int:

@@ -5,6 +5,7 @@ file ends them with LF. Only the header section is parsed, and only to find
 `Delivered-To:` (loops), the first `Received:` queue id (duplicates) and the
 trace fields the final delivery's own replace (`without_replaced_trace`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +22,7 @@ def header_section(raw: bytes) -> bytes:
     for sep in (b"\r\n\r\n", b"\n\n"):
         i = head.find(sep)
         if i >= 0:
-            head = head[:i + len(sep) // 2]
+            head = head[: i + len(sep) // 2]
             break
     if head.startswith((b"\r\n", b"\n")):
         return b""
@@ -82,8 +83,9 @@ def _header_safe(text: str) -> bytes:
 
 def trace_headers(return_path: str, delivered_to: str) -> bytes:
     """What delivery puts before a recipient's copy (LF line ends)."""
-    return (b"Return-Path: <" + _header_safe(return_path) + b">\n"
-            + b"Delivered-To: " + _header_safe(delivered_to) + b"\n")
+    return (
+        b"Return-Path: <" + _header_safe(return_path) + b">\n" + b"Delivered-To: " + _header_safe(delivered_to) + b"\n"
+    )
 
 
 def without_replaced_trace(lines: bytes, delivered_to: str) -> bytes:
@@ -104,14 +106,15 @@ def without_replaced_trace(lines: bytes, delivered_to: str) -> bytes:
         end = lines.find(b"\n", pos) + 1 or len(lines)
         line = lines[pos:end]
         if line.rstrip(b"\r\n") == b"":
-            kept.append(lines[pos:])               # the end of the header section
+            kept.append(lines[pos:])  # the end of the header section
             break
         pos = end
-        if line[:1] not in (b" ", b"\t"):         # a new field (else a folded line of the last one)
+        if line[:1] not in (b" ", b"\t"):  # a new field (else a folded line of the last one)
             name, colon, value = line.partition(b":")
             name = name.strip().lower()
-            dropping = bool(colon) and (name == b"return-path" or (
-                name == b"delivered-to" and value.strip().strip(b"<>").lower() == ours))
+            dropping = bool(colon) and (
+                name == b"return-path" or (name == b"delivered-to" and value.strip().strip(b"<>").lower() == ours)
+            )
         if dropping:
             dropped = True
         else:
@@ -123,8 +126,7 @@ def for_maildir(raw: bytes, return_path: str, delivered_to: str) -> bytes:
     """Trace headers + the message with LF line ends and without the fields
     they replace, as stored (pdeliveryd streams the same bytes:
     spool.SpooledBody)."""
-    return trace_headers(return_path, delivered_to) + without_replaced_trace(raw.replace(b"\r\n", b"\n"),
-                                                                            delivered_to)
+    return trace_headers(return_path, delivered_to) + without_replaced_trace(raw.replace(b"\r\n", b"\n"), delivered_to)
 
 
 def max_line_length(raw: bytes) -> int:

@@ -31,6 +31,7 @@ recipient, same bytes) without storing them twice. Sendmail's mailer is
 defined without `m` (one user per run), or with `-l` (`F=z`) for
 per-recipient answers: see docs/delivery.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,16 +40,14 @@ import socket
 import sys
 from dataclasses import dataclass
 
-from pwmail.base.logsetup import setup_logging
-
 from delivery import config as dconfig
 from delivery.layout import LayoutError, check_user
-from delivery.lmtp import (CLOSED, NEED_DATA, LMTPServerConnection, MessageReceived, PeerError,
-                           RcptRequest, Reply)
+from delivery.lmtp import CLOSED, NEED_DATA, LMTPServerConnection, MessageReceived, PeerError, RcptRequest, Reply
 from delivery.lmtpclient import InvalidArgument, LMTPUnavailable, check_address, check_queue_id, crlf, deliver
 from delivery.replies import R_BAD_ADDRESS, R_FROZEN, R_LOOKUP_DOWN, R_NO_ROUTE, R_NO_USER, store_unavailable
 from delivery.replies import R_RCPT_OK as R_OK
 from delivery.users import user_from_address
+from pwmail.base.logsetup import setup_logging
 
 EX_OK = 0
 EX_USAGE = 64
@@ -68,7 +67,7 @@ R_BAD_QUEUE_ID = Reply(501, "5.5.4", "bad XQUEUEID")
 class Route:
     user: str
     host: str | None
-    reply: Reply            # R_OK when routable
+    reply: Reply  # R_OK when routable
 
 
 class Router:
@@ -78,6 +77,7 @@ class Router:
         self.cfg = cfg
         if client is None:
             from pwcache.client import Client
+
             client = Client.from_config()
         self.client = client
         self._placement = placement
@@ -89,6 +89,7 @@ class Router:
 
     def route(self, address: str) -> Route:
         from pwcache.client import PwError
+
         user = user_from_address(address, self.cfg["recipient_delimiter"])
         try:
             check_user(user)
@@ -116,8 +117,9 @@ class Router:
         return Route(user, host + self.cfg["mailhost_suffix"], R_OK)
 
 
-def send(cfg: dict, routes: list[Route], addresses: list[str], sender: str, data: bytes,
-         queue_id: str | None) -> list[Reply]:
+def send(
+    cfg: dict, routes: list[Route], addresses: list[str], sender: str, data: bytes, queue_id: str | None
+) -> list[Reply]:
     """Deliver to every routable address, one LMTP session per mailhost."""
     replies: list[Reply | None] = [None] * len(routes)
     by_host: dict[str, list[int]] = {}
@@ -129,8 +131,16 @@ def send(cfg: dict, routes: list[Route], addresses: list[str], sender: str, data
     port = int(cfg["lmtp_port"])
     for host, idx in by_host.items():
         try:
-            got = deliver(host, port, sender, [addresses[i] for i in idx], data, queue_id=queue_id,
-                          connect_timeout=float(cfg["connect_timeout"]), timeout=float(cfg["timeout"]))
+            got = deliver(
+                host,
+                port,
+                sender,
+                [addresses[i] for i in idx],
+                data,
+                queue_id=queue_id,
+                connect_timeout=float(cfg["connect_timeout"]),
+                timeout=float(cfg["timeout"]),
+            )
         except LMTPUnavailable as e:
             log.warning("%s:%d: %s", host, port, e)
             got = [store_unavailable(host, e)] * len(idx)
@@ -219,7 +229,7 @@ def run_lmtp(cfg: dict, router: Router, queue_id: str | None, stdin, stdout) -> 
                 routes.append(route)
             conn.answer_rcpt(refusal or route.reply)
         elif isinstance(ev, MessageReceived):
-            mine = routes[-len(ev.recipients):]
+            mine = routes[-len(ev.recipients) :]
             routes.clear()
             qid = queue_id or ev.queue_id
             if qid and not _fits(check_queue_id, qid):
@@ -250,12 +260,12 @@ def parse_args(argv):
 def main(argv=None) -> int:
     try:
         return _main(sys.argv[1:] if argv is None else argv)
-    except SystemExit as e:       # argparse: a usage error is the MTA's config, keep the mail
+    except SystemExit as e:  # argparse: a usage error is the MTA's config, keep the mail
         return EX_TEMPFAIL if e.code not in (0, None) else EX_OK
     except InvalidArgument as e:  # an argument that cannot go on a command line (checked first thing)
         print(f"pdelivery: 5.5.4 {e}", file=sys.stderr)
         return EX_USAGE
-    except Exception as e:        # never an exit code outside sysexits
+    except Exception as e:  # never an exit code outside sysexits
         print(f"pdelivery: 4.3.0 internal error: {e!r}", file=sys.stderr)
         return EX_TEMPFAIL
 

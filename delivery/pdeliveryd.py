@@ -10,6 +10,7 @@ tmp/ files under the whole root once and exits (for cron); deliveries also
 clean each mailbox's tmp/ as they pass. Message data is spooled as it
 arrives (delivery/spool.py): memory per session is session_memory_bound().
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,11 +21,6 @@ import signal
 import socket
 import sys
 
-from pwmail.base import cli, daemon
-from pwmail.base.errors import exit_on_config_error
-from pwmail.base.logsetup import setup_logging
-from pwmail.base.sdnotify import notify_ready
-
 from delivery import config as dconfig
 from delivery.layout import SCHEMES, MailboxLayout
 from delivery.lmtp import MessageReceived, RcptRequest, Reply
@@ -33,6 +29,10 @@ from delivery.maildir import ROOT_MARKER, MaildirWriter, clean_tree
 from delivery.message import HEADER_SCAN_MAX
 from delivery.store import MailStore, RecipientCheck
 from delivery.users import PasswdFileLookup, PwserverLookup
+from pwmail.base import cli, daemon
+from pwmail.base.errors import exit_on_config_error
+from pwmail.base.logsetup import setup_logging
+from pwmail.base.sdnotify import notify_ready
 
 log = logging.getLogger("pdeliveryd")
 
@@ -47,7 +47,7 @@ def session_memory_bound(cfg: dict) -> int:
 def make_users(spec: str, pwserver_conf: str | None = None):
     """`spec` as the [delivery] users key (checked by delivery/config.py)."""
     if spec.startswith("passwd:"):
-        return PasswdFileLookup(spec[len("passwd:"):])
+        return PasswdFileLookup(spec[len("passwd:") :])
     return PwserverLookup(pwserver_conf=pwserver_conf)
 
 
@@ -55,14 +55,18 @@ class DeliveryServer(LMTPSessions):
     """LMTP sessions (lmtpsessions) whose policy is RecipientCheck / MailStore."""
 
     greeting = "LMTP pdeliveryd ready"
-    dsn = True              # RFC 3461 parameters accepted (and logged: ORCPT)
+    dsn = True  # RFC 3461 parameters accepted (and logged: ORCPT)
 
     def __init__(self, cfg: dict, users, *, hostname: str | None = None):
         self.users = users
         self.layout = MailboxLayout(cfg["root"], cfg["layout"])
-        self.store = MailStore(MaildirWriter(self.layout), io_threads=int(cfg["io_threads"]),
-                               dedup_window=float(cfg["dedup_window"]), dedup_max=int(cfg["dedup_max"]),
-                               tmp_max_age=float(cfg["tmp_max_age"]))
+        self.store = MailStore(
+            MaildirWriter(self.layout),
+            io_threads=int(cfg["io_threads"]),
+            dedup_window=float(cfg["dedup_window"]),
+            dedup_max=int(cfg["dedup_max"]),
+            tmp_max_age=float(cfg["tmp_max_age"]),
+        )
         super().__init__(cfg, hostname or socket.getfqdn())
         self.apply(cfg)
         self.store.alone = lambda: len(self.sessions) == 1
@@ -92,19 +96,25 @@ class DeliveryServer(LMTPSessions):
 
     async def start(self, host: str, port: int) -> None:
         if not (self.layout.root / ROOT_MARKER).exists():
-            log.warning("storage root %s has no %s: deliveries get 451 until it is mounted",
-                        self.layout.root, ROOT_MARKER)
+            log.warning(
+                "storage root %s has no %s: deliveries get 451 until it is mounted", self.layout.root, ROOT_MARKER
+            )
         self.store.dedup.load()
         sock = daemon.bind_listener(host, port)
-        self.server = await asyncio.start_server(self.session, sock=sock, limit=READ_SIZE,
-                                                 backlog=daemon.LISTEN_BACKLOG)
+        self.server = await asyncio.start_server(
+            self.session, sock=sock, limit=READ_SIZE, backlog=daemon.LISTEN_BACKLOG
+        )
         self.start_sweeper()
         addr = self.server.sockets[0].getsockname()
         log.info("listening on %s:%d root=%s layout=%s", addr[0], addr[1], self.layout.root, self.layout.scheme)
         per_session = session_memory_bound(self.cfg)
-        log.info("message data: %.1f MiB per session at most, %.0f MiB for sessions_max %s (the rest spooled "
-                 "in %s)", per_session / 2**20, per_session * int(self.cfg["sessions_max"]) / 2**20,
-                 self.cfg["sessions_max"], self.layout.root)
+        log.info(
+            "message data: %.1f MiB per session at most, %.0f MiB for sessions_max %s (the rest spooled in %s)",
+            per_session / 2**20,
+            per_session * int(self.cfg["sessions_max"]) / 2**20,
+            self.cfg["sessions_max"],
+            self.layout.root,
+        )
 
     @property
     def port(self) -> int:
@@ -142,8 +152,10 @@ def parse_args(argv):
 
 def effective_config(args) -> dict:
     """[delivery] from the file, the flags given over it (both checked)."""
-    return dconfig.SECTION.override(dconfig.load(args.config), {
-        key: getattr(args, key) for key in ("root", "layout", "users", "lmtp_port", "listen")})
+    return dconfig.SECTION.override(
+        dconfig.load(args.config),
+        {key: getattr(args, key) for key in ("root", "layout", "users", "lmtp_port", "listen")},
+    )
 
 
 def main(argv=None) -> int:
@@ -170,6 +182,7 @@ def raise_fd_limit(sessions_max: int) -> None:
     """Each session holds a socket and each delivery a few descriptors: lift
     the soft limit to the hard one when sessions_max needs it."""
     import resource
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 4 * sessions_max + 256
     if soft != resource.RLIM_INFINITY and soft < want:
@@ -208,7 +221,7 @@ async def serve(cfg: dict, host: str, port: int, args) -> int:
     loop.add_signal_handler(signal.SIGINT, on_term)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     print(f"pdeliveryd: ready on {host}:{server.port}", file=sys.stderr, flush=True)
-    notify_ready()       # systemd Type=notify (examples/systemd/pdeliveryd.service)
+    notify_ready()  # systemd Type=notify (examples/systemd/pdeliveryd.service)
     await stop.wait()
     await server.wait_stopped()
     log.info("stopped; %d message(s) delivered", server.store.delivered)

@@ -1,6 +1,7 @@
 """Per-recipient replies shared by pdeliveryd and pdelivery (docs/delivery.md
 lists when each is given). Kept apart so that pdelivery, one process per
 message, does not import the daemon's asyncio machinery."""
+
 from delivery.lmtp import Reply
 
 R_RCPT_OK = Reply(250, "2.1.5", "recipient OK")

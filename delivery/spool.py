@@ -18,19 +18,20 @@ message.for_maildir() would have made of the whole message after its trace.
 A failure to spool (disk full, root not mounted) is kept in `error` and
 answered for every recipient at the end of the data.
 """
+
 from __future__ import annotations
 
 import errno
 import os
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 from delivery import message as msg
 from delivery.body import Body
 
-SPOOL_MEMORY_MAX = 128 * 1024    # bytes of a message kept in memory before it goes to a spool file
+SPOOL_MEMORY_MAX = 128 * 1024  # bytes of a message kept in memory before it goes to a spool file
 SPOOL_FILE_MODE = 0o600
-COPY_CHUNK = 1024 * 1024         # bytes per read/write when the kernel cannot copy
+COPY_CHUNK = 1024 * 1024  # bytes per read/write when the kernel cannot copy
 
 # copy_file_range / sendfile refuse these pairs of files: try the next way
 _NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF}
@@ -121,10 +122,10 @@ class SpooledBody(Body):
         if self._held_cr:
             self._held_cr = False
             if piece[0] != 0x0A:
-                self._store(b"\r")        # a CR alone: kept as it came
+                self._store(b"\r")  # a CR alone: kept as it came
         lf = piece.replace(b"\r\n", b"\n")
         if lf.endswith(b"\r"):
-            self._held_cr = True          # maybe half of a CRLF
+            self._held_cr = True  # maybe half of a CRLF
             self._store(memoryview(lf)[:-1])
         else:
             self._store(lf)
@@ -172,9 +173,9 @@ class SpooledBody(Body):
         unless it is longer than HEADER_SCAN_MAX): the first bytes of what
         was stored, since CRLF -> LF keeps a prefix ending in LF a prefix."""
         head = self.head
-        return head[:head.rfind(b"\n") + 1].replace(b"\r\n", b"\n")
+        return head[: head.rfind(b"\n") + 1].replace(b"\r\n", b"\n")
 
-    def stored_with(self, trace: bytes, delivered_to: str) -> "StoredCopy":
+    def stored_with(self, trace: bytes, delivered_to: str) -> StoredCopy:
         """One recipient's copy: its trace headers, then this body without the
         header fields they replace (message.without_replaced_trace: the
         header section is written from memory, the rest copied)."""
@@ -189,7 +190,7 @@ class SpooledBody(Body):
         file by offset: several readers may go through one body at once)."""
         if self._fd < 0:
             for i in range(0, len(self._memory), size):
-                yield bytes(self._memory[i:i + size])
+                yield bytes(self._memory[i : i + size])
             return
         offset = 0
         while offset < self._stored:

@@ -8,6 +8,7 @@ fsynced, renamed into new/ and new/ is fsynced; the directory fsyncs of
 concurrent deliveries are shared (maildir.GroupSync, group commit), all in
 one trip to the I/O thread pool per recipient.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -23,16 +24,26 @@ from delivery import message as msg
 from delivery.dedup import DEDUP_FILE, DedupTable
 from delivery.layout import LayoutError, check_user
 from delivery.lmtp import MessageReceived, Reply
-from delivery.replies import (R_BAD_ADDRESS, R_FROZEN, R_LOCAL_ERROR, R_LOOKUP_DOWN, R_LOOP, R_NO_USER,
-                              R_RCPT_OK, R_STORAGE_DOWN, R_STORAGE_FULL, R_WRONG_HOST)
 from delivery.maildir import ROOT_MARKER, MaildirWriter, StorageFull, StorageUnavailable
+from delivery.replies import (
+    R_BAD_ADDRESS,
+    R_FROZEN,
+    R_LOCAL_ERROR,
+    R_LOOKUP_DOWN,
+    R_LOOP,
+    R_NO_USER,
+    R_RCPT_OK,
+    R_STORAGE_DOWN,
+    R_STORAGE_FULL,
+    R_WRONG_HOST,
+)
 from delivery.spool import SPOOL_MEMORY_MAX, SpooledBody, StoredCopy
 from delivery.users import LookupUnavailable, Recipient, UserLookup, user_from_address
 
 log = logging.getLogger("pdeliveryd")
 
-TMP_CLEAN_EVERY = 12 * 3600     # seconds between tmp/ scans of one mailbox
-TMP_CLEAN_TRACKED = 100_000     # mailboxes whose last scan time is remembered
+TMP_CLEAN_EVERY = 12 * 3600  # seconds between tmp/ scans of one mailbox
+TMP_CLEAN_TRACKED = 100_000  # mailboxes whose last scan time is remembered
 
 
 class RecipientCheck:
@@ -63,15 +74,23 @@ class RecipientCheck:
 
 
 class MailStore:
-    def __init__(self, writer: MaildirWriter, *, io_threads: int = 32, dedup_window: float = 86400,
-                 dedup_max: int = 200_000, tmp_max_age: float = 36 * 3600,
-                 spool_memory_max: int = SPOOL_MEMORY_MAX):
+    def __init__(
+        self,
+        writer: MaildirWriter,
+        *,
+        io_threads: int = 32,
+        dedup_window: float = 86400,
+        dedup_max: int = 200_000,
+        tmp_max_age: float = 36 * 3600,
+        spool_memory_max: int = SPOOL_MEMORY_MAX,
+    ):
         self.writer = writer
         self.executor = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="pdeliveryd-io")
         root = writer.layout.root
         # kept across restarts in the root, fsynced in the writer's group commits
-        self.dedup = DedupTable(dedup_window, dedup_max, root / DEDUP_FILE,
-                                usable=(root / ROOT_MARKER).exists, sync=writer.group.sync)
+        self.dedup = DedupTable(
+            dedup_window, dedup_max, root / DEDUP_FILE, usable=(root / ROOT_MARKER).exists, sync=writer.group.sync
+        )
         self.tmp_max_age = tmp_max_age
         self._cleaned: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._cleaned_lock = threading.Lock()
@@ -104,16 +123,23 @@ class MailStore:
             # a lone session with a lone mailbox: nothing to share a
             # commit with, so no trip to an I/O thread (two wake-ups less)
             inline = self.alone is not None and self.alone()
-            (addr, rec), = first.values()
+            ((addr, rec),) = first.values()
             reply = await self._one(ev, head, addr, rec, qid, digest, inline)
             return [reply] * len(recipients)
-        replies = await asyncio.gather(*(self._one(ev, head, addr, rec, qid, digest)
-                                         for addr, rec in first.values()))
+        replies = await asyncio.gather(*(self._one(ev, head, addr, rec, qid, digest) for addr, rec in first.values()))
         by_name = dict(zip(first, replies))
         return [by_name[rec.name] for rec in recipients]
 
-    async def _one(self, ev: MessageReceived, head: bytes, address: str, rec: Recipient, qid: str | None,
-                   digest: bytes, inline: bool = False) -> Reply:
+    async def _one(
+        self,
+        ev: MessageReceived,
+        head: bytes,
+        address: str,
+        rec: Recipient,
+        qid: str | None,
+        digest: bytes,
+        inline: bool = False,
+    ) -> Reply:
         if self.recheck is not None:
             # asked again now that the data is in: a mailbox frozen for a move
             # since RCPT (a slow client, a long message) is deferred, not
@@ -145,8 +171,15 @@ class MailStore:
                 self.dedup.inflight.pop(key, None)
                 fut.set_result(reply)
 
-    async def _store(self, ev: MessageReceived, address: str, rec: Recipient, qid: str | None,
-                     key: tuple | None, inline: bool = False) -> Reply:
+    async def _store(
+        self,
+        ev: MessageReceived,
+        address: str,
+        rec: Recipient,
+        qid: str | None,
+        key: tuple | None,
+        inline: bool = False,
+    ) -> Reply:
         loop = asyncio.get_running_loop()
         content = ev.body.stored_with(msg.trace_headers(ev.sender, address), address)
         try:
@@ -158,8 +191,15 @@ class MailStore:
             return _failure_reply(e, f"delivering to {rec.name}")
         self.delivered += 1
         name = os.path.basename(path)
-        log.info("delivered qid=%s to=%s from=<%s> size=%d file=%s%s", qid or "-", rec.name, ev.sender,
-                 content.size, name, _orcpt_note(ev, address))
+        log.info(
+            "delivered qid=%s to=%s from=<%s> size=%d file=%s%s",
+            qid or "-",
+            rec.name,
+            ev.sender,
+            content.size,
+            name,
+            _orcpt_note(ev, address),
+        )
         return Reply(250, "2.0.0", f"{rec.name} delivered {name.split(',')[0]}")
 
     def _write(self, rec: Recipient, content: StoredCopy, key: tuple | None) -> str:

@@ -16,6 +16,7 @@ was sent: the idle ones of that store are dropped and the transaction is
 tried once more on a new connection. Nothing is retried after the data went
 (the store may hold the copy; the MTA's retry is deduplicated by the store).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,34 +26,43 @@ import time
 from dataclasses import dataclass
 
 from delivery.lmtp import Reply
-from delivery.lmtpclient import (REPLY_LINE_MAX, LMTPUnavailable, check_fits, command_line, continues,
-                                 extensions, mail_params, parse_reply)
+from delivery.lmtpclient import (
+    REPLY_LINE_MAX,
+    LMTPUnavailable,
+    check_fits,
+    command_line,
+    continues,
+    extensions,
+    mail_params,
+    parse_reply,
+)
 from delivery.spool import SpooledBody
 
 log = logging.getLogger("lmtp-proxy.stores")
 
-SEND_CHUNK = 256 * 1024          # bytes of a body read from the spool and written to a store at once
+SEND_CHUNK = 256 * 1024  # bytes of a body read from the spool and written to a store at once
 
 
 @dataclass(frozen=True)
 class Envelope:
     """What a MAIL command to a store carries (SIZE is the body's; the
     rest is offered only where the store announces it, `passed` verbatim)."""
+
     sender: str
     queue_id: str | None = None
-    body_type: str = ""          # BODY= as the client gave it
-    passed: str = ""             # other MAIL parameters of the client's, " K=V" each
+    body_type: str = ""  # BODY= as the client gave it
+    passed: str = ""  # other MAIL parameters of the client's, " K=V" each
 
 
 class DotStuffer:
     """Dot-stuffs a body given in pieces of any size (for a store without CHUNKING)."""
 
     def __init__(self):
-        self._tail = b"\r\n"          # the last two bytes seen: the start is a line start
+        self._tail = b"\r\n"  # the last two bytes seen: the start is a line start
 
     def __call__(self, piece: bytes) -> bytes:
         joined = self._tail + piece
-        out = joined.replace(b"\r\n.", b"\r\n..")[len(self._tail):]
+        out = joined.replace(b"\r\n.", b"\r\n..")[len(self._tail) :]
         self._tail = joined[-2:]
         return out
 
@@ -63,22 +73,24 @@ class DotStuffer:
 class StoreConnection:
     """One LMTP session with a store, between transactions or in one."""
 
-    def __init__(self, host: str, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 timeout: float):
+    def __init__(
+        self, host: str, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float
+    ):
         self.host, self.port = host, port
         self.reader, self.writer = reader, writer
         self.timeout = timeout
         self.ext: set[str] = set()
-        self.used = False             # a transaction ran on it: RSET before the next
-        self.data_sent = False        # the current transaction's data began to go
+        self.used = False  # a transaction ran on it: RSET before the next
+        self.data_sent = False  # the current transaction's data began to go
         self.idle_since = 0.0
 
     @classmethod
     async def open(cls, host: str, port: int, helo: str, connect_timeout: float, timeout: float):
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, limit=REPLY_LINE_MAX), connect_timeout)
-        except (OSError, asyncio.TimeoutError) as e:
+                asyncio.open_connection(host, port, limit=REPLY_LINE_MAX), connect_timeout
+            )
+        except (TimeoutError, OSError) as e:
             raise LMTPUnavailable(f"connect to {host}:{port}: {e or 'timed out'}") from e
         conn = cls(host, port, reader, writer, timeout)
         try:
@@ -102,9 +114,9 @@ class StoreConnection:
     async def _line(self) -> str:
         try:
             line = await asyncio.wait_for(self.reader.readline(), self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise LMTPUnavailable(f"no reply in {self.timeout:g} s") from None
-        except ValueError:             # longer than the reader's limit
+        except ValueError:  # longer than the reader's limit
             raise LMTPUnavailable("reply line too long") from None
         except OSError as e:
             raise LMTPUnavailable(str(e)) from e
@@ -124,7 +136,7 @@ class StoreConnection:
         try:
             self.writer.write(data)
             await asyncio.wait_for(self.writer.drain(), self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise LMTPUnavailable(f"store took nothing for {self.timeout:g} s") from None
         except OSError as e:
             raise LMTPUnavailable(str(e)) from e
@@ -189,18 +201,32 @@ class StoreConnection:
 class StorePool:
     """Idle store connections by (host, port), and how many were opened (logged, tested)."""
 
-    def __init__(self, helo: str, *, pool_size: int, pool_idle: float, connections_max: int,
-                 connect_timeout: float, timeout: float):
+    def __init__(
+        self,
+        helo: str,
+        *,
+        pool_size: int,
+        pool_idle: float,
+        connections_max: int,
+        connect_timeout: float,
+        timeout: float,
+    ):
         self.helo = helo
         self._idle: dict[tuple[str, int], list[StoreConnection]] = collections.defaultdict(list)
         self.opened: collections.Counter[tuple[str, int]] = collections.Counter()
         self._in_use: collections.Counter[tuple[str, int]] = collections.Counter()
         self._freed: dict[tuple[str, int], asyncio.Condition] = {}
-        self.configure(pool_size=pool_size, pool_idle=pool_idle, connections_max=connections_max,
-                       connect_timeout=connect_timeout, timeout=timeout)
+        self.configure(
+            pool_size=pool_size,
+            pool_idle=pool_idle,
+            connections_max=connections_max,
+            connect_timeout=connect_timeout,
+            timeout=timeout,
+        )
 
-    def configure(self, *, pool_size: int, pool_idle: float, connections_max: int, connect_timeout: float,
-                  timeout: float) -> None:
+    def configure(
+        self, *, pool_size: int, pool_idle: float, connections_max: int, connect_timeout: float, timeout: float
+    ) -> None:
         self.pool_size, self.pool_idle, self.connections_max = pool_size, pool_idle, max(1, connections_max)
         self.connect_timeout, self.timeout = connect_timeout, timeout
 
@@ -210,9 +236,8 @@ class StorePool:
         cond = self._freed.setdefault(key, asyncio.Condition())
         async with cond:
             try:
-                await asyncio.wait_for(cond.wait_for(lambda: self._in_use[key] < self.connections_max),
-                                       self.timeout)
-            except asyncio.TimeoutError:
+                await asyncio.wait_for(cond.wait_for(lambda: self._in_use[key] < self.connections_max), self.timeout)
+            except TimeoutError:
                 raise LMTPUnavailable(f"all {self.connections_max} connections busy for {self.timeout:g} s") from None
             self._in_use[key] += 1
 

@@ -8,6 +8,7 @@ passwd(5) file, for a storage host that has no password server at hand.
 A lookup returns a `Recipient`, None when the user does not exist, and
 raises `LookupUnavailable` when nobody could say (never "unknown user").
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,7 +26,7 @@ class Recipient:
     uid: int
     gid: int
     mailhost: str = ""
-    frozen: bool = False      # mailbox being moved: defer (4.2.1 / EX_TEMPFAIL)
+    frozen: bool = False  # mailbox being moved: defer (4.2.1 / EX_TEMPFAIL)
 
 
 class UserLookup(Protocol):
@@ -49,14 +50,16 @@ class PwserverLookup:
     def __init__(self, client=None, pwserver_conf: str | None = None):
         if client is None:
             from pwcache.client import AsyncClient
+
             client = AsyncClient.from_config(pwserver_conf)
         self.client = client
 
     async def lookup(self, name: str) -> Recipient | None:
         from pwcache.client import PwError
+
         try:
             pw, mh = await asyncio.gather(self.client.passwd_by_name(name), self.client.mailhost(name))
-        except PwError as e:          # Unavailable, or a refusal we cannot act on
+        except PwError as e:  # Unavailable, or a refusal we cannot act on
             raise LookupUnavailable(f"password server: {e}") from e
         if pw is None:
             return None
@@ -70,7 +73,7 @@ class PwserverLookup:
 class PasswdFileLookup:
     """Users from a passwd(5) file, re-read when it changes."""
 
-    RECHECK = 1.0   # seconds between checks that the file changed
+    RECHECK = 1.0  # seconds between checks that the file changed
 
     def __init__(self, path: str):
         self.path = path
@@ -81,6 +84,7 @@ class PasswdFileLookup:
     def _load(self) -> None:
         import os
         import time
+
         now = time.monotonic()
         if now - self._checked < self.RECHECK:
             return

@@ -10,6 +10,7 @@ uninstall restores the backup when nsswitch.conf is still exactly what
           admin's later edits stay); removes the library; runs ldconfig.
 --dry-run prints the diff and what would be done, and touches nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,8 +98,11 @@ def remove_service(text: str) -> str:
 
 
 def _diff(old: str, new: str, path: pathlib.Path) -> str:
-    return "".join(difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True),
-                                        str(path), str(path) + " (new)"))
+    return "".join(
+        difflib.unified_diff(
+            old.splitlines(keepends=True), new.splitlines(keepends=True), str(path), str(path) + " (new)"
+        )
+    )
 
 
 def _write_atomic(path: pathlib.Path, data: bytes, mode: int) -> None:
@@ -182,8 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--libdir", type=pathlib.Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     libdir = args.libdir or system_libdir()
-    if not args.dry_run and os.geteuid() != 0 and (not os.access(libdir, os.W_OK)
-                                                   or not os.access(args.nsswitch.parent, os.W_OK)):
+    if (
+        not args.dry_run
+        and os.geteuid() != 0
+        and (not os.access(libdir, os.W_OK) or not os.access(args.nsswitch.parent, os.W_OK))
+    ):
         print("pwmail nss: must run as root", file=sys.stderr)
         return 1
     action = install if args.action == "install" else uninstall

@@ -4,6 +4,7 @@ the greeting, pass the client's address (XCLIENT), replay the login with
 AUTH PLAIN, and report the answer (imap-proxy's is pop/imap_backend.py).
 After a successful login the protocol object is handed to a relay
 (pop/relay.py)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +13,7 @@ import ssl
 
 from .protocol import encode_plain
 
-MAX_BACKEND_LINE = 4096     # a greeting or login answer longer than this is an error
+MAX_BACKEND_LINE = 4096  # a greeting or login answer longer than this is an error
 
 
 class BackendError(Exception):
@@ -71,8 +72,8 @@ class BackendSide(asyncio.Protocol):
         while True:
             i = self.buf.find(b"\n", 0, MAX_BACKEND_LINE)
             if i >= 0:
-                line = bytes(self.buf[:i + 1])
-                del self.buf[:i + 1]
+                line = bytes(self.buf[: i + 1])
+                del self.buf[: i + 1]
                 return line
             if len(self.buf) >= MAX_BACKEND_LINE:
                 raise BackendError("backend line too long")
@@ -93,7 +94,7 @@ def response_code(line: bytes) -> str | None:
     """The RFC 2449 response code of "-ERR [CODE] text", or None."""
     parts = line.split(b" ", 2)
     if len(parts) >= 2 and parts[1].startswith(b"[") and b"]" in parts[1]:
-        return parts[1][1:parts[1].index(b"]")].decode("ascii", "replace").upper()
+        return parts[1][1 : parts[1].index(b"]")].decode("ascii", "replace").upper()
     return None
 
 
@@ -102,11 +103,18 @@ class BackendConnector:
     settings), and the connection with its retries; a protocol's login
     subclasses it."""
 
-    TLS_MODES = ("none", "tls", "stls")      # plain, implicit TLS, the protocol's STARTTLS
+    TLS_MODES = ("none", "tls", "stls")  # plain, implicit TLS, the protocol's STARTTLS
 
-    def __init__(self, *, tls: str = "none", ssl_context: ssl.SSLContext | None = None,
-                 connect_timeout: float = 3.0, retries: int = 2, retry_delay: float = 0.25,
-                 timeout: float = 15.0):
+    def __init__(
+        self,
+        *,
+        tls: str = "none",
+        ssl_context: ssl.SSLContext | None = None,
+        connect_timeout: float = 3.0,
+        retries: int = 2,
+        retry_delay: float = 0.25,
+        timeout: float = 15.0,
+    ):
         if tls not in self.TLS_MODES:
             raise ValueError(f"backend_tls must be one of {', '.join(self.TLS_MODES)}, not {tls!r}")
         self.tls = tls
@@ -127,9 +135,12 @@ class BackendConnector:
             try:
                 async with asyncio.timeout(self.connect_timeout):
                     _, proto = await loop.create_connection(
-                        BackendSide, host, port,
+                        BackendSide,
+                        host,
+                        port,
                         ssl=self.ssl_context if self.tls == "tls" else None,
-                        server_hostname=host if self.tls == "tls" else None)
+                        server_hostname=host if self.tls == "tls" else None,
+                    )
                 return proto
             except (OSError, TimeoutError, ssl.SSLError) as e:
                 last = e
@@ -159,8 +170,9 @@ class BackendConnector:
 class BackendLogin(BackendConnector):
     """pop-proxy's login to a POP3 backend."""
 
-    async def login(self, host: str, port: int, user: str, password: str,
-                    client_addr: tuple[str, int]) -> tuple[BackendSide, bytes]:
+    async def login(
+        self, host: str, port: int, user: str, password: str, client_addr: tuple[str, int]
+    ) -> tuple[BackendSide, bytes]:
         """Connect and log in; returns (backend, its answer line). The caller
         looks at the answer: "+OK" means logged in (and the backend is ready
         to relay), anything else is the backend's "-ERR" line (the backend is

@@ -3,6 +3,7 @@ the C client library of the wire protocol (pwcache/_csrc, the sources
 listed in its client-sources.txt) compiled in for the mailhost lookups.
 API mode, plain C; cffi releases the GIL around every call, so pe_run()
 runs in a thread of its own beside the asyncio loop."""
+
 import os
 import pathlib
 import re
@@ -35,8 +36,14 @@ CFFI_REGION = re.compile(r"/\* cffi: begin \*/\n(.*?)/\* cffi: end \*/", re.S)
 
 ffibuilder = FFI()
 ffibuilder.cdef(CFFI_REGION.search(HEADER.read_text()).group(1))
-ffibuilder.set_source("pop._engine", '#include "pop_engine.h"\n', sources=SOURCES, include_dirs=INCLUDE_DIRS,
-                      extra_compile_args=EXTRA_COMPILE_ARGS, libraries=["dl", "pthread"])
+ffibuilder.set_source(
+    "pop._engine",
+    '#include "pop_engine.h"\n',
+    sources=SOURCES,
+    include_dirs=INCLUDE_DIRS,
+    extra_compile_args=EXTRA_COMPILE_ARGS,
+    libraries=["dl", "pthread"],
+)
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)

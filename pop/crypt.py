@@ -9,6 +9,7 @@ Accepted hashes are the strong methods libxcrypt offers; yescrypt (`$y$`,
 Debian's default) and sha512-crypt (`$6$`) are the ones we test and
 document. Locked or disabled entries ("!", "*", "", "!$y$...") never match.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -22,9 +23,9 @@ char *crypt_rn(const char *phrase, const char *setting, void *data, int size);
 char *crypt_gensalt_rn(const char *prefix, unsigned long count,
                        const char *rbytes, int nrbytes, char *output, int output_size);
 """
-CRYPT_DATA_SIZE = 32768          # sizeof(struct crypt_data) in libxcrypt
+CRYPT_DATA_SIZE = 32768  # sizeof(struct crypt_data) in libxcrypt
 CRYPT_GENSALT_OUTPUT_SIZE = 192
-MAX_PASSWORD = 512               # bytes; longer phrases are refused, not hashed
+MAX_PASSWORD = 512  # bytes; longer phrases are refused, not hashed
 
 # Prefixes of the methods we accept (all strong in libxcrypt 4.4).
 STRONG_PREFIXES = ("$y$", "$gy$", "$7$", "$6$", "$5$", "$2b$", "$2y$")
@@ -115,7 +116,7 @@ class DummyHash:
     """
 
     def __init__(self, model: str = "") -> None:
-        self.settled = bool(model)      # configured, or learned already
+        self.settled = bool(model)  # configured, or learned already
         self._lock = threading.Lock()
         self.hash = self._like(model) if model else hash_password(secrets.token_urlsafe(32))
 

@@ -12,6 +12,7 @@ on from there.
 The engine's answers are texts made here by pop/protocol.py, so a client
 cannot tell which side answered. docs/pop.md ("The engine") has the rest.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,30 +28,38 @@ from ._engine import ffi, lib
 from .protocol import Closed, ServerConnection
 
 # pe_stats() order (ST_* in pop_engine.c).
-STAT_NAMES = ("connections", "refused_limit", "handoffs", "login_ok", "prelogin_timeout",
-              "relay_errors", "idle_timeout")
+STAT_NAMES = (
+    "connections",
+    "refused_limit",
+    "handoffs",
+    "login_ok",
+    "prelogin_timeout",
+    "relay_errors",
+    "idle_timeout",
+)
 
-READ_AT_HANDOFF = 262144       # as much as one read of an asyncio transport
+READ_AT_HANDOFF = 262144  # as much as one read of an asyncio transport
 OUTCOME_NONE, OUTCOME_ANSWER, OUTCOME_ERROR = lib.PE_OUTCOME_NONE, lib.PE_OUTCOME_ANSWER, lib.PE_OUTCOME_ERROR
 
 
 @dataclass
 class Handoff:
     """A session the engine began and gives to Python."""
+
     sock: socket.socket
     addr: str
     port: int
-    history: bytes = field(repr=False)   # every byte the client sent so far (may hold a password)
-    answered: int                        # ... of which the engine answered this many
-    outcome: int                         # OUTCOME_*: how the engine's login attempt ended
-    text: str                            # the backend's answer line, or what failed
+    history: bytes = field(repr=False)  # every byte the client sent so far (may hold a password)
+    answered: int  # ... of which the engine answered this many
+    outcome: int  # OUTCOME_*: how the engine's login attempt ended
+    text: str  # the backend's answer line, or what failed
     mailhost: str
-    started: float                       # CLOCK_MONOTONIC seconds of the PASS (0: none)
-    user: str = ""                       # the USER of the login the engine tried
-    attempt: bool = False                # that login is in flight in the throttle: Python ends it
-    result: tuple | None = None          # what Python made of the engine's outcome
-    eof: bool = False                    # the client has closed its side
-    more: bytearray = field(default_factory=bytearray, repr=False)   # read by Python before adopting
+    started: float  # CLOCK_MONOTONIC seconds of the PASS (0: none)
+    user: str = ""  # the USER of the login the engine tried
+    attempt: bool = False  # that login is in flight in the throttle: Python ends it
+    result: tuple | None = None  # what Python made of the engine's outcome
+    eof: bool = False  # the client has closed its side
+    more: bytearray = field(default_factory=bytearray, repr=False)  # read by Python before adopting
 
 
 def _read_waiting(sock: socket.socket) -> tuple[bytes, bool]:
@@ -70,6 +79,7 @@ def _read_waiting(sock: socket.socket) -> tuple[bytes, bool]:
 
 def answers(greeting: str, *, stls: bool, plaintext_auth: bool) -> dict[str, bytes]:
     """The engine's answers, written by the state machine Python uses."""
+
     def run(lines: bytes) -> bytes:
         conn = ServerConnection(stls=stls, plaintext_auth=plaintext_auth)
         conn.receive_data(lines)
@@ -101,7 +111,7 @@ def log_targets() -> tuple[int, int, int, int]:
         if isinstance(h, logging.handlers.SysLogHandler) and syslog_fd < 0:
             if h.unixsocket:
                 syslog_fd = os.dup(h.socket.fileno())
-            else:       # a remote collector: a connected socket of our own
+            else:  # a remote collector: a connected socket of our own
                 family, kind, proto, _, address = socket.getaddrinfo(*h.address, type=socket.SOCK_DGRAM)[0]
                 s = socket.socket(family, kind, proto)
                 s.connect(address)
@@ -118,10 +128,20 @@ def usable(cfg: dict) -> bool:
 
 
 class Engine:
-    def __init__(self, cfg: dict, sock: socket.socket, texts: dict[str, bytes], refuse: bytes,
-                 backends: dict[str, tuple[str, int] | None], *, throttle, on_handoff, ident: str = "pop-proxy"):
+    def __init__(
+        self,
+        cfg: dict,
+        sock: socket.socket,
+        texts: dict[str, bytes],
+        refuse: bytes,
+        backends: dict[str, tuple[str, int] | None],
+        *,
+        throttle,
+        on_handoff,
+        ident: str = "pop-proxy",
+    ):
         self.on_handoff = on_handoff
-        self._throttle = throttle           # (kept alive as long as the engine uses it)
+        self._throttle = throttle  # (kept alive as long as the engine uses it)
         self._keep = {k: ffi.new("char[]", v) for k, v in texts.items() if v}
         self._keep["refuse"] = ffi.new("char[]", refuse)
         self._keep["ident"] = ffi.new("char[]", ident.encode())
@@ -141,7 +161,7 @@ class Engine:
         c.log_ident = self._keep["ident"]
         c.throttle = throttle.handle
         c.log_level, c.syslog_fd, c.syslog_facility, c.stderr_fd = log_targets()
-        fd = os.dup(sock.fileno())           # the engine closes its own copies
+        fd = os.dup(sock.fileno())  # the engine closes its own copies
         self._e = lib.pe_new(c, fd)
         if self._e == ffi.NULL:
             err = ffi.errno
@@ -186,7 +206,7 @@ class Engine:
         if self._thread is None:
             return
         self._stopping = True
-        self._take_handoffs()              # the last ones, if it has just finished
+        self._take_handoffs()  # the last ones, if it has just finished
         self._loop.remove_reader(lib.pe_event_fd(self._e))
         lib.pe_stop(self._e)
         self._thread.join()
@@ -203,12 +223,25 @@ class Engine:
 
     def _take_handoffs(self) -> None:
         ev = self._ev
-        while self._e != ffi.NULL and lib.pe_next_event(self._e, ev):      # all handoffs
+        while self._e != ffi.NULL and lib.pe_next_event(self._e, ev):  # all handoffs
             history = bytes(ffi.buffer(ev.history, ev.history_len)) if ev.history_len else b""
             lib.pe_event_release(ev)
             sock = socket.socket(fileno=ev.fd)
             waiting, eof = _read_waiting(sock)
-            self.on_handoff(Handoff(sock, ffi.string(ev.addr).decode(), ev.port, history + waiting, ev.answered,
-                                    ev.outcome, ffi.string(ev.text).decode("utf-8", "replace"),
-                                    ffi.string(ev.mailhost).decode("utf-8", "replace"), ev.started,
-                                    ffi.string(ev.user).decode("utf-8", "replace"), bool(ev.attempt), None, eof))
+            self.on_handoff(
+                Handoff(
+                    sock,
+                    ffi.string(ev.addr).decode(),
+                    ev.port,
+                    history + waiting,
+                    ev.answered,
+                    ev.outcome,
+                    ffi.string(ev.text).decode("utf-8", "replace"),
+                    ffi.string(ev.mailhost).decode("utf-8", "replace"),
+                    ev.started,
+                    ffi.string(ev.user).decode("utf-8", "replace"),
+                    bool(ev.attempt),
+                    None,
+                    eof,
+                )
+            )

@@ -8,13 +8,14 @@ post-login capabilities for the client's tagged OK.
 The tags are ours (the client's tag goes on the OK the proxy sends); the
 backend's answers are read line by line with bounded lines and a bounded
 number of them."""
+
 from __future__ import annotations
 
 from .backend import BackendConnector, BackendError, BackendSide
 from .imap_protocol import quoted
 from .protocol import encode_plain
 
-MAX_LOGIN_LINES = 64        # untagged lines the backend may send before its tagged answer
+MAX_LOGIN_LINES = 64  # untagged lines the backend may send before its tagged answer
 TAG_STARTTLS, TAG_ID, TAG_LOGIN, TAG_CAPABILITY, TAG_LOGOUT = b"p0", b"p1", b"p2", b"p3", b"p4"
 
 
@@ -39,7 +40,7 @@ def capability_code(line: bytes) -> str | None:
     if i < 0:
         return None
     end = body.find(b"]", i)
-    return body[i + 12:end if end > 0 else len(body)].decode("ascii", "replace")
+    return body[i + 12 : end if end > 0 else len(body)].decode("ascii", "replace")
 
 
 class ImapBackendLogin(BackendConnector):
@@ -49,8 +50,9 @@ class ImapBackendLogin(BackendConnector):
         super().__init__(**kwargs)
         self.forward_id = forward_id
 
-    async def login(self, host: str, port: int, user: str, password: str,
-                    client_addr: tuple[str, int]) -> tuple[BackendSide, bytes]:
+    async def login(
+        self, host: str, port: int, user: str, password: str, client_addr: tuple[str, int]
+    ) -> tuple[BackendSide, bytes]:
         """Connect and log in; returns (backend, answer): answer is the
         tagged OK with the backend's capabilities in it ("p2 OK [CAPABILITY
         ...] text"), or the backend's tagged NO/BAD (the backend is then
@@ -66,7 +68,7 @@ class ImapBackendLogin(BackendConnector):
                 if (await _tagged(proto, TAG_STARTTLS))[1] != b"OK":
                     raise BackendError("backend refused STARTTLS")
                 await self.start_tls(proto, host)
-                capabilities = None        # what was said before TLS no longer holds
+                capabilities = None  # what was said before TLS no longer holds
             answer, capabilities = await self._login(proto, user, password, client_addr, capabilities)
         tag, word, _, text = status(answer)
         if word != b"OK":
@@ -75,8 +77,9 @@ class ImapBackendLogin(BackendConnector):
             return proto, answer
         return proto, b"%s OK [CAPABILITY %s] %s\r\n" % (tag, capabilities.encode(), text)
 
-    async def _login(self, proto: BackendSide, user: str, password: str, client_addr: tuple[str, int],
-                     capabilities: str | None) -> tuple[bytes, str]:
+    async def _login(
+        self, proto: BackendSide, user: str, password: str, client_addr: tuple[str, int], capabilities: str | None
+    ) -> tuple[bytes, str]:
         # ID and the login go in one packet (one round trip less); Dovecot
         # reads pipelined commands before login in order.
         sasl_ir = capabilities is not None and "SASL-IR" in capabilities.upper().split()
@@ -92,7 +95,7 @@ class ImapBackendLogin(BackendConnector):
             line = await proto.read_line()
             if line.startswith(b"+") and not sasl_ir:
                 proto.send(plain + b"\r\n")
-                sasl_ir = True           # (one continuation only)
+                sasl_ir = True  # (one continuation only)
                 continue
             if line.startswith(b"* "):
                 seen = capability_code(line) or seen
@@ -120,4 +123,3 @@ async def _tagged(proto: BackendSide, tag: bytes) -> tuple[bytes, bytes, str | N
         if line.split(b" ", 1)[0] == tag:
             return status(line)
     raise BackendError(f"backend sent too many lines before answering {tag.decode()}")
-

@@ -25,6 +25,7 @@ carry RFC 5530 response codes.
 RemoteProtocolError is the peer's fault and ends the session (its `* BYE`
 is already queued); LocalProtocolError is a bug in the caller.
 """
+
 from __future__ import annotations
 
 import base64
@@ -35,32 +36,40 @@ from dataclasses import dataclass, field
 
 from .protocol import LineConnection, LocalProtocolError, RemoteProtocolError, parse_plain
 
-__all__ = ["ServerConnection", "Login", "StartTLS", "Closed", "NEED_DATA", "NEED_REPLY",
-           "RemoteProtocolError", "LocalProtocolError"]
+__all__ = [
+    "ServerConnection",
+    "Login",
+    "StartTLS",
+    "Closed",
+    "NEED_DATA",
+    "NEED_REPLY",
+    "RemoteProtocolError",
+    "LocalProtocolError",
+]
 
 # --- Limits (DESIGN decision 10: every size or count a peer controls) ----------
-MAX_LINE = 8192            # octets of one line with its CRLF (RFC 7162 section 4 suggests 8192)
-MAX_LITERAL = 1024         # octets of one literal: before login a literal carries a name,
-                           # a password or an ID value (RFC 2971: values up to 1024)
-MAX_COMMAND = 16384        # octets of one command, its lines and literals together
-MAX_TOKENS = 128           # strings and parentheses in one command (ID has at most 30 pairs)
-MAX_TAG = 64               # octets of a tag
-MAX_CREDENTIAL = 255       # octets of a user name or password (as pop/protocol.py's MAX_ARG)
-MAX_ID_PAIRS = 30          # RFC 2971: at most 30 field-value pairs
-MAX_ID_FIELD = 30          # RFC 2971: field names up to 30 octets
-MAX_BAD_COMMANDS = 10      # malformed or out-of-state commands before we hang up
-MAX_AUTH_ATTEMPTS = 3      # failed logins on one connection before we hang up
+MAX_LINE = 8192  # octets of one line with its CRLF (RFC 7162 section 4 suggests 8192)
+MAX_LITERAL = 1024  # octets of one literal: before login a literal carries a name,
+# a password or an ID value (RFC 2971: values up to 1024)
+MAX_COMMAND = 16384  # octets of one command, its lines and literals together
+MAX_TOKENS = 128  # strings and parentheses in one command (ID has at most 30 pairs)
+MAX_TAG = 64  # octets of a tag
+MAX_CREDENTIAL = 255  # octets of a user name or password (as pop/protocol.py's MAX_ARG)
+MAX_ID_PAIRS = 30  # RFC 2971: at most 30 field-value pairs
+MAX_ID_FIELD = 30  # RFC 2971: field names up to 30 octets
+MAX_BAD_COMMANDS = 10  # malformed or out-of-state commands before we hang up
+MAX_AUTH_ATTEMPTS = 3  # failed logins on one connection before we hang up
 MAX_PENDING_INPUT = 64 * 1024  # unparsed input (pipelined commands) held before more is refused
 
-NEED_DATA = "NEED_DATA"    # sentinels returned by next_event()
+NEED_DATA = "NEED_DATA"  # sentinels returned by next_event()
 NEED_REPLY = "NEED_REPLY"
 
-IMPLEMENTATION_ID = ("name", "pwmail imap-proxy")   # our answer to ID
+IMPLEMENTATION_ID = ("name", "pwmail imap-proxy")  # our answer to ID
 
 
 class State(enum.Enum):
     NOT_AUTHENTICATED = "NOT_AUTHENTICATED"
-    AUTHENTICATED = "AUTHENTICATED"          # handed over: the proxy relays from here
+    AUTHENTICATED = "AUTHENTICATED"  # handed over: the proxy relays from here
     CLOSED = "CLOSED"
 
 
@@ -68,8 +77,8 @@ class State(enum.Enum):
 @dataclass(frozen=True)
 class Login:
     user: str
-    password: str = field(repr=False)      # never in a repr, hence never in a log
-    mechanism: str = "LOGIN"               # "LOGIN" or "PLAIN"
+    password: str = field(repr=False)  # never in a repr, hence never in a log
+    mechanism: str = "LOGIN"  # "LOGIN" or "PLAIN"
     tag: str = "*"
 
 
@@ -86,6 +95,7 @@ class Closed:
 @dataclass(frozen=True)
 class _Literal:
     """A literal's announcement at the end of a line: {size} or {size+}."""
+
     size: int
     synchronising: bool
 
@@ -100,9 +110,9 @@ class _Bad(Exception):
 
 # ATOM-CHAR: any CHAR except atom-specials ( ) { SP CTL % * " \ ]
 _ATOM = re.compile(rb'[^(){ \x00-\x1f\x7f%*"\\\]\x80-\xff]+')
-_ASTRING_EXTRA = re.compile(rb'[^(){ \x00-\x1f\x7f%*"\\\x80-\xff]+')   # atoms plus "]"
+_ASTRING_EXTRA = re.compile(rb'[^(){ \x00-\x1f\x7f%*"\\\x80-\xff]+')  # atoms plus "]"
 _LITERAL_AT_END = re.compile(rb"\{(\d{1,10})(\+?)\}$")
-_QUOTED_ESCAPE = re.compile(rb'\\(.)')
+_QUOTED_ESCAPE = re.compile(rb"\\(.)")
 _LIST_OPEN, _LIST_CLOSE = object(), object()
 
 
@@ -115,7 +125,7 @@ def _tokens(segment: bytes, out: list) -> None:
     """Atoms, quoted strings and parentheses of one line piece (no literal in it)."""
     i, n = 0, len(segment)
     while i < n:
-        c = segment[i:i + 1]
+        c = segment[i : i + 1]
         if c == b" ":
             i += 1
         elif c == b"(":
@@ -129,9 +139,9 @@ def _tokens(segment: bytes, out: list) -> None:
             while True:
                 if j >= n:
                     raise _Bad("Unterminated quoted string")
-                ch = segment[j:j + 1]
+                ch = segment[j : j + 1]
                 if ch == b"\\":
-                    esc = segment[j + 1:j + 2]
+                    esc = segment[j + 1 : j + 2]
                     if esc not in (b"\\", b'"'):
                         raise _Bad("Invalid escape in quoted string")
                     value += esc
@@ -200,12 +210,12 @@ class ServerConnection(LineConnection):
         self.tls_active = tls_active
         self._starttls_offered = starttls and not tls_active
         self._plaintext_auth = plaintext_auth
-        self._awaiting: object | None = None    # event waiting for the application's reply
-        self._tokens: list = []                 # of the command being read (across literals)
+        self._awaiting: object | None = None  # event waiting for the application's reply
+        self._tokens: list = []  # of the command being read (across literals)
         self._command_size = 0
-        self._literal: _Literal | None = None   # announced, its octets not all here yet
-        self._auth_tag: str | None = None       # sent "+ " for AUTHENTICATE, waiting for the response
-        self.client_id: dict[str, str | None] = {}   # what the client said in ID (not forwarded)
+        self._literal: _Literal | None = None  # announced, its octets not all here yet
+        self._auth_tag: str | None = None  # sent "+ " for AUTHENTICATE, waiting for the response
+        self.client_id: dict[str, str | None] = {}  # what the client said in ID (not forwarded)
         self.bad_commands = 0
         self.failed_logins = 0
 
@@ -270,7 +280,7 @@ class ServerConnection(LineConnection):
             if self._command_size > MAX_COMMAND:
                 raise _Bad("Command too long", "LIMIT")
             if m is not None:
-                _tokens(line[:m.start()], self._tokens)
+                _tokens(line[: m.start()], self._tokens)
                 literal = _Literal(int(m.group(1)), not m.group(2))
                 self._command_size += literal.size
                 if literal.size > MAX_LITERAL or self._command_size > MAX_COMMAND:
@@ -389,7 +399,7 @@ class ServerConnection(LineConnection):
         if args[0].upper() != b"PLAIN":
             self._respond(tag, "NO", "Unsupported authentication mechanism.")
             return None
-        if len(args) == 2:                     # SASL-IR (RFC 4959)
+        if len(args) == 2:  # SASL-IR (RFC 4959)
             return self._sasl_response(tag, bytes(args[1]))
         self._auth_tag = tag
         self._out += b"+ \r\n"
@@ -454,7 +464,6 @@ class ServerConnection(LineConnection):
         self._awaiting = None
 
 
-
 def login_ok(tag: str, capabilities: str, text: str = "Logged in.") -> bytes:
     """The tagged OK that ends a login, the backend's capabilities in it
     (as Dovecot's proxy and nginx do), so clients need not ask again."""
@@ -463,8 +472,12 @@ def login_ok(tag: str, capabilities: str, text: str = "Logged in.") -> bytes:
 
 
 def _is_tag(token) -> bool:
-    return (isinstance(token, _Atom) and 0 < len(token) <= MAX_TAG and b"+" not in token
-            and _ATOM.fullmatch(token.replace(b"]", b"a")) is not None)
+    return (
+        isinstance(token, _Atom)
+        and 0 < len(token) <= MAX_TAG
+        and b"+" not in token
+        and _ATOM.fullmatch(token.replace(b"]", b"a")) is not None
+    )
 
 
 def _no_args(args: list) -> None:
@@ -473,11 +486,16 @@ def _no_args(args: list) -> None:
 
 
 _HANDLERS = {
-    "CAPABILITY": ServerConnection._capability, "NOOP": ServerConnection._noop,
-    "LOGOUT": ServerConnection._logout, "ID": ServerConnection._id,
-    "STARTTLS": ServerConnection._starttls, "LOGIN": ServerConnection._login,
+    "CAPABILITY": ServerConnection._capability,
+    "NOOP": ServerConnection._noop,
+    "LOGOUT": ServerConnection._logout,
+    "ID": ServerConnection._id,
+    "STARTTLS": ServerConnection._starttls,
+    "LOGIN": ServerConnection._login,
     "AUTHENTICATE": ServerConnection._authenticate,
 }
 # Commands of the authenticated and selected states: "Not logged in".
-_LATER_STATES = frozenset("""ENABLE SELECT EXAMINE CREATE DELETE RENAME SUBSCRIBE UNSUBSCRIBE LIST LSUB
-NAMESPACE STATUS APPEND IDLE CHECK CLOSE UNSELECT EXPUNGE SEARCH FETCH STORE COPY MOVE UID""".split())
+_LATER_STATES = frozenset(
+    """ENABLE SELECT EXAMINE CREATE DELETE RENAME SUBSCRIBE UNSUBSCRIBE LIST LSUB
+NAMESPACE STATUS APPEND IDLE CHECK CLOSE UNSELECT EXPUNGE SEARCH FETCH STORE COPY MOVE UID""".split()
+)

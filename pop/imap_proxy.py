@@ -16,6 +16,7 @@ client is throttled, [INUSE] while the mailbox is being moved.
 Everything runs in Python (pop-proxy's C engine is POP3 only). Settings in
 [imap] (docs/imap.md); SIGHUP and SIGTERM as for pop-proxy.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,12 @@ log = logging.getLogger("imap-proxy")
 GREETING = "IMAP ready."
 TOO_MANY = b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n"
 # The core's codes as RFC 5530 response codes (others pass as they are).
-IMAP_CODES = {core.FAILED: "AUTHENTICATIONFAILED", core.TEMPORARY: "UNAVAILABLE",
-              core.IN_USE: "INUSE", core.THROTTLED: "UNAVAILABLE"}
+IMAP_CODES = {
+    core.FAILED: "AUTHENTICATIONFAILED",
+    core.TEMPORARY: "UNAVAILABLE",
+    core.IN_USE: "INUSE",
+    core.THROTTLED: "UNAVAILABLE",
+}
 # Codes a backend may give after a good password; passed on to the client.
 PASSED_CODES = {"UNAVAILABLE", "INUSE", "LIMIT", "EXPIRED", "CONTACTADMIN"}
 
@@ -43,10 +48,15 @@ class ImapProxyServer(core.ProxyCore):
     name = "imap-proxy"
 
     def make_backend(self, cfg: dict) -> ImapBackendLogin:
-        return ImapBackendLogin(tls=cfg["backend_tls"], ssl_context=core.backend_ssl_context(cfg),
-                                connect_timeout=cfg["backend_connect_timeout"],
-                                retries=cfg["backend_retries"], retry_delay=cfg["backend_retry_delay"],
-                                timeout=cfg["backend_timeout"], forward_id=cfg["backend_id"])
+        return ImapBackendLogin(
+            tls=cfg["backend_tls"],
+            ssl_context=core.backend_ssl_context(cfg),
+            connect_timeout=cfg["backend_connect_timeout"],
+            retries=cfg["backend_retries"],
+            retry_delay=cfg["backend_retry_delay"],
+            timeout=cfg["backend_timeout"],
+            forward_id=cfg["backend_id"],
+        )
 
     def logged_in(self, answer: bytes) -> bool:
         return status(answer)[1] == b"OK"
@@ -72,14 +82,17 @@ class ImapClientSide(core.FrontSession):
     greeting = GREETING
 
     def new_conn(self) -> ServerConnection:
-        return ServerConnection(starttls=self.server.tls_context is not None, tls_active=self.implicit_tls,
-                                plaintext_auth=self.server.cfg["plaintext_auth"])
+        return ServerConnection(
+            starttls=self.server.tls_context is not None,
+            tls_active=self.implicit_tls,
+            plaintext_auth=self.server.cfg["plaintext_auth"],
+        )
 
     def connection_made(self, transport) -> None:
         if self.start(transport, admitted=False):
             self._flush()
 
-    def other_event(self, event) -> None:      # the state machine has no other events
+    def other_event(self, event) -> None:  # the state machine has no other events
         raise AssertionError(f"unexpected event {event!r}")
 
     def reject(self, code: str, text: str) -> None:
@@ -99,9 +112,14 @@ def settings(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = core.arg_parser(
-        "imap-proxy", "IMAP distributor: relays each user to their mailhost. SIGHUP re-reads "
+        "imap-proxy",
+        "IMAP distributor: relays each user to their mailhost. SIGHUP re-reads "
         "the settings for new sessions; SIGTERM stops accepting and gives open sessions shutdown_grace "
-        "seconds to end.", "imap", "STARTTLS", "IMAPS")
+        "seconds to end.",
+        "imap",
+        "STARTTLS",
+        "IMAPS",
+    )
     args = p.parse_args(argv)
     return exit_on_config_error("imap-proxy", lambda: start(args))
 

@@ -14,6 +14,7 @@ states). No sockets here: pop3d asks, this reads and renames files.
   size is read once per process and remembered by file identity.
 * DELE only marks; files are unlinked at QUIT (`commit()`); RSET unmarks.
 """
+
 from __future__ import annotations
 
 import errno
@@ -27,8 +28,8 @@ from dataclasses import dataclass
 from .protocol import MessageSize
 
 READ_CHUNK = 256 * 1024
-MAX_MESSAGES = 1_000_000       # a session lists at most this many (bounded memory)
-MAX_TOP_LINE = 64 * 1024       # TOP reads lines of at most this many bytes
+MAX_MESSAGES = 1_000_000  # a session lists at most this many (bounded memory)
+MAX_TOP_LINE = 64 * 1024  # TOP reads lines of at most this many bytes
 # Mailboxes open in this process: also covers a Maildir that does not exist
 # yet (nothing to flock); the flock covers other processes.
 _open_here: set[str] = set()

@@ -16,6 +16,7 @@ sessions get the new trusted_networks, pop3d_failure_delay,
 pop3d_timeout and pop3d_dummy_hash, open ones keep theirs; pop3d_listen, root and layout need a
 restart; a bad file is logged and the old settings stay.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,18 +33,25 @@ from pwmail.base.logsetup import setup_logging
 from . import config as popconfig
 from . import crypt
 from .mailbox import MailboxBusy, MaildirMailbox
-from .protocol import (NEED_DATA, NEED_REPLY, Closed, Command, Login, RemoteProtocolError,
-                       ServerConnection, XClient)
+from .protocol import NEED_DATA, NEED_REPLY, Closed, Command, Login, RemoteProtocolError, ServerConnection, XClient
 
 log = logging.getLogger("pop3d")
 READ_SIZE = 65536
-DRAIN_ABOVE = 256 * 1024      # write buffer allowed before awaiting drain
-RESTART_ONLY = ("pop3d_listen", "root", "layout")    # SIGHUP warns and keeps these
+DRAIN_ABOVE = 256 * 1024  # write buffer allowed before awaiting drain
+RESTART_ONLY = ("pop3d_listen", "root", "layout")  # SIGHUP warns and keeps these
 
 
 class Pop3Server:
-    def __init__(self, layout: MailboxLayout, pw: AsyncClient, *, trusted=(), failure_delay: float = 2.0,
-                 timeout: float = 600.0, dummy_hash: str = ""):
+    def __init__(
+        self,
+        layout: MailboxLayout,
+        pw: AsyncClient,
+        *,
+        trusted=(),
+        failure_delay: float = 2.0,
+        timeout: float = 600.0,
+        dummy_hash: str = "",
+    ):
         self.layout = layout
         self.pw = pw
         self.dummy_model: str | None = None
@@ -110,7 +118,7 @@ class Pop3Server:
         hashed = entry.hash if entry is not None else None
         ok = await loop.run_in_executor(None, self.dummy.check, password, hashed)
         if ok and entry.expire is not None and entry.expire > 0 and time.time() // 86400 >= entry.expire:
-            ok = False          # expired account (shadow(5); 0 means none, as in shadow-utils)
+            ok = False  # expired account (shadow(5); 0 means none, as in shadow-utils)
         if not ok:
             return "AUTH", "Authentication failed."
         try:
@@ -156,7 +164,7 @@ class Pop3Session:
                 await self.writer.drain()
                 try:
                     data = await asyncio.wait_for(self.reader.read(READ_SIZE), self.timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     conn.abort("Disconnected for inactivity.")
                     break
                 try:
@@ -199,8 +207,14 @@ class Pop3Session:
         if code is None:
             self.mailbox, self.user = box, event.user
             count, size = box.stat()
-            log.info("login user=%s from=%s:%s method=%s messages=%d", event.user, self.addr, self.port,
-                     event.mechanism, count)
+            log.info(
+                "login user=%s from=%s:%s method=%s messages=%d",
+                event.user,
+                self.addr,
+                self.port,
+                event.mechanism,
+                count,
+            )
             self.conn.accept_login(f"Logged in, {count} messages ({size} octets).")
             return
         log.info("login failed user=%s from=%s:%s code=%s", event.user, self.addr, self.port, code)
@@ -289,19 +303,28 @@ async def serve(args, cfg) -> None:
     that a SIGHUP compares file with file."""
     layout = MailboxLayout(args.root or cfg["root"], args.layout or cfg["layout"])
     pw = AsyncClient.from_config(args.pwserver_conf)
-    server = Pop3Server(layout, pw, trusted=args.trusted or cfg["trusted_networks"],
-                        failure_delay=cfg["pop3d_failure_delay"], timeout=cfg["pop3d_timeout"],
-                        dummy_hash=cfg["pop3d_dummy_hash"])
+    server = Pop3Server(
+        layout,
+        pw,
+        trusted=args.trusted or cfg["trusted_networks"],
+        failure_delay=cfg["pop3d_failure_delay"],
+        timeout=cfg["pop3d_timeout"],
+        dummy_hash=cfg["pop3d_dummy_hash"],
+    )
     grace = float(cfg["shutdown_grace"])
     sock = daemon.listening_socket(args.listen or cfg["pop3d_listen"], 110)
     srv = await asyncio.start_server(server.handle, sock=sock, limit=READ_SIZE, backlog=daemon.LISTEN_BACKLOG)
+
     def reload() -> None:
         nonlocal cfg, grace
         new = daemon.reread_settings(lambda: popconfig.load(args.config), cfg, RESTART_ONLY)
         new_grace = float(new["shutdown_grace"])
-        server.configure(trusted=args.trusted or new["trusted_networks"],
-                         failure_delay=new["pop3d_failure_delay"], timeout=new["pop3d_timeout"],
-                         dummy_hash=new["pop3d_dummy_hash"])
+        server.configure(
+            trusted=args.trusted or new["trusted_networks"],
+            failure_delay=new["pop3d_failure_delay"],
+            timeout=new["pop3d_timeout"],
+            dummy_hash=new["pop3d_dummy_hash"],
+        )
         cfg, grace = new, new_grace
         setup_logging("pop3d", stderr=args.log_stderr, daemon=True)
         log.info("reloaded settings")
@@ -311,7 +334,7 @@ async def serve(args, cfg) -> None:
     log.info("serving %s on %s", layout, sock.getsockname())
     try:
         await daemon.wait_for_signal(stop)
-        srv.close()                 # new connections are refused from here on
+        srv.close()  # new connections are refused from here on
         left = await daemon.drain(lambda: server.sessions, grace, "sessions")
         if left:
             log.warning("stopping: %d session(s) still open after %g s are cut", left, grace)
@@ -324,14 +347,19 @@ async def serve(args, cfg) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="pop3d", description="POP3 server over hashed Maildirs. SIGTERM: stop listening, let open sessions "
+        prog="pop3d",
+        description="POP3 server over hashed Maildirs. SIGTERM: stop listening, let open sessions "
         "finish for up to [pop] shutdown_grace seconds, then close them. SIGHUP: re-read [pop] (for new "
-        "sessions) and re-open logging.")
+        "sessions) and re-open logging.",
+    )
     p.add_argument("--listen", help="HOST:PORT (default [pop] pop3d_listen)")
     p.add_argument("--root", help="storage root (default [pop] root)")
     p.add_argument("--layout", choices=SCHEMES, help="hash scheme (default [pop] layout)")
-    p.add_argument("--trusted", action="append",
-                   help="network allowed XCLIENT (a proxy); repeatable; replaces [pop] trusted_networks")
+    p.add_argument(
+        "--trusted",
+        action="append",
+        help="network allowed XCLIENT (a proxy); repeatable; replaces [pop] trusted_networks",
+    )
     cli.add_common_flags(p)
     args = p.parse_args(argv)
     return exit_on_config_error("pop3d", lambda: start(args))
@@ -340,8 +368,11 @@ def main(argv: list[str] | None = None) -> int:
 def start(args) -> int:
     cfg = popconfig.load(args.config)
     # the flags checked only: serve() applies them, cfg stays the file's (SIGHUP compares file with file)
-    popconfig.SECTION.override(dict(cfg), {"pop3d_listen": args.listen, "trusted_networks": args.trusted},
-                               names={"pop3d_listen": "--listen", "trusted_networks": "--trusted"})
+    popconfig.SECTION.override(
+        dict(cfg),
+        {"pop3d_listen": args.listen, "trusted_networks": args.trusted},
+        names={"pop3d_listen": "--listen", "trusted_networks": "--trusted"},
+    )
     setup_logging("pop3d", stderr=args.log_stderr, daemon=True)
     daemon.raise_nofile()
     daemon.run(serve(args, cfg))

@@ -25,28 +25,29 @@ Two error types, as in h11: RemoteProtocolError is the peer's fault and ends
 the session (its final `-ERR` is already queued in `data_to_send()`);
 LocalProtocolError is a bug in the caller (answering twice, for instance).
 """
+
 from __future__ import annotations
 
 import base64
 import binascii
 import enum
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 # --- Limits (DESIGN decision 10: every size or count a peer controls) ----------
-MAX_LINE = 1024            # bytes of one input line with its CRLF; RFC 2449 says
-                           # 255 for commands, but an AUTH PLAIN initial response
-                           # with a 255-byte name and password needs ~700
-MAX_ARG = 255              # bytes of one argument (RFC 2449)
-MAX_VERB = 16              # letters of a command keyword (XCLIENT is 7)
-MAX_NUMBER_DIGITS = 9      # message numbers and TOP line counts
-MAX_BAD_COMMANDS = 10      # unknown or malformed commands before we hang up
-MAX_AUTH_ATTEMPTS = 3      # failed logins on one connection before we hang up
+MAX_LINE = 1024  # bytes of one input line with its CRLF; RFC 2449 says
+# 255 for commands, but an AUTH PLAIN initial response
+# with a 255-byte name and password needs ~700
+MAX_ARG = 255  # bytes of one argument (RFC 2449)
+MAX_VERB = 16  # letters of a command keyword (XCLIENT is 7)
+MAX_NUMBER_DIGITS = 9  # message numbers and TOP line counts
+MAX_BAD_COMMANDS = 10  # unknown or malformed commands before we hang up
+MAX_AUTH_ATTEMPTS = 3  # failed logins on one connection before we hang up
 MAX_XCLIENT_ATTRS = 8
 MAX_PENDING_INPUT = 64 * 1024  # unparsed input (pipelined commands) held before more is refused
 
-NEED_DATA = "NEED_DATA"    # sentinels returned by next_event()
+NEED_DATA = "NEED_DATA"  # sentinels returned by next_event()
 NEED_REPLY = "NEED_REPLY"
 
 
@@ -72,8 +73,8 @@ class State(enum.Enum):
 @dataclass(frozen=True)
 class Login:
     user: str
-    password: str = field(repr=False)      # never in a repr, hence never in a log
-    mechanism: str = "USER"                 # "USER" (USER/PASS) or "PLAIN"
+    password: str = field(repr=False)  # never in a repr, hence never in a log
+    mechanism: str = "USER"  # "USER" (USER/PASS) or "PLAIN"
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,15 @@ class Closed:
 # argument is a decimal number. QUIT ends the session after the application
 # has done the UPDATE state's work.
 TRANSACTION_COMMANDS = {
-    "STAT": (0, 0), "LIST": (0, 1), "RETR": (1, 1), "DELE": (1, 1),
-    "NOOP": (0, 0), "RSET": (0, 0), "TOP": (2, 2), "UIDL": (0, 1), "QUIT": (0, 0),
+    "STAT": (0, 0),
+    "LIST": (0, 1),
+    "RETR": (1, 1),
+    "DELE": (1, 1),
+    "NOOP": (0, 0),
+    "RSET": (0, 0),
+    "TOP": (2, 2),
+    "UIDL": (0, 1),
+    "QUIT": (0, 0),
 }
 
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
@@ -162,7 +170,7 @@ class MultilineEncoder:
             chunk = chunk[:-1]
         if not chunk:
             return b""
-        if b"\r" in chunk:      # the common LF-only file skips a pass
+        if b"\r" in chunk:  # the common LF-only file skips a pass
             chunk = chunk.replace(b"\r\n", b"\n")
         data = chunk.replace(b"\n", b"\r\n")
         if b"\n." in data:
@@ -199,13 +207,13 @@ class MessageSize:
 
     def __init__(self) -> None:
         self._size = 0
-        self._last = b""        # the last byte fed so far
+        self._last = b""  # the last byte fed so far
 
     def feed(self, chunk: bytes) -> None:
         if not chunk:
             return
         self._size += crlf_size(chunk)
-        if self._last == b"\r" and chunk[:1] == b"\n":    # a CRLF split between chunks
+        if self._last == b"\r" and chunk[:1] == b"\n":  # a CRLF split between chunks
             self._size -= 1
         self._last = chunk[-1:]
 
@@ -226,7 +234,7 @@ class LineConnection:
 
     max_line = MAX_LINE
     max_pending_input = MAX_PENDING_INPUT
-    limit_code: str | None = None       # the response code of a broken limit
+    limit_code: str | None = None  # the response code of a broken limit
 
     def __init__(self) -> None:
         self._in = bytearray()
@@ -269,7 +277,7 @@ class LineConnection:
                 self._fatal("Line too long", self.limit_code)
             return None
         line = bytes(self._in[:i])
-        del self._in[:i + 1]
+        del self._in[: i + 1]
         if line.endswith(b"\r"):
             line = line[:-1]
         return line
@@ -283,9 +291,15 @@ class ServerConnection(LineConnection):
     xclient: the peer is a trusted proxy: greet with [XCLIENT] and accept it.
     """
 
-    def __init__(self, *, stls: bool = False, tls_active: bool = False,
-                 plaintext_auth: bool = True, xclient: bool = False,
-                 implementation: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        stls: bool = False,
+        tls_active: bool = False,
+        plaintext_auth: bool = True,
+        xclient: bool = False,
+        implementation: str | None = None,
+    ) -> None:
         super().__init__()
         self.state = State.AUTHORIZATION
         self.tls_active = tls_active
@@ -293,9 +307,9 @@ class ServerConnection(LineConnection):
         self._plaintext_auth = plaintext_auth
         self._xclient = xclient
         self._implementation = implementation
-        self._user: str | None = None           # from USER, waiting for PASS
-        self._awaiting: object | None = None    # event waiting for the application's reply
-        self._auth_continue = False             # sent "+ ", waiting for the SASL response
+        self._user: str | None = None  # from USER, waiting for PASS
+        self._awaiting: object | None = None  # event waiting for the application's reply
+        self._auth_continue = False  # sent "+ ", waiting for the SASL response
         self._in_body: MultilineEncoder | None = None
         self._xclient_done = False
         self.bad_commands = 0
@@ -473,7 +487,7 @@ class ServerConnection(LineConnection):
         numbers = tuple(_number(a) for a in args)
         if any(n is None for n in numbers):
             return self._bad("Invalid number")
-        if numbers and numbers[0] == 0:        # message numbers start at 1
+        if numbers and numbers[0] == 0:  # message numbers start at 1
             return self._bad("No such message")
         return Command(verb, numbers)
 
@@ -574,9 +588,12 @@ class ServerConnection(LineConnection):
 # listed only for the other state gets "Not logged in" / "Already logged in".
 _HANDLERS = {
     State.AUTHORIZATION: {
-        "CAPA": ServerConnection._capa, "QUIT": ServerConnection._quit_early,
-        "STLS": ServerConnection._stls, "XCLIENT": ServerConnection._xclient_command,
-        "USER": ServerConnection._user_command, "PASS": ServerConnection._pass_command,
+        "CAPA": ServerConnection._capa,
+        "QUIT": ServerConnection._quit_early,
+        "STLS": ServerConnection._stls,
+        "XCLIENT": ServerConnection._xclient_command,
+        "USER": ServerConnection._user_command,
+        "PASS": ServerConnection._pass_command,
         "AUTH": ServerConnection._auth_command,
     },
     State.TRANSACTION: {

@@ -18,6 +18,7 @@ theirs (a new engine takes the listener, the old one drains). SIGTERM
 stops accepting, gives the open sessions `shutdown_grace` seconds, then
 closes the rest and exits 0.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -44,10 +45,14 @@ PASSED_CODES = {"IN-USE", "LOGIN-DELAY", "SYS/TEMP", "SYS/PERM"}
 
 
 def backend_login(cfg: dict) -> BackendLogin:
-    return BackendLogin(tls=cfg["backend_tls"], ssl_context=core.backend_ssl_context(cfg),
-                        connect_timeout=cfg["backend_connect_timeout"],
-                        retries=cfg["backend_retries"], retry_delay=cfg["backend_retry_delay"],
-                        timeout=cfg["backend_timeout"])
+    return BackendLogin(
+        tls=cfg["backend_tls"],
+        ssl_context=core.backend_ssl_context(cfg),
+        connect_timeout=cfg["backend_connect_timeout"],
+        retries=cfg["backend_retries"],
+        retry_delay=cfg["backend_retry_delay"],
+        timeout=cfg["backend_timeout"],
+    )
 
 
 class ProxyServer(core.ProxyCore):
@@ -58,10 +63,10 @@ class ProxyServer(core.ProxyCore):
     restart_only = core.ProxyCore.restart_only + ("engine", "lookup_threads")
 
     def __init__(self, cfg: dict, pw: AsyncClient, tls_context=None):
-        super().__init__(cfg, pw, tls_context)             # the throttle is shared with the engines
+        super().__init__(cfg, pw, tls_context)  # the throttle is shared with the engines
         self.engine: popengine.Engine | None = None
-        self.listen_sock: socket.socket | None = None     # the engine's listener
-        self.old_engines: list[popengine.Engine] = []      # draining after a reload
+        self.listen_sock: socket.socket | None = None  # the engine's listener
+        self.old_engines: list[popengine.Engine] = []  # draining after a reload
 
     def make_backend(self, cfg: dict) -> BackendLogin:
         return backend_login(cfg)
@@ -151,7 +156,7 @@ class ProxyServer(core.ProxyCore):
     async def _take_over(self, h: popengine.Handoff) -> None:
         try:
             await asyncio.get_running_loop().connect_accepted_socket(lambda: ClientSide(self, handoff=h), h.sock)
-        except OSError as e:            # out of descriptors, for one: the client gets a close
+        except OSError as e:  # out of descriptors, for one: the client gets a close
             log.warning("client %s:%s: cannot take over from the engine: %s", h.addr, h.port, e)
             self.stats["handoff_failed"] += 1
             h.sock.close()
@@ -164,14 +169,16 @@ class ClientSide(core.FrontSession):
     too_many = TOO_MANY
     greeting = GREETING
 
-    def __init__(self, server: ProxyServer, implicit_tls: bool = False,
-                 handoff: popengine.Handoff | None = None):
+    def __init__(self, server: ProxyServer, implicit_tls: bool = False, handoff: popengine.Handoff | None = None):
         super().__init__(server, implicit_tls)
-        self.handoff = handoff             # a session the engine began
+        self.handoff = handoff  # a session the engine began
 
     def new_conn(self) -> ServerConnection:
-        return ServerConnection(stls=self.server.tls_context is not None, tls_active=self.implicit_tls,
-                                plaintext_auth=self.server.cfg["plaintext_auth"])
+        return ServerConnection(
+            stls=self.server.tls_context is not None,
+            tls_active=self.implicit_tls,
+            plaintext_auth=self.server.cfg["plaintext_auth"],
+        )
 
     def other_event(self, event) -> None:
         self.conn.reply_err("Not supported.")  # XClient is never offered to clients
@@ -198,30 +205,29 @@ class ClientSide(core.FrontSession):
         conn, login = self.conn, None
         try:
             if h.answered:
-                conn.receive_data(h.history[:h.answered])
+                conn.receive_data(h.history[: h.answered])
                 while (event := conn.next_event()) is not NEED_DATA and event is not NEED_REPLY:
                     login = event
             conn.data_to_send()
-            rest = h.history[h.answered:] + h.more     # one feed: the input cap counts before each
+            rest = h.history[h.answered :] + h.more  # one feed: the input cap counts before each
             if rest:
                 conn.receive_data(rest)
             if h.eof:
                 conn.receive_data(b"")
-        except RemoteProtocolError as e:      # cannot happen for bytes the engine answered
+        except RemoteProtocolError as e:  # cannot happen for bytes the engine answered
             self._protocol_error(e)
             return
-        self.transport.pause_reading()     # (as the login and STLS below expect)
+        self.transport.pause_reading()  # (as the login and STLS below expect)
         if isinstance(login, Login):
             result = h.result
-            self.task = asyncio.get_running_loop().create_task(
-                self._login(login, result, h.started or None))
+            self.task = asyncio.get_running_loop().create_task(self._login(login, result, h.started or None))
             return
         self._process()
         if not (self.closing or self.tls_pending or self.write_paused or self.task is not None):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        if self.handoff is not None:      # before _adopt
+        if self.handoff is not None:  # before _adopt
             self.handoff.more += data
             return
         super().data_received(data)
@@ -247,26 +253,32 @@ def start_engine(server: ProxyServer, sock: socket.socket, cfg: dict, *, stls: b
             socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
             backends[name] = (host, port)
         except (ValueError, OSError):
-            backends[name] = None          # a name to resolve: logins to it go to Python
+            backends[name] = None  # a name to resolve: logins to it go to Python
     texts = popengine.answers(GREETING, stls=stls, plaintext_auth=cfg["plaintext_auth"])
-    engine = popengine.Engine(cfg, sock, texts, TOO_MANY, backends, throttle=server.throttle,
-                              on_handoff=server.engine_handoff)
+    engine = popengine.Engine(
+        cfg, sock, texts, TOO_MANY, backends, throttle=server.throttle, on_handoff=server.engine_handoff
+    )
     engine.start(on_exit=server.engine_finished)
     return engine
 
 
 def main(argv: list[str] | None = None) -> int:
     p = core.arg_parser(
-        "pop-proxy", "POP3 distributor: relays each user to their mailhost. SIGHUP re-reads "
+        "pop-proxy",
+        "POP3 distributor: relays each user to their mailhost. SIGHUP re-reads "
         "the settings for new sessions; SIGTERM stops accepting and gives open sessions shutdown_grace "
-        "seconds to end.", "pop", "STLS", "POP3S")
+        "seconds to end.",
+        "pop",
+        "STLS",
+        "POP3S",
+    )
     args = p.parse_args(argv)
     return exit_on_config_error("pop-proxy", lambda: start(args))
 
 
 def start(args) -> int:
     cfg = settings(args)
-    if args.pwserver_conf:      # the engine's lookups read it from the environment, as NSS does
+    if args.pwserver_conf:  # the engine's lookups read it from the environment, as NSS does
         os.environ["PWSERVER_CONF"] = args.pwserver_conf
     core.setup_process("pop-proxy", args)
     daemon.run(core.serve(args, cfg, ProxyServer, lambda: settings(args), ports=(110, 995), tls_name="POP3S"))

@@ -18,6 +18,7 @@ byte relay (pop/relay.py).
 
 serve(): listeners (plain and implicit TLS), SIGHUP reload, SIGTERM drain.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,13 +45,13 @@ from .relay import HAVE_SPLICE, SpliceRelay, TransportRelay
 log = logging.getLogger("proxy")
 
 TLS_HANDSHAKE_TIMEOUT = 30.0
-MAX_MAILHOSTS = 4096        # parsed backend addresses kept
+MAX_MAILHOSTS = 4096  # parsed backend addresses kept
 
 # The core's result codes (POP's RFC 2449/3206 names; imap-proxy maps them to RFC 5530's).
-FAILED = "AUTH"             # wrong password or unknown user: the one failure the throttle counts
-TEMPORARY = "SYS/TEMP"      # password server or backend down
-IN_USE = "IN-USE"           # the mailbox is being moved
-THROTTLED = "LOGIN-DELAY"   # too many failures
+FAILED = "AUTH"  # wrong password or unknown user: the one failure the throttle counts
+TEMPORARY = "SYS/TEMP"  # password server or backend down
+IN_USE = "IN-USE"  # the mailbox is being moved
+THROTTLED = "LOGIN-DELAY"  # too many failures
 
 AUTH_FAILED_TEXT = "Authentication failed."
 
@@ -122,7 +123,7 @@ class ProxyCore:
         fail comes first, so a failed reload changes nothing."""
         renew = self.tls_context is not None and new["tls_cert"]
         if renew:
-            tls_context(new["tls_cert"], new["tls_key"])        # a bad certificate or key raises here
+            tls_context(new["tls_cert"], new["tls_key"])  # a bad certificate or key raises here
         elif bool(new["tls_cert"]) != (self.tls_context is not None):
             log.warning("reload: tls_cert turns STARTTLS and implicit TLS on or off; that takes effect at restart")
         backend = self.make_backend(new)
@@ -191,7 +192,7 @@ class ProxyCore:
         try:
             result = await self._decide(session, event)
             return result
-        finally:             # (also when the client leaves and the task is cancelled)
+        finally:  # (also when the client leaves and the task is cancelled)
             self.throttle.end(session.addr, event.user, verdict(result))
 
     async def _decide(self, session: FrontSession, event) -> tuple:
@@ -202,7 +203,7 @@ class ProxyCore:
             self.stats["pwserver_unavailable"] += 1
             return ("err", TEMPORARY, "Authentication service unavailable, try again later.", False)
         except (PwError, ValueError):
-            entry = None               # a name the server refuses: as unknown
+            entry = None  # a name the server refuses: as unknown
         if entry is None:
             return self.failed()
         if entry.frozen:
@@ -215,8 +216,9 @@ class ProxyCore:
             return ("err", TEMPORARY, "Mail server unavailable, try again later.", False)
         host, port = address
         try:
-            backend, answer = await self.backend.login(host, port, event.user, event.password,
-                                                       (session.addr, session.port))
+            backend, answer = await self.backend.login(
+                host, port, event.user, event.password, (session.addr, session.port)
+            )
         except BackendError as e:
             return self.backend_failed(entry.host, event.user, e)
         if self.logged_in(answer):
@@ -258,17 +260,17 @@ class FrontSession(asyncio.Protocol):
     Login: type = object
     StartTLS: type = object
     Closed: type = object
-    too_many = b""               # the answer to a connection over the limits
+    too_many = b""  # the answer to a connection over the limits
     greeting = ""
 
     def __init__(self, server: ProxyCore, implicit_tls: bool = False):
         self.server = server
-        self.implicit_tls = implicit_tls   # TLS from the first byte
+        self.implicit_tls = implicit_tls  # TLS from the first byte
         self.transport = None
         self.conn = None
         self.addr, self.port = "?", 0
         self.timer: asyncio.TimerHandle | None = None
-        self.active_at = 0.0         # last complete command (prelogin_timeout counts from here)
+        self.active_at = 0.0  # last complete command (prelogin_timeout counts from here)
         self.task: asyncio.Task | None = None
         self.relay = None
         self.backend_name = ""
@@ -277,7 +279,7 @@ class FrontSession(asyncio.Protocol):
         self.counted = False
         self.detached = False
         self.closing = False
-        self.tls_pending = False     # between the answer to STARTTLS and start_tls() returning
+        self.tls_pending = False  # between the answer to STARTTLS and start_tls() returning
         self.write_paused = False
 
     # --- what a front end says -------------------------------------------------------------
@@ -333,7 +335,7 @@ class FrontSession(asyncio.Protocol):
         except RemoteProtocolError as e:
             self._protocol_error(e)
             return
-        if not self.tls_pending:       # else _start_tls processes it on the new transport
+        if not self.tls_pending:  # else _start_tls processes it on the new transport
             self._process()
 
     def eof_received(self):
@@ -346,7 +348,7 @@ class FrontSession(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         if self.detached:
-            return          # the socket lives on in a SpliceRelay
+            return  # the socket lives on in a SpliceRelay
         if self.task is not None and not self.task.done():
             self.task.cancel()
         if self.relay is not None:
@@ -447,8 +449,13 @@ class FrontSession(asyncio.Protocol):
     async def _start_tls(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            self.transport = await loop.start_tls(self.transport, self, self.server.tls_context,
-                                                  server_side=True, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+            self.transport = await loop.start_tls(
+                self.transport,
+                self,
+                self.server.tls_context,
+                server_side=True,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+            )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as e:
             log.info("client %s:%s: TLS handshake failed: %s", self.addr, self.port, e)
             self.transport.abort()
@@ -504,8 +511,10 @@ class FrontSession(asyncio.Protocol):
             backend.close()
             self.transport.close()
             return
-        plain = self.transport.get_extra_info("sslcontext") is None and \
-            backend.transport.get_extra_info("sslcontext") is None
+        plain = (
+            self.transport.get_extra_info("sslcontext") is None
+            and backend.transport.get_extra_info("sslcontext") is None
+        )
         if self.server.use_splice and plain and self.transport.get_write_buffer_size() == 0:
             backend.transport.pause_reading()
             csock = _dup_socket(self.transport)
@@ -514,27 +523,47 @@ class FrontSession(asyncio.Protocol):
             backend.relay = _Detached()
             self.transport.abort()
             backend.transport.abort()
-            self.relay = SpliceRelay(loop, csock, bsock, to_client=to_client, to_backend=to_backend,
-                                     pipe_size=cfg["relay_buffer"], idle_timeout=cfg["idle_timeout"],
-                                     on_close=self._relay_closed)
+            self.relay = SpliceRelay(
+                loop,
+                csock,
+                bsock,
+                to_client=to_client,
+                to_backend=to_backend,
+                pipe_size=cfg["relay_buffer"],
+                idle_timeout=cfg["idle_timeout"],
+                on_close=self._relay_closed,
+            )
             self.relay.start()
             return
-        relay = TransportRelay(loop, self.transport, backend.transport, buffer=cfg["relay_buffer"],
-                               idle_timeout=cfg["idle_timeout"], on_close=self._relay_closed)
+        relay = TransportRelay(
+            loop,
+            self.transport,
+            backend.transport,
+            buffer=cfg["relay_buffer"],
+            idle_timeout=cfg["idle_timeout"],
+            on_close=self._relay_closed,
+        )
         self.relay = relay
         backend.relay = relay
         relay.from_backend(to_client)
         if to_backend:
             relay.from_client(to_backend)
         self.transport.resume_reading()
-        backend.transport.resume_reading()   # in case the login exchange paused it
+        backend.transport.resume_reading()  # in case the login exchange paused it
 
     def _relay_closed(self, error) -> None:
         if error is not None:
             log.warning("relay %s:%s <-> %s: %s", self.addr, self.port, self.backend_name, error)
-        log.info("logout user=%s from=%s:%s backend=%s seconds=%.1f in=%d out=%d", self.user, self.addr,
-                 self.port, self.backend_name, asyncio.get_running_loop().time() - self.logged_in_at,
-                 self.relay.bytes_up, self.relay.bytes_down)
+        log.info(
+            "logout user=%s from=%s:%s backend=%s seconds=%.1f in=%d out=%d",
+            self.user,
+            self.addr,
+            self.port,
+            self.backend_name,
+            asyncio.get_running_loop().time() - self.logged_in_at,
+            self.relay.bytes_up,
+            self.relay.bytes_down,
+        )
         self._release()
 
 
@@ -572,20 +601,23 @@ def arg_parser(prog: str, description: str, section: str, protocol: str, tls_nam
     """The flags both proxies take, over their settings section."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--listen", help=f"HOST:PORT (default [{section}] listen)")
-    p.add_argument("--backend-port", type=int,
-                   help=f"port of backends given without one (default [{section}] backend_port)")
+    p.add_argument(
+        "--backend-port", type=int, help=f"port of backends given without one (default [{section}] backend_port)"
+    )
     p.add_argument("--tls-cert", help=f"PEM certificate chain for {protocol} (default [{section}] tls_cert)")
     p.add_argument("--tls-key", help=f"PEM private key for {protocol} (default [{section}] tls_key)")
-    p.add_argument("--tls-listen", help=f"HOST:PORT for {tls_name}, TLS from the start "
-                   f"(default [{section}] tls_listen, off)")
+    p.add_argument(
+        "--tls-listen", help=f"HOST:PORT for {tls_name}, TLS from the start (default [{section}] tls_listen, off)"
+    )
     cli.add_common_flags(p)
     return p
 
 
 def with_flags(section: Section, cfg: dict, args) -> dict:
     """The settings section with the command line's flags over it (checked as the file's values are)."""
-    cfg = section.override(cfg, {key: getattr(args, key)
-                                 for key in ("listen", "tls_listen", "tls_cert", "tls_key", "backend_port")})
+    cfg = section.override(
+        cfg, {key: getattr(args, key) for key in ("listen", "tls_listen", "tls_cert", "tls_key", "backend_port")}
+    )
     if cfg["tls_listen"] and not cfg["tls_cert"]:
         raise ConfigError(f"tls_listen needs tls_cert and tls_key (in [{section.name}], or --tls-cert and --tls-key)")
     return cfg
@@ -601,8 +633,15 @@ def setup_process(name: str, args) -> None:
     daemon.raise_nofile()
 
 
-async def serve(args, cfg: dict, make_server: Callable[[dict, AsyncClient, ssl.SSLContext | None], ProxyCore],
-                settings: Callable[[], dict], *, ports: tuple[int, int], tls_name: str) -> None:
+async def serve(
+    args,
+    cfg: dict,
+    make_server: Callable[[dict, AsyncClient, ssl.SSLContext | None], ProxyCore],
+    settings: Callable[[], dict],
+    *,
+    ports: tuple[int, int],
+    tls_name: str,
+) -> None:
     """Run a proxy until SIGTERM: the plain listener (STARTTLS when a
     certificate is set), the implicit-TLS one when tls_listen is set."""
     pw = AsyncClient.from_config(args.pwserver_conf)
@@ -618,20 +657,33 @@ async def serve(args, cfg: dict, make_server: Callable[[dict, AsyncClient, ssl.S
     tls_listen = cfg["tls_listen"]
     if tls_listen:
         tls_sock = daemon.listening_socket(tls_listen, ports[1])
-        servers.append(await loop.create_server(server.tls_protocol, sock=tls_sock, ssl=ctx,
-                                                backlog=daemon.LISTEN_BACKLOG,
-                                                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT))
+        servers.append(
+            await loop.create_server(
+                server.tls_protocol,
+                sock=tls_sock,
+                ssl=ctx,
+                backlog=daemon.LISTEN_BACKLOG,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+            )
+        )
 
     def reload() -> None:
         new = daemon.reread_settings(settings, server.cfg, server.restart_only)
         setup_logging(name, stderr=args.log_stderr, daemon=True)
         server.reload(new)
+
     stop = daemon.handle_signals(on_reload=reload)
     if tls_listen:
         daemon.announce(f"{name} ({tls_name})", tls_sock)
     daemon.announce(name, sock)
-    log.info("serving on %s (STARTTLS %s, %s %s, splice %s)", sock.getsockname(), "on" if ctx else "off",
-             tls_name, tls_listen or "off", "on" if server.use_splice else "off")
+    log.info(
+        "serving on %s (STARTTLS %s, %s %s, splice %s)",
+        sock.getsockname(),
+        "on" if ctx else "off",
+        tls_name,
+        tls_listen or "off",
+        "on" if server.use_splice else "off",
+    )
     cut = 0
     try:
         await daemon.wait_for_signal(stop)

@@ -15,17 +15,17 @@ Both close both sides when the backend closes (after flushing to the
 client), when either side fails, or after `idle_timeout` seconds with no
 byte either way. A client that half-closes gets its half-close passed on.
 """
+
 from __future__ import annotations
 
-import asyncio
 import errno
 import fcntl
 import os
 import socket
 
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-PIPE_DEFAULT = 65536       # Linux's pipe size
-COPY_CHUNK = 16384         # client -> backend is copied, at most this much per read
+PIPE_DEFAULT = 65536  # Linux's pipe size
+COPY_CHUNK = 16384  # client -> backend is copied, at most this much per read
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 HAVE_SPLICE = hasattr(os, "splice")
 _GONE = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH)
@@ -68,8 +68,9 @@ class _Direction:
     Without one (the client's commands, a few bytes each): recv and send,
     which costs fewer system calls than a pipe's creation and splices."""
 
-    def __init__(self, relay: "SpliceRelay", src: socket.socket, dst: socket.socket, pending: bytes,
-                 pipe_size: int, name: str):
+    def __init__(
+        self, relay: SpliceRelay, src: socket.socket, dst: socket.socket, pending: bytes, pipe_size: int, name: str
+    ):
         self.relay = relay
         self.src, self.dst = src, dst
         self.pending = memoryview(pending) if pending else None
@@ -81,7 +82,7 @@ class _Direction:
         self.capacity = PIPE_DEFAULT
         self.pipe_size = max(pipe_size, PIPE_DEFAULT)
         self.in_pipe = 0
-        self.total = 0           # bytes delivered to dst
+        self.total = 0  # bytes delivered to dst
         self.eof = False
         self.reading = False
         self.writing = False
@@ -124,7 +125,7 @@ class _Direction:
                 n = os.splice(self.src.fileno(), self.wfd, room, flags=SPLICE_FLAGS)
                 self.in_pipe += n
                 if n == room and self.capacity < self.pipe_size:
-                    self._grow()        # more is waiting: a big answer (RETR)
+                    self._grow()  # more is waiting: a big answer (RETR)
         except BlockingIOError:
             return
         except OSError as e:
@@ -192,9 +193,18 @@ class _Direction:
 
 
 class SpliceRelay:
-    def __init__(self, loop, client: socket.socket, backend: socket.socket, *,
-                 to_client: bytes = b"", to_backend: bytes = b"", pipe_size: int = 1 << 20,
-                 idle_timeout: float = 600.0, on_close=None):
+    def __init__(
+        self,
+        loop,
+        client: socket.socket,
+        backend: socket.socket,
+        *,
+        to_client: bytes = b"",
+        to_backend: bytes = b"",
+        pipe_size: int = 1 << 20,
+        idle_timeout: float = 600.0,
+        on_close=None,
+    ):
         self.loop = loop
         self.client, self.backend = client, backend
         self.on_close = on_close
@@ -218,10 +228,10 @@ class SpliceRelay:
 
     def direction_done(self, d: _Direction) -> None:
         if d is self.down:
-            self.close()          # the backend closed: the session is over
+            self.close()  # the backend closed: the session is over
         else:
             try:
-                self.backend.shutdown(socket.SHUT_WR)   # pass the client's half-close on
+                self.backend.shutdown(socket.SHUT_WR)  # pass the client's half-close on
             except OSError:
                 self.close()
 
@@ -244,8 +254,16 @@ class SpliceRelay:
 class TransportRelay:
     """Relay through asyncio transports (used when either side is TLS)."""
 
-    def __init__(self, loop, client_transport, backend_transport, *, buffer: int = 1 << 20,
-                 idle_timeout: float = 600.0, on_close=None):
+    def __init__(
+        self,
+        loop,
+        client_transport,
+        backend_transport,
+        *,
+        buffer: int = 1 << 20,
+        idle_timeout: float = 600.0,
+        on_close=None,
+    ):
         self.loop = loop
         self.ct, self.bt = client_transport, backend_transport
         self.on_close = on_close
@@ -295,7 +313,7 @@ class TransportRelay:
             return
         self.closed = True
         self.idle.cancel()
-        self.ct.close()           # close() sends what is buffered first
+        self.ct.close()  # close() sends what is buffered first
         self.bt.close()
         if self.on_close is not None:
             self.on_close(error)

@@ -4,6 +4,7 @@ Build options are read here, in one place. The C sources live in _csrc/;
 CDEF lists only what Python calls. cffi releases the GIL around every call,
 so the serving loop and table builds run beside the Python threads.
 """
+
 import os
 import pathlib
 import re

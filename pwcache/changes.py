@@ -9,6 +9,7 @@ users and groups, a background thread folds it into a new base (a rebuild
 from the table's own records); the batches applied meanwhile are applied
 again to the folded table before it is served.
 """
+
 from __future__ import annotations
 
 import logging
@@ -73,8 +74,9 @@ class TableChanges:
             log.error("cannot fold the table's changes: out of memory")
             return
         self._since_snapshot = []
-        self._fold_thread = threading.Thread(target=self._fold, args=(snapshot, self.core.installs),
-                                             name="pwserver-fold", daemon=True)
+        self._fold_thread = threading.Thread(
+            target=self._fold, args=(snapshot, self.core.installs), name="pwserver-fold", daemon=True
+        )
         self._fold_thread.start()
 
     def _fold(self, snapshot, installs: int) -> None:

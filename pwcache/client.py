@@ -11,6 +11,7 @@ straight to a live one; a dead server is tried again after `recheck_s`.
 `None` means the server said NOTFOUND; `Unavailable` means no server
 answered. The two are never confused.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,7 +21,8 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from . import config as config_mod
 from .health import HealthRecord
@@ -49,8 +51,16 @@ from .protocol import (
 )
 
 __all__ = [
-    "Client", "AsyncClient", "PwError", "Unavailable", "Denied", "BadRequest",
-    "PasswdEntry", "GroupEntry", "ShadowEntry", "MailhostEntry",
+    "Client",
+    "AsyncClient",
+    "PwError",
+    "Unavailable",
+    "Denied",
+    "BadRequest",
+    "PasswdEntry",
+    "GroupEntry",
+    "ShadowEntry",
+    "MailhostEntry",
 ]
 
 MAX_UDP_PACKET = 65536
@@ -100,7 +110,7 @@ class QueryPlan:
         self.timeout = timeout
         self.hedge = hedge
         self.start = now
-        self.sent: dict[Server, float] = {}      # first send of each try
+        self.sent: dict[Server, float] = {}  # first send of each try
         self.resend: dict[Server, tuple[float, float]] = {}  # next resend, interval
         self.failed: set[Server] = set()
 
@@ -160,10 +170,18 @@ def key(srv: Server) -> str:
 
 
 class _Base:
-    def __init__(self, servers: list[str] | None = None, *, timeout_ms: int | None = None,
-                 hedge_ms: int | None = None, keyfile: str | None = None,
-                 shadow_keyfile: str | None = None, health_file: str | None = "",
-                 recheck_s: float | None = None, config: config_mod.ClientConfig | None = None):
+    def __init__(
+        self,
+        servers: list[str] | None = None,
+        *,
+        timeout_ms: int | None = None,
+        hedge_ms: int | None = None,
+        keyfile: str | None = None,
+        shadow_keyfile: str | None = None,
+        health_file: str | None = "",
+        recheck_s: float | None = None,
+        config: config_mod.ClientConfig | None = None,
+    ):
         cfg = config or config_mod.ClientConfig()
         if servers:
             cfg.servers = [config_mod.parse_hostport(s) for s in servers]
@@ -181,8 +199,9 @@ class _Base:
                 self.shadow_key = read_keyfile(shadow_keyfile)
             except PermissionError:
                 self.shadow_key = None  # not root: shadow lookups will be denied
-        self.health = HealthRecord(cfg.health_file if health_file == "" else health_file,
-                                   recheck_s if recheck_s is not None else cfg.recheck_s)
+        self.health = HealthRecord(
+            cfg.health_file if health_file == "" else health_file, recheck_s if recheck_s is not None else cfg.recheck_s
+        )
         self._addr_cache: dict[Server, tuple[int, Any]] = {}
 
     @classmethod
@@ -318,8 +337,7 @@ class Client(_Base):
             wait = plan.wait(time.monotonic())
             if wait is None:
                 plan.settle(self.health, None)
-                raise Unavailable(f"no password server answered {op.name} "
-                                  f"({', '.join(key(s) for s in plan.sent)})")
+                raise Unavailable(f"no password server answered {op.name} ({', '.join(key(s) for s in plan.sent)})")
             asked = {self._udp(srv): srv for srv in plan.sent if srv not in plan.failed}
             ready, _, _ = select.select(list(asked), [], [], wait)
             for sock in ready:

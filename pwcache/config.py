@@ -3,6 +3,7 @@
 The same file is read by libnss_pwserver.so.2 (nss_module/) and by the
 Python client; this is the Python reader. `PWSERVER_CONF` names another file.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -91,16 +92,29 @@ def parse(text: str, origin: str = "<config>") -> ClientConfig:
     return cfg
 
 
-def write(path: os.PathLike | str, servers: list[str], *, timeout_ms: int | None = None,
-          hedge_ms: int | None = None, recheck_s: int | None = None, enumerate_: bool = False,
-          shadow_keyfile: os.PathLike | str | None = None, keyfile: os.PathLike | str | None = None,
-          health_file: os.PathLike | str | None = None) -> pathlib.Path:
+def write(
+    path: os.PathLike | str,
+    servers: list[str],
+    *,
+    timeout_ms: int | None = None,
+    hedge_ms: int | None = None,
+    recheck_s: int | None = None,
+    enumerate_: bool = False,
+    shadow_keyfile: os.PathLike | str | None = None,
+    keyfile: os.PathLike | str | None = None,
+    health_file: os.PathLike | str | None = None,
+) -> pathlib.Path:
     """Writes a client configuration (the test bed's hosts, tests); an
     option left out takes the client's default, the health file is beside it."""
     path = pathlib.Path(path)
     lines = [f"server {s}" for s in servers]
-    for name, value in (("timeout_ms", timeout_ms), ("hedge_ms", hedge_ms), ("recheck_s", recheck_s),
-                        ("shadow_keyfile", shadow_keyfile), ("keyfile", keyfile)):
+    for name, value in (
+        ("timeout_ms", timeout_ms),
+        ("hedge_ms", hedge_ms),
+        ("recheck_s", recheck_s),
+        ("shadow_keyfile", shadow_keyfile),
+        ("keyfile", keyfile),
+    ):
         if value is not None:
             lines.append(f"{name} {value}")
     if enumerate_:

@@ -6,6 +6,7 @@ until it is due for a recheck. One line per server known down:
 
     down HOST:PORT UNTIL_EPOCH_SECONDS
 """
+
 from __future__ import annotations
 
 import os

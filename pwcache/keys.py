@@ -1,5 +1,6 @@
 """`pwmail gen-key FILE`: a new network or shadow key (docs/protocol.md,
 "Packets"): 32 random bytes as 64 hex characters, mode 0600."""
+
 from __future__ import annotations
 
 import argparse

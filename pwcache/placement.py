@@ -4,6 +4,7 @@ The twin of pwcache/_csrc/pw_placement.c; both are tested against
 tests/vectors/placement.json. `PlacementRule.from_settings` reads the
 `[placement]` section of pwmail.toml; the server hands the same rule to C.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,12 +41,12 @@ def rendezvous_score(host: str, name: bytes, weight: float) -> float:
 
 @dataclass(frozen=True)
 class PlacementRule:
-    kind: str                                  # "ranges" or "hash"
-    hosts: tuple[tuple[str, float], ...]       # (host, weight), in order
+    kind: str  # "ranges" or "hash"
+    hosts: tuple[tuple[str, float], ...]  # (host, weight), in order
     ranges: tuple[tuple[int, int, int], ...] = ()  # (first byte, last byte, host index)
 
     @classmethod
-    def from_settings(cls, section: dict) -> "PlacementRule":
+    def from_settings(cls, section: dict) -> PlacementRule:
         kind = section.get("rule", "ranges")
         if kind == "hash":
             return cls("hash", tuple(_parse_weighted(h) for h in _strings(section, "hosts")))

@@ -3,6 +3,7 @@
 The C twin is pwcache/_csrc/pw_wire.c; both are checked against
 tests/vectors/wire.json. Packets in, values out; no sockets here.
 """
+
 from __future__ import annotations
 
 import enum
@@ -174,8 +175,16 @@ def parse_passwd(v: Any) -> PasswdEntry:
     if not isinstance(v, list) or len(v) != 8:
         raise ProtocolError("passwd record is not an array of 8")
     name, pw, uid, gid, gecos, home, shell, host = v
-    return PasswdEntry(_check_str(name), _check_str(pw), _check_int(uid), _check_int(gid),
-                       _check_str(gecos), _check_str(home), _check_str(shell), _check_str(host))
+    return PasswdEntry(
+        _check_str(name),
+        _check_str(pw),
+        _check_int(uid),
+        _check_int(gid),
+        _check_str(gecos),
+        _check_str(home),
+        _check_str(shell),
+        _check_str(host),
+    )
 
 
 def parse_group(v: Any) -> GroupEntry:
@@ -257,6 +266,7 @@ def parse_payload(op: Op, payload: Any) -> Any:
 
 # ---- sealing (XChaCha20-Poly1305, docs/protocol.md "Packets") -----------
 
+
 def parse_key(text: str | bytes) -> bytes:
     if isinstance(text, bytes):
         text = text.decode("ascii", "replace")
@@ -295,7 +305,7 @@ def unseal(key: bytes, packet: bytes) -> bytes:
 
     if not sealed_key_id(packet):
         raise ProtocolError("packet is not sealed")
-    head, nonce, ct = packet[:2], packet[2:2 + SEAL_NONCE], packet[2 + SEAL_NONCE:]
+    head, nonce, ct = packet[:2], packet[2 : 2 + SEAL_NONCE], packet[2 + SEAL_NONCE :]
     try:
         return crypto_aead_xchacha20poly1305_ietf_decrypt(ct, head, nonce, key)
     except CryptoError:

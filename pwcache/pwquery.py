@@ -9,15 +9,16 @@ Exit codes (as getent where it has one):
   77  denied: shadow needs the shadow key (EX_NOPERM)
   78  configuration error: the client configuration, a key file or a flag (EX_CONFIG)
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-from .client import BadRequest, Client, Denied, Unavailable
 from pwmail.base.errors import EX_CONFIG
 
+from .client import BadRequest, Client, Denied, Unavailable
 from .config import ConfigError
 from .protocol import Op
 
@@ -46,13 +47,21 @@ def render(db: str, key: str, result) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="pwquery", description="Query pwserver directly (not through NSS).",
-        epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--server", action="append", metavar="HOST:PORT",
-                    help="server to ask, repeat in priority order (default: from /etc/pwserver.conf)")
-    ap.add_argument("--pwserver-conf", metavar="F",
-                    help="client configuration file (default $PWSERVER_CONF or /etc/pwserver.conf)")
-    ap.add_argument("--config", dest="pwserver_conf", help=argparse.SUPPRESS)   # its first spelling
+        prog="pwquery",
+        description="Query pwserver directly (not through NSS).",
+        epilog=__doc__.split("\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--server",
+        action="append",
+        metavar="HOST:PORT",
+        help="server to ask, repeat in priority order (default: from /etc/pwserver.conf)",
+    )
+    ap.add_argument(
+        "--pwserver-conf", metavar="F", help="client configuration file (default $PWSERVER_CONF or /etc/pwserver.conf)"
+    )
+    ap.add_argument("--config", dest="pwserver_conf", help=argparse.SUPPRESS)  # its first spelling
     ap.add_argument("--timeout-ms", type=int, help="per-try timeout")
     ap.add_argument("--shadow-key", help="shadow key file (for `shadow`)")
     ap.add_argument("--network-key", help="network key file")
@@ -63,9 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return EXIT_USAGE if e.code else 0
     try:
-        client = Client.from_config(args.pwserver_conf, servers=args.server, timeout_ms=args.timeout_ms,
-                                    shadow_keyfile=args.shadow_key, keyfile=args.network_key)
-    except (ConfigError, OSError, ValueError) as e:     # a key file unreadable or malformed too
+        client = Client.from_config(
+            args.pwserver_conf,
+            servers=args.server,
+            timeout_ms=args.timeout_ms,
+            shadow_keyfile=args.shadow_key,
+            keyfile=args.network_key,
+        )
+    except (ConfigError, OSError, ValueError) as e:  # a key file unreadable or malformed too
         print(f"pwquery: {e}", file=sys.stderr)
         return EX_CONFIG
     try:

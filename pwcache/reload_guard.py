@@ -7,6 +7,7 @@ deletions, and serving it turns every lookup into NOTFOUND: MTAs bounce the
 mail of every user it lost, for good. Refused, the old generation keeps
 being served and mail is at worst deferred while the operator looks.
 """
+
 from __future__ import annotations
 
 import enum
@@ -38,9 +39,9 @@ class Reason(enum.IntEnum):
 @dataclass(frozen=True)
 class Refusal:
     reason: Reason
-    users: int      # users the refused load held
+    users: int  # users the refused load held
     bad_lines: int  # malformed lines it held
-    text: str       # for the log and the error message
+    text: str  # for the log and the error message
 
 
 def bad_lines_of(stats: dict[str, int]) -> int:
@@ -76,13 +77,18 @@ class GuardLimits:
             return Refusal(reason, users, bad, text)
 
         if bad > self.max_bad_lines:
-            return refuse(Reason.BAD_LINES, f"{bad} malformed lines, more than reload_max_bad_lines "
-                                            f"({self.max_bad_lines}); {users} users")
+            return refuse(
+                Reason.BAD_LINES,
+                f"{bad} malformed lines, more than reload_max_bad_lines ({self.max_bad_lines}); {users} users",
+            )
         if users == 0 and not self.allow_empty:
             return refuse(Reason.EMPTY, "no users in the sources")
         lost = served_users - users
         if lost > served_users * self.max_shrink:
-            return refuse(Reason.SHRINK, f"{users} users where {served_users} are served: "
-                                         f"{lost * 100 / served_users:.1f} % lost, more than reload_max_shrink "
-                                         f"({self.max_shrink * 100:g} %)")
+            return refuse(
+                Reason.SHRINK,
+                f"{users} users where {served_users} are served: "
+                f"{lost * 100 / served_users:.1f} % lost, more than reload_max_shrink "
+                f"({self.max_shrink * 100:g} %)",
+            )
         return None

@@ -6,6 +6,7 @@ logging; receiving, looking up and answering run in C with the GIL released
 a shared UDP socket, and one TCP thread (pwcache/tcp_server.py) that hands
 each framed request to the same C answer function.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,10 +28,10 @@ from pwcache.reload_guard import GUARD_DEFAULTS, GuardLimits, Reason, Refusal
 from pwcache.table import CHandle, Table, TableError
 from pwcache.tcp_server import TCP_DEFAULTS, TcpLimits, TcpServer
 from pwmail.base import cli, settings
-from pwmail.base.sdnotify import notify_ready
 from pwmail.base.errors import ConfigError, exit_on_config_error, listen_error
 from pwmail.base.hostport import parse_hostport
 from pwmail.base.logsetup import setup_logging
+from pwmail.base.sdnotify import notify_ready
 
 DEFAULT_PORT = 7773
 DEFAULTS: dict = {
@@ -49,16 +50,22 @@ DEFAULTS: dict = {
     "poll_seconds": 2.0,
     "syslog": "",
 }
-SECTION = settings.Section("pwserver", DEFAULTS, {
-    "listen": settings.address(port_zero=True),
-    "allow": settings.networks,
-    "threads": settings.between(1, 32),
-    "busy_poll_us": settings.between(0, 10000),
-    "poll_seconds": settings.positive,
-    **{key: settings.positive for key in ("tcp_max_connections", "tcp_max_per_source", "tcp_frame_timeout",
-                                          "tcp_idle_timeout")},
-    "tcp_max_queued": settings.non_negative,
-})
+SECTION = settings.Section(
+    "pwserver",
+    DEFAULTS,
+    {
+        "listen": settings.address(port_zero=True),
+        "allow": settings.networks,
+        "threads": settings.between(1, 32),
+        "busy_poll_us": settings.between(0, 10000),
+        "poll_seconds": settings.positive,
+        **{
+            key: settings.positive
+            for key in ("tcp_max_connections", "tcp_max_per_source", "tcp_frame_timeout", "tcp_idle_timeout")
+        },
+        "tcp_max_queued": settings.non_negative,
+    },
+)
 SOURCES = ("passwd", "shadow", "group", "mailhosts")
 UDP_RCVBUF = 4 * 1024 * 1024
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux
@@ -137,7 +144,7 @@ class ServerCore(CHandle):
     def release(self, slot: int) -> None:
         lib.pws_slot_release(self.ptr, slot)
 
-    def answerer(self, tcp: bool) -> "Answerer":
+    def answerer(self, tcp: bool) -> Answerer:
         return Answerer(self, tcp)
 
     def counters(self) -> dict[str, int]:
@@ -154,9 +161,19 @@ class ServerCore(CHandle):
 
     def set_refusals(self, count: int, last: Refusal) -> None:
         """What STATS says of refused loads: how many, and the last one."""
-        lib.pws_set_refusals(self.ptr, ffi.new("pws_refusals *", {
-            "count": count, "time": int(time.time()), "reason": int(last.reason),
-            "users": last.users, "bad_lines": last.bad_lines}))
+        lib.pws_set_refusals(
+            self.ptr,
+            ffi.new(
+                "pws_refusals *",
+                {
+                    "count": count,
+                    "time": int(time.time()),
+                    "reason": int(last.reason),
+                    "users": last.users,
+                    "bad_lines": last.bad_lines,
+                },
+            ),
+        )
 
     def _release(self, ptr) -> None:
         _swap_table(ptr, ffi.NULL, self.generation, 0)
@@ -236,31 +253,48 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pwserver",
         description="The pwmail password server: answers passwd, group, shadow, initgroups and "
-                    "mailhost lookups over UDP (and TCP on the same port) from tables held in memory. "
-                    "Runs in the foreground; SIGHUP or a change of a source file reloads (a load that is empty, "
-                    "lost more than reload_max_shrink of the users or holds too many malformed lines is refused); "
-                    "SIGUSR1 reloads and serves the result even so; SIGTERM stops.",
+        "mailhost lookups over UDP (and TCP on the same port) from tables held in memory. "
+        "Runs in the foreground; SIGHUP or a change of a source file reloads (a load that is empty, "
+        "lost more than reload_max_shrink of the users or holds too many malformed lines is refused); "
+        "SIGUSR1 reloads and serves the result even so; SIGTERM stops.",
         epilog="Settings also come from [pwserver] in pwmail.toml (--config, $PWMAIL_CONF, "
-               "/etc/pwmail.toml); flags override them. See docs/pwserver.md.")
-    p.add_argument("--listen", metavar="HOST:PORT", help=f"address to serve (default {DEFAULTS['listen']}; port 0 picks one)")
+        "/etc/pwmail.toml); flags override them. See docs/pwserver.md.",
+    )
+    p.add_argument(
+        "--listen", metavar="HOST:PORT", help=f"address to serve (default {DEFAULTS['listen']}; port 0 picks one)"
+    )
     p.add_argument("--passwd", metavar="F", help="passwd(5) file (required here or in the settings)")
     p.add_argument("--shadow", metavar="F", help="shadow(5) file")
     p.add_argument("--group", metavar="F", help="group(5) file")
     p.add_argument("--mailhosts", metavar="F", help="mailhosts map: 'user host [frozen]' a line")
     p.add_argument("--shadow-key", metavar="F", help="shadow key file: shadow answers only to requests sealed with it")
     p.add_argument("--network-key", metavar="F", help="network key file: drop every packet not sealed")
-    p.add_argument("--allow", metavar="CIDR", action="append",
-                   help="client network allowed to ask (repeatable; default loopback only)")
+    p.add_argument(
+        "--allow",
+        metavar="CIDR",
+        action="append",
+        help="client network allowed to ask (repeatable; default loopback only)",
+    )
     p.add_argument("--threads", metavar="N", type=int, help=f"UDP serving threads (default {DEFAULTS['threads']})")
-    p.add_argument("--busy-poll-us", metavar="US", type=int,
-                   help=f"after answering, keep receiving without blocking this long, yielding the CPU "
-                        f"(0..10000 µs, default {DEFAULTS['busy_poll_us']}; 0: always block)")
-    p.add_argument("--allow-empty", action="store_true", default=None,
-                   help="serve sources without any user (otherwise such a load is refused: at start, "
-                        "pwserver exits 1)")
-    p.add_argument("--accept-shrink", action="store_true",
-                   help="serve the first load even if the reload guard refuses it (too many malformed lines, "
-                        "no users); on a running server, SIGUSR1 reloads and serves the result whatever it holds")
+    p.add_argument(
+        "--busy-poll-us",
+        metavar="US",
+        type=int,
+        help=f"after answering, keep receiving without blocking this long, yielding the CPU "
+        f"(0..10000 µs, default {DEFAULTS['busy_poll_us']}; 0: always block)",
+    )
+    p.add_argument(
+        "--allow-empty",
+        action="store_true",
+        default=None,
+        help="serve sources without any user (otherwise such a load is refused: at start, pwserver exits 1)",
+    )
+    p.add_argument(
+        "--accept-shrink",
+        action="store_true",
+        help="serve the first load even if the reload guard refuses it (too many malformed lines, "
+        "no users); on a running server, SIGUSR1 reloads and serves the result whatever it holds",
+    )
     cli.add_common_flags(p, pwserver_conf=False)
     return p
 
@@ -268,9 +302,25 @@ def build_parser() -> argparse.ArgumentParser:
 def load_config(args: argparse.Namespace) -> Config:
     """[pwserver] and [placement], the flags over them; every value checked
     (settings.SettingsError, a ConfigError, names the file's key or the flag)."""
-    cfg = SECTION.override(SECTION.load(args.config), {key: getattr(args, key) for key in (
-        "listen", "passwd", "shadow", "group", "mailhosts", "shadow_key", "network_key", "allow", "threads",
-        "busy_poll_us", "allow_empty")})
+    cfg = SECTION.override(
+        SECTION.load(args.config),
+        {
+            key: getattr(args, key)
+            for key in (
+                "listen",
+                "passwd",
+                "shadow",
+                "group",
+                "mailhosts",
+                "shadow_key",
+                "network_key",
+                "allow",
+                "threads",
+                "busy_poll_us",
+                "allow_empty",
+            )
+        },
+    )
     path = args.config or settings.settings_path()
     try:
         rule = PlacementRule.from_settings(PLACEMENT.load(args.config))
@@ -289,9 +339,16 @@ def load_config(args: argparse.Namespace) -> Config:
         sources={k: os.path.abspath(cfg[k]) if cfg[k] else "" for k in SOURCES},
         shadow_key=read_key(cfg["shadow_key"], "shadow") if cfg["shadow_key"] else None,
         network_key=read_key(cfg["network_key"], "network") if cfg["network_key"] else None,
-        allow=list(allow), tcp=tcp, threads=threads, poll_seconds=poll_seconds,
+        allow=list(allow),
+        tcp=tcp,
+        threads=threads,
+        poll_seconds=poll_seconds,
         busy_poll_us=busy_poll_us,
-        syslog=cfg["syslog"], rule=rule, guard=guard, accept_shrink=args.accept_shrink)
+        syslog=cfg["syslog"],
+        rule=rule,
+        guard=guard,
+        accept_shrink=args.accept_shrink,
+    )
 
 
 # ---- loading --------------------------------------------------------------
@@ -383,10 +440,18 @@ class Loader:
         self.core.install(table, load_ms)
         self.users = stats["users"]
         skipped = {k: v for k, v in stats.items() if v and k not in ("users", "groups", "shadows", "bytes")}
-        log.info("loaded generation %d: %d users, %d groups, %d shadow entries in %d ms (%d ms CPU, %d table bytes)%s",
-                 self.core.generation, stats["users"], stats["groups"], stats["shadows"], load_ms, cpu_ms,
-                 stats["bytes"], "; skipped: " + ", ".join(f"{k}={v}" for k, v in skipped.items()) if skipped else "")
-        for source, line, why in skipped_lines:     # the first few, located
+        log.info(
+            "loaded generation %d: %d users, %d groups, %d shadow entries in %d ms (%d ms CPU, %d table bytes)%s",
+            self.core.generation,
+            stats["users"],
+            stats["groups"],
+            stats["shadows"],
+            load_ms,
+            cpu_ms,
+            stats["bytes"],
+            "; skipped: " + ", ".join(f"{k}={v}" for k, v in skipped.items()) if skipped else "",
+        )
+        for source, line, why in skipped_lines:  # the first few, located
             log.warning("%s:%d: line skipped (%s)", src[source], line, why)
 
     def _note_missing(self, sig: tuple) -> None:
@@ -397,8 +462,12 @@ class Loader:
         new = missing - self._missing
         if self.core.generation:  # (a first load that fails is reported by serve)
             for name in sorted(new):
-                log.error("reload failed, still serving generation %d: %s is missing (said once; it is loaded "
-                          "when it is back)", self.core.generation, what[name])
+                log.error(
+                    "reload failed, still serving generation %d: %s is missing (said once; it is loaded "
+                    "when it is back)",
+                    self.core.generation,
+                    what[name],
+                )
             for name in sorted(self._missing - missing):
                 log.info("%s is back", what[name])
         self._missing = missing
@@ -442,10 +511,15 @@ class Loader:
                     log.info("reload skipped, still serving generation %d: %s", self.core.generation, e)
             except LoadRefused as e:
                 # ERROR once for these files; asked again (SIGHUP), the same answer is news to nobody
-                log.log(logging.INFO if e.again else logging.ERROR,
-                        "reload refused%s, still serving generation %d (%d users): %s; fix the sources, "
-                        "or send SIGUSR1 to serve them anyway", " again" if e.again else "",
-                        self.core.generation, self.users, e)
+                log.log(
+                    logging.INFO if e.again else logging.ERROR,
+                    "reload refused%s, still serving generation %d (%d users): %s; fix the sources, "
+                    "or send SIGUSR1 to serve them anyway",
+                    " again" if e.again else "",
+                    self.core.generation,
+                    self.users,
+                    e,
+                )
             except TableError as e:
                 log.error("reload failed, still serving generation %d: %s", self.core.generation, e)
             except Exception:  # keep reloading later
@@ -528,17 +602,22 @@ def serve(cfg: Config) -> int:
         except TableError as e:
             raise Unservable(f"cannot load the tables: {e}") from None
         except LoadRefused as e:  # nothing served: clients fail over, MTAs defer, nobody gets NOTFOUND
-            raise Unservable(f"refusing to serve the tables: {e}; " + (
-                "--allow-empty serves an empty table" if e.refusal.reason == Reason.EMPTY
-                else "--accept-shrink serves them anyway")) from None
+            raise Unservable(
+                f"refusing to serve the tables: {e}; "
+                + (
+                    "--allow-empty serves an empty table"
+                    if e.refusal.reason == Reason.EMPTY
+                    else "--accept-shrink serves them anyway"
+                )
+            ) from None
         udp, tcp = bind_sockets(*cfg.listen)
     except (ConfigError, OSError, Unservable) as e:
         core.close()
         os.close(stop_fd)
-        if isinstance(e, Unservable):   # the sources' fault, not the configuration's: exit 1
+        if isinstance(e, Unservable):  # the sources' fault, not the configuration's: exit 1
             print(f"pwserver: {e}", file=sys.stderr, flush=True)
             return 1
-        if isinstance(e, OSError):      # from binding: the address busy or not ours
+        if isinstance(e, OSError):  # from binding: the address busy or not ours
             raise listen_error(*cfg.listen, e) from None
         raise
 
@@ -617,9 +696,11 @@ def start(args: argparse.Namespace) -> int:
         setup_logging("pwserver", stderr=args.log_stderr, daemon=True, syslog_address=cfg.syslog)
     if cfg.sources["shadow"] and not cfg.shadow_key:
         # shadow requests must be sealed with a key the server holds: every client would time out
-        log.warning("shadow source %s given but no shadow key (--shadow-key): shadow lookups are not enabled "
-                    "on this server, and its clients will report that no password server answered",
-                    cfg.sources["shadow"])
+        log.warning(
+            "shadow source %s given but no shadow key (--shadow-key): shadow lookups are not enabled "
+            "on this server, and its clients will report that no password server answered",
+            cfg.sources["shadow"],
+        )
     return serve(cfg)
 
 

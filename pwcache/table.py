@@ -4,6 +4,7 @@ Checks types and lengths, turns return codes into exceptions and frees C
 memory explicitly (context managers). Lookups return the packed msgpack
 record exactly as the server sends it (docs/protocol.md, "Records").
 """
+
 from __future__ import annotations
 
 import os
@@ -35,9 +36,9 @@ CHANGE_KINDS = {
 # What became of each change (pwt_change_status).
 CHANGE_STATUS = {
     lib.PWT_APPLIED: "applied",
-    lib.PWT_REFUSED_BAD: "bad",          # malformed, as that line in a file would be
+    lib.PWT_REFUSED_BAD: "bad",  # malformed, as that line in a file would be
     lib.PWT_REFUSED_UNKNOWN: "unknown",  # no such user or group
-    lib.PWT_REFUSED_DUP_ID: "dup_id",    # the uid or gid is another's
+    lib.PWT_REFUSED_DUP_ID: "dup_id",  # the uid or gid is another's
 }
 
 Change = tuple[str, "str | bytes"]  # (kind, line or name)
@@ -160,8 +161,14 @@ class Table(CHandle):
     what = "table"
 
     @classmethod
-    def from_bytes(cls, passwd: bytes = b"", shadow: bytes = b"", group: bytes = b"",
-                   mailhosts: bytes = b"", rule: PlacementRule | None = None) -> "Table":
+    def from_bytes(
+        cls,
+        passwd: bytes = b"",
+        shadow: bytes = b"",
+        group: bytes = b"",
+        mailhosts: bytes = b"",
+        rule: PlacementRule | None = None,
+    ) -> Table:
         bufs = []
         for name, data in (("passwd", passwd), ("shadow", shadow), ("group", group), ("mailhosts", mailhosts)):
             if not isinstance(data, (bytes, bytearray)):
@@ -170,15 +177,16 @@ class Table(CHandle):
         return cls._build(lambda crule, err: lib.pwt_build(*bufs, crule, err, _ERRCAP), rule)
 
     @classmethod
-    def from_files(cls, passwd: str | os.PathLike, shadow=None, group=None, mailhosts=None,
-                   rule: PlacementRule | None = None) -> "Table":
+    def from_files(
+        cls, passwd: str | os.PathLike, shadow=None, group=None, mailhosts=None, rule: PlacementRule | None = None
+    ) -> Table:
         if not passwd:
             raise TableError("a passwd file is required")
         paths = [_path_arg(p) for p in (passwd, shadow, group, mailhosts)]
         return cls._build(lambda crule, err: lib.pwt_load_files(*paths, crule, err, _ERRCAP), rule)
 
     @classmethod
-    def _build(cls, call, rule: PlacementRule | None) -> "Table":
+    def _build(cls, call, rule: PlacementRule | None) -> Table:
         err = ffi.new("char[]", _ERRCAP)
         crule = CRule(rule) if rule is not None else None
         try:
@@ -250,8 +258,9 @@ class Table(CHandle):
         lib.PWT_SKIP_NOTES): (source, 1-based line, why)."""
         notes = ffi.new("pwt_skip_note **")
         n = lib.pwt_skip_notes(self.ptr, notes)
-        return [(SKIP_SOURCES[notes[0][i].source], notes[0][i].line, ffi.string(notes[0][i].why).decode())
-                for i in range(n)]
+        return [
+            (SKIP_SOURCES[notes[0][i].source], notes[0][i].line, ffi.string(notes[0][i].why).decode()) for i in range(n)
+        ]
 
     # -- changes (docs/pwserver.md, "Changes") -------------------------------
 

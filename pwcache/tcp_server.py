@@ -17,6 +17,7 @@ bounded here:
   more than `tcp_max_queued` bytes of its answers are unsent
   (back-pressure), so a connection holds at most that plus one answer.
 """
+
 from __future__ import annotations
 
 import collections
@@ -40,9 +41,9 @@ TCP_DEFAULTS: dict = {
     "tcp_max_queued": 256 * 1024,
 }
 RECV_BYTES = 65536
-ACCEPT_BATCH = 64      # connections taken from the backlog per wake-up
-SEND_BUFFERS = 64      # queued pieces handed to one sendmsg
-SWEEP_SECONDS = 0.25   # deadlines are checked this often
+ACCEPT_BATCH = 64  # connections taken from the backlog per wake-up
+SEND_BUFFERS = 64  # queued pieces handed to one sendmsg
+SWEEP_SECONDS = 0.25  # deadlines are checked this often
 STOP = object()
 
 log = logging.getLogger("pwserver")
@@ -57,16 +58,22 @@ class TcpLimits:
     max_queued: int
 
     @classmethod
-    def from_settings(cls, cfg: dict) -> "TcpLimits":
+    def from_settings(cls, cfg: dict) -> TcpLimits:
         """From the tcp_* keys of [pwserver] (TCP_DEFAULTS); ValueError
         says what is wrong."""
         try:
-            limits = cls(int(cfg["tcp_max_connections"]), int(cfg["tcp_max_per_source"]),
-                         float(cfg["tcp_frame_timeout"]), float(cfg["tcp_idle_timeout"]),
-                         int(cfg["tcp_max_queued"]))
+            limits = cls(
+                int(cfg["tcp_max_connections"]),
+                int(cfg["tcp_max_per_source"]),
+                float(cfg["tcp_frame_timeout"]),
+                float(cfg["tcp_idle_timeout"]),
+                int(cfg["tcp_max_queued"]),
+            )
         except (TypeError, ValueError):
-            raise ValueError("tcp_max_connections, tcp_max_per_source and tcp_max_queued must be integers, "
-                             "tcp_frame_timeout and tcp_idle_timeout numbers") from None
+            raise ValueError(
+                "tcp_max_connections, tcp_max_per_source and tcp_max_queued must be integers, "
+                "tcp_frame_timeout and tcp_idle_timeout numbers"
+            ) from None
         if not 1 <= limits.max_per_source <= limits.max_connections:
             raise ValueError("tcp_max_per_source must be 1..tcp_max_connections")
         if not (limits.frame_timeout > 0 and limits.idle_timeout > 0) or limits.max_queued < 0:
@@ -214,8 +221,9 @@ class TcpServer:
         if busiest <= held:
             self.answerer.count("tcp_refused_full")
             return False
-        victim = min((c for c in self.conns.values() if self.per_source[c.source] == busiest),
-                     key=Connection.waiting_since)
+        victim = min(
+            (c for c in self.conns.values() if self.per_source[c.source] == busiest), key=Connection.waiting_since
+        )
         self.answerer.count("tcp_evicted")
         self._close(victim)
         return True
@@ -298,7 +306,7 @@ class TcpServer:
                 return False
             if len(buf) - start < 4 + n:
                 break
-            answer = self.answerer.answer(bytes(buf[start + 4:start + 4 + n]))
+            answer = self.answerer.answer(bytes(buf[start + 4 : start + 4 + n]))
             start += 4 + n
             if answer is None:
                 return False

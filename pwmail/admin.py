@@ -1,6 +1,7 @@
 """`pwmail`: the admin tool. Each subcommand lives in the module of the part
 it belongs to; this file only maps names to them, imported on use so that
 one broken part does not take the others down."""
+
 from __future__ import annotations
 
 import importlib

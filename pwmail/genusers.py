@@ -16,6 +16,7 @@ shadow(5), group(5) and docs/placement.md) plus `passwords`, one
 - mailhosts over the `--hosts` list, weighted rendezvous hashing of the name
   (docs/placement.md), so the file agrees with the server's default rule.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,7 @@ import random
 import sys
 import time
 
-PRIVATE_MODE = 0o600   # shadow (hashes) and passwords (cleartext)
+PRIVATE_MODE = 0o600  # shadow (hashes) and passwords (cleartext)
 
 SURNAMES = """
 garcia rodriguez gonzalez fernandez lopez martinez sanchez perez gomez martin
@@ -48,8 +49,26 @@ mancini rizzo lombardi moretti silva souza oliveira pereira lima carvalho ferrei
 almeida costa ribeiro martins rocha barbosa cardoso teixeira correia mendes nogueira
 """.split()
 INITIALS = "aaabcccddeefffgghijjjjklllmmmmnopprrrssstvwxyz"
-GIVEN = ["Juan", "Maria", "Jose", "Ana", "Carlos", "Laura", "Luis", "Sofia", "Diego",
-         "Lucia", "Pablo", "Elena", "Martin", "Paula", "Jorge", "Carmen", "Miguel", "Julia"]
+GIVEN = [
+    "Juan",
+    "Maria",
+    "Jose",
+    "Ana",
+    "Carlos",
+    "Laura",
+    "Luis",
+    "Sofia",
+    "Diego",
+    "Lucia",
+    "Pablo",
+    "Elena",
+    "Martin",
+    "Paula",
+    "Jorge",
+    "Carmen",
+    "Miguel",
+    "Julia",
+]
 
 MIN_LEN, MAX_LEN = 8, 12
 FIRST_UID = 10000
@@ -90,13 +109,13 @@ def make_names(n: int, rng: random.Random) -> list[str]:
     seen: set[str] = set()
     while len(names) < n:
         base = rng.choice(INITIALS) + rng.choice(SURNAMES)
-        base = base[:MAX_LEN - 1]
+        base = base[: MAX_LEN - 1]
         # digits until the name is long enough and unused
         for width in (0, 1, 2, 3, 4):
             if width == 0:
                 cand = base
             else:
-                cand = base + str(rng.randrange(10 ** (width - 1), 10 ** width))
+                cand = base + str(rng.randrange(10 ** (width - 1), 10**width))
             if len(cand) < MIN_LEN or len(cand) > MAX_LEN or cand in seen:
                 continue
             seen.add(cand)
@@ -126,8 +145,9 @@ def open_private(path: str):
     return os.fdopen(fd, "w")
 
 
-def generate(n: int, out: str, hosts: list[tuple[str, float]], groups: int = 300,
-             seed: int = 1, spool: str = "/var/spool/mail") -> dict[str, float]:
+def generate(
+    n: int, out: str, hosts: list[tuple[str, float]], groups: int = 300, seed: int = 1, spool: str = "/var/spool/mail"
+) -> dict[str, float]:
     from pwcache.placement import PlacementRule  # the server's default rule
     from pwcache.table import CRule  # the same rule in C: 1,000,000 picks in a second
 
@@ -144,17 +164,22 @@ def generate(n: int, out: str, hosts: list[tuple[str, float]], groups: int = 300
     def path(name: str) -> str:
         return f"{spool}/{name[0]}/{name[1]}/{name[2]}/{name}"
 
-    with open(os.path.join(out, "passwd"), "w") as pw, \
-            open_private(os.path.join(out, "shadow")) as sh, \
-            open(os.path.join(out, "mailhosts"), "w") as mh, \
-            open_private(os.path.join(out, "passwords")) as pws, rule:
+    with (
+        open(os.path.join(out, "passwd"), "w") as pw,
+        open_private(os.path.join(out, "shadow")) as sh,
+        open(os.path.join(out, "mailhosts"), "w") as mh,
+        open_private(os.path.join(out, "passwords")) as pws,
+        rule,
+    ):
         mh.write("# user host (pwmail gen-users)\n")
         for i, name in enumerate(names):
             uid = FIRST_UID + i
             given = GIVEN[i % len(GIVEN)]
             password, hashed = pool[i % len(pool)]
-            pw.write(f"{name}:x:{uid}:{MAIL_GID}:{given} {name[1:].rstrip('0123456789').title()}:"
-                     f"{path(name)}:/usr/sbin/nologin\n")
+            pw.write(
+                f"{name}:x:{uid}:{MAIL_GID}:{given} {name[1:].rstrip('0123456789').title()}:"
+                f"{path(name)}:/usr/sbin/nologin\n"
+            )
             sh.write(f"{name}:{hashed}:{today - (i % 700)}:0:99999:7:::\n")
             pws.write(f"{name} {password}\n")
             mh.write(f"{name} {host_names[rule.pick(name)]}\n")
@@ -168,12 +193,16 @@ def generate(n: int, out: str, hosts: list[tuple[str, float]], groups: int = 300
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="pwmail gen-users", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="pwmail gen-users", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("count", type=int, help="how many users")
     ap.add_argument("--out", required=True, help="folder for passwd, shadow, group, mailhosts, passwords")
-    ap.add_argument("--hosts", default="store1,store2",
-                    help="storage hosts, comma-separated, each optionally HOST:WEIGHT (default: store1,store2)")
+    ap.add_argument(
+        "--hosts",
+        default="store1,store2",
+        help="storage hosts, comma-separated, each optionally HOST:WEIGHT (default: store1,store2)",
+    )
     ap.add_argument("--groups", type=int, default=300, help="project groups (default 300)")
     ap.add_argument("--seed", type=int, default=1, help="random seed (same seed, same names)")
     ap.add_argument("--spool", default="/var/spool/mail", help="mail spool root used for home directories")
@@ -185,6 +214,8 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError, RuntimeError) as e:
         print(f"pwmail gen-users: {e}", file=sys.stderr)
         return 1
-    print(f"pwmail gen-users: {info['users']} users, {info['groups']} groups in {args.out} "
-          f"({info['seconds']:.1f} s); shadow and passwords are mode {PRIVATE_MODE:04o} (owner only)")
+    print(
+        f"pwmail gen-users: {info['users']} users, {info['groups']} groups in {args.out} "
+        f"({info['seconds']:.1f} s); shadow and passwords are mode {PRIVATE_MODE:04o} (owner only)"
+    )
     return 0

@@ -12,6 +12,7 @@ Checks, each with a verdict:
 Exit 0 only when every check passed, 1 otherwise (EX_CONFIG 78 for
 settings that cannot be read). `--json` prints the same as one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,6 +22,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+import delivery.config
+import pop.config
 from pwcache import config as client_config
 from pwcache.client import Client, PwError
 from pwcache.health import HealthRecord
@@ -29,10 +32,7 @@ from pwcache.placement import PlacementError, PlacementRule
 from pwmail.base import hostport, settings
 from pwmail.base.errors import ConfigError
 
-import delivery.config
-import pop.config
-
-GREETING_MAX = 512   # bytes of a greeting line read at most
+GREETING_MAX = 512  # bytes of a greeting line read at most
 EX_CONFIG = 78
 # last_refusal_reason in STATS (docs/pwserver.md, "The reload guard")
 REFUSAL_REASONS = {1: "no users", 2: "too many users lost", 3: "too many bad lines"}
@@ -40,8 +40,8 @@ REFUSAL_REASONS = {1: "no users", 2: "too many users lost", 3: "too many bad lin
 
 @dataclass
 class Check:
-    kind: str                 # pwserver, health, lmtp, pop, proxy
-    target: str               # what was checked (HOST:PORT, a file)
+    kind: str  # pwserver, health, lmtp, pop, proxy
+    target: str  # what was checked (HOST:PORT, a file)
     ok: bool
     detail: str
     facts: dict = field(default_factory=dict)
@@ -69,16 +69,27 @@ def greeting(address: tuple[str, int], expect: bytes, timeout: float) -> tuple[b
 
 def check_pwserver(server: tuple[str, int], cfg: client_config.ClientConfig) -> Check:
     target = hostport.format_hostport(server)
-    client = Client([target], timeout_ms=cfg.timeout_ms, hedge_ms=cfg.timeout_ms, keyfile=cfg.keyfile,
-                    health_file=None)
+    client = Client([target], timeout_ms=cfg.timeout_ms, hedge_ms=cfg.timeout_ms, keyfile=cfg.keyfile, health_file=None)
     try:
         with client:
             client.ping()
             stats = client.stats()
     except PwError as e:
         return Check("pwserver", target, False, str(e))
-    facts = {k: stats.get(k, 0) for k in ("generation", "users", "groups", "shadows", "load_ms", "loaded_time",
-                                          "reloads_refused", "last_refusal_time", "last_refusal_reason")}
+    facts = {
+        k: stats.get(k, 0)
+        for k in (
+            "generation",
+            "users",
+            "groups",
+            "shadows",
+            "load_ms",
+            "loaded_time",
+            "reloads_refused",
+            "last_refusal_time",
+            "last_refusal_reason",
+        )
+    }
     loaded = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(facts["loaded_time"]))
     detail = f"generation {facts['generation']} loaded {loaded}, {facts['users']} users"
     problems = []
@@ -119,7 +130,7 @@ def store_address(name: str, port: int, suffix: str = "", mapped: str | None = N
     if mapped:
         return hostport.parse_hostport(mapped, port)
     host, parsed_port = hostport.parse_hostport(name, port)
-    return host + suffix, parsed_port          # as pdelivery resolves a mailhost
+    return host + suffix, parsed_port  # as pdelivery resolves a mailhost
 
 
 def run_checks(args) -> list[Check]:
@@ -152,16 +163,21 @@ def render(checks: list[Check]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="pwmail status", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="Exit 0 when every check passed, 1 when one failed, 78 for bad settings.")
+    ap = argparse.ArgumentParser(
+        prog="pwmail status",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Exit 0 when every check passed, 1 when one failed, 78 for bad settings.",
+    )
     ap.add_argument("--json", action="store_true", help="one JSON object: {ok, checks: [...]}")
     ap.add_argument("--config", help="settings file (default $PWMAIL_CONF or /etc/pwmail.toml)")
     ap.add_argument("--pwserver-conf", help="client configuration (default $PWSERVER_CONF or /etc/pwserver.conf)")
-    ap.add_argument("--store", action="append", default=[], metavar="HOST[:PORT]",
-                    help="another storage host to check (repeatable)")
-    ap.add_argument("--proxy", action="append", default=[], metavar="HOST:PORT",
-                    help="a pop-proxy to check (repeatable)")
+    ap.add_argument(
+        "--store", action="append", default=[], metavar="HOST[:PORT]", help="another storage host to check (repeatable)"
+    )
+    ap.add_argument(
+        "--proxy", action="append", default=[], metavar="HOST:PORT", help="a pop-proxy to check (repeatable)"
+    )
     ap.add_argument("--timeout", type=float, default=3.0, metavar="S", help="seconds per network check (default 3)")
     args = ap.parse_args(argv)
     try:

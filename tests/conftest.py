@@ -1,8 +1,8 @@
 """Shared pytest set-up. Tests import their helpers from the tests.support
 package (pytest puts the checkout's root on sys.path: tests/ is a package)."""
+
 import os
 import pathlib
-import sys
 
 import pytest
 
@@ -37,5 +37,5 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if os.environ.get("CI") == "true" and _skipped:
         terminalreporter.write_line(
-            f"CI=true: {len(_skipped)} test(s) skipped, which fails the run "
-            f"(first: {_skipped[0]})", red=True)
+            f"CI=true: {len(_skipped)} test(s) skipped, which fails the run (first: {_skipped[0]})", red=True
+        )

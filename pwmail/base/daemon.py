@@ -3,6 +3,7 @@ binding (a busy address is a ConfigError, which errors.exit_on_config_error
 around each main turns into one line and EX_CONFIG), readiness (the "ready"
 line, sd_notify), running until SIGTERM/SIGINT, re-reading the settings on
 SIGHUP, letting sessions finish at shutdown, and the choice of event loop."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +14,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import ConfigError, listen_error
 from .hostport import parse_hostport
@@ -91,10 +92,11 @@ def handle_signals(on_reload: Callable[[], None] | None = None) -> asyncio.Event
             return
         try:
             on_reload()
-        except ConfigError as e:        # the file's mistake, in one line
+        except ConfigError as e:  # the file's mistake, in one line
             log.error("reload failed, keeping the old settings: %s: %s", type(e).__name__, e)
         except Exception:
             log.exception("reload failed, keeping the old settings")
+
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     return stop
 
@@ -103,7 +105,7 @@ async def wait_for_signal(stop: asyncio.Event) -> None:
     """Until SIGTERM or SIGINT (handle_signals' event); SIGHUP is ignored from then on."""
     await stop.wait()
     asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)     # still not fatal while sessions drain
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # still not fatal while sessions drain
 
 
 def reread_settings(source: Callable[[], dict], running: dict, restart_only: tuple[str, ...]) -> dict:
@@ -127,8 +129,12 @@ async def drain(open_sessions: Callable[[], int], grace: float, what: str) -> in
     deadline = time.monotonic() + grace
     left = open_sessions()
     if left:
-        log.info("stopping: %d %s open, waiting up to %g s for them to end "
-                 "(another SIGTERM ends them now)", left, what, grace)
+        log.info(
+            "stopping: %d %s open, waiting up to %g s for them to end (another SIGTERM ends them now)",
+            left,
+            what,
+            grace,
+        )
     hurry = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

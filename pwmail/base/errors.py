@@ -1,9 +1,10 @@
 """The one error type for a configuration mistake, shared by every part,
 and the one way it ends a process: a single line on stderr and EX_CONFIG."""
+
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 # sysexits.h: "something was found in an unconfigured or misconfigured state"
 EX_CONFIG = 78

@@ -1,12 +1,14 @@
 """HOST:PORT, the one reader: `host:port`, `[v6]:port`, `[v6]`, `host`, or
 a bare IPv6 address (more than one colon, no brackets: no port)."""
+
 from __future__ import annotations
 
 from .errors import ConfigError
 
 
-def parse_hostport(text: str, default_port: int | None = None, *, default_host: str | None = None,
-                   port_zero: bool = False) -> tuple[str, int]:
+def parse_hostport(
+    text: str, default_port: int | None = None, *, default_host: str | None = None, port_zero: bool = False
+) -> tuple[str, int]:
     """(host, port). Without `default_port` the port is required; without
     `default_host` the host is; `port_zero` lets a listener ask the kernel
     for a free port."""

@@ -1,6 +1,7 @@
 """Logging for every pwmail daemon and tool: stdlib logging to syslog
 (/dev/log, or a remote collector as in the paper's III.B), plus stderr when
 asked (foreground runs, tests)."""
+
 from __future__ import annotations
 
 import errno
@@ -11,7 +12,7 @@ import socket
 import sys
 
 FORMAT = "%(name)s[%(process)d]: %(levelname)s %(message)s"
-_told_no_syslog = False      # said once per process, not at every SIGHUP's re-opening
+_told_no_syslog = False  # said once per process, not at every SIGHUP's re-opening
 
 
 def _say_no_syslog(ident: str, path: str, e: OSError) -> None:
@@ -19,13 +20,22 @@ def _say_no_syslog(ident: str, path: str, e: OSError) -> None:
     global _told_no_syslog
     if not _told_no_syslog:
         _told_no_syslog = True
-        print(f"{ident}: cannot log to syslog at {path} ({e.strerror or e}): logging to stderr only",
-              file=sys.stderr, flush=True)
+        print(
+            f"{ident}: cannot log to syslog at {path} ({e.strerror or e}): logging to stderr only",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
-def setup_logging(ident: str, *, stderr: bool = False, syslog_address: str | None = None,
-                  level: int | str = logging.INFO, facility: int = logging.handlers.SysLogHandler.LOG_MAIL,
-                  daemon: bool = False) -> logging.Logger:
+def setup_logging(
+    ident: str,
+    *,
+    stderr: bool = False,
+    syslog_address: str | None = None,
+    level: int | str = logging.INFO,
+    facility: int = logging.handlers.SysLogHandler.LOG_MAIL,
+    daemon: bool = False,
+) -> logging.Logger:
     """Configure the root logger once for process `ident`.
 
     syslog_address: "HOST:PORT" (UDP) for a remote collector, a socket path,
@@ -47,7 +57,7 @@ def setup_logging(ident: str, *, stderr: bool = False, syslog_address: str | Non
     else:
         path = syslog_address or "/dev/log"
         try:
-            if not os.path.exists(path):     # the handler would only find out at each record
+            if not os.path.exists(path):  # the handler would only find out at each record
                 raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
             handler = logging.handlers.SysLogHandler(path, facility=facility)
         except OSError as e:

@@ -1,5 +1,6 @@
 """Readiness for the service manager, alone in its module: pwserver imports
 it without pulling in asyncio (its memory budget counts megabytes)."""
+
 from __future__ import annotations
 
 import logging

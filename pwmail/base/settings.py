@@ -14,12 +14,14 @@ one line naming where the value came from: the file, the section and the key
 the flag (`--lmtp-port 0: want a port 1..65535`). A value's type must be its
 default's (an integer is taken where a float is the default).
 """
+
 from __future__ import annotations
 
 import ipaddress
 import os
 import tomllib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import ConfigError
 from .hostport import parse_hostport
@@ -76,6 +78,7 @@ def one_of(*choices: str) -> Check:
 def address(*, empty: bool = False, port_zero: bool = False) -> Check:
     """HOST:PORT (the port may be left to the code's default); `empty`:
     "" allowed (off, or a default address)."""
+
     def check(v: str) -> str | None:
         if empty and not v:
             return None
@@ -84,6 +87,7 @@ def address(*, empty: bool = False, port_zero: bool = False) -> Check:
         except ConfigError as e:
             return str(e)
         return None
+
     return check
 
 
@@ -101,12 +105,14 @@ def networks(v: list) -> str | None:
 
 def each(check: Check) -> Check:
     """`check` on every item of a list, or every value of a table."""
+
     def check_all(v) -> str | None:
-        for item in (v.values() if isinstance(v, dict) else v):
+        for item in v.values() if isinstance(v, dict) else v:
             problem = check(item)
             if problem:
                 return f"{item!r}: {problem}"
         return None
+
     return check_all
 
 
@@ -169,8 +175,9 @@ class Section:
                 merged[key] = float(merged[key])
         return merged
 
-    def override(self, cfg: dict[str, Any], flags: dict[str, Any],
-                 names: dict[str, str] | None = None) -> dict[str, Any]:
+    def override(
+        self, cfg: dict[str, Any], flags: dict[str, Any], names: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         """`cfg` with the flags given (not None) over it, each checked and,
         when wrong, named as the flag: `--backend-port` for backend_port, or
         as `names` says (pop3d's --listen sets pop3d_listen)."""

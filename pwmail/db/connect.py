@@ -5,6 +5,7 @@ The DSN comes from the command line, else `dsn` in `[db]` of
 PGDATABASE, ~/.pgpass...). Constraint violations are turned into sentences
 named after the constraint (schema.sql) instead of a PostgreSQL dump.
 """
+
 from __future__ import annotations
 
 import importlib.resources
@@ -12,11 +13,11 @@ import importlib.resources
 from pwmail.base import settings
 
 DEFAULTS = {
-    "dsn": "",                      # libpq connection string or URI; "" = libpq's defaults and PG* variables
-    "connect_timeout": 10,          # seconds
-    "first_uid": 10000,             # `pwmail user add` without --uid: the next free uid from here
-    "gid": 10000,                   # primary group of new users (gen-users' mailusers)
-    "shell": "/usr/sbin/nologin",   # login shell of new users
+    "dsn": "",  # libpq connection string or URI; "" = libpq's defaults and PG* variables
+    "connect_timeout": 10,  # seconds
+    "first_uid": 10000,  # `pwmail user add` without --uid: the next free uid from here
+    "gid": 10000,  # primary group of new users (gen-users' mailusers)
+    "shell": "/usr/sbin/nologin",  # login shell of new users
 }
 
 # constraint name (schema.sql) -> what it means to the person who typed the command
@@ -25,7 +26,7 @@ CONSTRAINT_TEXT = {
     "users_mailbox_key": "a user of that name in other letter case exists (they would share one mailbox)",
     "users_uid_key": "that uid belongs to another user",
     "users_name_valid": "the name cannot be a mailbox name (printable ASCII without space, '/' or ':', "
-                        "not starting with '.', '+' or '-', at most 255 characters)",
+    "not starting with '.', '+' or '-', at most 255 characters)",
     "users_uid_range": "uid out of range 0..4294967294",
     "users_gid_range": "gid out of range 0..4294967294",
     "users_fields_valid": "gecos, home, shell and password hash may not hold ':' or line ends",

@@ -1,5 +1,6 @@
 """`pwmail db init|import|export DSN`: the schema, and whole sites between
 the four files and the database (docs/database.md)."""
+
 from __future__ import annotations
 
 import argparse
@@ -45,11 +46,14 @@ def run(args: argparse.Namespace) -> str:
             init_schema(conn)
             return "schema pwmail ready"
         if args.action == "import":
-            n, site = transfer.import_files(conn, args.passwd, args.shadow, args.group, args.mailhosts,
-                                            replace=args.replace)
+            n, site = transfer.import_files(
+                conn, args.passwd, args.shadow, args.group, args.mailhosts, replace=args.replace
+            )
             _report_skipped(site)
-            return (f"imported {n['users']:,} users, {n['groups']:,} groups, {n['members']:,} memberships "
-                    f"in {time.monotonic() - t0:.1f} s")
+            return (
+                f"imported {n['users']:,} users, {n['groups']:,} groups, {n['members']:,} memberships "
+                f"in {time.monotonic() - t0:.1f} s"
+            )
         folder = pathlib.Path(args.dir)
         n = transfer.export_site(conn, folder)
         return f"wrote {', '.join(f'{k} ({v:,} lines)' for k, v in n.items())} to {folder}"

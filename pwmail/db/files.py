@@ -6,6 +6,7 @@ Lines the database would refuse are skipped and counted here, with the first
 one's line number, so that an import says what it left out instead of
 failing on line 700,000. The first line of a name wins, as in pwserver.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,9 +17,9 @@ from collections.abc import Iterable, Iterator
 from delivery.layout import LayoutError, check_user
 
 MAX_ID = 2**32 - 2
-SHADOW_NUMBERS = 7          # lastchg min max warn inact expire flag
+SHADOW_NUMBERS = 7  # lastchg min max warn inact expire flag
 FILES = ("passwd", "shadow", "group", "mailhosts")
-SHADOW_MODE = 0o600         # hashes: root only, as /etc/shadow
+SHADOW_MODE = 0o600  # hashes: root only, as /etc/shadow
 PUBLIC_MODE = 0o644
 
 
@@ -85,7 +86,7 @@ class Site:
     go to the database while the next are read) and remembers their names."""
 
     names: set[str] = dataclasses.field(default_factory=set)
-    shadow: dict[str, list] = dataclasses.field(default_factory=dict)        # name -> [hash, 7 numbers or None]
+    shadow: dict[str, list] = dataclasses.field(default_factory=dict)  # name -> [hash, 7 numbers or None]
     groups: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, gid)
     members: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (group, user)
     mailhosts: dict[str, tuple[str, bool]] = dataclasses.field(default_factory=dict)
@@ -97,7 +98,7 @@ class Site:
 
 def passwd_rows(site: Site, lines: Iterable[str]) -> Iterator[tuple[str, ...]]:
     """(name, uid, gid, gecos, home, shell) of each usable line, in order."""
-    seen_names: set[str] = set()     # lower-cased: Juan and juan share a mailbox
+    seen_names: set[str] = set()  # lower-cased: Juan and juan share a mailbox
     seen_uids: set[int] = set()
     for lineno, line in _lines(lines):
         f = line.split(":")
@@ -215,7 +216,7 @@ class StagedFiles:
         path = self.folder / name
         tmp = path.with_name(f".{name}.tmp{os.getpid()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-        os.fchmod(fd, mode)    # the umask may have taken bits away
+        os.fchmod(fd, mode)  # the umask may have taken bits away
         self._staged.append((tmp, path))
         return os.fdopen(fd, "wb", buffering=1 << 20)
 

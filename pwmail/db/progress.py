@@ -1,12 +1,13 @@
 """A progress bar on stderr for long imports, drawn only when stderr is a
 terminal (logs and pipes get the summary line alone)."""
+
 from __future__ import annotations
 
 import sys
 import time
 
 WIDTH = 30
-REDRAW_S = 0.2     # at most five redraws a second: drawing must not cost the import
+REDRAW_S = 0.2  # at most five redraws a second: drawing must not cost the import
 
 
 class Progress:
@@ -30,8 +31,7 @@ class Progress:
         frac = min(self.done / self.total, 1.0)
         bar = "#" * int(frac * WIDTH)
         rate = self.done / max(now - self._start, 1e-6)
-        self.stream.write(f"\r{self.label} [{bar:<{WIDTH}}] {frac:4.0%} {self.done:,}/{self.total:,} "
-                          f"({rate:,.0f}/s)")
+        self.stream.write(f"\r{self.label} [{bar:<{WIDTH}}] {frac:4.0%} {self.done:,}/{self.total:,} ({rate:,.0f}/s)")
         self.stream.flush()
 
     def finish(self) -> None:

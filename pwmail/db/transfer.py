@@ -1,5 +1,6 @@
 """Moving a whole site between the four files and the database with COPY
 (`pwmail db import` and `pwmail db export`, docs/database.md)."""
+
 from __future__ import annotations
 
 import pathlib
@@ -8,29 +9,49 @@ import re
 from . import files
 from .progress import Progress
 
-BATCH = 20_000      # rows per COPY write: big enough to be cheap, small enough to draw progress
+BATCH = 20_000  # rows per COPY write: big enough to be cheap, small enough to draw progress
 LOADED_TABLES = ("pwmail.groups", "pwmail.users", "pwmail.members")
 
-USER_COLUMNS = ("name", "uid", "gid", "gecos", "home", "shell", "password_hash", "last_change", "min_days",
-                "max_days", "warn_days", "inactive_days", "expire_day", "shadow_flag", "mailhost", "frozen")
+USER_COLUMNS = (
+    "name",
+    "uid",
+    "gid",
+    "gecos",
+    "home",
+    "shell",
+    "password_hash",
+    "last_change",
+    "min_days",
+    "max_days",
+    "warn_days",
+    "inactive_days",
+    "expire_day",
+    "shadow_flag",
+    "mailhost",
+    "frozen",
+)
 
 # The export's SELECTs: each row is one line of the file. Users in uid order,
 # groups in gid order, members in the order they were added.
 _OPT = "coalesce({}::text, '')"
 EXPORT_QUERIES = {
     "passwd": "SELECT name || ':x:' || uid || ':' || gid || ':' || gecos || ':' || home || ':' || shell "
-              "FROM pwmail.users ORDER BY uid",
+    "FROM pwmail.users ORDER BY uid",
     "shadow": "SELECT name || ':' || password_hash || ':' || "
-              + " || ':' || ".join(_OPT.format(c) for c in USER_COLUMNS[7:14])
-              + " FROM pwmail.users WHERE password_hash IS NOT NULL ORDER BY uid",
+    + " || ':' || ".join(_OPT.format(c) for c in USER_COLUMNS[7:14])
+    + " FROM pwmail.users WHERE password_hash IS NOT NULL ORDER BY uid",
     "group": "SELECT g.name || ':x:' || g.gid || ':' || coalesce(string_agg(m.user_name, ',' ORDER BY m.position), '') "
-             "FROM pwmail.groups g LEFT JOIN pwmail.members m ON m.group_name = g.name "
-             "GROUP BY g.name, g.gid ORDER BY g.gid",
+    "FROM pwmail.groups g LEFT JOIN pwmail.members m ON m.group_name = g.name "
+    "GROUP BY g.name, g.gid ORDER BY g.gid",
     "mailhosts": "SELECT name || ' ' || mailhost || CASE WHEN frozen THEN ' frozen' ELSE '' END "
-                 "FROM pwmail.users WHERE mailhost IS NOT NULL ORDER BY uid",
+    "FROM pwmail.users WHERE mailhost IS NOT NULL ORDER BY uid",
 }
-FILE_MODES = {"passwd": files.PUBLIC_MODE, "shadow": files.SHADOW_MODE, "group": files.PUBLIC_MODE,
-              "mailhosts": files.PUBLIC_MODE}
+FILE_MODES = {
+    "passwd": files.PUBLIC_MODE,
+    "shadow": files.SHADOW_MODE,
+    "group": files.PUBLIC_MODE,
+    "mailhosts": files.PUBLIC_MODE,
+}
 
 # COPY's text format escapes (PostgreSQL docs, "COPY ... File Formats")
 _COPY_ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -50,7 +71,7 @@ def _copy_line(fields) -> str:
 def _field(value: str | None) -> str:
     if value is None:
         return "\\N"
-    if "\\" in value or "\t" in value or "\r" in value or "\n" in value:   # rare: translate is slow
+    if "\\" in value or "\t" in value or "\r" in value or "\n" in value:  # rare: translate is slow
         return value.translate(_COPY_ESCAPE)
     return value
 
@@ -87,11 +108,14 @@ def _drop_keys(cur) -> list[str]:
     constraints = cur.execute(
         "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid), contype = 'f' FROM pg_constraint "
         "WHERE conrelid = ANY (%s::regclass[]) AND contype IN ('f', 'p', 'u') ORDER BY contype = 'f' DESC",
-        (tables,)).fetchall()
+        (tables,),
+    ).fetchall()
     indexes = cur.execute(
         "SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index i "
         "WHERE indrelid = ANY (%s::regclass[]) AND NOT EXISTS (SELECT 1 FROM pg_constraint c "
-        "  WHERE c.conindid = i.indexrelid AND c.contype IN ('p', 'u'))", (tables,)).fetchall()
+        "  WHERE c.conindid = i.indexrelid AND c.contype IN ('p', 'u'))",
+        (tables,),
+    ).fetchall()
     for table, name, _, _ in constraints:
         cur.execute(f'ALTER TABLE {table} DROP CONSTRAINT "{name}"')
     for index, _ in indexes:
@@ -110,8 +134,15 @@ def _count_lines(path: str | None, also: bytes = b"") -> int:
     return data.count(b"\n") + (data.count(also) if also else 0)
 
 
-def import_files(conn, passwd: str, shadow: str | None = None, group: str | None = None,
-                 mailhosts: str | None = None, replace: bool = False, stream=None) -> tuple[dict, files.Site]:
+def import_files(
+    conn,
+    passwd: str,
+    shadow: str | None = None,
+    group: str | None = None,
+    mailhosts: str | None = None,
+    replace: bool = False,
+    stream=None,
+) -> tuple[dict, files.Site]:
     """Loads a site from its files in one transaction: all of it or nothing.
     A database that holds users or groups already is refused unless
     `replace`, which deletes them first (in the same transaction: readers
@@ -120,17 +151,23 @@ def import_files(conn, passwd: str, shadow: str | None = None, group: str | None
     site = files.read_side_files(shadow, mailhosts)
     progress = Progress(_count_lines(passwd) + _count_lines(group, b","), "importing", stream)
     with conn.transaction(), conn.cursor() as cur:
-        held = cur.execute("SELECT (SELECT count(*) FROM pwmail.users), "
-                           "(SELECT count(*) FROM pwmail.groups)").fetchone()
+        held = cur.execute(
+            "SELECT (SELECT count(*) FROM pwmail.users), (SELECT count(*) FROM pwmail.groups)"
+        ).fetchone()
         if any(held) and not replace:
-            raise ImportRefused(f"the database holds {held[0]} users and {held[1]} groups already "
-                                "(--replace deletes them first)")
+            raise ImportRefused(
+                f"the database holds {held[0]} users and {held[1]} groups already (--replace deletes them first)"
+            )
         if replace:
             cur.execute("DELETE FROM pwmail.members; DELETE FROM pwmail.users; DELETE FROM pwmail.groups")
         restore = _drop_keys(cur)
         with files.opened(passwd) as f:
-            _copy_rows(cur, f"COPY pwmail.users ({', '.join(USER_COLUMNS)}) FROM STDIN",
-                       _user_rows(site, files.passwd_rows(site, f)), progress)
+            _copy_rows(
+                cur,
+                f"COPY pwmail.users ({', '.join(USER_COLUMNS)}) FROM STDIN",
+                _user_rows(site, files.passwd_rows(site, f)),
+                progress,
+            )
         files.drop_orphans(site)
         if group:
             with files.opened(group) as f:

@@ -7,6 +7,7 @@ and shell histories): `--password-stdin` reads one line from standard
 input, else a terminal is asked twice. They are stored as yescrypt hashes
 (libxcrypt, the binding pop3d checks them with: pop/crypt.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,11 +25,11 @@ from .connect import DbError, connect, describe, load_settings
 from .files import valid_name
 
 PROG = "pwmail user"
-NOT_FOUND = 2                   # exit code: no such user (as pwquery's)
+NOT_FOUND = 2  # exit code: no such user (as pwquery's)
 DAY = 86400
 # shadow(5) aging of new users, as useradd and gen-users write them
 NEW_MIN_DAYS, NEW_MAX_DAYS, NEW_WARN_DAYS = 0, 99999, 7
-LOCKED = "!"                    # password hash of a user added without a password: no login
+LOCKED = "!"  # password hash of a user added without a password: no login
 
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE = re.compile(r"(\d+)\s*([KMGT]?)i?B?", re.I)
@@ -107,8 +108,9 @@ def today() -> int:
 
 def _parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: `--password X` must not pass for `--password-stdin`
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, allow_abbrev=False,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--db", metavar="DSN", help="database (default: [db] dsn in /etc/pwmail.toml, then libpq's)")
     sub = ap.add_subparsers(dest="action", required=True, metavar="ACTION")
 
@@ -145,8 +147,10 @@ def _changed(cur, name: str) -> None:
 
 def add(conn, args) -> str:
     if not valid_name(args.name):
-        raise UserError(f"{args.name!r}: the name cannot be a mailbox name (printable ASCII without space, "
-                        "'/' or ':', not starting with '.', '+' or '-', at most 255 characters)")
+        raise UserError(
+            f"{args.name!r}: the name cannot be a mailbox name (printable ASCII without space, "
+            "'/' or ':', not starting with '.', '+' or '-', at most 255 characters)"
+        )
     if args.no_password and args.password_stdin:
         raise UserError("--no-password and --password-stdin exclude each other")
     hashed = LOCKED if args.no_password else crypt.hash_password(read_password(args.password_stdin))
@@ -154,25 +158,42 @@ def add(conn, args) -> str:
     delivery = delivery_config.load()
     home = args.home or str(MailboxLayout(delivery["root"], delivery["layout"]).path(args.name))
     with conn.transaction(), conn.cursor() as cur:
-        cur.execute("SELECT pwmail.log_lock()")     # no other add picks the same free uid meanwhile
+        cur.execute("SELECT pwmail.log_lock()")  # no other add picks the same free uid meanwhile
         uid = args.uid
         if uid is None:
-            uid = cur.execute("SELECT greatest(coalesce(max(uid) + 1, %(f)s), %(f)s) FROM pwmail.users "
-                              "WHERE uid >= %(f)s", {"f": int(cfg["first_uid"])}).fetchone()[0]
-        cur.execute("INSERT INTO pwmail.users (name, uid, gid, gecos, home, shell, password_hash, last_change, "
-                    "min_days, max_days, warn_days, mailhost, quota_bytes) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    (args.name, uid, args.gid if args.gid is not None else int(cfg["gid"]), args.gecos, home,
-                     args.shell or cfg["shell"], hashed, today(), NEW_MIN_DAYS, NEW_MAX_DAYS, NEW_WARN_DAYS,
-                     args.mailhost, args.quota))
+            uid = cur.execute(
+                "SELECT greatest(coalesce(max(uid) + 1, %(f)s), %(f)s) FROM pwmail.users WHERE uid >= %(f)s",
+                {"f": int(cfg["first_uid"])},
+            ).fetchone()[0]
+        cur.execute(
+            "INSERT INTO pwmail.users (name, uid, gid, gecos, home, shell, password_hash, last_change, "
+            "min_days, max_days, warn_days, mailhost, quota_bytes) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                args.name,
+                uid,
+                args.gid if args.gid is not None else int(cfg["gid"]),
+                args.gecos,
+                home,
+                args.shell or cfg["shell"],
+                hashed,
+                today(),
+                NEW_MIN_DAYS,
+                NEW_MAX_DAYS,
+                NEW_WARN_DAYS,
+                args.mailhost,
+                args.quota,
+            ),
+        )
     return f"{args.name} added (uid {uid})"
 
 
 def passwd(conn, args) -> str:
     hashed = crypt.hash_password(read_password(args.password_stdin))
     with conn.transaction(), conn.cursor() as cur:
-        cur.execute("UPDATE pwmail.users SET password_hash = %s, last_change = %s WHERE name = %s",
-                    (hashed, today(), args.name))
+        cur.execute(
+            "UPDATE pwmail.users SET password_hash = %s, last_change = %s WHERE name = %s", (hashed, today(), args.name)
+        )
         _changed(cur, args.name)
     return f"password of {args.name} changed"
 
@@ -197,8 +218,10 @@ def set_fields(conn, args) -> str:
     for pair in args.pairs:
         key, eq, value = pair.partition("=")
         if not eq or key not in SETTABLE:
-            raise UserError(f"{pair!r}: expected KEY=VALUE with KEY one of {', '.join(SETTABLE)} "
-                            "(the password: `pwmail user passwd NAME`)")
+            raise UserError(
+                f"{pair!r}: expected KEY=VALUE with KEY one of {', '.join(SETTABLE)} "
+                "(the password: `pwmail user passwd NAME`)"
+            )
         column, convert = SETTABLE[key]
         values[column] = convert(value)
     update(conn, args.name, values)
@@ -212,26 +235,55 @@ def freeze(conn, args) -> str:
 
 def show(conn, args) -> str:
     with conn.cursor() as cur:
-        row = cur.execute("SELECT name, uid, gid, gecos, home, shell, mailhost, frozen, quota_bytes, "
-                          "password_hash, last_change, expire_day, "
-                          "ARRAY(SELECT group_name FROM pwmail.members m WHERE m.user_name = u.name "
-                          "      ORDER BY position) "
-                          "FROM pwmail.users u WHERE name = %s", (args.name,)).fetchone()
+        row = cur.execute(
+            "SELECT name, uid, gid, gecos, home, shell, mailhost, frozen, quota_bytes, "
+            "password_hash, last_change, expire_day, "
+            "ARRAY(SELECT group_name FROM pwmail.members m WHERE m.user_name = u.name "
+            "      ORDER BY position) "
+            "FROM pwmail.users u WHERE name = %s",
+            (args.name,),
+        ).fetchone()
     if row is None:
         raise UserError(f"no such user: {args.name}", NOT_FOUND)
-    keys = ("name", "uid", "gid", "gecos", "home", "shell", "mailhost", "frozen", "quota", "password",
-            "last_change", "expire_day", "groups")
+    keys = (
+        "name",
+        "uid",
+        "gid",
+        "gecos",
+        "home",
+        "shell",
+        "mailhost",
+        "frozen",
+        "quota",
+        "password",
+        "last_change",
+        "expire_day",
+        "groups",
+    )
     values = dict(zip(keys, row, strict=True))
     # the hash itself stays in the database: only whether one is usable, and its method
-    values["password"] = ("set (" + values["password"].split("$")[1] + ")" if crypt.usable_hash(values["password"])
-                          else "none" if values["password"] is None else "locked")
+    values["password"] = (
+        "set (" + values["password"].split("$")[1] + ")"
+        if crypt.usable_hash(values["password"])
+        else "none"
+        if values["password"] is None
+        else "locked"
+    )
     values["groups"] = ",".join(values["groups"])
-    return "\n".join(f"{k}={'' if v is None else str(v).lower() if isinstance(v, bool) else v}"
-                     for k, v in values.items())
+    return "\n".join(
+        f"{k}={'' if v is None else str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()
+    )
 
 
-ACTIONS = {"add": add, "passwd": passwd, "del": delete, "show": show, "freeze": freeze, "unfreeze": freeze,
-           "set": set_fields}
+ACTIONS = {
+    "add": add,
+    "passwd": passwd,
+    "del": delete,
+    "show": show,
+    "freeze": freeze,
+    "unfreeze": freeze,
+    "set": set_fields,
+}
 
 
 def main(argv: list[str]) -> int:

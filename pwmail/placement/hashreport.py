@@ -20,11 +20,11 @@ Name lists: `--users FILE` (a passwd(5) file or one name a line),
 (`--count N` Faker names turned into login names the way an ISP hands them
 out: see `isp_logins`). Several lists may be given; each is reported.
 """
+
 from __future__ import annotations
 
 import argparse
 import collections
-import math
 import random
 import re
 import statistics
@@ -32,7 +32,8 @@ import sys
 import unicodedata
 from dataclasses import dataclass
 
-from delivery.layout import SCHEMES as LAYOUT_SCHEMES, LayoutError, levels
+from delivery.layout import SCHEMES as LAYOUT_SCHEMES
+from delivery.layout import LayoutError, levels
 
 EXTRA_SCHEMES = ("first2", "last3")
 ALL_SCHEMES = LAYOUT_SCHEMES + EXTRA_SCHEMES
@@ -61,8 +62,7 @@ class SchemeStats:
     sizes: list[int]  # mailboxes per used directory, largest first
 
     def row(self) -> list[str]:
-        return [self.scheme, f"{self.users}", f"{self.dirs}", f"{self.mean:.1f}",
-                f"{self.largest}", f"{self.cv:.2f}"]
+        return [self.scheme, f"{self.users}", f"{self.dirs}", f"{self.mean:.1f}", f"{self.largest}", f"{self.cv:.2f}"]
 
 
 def measure(names: list[str], scheme: str) -> SchemeStats:
@@ -76,6 +76,7 @@ def measure(names: list[str], scheme: str) -> SchemeStats:
 
 
 # -- name lists -----------------------------------------------------------
+
 
 def ascii_login(text: str) -> str:
     """Lowercase ASCII letters only ("Núñez" -> "nunez", "De la Cruz" -> "delacruz")."""
@@ -103,7 +104,7 @@ def isp_logins(people: list[tuple[str, str]], rng: random.Random) -> list[str]:
             base = first_login + last_login[0]
         else:
             base = last_login + first_login[0]
-        base = base[:MAX_LOGIN - 4]
+        base = base[: MAX_LOGIN - 4]
         if rng.random() < 0.1:
             base += str(rng.randrange(1950, 2010))
         cand, k = base, 1
@@ -177,8 +178,9 @@ def chart(results: dict[str, list[SchemeStats]], path: str) -> None:
     fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.5), squeeze=False)
     for ax, (title, stats) in zip(axes[0], results.items()):
         for s in stats:
-            ax.loglog(range(1, len(s.sizes) + 1), s.sizes, label=f"{s.scheme} (max {s.largest}, CV {s.cv:.2f})",
-                      linewidth=1.4)
+            ax.loglog(
+                range(1, len(s.sizes) + 1), s.sizes, label=f"{s.scheme} (max {s.largest}, CV {s.cv:.2f})", linewidth=1.4
+            )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("directory rank (largest first)")
         ax.set_ylabel("mailboxes in the directory")
@@ -191,17 +193,25 @@ def chart(results: dict[str, list[SchemeStats]], path: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="pwmail hash-report", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--users", action="append", default=[], metavar="FILE",
-                    help="passwd file or one name a line (repeatable)")
+    ap = argparse.ArgumentParser(
+        prog="pwmail hash-report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--users", action="append", default=[], metavar="FILE", help="passwd file or one name a line (repeatable)"
+    )
     ap.add_argument("--generate", type=int, metavar="N", help="N names as `pwmail gen-users` makes them")
-    ap.add_argument("--faker", action="append", default=[], metavar="LOCALE",
-                    help="Faker locale for ISP-style login names, e.g. es_AR, en_US (repeatable; needs Faker)")
+    ap.add_argument(
+        "--faker",
+        action="append",
+        default=[],
+        metavar="LOCALE",
+        help="Faker locale for ISP-style login names, e.g. es_AR, en_US (repeatable; needs Faker)",
+    )
     ap.add_argument("--count", type=int, default=100_000, help="names per Faker locale (default 100000)")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--scheme", action="append", choices=ALL_SCHEMES,
-                    help="scheme to compare (repeatable; default all)")
+    ap.add_argument(
+        "--scheme", action="append", choices=ALL_SCHEMES, help="scheme to compare (repeatable; default all)"
+    )
     ap.add_argument("--png", metavar="FILE", help="write the chart there (needs matplotlib)")
     args = ap.parse_args(argv)
     schemes = args.scheme or list(ALL_SCHEMES)

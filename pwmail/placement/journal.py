@@ -9,7 +9,7 @@ import pathlib
 from delivery.layout import MailboxLayout
 
 STEPS = ("start", "copied", "frozen", "synced", "flipped", "unfrozen")
-TRASH_SUFFIX = " pwmove-old"   # `<user> pwmove-old`: no user name holds a space
+TRASH_SUFFIX = " pwmove-old"  # `<user> pwmove-old`: no user name holds a space
 
 
 @dataclasses.dataclass
@@ -22,10 +22,10 @@ class Journal:
     scheme: str
     step: str = "start"
     started: float = 0.0
-    manifest: list[str] | None = None   # message keys in the mirror at `synced`
+    manifest: list[str] | None = None  # message keys in the mirror at `synced`
 
     @classmethod
-    def load(cls, path: pathlib.Path) -> "Journal":
+    def load(cls, path: pathlib.Path) -> Journal:
         return cls(**json.loads(path.read_text()))
 
     def src_box(self) -> pathlib.Path:

@@ -28,6 +28,7 @@ marker (not mounted = refused).
 Crash tests set PWMAIL_MOVE_FAIL to a failure point name (FAIL_POINTS): the
 process exits at once with status 70, as a crash would leave things.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,19 +49,31 @@ from concurrent.futures import ThreadPoolExecutor
 from delivery.layout import DEFAULT_SCHEME, SCHEMES, MailboxLayout, check_user
 from delivery.maildir import ROOT_MARKER, MaildirWriter, fsync_dir
 from pwmail.base.errors import ConfigError
-from pwmail.placement.journal import STEPS, TRASH_SUFFIX, Journal
+from pwmail.placement.journal import Journal
 from pwmail.placement.ratelimit import Throttle
 
 log = logging.getLogger("pwmail-move")
 
 FAIL_ENV = "PWMAIL_MOVE_FAIL"
-FAIL_POINTS = ("after-start", "mid-copy", "after-copy", "after-freeze-write", "after-freeze",
-               "mid-sync", "after-sync", "after-flip-write", "after-flip", "after-unfreeze-write",
-               "after-unfreeze", "after-trash", "mid-remove")
+FAIL_POINTS = (
+    "after-start",
+    "mid-copy",
+    "after-copy",
+    "after-freeze-write",
+    "after-freeze",
+    "mid-sync",
+    "after-sync",
+    "after-flip-write",
+    "after-flip",
+    "after-unfreeze-write",
+    "after-unfreeze",
+    "after-trash",
+    "mid-remove",
+)
 FAIL_EXIT = 70
-COPY_SUFFIX = ".pwmove"        # files being copied, in the new box's tmp/
+COPY_SUFFIX = ".pwmove"  # files being copied, in the new box's tmp/
 DEFAULTS = {
-    "roots": {},                 # host -> storage root path as seen here
+    "roots": {},  # host -> storage root path as seen here
     "journal_dir": "/var/lib/pwmail/moves",
     "bytes_per_second": 20_000_000,
     "files_per_second": 2000,
@@ -86,6 +99,7 @@ def failpoint(name: str) -> None:
 
 # ---- small file helpers ----------------------------------------------------
 
+
 def write_atomic(path: pathlib.Path, data: bytes, like: pathlib.Path | None = None, sync_dir: bool = True) -> None:
     """tmp file in the same folder, fsync, rename, fsync the folder (unless
     the caller syncs it once for many files)."""
@@ -99,7 +113,7 @@ def write_atomic(path: pathlib.Path, data: bytes, like: pathlib.Path | None = No
                 os.fchown(fd, st.st_uid, st.st_gid)
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -125,8 +139,10 @@ def pop_sessions_closed(box: pathlib.Path, timeout: float):
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise MoveError(f"a POP session on {box} is still open after {timeout:g} s "
-                                    f"(the user stays frozen; run again to resume)") from None
+                    raise MoveError(
+                        f"a POP session on {box} is still open after {timeout:g} s "
+                        f"(the user stays frozen; run again to resume)"
+                    ) from None
                 time.sleep(0.1)
         yield
     finally:
@@ -147,6 +163,7 @@ def flocked(path: pathlib.Path, blocking: bool = True):
 
 
 # ---- the mailhosts map (docs/placement.md) ---------------------------------
+
 
 class MailhostsFile:
     """The `user host [frozen]` source file the password servers load.
@@ -197,8 +214,9 @@ class PasswordServers:
     """Makes the running password servers reload, and waits until every one
     of them answers the expected mailhost for every user concerned."""
 
-    def __init__(self, addresses: list[str], pids: list[int] = (), reload_cmd: str | None = None,
-                 timeout: float = 60.0):
+    def __init__(
+        self, addresses: list[str], pids: list[int] = (), reload_cmd: str | None = None, timeout: float = 60.0
+    ):
         self.addresses = addresses
         self.pids = list(pids)
         self.reload_cmd = reload_cmd
@@ -230,8 +248,10 @@ class PasswordServers:
                         pending.pop()
                         continue
                     if time.monotonic() > deadline:
-                        raise MoveError(f"pwserver {addr} still answers {user} -> {got} "
-                                        f"(want {want[0]}{' frozen' if want[1] else ''}) after {self.timeout} s")
+                        raise MoveError(
+                            f"pwserver {addr} still answers {user} -> {got} "
+                            f"(want {want[0]}{' frozen' if want[1] else ''}) after {self.timeout} s"
+                        )
                     time.sleep(0.05)
 
     def current(self, user: str) -> tuple[str, bool] | None:
@@ -246,6 +266,7 @@ class PasswordServers:
 
 
 # ---- copying mailboxes -----------------------------------------------------
+
 
 def message_key(rel: str) -> str:
     """A Maildir message is named by its base name (its UIDL) whatever its
@@ -317,8 +338,7 @@ def is_maildir(box: pathlib.Path) -> bool:
 
 def foreign_subdirs(box: pathlib.Path) -> bool:
     with os.scandir(box) as it:
-        return any(e.is_dir(follow_symlinks=False) and e.name != "tmp" and not _maildir_subdirs("", e.name)
-                   for e in it)
+        return any(e.is_dir(follow_symlinks=False) and e.name != "tmp" and not _maildir_subdirs("", e.name) for e in it)
 
 
 def _make_dirs(src: pathlib.Path, dst: pathlib.Path, rel_dir: str, touched: set) -> None:
@@ -360,7 +380,7 @@ def copy_file(src: pathlib.Path, dst: pathlib.Path, tmp_dir: pathlib.Path, throt
                     break
                 view = memoryview(chunk)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 throttle.spend(len(chunk))
             os.fchmod(fd, st.st_mode & 0o7777)
             if os.geteuid() == 0:
@@ -382,8 +402,15 @@ class SyncResult:
     bytes: int = 0
 
 
-def sync_box(src: pathlib.Path, dst: pathlib.Path, throttle: Throttle, *, delete: bool,
-             only: set[str] | None = None, fail_midway: str | None = None) -> SyncResult:
+def sync_box(
+    src: pathlib.Path,
+    dst: pathlib.Path,
+    throttle: Throttle,
+    *,
+    delete: bool,
+    only: set[str] | None = None,
+    fail_midway: str | None = None,
+) -> SyncResult:
     """Make dst hold what src holds: copy what is missing, rename what changed
     place or flags, and (delete=True) remove what src no longer has.
     `only`: restrict to these keys. Directories touched are fsynced."""
@@ -433,6 +460,7 @@ def clean_copy_leftovers(box: pathlib.Path) -> None:
 
 # ---- one move --------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class MoveSettings:
     roots: dict[str, str]
@@ -461,6 +489,7 @@ class Mover:
     def save(self, jobs: list[Journal], step: str | None = None) -> None:
         """Record a step of several moves; durable before the next step
         starts (the folder is fsynced once for all of them)."""
+
         def write(j: Journal) -> None:
             if step:
                 j.step = step
@@ -493,14 +522,18 @@ class Mover:
             raise MoveError(f"no such user: {user}")
         src, frozen = current.get(user, served)
         if frozen:
-            raise MoveError(f"{user} is frozen in the map but has no journal here: another move tool? "
-                            f"(fix the mailhosts line by hand)")
+            raise MoveError(
+                f"{user} is frozen in the map but has no journal here: another move tool? "
+                f"(fix the mailhosts line by hand)"
+            )
         if src == dst:
             return None
         j = Journal(user, src, dst, self.root(src), self.root(dst), self.cfg.scheme, started=time.time())
         if j.dst_box().exists() and scan(j.dst_box()):
-            raise MoveError(f"{user} already has a mailbox on {dst} ({j.dst_box()}): a stray copy? "
-                            f"`pwmail placement-report --strays` lists them; remove or merge it first")
+            raise MoveError(
+                f"{user} already has a mailbox on {dst} ({j.dst_box()}): a stray copy? "
+                f"`pwmail placement-report --strays` lists them; remove or merge it first"
+            )
         return j
 
     def check_map(self, jobs: list[Journal]) -> None:
@@ -511,14 +544,16 @@ class Mover:
         for j in jobs:
             for root in (j.src_root, j.dst_root):
                 if not (pathlib.Path(root) / ROOT_MARKER).exists():
-                    raise MoveError(f"move of {j.user}: storage root {root} is missing or not mounted "
-                                    f"(no {ROOT_MARKER})")
+                    raise MoveError(
+                        f"move of {j.user}: storage root {root} is missing or not mounted (no {ROOT_MARKER})"
+                    )
             host = current.get(j.user, (None, False))[0]
             if host is None and not j.at_least("frozen"):
                 continue  # placed by the default rule until the freeze writes its line
             if host not in (j.src, j.dst):
-                raise MoveError(f"{j.user}: the mailhosts map says {host}, the journal moves "
-                                f"{j.src} -> {j.dst}; fix one of them")
+                raise MoveError(
+                    f"{j.user}: the mailhosts map says {host}, the journal moves {j.src} -> {j.dst}; fix one of them"
+                )
 
     def switch(self, jobs: list[Journal], host_of, frozen: bool, step: str, fail_write: str, fail_done: str) -> None:
         todo = [j for j in jobs if not j.at_least(step)]
@@ -576,8 +611,16 @@ class Mover:
         clean_copy_leftovers(dst)
         for n in range(passes):
             r = sync_box(src, dst, self.throttle, delete=True, fail_midway=fail_point if n == 0 else None)
-            log.info("move %s: %s pass %d: %d copied (%d bytes), %d renamed, %d deleted", j.user, what, n + 1,
-                     r.copied, r.bytes, r.renamed, r.deleted)
+            log.info(
+                "move %s: %s pass %d: %d copied (%d bytes), %d renamed, %d deleted",
+                j.user,
+                what,
+                n + 1,
+                r.copied,
+                r.bytes,
+                r.renamed,
+                r.deleted,
+            )
 
     def remove_old(self, j: Journal) -> None:
         """Late arrivals in the old copy (messages it has that the frozen
@@ -620,14 +663,14 @@ class Mover:
             if resumed:
                 log.info("resuming %d unfinished move(s)", len(resumed))
                 for i in range(0, len(resumed), self.cfg.batch):
-                    self.run(resumed[i:i + self.cfg.batch])
+                    self.run(resumed[i : i + self.cfg.batch])
                 done += len(resumed)
             by_user = {j.user: j.dst for j in resumed}
             todo = [(u, h) for u, h in wanted if by_user.get(u) != h]
             for i in range(0, len(todo), self.cfg.batch):
                 current = self.cfg.mailhosts.read()
                 batch = []
-                for user, host in todo[i:i + self.cfg.batch]:
+                for user, host in todo[i : i + self.cfg.batch]:
                     try:
                         j = self.plan(user, host, current)
                     except (MoveError, ValueError) as e:  # this user only; the others go on
@@ -655,15 +698,32 @@ def _owner(path: pathlib.Path) -> tuple[int, int]:
 
 # ---- command line ----------------------------------------------------------
 
+
 def _common_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--root", action="append", default=[], metavar="HOST=DIR",
-                    help="storage root of HOST as reachable here (repeatable; or [move] roots)")
+    ap.add_argument(
+        "--root",
+        action="append",
+        default=[],
+        metavar="HOST=DIR",
+        help="storage root of HOST as reachable here (repeatable; or [move] roots)",
+    )
     ap.add_argument("--layout", choices=SCHEMES, help="mailbox layout scheme (default [delivery] layout or first3)")
     ap.add_argument("--mailhosts", metavar="F", help="mailhosts source file (default [pwserver] mailhosts)")
-    ap.add_argument("--server", action="append", default=[], metavar="HOST:PORT",
-                    help="password server to confirm changes on (repeatable; default /etc/pwserver.conf)")
-    ap.add_argument("--pwserver-pid", type=int, action="append", default=[], metavar="PID",
-                    help="send SIGHUP to this pwserver after each change (else its file watch reloads)")
+    ap.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="password server to confirm changes on (repeatable; default /etc/pwserver.conf)",
+    )
+    ap.add_argument(
+        "--pwserver-pid",
+        type=int,
+        action="append",
+        default=[],
+        metavar="PID",
+        help="send SIGHUP to this pwserver after each change (else its file watch reloads)",
+    )
     ap.add_argument("--reload-cmd", metavar="CMD", help="shell command run after each change (e.g. rsync the map)")
     ap.add_argument("--journal-dir", metavar="DIR", help=f"journals of moves (default {DEFAULTS['journal_dir']})")
     ap.add_argument("--bwlimit", type=float, metavar="BYTES/S", help="copy at most this many bytes a second")
@@ -671,8 +731,9 @@ def _common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--settle", type=float, metavar="S", help="wait after freezing (in-flight deliveries)")
     ap.add_argument("--batch", type=int, metavar="N", help="moves frozen and flipped together")
     ap.add_argument("--jobs", type=int, metavar="N", help="mailboxes copied at the same time (default 4)")
-    ap.add_argument("--pop-wait", type=float, metavar="S",
-                    help="how long to wait for POP sessions open on a frozen mailbox to end")
+    ap.add_argument(
+        "--pop-wait", type=float, metavar="S", help="how long to wait for POP sessions open on a frozen mailbox to end"
+    )
     ap.add_argument("--log-stderr", action="store_true", help="also log to stderr")
 
 
@@ -734,8 +795,9 @@ def build_settings(args: argparse.Namespace) -> MoveSettings:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="pwmail move", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="pwmail move", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("users", nargs="*", metavar="USER", help="users to move (none: only resume unfinished moves)")
     ap.add_argument("--to", metavar="HOST", help="destination storage host")
     _common_args(ap)
@@ -745,8 +807,9 @@ def main(argv: list[str]) -> int:
     return _run(args, lambda cfg: [(u, args.to) for u in args.users], "move")
 
 
-def rebalance_candidates(users: list[str], current: dict[str, tuple[str, bool]], hosts: list[tuple[str, float]],
-                         new_host: str, weight: float) -> list[str]:
+def rebalance_candidates(
+    users: list[str], current: dict[str, tuple[str, bool]], hosts: list[tuple[str, float]], new_host: str, weight: float
+) -> list[str]:
     """Users whose rendezvous winner becomes `new_host` once it joins (docs/placement.md)."""
     from pwcache.placement import PlacementRule
 
@@ -755,13 +818,18 @@ def rebalance_candidates(users: list[str], current: dict[str, tuple[str, bool]],
 
 
 def rebalance_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="pwmail rebalance",
-                                 description="Move to a new storage host the mailboxes that weighted rendezvous "
-                                             "hashing gives it (about w_new/sum(w) of them), through `pwmail move`.")
+    ap = argparse.ArgumentParser(
+        prog="pwmail rebalance",
+        description="Move to a new storage host the mailboxes that weighted rendezvous "
+        "hashing gives it (about w_new/sum(w) of them), through `pwmail move`.",
+    )
     ap.add_argument("--add", required=True, metavar="HOST", help="the new storage host")
     ap.add_argument("--weight", type=float, default=1.0, help="its weight (default 1)")
-    ap.add_argument("--hosts", metavar="H[:W],...",
-                    help="current hosts with weights (default [placement] hosts, else the hosts in the map)")
+    ap.add_argument(
+        "--hosts",
+        metavar="H[:W],...",
+        help="current hosts with weights (default [placement] hosts, else the hosts in the map)",
+    )
     ap.add_argument("--passwd", metavar="F", help="passwd file listing the users (default [pwserver] passwd)")
     ap.add_argument("--max-moves", type=int, metavar="N", help="move at most N mailboxes this run")
     ap.add_argument("--dry-run", action="store_true", help="list the moves, do nothing")
@@ -769,9 +837,9 @@ def rebalance_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
 
     def plan(cfg: MoveSettings) -> list[tuple[str, str]]:
+        from pwcache.placement import PlacementRule
         from pwmail.base import settings
         from pwmail.genusers import parse_hosts
-        from pwcache.placement import PlacementRule
 
         data = settings.load()
         current = cfg.mailhosts.read()
@@ -783,13 +851,21 @@ def rebalance_main(argv: list[str]) -> int:
             hosts = [(h, 1.0) for h in dict.fromkeys(h for h, _ in current.values())]
         hosts = [(h, w) for h, w in hosts if h != args.add]
         passwd = args.passwd or data.get("pwserver", {}).get("passwd")
-        users = [line.split(":", 1)[0] for line in open(passwd) if line.strip() and not line.startswith("#")] \
-            if passwd else list(current)
+        users = (
+            [line.split(":", 1)[0] for line in open(passwd) if line.strip() and not line.startswith("#")]
+            if passwd
+            else list(current)
+        )
         moves = rebalance_candidates(users, current, hosts, args.add, args.weight)
-        log.info("rebalance: %d of %d users belong on %s; moving %s", len(moves), len(users), args.add,
-                 args.max_moves if args.max_moves is not None else "all")
+        log.info(
+            "rebalance: %d of %d users belong on %s; moving %s",
+            len(moves),
+            len(users),
+            args.add,
+            args.max_moves if args.max_moves is not None else "all",
+        )
         if args.max_moves is not None:
-            moves = moves[:args.max_moves]
+            moves = moves[: args.max_moves]
         if args.dry_run:
             for u in moves:
                 print(f"{u} {current.get(u, ('?', False))[0]} -> {args.add}")
@@ -804,7 +880,7 @@ def _run(args: argparse.Namespace, plan, what: str) -> int:
         cfg = build_settings(args)
         moves = plan(cfg)
     except ConfigError:
-        raise                   # one line and EX_CONFIG (pwmail/admin.py)
+        raise  # one line and EX_CONFIG (pwmail/admin.py)
     except (MoveError, OSError, ValueError) as e:
         print(f"pwmail {what}: {e}", file=sys.stderr)
         return 1

@@ -15,6 +15,7 @@ into account when `[placement]` gives them (`--weights H:W,...` overrides).
 `--strays` also walks every root for mailboxes whose user lives elsewhere
 (left by a crash outside `pwmail move`, or by a misrouted delivery).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,7 @@ class HostLoad:
     weight: float = 1.0
     users: int = 0
     frozen: int = 0
-    mailboxes: int = 0      # users with a Maildir on the root
+    mailboxes: int = 0  # users with a Maildir on the root
     messages: int = 0
     bytes: int = 0
     root: str | None = None
@@ -49,13 +50,25 @@ class Report:
 
     def table(self) -> str:
         head = ["host", "weight", "users", "frozen", "mailboxes", "messages", "bytes", "root"]
-        rows = [[h.host, f"{h.weight:g}", str(h.users), str(h.frozen), str(h.mailboxes), str(h.messages),
-                 str(h.bytes), h.root or "-"] for h in self.hosts]
+        rows = [
+            [
+                h.host,
+                f"{h.weight:g}",
+                str(h.users),
+                str(h.frozen),
+                str(h.mailboxes),
+                str(h.messages),
+                str(h.bytes),
+                h.root or "-",
+            ]
+            for h in self.hosts
+        ]
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         out += ["| " + " | ".join(r) + " |" for r in rows]
         out.append("")
-        out.append("imbalance (largest/mean - 1, by weight): " +
-                   ", ".join(f"{k} {v:.3f}" for k, v in self.imbalance.items()))
+        out.append(
+            "imbalance (largest/mean - 1, by weight): " + ", ".join(f"{k} {v:.3f}" for k, v in self.imbalance.items())
+        )
         if self.strays:
             out.append(f"{len(self.strays)} stray mailbox(es):")
             out += [f"  {host} {path}" for host, path in self.strays]
@@ -105,8 +118,14 @@ def users_from_server(address: str) -> dict[str, tuple[str, bool]]:
         return {e.name: (e.mailhost, False) for e in c.enumerate()}
 
 
-def build(users: dict[str, tuple[str, bool]], roots: dict[str, str], scheme: str,
-          weights: dict[str, float], bytes_too: bool = True, strays: bool = False) -> Report:
+def build(
+    users: dict[str, tuple[str, bool]],
+    roots: dict[str, str],
+    scheme: str,
+    weights: dict[str, float],
+    bytes_too: bool = True,
+    strays: bool = False,
+) -> Report:
     loads: dict[str, HostLoad] = {}
     for host in list(weights) + sorted(roots):
         loads.setdefault(host, HostLoad(host, weights.get(host, 1.0), root=roots.get(host)))
@@ -166,8 +185,9 @@ def main(argv: list[str]) -> int:
     from pwmail.genusers import parse_hosts
     from pwmail.placement.move import MoveError, layout_scheme, storage_roots
 
-    ap = argparse.ArgumentParser(prog="pwmail placement-report", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="pwmail placement-report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--passwd", metavar="F", help="passwd file (default [pwserver] passwd)")
     ap.add_argument("--mailhosts", metavar="F", help="mailhosts map (default [pwserver] mailhosts)")
     ap.add_argument("--server", metavar="HOST:PORT", help="ask this running pwserver instead of the files")
@@ -196,16 +216,21 @@ def main(argv: list[str]) -> int:
 
             hosts = data.get("placement", {}).get("hosts") or []
             weights = dict(PlacementRule.from_settings({"rule": "hash", "hosts": hosts}).hosts) if hosts else {}
-        report = build(users, roots, layout_scheme(data, args.layout), weights,
-                       bytes_too=not args.users_only, strays=args.strays)
+        report = build(
+            users, roots, layout_scheme(data, args.layout), weights, bytes_too=not args.users_only, strays=args.strays
+        )
     except ConfigError:
-        raise                   # one line and EX_CONFIG (pwmail/admin.py)
+        raise  # one line and EX_CONFIG (pwmail/admin.py)
     except (OSError, ValueError, MoveError) as e:
         print(f"pwmail placement-report: {e}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"hosts": [asdict(h) for h in report.hosts], "imbalance": report.imbalance,
-                          "strays": report.strays}, indent=1))
+        print(
+            json.dumps(
+                {"hosts": [asdict(h) for h in report.hosts], "imbalance": report.imbalance, "strays": report.strays},
+                indent=1,
+            )
+        )
     else:
         print(report.table())
     return 0

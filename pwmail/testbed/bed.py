@@ -9,13 +9,14 @@ Names are `pwtb<pid>-<n>-<host>` (plus `pwtb<pid>-<n>-sw` for the bridge), so tw
 never collide, and namespaces left by a run that died are found by prefix
 and removed by the next one.
 """
+
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import ipaddress
-import json
 import itertools
+import json
 import os
 import re
 import shlex
@@ -26,9 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 PREFIX = "pwtb"
 # Exists only inside the bed's namespaces: no route to it from the machine.
@@ -46,20 +47,32 @@ class BedUnavailable(Exception):
     """This machine cannot run a namespace test bed (the reason is the text)."""
 
 
-def _ip(*args: str, ns: str | None = None, batch: Sequence[str] | None = None,
-        timeout: float = IP_TIMEOUT_S, check: bool = True) -> str:
+def _ip(
+    *args: str,
+    ns: str | None = None,
+    batch: Sequence[str] | None = None,
+    timeout: float = IP_TIMEOUT_S,
+    check: bool = True,
+) -> str:
     """Run `ip` (iproute2), bounded in time; its output. `batch`: commands
     run by one `ip -batch -`. (Each call is a short process with a timeout:
     a netlink request that never gets its answer cannot hang the bed.)"""
     argv = ["ip"] + (["-n", ns] if ns else []) + (["-batch", "-"] if batch is not None else list(args))
     try:
-        r = subprocess.run(argv, input="".join(line + "\n" for line in batch) if batch is not None else None,
-                           capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(
+            argv,
+            input="".join(line + "\n" for line in batch) if batch is not None else None,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"{' '.join(argv)} did not finish within {timeout} s") from None
     if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip()}"
-                           + (f"\ncommands: {list(batch)}" if batch is not None else ""))
+        raise RuntimeError(
+            f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip()}"
+            + (f"\ncommands: {list(batch)}" if batch is not None else "")
+        )
     return r.stdout
 
 
@@ -136,6 +149,7 @@ def cleanup_stale(prefix: str = PREFIX) -> list[str]:
 @dataclass
 class Proc:
     """A process the bed started on one of its hosts."""
+
     host: str
     name: str
     argv: list[str]
@@ -159,18 +173,20 @@ class _Host:
     addr: str
     dir: Path
     ns: str | None = None
-    port: str | None = None      # bridge-side veth name (TestBed)
+    port: str | None = None  # bridge-side veth name (TestBed)
     cut: bool = False
     procs: dict[str, Proc] = field(default_factory=dict)
 
 
 class _Bed:
     """Process management shared by both beds."""
+
     __test__ = False  # not a pytest test class
     subnet = SUBNET
 
-    def __init__(self, hosts: Sequence[str], *, workdir: str | os.PathLike | None = None,
-                 keep: bool = False, syslog: bool = True):
+    def __init__(
+        self, hosts: Sequence[str], *, workdir: str | os.PathLike | None = None, keep: bool = False, syslog: bool = True
+    ):
         if len(set(hosts)) != len(hosts):
             raise ValueError(f"duplicate host names in {list(hosts)}")
         net = ipaddress.ip_network(self.subnet)
@@ -255,8 +271,15 @@ class _Bed:
         env.update(extra or {})
         return env
 
-    def run(self, host: str, argv: Sequence[str], *, name: str | None = None,
-            env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None) -> subprocess.Popen:
+    def run(
+        self,
+        host: str,
+        argv: Sequence[str],
+        *,
+        name: str | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | os.PathLike | None = None,
+    ) -> subprocess.Popen:
         """Start argv on `host` in the background, stdout and stderr to
         `dir(host)/<name>.log`; `name` (default: the program's base name)
         is what kill/restart/wait_for take."""
@@ -265,26 +288,45 @@ class _Bed:
         old = h.procs.get(name)
         if old is not None and old.running():
             raise RuntimeError(f"{name} already runs on {host} (pid {old.pid})")
-        p = Proc(host, name, list(argv), self.env_for(host, env), str(cwd) if cwd else None,
-                 h.dir / f"{name}.log")
+        p = Proc(host, name, list(argv), self.env_for(host, env), str(cwd) if cwd else None, h.dir / f"{name}.log")
         h.procs[name] = p
         self._launch(p)
         return p.popen
 
     def _launch(self, p: Proc) -> None:
         with open(p.log, "ab") as log:
-            p.popen = subprocess.Popen(self._wrap(p.host, p.argv), env=p.env, cwd=p.cwd,
-                                       stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+            p.popen = subprocess.Popen(
+                self._wrap(p.host, p.argv),
+                env=p.env,
+                cwd=p.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         p.starts += 1
 
-    def exec(self, host: str, argv: Sequence[str], *, env: dict[str, str] | None = None,
-             input: bytes | str | None = None, timeout: float = 30.0,
-             cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
+    def exec(
+        self,
+        host: str,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        input: bytes | str | None = None,
+        timeout: float = 30.0,
+        cwd: str | os.PathLike | None = None,
+    ) -> subprocess.CompletedProcess:
         """Run argv on `host`, wait for it (bounded), capture its output."""
         text = isinstance(input, str)
-        return subprocess.run(self._wrap(host, argv), env=self.env_for(host, env), input=input,
-                              capture_output=True, timeout=timeout, text=text, cwd=cwd)
+        return subprocess.run(
+            self._wrap(host, argv),
+            env=self.env_for(host, env),
+            input=input,
+            capture_output=True,
+            timeout=timeout,
+            text=text,
+            cwd=cwd,
+        )
 
     def proc(self, host: str, name: str) -> Proc:
         try:
@@ -348,19 +390,26 @@ class _Bed:
             if m:
                 return m
             if not p.running():
-                raise RuntimeError(f"{name} on {host} exited ({p.popen.returncode if p.popen else None}) "
-                                   f"before printing {pattern!r}; output:\n{out[-3000:]}")
+                raise RuntimeError(
+                    f"{name} on {host} exited ({p.popen.returncode if p.popen else None}) "
+                    f"before printing {pattern!r}; output:\n{out[-3000:]}"
+                )
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} on {host} did not print {pattern!r} within {timeout}s; "
-                                   f"output:\n{out[-3000:]}")
+                raise RuntimeError(
+                    f"{name} on {host} did not print {pattern!r} within {timeout}s; output:\n{out[-3000:]}"
+                )
             time.sleep(0.05)
 
     def write_on_script(self, env: dict[str, dict[str, str]] | None = None) -> Path:
         """Write `<workdir>/on`: `on HOST COMMAND...` runs a command on a
         host of this bed the way `run` does (namespace, /etc overlay), with
         that host's extra environment (env[host]) and PWMAIL_SYSLOG."""
-        lines = ["#!/bin/sh", "# on HOST COMMAND...: run COMMAND on a host of this test bed",
-                 'host="$1"; shift', 'case "$host" in']
+        lines = [
+            "#!/bin/sh",
+            "# on HOST COMMAND...: run COMMAND on a host of this test bed",
+            'host="$1"; shift',
+            'case "$host" in',
+        ]
         for h in self.hosts:
             extra = dict(env.get(h, {}) if env else {})
             if self.syslog_address:
@@ -397,16 +446,18 @@ class _Bed:
         with self.inside(host):
             return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 
-    def wait_port(self, host: str, addr: str, port: int, timeout: float = 20.0,
-                  proc: tuple[str, str] | None = None) -> None:
+    def wait_port(
+        self, host: str, addr: str, port: int, timeout: float = 20.0, proc: tuple[str, str] | None = None
+    ) -> None:
         """Wait until a TCP connection from host to addr:port succeeds.
         proc=(host, name): give up at once, with its output, if it exits."""
         deadline = time.monotonic() + timeout
         while True:
             if proc is not None and not self.proc(*proc).running():
                 p = self.proc(*proc)
-                raise RuntimeError(f"{p.name} on {p.host} exited ({p.popen.returncode}) while starting:\n"
-                                   f"{self.output(*proc)[-3000:]}")
+                raise RuntimeError(
+                    f"{p.name} on {p.host} exited ({p.popen.returncode}) while starting:\n{self.output(*proc)[-3000:]}"
+                )
             try:
                 self.connect(host, addr, port, timeout=1.0).close()
                 return
@@ -422,9 +473,19 @@ class _Bed:
         this gets PWMAIL_SYSLOG pointing at it. Returns HOST:PORT."""
         addr = self.addr(host)
         names = [f"--name={h.addr}={h.name}" for h in self.hosts.values()]
-        self.run(host, [sys.executable, str(Path(__file__).with_name("syslogd.py")),
-                        "--listen", f"{addr}:{port}", "--out", str(self.syslog_file(host))] + names,
-                 name="syslogd")
+        self.run(
+            host,
+            [
+                sys.executable,
+                str(Path(__file__).with_name("syslogd.py")),
+                "--listen",
+                f"{addr}:{port}",
+                "--out",
+                str(self.syslog_file(host)),
+            ]
+            + names,
+            name="syslogd",
+        )
         self.wait_for(host, "syslogd", r"syslogd: ready on")
         self.syslog_address = f"{addr}:{port}"
         return self.syslog_address
@@ -482,8 +543,9 @@ class TestBed(_Bed):
         # in the private mount namespace `ip netns exec` makes (never seen
         # outside). /etc/hosts names every host, so "store1" resolves.
         hosts_file = self.workdir / "etc-hosts"
-        hosts_file.write_text("127.0.0.1\tlocalhost\n::1\tlocalhost\n" +
-                              "".join(f"{h.addr}\t{h.name}\n" for h in self.hosts.values()))
+        hosts_file.write_text(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost\n" + "".join(f"{h.addr}\t{h.name}\n" for h in self.hosts.values())
+        )
         self.etc: dict[str, Path] = {"hosts": hosts_file}
 
     def ns(self, host: str) -> str:
@@ -494,17 +556,20 @@ class TestBed(_Bed):
         prefixlen = ipaddress.ip_network(self.subnet).prefixlen
         hosts = list(self.hosts.values())
         _ip(batch=[f"netns add {self.switch}"] + [f"netns add {h.ns}" for h in hosts])
-        _ip(ns=self.switch, batch=["link add br0 type bridge", "link set br0 up"] +
-            [f"link add {h.port} type veth peer name {IFACE} netns {h.ns}" for h in hosts] +
-            [f"link set {h.port} master br0 up" for h in hosts])
+        _ip(
+            ns=self.switch,
+            batch=["link add br0 type bridge", "link set br0 up"]
+            + [f"link add {h.port} type veth peer name {IFACE} netns {h.ns}" for h in hosts]
+            + [f"link set {h.port} master br0 up" for h in hosts],
+        )
         macs: dict[str, str] = {}
         for h in hosts:
-            _ip(ns=h.ns, batch=["link set lo up", f"addr add {h.addr}/{prefixlen} dev {IFACE}",
-                                f"link set {IFACE} up"])
+            _ip(ns=h.ns, batch=["link set lo up", f"addr add {h.addr}/{prefixlen} dev {IFACE}", f"link set {IFACE} up"])
             macs[h.name] = json.loads(_ip("-j", "link", "show", IFACE, ns=h.ns))[0]["address"]
         for h in hosts:
-            neigh = [f"neigh replace {o.addr} lladdr {macs[o.name]} dev {IFACE} nud permanent"
-                     for o in hosts if o is not h]
+            neigh = [
+                f"neigh replace {o.addr} lladdr {macs[o.name]} dev {IFACE} nud permanent" for o in hosts if o is not h
+            ]
             if neigh:
                 _ip(ns=h.ns, batch=neigh)
 
@@ -562,6 +627,7 @@ class LoopbackBed(_Bed):
     """The same interface on plain loopback addresses (127.77.0.x), for
     machines without namespaces. Processes run on the machine itself; there
     is no link to cut."""
+
     subnet = LOOPBACK_SUBNET
 
     def _make_hosts(self) -> None:

@@ -14,6 +14,7 @@ The hosts and the way the parts are started live in the test bed
 (pwmail/testbed/), shared with the whole-system tests, so the demo runs
 exactly what the tests check.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,7 @@ def _testbed():
     """The test bed (pwmail/testbed/system.py), imported on use: its
     imports reach every part."""
     from pwmail.testbed import system
+
     return system
 
 
@@ -45,11 +47,19 @@ def say(text: str = "") -> None:
 
 def describe_hosts(sysm) -> None:
     bed = sysm.bed
-    mx = "Sendmail (SMTP, port 25) running pdelivery as its local mailer" if sysm.sendmail_wanted() \
+    mx = (
+        "Sendmail (SMTP, port 25) running pdelivery as its local mailer"
+        if sysm.sendmail_wanted()
         else "pdelivery (the MX's local mailer)"
-    roles = {"pw1": "pwserver (primary)", "pw2": "pwserver (secondary)", "mx1": mx,
-             "pop1": "pop-proxy (the POP distributor)", "client1": "POP client, lookups",
-             "log1": "syslog collector (central log)"}
+    )
+    roles = {
+        "pw1": "pwserver (primary)",
+        "pw2": "pwserver (secondary)",
+        "mx1": mx,
+        "pop1": "pop-proxy (the POP distributor)",
+        "client1": "POP client, lookups",
+        "log1": "syslog collector (central log)",
+    }
     for s in sysm.stores:
         roles[s] = "pdeliveryd (LMTP) + pop3d over a hashed Maildir tree"
     if sysm.netns:
@@ -63,12 +73,15 @@ def describe_hosts(sysm) -> None:
 def run_checks(sysm, n_messages: int = 6) -> dict:
     """Deliver, fetch, resolve, time; raise DemoFailure on any wrong result."""
     from pwmail.testbed.system import summarize
+
     bed = sysm.bed
     counts: dict[str, int] = {}
     for h in sysm.mailhosts.values():
         counts[h] = counts.get(h, 0) + 1
-    say(f"users: {len(sysm.mailhosts):,} generated; " +
-        ", ".join(f"{s} holds {counts.get(s, 0):,} mailboxes" for s in sysm.stores))
+    say(
+        f"users: {len(sysm.mailhosts):,} generated; "
+        + ", ".join(f"{s} holds {counts.get(s, 0):,} mailboxes" for s in sysm.stores)
+    )
 
     # A handful of messages, spread over users on every store.
     per_store = 2
@@ -97,7 +110,9 @@ def run_checks(sysm, n_messages: int = 6) -> dict:
         store = sysm.mailhosts[user]
         files = sysm.messages_on_disk(user, store)
         if len(files) != len(subjects):
-            raise DemoFailure(f"{user}: {len(subjects)} delivered but {len(files)} files in {sysm.mailbox(user, store)}")
+            raise DemoFailure(
+                f"{user}: {len(subjects)} delivered but {len(files)} files in {sysm.mailbox(user, store)}"
+            )
         for other in sysm.stores:
             if other != store and sysm.mailbox(user, other).exists():
                 raise DemoFailure(f"{user}: a mailbox also exists on {other}, not its mailhost {store}")
@@ -112,8 +127,9 @@ def run_checks(sysm, n_messages: int = 6) -> dict:
         ms = (time.monotonic() - t0) * 1000
         got = sorted(s for s in subjects if any(f"Subject: {s}".encode() in m for m in msgs))
         if len(msgs) != len(subjects) or got != sorted(subjects):
-            raise DemoFailure(f"{user}: POP returned {len(msgs)} messages, expected {len(subjects)} "
-                              f"with subjects {subjects}")
+            raise DemoFailure(
+                f"{user}: POP returned {len(msgs)} messages, expected {len(subjects)} with subjects {subjects}"
+            )
         say(f"  {user:<12} {len(msgs)} message{'s' * (len(msgs) > 1)} fetched, subjects match ({ms:.0f} ms)")
 
     say("")
@@ -137,8 +153,10 @@ def run_checks(sysm, n_messages: int = 6) -> dict:
         parts = line.split(" ", 2)
         if len(parts) > 1:
             by_host[parts[1]] = by_host.get(parts[1], 0) + 1
-    say(f"central log on log1 ({bed.syslog_file()}): {len(lines)} lines from " +
-        ", ".join(f"{h} {n}" for h, n in sorted(by_host.items())))
+    say(
+        f"central log on log1 ({bed.syslog_file()}): {len(lines)} lines from "
+        + ", ".join(f"{h} {n}" for h, n in sorted(by_host.items()))
+    )
     return {"sent": sent, "users": users}
 
 
@@ -151,21 +169,27 @@ def smtp_check(sysm, user: str, sent: dict[str, list[str]], timeout: float = 60.
     say("SMTP: smtplib on client1 -> Sendmail on mx1:25 -> pdelivery (its local mailer) -> LMTP -> pdeliveryd")
     t0 = time.monotonic()
     try:
-        refused = sysm.smtp_send("demo@example.org", [f"{user}@example.org"],
-                                 sysm.message(user, subject, f"Hello {user}, this one came through Sendmail.\n"))
+        refused = sysm.smtp_send(
+            "demo@example.org",
+            [f"{user}@example.org"],
+            sysm.message(user, subject, f"Hello {user}, this one came through Sendmail.\n"),
+        )
     except (smtplib.SMTPException, OSError) as e:
         raise DemoFailure(f"SMTP to Sendmail on mx1 for {user}: {e}") from None
     if refused:
         raise DemoFailure(f"Sendmail on mx1 refused {user}: {refused}")
     while len(sysm.messages_on_disk(user, store)) == before:
         if time.monotonic() - t0 > timeout:
-            raise DemoFailure(f"Sendmail on mx1 accepted a message for {user} but it did not reach {store} "
-                              f"within {timeout:.0f} s (queue: {len(sysm.sendmail_queue())} files; "
-                              f"log {sysm.bed.dir('mx1') / 'sendmail' / 'maillog'})")
+            raise DemoFailure(
+                f"Sendmail on mx1 accepted a message for {user} but it did not reach {store} "
+                f"within {timeout:.0f} s (queue: {len(sysm.sendmail_queue())} files; "
+                f"log {sysm.bed.dir('mx1') / 'sendmail' / 'maillog'})"
+            )
         time.sleep(0.05)
     sent.setdefault(user, []).append(subject)
-    say(f"  {user:<12} accepted by Sendmail and in its Maildir on {store} after "
-        f"{(time.monotonic() - t0) * 1000:.0f} ms")
+    say(
+        f"  {user:<12} accepted by Sendmail and in its Maildir on {store} after {(time.monotonic() - t0) * 1000:.0f} ms"
+    )
 
 
 def instructions(sysm, users: list[str]) -> None:
@@ -181,10 +205,14 @@ def instructions(sysm, users: list[str]) -> None:
     say(f"  {on} client1 {bindir}/pwquery mailhost {user}")
     say(f"  printf 'Subject: hi\\n\\nhello\\n' | {on} mx1 {bindir}/pdelivery -d {user}")
     if sysm.sendmail:
-        say(f"  printf 'Subject: hi\\n\\nhello\\n' | {on} client1 curl -s smtp://{bed.addr('mx1')}:{sysm.ports.smtp} "
-            f"--mail-from demo@example.org --mail-rcpt {user}@example.org --crlf -T -")
-        say(f"  {on} mx1 nsenter -t {bed.proc('mx1', 'sendmail').pid} --uts --mount sendmail-mta -bp   "
-            "# Sendmail's queue")
+        say(
+            f"  printf 'Subject: hi\\n\\nhello\\n' | {on} client1 curl -s smtp://{bed.addr('mx1')}:{sysm.ports.smtp} "
+            f"--mail-from demo@example.org --mail-rcpt {user}@example.org --crlf -T -"
+        )
+        say(
+            f"  {on} mx1 nsenter -t {bed.proc('mx1', 'sendmail').pid} --uts --mount sendmail-mta -bp   "
+            "# Sendmail's queue"
+        )
     say(f"  {on} client1 curl -s pop3://{user}:{pw}@{pop}/1")
     say(f"  tail -f {bed.syslog_file()}")
     say(f"  ({on} HOST COMMAND runs a command on any host: {', '.join(bed.names())})")
@@ -237,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                 for h in bed.names():
                     for name, p in bed.hosts[h].procs.items():
                         if not p.running():
-                            raise DemoFailure(f"{name} on {h} stopped ({p.popen.returncode}):\n"
-                                              f"{bed.output(h, name)[-2000:]}")
+                            raise DemoFailure(
+                                f"{name} on {h} stopped ({p.popen.returncode}):\n{bed.output(h, name)[-2000:]}"
+                            )
                 time.sleep(1)
     except KeyboardInterrupt:
         say("\npwmail demo: stopped, everything torn down")

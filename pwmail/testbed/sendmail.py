@@ -23,6 +23,7 @@ the client configurations of its mailer) and a private /etc/hosts, in
   `LOCAL_CONFIG` `E` lines; when the interpreter lives under /root (0700),
   the namespace shows that one folder of /root through a 0755 tmpfs.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,12 +36,14 @@ import threading
 
 SENDMAIL = shutil.which("sendmail-mta") or "/usr/sbin/sendmail-mta"
 CF_M4 = "/usr/share/sendmail/cf/m4/cf.m4"
-MAILERS = pathlib.Path(__file__).resolve().parent / "mailers"   # the m4 blocks of docs/delivery.md
+MAILERS = pathlib.Path(__file__).resolve().parent / "mailers"  # the m4 blocks of docs/delivery.md
 DOCUMENTED_PDELIVERY = "/usr/local/bin/pdelivery"
 # the LMTP target of each [IPC] block, as documented (a test bed puts its own in place)
-DOCUMENTED_TARGETS = {"sendmail-mailer-direct": "TCP store1.example.org 24",
-                      "sendmail-mailer-proxy": "TCP 127.0.0.1 24",
-                      "sendmail-mailer-proxy-unix": "FILE /run/lmtp-proxy.sock"}
+DOCUMENTED_TARGETS = {
+    "sendmail-mailer-direct": "TCP store1.example.org 24",
+    "sendmail-mailer-proxy": "TCP 127.0.0.1 24",
+    "sendmail-mailer-proxy-unix": "FILE /run/lmtp-proxy.sock",
+}
 
 
 def unavailable() -> str | None:
@@ -60,8 +63,15 @@ def documented_mailer(block: str) -> str:
     return (MAILERS / f"{block}.m4").read_text()
 
 
-def sendmail_mc(port: int, block: str = "sendmail-mailer", *, pdelivery: str, addr: str = "127.0.0.1",
-                domain: str = "pwmail.test", direct_target: str | None = None) -> str:
+def sendmail_mc(
+    port: int,
+    block: str = "sendmail-mailer",
+    *,
+    pdelivery: str,
+    addr: str = "127.0.0.1",
+    domain: str = "pwmail.test",
+    direct_target: str | None = None,
+) -> str:
     """sendmail.mc: the documented mailer block (only the path of pdelivery,
     and for an [IPC] block the LMTP target, replaced: `direct_target` is
     "HOST PORT", or the path of a UNIX socket), then our private paths, one
@@ -72,7 +82,9 @@ def sendmail_mc(port: int, block: str = "sendmail-mailer", *, pdelivery: str, ad
         mailer = mailer.replace(DOCUMENTED_TARGETS[block], target)
     # OSTYPE first: Debian's ostype sets its own local mailer, ours must come after it
     assert mailer.lstrip().startswith("OSTYPE(")
-    return mailer + f"""\
+    return (
+        mailer
+        + f"""\
 define(`confDONT_PROBE_INTERFACES', `True')dnl
 define(`confSERVICE_SWITCH_FILE', `/etc/mail/service.switch')dnl
 define(`QUEUE_DIR', `/etc/mail/mqueue')dnl
@@ -95,6 +107,7 @@ EPWMAIL_CONF=/etc/mail/pwmail.toml
 MAILER(`local')dnl
 MAILER(`smtp')dnl
 """
+    )
 
 
 NAMESPACE_SETUP = """set -e
@@ -142,10 +155,22 @@ class SendmailDir:
     foreground daemon. `pwserver_conf` is the client configuration of the
     mailer (its health_file is put under /etc/mail/state)."""
 
-    def __init__(self, d: pathlib.Path, *, port: int, pdelivery: str, pwserver_conf: str, pwmail_toml: str,
-                 hosts: str, addr: str = "127.0.0.1", hostname: str = "mx.pwmail.test",
-                 domain: str = "pwmail.test", block: str = "sendmail-mailer", direct_target: str | None = None,
-                 aliases: str = "postmaster: ana\nMAILER-DAEMON: postmaster\n"):
+    def __init__(
+        self,
+        d: pathlib.Path,
+        *,
+        port: int,
+        pdelivery: str,
+        pwserver_conf: str,
+        pwmail_toml: str,
+        hosts: str,
+        addr: str = "127.0.0.1",
+        hostname: str = "mx.pwmail.test",
+        domain: str = "pwmail.test",
+        block: str = "sendmail-mailer",
+        direct_target: str | None = None,
+        aliases: str = "postmaster: ana\nMAILER-DAEMON: postmaster\n",
+    ):
         self.d, self.port, self.addr, self.hostname = d, port, addr, hostname
         self.etcmail = em = d / "etcmail"
         (em / "mqueue").mkdir(parents=True)
@@ -154,18 +179,23 @@ class SendmailDir:
         os.chmod(em / "state", 0o1777)
         (d / "rootorig").mkdir()
         (d / "olddev").mkdir()
-        (em / "sendmail.mc").write_text(sendmail_mc(port, block, pdelivery=pdelivery, addr=addr, domain=domain,
-                                                    direct_target=direct_target))
-        cf = subprocess.run(["m4", CF_M4, str(em / "sendmail.mc")], capture_output=True, text=True, check=True,
-                            timeout=60)
+        (em / "sendmail.mc").write_text(
+            sendmail_mc(port, block, pdelivery=pdelivery, addr=addr, domain=domain, direct_target=direct_target)
+        )
+        cf = subprocess.run(
+            ["m4", CF_M4, str(em / "sendmail.mc")], capture_output=True, text=True, check=True, timeout=60
+        )
         (em / "sendmail.cf").write_text(cf.stdout)
         (em / "service.switch").write_text("hosts files\naliases files\n")
         (em / "local-host-names").write_text(f"{domain}\n{hostname}\n")
         (em / "trusted-users").write_text("")
         (em / "relay-domains").write_text("")
         (em / "aliases").write_text(aliases)
-        conf = [line for line in pwserver_conf.splitlines()
-                if not line.split()[:1] or line.split()[0] not in ("health_file", "shadow_keyfile")]
+        conf = [
+            line
+            for line in pwserver_conf.splitlines()
+            if not line.split()[:1] or line.split()[0] not in ("health_file", "shadow_keyfile")
+        ]
         (em / "pwserver.conf").write_text("\n".join(conf + ["health_file /etc/mail/state/pwserver-health"]) + "\n")
         (em / "pwmail.toml").write_text(pwmail_toml)
         for p in em.iterdir():
@@ -194,11 +224,13 @@ class SendmailDir:
 def message(subject: str, to: str, sender: str = "Ana <ana@pwmail.test>") -> bytes:
     """A test message that must arrive unchanged: CRLF line ends, 8 bit,
     lines starting with dots (dot-stuffing on the way)."""
-    return (f"From: {sender}\r\nTo: {to}\r\nDate: Mon, 30 Nov 2026 00:00:00 +0000\r\n"
-            f"Message-ID: <{subject.replace(' ', '.')}@pwmail.test>\r\nSubject: {subject}\r\n"
-            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            "Content-Transfer-Encoding: 8bit\r\n\r\n"
-            "Hola Juan,\r\n.una l\u00ednea con punto\r\n..dos\r\n\r\n" + "x" * 900 + "\r\n").encode()
+    return (
+        f"From: {sender}\r\nTo: {to}\r\nDate: Mon, 30 Nov 2026 00:00:00 +0000\r\n"
+        f"Message-ID: <{subject.replace(' ', '.')}@pwmail.test>\r\nSubject: {subject}\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n\r\n"
+        "Hola Juan,\r\n.una l\u00ednea con punto\r\n..dos\r\n\r\n" + "x" * 900 + "\r\n"
+    ).encode()
 
 
 def enter(pid: int, *argv: str) -> list[str]:
@@ -213,7 +245,7 @@ class SyslogSink:
     def __init__(self, path: pathlib.Path, out: pathlib.Path):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
-        os.chmod(path, 0o666)                 # pdelivery logs as the mail user
+        os.chmod(path, 0o666)  # pdelivery logs as the mail user
         self.sock.settimeout(0.2)
         self.closed = False
         self.lines: list[str] = []
@@ -225,7 +257,7 @@ class SyslogSink:
         while not self.closed:
             try:
                 data = self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return

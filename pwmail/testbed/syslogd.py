@@ -17,6 +17,7 @@ messages are appended to --out and forwarded unchanged to the collector
 
     python syslogd.py --relay DIR/log.sock --out DIR/maillog --to 10.77.0.8:5514
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,16 +30,32 @@ import socket
 import sys
 
 MAX_DATAGRAM = 65535
-MAX_LINE = 8192          # longer messages are cut, not dropped
-FACILITIES = ["kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron",
-              "authpriv", "ftp", "ntp", "audit", "alert", "clock"] + [f"local{i}" for i in range(8)]
+MAX_LINE = 8192  # longer messages are cut, not dropped
+FACILITIES = [
+    "kern",
+    "user",
+    "mail",
+    "daemon",
+    "auth",
+    "syslog",
+    "lpr",
+    "news",
+    "uucp",
+    "cron",
+    "authpriv",
+    "ftp",
+    "ntp",
+    "audit",
+    "alert",
+    "clock",
+] + [f"local{i}" for i in range(8)]
 SEVERITIES = ["emerg", "alert", "crit", "err", "warning", "notice", "info", "debug"]
 _PRI = re.compile(rb"^<(\d{1,3})>")
 
 
 def format_line(data: bytes, host: str, now: datetime.datetime | None = None) -> str:
     """One log line for one datagram."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     data = data.rstrip(b"\x00\r\n")
     pri = "user.notice"
     m = _PRI.match(data)
@@ -47,7 +64,7 @@ def format_line(data: bytes, host: str, now: datetime.datetime | None = None) ->
         fac, sev = divmod(value, 8)
         if fac < len(FACILITIES):
             pri = f"{FACILITIES[fac]}.{SEVERITIES[sev]}"
-        data = data[m.end():]
+        data = data[m.end() :]
     text = data[:MAX_LINE].decode("utf-8", "replace")
     if text.startswith("\ufeff"):
         text = text[1:]
@@ -85,14 +102,14 @@ def relay(path: str, out_path: str, to: str | None) -> int:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     sock.bind(path)
-    os.chmod(path, 0o666)          # programs log as other users (Sendmail's mailer runs as mail)
+    os.chmod(path, 0o666)  # programs log as other users (Sendmail's mailer runs as mail)
     fwd = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     dest = (to.rsplit(":", 1)[0], int(to.rsplit(":", 1)[1])) if to else None
 
     def handle(data, src, out):
         out.write(format_line(data, "localhost"))
         if dest:
-            with contextlib.suppress(OSError):       # the log host may be cut: the local copy stays
+            with contextlib.suppress(OSError):  # the log host may be cut: the local copy stays
                 fwd.sendto(data.rstrip(b"\x00\n"), dest)
 
     return serve(sock, out_path, f"syslogd: relay ready on {path}" + (f", forwarding to {to}" if to else ""), handle)
@@ -113,8 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     host, port = args.listen.rsplit(":", 1)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((host, int(port)))
-    return serve(sock, args.out, f"syslogd: ready on {host}:{port}, writing {args.out}",
-                 lambda data, src, out: out.write(format_line(data, names.get(src[0], src[0]))))
+    return serve(
+        sock,
+        args.out,
+        f"syslogd: ready on {host}:{port}, writing {args.out}",
+        lambda data, src, out: out.write(format_line(data, names.get(src[0], src[0]))),
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Used by `pwmail demo` and by the fault tests (tests/system/test_system*.py). Eac
 part is started through its command line only; a part whose code has not
 landed gives PartMissing ("part X not available yet"), never a stand-in.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,17 +27,17 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Sequence
 
 import nss_module
 from pwcache import config as client_config
 
 from .bed import LoopbackBed, TestBed, _Bed
 
-NSS_DIR = Path(nss_module.__file__).resolve().parent     # the checkout's or the installed package's
+NSS_DIR = Path(nss_module.__file__).resolve().parent  # the checkout's or the installed package's
 NSS_LIB = NSS_DIR / "libnss_pwserver.so.2"
 
 # part -> (module that holds it, what to call it in messages)
@@ -50,8 +51,14 @@ PARTS = {
     "pop3d": ("pop.pop3d", "the POP3 server `pop3d` (issue 5)"),
     "pop-proxy": ("pop.proxy", "the POP distributor `pop-proxy` (issue 5)"),
 }
-PROGRAMS = {"pwserver": "pwserver", "pdeliveryd": "pdeliveryd", "pdelivery": "pdelivery",
-            "pop3d": "pop3d", "pop-proxy": "pop-proxy", "gen-users": "pwmail"}
+PROGRAMS = {
+    "pwserver": "pwserver",
+    "pdeliveryd": "pdeliveryd",
+    "pdelivery": "pdelivery",
+    "pop3d": "pop3d",
+    "pop-proxy": "pop-proxy",
+    "gen-users": "pwmail",
+}
 
 DEFAULT_STORES = ("store1", "store2")
 START_TIMEOUT_S = 60.0
@@ -79,9 +86,11 @@ def require(*parts: str) -> None:
     missing = [p for p in parts if not part_available(p)]
     if missing:
         what = "\n  ".join(
-            f"part {p} not available yet ({NSS_LIB} is not built: `make nss`)" if p == "nss"
+            f"part {p} not available yet ({NSS_LIB} is not built: `make nss`)"
+            if p == "nss"
             else f"part {p} not available yet ({PARTS[p][1]}: no module {PARTS[p][0]})"
-            for p in missing)
+            for p in missing
+        )
         raise PartMissing(what if len(missing) == 1 else "\n  " + what)
 
 
@@ -118,6 +127,7 @@ def hosts_for(stores: Sequence[str] = DEFAULT_STORES) -> list[str]:
 def make_bed(stores: Sequence[str] = DEFAULT_STORES, *, loopback: bool = False, **kw) -> _Bed:
     """A TestBed when namespaces are allowed (and not loopback), else a LoopbackBed."""
     from .bed import namespace_support
+
     if not loopback and namespace_support() is None:
         return TestBed(hosts_for(stores), **kw)
     return LoopbackBed(hosts_for(stores), **kw)
@@ -128,15 +138,24 @@ class PwmailSystem:
     earlier by `pwmail gen-users` (same count and hosts), else they are
     generated in the bed's work folder."""
 
-    def __init__(self, bed: _Bed, *, users: int = 100_000, stores: Sequence[str] = DEFAULT_STORES,
-                 users_dir: str | os.PathLike | None = None, timeout_ms: int = 2000, hedge_ms: int = 50,
-                 recheck_s: int = 5, sendmail: bool | None = None):
+    def __init__(
+        self,
+        bed: _Bed,
+        *,
+        users: int = 100_000,
+        stores: Sequence[str] = DEFAULT_STORES,
+        users_dir: str | os.PathLike | None = None,
+        timeout_ms: int = 2000,
+        hedge_ms: int = 50,
+        recheck_s: int = 5,
+        sendmail: bool | None = None,
+    ):
         """sendmail: None starts real Sendmail on mx1 when it can run here
         (namespace bed, root, sendmail-bin installed), True requires it
         (PartMissing otherwise), False never starts it."""
         self.bed = bed
         self.want_sendmail = sendmail
-        self.sendmail = None          # sendmail.SendmailDir once started
+        self.sendmail = None  # sendmail.SendmailDir once started
         self.n_users = users
         self.stores = list(stores)
         self.netns = isinstance(bed, TestBed)
@@ -165,8 +184,12 @@ class PwmailSystem:
             return 0.0
         t0 = time.monotonic()
         hosts = ",".join(self.mailhost_label(s) for s in self.stores)
-        r = subprocess.run([program("pwmail"), "gen-users", str(self.n_users), "--out", str(self.users_dir),
-                            "--hosts", hosts], capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            [program("pwmail"), "gen-users", str(self.n_users), "--out", str(self.users_dir), "--hosts", hosts],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if r.returncode != 0:
             raise SystemError_(f"pwmail gen-users failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
         return time.monotonic() - t0
@@ -181,9 +204,15 @@ class PwmailSystem:
         for h in self.bed.names():
             # One health record per host, as on real machines (all the
             # namespaces share one file system).
-            client_config.write(self.client_conf(h), servers, timeout_ms=self.timeout_ms, hedge_ms=self.hedge_ms,
-                               recheck_s=self.recheck_s, shadow_keyfile=self.shadow_key,
-                               health_file=self.bed.dir(h) / "pwserver-health")
+            client_config.write(
+                self.client_conf(h),
+                servers,
+                timeout_ms=self.timeout_ms,
+                hedge_ms=self.hedge_ms,
+                recheck_s=self.recheck_s,
+                shadow_keyfile=self.shadow_key,
+                health_file=self.bed.dir(h) / "pwserver-health",
+            )
 
     def client_conf(self, host: str) -> Path:
         return self.bed.dir(host) / "pwserver.conf"
@@ -207,10 +236,24 @@ class PwmailSystem:
     def start_pwserver(self, host: str) -> None:
         require("pwserver")
         u = self.users_dir
-        argv = [program("pwserver"), "--listen", f"{self.bed.addr(host)}:{self.ports.pwserver}",
-                "--passwd", str(u / "passwd"), "--shadow", str(u / "shadow"), "--group", str(u / "group"),
-                "--mailhosts", str(u / "mailhosts"), "--shadow-key", str(self.shadow_key),
-                "--allow", self.client_networks, "--log-stderr"]
+        argv = [
+            program("pwserver"),
+            "--listen",
+            f"{self.bed.addr(host)}:{self.ports.pwserver}",
+            "--passwd",
+            str(u / "passwd"),
+            "--shadow",
+            str(u / "shadow"),
+            "--group",
+            str(u / "group"),
+            "--mailhosts",
+            str(u / "mailhosts"),
+            "--shadow-key",
+            str(self.shadow_key),
+            "--allow",
+            self.client_networks,
+            "--log-stderr",
+        ]
         self.bed.run(host, argv, name="pwserver", env=self.env(host))
         self.bed.wait_for(host, "pwserver", r"pwserver: ready on \S+ \((\d+) users\)", timeout=START_TIMEOUT_S)
 
@@ -222,14 +265,32 @@ class PwmailSystem:
         # pdeliveryd delivers only under a root it was told is mounted (its marker file).
         r = self.bed.exec(store, [program("pdeliveryd"), "--root", str(root), "--init-root"], env=self.env(store))
         if r.returncode != 0:
-            raise SystemError_(f"pdeliveryd --init-root on {store} failed ({r.returncode}): "
-                               f"{r.stderr.decode(errors='replace')[-2000:]}")
-        self.bed.run(store, [program("pdeliveryd"), "--listen", f"{addr}:{self.ports.lmtp}", "--root", str(root),
-                             "--log-stderr"], name="pdeliveryd", env=self.env(store))
+            raise SystemError_(
+                f"pdeliveryd --init-root on {store} failed ({r.returncode}): "
+                f"{r.stderr.decode(errors='replace')[-2000:]}"
+            )
+        self.bed.run(
+            store,
+            [program("pdeliveryd"), "--listen", f"{addr}:{self.ports.lmtp}", "--root", str(root), "--log-stderr"],
+            name="pdeliveryd",
+            env=self.env(store),
+        )
         # The proxy passes the client's address on (XCLIENT): pop3d trusts pop1 only.
-        self.bed.run(store, [program("pop3d"), "--listen", f"{addr}:{self.ports.pop3d}", "--root", str(root),
-                             "--trusted", f"{self.bed.addr('pop1')}/32" if self.netns else "127.0.0.0/8", "--stderr"],
-                     name="pop3d", env=self.env(store))
+        self.bed.run(
+            store,
+            [
+                program("pop3d"),
+                "--listen",
+                f"{addr}:{self.ports.pop3d}",
+                "--root",
+                str(root),
+                "--trusted",
+                f"{self.bed.addr('pop1')}/32" if self.netns else "127.0.0.0/8",
+                "--stderr",
+            ],
+            name="pop3d",
+            env=self.env(store),
+        )
         self.wait_listening(store, "pdeliveryd", self.ports.lmtp)
         self.wait_listening(store, "pop3d", self.ports.pop3d)
 
@@ -240,6 +301,7 @@ class PwmailSystem:
         if "mx1" not in self.bed.hosts:
             return "the bed has no host mx1"
         from . import sendmail
+
         return sendmail.unavailable()
 
     def sendmail_wanted(self) -> bool:
@@ -256,19 +318,34 @@ class PwmailSystem:
             raise PartMissing(f"real Sendmail: {reason}")
         require("pdelivery")
         from . import sendmail as su
+
         d = self.bed.dir(host) / "sendmail"
         addr, name = self.bed.addr(host), f"{host}.{MAIL_DOMAIN}"
         hosts = "127.0.0.1\tlocalhost\n" + "".join(
-            f"{self.bed.addr(h)}\t{name} {h}\n" if h == host else f"{self.bed.addr(h)}\t{h}\n"
-            for h in self.bed.names())
+            f"{self.bed.addr(h)}\t{name} {h}\n" if h == host else f"{self.bed.addr(h)}\t{h}\n" for h in self.bed.names()
+        )
         # Bounces to unknown senders end with the postmaster: the first user of the first store.
         postmaster = self.users_on(self.stores[0], 1)[0]
-        sd = su.SendmailDir(d, port=self.ports.smtp, addr=addr, hostname=name, domain=MAIL_DOMAIN,
-                            pdelivery=program("pdelivery"), pwserver_conf=self.client_conf(host).read_text(),
-                            pwmail_toml=self.settings.read_text(), hosts=hosts,
-                            aliases=f"postmaster: {postmaster}\nMAILER-DAEMON: postmaster\n")
-        relay = [sys.executable, str(Path(__file__).with_name("syslogd.py")), "--relay", str(sd.log_socket),
-                 "--out", str(d / "maillog")]
+        sd = su.SendmailDir(
+            d,
+            port=self.ports.smtp,
+            addr=addr,
+            hostname=name,
+            domain=MAIL_DOMAIN,
+            pdelivery=program("pdelivery"),
+            pwserver_conf=self.client_conf(host).read_text(),
+            pwmail_toml=self.settings.read_text(),
+            hosts=hosts,
+            aliases=f"postmaster: {postmaster}\nMAILER-DAEMON: postmaster\n",
+        )
+        relay = [
+            sys.executable,
+            str(Path(__file__).with_name("syslogd.py")),
+            "--relay",
+            str(sd.log_socket),
+            "--out",
+            str(d / "maillog"),
+        ]
         if self.bed.syslog_address:
             relay += ["--to", self.bed.syslog_address]
         self.bed.run(host, relay, name="devlog")
@@ -280,6 +357,7 @@ class PwmailSystem:
     def sendmail_queue_run(self, host: str = "mx1", timeout: float = 120.0) -> subprocess.CompletedProcess:
         """`sendmail -q` on host, in the daemon's namespaces (its queue and config)."""
         from . import sendmail as su
+
         pid = self.bed.proc(host, "sendmail").pid
         return self.bed.exec(host, su.enter(pid, su.SENDMAIL, "-q"), timeout=timeout)
 
@@ -289,8 +367,19 @@ class PwmailSystem:
 
     def start_proxy(self) -> None:
         require("pop-proxy")
-        self.bed.run("pop1", [program("pop-proxy"), "--listen", f"{self.bed.addr('pop1')}:{self.ports.proxy}",
-                              "--backend-port", str(self.ports.pop3d), "--stderr"], name="pop-proxy", env=self.env("pop1"))
+        self.bed.run(
+            "pop1",
+            [
+                program("pop-proxy"),
+                "--listen",
+                f"{self.bed.addr('pop1')}:{self.ports.proxy}",
+                "--backend-port",
+                str(self.ports.pop3d),
+                "--stderr",
+            ],
+            name="pop-proxy",
+            env=self.env("pop1"),
+        )
         self.wait_listening("pop1", "pop-proxy", self.ports.proxy)
 
     def wait_listening(self, host: str, name: str, port: int, timeout: float = START_TIMEOUT_S) -> None:
@@ -343,6 +432,7 @@ class PwmailSystem:
     def mailbox(self, user: str, store: str | None = None) -> Path:
         require("layout")
         from delivery.layout import MailboxLayout
+
         return MailboxLayout(self.spool(store or self.mailhosts[user])).path(user)
 
     def messages_on_disk(self, user: str, store: str | None = None) -> list[Path]:
@@ -360,15 +450,18 @@ class PwmailSystem:
         m.set_content(body)
         return m.as_bytes()
 
-    def deliver(self, user: str, data: bytes, sender: str = "demo@example.org",
-                host: str = "mx1", timeout: float = 60.0) -> subprocess.CompletedProcess:
+    def deliver(
+        self, user: str, data: bytes, sender: str = "demo@example.org", host: str = "mx1", timeout: float = 60.0
+    ) -> subprocess.CompletedProcess:
         """pdelivery on the MX, as Sendmail's local mailer would run it."""
         require("pdelivery")
-        return self.bed.exec(host, [program("pdelivery"), "-f", sender, "-d", user], input=data,
-                             env=self.env(host), timeout=timeout)
+        return self.bed.exec(
+            host, [program("pdelivery"), "-f", sender, "-d", user], input=data, env=self.env(host), timeout=timeout
+        )
 
-    def smtp_send(self, sender: str, rcpts: Sequence[str], data: bytes, host: str = "client1",
-                  timeout: float = 60.0) -> dict:
+    def smtp_send(
+        self, sender: str, rcpts: Sequence[str], data: bytes, host: str = "client1", timeout: float = 60.0
+    ) -> dict:
         """One SMTP transaction from host to Sendmail on mx1 (smtplib, in
         host's network); returns smtplib's refused-recipients dict. Bare
         LF line ends become CRLF (Sendmail refuses bare LF)."""
@@ -380,8 +473,9 @@ class PwmailSystem:
         with smtp:
             return smtp.sendmail(sender, list(rcpts), data)
 
-    def pop_fetch(self, user: str, password: str | None = None, host: str = "client1",
-                  delete: bool = False, timeout: float = 20.0) -> list[bytes]:
+    def pop_fetch(
+        self, user: str, password: str | None = None, host: str = "client1", delete: bool = False, timeout: float = 20.0
+    ) -> list[bytes]:
         """Log in through pop-proxy with poplib, RETR every message."""
         password = self.passwords[user] if password is None else password
         with self.bed.inside(host):
@@ -414,6 +508,7 @@ class PwmailSystem:
         """Seconds per passwd lookup with the Python client from host."""
         require("client")
         from pwcache.client import Client
+
         times = []
         with self.bed.inside(host):
             with Client.from_config(str(self.client_conf(host))) as c:

@@ -1,6 +1,7 @@
 """`pwmail db` and `pwmail user` against a real PostgreSQL 15 started by the
 tests (tests/support/pg_util.py): the schema, its constraints and change log, and
 whole sites moved from files to the database and back."""
+
 from __future__ import annotations
 
 import itertools
@@ -41,8 +42,9 @@ def dsn(pg) -> str:
 
 def pwmail(*args: str, stdin: str = "", conf: str = "/nonexistent/pwmail.toml") -> subprocess.CompletedProcess:
     env = dict(os.environ, PWMAIL_CONF=conf)
-    return subprocess.run([str(BIN / "pwmail"), *args], input=stdin, capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [str(BIN / "pwmail"), *args], input=stdin, capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def user(dsn: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
@@ -63,6 +65,7 @@ def query(dsn: str, sql: str, params=None) -> list[tuple]:
 
 # ---- the schema ---------------------------------------------------------------
 
+
 def test_init_twice_keeps_the_data(pg):
     dsn = pg.create_database("init_twice")
     assert pwmail("db", "init", dsn).returncode == 0
@@ -79,18 +82,40 @@ def test_a_database_without_the_schema_says_so(pg):
 
 
 def test_python_name_rule_is_the_schema_rule(dsn):
-    names = ["jgarcia", "Juan", "a", "x" * 255, "x" * 256, "j.garcia", "j_g-1+2", "a/b", "a:b", "a b", ".hidden",
-             "+nis", "-nis", "ñandu", "tab\there", "", "semi;colon", "#hash", "~tilde"]
+    names = [
+        "jgarcia",
+        "Juan",
+        "a",
+        "x" * 255,
+        "x" * 256,
+        "j.garcia",
+        "j_g-1+2",
+        "a/b",
+        "a:b",
+        "a b",
+        ".hidden",
+        "+nis",
+        "-nis",
+        "ñandu",
+        "tab\there",
+        "",
+        "semi;colon",
+        "#hash",
+        "~tilde",
+    ]
     from_sql = dict(query(dsn, "SELECT n, pwmail.valid_name(n) FROM unnest(%s::text[]) n", (names,)))
     assert {n: valid_name(n) for n in names} == from_sql
     assert from_sql["jgarcia"] and not from_sql["a/b"]
 
 
-@pytest.mark.parametrize("row, constraint", [
-    (("a/b", 1), "users_name_valid"),
-    (("juan", -1), "users_uid_range"),
-    (("juan", 2**32), "users_uid_range"),
-])
+@pytest.mark.parametrize(
+    "row, constraint",
+    [
+        (("a/b", 1), "users_name_valid"),
+        (("juan", -1), "users_uid_range"),
+        (("juan", 2**32), "users_uid_range"),
+    ],
+)
 def test_database_refuses_bad_rows_from_any_writer(dsn, row, constraint):
     with psycopg.connect(dsn, autocommit=True) as conn, pytest.raises(psycopg.errors.CheckViolation) as e:
         conn.execute("INSERT INTO pwmail.users (name, uid, gid, home) VALUES (%s, %s, 1, '/h')", row)
@@ -106,18 +131,20 @@ def test_frozen_needs_a_mailhost(dsn):
 
 # ---- constraints through `pwmail user` ------------------------------------------
 
+
 def test_duplicates_refused_with_one_line(dsn):
     assert user(dsn, "add", "jgarcia", "--no-password", "--uid", "20001").returncode == 0
     assert "a user of that name exists" in one_line_error(user(dsn, "add", "jgarcia", "--no-password"))
     assert "other letter case" in one_line_error(user(dsn, "add", "JGarcia", "--no-password"))
-    assert "uid belongs to another user" in one_line_error(user(dsn, "add", "mlopez", "--no-password",
-                                                                   "--uid", "20001"))
+    assert "uid belongs to another user" in one_line_error(
+        user(dsn, "add", "mlopez", "--no-password", "--uid", "20001")
+    )
     assert query(dsn, "SELECT name, uid FROM pwmail.users") == [("jgarcia", 20001)]
 
 
 @pytest.mark.parametrize("name", ["a/b", ".hidden", "a:b", "with space", "-rf", "x" * 256, "ñandu"])
 def test_bad_names_refused_with_one_line(dsn, name):
-    line = one_line_error(user(dsn, "add", "--no-password", "--", name))   # `--`: "-rf" is not an option
+    line = one_line_error(user(dsn, "add", "--no-password", "--", name))  # `--`: "-rf" is not an option
     assert "cannot be a mailbox name" in line
     assert query(dsn, "SELECT count(*) FROM pwmail.users") == [(0,)]
 
@@ -129,6 +156,7 @@ def test_rename_to_a_bad_name_refused_by_the_database(dsn):
 
 
 # ---- passwords ------------------------------------------------------------------
+
 
 def test_password_hash_is_yescrypt_and_verifies(dsn):
     assert user(dsn, "add", "jgarcia", "--password-stdin", stdin="first secret\n").returncode == 0
@@ -144,16 +172,19 @@ def test_password_hash_is_yescrypt_and_verifies(dsn):
     assert "password=set (y)" in shown.stdout and new not in shown.stdout
 
 
-@pytest.mark.parametrize("args", [
-    ("add", "mlopez", "--password", "hunter2"),
-    ("add", "mlopez", "--password=hunter2"),
-    ("add", "mlopez", "hunter2"),
-    ("add", "mlopez", "--password-stdin", "hunter2"),
-    ("passwd", "jgarcia", "hunter2"),
-    ("passwd", "jgarcia", "--password", "hunter2"),
-    ("set", "jgarcia", "password=hunter2"),
-    ("set", "jgarcia", "password_hash=hunter2"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("add", "mlopez", "--password", "hunter2"),
+        ("add", "mlopez", "--password=hunter2"),
+        ("add", "mlopez", "hunter2"),
+        ("add", "mlopez", "--password-stdin", "hunter2"),
+        ("passwd", "jgarcia", "hunter2"),
+        ("passwd", "jgarcia", "--password", "hunter2"),
+        ("set", "jgarcia", "password=hunter2"),
+        ("set", "jgarcia", "password_hash=hunter2"),
+    ],
+)
 def test_password_never_accepted_as_an_argument(dsn, args):
     assert user(dsn, "add", "jgarcia", "--password-stdin", stdin="the real one\n").returncode == 0
     before = query(dsn, "SELECT name, password_hash FROM pwmail.users ORDER BY name")
@@ -167,6 +198,7 @@ def test_empty_password_refused(dsn):
 
 
 # ---- the change log and NOTIFY ----------------------------------------------------
+
 
 def test_every_change_is_logged_in_order_and_notified(dsn):
     with psycopg.connect(dsn, autocommit=True) as listener:
@@ -187,7 +219,7 @@ def test_every_change_is_logged_in_order_and_notified(dsn):
     assert [(kind, op, name) for _, kind, op, name in log] == [("user", op, "jgarcia") for _, op in steps]
     seqs = [seq for seq, *_ in log]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
-    assert notified == seqs      # one notification per transaction, carrying its last seq
+    assert notified == seqs  # one notification per transaction, carrying its last seq
 
 
 def test_deleting_a_user_logs_their_memberships_going(dsn):
@@ -195,16 +227,21 @@ def test_deleting_a_user_logs_their_memberships_going(dsn):
         assert user(dsn, "add", name, "--no-password").returncode == 0
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("INSERT INTO pwmail.groups VALUES ('staff', 50)")
-        conn.execute("INSERT INTO pwmail.members (group_name, user_name) VALUES ('staff', 'jgarcia'), "
-                     "('staff', 'mlopez')")
+        conn.execute(
+            "INSERT INTO pwmail.members (group_name, user_name) VALUES ('staff', 'jgarcia'), ('staff', 'mlopez')"
+        )
     [(last,)] = query(dsn, "SELECT max(seq) FROM pwmail.changes")
     assert user(dsn, "set", "mlopez", "name=mlopez2").returncode == 0
     assert user(dsn, "del", "jgarcia").returncode == 0
-    assert query(dsn, "SELECT kind, op, name, member, old_name FROM pwmail.changes WHERE seq > %s ORDER BY seq",
-                 (last,)) == [
+    assert query(
+        dsn, "SELECT kind, op, name, member, old_name FROM pwmail.changes WHERE seq > %s ORDER BY seq", (last,)
+    ) == [
         ("user", "update", "mlopez2", None, "mlopez"),
-        ("member", "delete", "staff", "mlopez", None), ("member", "insert", "staff", "mlopez2", None),
-        ("user", "delete", "jgarcia", None, None), ("member", "delete", "staff", "jgarcia", None)]
+        ("member", "delete", "staff", "mlopez", None),
+        ("member", "insert", "staff", "mlopez2", None),
+        ("user", "delete", "jgarcia", None, None),
+        ("member", "delete", "staff", "jgarcia", None),
+    ]
     assert query(dsn, "SELECT group_name, user_name FROM pwmail.members") == [("staff", "mlopez2")]
     assert "groups=staff" in user(dsn, "show", "mlopez2").stdout
 
@@ -221,12 +258,15 @@ def test_values_set_are_what_show_prints(dsn):
 
 def test_db_settings_from_pwmail_toml(dsn, tmp_path):
     conf = tmp_path / "pwmail.toml"
-    conf.write_text(f'[db]\ndsn = "{dsn}"\nfirst_uid = 70000\ngid = 500\nshell = "/bin/false"\n'
-                    '[delivery]\nroot = "/srv/mail"\nlayout = "first2last"\n')
+    conf.write_text(
+        f'[db]\ndsn = "{dsn}"\nfirst_uid = 70000\ngid = 500\nshell = "/bin/false"\n'
+        '[delivery]\nroot = "/srv/mail"\nlayout = "first2last"\n'
+    )
     proc = pwmail("user", "add", "mlopez", "--no-password", conf=str(conf))
     assert proc.returncode == 0, proc.stderr
     assert query(dsn, "SELECT uid, gid, shell, home FROM pwmail.users") == [
-        (70000, 500, "/bin/false", "/srv/mail/m/l/z/mlopez")]
+        (70000, 500, "/bin/false", "/srv/mail/m/l/z/mlopez")
+    ]
     conf.write_text('[db]\ndns = "typo"\n')
     assert "unknown key(s) in [db]: dns" in one_line_error(pwmail("user", "show", "mlopez", conf=str(conf)))
 
@@ -237,10 +277,15 @@ def test_new_uids_follow_the_highest(dsn):
     assert user(dsn, "add", "ccccccc", "--no-password", "--uid", "50000").returncode == 0
     assert user(dsn, "add", "ddddddd", "--no-password").returncode == 0
     assert query(dsn, "SELECT name, uid FROM pwmail.users ORDER BY uid") == [
-        ("aaaaaaa", 10000), ("bbbbbbb", 10001), ("ccccccc", 50000), ("ddddddd", 50001)]
+        ("aaaaaaa", 10000),
+        ("bbbbbbb", 10001),
+        ("ccccccc", 50000),
+        ("ddddddd", 50001),
+    ]
 
 
 # ---- whole sites: import and export ---------------------------------------------------
+
 
 @pytest.fixture
 def site(tmp_path):
@@ -255,17 +300,31 @@ def site(tmp_path):
 
 
 def _import(dsn, src, *extra):
-    return pwmail("db", "import", dsn, "--passwd", str(src / "passwd"), "--shadow", str(src / "shadow"),
-                  "--group", str(src / "group"), "--mailhosts", str(src / "mailhosts"), *extra)
+    return pwmail(
+        "db",
+        "import",
+        dsn,
+        "--passwd",
+        str(src / "passwd"),
+        "--shadow",
+        str(src / "shadow"),
+        "--group",
+        str(src / "group"),
+        "--mailhosts",
+        str(src / "mailhosts"),
+        *extra,
+    )
 
 
 def _data_lines(path):
     return [line for line in path.read_text().splitlines() if not line.startswith("#")]
 
 
-KEYS_SQL = ("SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE connamespace = 'pwmail'::regnamespace "
-            "UNION ALL SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index "
-            "WHERE indrelid::regclass::text LIKE 'pwmail.%' ORDER BY 1")
+KEYS_SQL = (
+    "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE connamespace = 'pwmail'::regnamespace "
+    "UNION ALL SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index "
+    "WHERE indrelid::regclass::text LIKE 'pwmail.%' ORDER BY 1"
+)
 
 
 def test_import_then_export_gives_the_same_files(dsn, site, tmp_path):
@@ -290,9 +349,12 @@ def test_import_then_export_gives_the_same_files(dsn, site, tmp_path):
     # every imported row is in the change log, for a follower starting from 0
     assert query(dsn, "SELECT kind, count(*) FROM pwmail.changes GROUP BY kind ORDER BY kind") == [
         ("group", len(_data_lines(site / "group"))),
-        ("member", sum(len(line.split(":")[3].split(",")) for line in _data_lines(site / "group")
-                       if line.split(":")[3])),
-        ("user", 3001)]
+        (
+            "member",
+            sum(len(line.split(":")[3].split(",")) for line in _data_lines(site / "group") if line.split(":")[3]),
+        ),
+        ("user", 3001),
+    ]
 
 
 def test_progress_bar_only_on_a_terminal():
@@ -322,8 +384,10 @@ def test_import_refuses_a_database_that_holds_users(dsn, site):
 
 
 def test_import_skips_and_counts_what_the_database_would_refuse(dsn, tmp_path):
-    (tmp_path / "passwd").write_text("# comment\njgarcia:x:10000:10000::/h:/bin/sh\nJGarcia:x:10001:10000::/h:/s\n"
-                                     "a/b:x:10002:10000::/h:/s\nmlopez:x:10000:10000::/h:/s\nshort:x:1\n")
+    (tmp_path / "passwd").write_text(
+        "# comment\njgarcia:x:10000:10000::/h:/bin/sh\nJGarcia:x:10001:10000::/h:/s\n"
+        "a/b:x:10002:10000::/h:/s\nmlopez:x:10000:10000::/h:/s\nshort:x:1\n"
+    )
     (tmp_path / "group").write_text("staff:x:50:jgarcia,ghost\n")
     proc = pwmail("db", "import", dsn, "--passwd", str(tmp_path / "passwd"), "--group", str(tmp_path / "group"))
     assert proc.returncode == 0, proc.stderr

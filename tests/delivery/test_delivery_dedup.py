@@ -2,14 +2,14 @@
 the storage root is written once a copy is durable, before its 250, read at
 start, bounded by dedup_window and dedup_max; a SIGKILL after the copy is
 durable, before the client read its 250, then the MTA's retry: one copy."""
+
 import signal
 import socket
 
 from delivery import dedup
 from delivery.dedup import COMPACT_SLACK, DEDUP_FILE, DedupTable
 from delivery.layout import MailboxLayout
-from tests.support.delivery_util import (Pdeliveryd, codes, free_port_on, lmtp_session, messages, pwserver_env,
-                                         wait_for)
+from tests.support.delivery_util import Pdeliveryd, codes, free_port_on, lmtp_session, messages, pwserver_env, wait_for
 
 
 def key(n: int):
@@ -40,11 +40,11 @@ def test_expired_torn_and_excess_records_are_dropped_at_load(tmp_path, monkeypat
     monkeypatch.setattr(dedup.time, "time", lambda: now)
     old = dedup._line(key(1), now - 7200)
     recent = b"".join(dedup._line(key(n), now - 10 + n) for n in range(2, 7))
-    path.write_bytes(old + recent + b"garbage\n" + dedup._line(key(9), now)[:-7])     # torn last line
+    path.write_bytes(old + recent + b"garbage\n" + dedup._line(key(9), now)[:-7])  # torn last line
     t = DedupTable(3600, 3, path)
     t.load()
     assert [t.seen(key(n)) for n in range(1, 10)] == [False, False, False, True, True, True, False, False, False]
-    assert lines(path) == [dedup._line(key(n), now - 10 + n)[:-1] for n in (4, 5, 6)]   # rewritten clean
+    assert lines(path) == [dedup._line(key(n), now - 10 + n)[:-1] for n in (4, 5, 6)]  # rewritten clean
 
 
 def test_file_stays_bounded_by_dedup_max(tmp_path):
@@ -69,8 +69,10 @@ def test_unmounted_root_gets_no_file(tmp_path):
 
 STORE = "127.0.0.35"
 QID = "4AVdup1"
-SCRIPT = (b"LHLO mx\r\nMAIL FROM:<s@x> XQUEUEID=" + QID.encode() + b"\r\nRCPT TO:<juan@x>\r\nDATA\r\n"
-          b"Subject: once\r\n\r\nonly one copy\r\n.\r\n")
+SCRIPT = (
+    b"LHLO mx\r\nMAIL FROM:<s@x> XQUEUEID=" + QID.encode() + b"\r\nRCPT TO:<juan@x>\r\nDATA\r\n"
+    b"Subject: once\r\n\r\nonly one copy\r\n.\r\n"
+)
 
 
 def test_sigkill_before_the_250_is_read_then_retry_stores_one_copy(tmp_path):
@@ -83,8 +85,10 @@ def test_sigkill_before_the_250_is_read_then_retry_stores_one_copy(tmp_path):
             # the MTA sends the message and never reads the replies (they are lost with the server)
             with socket.create_connection((STORE, port), timeout=10) as s:
                 s.sendall(SCRIPT)
-                wait_for(lambda: (root / DEDUP_FILE).exists() and QID.encode() in (root / DEDUP_FILE).read_bytes(),
-                         timeout=30)
+                wait_for(
+                    lambda: (root / DEDUP_FILE).exists() and QID.encode() in (root / DEDUP_FILE).read_bytes(),
+                    timeout=30,
+                )
                 srv.signal(signal.SIGKILL)
                 srv.proc.wait(timeout=30)
         finally:
@@ -109,8 +113,8 @@ def test_a_file_that_fails_leaves_the_table_in_memory(tmp_path):
         raise OSError(5, "I/O error")
 
     t = DedupTable(3600, 10, path, sync=failing_sync)
-    t.remember(key(1))                  # logged; the copy is durable, so no exception reaches the delivery
+    t.remember(key(1))  # logged; the copy is durable, so no exception reaches the delivery
     t.remember(key(2))
     assert t.seen(key(1)) and t.seen(key(2))
-    assert [line.split()[1] for line in lines(path)] == [b"4AbC1"]     # nothing written after the failure
+    assert [line.split()[1] for line in lines(path)] == [b"4AbC1"]  # nothing written after the failure
     assert t._fd < 0

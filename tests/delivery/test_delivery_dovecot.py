@@ -2,6 +2,7 @@
 (no protocols, its own base_dir) whose userdb hands out the documented
 `mail=` template; `doveadm user -f mail NAME` must name the directory
 MailboxLayout computes."""
+
 import os
 import pathlib
 import shutil
@@ -15,8 +16,10 @@ NAMES = ["juan", "jo", "j", "ab.c", "pepe-2", "x_y", "a1", "maria.jose", "zz", "
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(not shutil.which("dovecot") or not shutil.which("doveadm"),
-                       reason="dovecot-core not installed (deps/debian-packages.txt)"),
+    pytest.mark.skipif(
+        not shutil.which("dovecot") or not shutil.which("doveadm"),
+        reason="dovecot-core not installed (deps/debian-packages.txt)",
+    ),
     pytest.mark.skipif(os.geteuid() != 0, reason="Dovecot's master needs root"),
 ]
 
@@ -61,11 +64,12 @@ def test_layout_matches_doveadm_expansion(dovecot, scheme):
     conf = dovecot(scheme)
     layout = MailboxLayout("/srv/mail", scheme)
     for name in NAMES:
-        r = subprocess.run(["doveadm", "-c", str(conf), "user", "-f", "mail", name],
-                           capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            ["doveadm", "-c", str(conf), "user", "-f", "mail", name], capture_output=True, text=True, timeout=30
+        )
         assert r.returncode == 0, r.stderr
         got = r.stdout.strip()
         assert got.startswith("maildir:"), got
         # Dovecot leaves empty levels as "//" and "." as "/./"; the file system folds them
-        assert os.path.normpath(got[len("maildir:"):]) == str(layout.path(name)), (scheme, name, got)
+        assert os.path.normpath(got[len("maildir:") :]) == str(layout.path(name)), (scheme, name, got)
     assert DOVECOT_TEMPLATES[scheme] in layout.dovecot_location()

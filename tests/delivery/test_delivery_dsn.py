@@ -1,6 +1,7 @@
 """RFC 3461 (DSN) parameters in the LMTP machine (delivery/lmtp.py): accepted
 with a valid syntax, refused with 501 5.5.4 otherwise, announced in LHLO and
 handed on in the events (a proxy passes them on, pdeliveryd logs ORCPT)."""
+
 import os
 import shutil
 import socket
@@ -18,14 +19,19 @@ DOVECOT_RCPT = b"RCPT TO:<user@example.org> ORCPT=rfc822;user@example.org\r\n"
 
 
 def session(mail: bytes = b"MAIL FROM:<s@x>", rcpts: list[bytes] = (b"RCPT TO:<u@x>",)) -> bytes:
-    return (b"LHLO a\r\n" + mail + b"\r\n" + b"".join(r if r.endswith(b"\n") else r + b"\r\n" for r in rcpts)
-            + b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+    return (
+        b"LHLO a\r\n"
+        + mail
+        + b"\r\n"
+        + b"".join(r if r.endswith(b"\n") else r + b"\r\n" for r in rcpts)
+        + b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n"
+    )
 
 
 def test_dsn_announced_in_lhlo():
     _, _, _, out = run([b"LHLO a\r\nQUIT\r\n"], dsn=True)
     assert b"250-DSN\r\n" in out
-    _, _, _, out = run([b"LHLO a\r\nQUIT\r\n"])         # off by default (pdelivery -l, as its C twin)
+    _, _, _, out = run([b"LHLO a\r\nQUIT\r\n"])  # off by default (pdelivery -l, as its C twin)
     assert b"DSN" not in out
 
 
@@ -44,10 +50,14 @@ def test_dovecot_proxy_rcpt_accepted_and_orcpt_handed_on():
 
 
 def test_all_dsn_parameters_kept_per_recipient():
-    data = session(b"MAIL FROM:<s@x> RET=HDRS ENVID=QQ314159+2B1",
-                   [b"RCPT TO:<a@x> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;A+2Bx@y",
-                    b"RCPT TO:<nobody@x> NOTIFY=NEVER",
-                    b"RCPT TO:<b@x> notify=never"])
+    data = session(
+        b"MAIL FROM:<s@x> RET=HDRS ENVID=QQ314159+2B1",
+        [
+            b"RCPT TO:<a@x> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;A+2Bx@y",
+            b"RCPT TO:<nobody@x> NOTIFY=NEVER",
+            b"RCPT TO:<b@x> notify=never",
+        ],
+    )
     codes, [m], _, _ = run([data], dsn=True)
     assert codes == ["220", "250", "250", "250", "550", "250", "354", "250", "250", "221"]
     assert m.params == {"RET": "HDRS", "ENVID": "QQ314159+2B1"}
@@ -59,16 +69,16 @@ BAD = [
     b"MAIL FROM:<s@x> RET=BODY",
     b"MAIL FROM:<s@x> RET=FULL RET=HDRS",
     b"MAIL FROM:<s@x> ENVID=",
-    b"MAIL FROM:<s@x> ENVID=a=b",                        # "=" must be written +3D
-    b"MAIL FROM:<s@x> ENVID=a+3d",                       # hex digits are upper case
+    b"MAIL FROM:<s@x> ENVID=a=b",  # "=" must be written +3D
+    b"MAIL FROM:<s@x> ENVID=a+3d",  # hex digits are upper case
     b"MAIL FROM:<s@x> ENVID=" + b"e" * (ENVID_MAX + 1),
     b"RCPT TO:<u@x> NOTIFY=NEVER,SUCCESS",
     b"RCPT TO:<u@x> NOTIFY=SOMETIMES",
     b"RCPT TO:<u@x> NOTIFY=",
     b"RCPT TO:<u@x> NOTIFY=DELAY,DELAY",
-    b"RCPT TO:<u@x> ORCPT=user@example.org",             # no address type
+    b"RCPT TO:<u@x> ORCPT=user@example.org",  # no address type
     b"RCPT TO:<u@x> ORCPT=rfc822;",
-    "RCPT TO:<u@x> ORCPT=rfc822;josé@x".encode(),     # xtext is ASCII
+    "RCPT TO:<u@x> ORCPT=rfc822;josé@x".encode(),  # xtext is ASCII
     b"RCPT TO:<u@x> ORCPT=rfc822;" + b"o" * ORCPT_MAX,
     b"RCPT TO:<u@x> NOTIFY=NEVER NOTIFY=NEVER",
 ]
@@ -88,7 +98,8 @@ def test_bad_dsn_values_are_501_5_5_4(command):
 
 
 def test_rcpt_event_carries_params():
-    from delivery.lmtp import LMTPServerConnection, NEED_DATA, RcptRequest
+    from delivery.lmtp import NEED_DATA, LMTPServerConnection, RcptRequest
+
     conn = LMTPServerConnection("h", dsn=True)
     conn.receive_data(b"LHLO a\r\nMAIL FROM:<s@x> RET=FULL\r\n" + DOVECOT_RCPT)
     ev = conn.next_event()
@@ -107,16 +118,21 @@ def assert_one_copy_each(root, rcpt_domain: str, users=("juan", "pepe")) -> None
     layout = MailboxLayout(root)
     for user in users:
         [f] = messages(layout.path(user))
-        assert f.read_bytes().startswith(b"Return-Path: <ana@example.org>\nDelivered-To: %s@%s\n"
-                                         % (user.encode(), rcpt_domain.encode()))
+        assert f.read_bytes().startswith(
+            b"Return-Path: <ana@example.org>\nDelivered-To: %s@%s\n" % (user.encode(), rcpt_domain.encode())
+        )
 
 
 def test_pdeliveryd_delivers_what_dovecots_lmtp_proxy_sends_and_logs_orcpt(tmp_path):
     with one_store(tmp_path, STORE) as (srv, port):
-        out = lmtp_session(STORE, port, b"LHLO proxy.example\r\nMAIL FROM:<ana@example.org> RET=HDRS "
-                           b"ENVID=e1\r\nRCPT TO:<juan@example.org> ORCPT=rfc822;juan@example.org\r\n"
-                           b"RCPT TO:<pepe@example.org> NOTIFY=FAILURE ORCPT=rfc822;Alias+2Bx@lists.example"
-                           b"\r\nDATA\r\nSubject: dsn\r\n\r\nx\r\n.\r\nQUIT\r\n")
+        out = lmtp_session(
+            STORE,
+            port,
+            b"LHLO proxy.example\r\nMAIL FROM:<ana@example.org> RET=HDRS "
+            b"ENVID=e1\r\nRCPT TO:<juan@example.org> ORCPT=rfc822;juan@example.org\r\n"
+            b"RCPT TO:<pepe@example.org> NOTIFY=FAILURE ORCPT=rfc822;Alias+2Bx@lists.example"
+            b"\r\nDATA\r\nSubject: dsn\r\n\r\nx\r\n.\r\nQUIT\r\n",
+        )
         assert codes(out) == ["220", "250", "250", "250", "250", "354", "250", "250", "221"], out
         assert b"250-DSN\r\n" in out
         # Delivered-To is the RCPT address, not ORCPT
@@ -168,9 +184,14 @@ service lmtp {{
         subprocess.run(["dovecot", "-c", str(conf)], check=True, timeout=30)
         try:
             wait_for(lambda: _connects("127.0.0.1", proxy_port), timeout=30)
-            out = lmtp_session("127.0.0.1", proxy_port, b"LHLO mx\r\nMAIL FROM:<ana@example.org>\r\n"
-                               b"RCPT TO:<juan@example.org>\r\nRCPT TO:<pepe@example.org>\r\nDATA\r\n"
-                               b"Subject: via Dovecot\r\n\r\nx\r\n.\r\nQUIT\r\n", timeout=30)
+            out = lmtp_session(
+                "127.0.0.1",
+                proxy_port,
+                b"LHLO mx\r\nMAIL FROM:<ana@example.org>\r\n"
+                b"RCPT TO:<juan@example.org>\r\nRCPT TO:<pepe@example.org>\r\nDATA\r\n"
+                b"Subject: via Dovecot\r\n\r\nx\r\n.\r\nQUIT\r\n",
+                timeout=30,
+            )
         finally:
             subprocess.run(["dovecot", "-c", str(conf), "stop"], timeout=30)
         assert codes(out) == ["220", "250", "250", "250", "250", "354", "250", "250", "221"], out

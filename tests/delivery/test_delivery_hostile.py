@@ -1,18 +1,27 @@
 """pdeliveryd against hostile clients (issue 13): trickled message data,
 many sessions from one address, one mailbox named many times."""
+
 import socket
 import time
 
 import pytest
 
-from tests.support import pwtest
 from delivery.layout import MailboxLayout
-from tests.support.delivery_util import (Pdeliveryd, client_conf, codes, env_with, free_port_on, lmtp_session, messages,
-                           write_users)
+from tests.support import pwtest
+from tests.support.delivery_util import (
+    Pdeliveryd,
+    client_conf,
+    codes,
+    env_with,
+    free_port_on,
+    lmtp_session,
+    messages,
+    write_users,
+)
 
 STORE = "127.0.0.21"
-TRICKLER = "127.0.0.22"       # every trickling session comes from here
-LEGIT = "127.0.0.23"          # the honest client's source address
+TRICKLER = "127.0.0.22"  # every trickling session comes from here
+LEGIT = "127.0.0.23"  # the honest client's source address
 PER_ADDRESS = 3
 
 
@@ -21,8 +30,10 @@ def bed(tmp_path_factory):
     d = tmp_path_factory.mktemp("hostile")
     users = write_users(d / "users")
     settings = d / "pwmail.toml"
-    settings.write_text(f"[delivery]\nsessions_max = 6\nsessions_per_address_max = {PER_ADDRESS}\n"
-                        "data_timeout = 3.0\nidle_timeout = 60.0\n")
+    settings.write_text(
+        f"[delivery]\nsessions_max = 6\nsessions_per_address_max = {PER_ADDRESS}\n"
+        "data_timeout = 3.0\nidle_timeout = 60.0\n"
+    )
     with pwtest.PwServer(users) as pw:
         env = env_with(client_conf(d / "pwserver.conf", [pw.address]), settings)
         port = free_port_on([STORE])
@@ -58,8 +69,9 @@ def test_tricklers_are_capped_per_address_and_cut(bed):
             extra.close()
         # an honest client from another address still delivers
         legit = connect_from(LEGIT, port)
-        legit.sendall(b"LHLO l\r\nMAIL FROM:<l@x>\r\nRCPT TO:<juan@x>\r\nDATA\r\nSubject: ok\r\n\r\nhi\r\n.\r\n"
-                      b"QUIT\r\n")
+        legit.sendall(
+            b"LHLO l\r\nMAIL FROM:<l@x>\r\nRCPT TO:<juan@x>\r\nDATA\r\nSubject: ok\r\n\r\nhi\r\n.\r\nQUIT\r\n"
+        )
         out = b""
         while chunk := legit.recv(4096):
             out += chunk
@@ -78,7 +90,7 @@ def test_tricklers_are_capped_per_address_and_cut(bed):
                     s.settimeout(0.01)
                     data = s.recv(4096)
                     cut[i] = data
-                except socket.timeout:
+                except TimeoutError:
                     pass
                 except OSError as e:
                     cut[i] = repr(e).encode()
@@ -94,8 +106,7 @@ def test_tricklers_are_capped_per_address_and_cut(bed):
             s.close()
     # nothing of the cut transactions was stored, and their slots are free again
     assert messages(bed["layout"].path("ana")) == []
-    assert not (bed["layout"].path("ana") / "tmp").exists() or \
-        list((bed["layout"].path("ana") / "tmp").iterdir()) == []
+    assert not (bed["layout"].path("ana") / "tmp").exists() or list((bed["layout"].path("ana") / "tmp").iterdir()) == []
     again = connect_from(TRICKLER, port)
     assert pwtest.read_reply(again, 20).startswith(b"220")
     again.close()
@@ -104,8 +115,13 @@ def test_tricklers_are_capped_per_address_and_cut(bed):
 def test_one_copy_per_mailbox_per_transaction(bed):
     n = 300
     rcpts = b"".join(b"RCPT TO:<pepe@x>\r\n" if i % 2 else b"RCPT TO:<pepe+t%d@x>\r\n" % i for i in range(n))
-    out = lmtp_session(STORE, bed["port"], b"LHLO a\r\nMAIL FROM:<s@x>\r\n" + rcpts + b"RCPT TO:<jo@x>\r\n"
-                       b"DATA\r\nSubject: many\r\n\r\nonce\r\n.\r\nQUIT\r\n", timeout=30)
+    out = lmtp_session(
+        STORE,
+        bed["port"],
+        b"LHLO a\r\nMAIL FROM:<s@x>\r\n" + rcpts + b"RCPT TO:<jo@x>\r\n"
+        b"DATA\r\nSubject: many\r\n\r\nonce\r\n.\r\nQUIT\r\n",
+        timeout=30,
+    )
     assert codes(out) == ["220", "250", "250"] + ["250"] * (n + 1) + ["354"] + ["250"] * (n + 1) + ["221"]
     files = messages(bed["layout"].path("pepe"))
     assert len(files) == 1

@@ -1,29 +1,34 @@
 """MailboxLayout: the hash schemes (delivery/layout.py)."""
+
 import pathlib
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from delivery.layout import SCHEMES, LayoutError, MailboxLayout, check_user, levels
 
 
-@pytest.mark.parametrize("scheme,user,expected", [
-    ("first3", "juan", "j/u/a/juan"),          # the paper's III.C
-    ("first3", "jo", "j/o/jo"),
-    ("first3", "j", "j/j"),
-    ("first3", "ab.c", "a/b/ab.c"),            # "." as a level is dropped
-    ("first2last", "juan", "j/u/n/juan"),
-    ("first2last", "jo", "j/o/o/jo"),
-    ("first2last", "j", "j/j/j"),
-    ("firstlast2", "juan", "j/a/n/juan"),
-    ("firstlast2", "jo", "j/j/o/jo"),
-    ("firstlast2", "j", "j/j/j/j"),
-    ("hash2", "juan", "1b/211b/juan"),         # values checked against doveadm
-    ("hash2", "jo", "ff/09ff/jo"),
-    ("hash2", "ab.c", "03/e303/ab.c"),
-    ("first3", "Juan", "j/u/a/juan"),          # lower-cased, as Dovecot's %Lu
-    ("hash2", "JUAN", "1b/211b/juan"),
-])
+@pytest.mark.parametrize(
+    "scheme,user,expected",
+    [
+        ("first3", "juan", "j/u/a/juan"),  # the paper's III.C
+        ("first3", "jo", "j/o/jo"),
+        ("first3", "j", "j/j"),
+        ("first3", "ab.c", "a/b/ab.c"),  # "." as a level is dropped
+        ("first2last", "juan", "j/u/n/juan"),
+        ("first2last", "jo", "j/o/o/jo"),
+        ("first2last", "j", "j/j/j"),
+        ("firstlast2", "juan", "j/a/n/juan"),
+        ("firstlast2", "jo", "j/j/o/jo"),
+        ("firstlast2", "j", "j/j/j/j"),
+        ("hash2", "juan", "1b/211b/juan"),  # values checked against doveadm
+        ("hash2", "jo", "ff/09ff/jo"),
+        ("hash2", "ab.c", "03/e303/ab.c"),
+        ("first3", "Juan", "j/u/a/juan"),  # lower-cased, as Dovecot's %Lu
+        ("hash2", "JUAN", "1b/211b/juan"),
+    ],
+)
 def test_paths(scheme, user, expected):
     assert MailboxLayout("/srv/mail", scheme).path(user) == pathlib.Path("/srv/mail") / expected
 
@@ -44,8 +49,10 @@ def test_unknown_scheme():
         MailboxLayout("/r", "first4")
 
 
-@given(st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7e), min_size=1, max_size=40),
-       st.sampled_from(SCHEMES))
+@given(
+    st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=40),
+    st.sampled_from(SCHEMES),
+)
 def test_path_stays_under_root(name, scheme):
     try:
         check_user(name)

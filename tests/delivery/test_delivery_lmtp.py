@@ -1,11 +1,22 @@
 """The sans-I/O LMTP state machine (delivery/lmtp.py): table-driven sessions
 fed whole, one byte at a time and with trailing data; a property test that
 any input parses or raises PeerError, nothing else."""
-import pytest
-from hypothesis import given, settings, strategies as st
 
-from delivery.lmtp import (CLOSED, NEED_DATA, Limits, LMTPServerConnection, LocalProtocolError,
-                           MessageReceived, PeerError, RcptRequest, Reply)
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from delivery.lmtp import (
+    CLOSED,
+    NEED_DATA,
+    Limits,
+    LMTPServerConnection,
+    LocalProtocolError,
+    MessageReceived,
+    PeerError,
+    RcptRequest,
+    Reply,
+)
 
 ACCEPT = Reply(250, "2.1.5", "recipient OK")
 UNKNOWN = Reply(550, "5.1.1", "no such user")
@@ -28,7 +39,7 @@ def run(chunks, limits=DEFAULT_LIMITS, dsn=False):
             ev = conn.next_event()
         except PeerError as e:
             out += conn.data_to_send()
-            assert out.endswith(bytes(e.reply))   # the last words are queued for us
+            assert out.endswith(bytes(e.reply))  # the last words are queued for us
             closed = True
             break
         if ev is CLOSED:
@@ -51,43 +62,92 @@ def run(chunks, limits=DEFAULT_LIMITS, dsn=False):
 def feeds(data: bytes):
     """The same input whole, byte by byte, and split in two odd places."""
     yield [data]
-    yield [data[i:i + 1] for i in range(len(data))]
-    yield [data[:7], data[7:len(data) // 2], data[len(data) // 2:]]
+    yield [data[i : i + 1] for i in range(len(data))]
+    yield [data[:7], data[7 : len(data) // 2], data[len(data) // 2 :]]
 
 
-SIMPLE = (b"LHLO mx.example\r\nMAIL FROM:<a@x>\r\nRCPT TO:<juan@x>\r\nRCPT TO:<nobody@x>\r\n"
-          b"RCPT TO:<pepe@x>\r\nDATA\r\nSubject: hi\r\n\r\n..dot\r\nbody\r\n.\r\nQUIT\r\n")
+SIMPLE = (
+    b"LHLO mx.example\r\nMAIL FROM:<a@x>\r\nRCPT TO:<juan@x>\r\nRCPT TO:<nobody@x>\r\n"
+    b"RCPT TO:<pepe@x>\r\nDATA\r\nSubject: hi\r\n\r\n..dot\r\nbody\r\n.\r\nQUIT\r\n"
+)
 
 CASES = [
     # name, input, expected reply codes (final lines), expected message bodies
-    ("simple", SIMPLE,
-     ["220", "250", "250", "250", "550", "250", "354", "250", "250", "221"],
-     [b"Subject: hi\r\n\r\n.dot\r\nbody\r\n"]),
-    ("empty message", b"LHLO a\r\nMAIL FROM:<>\r\nRCPT TO:<u>\r\nDATA\r\n.\r\nQUIT\r\n",
-     ["220", "250", "250", "250", "354", "250", "221"], [b""]),
-    ("leading dot line", b"LHLO a\r\nMAIL FROM:<>\r\nRCPT TO:<u>\r\nDATA\r\n..x\r\n.\r\nQUIT\r\n",
-     ["220", "250", "250", "250", "354", "250", "221"], [b".x\r\n"]),
-    ("bdat chunks", b"LHLO a\r\nMAIL FROM:<s> BODY=8BITMIME SIZE=10\r\nRCPT TO:<u>\r\n"
-     b"BDAT 5\r\nab\r\n.BDAT 3 LAST\r\nxyzQUIT\r\n",
-     ["220", "250", "250", "250", "250", "250", "221"], [b"ab\r\n.xyz"]),
-    ("bdat no recipients", b"LHLO a\r\nMAIL FROM:<s>\r\nRCPT TO:<nobody>\r\nBDAT 4 LAST\r\nRSETQUIT\r\n",
-     ["220", "250", "250", "550", "554", "221"], []),
-    ("data no recipients", b"LHLO a\r\nMAIL FROM:<s>\r\nRCPT TO:<nobody>\r\nDATA\r\nQUIT\r\n",
-     ["220", "250", "250", "550", "554", "221"], []),
+    (
+        "simple",
+        SIMPLE,
+        ["220", "250", "250", "250", "550", "250", "354", "250", "250", "221"],
+        [b"Subject: hi\r\n\r\n.dot\r\nbody\r\n"],
+    ),
+    (
+        "empty message",
+        b"LHLO a\r\nMAIL FROM:<>\r\nRCPT TO:<u>\r\nDATA\r\n.\r\nQUIT\r\n",
+        ["220", "250", "250", "250", "354", "250", "221"],
+        [b""],
+    ),
+    (
+        "leading dot line",
+        b"LHLO a\r\nMAIL FROM:<>\r\nRCPT TO:<u>\r\nDATA\r\n..x\r\n.\r\nQUIT\r\n",
+        ["220", "250", "250", "250", "354", "250", "221"],
+        [b".x\r\n"],
+    ),
+    (
+        "bdat chunks",
+        b"LHLO a\r\nMAIL FROM:<s> BODY=8BITMIME SIZE=10\r\nRCPT TO:<u>\r\nBDAT 5\r\nab\r\n.BDAT 3 LAST\r\nxyzQUIT\r\n",
+        ["220", "250", "250", "250", "250", "250", "221"],
+        [b"ab\r\n.xyz"],
+    ),
+    (
+        "bdat no recipients",
+        b"LHLO a\r\nMAIL FROM:<s>\r\nRCPT TO:<nobody>\r\nBDAT 4 LAST\r\nRSETQUIT\r\n",
+        ["220", "250", "250", "550", "554", "221"],
+        [],
+    ),
+    (
+        "data no recipients",
+        b"LHLO a\r\nMAIL FROM:<s>\r\nRCPT TO:<nobody>\r\nDATA\r\nQUIT\r\n",
+        ["220", "250", "250", "550", "554", "221"],
+        [],
+    ),
     ("need lhlo", b"MAIL FROM:<s>\r\nHELO a\r\nEHLO a\r\nQUIT\r\n", ["220", "503", "500", "500", "221"], []),
-    ("sequence", b"LHLO a\r\nRCPT TO:<u>\r\nDATA\r\nMAIL FROM:<s>\r\nMAIL FROM:<s>\r\nQUIT\r\n",
-     ["220", "250", "503", "503", "250", "503", "221"], []),
-    ("size param too big", b"LHLO a\r\nMAIL FROM:<s> SIZE=999999999999\r\nNOOP\r\nQUIT\r\n",
-     ["220", "250", "552", "250", "221"], []),
-    ("unknown params", b"LHLO a\r\nMAIL FROM:<s> FOO=1\r\nMAIL FROM:<s> BODY=BINARYMIME\r\nMAIL FROM:<s>\r\n"
-     b"RCPT TO:<u> NOTIFY=NEVER\r\nQUIT\r\n", ["220", "250", "555", "501", "250", "555", "221"], []),
-    ("rset clears", b"LHLO a\r\nMAIL FROM:<s>\r\nRCPT TO:<u>\r\nRSET\r\nDATA\r\nQUIT\r\n",
-     ["220", "250", "250", "250", "250", "503", "221"], []),
+    (
+        "sequence",
+        b"LHLO a\r\nRCPT TO:<u>\r\nDATA\r\nMAIL FROM:<s>\r\nMAIL FROM:<s>\r\nQUIT\r\n",
+        ["220", "250", "503", "503", "250", "503", "221"],
+        [],
+    ),
+    (
+        "size param too big",
+        b"LHLO a\r\nMAIL FROM:<s> SIZE=999999999999\r\nNOOP\r\nQUIT\r\n",
+        ["220", "250", "552", "250", "221"],
+        [],
+    ),
+    (
+        "unknown params",
+        b"LHLO a\r\nMAIL FROM:<s> FOO=1\r\nMAIL FROM:<s> BODY=BINARYMIME\r\nMAIL FROM:<s>\r\n"
+        b"RCPT TO:<u> NOTIFY=NEVER\r\nQUIT\r\n",
+        ["220", "250", "555", "501", "250", "555", "221"],
+        [],
+    ),
+    (
+        "rset clears",
+        b"LHLO a\r\nMAIL FROM:<s>\r\nRCPT TO:<u>\r\nRSET\r\nDATA\r\nQUIT\r\n",
+        ["220", "250", "250", "250", "250", "503", "221"],
+        [],
+    ),
     ("bare lf commands", b"LHLO a\nNOOP\nVRFY x\nHELP\nQUIT\n", ["220", "250", "250", "252", "214", "221"], []),
-    ("queue id", b"LHLO a\r\nMAIL FROM:<s> XQUEUEID=4ATQ1x\r\nRCPT TO:<u>\r\nDATA\r\nx\r\n.\r\nQUIT\r\n",
-     ["220", "250", "250", "250", "354", "250", "221"], [b"x\r\n"]),
-    ("eof mid data", b"LHLO a\r\nMAIL FROM:<s>\r\nRCPT TO:<u>\r\nDATA\r\npartial\r\n",
-     ["220", "250", "250", "250", "354"], []),
+    (
+        "queue id",
+        b"LHLO a\r\nMAIL FROM:<s> XQUEUEID=4ATQ1x\r\nRCPT TO:<u>\r\nDATA\r\nx\r\n.\r\nQUIT\r\n",
+        ["220", "250", "250", "250", "354", "250", "221"],
+        [b"x\r\n"],
+    ),
+    (
+        "eof mid data",
+        b"LHLO a\r\nMAIL FROM:<s>\r\nRCPT TO:<u>\r\nDATA\r\npartial\r\n",
+        ["220", "250", "250", "250", "354"],
+        [],
+    ),
 ]
 
 
@@ -126,7 +186,13 @@ def test_limit_message_size_data_and_bdat():
     codes, messages, _, _ = run([data], lim)
     assert codes == ["220", "250", "250", "250", "250", "354", "552", "552", "250"]
     assert messages == []
-    data = b"LHLO a\r\nMAIL FROM:<s>\r\nRCPT TO:<u>\r\nBDAT 80\r\n" + b"y" * 80 + b"BDAT 80 LAST\r\n" + b"z" * 80 + b"NOOP\r\n"
+    data = (
+        b"LHLO a\r\nMAIL FROM:<s>\r\nRCPT TO:<u>\r\nBDAT 80\r\n"
+        + b"y" * 80
+        + b"BDAT 80 LAST\r\n"
+        + b"z" * 80
+        + b"NOOP\r\n"
+    )
     codes, messages, _, _ = run([data], lim)
     assert codes == ["220", "250", "250", "250", "250", "552", "250"] and messages == []
 
@@ -151,7 +217,7 @@ def test_limit_command_line():
     lim = Limits(command_line_max=64)
     codes, _, closed, _ = run([b"LHLO a\r\nNOOP " + b"x" * 100 + b"\r\nNOOP\r\n"], lim)
     assert codes == ["220", "250", "500", "250"]
-    codes, _, closed, _ = run([b"LHLO a\r\n" + b"x" * 100], lim)   # no line end: cannot resync
+    codes, _, closed, _ = run([b"LHLO a\r\n" + b"x" * 100], lim)  # no line end: cannot resync
     assert codes[-1] == "500" and closed
 
 
@@ -181,15 +247,34 @@ def test_caller_misuse_is_local_error():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.one_of(
-    st.binary(max_size=40),
-    st.sampled_from([b"LHLO a\r\n", b"MAIL FROM:<s>\r\n", b"RCPT TO:<u>\r\n", b"RCPT TO:<nobody>\r\n",
-                     b"DATA\r\n", b".\r\n", b"BDAT 3\r\n", b"BDAT 2 LAST\r\n", b"RSET\r\n",
-                     b"\r\n", b"..\r\n", b"BDAT 99999999999999999999\r\n", b"MAIL FROM:<s> SIZE=x\r\n"])),
-    max_size=30))
+@given(
+    st.lists(
+        st.one_of(
+            st.binary(max_size=40),
+            st.sampled_from(
+                [
+                    b"LHLO a\r\n",
+                    b"MAIL FROM:<s>\r\n",
+                    b"RCPT TO:<u>\r\n",
+                    b"RCPT TO:<nobody>\r\n",
+                    b"DATA\r\n",
+                    b".\r\n",
+                    b"BDAT 3\r\n",
+                    b"BDAT 2 LAST\r\n",
+                    b"RSET\r\n",
+                    b"\r\n",
+                    b"..\r\n",
+                    b"BDAT 99999999999999999999\r\n",
+                    b"MAIL FROM:<s> SIZE=x\r\n",
+                ]
+            ),
+        ),
+        max_size=30,
+    )
+)
 def test_any_input_parses_or_raises_peer_error(chunks):
     lim = Limits(command_line_max=64, message_size_max=200, recipients_max=4, bad_commands_max=10)
-    codes, messages, closed, out = run(chunks, lim)   # anything but PeerError propagates and fails
+    codes, messages, closed, out = run(chunks, lim)  # anything but PeerError propagates and fails
     assert closed
     assert codes[0] == "220"
     for m in messages:

@@ -1,6 +1,7 @@
 """lmtp-proxy end to end: a real pwserver, two real pdeliveryd stores
 (127.0.0.2 holds juan, ana and mudando; 127.0.0.3 holds pepe and jo), the
 proxy as a process, and LMTP clients (smtplib.LMTP, raw pipelined sessions)."""
+
 import os
 import signal
 import smtplib
@@ -12,8 +13,19 @@ import pytest
 from delivery.layout import MailboxLayout
 from delivery.lmtpclient import dot_stuff
 from tests.support import pwtest
-from tests.support.delivery_util import (CountingRelay, LmtpProxy, Pdeliveryd, client_conf, codes, free_port,
-                                         free_port_on, lmtp_session, messages, users_served, wait_for)
+from tests.support.delivery_util import (
+    CountingRelay,
+    LmtpProxy,
+    Pdeliveryd,
+    client_conf,
+    codes,
+    free_port,
+    free_port_on,
+    lmtp_session,
+    messages,
+    users_served,
+    wait_for,
+)
 
 STORES = ["127.0.0.2", "127.0.0.3"]
 
@@ -30,10 +42,16 @@ def bed(tmp_path_factory):
         port = free_port_on(STORES)
         stores = {h: Pdeliveryd(d / f"store-{h}", h, port, env) for h in STORES}
         try:
-            yield {"d": d, "conf": conf, "env": env, "port": port, "stores": stores,
-                   "layout": {h: MailboxLayout(d / f"store-{h}") for h in STORES}}
+            yield {
+                "d": d,
+                "conf": conf,
+                "env": env,
+                "port": port,
+                "stores": stores,
+                "layout": {h: MailboxLayout(d / f"store-{h}") for h in STORES},
+            }
         finally:
-            for s in stores.values():       # the current ones: a test may have restarted one
+            for s in stores.values():  # the current ones: a test may have restarted one
                 s.stop()
 
 
@@ -54,10 +72,16 @@ def proxy(bed, tmp_path):
     started = []
 
     def start(conf=None, other_sections="", **settings):
-        p = LmtpProxy(tmp_path, free_port(), conf or bed["conf"], {"lmtp_port": bed["port"], **settings},
-                      other_sections=other_sections)
+        p = LmtpProxy(
+            tmp_path,
+            free_port(),
+            conf or bed["conf"],
+            {"lmtp_port": bed["port"], **settings},
+            other_sections=other_sections,
+        )
         started.append(p)
         return p
+
     yield start
     for p in started:
         p.stop()
@@ -70,14 +94,16 @@ def lmtp(p) -> smtplib.LMTP:
 
 def transaction(rcpts: list[str], data: bytes, params: str = "") -> bytes:
     """MAIL, RCPTs and DATA (dot-stuffed) of one message, for a pipelined script."""
-    return (f"MAIL FROM:<s@example.org>{params}\r\n".encode()
-            + b"".join(f"RCPT TO:<{r}>\r\n".encode() for r in rcpts) + b"DATA\r\n" + dot_stuff(data))
+    return (
+        f"MAIL FROM:<s@example.org>{params}\r\n".encode()
+        + b"".join(f"RCPT TO:<{r}>\r\n".encode() for r in rcpts)
+        + b"DATA\r\n"
+        + dot_stuff(data)
+    )
 
 
 def session(p, *transactions: bytes, timeout: float = 60) -> bytes:
     return lmtp_session(p.host, p.port, b"LHLO mx\r\n" + b"".join(transactions) + b"QUIT\r\n", timeout=timeout)
-
-
 
 
 def test_recipients_routed_to_their_stores_in_one_message(bed, proxy):
@@ -101,8 +127,9 @@ def test_recipients_routed_to_their_stores_in_one_message(bed, proxy):
 
 def test_rcpt_answers_unknown_frozen_and_replies_in_order(bed, proxy):
     p = proxy()
-    out = session(p, transaction(["nadie@example.org", "mudando@example.org", "jo@example.org", "juan@example.org"],
-                                 msg("order")))
+    out = session(
+        p, transaction(["nadie@example.org", "mudando@example.org", "jo@example.org", "juan@example.org"], msg("order"))
+    )
     text = out.decode()
     assert codes(out) == ["220", "250", "250", "550", "450", "250", "250", "354", "250", "250", "221"]
     assert "550 5.1.1" in text and "450 4.2.1" in text
@@ -125,8 +152,9 @@ def test_placement_rule_when_the_server_names_no_host(bed, proxy, tmp_path):
     (users / "passwd").write_text((bed["d"] / "users" / "passwd").read_text())
     with pwtest.PwServer(users, env={"PWMAIL_CONF": str(tmp_path / "absent.toml")}) as pw:
         conf = client_conf(tmp_path / "pw.conf", [pw.address])
-        p = proxy(conf=conf, other_sections=f'[placement]\nrule = "ranges"\n'
-                                            f'ranges = ["a-i {STORES[1]}", "j-z {STORES[0]}"]\n')
+        p = proxy(
+            conf=conf, other_sections=f'[placement]\nrule = "ranges"\nranges = ["a-i {STORES[1]}", "j-z {STORES[0]}"]\n'
+        )
         ana3, pepe2 = bed["layout"]["127.0.0.3"].path("ana"), bed["layout"]["127.0.0.2"].path("pepe")
         n_ana3, n_pepe2 = len(messages(ana3)), len(messages(pepe2))
         out = session(p, transaction(["ana@x", "pepe@x"], msg("placed")))
@@ -166,7 +194,7 @@ def test_slow_store_times_out_with_451_and_the_other_store_delivers(bed, proxy):
     assert codes(out) == ["220", "250", "250", "250", "250", "354", "451", "250", "221"]
     assert b"451 4.4.1" in out
     assert len(messages(box(bed, "ana"))) == n_ana + 1
-    time.sleep(1)                                 # the store, running again, stores nothing late
+    time.sleep(1)  # the store, running again, stores nothing late
     assert len(messages(box(bed, "jo"))) == n_jo
 
 
@@ -202,14 +230,14 @@ def test_connections_to_a_store_are_bounded(bed, proxy):
     p = proxy(lmtp_port=relay_port, proxy_store_connections_max=1, timeout=60.0)
     n = len(messages(box(bed, "ana")))
     clients = []
-    store.signal(signal.SIGSTOP)              # the first transaction holds its connection
+    store.signal(signal.SIGSTOP)  # the first transaction holds its connection
     try:
         for i in range(2):
             c = socket.create_connection((p.host, p.port), timeout=60)
             c.sendall(b"LHLO mx\r\n" + transaction(["ana@x"], msg(f"bounded {i}")) + b"QUIT\r\n")
             clients.append(c)
         assert wait_for(lambda: relay.accepted >= 1, timeout=30)
-        time.sleep(1)                         # room for a second connection, were there no bound
+        time.sleep(1)  # room for a second connection, were there no bound
     finally:
         store.signal(signal.SIGCONT)
     outs = []
@@ -233,8 +261,15 @@ def test_large_message_streamed_with_bounded_memory(bed, proxy, tmp_path):
     line = b"y" * 998 + b"\r\n"
     body = b"From: a@x\r\nSubject: big\r\n\r\n" + line * ((size - 32) // len(line))
     base = p.rss_peak_kib()
-    out = lmtp_session(p.host, p.port, b"LHLO mx\r\nMAIL FROM:<s@x>\r\nRCPT TO:<ana@x>\r\nRCPT TO:<pepe@x>\r\n"
-                       + b"BDAT %d LAST\r\n" % len(body) + body + b"QUIT\r\n", timeout=120)
+    out = lmtp_session(
+        p.host,
+        p.port,
+        b"LHLO mx\r\nMAIL FROM:<s@x>\r\nRCPT TO:<ana@x>\r\nRCPT TO:<pepe@x>\r\n"
+        + b"BDAT %d LAST\r\n" % len(body)
+        + body
+        + b"QUIT\r\n",
+        timeout=120,
+    )
     assert codes(out) == ["220", "250", "250", "250", "250", "250", "250", "221"]
     growth = p.rss_peak_kib() - base
     assert growth < 20 * 1024, f"proxy peak RSS grew {growth} KiB for a {len(body) >> 20} MiB message"
@@ -242,7 +277,7 @@ def test_large_message_streamed_with_bounded_memory(bed, proxy, tmp_path):
         stored = messages(box(bed, u))[-1]
         assert stored.stat().st_size > len(body) - body.count(b"\r\n")
         assert stored.read_bytes().endswith(body[-5000:].replace(b"\r\n", b"\n"))
-    assert list(spool.iterdir()) == []            # unnamed spool files: nothing left
+    assert list(spool.iterdir()) == []  # unnamed spool files: nothing left
 
 
 def test_slow_client_cut_by_data_timeout(bed, proxy):
@@ -254,13 +289,13 @@ def test_slow_client_cut_by_data_timeout(bed, proxy):
         deadline = time.monotonic() + 20
         while b"421" not in got and time.monotonic() < deadline:
             try:
-                s.sendall(b"z")                     # a byte now and then keeps the idle clock happy
+                s.sendall(b"z")  # a byte now and then keeps the idle clock happy
                 s.settimeout(0.5)
                 chunk = s.recv(4096)
                 if not chunk:
                     break
                 got += chunk
-            except socket.timeout:
+            except TimeoutError:
                 pass
             except OSError:
                 break

@@ -2,6 +2,7 @@
 server: replies out of step with the commands (extra, missing, out of
 order) are a protocol error, never a delivery (pdelivery: exit 75, never
 0); arguments with CR/LF/NUL are refused before connecting."""
+
 import socket
 import subprocess
 import threading
@@ -25,13 +26,14 @@ def fake(answers):
         conn, _ = srv.accept()
         with conn:
             conn.settimeout(10)
-            try:                          # the client may hang up early: that is the point
+            try:  # the client may hang up early: that is the point
                 for i, a in enumerate(answers):
                     if i:
                         seen.append(conn.recv(65536))
                     conn.sendall(a)
             except OSError:
                 pass
+
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return srv, seen
@@ -47,15 +49,19 @@ def test_good_session_delivers():
     assert go(GOOD)[0].ok
 
 
-OUT_OF_STEP = pytest.mark.parametrize("answers", [
-    GOOD[:2] + [b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.1.5 injected\r\n", b"451 4.3.0 failed\r\n", GOOD[4]],
-    GOOD[:2] + [b"250 2.1.0 ok\r\n250 2.0.0 stored\r\n", b"250 2.1.5 ok\r\n", GOOD[4]],
-    GOOD[:3] + [b"", GOOD[4]],
-    GOOD[:3] + [b"250 2.0.0 stored\r\n250 2.0.0 again\r\n", GOOD[4]],
-    GOOD[:4] + [b"221 2.0.0 bye\r\n250 2.0.0 after the end\r\n"],
-    GOOD[:4] + [b"250 2.0.0 not a bye\r\n"],
-    GOOD[:4],
-], ids=["extra-250", "out-of-order", "missing", "extra-after-data", "extra-after-quit", "wrong-quit", "no-quit"])
+OUT_OF_STEP = pytest.mark.parametrize(
+    "answers",
+    [
+        GOOD[:2] + [b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.1.5 injected\r\n", b"451 4.3.0 failed\r\n", GOOD[4]],
+        GOOD[:2] + [b"250 2.1.0 ok\r\n250 2.0.0 stored\r\n", b"250 2.1.5 ok\r\n", GOOD[4]],
+        GOOD[:3] + [b"", GOOD[4]],
+        GOOD[:3] + [b"250 2.0.0 stored\r\n250 2.0.0 again\r\n", GOOD[4]],
+        GOOD[:4] + [b"221 2.0.0 bye\r\n250 2.0.0 after the end\r\n"],
+        GOOD[:4] + [b"250 2.0.0 not a bye\r\n"],
+        GOOD[:4],
+    ],
+    ids=["extra-250", "out-of-order", "missing", "extra-after-data", "extra-after-quit", "wrong-quit", "no-quit"],
+)
 
 
 @OUT_OF_STEP
@@ -69,8 +75,15 @@ def test_out_of_order_is_protocol_error():
         go(GOOD[:2] + [b"250 2.1.0 ok\r\n250 2.0.0 stored\r\n", b"250 2.1.5 ok\r\n", GOOD[4]])
 
 
-@pytest.mark.parametrize("kw", [{"recipients": ["juan>\r\nRCPT TO:<pepe"]}, {"sender": "a\r\nRSET"},
-                                {"queue_id": "Q\nX"}, {"recipients": ["ju\x00an"]}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"recipients": ["juan>\r\nRCPT TO:<pepe"]},
+        {"sender": "a\r\nRSET"},
+        {"queue_id": "Q\nX"},
+        {"recipients": ["ju\x00an"]},
+    ],
+)
 def test_bad_arguments_refused_before_connecting(kw):
     args = {"sender": "a@x", "recipients": ["juan"], **kw}
     with pytest.raises(InvalidArgument):
@@ -78,6 +91,7 @@ def test_bad_arguments_refused_before_connecting(kw):
 
 
 # ---- the C pdelivery against the same fake ------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def directory(tmp_path_factory):
@@ -93,8 +107,13 @@ def directory(tmp_path_factory):
 def pdelivery_to(env, answers, *args, stdin=b"hi\n"):
     srv, seen = fake(answers)
     with srv:
-        r = subprocess.run([str(pwtest.BIN / "pdelivery"), "--lmtp-port", str(srv.getsockname()[1]),
-                            "-f", "a@x", *args], input=stdin, capture_output=True, env=env, timeout=60)
+        r = subprocess.run(
+            [str(pwtest.BIN / "pdelivery"), "--lmtp-port", str(srv.getsockname()[1]), "-f", "a@x", *args],
+            input=stdin,
+            capture_output=True,
+            env=env,
+            timeout=60,
+        )
     return r, seen
 
 
@@ -102,7 +121,7 @@ def test_pdelivery_good_session_is_0(directory):
     r, seen = pdelivery_to(directory, GOOD, "-i", "Q1", "-d", "juan")
     assert r.returncode == 0, r.stderr
     assert seen[1].startswith(b"MAIL FROM:<a@x>") and b"RCPT TO:<juan>\r\n" in seen[1]
-    assert seen[2] == b"BDAT 4 LAST\r\nhi\r\n"        # LF -> CRLF, in one piece
+    assert seen[2] == b"BDAT 4 LAST\r\nhi\r\n"  # LF -> CRLF, in one piece
     assert seen[3] == b"QUIT\r\n"
 
 
@@ -135,8 +154,12 @@ def test_pdelivery_data_is_dot_stuffed_without_chunking(directory):
 
 def test_pdelivery_refusals_are_per_recipient(directory):
     """A 550 at RCPT is 67 (no data sent: RSET); a 452 after the data is 75."""
-    r, seen = pdelivery_to(directory, GOOD[:2] + [b"250 2.1.0 ok\r\n550 5.1.1 no such user\r\n",
-                                                  b"250 2.0.0 ok\r\n", GOOD[4]], "-d", "juan")
+    r, seen = pdelivery_to(
+        directory,
+        GOOD[:2] + [b"250 2.1.0 ok\r\n550 5.1.1 no such user\r\n", b"250 2.0.0 ok\r\n", GOOD[4]],
+        "-d",
+        "juan",
+    )
     assert r.returncode == 67 and b"5.1.1" in r.stderr
     assert seen[2] == b"RSET\r\n"
     r, _ = pdelivery_to(directory, GOOD[:3] + [b"452 4.3.1 full\r\n", GOOD[4]], "-d", "juan")
@@ -144,10 +167,23 @@ def test_pdelivery_refusals_are_per_recipient(directory):
 
 
 def test_pdelivery_without_pipelining_sends_one_command_at_a_time(directory):
-    answers = [GOOD[0], b"250-fake\r\n250 8BITMIME\r\n", b"250 2.1.0 ok\r\n", b"250 2.1.5 ok\r\n", b"354 go\r\n",
-               b"250 2.0.0 stored\r\n", GOOD[4]]
+    answers = [
+        GOOD[0],
+        b"250-fake\r\n250 8BITMIME\r\n",
+        b"250 2.1.0 ok\r\n",
+        b"250 2.1.5 ok\r\n",
+        b"354 go\r\n",
+        b"250 2.0.0 stored\r\n",
+        GOOD[4],
+    ]
     r, seen = pdelivery_to(directory, answers, "-i", "Q2", "-d", "juan")
     assert r.returncode == 0, r.stderr
-    assert seen == [seen[0], b"MAIL FROM:<a@x> BODY=8BITMIME\r\n", b"RCPT TO:<juan>\r\n", b"DATA\r\n",
-                    b"hi\r\n.\r\n", b"QUIT\r\n"]
+    assert seen == [
+        seen[0],
+        b"MAIL FROM:<a@x> BODY=8BITMIME\r\n",
+        b"RCPT TO:<juan>\r\n",
+        b"DATA\r\n",
+        b"hi\r\n.\r\n",
+        b"QUIT\r\n",
+    ]
     assert seen[0].startswith(b"LHLO ")

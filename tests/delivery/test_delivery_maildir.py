@@ -1,5 +1,6 @@
 """MaildirWriter: durable writes, names, ownership, failures, group commit,
 tmp/ cleaning; message.py: trace headers, loops, queue ids."""
+
 import concurrent.futures as cf
 import errno
 import os
@@ -10,8 +11,16 @@ import pytest
 
 from delivery import message as msg
 from delivery.layout import MailboxLayout
-from delivery.maildir import (ROOT_MARKER, GroupSync, MaildirWriter, StorageUnavailable, clean_tmp, clean_tree,
-                              unique_name, walk_maildirs)
+from delivery.maildir import (
+    ROOT_MARKER,
+    GroupSync,
+    MaildirWriter,
+    StorageUnavailable,
+    clean_tmp,
+    clean_tree,
+    unique_name,
+    walk_maildirs,
+)
 from tests.support.delivery_util import NAME_RE
 
 
@@ -46,7 +55,7 @@ def test_unique_names(writer):
     assert "\\057" in unique_name(1, 1, "a/b".replace("/", "\\057"))
     r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:                                   # a forked child names files with its own pid
+    if pid == 0:  # a forked child names files with its own pid
         os.write(w, unique_name(1, 1, "h").encode())
         os._exit(0)
     os.waitpid(pid, 0)
@@ -73,6 +82,7 @@ def test_failed_write_leaves_nothing(writer, tmp_path, monkeypatch):
 
     def failing_fsync(fd):
         raise OSError(errno.EIO, "Input/output error")
+
     monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError) as e:
         writer.deliver("pepe", b"second\n")
@@ -91,12 +101,13 @@ def test_group_sync_shares_fsyncs_and_reports_errors(tmp_path):
     assert g.batches >= 1 and g.syncs <= 400
     with pytest.raises(FileNotFoundError):
         g.sync(str(tmp_path / "missing"))
-    g.sync(str(dirs[0]))          # a failed batch does not poison the next
+    g.sync(str(dirs[0]))  # a failed batch does not poison the next
 
 
 def test_group_sync_waits_for_a_sync_started_after_the_call(tmp_path, monkeypatch):
     """A caller arriving while a sync runs must not be released by it."""
     import delivery.maildir as md
+
     started, release = threading.Event(), threading.Event()
     log = []
     real = md.fsync_dir
@@ -108,6 +119,7 @@ def test_group_sync_waits_for_a_sync_started_after_the_call(tmp_path, monkeypatc
             release.wait(5)
         real(path)
         log.append(("end", path))
+
     monkeypatch.setattr(md, "fsync_dir", slow)
     g = GroupSync()
     (tmp_path / "a").mkdir()
@@ -118,7 +130,7 @@ def test_group_sync_waits_for_a_sync_started_after_the_call(tmp_path, monkeypatc
     t2 = threading.Thread(target=g.sync, args=(str(tmp_path / "b"),))
     t2.start()
     time.sleep(0.1)
-    assert t2.is_alive()          # b's rename came after a's sync began
+    assert t2.is_alive()  # b's rename came after a's sync began
     release.set()
     t1.join(5)
     t2.join(5)
@@ -154,19 +166,23 @@ def test_trace_headers_and_line_ends():
     assert msg.for_maildir(raw, "s@x", "juan@y") == b"Return-Path: <s@x>\nDelivered-To: juan@y\nSubject: a\n\nbody\n"
     # no header injection through the envelope
     assert msg.for_maildir(raw, "a>\nX-Evil: 1", "juan\r\nX-Evil: 2").split(b"\n")[:2] == [
-        b"Return-Path: <a>X-Evil: 1>", b"Delivered-To: juanX-Evil: 2"]
+        b"Return-Path: <a>X-Evil: 1>",
+        b"Delivered-To: juanX-Evil: 2",
+    ]
 
 
 def test_loop_detection_only_in_headers():
     assert msg.is_loop(b"X: 1\r\nDelivered-To: Juan+x@other\r\n\r\nbody\r\n", "juan")
-    assert msg.is_loop(b"Delivered-To:\r\n juan@y\r\n\r\n", "juan")           # folded
+    assert msg.is_loop(b"Delivered-To:\r\n juan@y\r\n\r\n", "juan")  # folded
     assert not msg.is_loop(b"Subject: x\r\n\r\nDelivered-To: juan@y\r\n", "juan")
     assert not msg.is_loop(b"Delivered-To: juana@y\r\n\r\n", "juan")
 
 
 def test_received_queue_id():
-    raw = (b"Received: from a (a [1.2.3.4])\r\n\tby mx.example (8.17.1/8.17.1) with ESMTP id 4AU0x1y2\r\n"
-           b"\tfor <juan@x>; Mon, 30 Nov 2026\r\nReceived: by other id ZZZ\r\n\r\n")
+    raw = (
+        b"Received: from a (a [1.2.3.4])\r\n\tby mx.example (8.17.1/8.17.1) with ESMTP id 4AU0x1y2\r\n"
+        b"\tfor <juan@x>; Mon, 30 Nov 2026\r\nReceived: by other id ZZZ\r\n\r\n"
+    )
     assert msg.received_queue_id(raw) == "4AU0x1y2"
     assert msg.received_queue_id(b"Subject: none\r\n\r\n") is None
 
@@ -187,7 +203,7 @@ def test_links_planted_by_the_user_are_not_followed(writer, tmp_path, swap):
     victim.symlink_to(target, target_is_directory=True)
     with pytest.raises(OSError) as e:
         writer.deliver("mallory", b"second\n", 3005, 3005)
-    assert e.value.errno in (errno.ELOOP, errno.ENOTDIR)     # O_NOFOLLOW with O_DIRECTORY: either
+    assert e.value.errno in (errno.ELOOP, errno.ENOTDIR)  # O_NOFOLLOW with O_DIRECTORY: either
     assert list(target.iterdir()) == []
     old = target / "old"
     old.write_bytes(b"x")

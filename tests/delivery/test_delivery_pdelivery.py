@@ -1,5 +1,6 @@
 """pdelivery end to end: real pwserver, real pdeliveryd on two storage
 addresses (127.0.0.2, 127.0.0.3) sharing one LMTP port, sysexits only."""
+
 import re
 import shutil
 import subprocess
@@ -25,21 +26,29 @@ def bed(tmp_path_factory):
     with pwtest.PwServer(users) as pw:
         conf = client_conf(d / "pwserver.conf", [pw.address])
         env = env_with(conf, settings)
-        b = {"d": d, "env": env, "port": port, "conf": conf, "settings": settings,
-             "l2": MailboxLayout(d / "store2"), "l3": MailboxLayout(d / "store3")}
+        b = {
+            "d": d,
+            "env": env,
+            "port": port,
+            "conf": conf,
+            "settings": settings,
+            "l2": MailboxLayout(d / "store2"),
+            "l3": MailboxLayout(d / "store3"),
+        }
         try:
             b["s2"] = Pdeliveryd(d / "store2", STORES[0], port, env)
             b["s3"] = Pdeliveryd(d / "store3", STORES[1], port, env)
             yield b
         finally:
-            for key in ("s2", "s3"):          # the current ones: a test may have restarted them
+            for key in ("s2", "s3"):  # the current ones: a test may have restarted them
                 if key in b:
                     b[key].stop()
 
 
 def pdelivery(bed, *args, stdin=MSG, env=None):
-    return subprocess.run([str(pwtest.BIN / "pdelivery"), *args], input=stdin, capture_output=True,
-                          env=env or bed["env"], timeout=60)
+    return subprocess.run(
+        [str(pwtest.BIN / "pdelivery"), *args], input=stdin, capture_output=True, env=env or bed["env"], timeout=60
+    )
 
 
 def test_routes_each_user_to_its_mailhost(bed):
@@ -98,8 +107,10 @@ def test_storage_down_then_retry_delivers_once(bed):
 
 
 def test_lmtp_mode_per_recipient(bed):
-    script = (b"LHLO mx.example\r\nMAIL FROM:<a@x>\r\nRCPT TO:<juan>\r\nRCPT TO:<nadie>\r\n"
-              b"RCPT TO:<mudando>\r\nRCPT TO:<pepe>\r\nDATA\r\nSubject: l\r\n\r\nvia -l\r\n.\r\nQUIT\r\n")
+    script = (
+        b"LHLO mx.example\r\nMAIL FROM:<a@x>\r\nRCPT TO:<juan>\r\nRCPT TO:<nadie>\r\n"
+        b"RCPT TO:<mudando>\r\nRCPT TO:<pepe>\r\nDATA\r\nSubject: l\r\n\r\nvia -l\r\n.\r\nQUIT\r\n"
+    )
     n_juan, pepe_before = len(messages(bed["l2"].path("juan"))), set(messages(bed["l3"].path("pepe")))
     r = pdelivery(bed, "-l", stdin=script)
     assert r.returncode == 0, r.stderr
@@ -117,8 +128,10 @@ def test_placement_rule_when_the_server_names_no_host(bed, tmp_path):
     users.mkdir()
     (users / "passwd").write_text((bed["d"] / "users" / "passwd").read_text())
     settings = tmp_path / "pwmail.toml"
-    settings.write_text(f'[delivery]\nlmtp_port = {bed["port"]}\n\n'
-                        f'[placement]\nrule = "ranges"\nranges = ["a-i {STORES[1]}", "j-z {STORES[0]}"]\n')
+    settings.write_text(
+        f"[delivery]\nlmtp_port = {bed['port']}\n\n"
+        f'[placement]\nrule = "ranges"\nranges = ["a-i {STORES[1]}", "j-z {STORES[0]}"]\n'
+    )
     with pwtest.PwServer(users, env={"PWMAIL_CONF": str(tmp_path / "absent.toml")}) as pw:
         with pw.client() as c:
             assert c.passwd_by_name("ana").mailhost == ""
@@ -128,20 +141,24 @@ def test_placement_rule_when_the_server_names_no_host(bed, tmp_path):
         for user in ("ana", "pepe"):
             r = pdelivery(bed, "-f", "a@x", "-d", user, env=env_with(conf, settings))
             assert r.returncode == 0, r.stderr
-    assert len(messages(bed["l3"].path("ana"))) == n_ana3 + 1      # a-i -> 127.0.0.3
-    assert len(messages(bed["l2"].path("pepe"))) == n_pepe2 + 1    # j-z -> 127.0.0.2
+    assert len(messages(bed["l3"].path("ana"))) == n_ana3 + 1  # a-i -> 127.0.0.3
+    assert len(messages(bed["l2"].path("pepe"))) == n_pepe2 + 1  # j-z -> 127.0.0.2
 
 
 def _all_counts(bed):
     return {(s, u): len(messages(bed[s].path(u))) for s in ("l2", "l3") for u in ("juan", "pepe", "ana", "jo")}
 
 
-@pytest.mark.parametrize("args", [
-    ["-f", "a@x", "-d", "juan@x>\r\nRCPT TO:<pepe"],
-    ["-f", "a@x>\r\nRCPT TO:<pepe>", "-d", "juan"],
-    ["-f", "a@x", "-i", "Q1\r\nRCPT TO:<pepe>", "-d", "juan"],
-    ["-f", "a@x", "-d", "ju\x01an"],
-], ids=["-d", "-f", "-i", "control"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-f", "a@x", "-d", "juan@x>\r\nRCPT TO:<pepe"],
+        ["-f", "a@x>\r\nRCPT TO:<pepe>", "-d", "juan"],
+        ["-f", "a@x", "-i", "Q1\r\nRCPT TO:<pepe>", "-d", "juan"],
+        ["-f", "a@x", "-d", "ju\x01an"],
+    ],
+    ids=["-d", "-f", "-i", "control"],
+)
 def test_injection_in_arguments_is_64_and_delivers_nothing(bed, args):
     before = _all_counts(bed)
     r = pdelivery(bed, *args)
@@ -161,10 +178,16 @@ def test_injection_in_lmtp_input_is_501_and_64(bed):
 
 # ---- the C program: the Python one's behaviour, at a fraction of the cost --------------
 
+
 def python_pdelivery(bed, *args, stdin=MSG, env=None):
     """delivery/pdelivery.py, the reference the C program must match."""
-    return subprocess.run([str(pwtest.BIN / "python"), "-m", "delivery.pdelivery", *args], input=stdin,
-                          capture_output=True, env=env or bed["env"], timeout=60)
+    return subprocess.run(
+        [str(pwtest.BIN / "python"), "-m", "delivery.pdelivery", *args],
+        input=stdin,
+        capture_output=True,
+        env=env or bed["env"],
+        timeout=60,
+    )
 
 
 def test_pdelivery_on_path_is_the_c_program():
@@ -177,7 +200,7 @@ def _normalized(out: bytes) -> list[bytes]:
     names (getfqdn and gethostname may differ) and the stores' file names."""
     lines = out.split(b"\r\n")
     for i, line in enumerate(lines):
-        if line.startswith(b"220 ") or (line.startswith(b"250-") and lines[i + 1:i + 2] == [b"250-PIPELINING"]):
+        if line.startswith(b"220 ") or (line.startswith(b"250-") and lines[i + 1 : i + 2] == [b"250-PIPELINING"]):
             lines[i] = line[:4] + b"HOST"
         lines[i] = re.sub(rb"^(250 2\.0\.0 \S+ delivered) .*", rb"\1", lines[i])
     return lines
@@ -185,11 +208,11 @@ def _normalized(out: bytes) -> list[bytes]:
 
 LMTP_SCRIPTS = {
     "deliver": b"LHLO x\r\nMAIL FROM:<a@x> SIZE=100 BODY=8BITMIME\r\nRCPT TO:<juan>\r\nRCPT TO:<Pepe+t@example.org>\r\n"
-               b"RCPT TO:<nadie@x>\r\nRCPT TO:<mudando>\r\nDATA\r\n..leading dot\r\nbody\r\n.\r\nQUIT\r\n",
+    b"RCPT TO:<nadie@x>\r\nRCPT TO:<mudando>\r\nDATA\r\n..leading dot\r\nbody\r\n.\r\nQUIT\r\n",
     "errors": b"HELO x\r\nMAIL FROM:<a@x>\r\nLHLO\r\nLHLO x\r\nRCPT TO:<juan>\r\nMAIL FROM:<a@x> FOO=1\r\n"
-              b"MAIL FROM:<a@x> SIZE=999999999999\r\nMAIL FROM:<a@x> BODY=9BIT\r\nMAIL FROM:<a@x> XQUEUEID=Q1\r\n"
-              b"MAIL FROM:<b@x>\r\nRCPT TO:<juan> NOTIFY=NEVER\r\nRCPT TO:<>\r\nRCPT juan\r\nDATA x\r\nNOOP\r\n"
-              b"VRFY juan\r\nHELP\r\nRSET\r\nDATA\r\nbogus\r\nNOOP \xff\r\nRCPT TO:<@route:juan>\r\nQUIT\r\n",
+    b"MAIL FROM:<a@x> SIZE=999999999999\r\nMAIL FROM:<a@x> BODY=9BIT\r\nMAIL FROM:<a@x> XQUEUEID=Q1\r\n"
+    b"MAIL FROM:<b@x>\r\nRCPT TO:<juan> NOTIFY=NEVER\r\nRCPT TO:<>\r\nRCPT juan\r\nDATA x\r\nNOOP\r\n"
+    b"VRFY juan\r\nHELP\r\nRSET\r\nDATA\r\nbogus\r\nNOOP \xff\r\nRCPT TO:<@route:juan>\r\nQUIT\r\n",
     "bdat": b"LHLO x\r\nMAIL FROM:<a@x>\r\nRCPT TO:<jo>\r\nBDAT 7\r\nchunked\r\nBDAT 2 LAST\r\n\r\nQUIT\r\n",
     "bdat-no-rcpt": b"LHLO x\r\nMAIL FROM:<a@x>\r\nBDAT 3 LAST\r\nabcQUIT\r\n",
     "bad-bdat": b"LHLO x\r\nBDAT abc\r\nQUIT\r\n",
@@ -209,14 +232,25 @@ def test_lmtp_mode_answers_as_the_python_one(bed, script):
 
 
 ARGVS = {
-    "no-user": ["-d"], "bogus-flag": ["--bogus"], "both-modes": ["-dl"], "lmtp-with-user": ["-l", "juan"],
-    "space-in-sender": ["-f", "a b", "-d", "juan"], "null-sender": ["-f", "<>", "-d", "<juan>"],
-    "long-user": ["-d", "x" * 600], "long-queue-id": ["-i", "a" * 129, "-d", "juan"],
-    "queue-id-grammar": ["-i", "Q-1.a_b", "-d", "nadie"], "port-flag": ["-d", "juan", "--lmtp-port=9"],
-    "port-prefix": ["--lmtp-p", "9", "-d", "juan"], "ambiguous-prefix": ["--l", "9", "-d", "juan"],
-    "no-break-space": ["-d", "juan\u00a0x"], "dot-user": ["-d", ".hidden"], "slash-user": ["-d", "ju/an"],
-    "two-ats": ["-d", "a@b@c"], "attached-values": ["-fa@x", "-iQ77", "-d", "jo", "juan"],
-    "delimiter": ["-d", "Juan+tag@example.org"], "bad-port": ["--lmtp-port", "x", "-d", "juan"],
+    "no-user": ["-d"],
+    "bogus-flag": ["--bogus"],
+    "both-modes": ["-dl"],
+    "lmtp-with-user": ["-l", "juan"],
+    "space-in-sender": ["-f", "a b", "-d", "juan"],
+    "null-sender": ["-f", "<>", "-d", "<juan>"],
+    "long-user": ["-d", "x" * 600],
+    "long-queue-id": ["-i", "a" * 129, "-d", "juan"],
+    "queue-id-grammar": ["-i", "Q-1.a_b", "-d", "nadie"],
+    "port-flag": ["-d", "juan", "--lmtp-port=9"],
+    "port-prefix": ["--lmtp-p", "9", "-d", "juan"],
+    "ambiguous-prefix": ["--l", "9", "-d", "juan"],
+    "no-break-space": ["-d", "juan\u00a0x"],
+    "dot-user": ["-d", ".hidden"],
+    "slash-user": ["-d", "ju/an"],
+    "two-ats": ["-d", "a@b@c"],
+    "attached-values": ["-fa@x", "-iQ77", "-d", "jo", "juan"],
+    "delimiter": ["-d", "Juan+tag@example.org"],
+    "bad-port": ["--lmtp-port", "x", "-d", "juan"],
     "empty-user": ["-d", ""],
     "flags-after-users": ["-d", "juan", "-f", "a@x"],
     "users-on-both-sides": ["juan", "-d", "pepe"],
@@ -235,7 +269,8 @@ def test_arguments_give_the_exit_codes_of_the_python_one(bed, argv):
 
 LIMITED = {  # scripts against small limits (settings below), each over one of them
     "size": b"LHLO x\r\nMAIL FROM:<a@x> SIZE=101\r\nMAIL FROM:<a@x>\r\nRCPT TO:<juan>\r\nDATA\r\n"
-            + b"0123456789\r\n" * 20 + b".\r\nQUIT\r\n",
+    + b"0123456789\r\n" * 20
+    + b".\r\nQUIT\r\n",
     "size-bdat": b"LHLO x\r\nMAIL FROM:<a@x>\r\nRCPT TO:<juan>\r\nBDAT 150 LAST\r\n" + b"b" * 150 + b"QUIT\r\n",
     "line": b"LHLO x\r\nMAIL FROM:<a@x>\r\nRCPT TO:<juan>\r\nDATA\r\n" + b"L" * 30 + b"\r\n.\r\nQUIT\r\n",
     "recipients": b"LHLO x\r\nMAIL FROM:<a@x>\r\nRCPT TO:<juan>\r\nRCPT TO:<jo>\r\nRCPT TO:<ana>\r\nRSET\r\nQUIT\r\n",
@@ -248,8 +283,10 @@ LIMITED = {  # scripts against small limits (settings below), each over one of t
 @pytest.mark.parametrize("script", LIMITED.values(), ids=LIMITED.keys())
 def test_limits_are_the_python_ones(bed, tmp_path, script):
     settings = tmp_path / "pwmail.toml"
-    settings.write_text(f"[delivery]\nlmtp_port = {bed['port']}\nmessage_size_max = 100\nmessage_line_max = 20\n"
-                        "recipients_max = 2\ncommand_line_max = 64\nbad_commands_max = 3\n")
+    settings.write_text(
+        f"[delivery]\nlmtp_port = {bed['port']}\nmessage_size_max = 100\nmessage_line_max = 20\n"
+        "recipients_max = 2\ncommand_line_max = 64\nbad_commands_max = 3\n"
+    )
     env = env_with(bed["conf"], settings)
     want, got = python_pdelivery(bed, "-l", stdin=script, env=env), pdelivery(bed, "-l", stdin=script, env=env)
     assert (got.returncode, _normalized(got.stdout)) == (want.returncode, _normalized(want.stdout)), got.stderr
@@ -293,10 +330,11 @@ def test_other_sections_may_use_all_of_toml(bed, tmp_path):
         '# the site\'s settings\n[pop]\nbackends = { store1 = "10.1.0.11:110", "store 2" = { a = [1, [2]] } }\n'
         'banner = """two\nlines "" \\""""\nmotd = \'\'\'raw\nstring\'\'\'\nwhen = 1979-05-27T07:32:00Z\n'
         '[[move.jobs]]\nname = "x"\n'
-        f'[delivery]  # ours\nlmtp_port = {bed["port"]}\nconnect_timeout = 2\n'
+        f"[delivery]  # ours\nlmtp_port = {bed['port']}\nconnect_timeout = 2\n"
         'mailhost_names = [\n  "a", # one\n  "b",\n]\n'
         'mailhost_suffix = "\\u0000"\n'.replace('"\\u0000"', '""')
-        + '[placement]\nrule = "ranges"\nranges = [\'a-z 127.0.0.2\']\n')
+        + "[placement]\nrule = \"ranges\"\nranges = ['a-z 127.0.0.2']\n"
+    )
     n = len(messages(bed["l3"].path("jo")))
     r = pdelivery(bed, "-f", "a@x", "-d", "jo", env=env_with(bed["conf"], settings))
     assert r.returncode == 0, r.stderr
@@ -318,10 +356,22 @@ def test_valgrind_memcheck_clean(bed, tmp_path):
         (["-d", "juan"], MSG, env_with(bed["conf"], bad_settings), 78),
     ]
     for args, stdin, env, code in runs:
-        r = subprocess.run(["valgrind", "-q", "--error-exitcode=99", "--leak-check=full",
-                            "--errors-for-leak-kinds=definite,indirect", "--track-fds=no",
-                            str(pwtest.BIN / "pdelivery"), *args], input=stdin, env=env, capture_output=True,
-                           timeout=300)
+        r = subprocess.run(
+            [
+                "valgrind",
+                "-q",
+                "--error-exitcode=99",
+                "--leak-check=full",
+                "--errors-for-leak-kinds=definite,indirect",
+                "--track-fds=no",
+                str(pwtest.BIN / "pdelivery"),
+                *args,
+            ],
+            input=stdin,
+            env=env,
+            capture_output=True,
+            timeout=300,
+        )
         assert r.returncode == code, (args, r.stderr[-3000:])
 
 

@@ -1,5 +1,6 @@
 """pdeliveryd end to end: real processes (pwserver, pdeliveryd), real LMTP
 clients (smtplib.LMTP and raw pipelined sessions)."""
+
 import os
 import signal
 import smtplib
@@ -9,10 +10,21 @@ import time
 
 import pytest
 
-from tests.support import pwtest
 from delivery.layout import MailboxLayout
-from tests.support.delivery_util import (NAME_RE, USERS, Pdeliveryd, client_conf, codes, env_with, free_port_on,
-                           lmtp_session, messages, users_served, wait_for, write_users)
+from tests.support import pwtest
+from tests.support.delivery_util import (
+    NAME_RE,
+    Pdeliveryd,
+    client_conf,
+    codes,
+    env_with,
+    free_port_on,
+    lmtp_session,
+    messages,
+    users_served,
+    wait_for,
+    write_users,
+)
 
 STORE = "127.0.0.2"
 MSG = b"From: a@example.org\r\nSubject: hola\r\n\r\nline 1\r\n.dotted\r\n\xc3\xb1 8bit\r\n"
@@ -24,8 +36,15 @@ def bed(tmp_path_factory):
     with users_served(d) as (pw, conf, env):
         port = free_port_on([STORE])
         with Pdeliveryd(d / "root", STORE, port, env) as srv:
-            yield {"dir": d, "pw": pw, "env": env, "conf": conf, "srv": srv, "port": port,
-                   "layout": MailboxLayout(d / "root")}
+            yield {
+                "dir": d,
+                "pw": pw,
+                "env": env,
+                "conf": conf,
+                "srv": srv,
+                "port": port,
+                "layout": MailboxLayout(d / "root"),
+            }
 
 
 def lmtp(bed):
@@ -41,8 +60,7 @@ def test_delivers_durably_into_hashed_maildir(bed):
     files = messages(box)
     assert len(files) == 1
     content = files[0].read_bytes()
-    assert content == (b"Return-Path: <a@example.org>\nDelivered-To: juan@example.org\n"
-                       + MSG.replace(b"\r\n", b"\n"))
+    assert content == (b"Return-Path: <a@example.org>\nDelivered-To: juan@example.org\n" + MSG.replace(b"\r\n", b"\n"))
     m = NAME_RE.match(files[0].name)
     assert m and int(m.group(6)) == len(content) and int(m.group(7)) == len(content) + content.count(b"\n")
     assert int(m.group(3)) == bed["srv"].proc.pid
@@ -57,14 +75,32 @@ def test_delivers_durably_into_hashed_maildir(bed):
 
 
 def test_per_recipient_answers_pipelined_data_and_bdat(bed):
-    script = (b"LHLO mx\r\nMAIL FROM:<s@x> BODY=8BITMIME\r\nRCPT TO:<ana@x>\r\nRCPT TO:<nadie@x>\r\n"
-              b"RCPT TO:<mudando@x>\r\nRCPT TO:<Ana+list@y>\r\nRCPT TO:<../etc@x>\r\nDATA\r\n"
-              b"Subject: p\r\n\r\n..x\r\n.\r\n"
-              b"MAIL FROM:<s@x>\r\nRCPT TO:<ana@x>\r\nBDAT 6\r\nabc\r\n.BDAT 4 LAST\r\nxyz\nQUIT\r\n")
+    script = (
+        b"LHLO mx\r\nMAIL FROM:<s@x> BODY=8BITMIME\r\nRCPT TO:<ana@x>\r\nRCPT TO:<nadie@x>\r\n"
+        b"RCPT TO:<mudando@x>\r\nRCPT TO:<Ana+list@y>\r\nRCPT TO:<../etc@x>\r\nDATA\r\n"
+        b"Subject: p\r\n\r\n..x\r\n.\r\n"
+        b"MAIL FROM:<s@x>\r\nRCPT TO:<ana@x>\r\nBDAT 6\r\nabc\r\n.BDAT 4 LAST\r\nxyz\nQUIT\r\n"
+    )
     before = len(messages(bed["layout"].path("ana")))
     out = lmtp_session(STORE, bed["port"], script)
-    assert codes(out) == ["220", "250", "250", "250", "550", "450", "250", "550", "354", "250", "250",
-                          "250", "250", "250", "250", "221"], out
+    assert codes(out) == [
+        "220",
+        "250",
+        "250",
+        "250",
+        "550",
+        "450",
+        "250",
+        "550",
+        "354",
+        "250",
+        "250",
+        "250",
+        "250",
+        "250",
+        "250",
+        "221",
+    ], out
     assert b"550 5.1.1" in out and b"450 4.2.1" in out and b"550 5.1.3" in out
     got = [p.read_bytes() for p in messages(bed["layout"].path("ana"))[before:]]
     # ana@x and Ana+list@y name one mailbox: one copy of that transaction (issue 13)
@@ -87,8 +123,12 @@ def test_duplicate_queue_id_acknowledged_once(bed):
     # pepe lives on 127.0.0.3, but this store accepts all (no mailhost_names)
     n0 = len(messages(box))
     for _ in range(3):
-        out = lmtp_session(STORE, bed["port"], b"LHLO mx\r\nMAIL FROM:<s@x> XQUEUEID=4AU0Q1a\r\n"
-                           b"RCPT TO:<pepe@x>\r\nDATA\r\nSubject: d\r\n\r\nsame\r\n.\r\nQUIT\r\n")
+        out = lmtp_session(
+            STORE,
+            bed["port"],
+            b"LHLO mx\r\nMAIL FROM:<s@x> XQUEUEID=4AU0Q1a\r\n"
+            b"RCPT TO:<pepe@x>\r\nDATA\r\nSubject: d\r\n\r\nsame\r\n.\r\nQUIT\r\n",
+        )
         assert codes(out)[-2:] == ["250", "221"]
     assert len(messages(box)) == n0 + 1
     # the queue id from the MTA's Received header works too; other bytes are another message
@@ -116,7 +156,7 @@ def test_many_sessions_at_once(bed):
 
 def test_tmp_cleaned_after_36_hours(tmp_path, bed):
     with lmtp(bed) as c:
-        c.sendmail("a@x", ["ana@x"], b"Subject: first\r\n\r\nx\r\n")      # the Maildir exists
+        c.sendmail("a@x", ["ana@x"], b"Subject: first\r\n\r\nx\r\n")  # the Maildir exists
     box = bed["layout"].path("ana")
     old, fresh = box / "tmp" / "old.M1P1Q1.h", box / "tmp" / "fresh.M1P1Q2.h"
     old.write_bytes(b"x")
@@ -133,7 +173,7 @@ def test_tmp_cleaned_after_36_hours(tmp_path, bed):
 
 
 def test_unmounted_or_missing_root_is_temporary(tmp_path, bed):
-    empty = tmp_path / "mnt"          # a mount point with nothing mounted: no marker
+    empty = tmp_path / "mnt"  # a mount point with nothing mounted: no marker
     empty.mkdir()
     port = free_port_on(["127.0.0.5"])
     with Pdeliveryd(empty, "127.0.0.5", port, bed["env"], init_root=False) as srv:
@@ -141,8 +181,8 @@ def test_unmounted_or_missing_root_is_temporary(tmp_path, bed):
             with pytest.raises(smtplib.SMTPDataError) as e:
                 c.sendmail("a@x", ["juan@x"], b"Subject: t\r\n\r\nx\r\n")
         assert e.value.smtp_code == 451
-        assert list(empty.iterdir()) == []           # no tree created
-        os.rmdir(empty)                               # root gone altogether
+        assert list(empty.iterdir()) == []  # no tree created
+        os.rmdir(empty)  # root gone altogether
         with smtplib.LMTP("127.0.0.5", port) as c:
             with pytest.raises(smtplib.SMTPDataError) as e:
                 c.sendmail("a@x", ["juan@x"], b"Subject: t\r\n\r\nx\r\n")
@@ -153,10 +193,10 @@ def test_unmounted_or_missing_root_is_temporary(tmp_path, bed):
 def test_disk_full_is_452_and_nothing_half_written(tmp_path, bed):
     root = tmp_path / "small"
     port = free_port_on(["127.0.0.6"])
-    prelude = (f"mount -t tmpfs -o size=256k tmpfs {root} && "
-               f"{pwtest.BIN}/pdeliveryd --root {root} --init-root && ")
-    with Pdeliveryd(root, "127.0.0.6", port, bed["env"], wrap=["unshare", "--mount", "--propagation", "private"],
-                    prestart=prelude) as srv:
+    prelude = f"mount -t tmpfs -o size=256k tmpfs {root} && {pwtest.BIN}/pdeliveryd --root {root} --init-root && "
+    with Pdeliveryd(
+        root, "127.0.0.6", port, bed["env"], wrap=["unshare", "--mount", "--propagation", "private"], prestart=prelude
+    ) as srv:
         inside = f"/proc/{srv.proc.pid}/root{root}"
         with smtplib.LMTP("127.0.0.6", port) as c:
             assert c.sendmail("a@x", ["juan@x"], b"Subject: small\r\n\r\nfits\r\n") == {}
@@ -180,8 +220,9 @@ def test_pwserver_down_is_temporary(tmp_path, bed):
 
 def test_limits_sessions_idle_size_recipients(tmp_path, bed):
     settings = tmp_path / "pwmail.toml"
-    settings.write_text("[delivery]\nsessions_max = 3\nidle_timeout = 1.0\nmessage_size_max = 1000\n"
-                        "recipients_max = 2\n")
+    settings.write_text(
+        "[delivery]\nsessions_max = 3\nidle_timeout = 1.0\nmessage_size_max = 1000\nrecipients_max = 2\n"
+    )
     port = free_port_on(["127.0.0.8"])
     with Pdeliveryd(bed["dir"] / "root", "127.0.0.8", port, env_with(bed["conf"], settings), init_root=False):
         socks = [socket.create_connection(("127.0.0.8", port)) for _ in range(3)]
@@ -190,14 +231,17 @@ def test_limits_sessions_idle_size_recipients(tmp_path, bed):
         extra = lmtp_session("127.0.0.8", port, b"")
         assert extra.startswith(b"421 4.3.2")
         t0 = time.monotonic()
-        assert socks[0].recv(100).startswith(b"421 4.4.2")       # idle timeout
+        assert socks[0].recv(100).startswith(b"421 4.4.2")  # idle timeout
         assert time.monotonic() - t0 < 5
         for s in socks:
             s.close()
         time.sleep(0.2)
-        out = lmtp_session("127.0.0.8", port, b"LHLO mx\r\nMAIL FROM:<s@x> SIZE=5000\r\nMAIL FROM:<s@x>\r\n"
-                           b"RCPT TO:<ana@x>\r\nRCPT TO:<juan@x>\r\nRCPT TO:<jo@x>\r\nDATA\r\n"
-                           + b"z" * 2000 + b"\r\n.\r\nQUIT\r\n")
+        out = lmtp_session(
+            "127.0.0.8",
+            port,
+            b"LHLO mx\r\nMAIL FROM:<s@x> SIZE=5000\r\nMAIL FROM:<s@x>\r\n"
+            b"RCPT TO:<ana@x>\r\nRCPT TO:<juan@x>\r\nRCPT TO:<jo@x>\r\nDATA\r\n" + b"z" * 2000 + b"\r\n.\r\nQUIT\r\n",
+        )
         assert b"250 SIZE 1000" not in out and b"250-SIZE 1000\r\n" in out
         assert codes(out) == ["220", "250", "552", "250", "250", "250", "452", "354", "552", "552", "221"]
 
@@ -230,19 +274,25 @@ def test_mailhost_names_refuse_misrouted(tmp_path, bed):
     settings.write_text('[delivery]\nmailhost_names = ["127.0.0.2"]\n')
     port = free_port_on(["127.0.0.10"])
     with Pdeliveryd(bed["dir"] / "root", "127.0.0.10", port, env_with(bed["conf"], settings), init_root=False):
-        out = lmtp_session("127.0.0.10", port, b"LHLO a\r\nMAIL FROM:<>\r\nRCPT TO:<juan>\r\nRCPT TO:<pepe>\r\nQUIT\r\n")
+        out = lmtp_session(
+            "127.0.0.10", port, b"LHLO a\r\nMAIL FROM:<>\r\nRCPT TO:<juan>\r\nRCPT TO:<pepe>\r\nQUIT\r\n"
+        )
     assert codes(out) == ["220", "250", "250", "250", "451", "221"]
 
 
 def test_clean_tmp_command(tmp_path, bed):
     with lmtp(bed) as c:
-        c.sendmail("a@x", ["juan@x"], b"Subject: first\r\n\r\nx\r\n")     # the Maildir exists
+        c.sendmail("a@x", ["juan@x"], b"Subject: first\r\n\r\nx\r\n")  # the Maildir exists
     box = bed["layout"].path("juan")
     old = box / "tmp" / "stale"
     old.write_bytes(b"x")
     os.utime(old, (time.time() - 40 * 3600,) * 2)
-    r = subprocess.run([str(pwtest.BIN / "pdeliveryd"), "--root", str(bed["dir"] / "root"), "--clean-tmp",
-                        "--log-stderr"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [str(pwtest.BIN / "pdeliveryd"), "--root", str(bed["dir"] / "root"), "--clean-tmp", "--log-stderr"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0 and not old.exists()
     assert "removed 1 stale tmp file" in r.stderr
 
@@ -251,6 +301,7 @@ def test_sigterm_under_load_acknowledges_only_what_is_stored(tmp_path, bed):
     """Clients deliver in a loop while pdeliveryd gets SIGTERM: it exits 0,
     every 250 a client got is a file in new/ (once), nothing is left in tmp/."""
     import threading
+
     port = free_port_on(["127.0.0.11"])
     root = tmp_path / "root"
     srv = Pdeliveryd(root, "127.0.0.11", port, bed["env"])
@@ -315,7 +366,7 @@ def test_mailbox_frozen_between_rcpt_and_data_is_deferred(tmp_path):
                 chunk = s.recv(4096)
                 assert chunk, out
                 out += chunk
-            set_frozen(True)                         # the move starts while the data is on its way
+            set_frozen(True)  # the move starts while the data is on its way
             s.sendall(b"Subject: late\r\n\r\nx\r\n.\r\nQUIT\r\n")
             while not out.endswith(b"221 2.0.0 bye\r\n"):
                 chunk = s.recv(4096)

@@ -7,6 +7,7 @@ pwmail/testbed/sendmail.py (which names the traps it solves; the test bed runs
 the same on mx1).
 Storage: a real pwserver and two real pdeliveryd (127.0.0.2, 127.0.0.3).
 """
+
 import os
 import pathlib
 import re
@@ -19,37 +20,61 @@ import time
 
 import pytest
 
-from tests.support import pwtest
 from delivery.layout import MailboxLayout
-from tests.support.delivery_util import (LmtpProxy, Pdeliveryd, client_conf, free_port, free_port_on, messages,
-                                         stop_process, wait_for, write_users)
 from pwmail.testbed import sendmail as testbed_sendmail
 from pwmail.testbed.sendmail import CF_M4, SENDMAIL, SendmailDir, SyslogSink, enter, message
+from tests.support import pwtest
+from tests.support.delivery_util import (
+    LmtpProxy,
+    Pdeliveryd,
+    client_conf,
+    free_port,
+    free_port_on,
+    messages,
+    stop_process,
+    wait_for,
+    write_users,
+)
 
 STORES = ["127.0.0.2", "127.0.0.3"]
 
 pytestmark = [
-    pytest.mark.root, pytest.mark.slow,
+    pytest.mark.root,
+    pytest.mark.slow,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount namespace)"),
-    pytest.mark.skipif(not os.path.exists(CF_M4) or not os.path.exists(SENDMAIL),
-                       reason="sendmail-bin / sendmail-cf not installed (deps/debian-packages.txt)"),
+    pytest.mark.skipif(
+        not os.path.exists(CF_M4) or not os.path.exists(SENDMAIL),
+        reason="sendmail-bin / sendmail-cf not installed (deps/debian-packages.txt)",
+    ),
 ]
 
 
 class SendmailMX:
-    def __init__(self, d: pathlib.Path, port: int, lmtp_port: int, pw_address: str, block: str = "sendmail-mailer",
-                 target: str | None = None):
+    def __init__(
+        self,
+        d: pathlib.Path,
+        port: int,
+        lmtp_port: int,
+        pw_address: str,
+        block: str = "sendmail-mailer",
+        target: str | None = None,
+    ):
         self.d, self.port = d, port
         self.dir = SendmailDir(
-            d, port=port, block=block, pdelivery=str(pwtest.BIN / "pdelivery"),
+            d,
+            port=port,
+            block=block,
+            pdelivery=str(pwtest.BIN / "pdelivery"),
             direct_target=target or f"{STORES[0]} {lmtp_port}",
             pwserver_conf=f"server {pw_address}\ntimeout_ms 500\nhedge_ms 100\n",
             pwmail_toml=f"[delivery]\nlmtp_port = {lmtp_port}\nconnect_timeout = 2.0\n",
-            hosts="127.0.0.1 localhost\n127.0.0.1 mx.pwmail.test mx\n")
+            hosts="127.0.0.1 localhost\n127.0.0.1 mx.pwmail.test mx\n",
+        )
         self.syslog = SyslogSink(self.dir.log_socket, d / "maillog")
         self.log = open(d / "sendmail.out", "w+b")
-        self.proc = subprocess.Popen(self.dir.daemon_argv, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **self.dir.env})
+        self.proc = subprocess.Popen(
+            self.dir.daemon_argv, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **self.dir.env}
+        )
         try:
             wait_for(self._listening, timeout=60, step=0.2)
         except AssertionError:
@@ -93,8 +118,14 @@ def _bed(tmp_path_factory, block, proxy: str = ""):
         env = {**os.environ, "PWSERVER_CONF": str(conf)}
         stores: dict[str, Pdeliveryd] = {}
         m = None
-        bed = {"stores": stores, "env": env, "lmtp_port": lmtp_port, "d": d, "conf": conf,
-               "layout": {h: MailboxLayout(d / f"store-{h}") for h in STORES}}
+        bed = {
+            "stores": stores,
+            "env": env,
+            "lmtp_port": lmtp_port,
+            "d": d,
+            "conf": conf,
+            "layout": {h: MailboxLayout(d / f"store-{h}") for h in STORES},
+        }
         try:
             for h in STORES:
                 stores[h] = Pdeliveryd(d / f"store-{h}", h, lmtp_port, env)
@@ -115,7 +146,7 @@ def _bed(tmp_path_factory, block, proxy: str = ""):
                 bed["proxy"].stop()
             if bed.get("run"):
                 shutil.rmtree(bed["run"], ignore_errors=True)
-            for s in stores.values():          # the current ones: a test may have restarted one
+            for s in stores.values():  # the current ones: a test may have restarted one
                 s.stop()
 
 
@@ -149,17 +180,18 @@ def mx_flag_p(tmp_path_factory):
         return text.replace("`lsDFMA5:/|@qn')", "`lsDFMA5:/|@qnP')")
 
     bed = _bed(tmp_path_factory, "sendmail-mailer")
-    with pytest.MonkeyPatch.context() as mp:     # only while this bed's sendmail.cf is made
+    with pytest.MonkeyPatch.context() as mp:  # only while this bed's sendmail.cf is made
         mp.setattr(testbed_sendmail, "documented_mailer", with_p)
         started = next(bed)
     yield started
-    bed.close()                                  # _bed's finally: everything stopped
+    bed.close()  # _bed's finally: everything stopped
 
 
 @pytest.fixture(scope="module", params=["tcp", "unix"])
 def mx_proxy(tmp_path_factory, request):
-    yield from _bed(tmp_path_factory, f"sendmail-mailer-proxy{'-unix' if request.param == 'unix' else ''}",
-                    proxy=request.param)
+    yield from _bed(
+        tmp_path_factory, f"sendmail-mailer-proxy{'-unix' if request.param == 'unix' else ''}", proxy=request.param
+    )
 
 
 def smtp_send(mx, sender, rcpts, data):
@@ -179,15 +211,17 @@ def test_message_lands_byte_for_byte_in_hashed_maildir(mx):
     assert head.startswith(b"Return-Path: <ana@pwmail.test>\nDelivered-To: juan")
     # Sendmail's Received header (with its queue id), then the message unchanged
     assert rest.endswith(data.replace(b"\r\n", b"\n"))
-    received = rest[:len(rest) - len(data.replace(b"\r\n", b"\n"))]
+    received = rest[: len(rest) - len(data.replace(b"\r\n", b"\n"))]
     assert re.search(rb"by mx\.pwmail\.test .*id [0-9A-Za-z]+", received.replace(b"\n\t", b" "))
     assert not mx["layout"]["127.0.0.3"].path("juan").exists()
     assert wait_for(lambda: mx["mx"].queue_files() == [], timeout=30)
     # both log through /dev/log: Sendmail's verdict, pdelivery's delivery line with the queue id
     qid = re.search(rb"id ([0-9A-Za-z]+)", received.replace(b"\n\t", b" ")).group(1).decode()
-    assert wait_for(lambda: any(qid in line and "mailer=local" in line and "stat=Sent" in line
-                                for line in mx["mx"].syslog.lines), timeout=10), mx["mx"].output()
-    assert any(f"pdelivery[" in line and f"qid={qid} to=juan" in line for line in mx["mx"].syslog.lines)
+    assert wait_for(
+        lambda: any(qid in line and "mailer=local" in line and "stat=Sent" in line for line in mx["mx"].syslog.lines),
+        timeout=10,
+    ), mx["mx"].output()
+    assert any("pdelivery[" in line and f"qid={qid} to=juan" in line for line in mx["mx"].syslog.lines)
 
 
 def test_unknown_user_bounces_with_511(mx):
@@ -215,16 +249,18 @@ def test_storage_down_stays_queued_then_delivered_once(mx):
         def tried():
             qf = mx["mx"].queue_files()
             return qf and re.search(rb"^N[1-9]", qf[0].read_bytes(), re.M)
+
         assert wait_for(tried, timeout=60), mx["mx"].output()
         assert len(mx["mx"].queue_files()) == 1 and messages(box) == []
     finally:
-        mx["stores"]["127.0.0.3"] = store = Pdeliveryd(store.root, "127.0.0.3", mx["lmtp_port"], mx["env"],
-                                                        init_root=False)
+        mx["stores"]["127.0.0.3"] = store = Pdeliveryd(
+            store.root, "127.0.0.3", mx["lmtp_port"], mx["env"], init_root=False
+        )
     run = mx["mx"].in_namespace(SENDMAIL, "-q")
     assert run.returncode == 0, run.stderr
     assert wait_for(lambda: mx["mx"].queue_files() == [] and messages(box), timeout=60)
     assert len(messages(box)) == 1
-    mx["mx"].in_namespace(SENDMAIL, "-q")                    # another queue run changes nothing
+    mx["mx"].in_namespace(SENDMAIL, "-q")  # another queue run changes nothing
     time.sleep(0.5)
     assert len(messages(box)) == 1
     assert messages(box)[0].read_bytes().endswith(message("while down", "pepe").replace(b"\r\n", b"\n"))
@@ -235,22 +271,27 @@ def test_lmtp_mailer_gives_per_recipient_status(mx_lmtp):
     deferred user: the first is stored, the second bounced, the third stays
     queued and a queue run delivers it without a second copy for the first."""
     m, layout = mx_lmtp["mx"], mx_lmtp["layout"]
-    juan, pepe, ana = (layout["127.0.0.2"].path("juan"), layout["127.0.0.3"].path("pepe"),
-                       layout["127.0.0.2"].path("ana"))
+    juan, pepe, ana = (
+        layout["127.0.0.2"].path("juan"),
+        layout["127.0.0.3"].path("pepe"),
+        layout["127.0.0.2"].path("ana"),
+    )
     store = mx_lmtp["stores"]["127.0.0.3"]
     store.stop()
     try:
         data = message("three ways", "staff@pwmail.test")
-        assert smtp_send(m, "ana@pwmail.test", ["juan@pwmail.test", "nadie@pwmail.test", "pepe@pwmail.test"],
-                         data) == {}
+        assert (
+            smtp_send(m, "ana@pwmail.test", ["juan@pwmail.test", "nadie@pwmail.test", "pepe@pwmail.test"], data) == {}
+        )
         assert wait_for(lambda: messages(juan), timeout=60), m.output()
         bounce = wait_for(lambda: messages(ana), timeout=60)
         assert bounce and b"Status: 5.1.1" in bounce[0].read_bytes()
         assert b"nadie@pwmail.test" in bounce[0].read_bytes()
         assert wait_for(lambda: m.queue_files(), timeout=30)
     finally:
-        mx_lmtp["stores"]["127.0.0.3"] = Pdeliveryd(store.root, "127.0.0.3", mx_lmtp["lmtp_port"], mx_lmtp["env"],
-                                                     init_root=False)
+        mx_lmtp["stores"]["127.0.0.3"] = Pdeliveryd(
+            store.root, "127.0.0.3", mx_lmtp["lmtp_port"], mx_lmtp["env"], init_root=False
+        )
     run = m.in_namespace(SENDMAIL, "-q")
     assert run.returncode == 0, run.stderr
     assert wait_for(lambda: m.queue_files() == [] and messages(pepe), timeout=60)
@@ -293,8 +334,11 @@ def test_sendmail_through_lmtp_proxy_to_two_stores(mx_proxy):
     both stores and an unknown one: each copy on its user's store, the
     unknown bounced at RCPT (5.1.1)."""
     m, layout = mx_proxy["mx"], mx_proxy["layout"]
-    juan, pepe, ana = (layout["127.0.0.2"].path("juan"), layout["127.0.0.3"].path("pepe"),
-                       layout["127.0.0.2"].path("ana"))
+    juan, pepe, ana = (
+        layout["127.0.0.2"].path("juan"),
+        layout["127.0.0.3"].path("pepe"),
+        layout["127.0.0.2"].path("ana"),
+    )
     data = message("through the proxy", "staff@pwmail.test")
     assert smtp_send(m, "ana@pwmail.test", ["juan@pwmail.test", "pepe@pwmail.test", "nadie@pwmail.test"], data) == {}
     for b in (juan, pepe):
@@ -324,6 +368,7 @@ def test_sendmail_queue_run_is_one_proxy_connection(mx_proxy):
         def all_tried():
             qf = m.queue_files()
             return len(qf) == 3 and all(re.search(rb"^N[1-9]", q.read_bytes(), re.M) for q in qf)
+
         assert wait_for(all_tried, timeout=60), m.output()
     finally:
         mx_proxy["proxy"] = proxy = start_proxy(mx_proxy, proxy.port, proxy.unix)

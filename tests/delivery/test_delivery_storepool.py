@@ -2,6 +2,7 @@
 that offers neither PIPELINING nor CHUNKING: DATA dot-stuffed across any
 split of the spooled body, RSET before a reused connection's next
 transaction, one reply per recipient in order."""
+
 import asyncio
 import socket
 import threading
@@ -69,7 +70,7 @@ class ScriptedStore:
                 stuffed = b""
                 while (part := f.readline()) != b".\r\n":
                     stuffed += part
-                self.data.append(stuffed.replace(b"\r\n..", b"\r\n.")[1 if stuffed.startswith(b"..") else 0:])
+                self.data.append(stuffed.replace(b"\r\n..", b"\r\n.")[1 if stuffed.startswith(b"..") else 0 :])
                 conn.sendall(b"".join(b"250 2.0.0 stored %d\r\n" % i for i in range(accepted)))
             elif verb == b"QUIT":
                 conn.sendall(b"221 bye\r\n")
@@ -89,24 +90,26 @@ def store():
 
 
 def spooled(tmp_path, data: bytes) -> WireBody:
-    body = WireBody(lambda: open_unnamed(tmp_path), memory_max=8)     # past 8 bytes: a spool file
+    body = WireBody(lambda: open_unnamed(tmp_path), memory_max=8)  # past 8 bytes: a spool file
     for i in range(0, len(data), 5):
-        body.write(data[i:i + 5])
+        body.write(data[i : i + 5])
     body.finish()
     assert body.spooled
     return body
 
 
 def test_data_without_chunking_or_pipelining_and_rset_on_reuse(store, tmp_path, monkeypatch):
-    monkeypatch.setattr(storepool, "SEND_CHUNK", 3)      # pieces that split every terminator and dot
+    monkeypatch.setattr(storepool, "SEND_CHUNK", 3)  # pieces that split every terminator and dot
     body = spooled(tmp_path, BODY)
 
     async def run():
-        pool = StorePool("proxy.test", pool_size=2, pool_idle=60.0, connections_max=4,
-                         connect_timeout=5.0, timeout=10.0)
+        pool = StorePool(
+            "proxy.test", pool_size=2, pool_idle=60.0, connections_max=4, connect_timeout=5.0, timeout=10.0
+        )
         env = Envelope("s@x", "Q1", "8BITMIME")
-        first = await pool.deliver("127.0.0.1", store.port, env, [b"RCPT TO:<a@x>\r\n", b"RCPT TO:<nobody@x>\r\n",
-                                                                  b"RCPT TO:<b@x>\r\n"], body)
+        first = await pool.deliver(
+            "127.0.0.1", store.port, env, [b"RCPT TO:<a@x>\r\n", b"RCPT TO:<nobody@x>\r\n", b"RCPT TO:<b@x>\r\n"], body
+        )
         second = await pool.deliver("127.0.0.1", store.port, env, [b"RCPT TO:<c@x>\r\n"], body)
         pool.close()
         return first, second
@@ -118,7 +121,6 @@ def test_data_without_chunking_or_pipelining_and_rset_on_reuse(store, tmp_path, 
     assert store.data == [BODY, BODY]
     assert store.connections == 1
     verbs = [line.split(b" ")[0].split(b":")[0].rstrip(b"\r\n") for line in store.lines]
-    assert verbs == [b"LHLO", b"MAIL", b"RCPT", b"RCPT", b"RCPT", b"DATA",
-                     b"RSET", b"MAIL", b"RCPT", b"DATA"]
+    assert verbs == [b"LHLO", b"MAIL", b"RCPT", b"RCPT", b"RCPT", b"DATA", b"RSET", b"MAIL", b"RCPT", b"DATA"]
     # SIZE and XQUEUEID are offered only where the store announces them; BODY needs 8BITMIME
     assert store.lines[1] == b"MAIL FROM:<s@x>\r\n"

@@ -2,6 +2,7 @@
 session is bounded by buffers, not by the message; what is stored is byte
 for byte what the in-memory writer stored, whatever the chunk edges; a
 message over the size limit leaves nothing behind."""
+
 import asyncio
 import errno
 import hashlib
@@ -13,23 +14,33 @@ import threading
 
 import pytest
 
-from delivery import config as dconfig, message as msg, spool
+from delivery import config as dconfig
+from delivery import message as msg
+from delivery import spool
 from delivery.layout import MailboxLayout
 from delivery.lmtp import CLOSED, NEED_DATA, LMTPServerConnection, MessageReceived, RcptRequest, Reply
 from delivery.maildir import ROOT_MARKER, MaildirWriter, StorageFull, StorageUnavailable
-from delivery.replies import R_LOCAL_ERROR, R_STORAGE_DOWN, R_STORAGE_FULL
 from delivery.pdeliveryd import session_memory_bound
+from delivery.replies import R_LOCAL_ERROR, R_STORAGE_DOWN, R_STORAGE_FULL
 from delivery.spool import SpooledBody, open_unnamed
 from delivery.store import MailStore
 from delivery.users import Recipient
 from tests.support import pwtest
-from tests.support.delivery_util import (NAME_RE, Pdeliveryd, client_conf, codes, env_with, free_port_on, messages,
-                                         write_users)
+from tests.support.delivery_util import (
+    NAME_RE,
+    Pdeliveryd,
+    client_conf,
+    codes,
+    env_with,
+    free_port_on,
+    messages,
+    write_users,
+)
 
 STORE = "127.0.0.31"
 SESSIONS = 4
 BIG = 50 * 1024 * 1024 + 12345
-PROCESS_SLACK = 16 * 1024 * 1024      # the session at work's copies, threads started, allocator arenas
+PROCESS_SLACK = 16 * 1024 * 1024  # the session at work's copies, threads started, allocator arenas
 
 ACCEPT = Reply(250, "2.1.5", "ok")
 
@@ -40,7 +51,7 @@ def old_data_from_stuffed(stuffed: bytes) -> bytes:
     DATA stream `stuffed` (everything after the 354, terminator included)."""
     body = b"\r\n" + stuffed
     end = body.find(b"\r\n.\r\n")
-    return body[:end + 2].replace(b"\r\n..", b"\r\n.")[2:]
+    return body[: end + 2].replace(b"\r\n..", b"\r\n.")[2:]
 
 
 def size_suffix(path) -> tuple[int, int]:
@@ -78,7 +89,7 @@ def receive(script: bytes, pieces: list[int], new_body) -> MessageReceived:
             conn.answer_rcpt(ACCEPT)
         elif isinstance(ev, MessageReceived):
             got = ev
-            return got       # before answer_message(), which releases the body
+            return got  # before answer_message(), which releases the body
     raise AssertionError("no message")
 
 
@@ -119,10 +130,10 @@ def test_stored_bytes_and_sizes_match_the_old_writer_at_any_chunk_edge(tmp_path,
     old = writer.deliver("juan", msg.for_maildir(expected_data, "s@x", "juan@x"))
     old_bytes = open(old, "rb").read()
     rnd = random.Random(f"{name}-{mode}")
-    splits = [list(range(1, len(script)))]                              # byte by byte
+    splits = [list(range(1, len(script)))]  # byte by byte
     splits += [rnd.sample(range(1, len(script)), rnd.randint(1, 40)) for _ in range(12)]
     for pieces in splits:
-        for memory_max in (0, 7, 1 << 20):                              # spooled at once, soon, never
+        for memory_max in (0, 7, 1 << 20):  # spooled at once, soon, never
             ev = receive(script, pieces, spooler(tmp_path, memory_max))
             body = ev.body
             assert body.error is None
@@ -177,8 +188,10 @@ def test_bdat_without_final_newline_and_cr_at_the_chunk_edge(tmp_path):
 @pytest.mark.parametrize("refused", [[], ["_copy_file_range"], ["_copy_file_range", "_sendfile"]])
 def test_spool_copy_falls_back_when_the_kernel_cannot_copy(tmp_path, monkeypatch, refused):
     for name in refused:
+
         def refuse(*args):
             raise OSError(errno.EXDEV, "cross-device")
+
         monkeypatch.setattr(spool, name, refuse)
     data = bytes(random.Random(1).randbytes(3 * spool.COPY_CHUNK + 17))
     src = open_unnamed(tmp_path)
@@ -193,12 +206,15 @@ def test_spool_copy_falls_back_when_the_kernel_cannot_copy(tmp_path, monkeypatch
         os.close(dst)
 
 
-@pytest.mark.parametrize("failure,expected", [
-    (StorageFull(errno.ENOSPC, "full"), R_STORAGE_FULL),
-    (OSError(errno.ENOSPC, "no space left"), R_STORAGE_FULL),
-    (StorageUnavailable(errno.ENOENT, "not mounted"), R_STORAGE_DOWN),
-    (OSError(errno.EIO, "I/O error"), R_LOCAL_ERROR),
-])
+@pytest.mark.parametrize(
+    "failure,expected",
+    [
+        (StorageFull(errno.ENOSPC, "full"), R_STORAGE_FULL),
+        (OSError(errno.ENOSPC, "no space left"), R_STORAGE_FULL),
+        (StorageUnavailable(errno.ENOENT, "not mounted"), R_STORAGE_DOWN),
+        (OSError(errno.EIO, "I/O error"), R_LOCAL_ERROR),
+    ],
+)
 def test_a_spool_that_cannot_be_written_is_answered_for_every_recipient(tmp_path, failure, expected):
     root = tmp_path / "root"
     root.mkdir()
@@ -212,8 +228,12 @@ def test_a_spool_that_cannot_be_written_is_answered_for_every_recipient(tmp_path
     store.writer.open_spool = open_spool
     store.spool_memory_max = 10
     try:
-        ev = receive(b"LHLO mx\r\nMAIL FROM:<s@x>\r\nRCPT TO:<juan@x>\r\nRCPT TO:<ana@x>\r\nDATA\r\n"
-                     + stuff(b"Subject: s\r\n\r\n" + b"q" * 100 + b"\r\n"), [60], store.new_body)
+        ev = receive(
+            b"LHLO mx\r\nMAIL FROM:<s@x>\r\nRCPT TO:<juan@x>\r\nRCPT TO:<ana@x>\r\nDATA\r\n"
+            + stuff(b"Subject: s\r\n\r\n" + b"q" * 100 + b"\r\n"),
+            [60],
+            store.new_body,
+        )
         assert ev.body.error is failure
         recipients = [Recipient("juan", 2001, 2001), Recipient("ana", 2003, 2003)]
         assert asyncio.run(store.deliver(ev, recipients)) == [expected, expected]
@@ -259,9 +279,10 @@ def send_message(port: int, rcpt: str, message: bytes, bdat_chunk: int = 0, time
     or in BDAT chunks of `bdat_chunk` bytes; (transcript, the reply codes
     expected for success)."""
     if bdat_chunk:
-        chunks = [message[i:i + bdat_chunk] for i in range(0, len(message), bdat_chunk)]
-        data = b"".join(b"BDAT %d%s\r\n" % (len(c), b" LAST" if i == len(chunks) - 1 else b"") + c
-                        for i, c in enumerate(chunks))
+        chunks = [message[i : i + bdat_chunk] for i in range(0, len(message), bdat_chunk)]
+        data = b"".join(
+            b"BDAT %d%s\r\n" % (len(c), b" LAST" if i == len(chunks) - 1 else b"") + c for i, c in enumerate(chunks)
+        )
         expected = ["220", "250", "250", "250"] + ["250"] * len(chunks) + ["221"]
     else:
         data = b"DATA\r\n" + stuff(message)
@@ -280,7 +301,7 @@ def big_message(tag: bytes, final_newline: bool = True) -> bytes:
     line = b"x" * 997 + b"\r\n"
     head = b"Subject: big " + tag + b"\r\n\r\n"
     body = (line * 99 + b".leading dot\r\n") * (BIG // (len(line) * 100) + 1)
-    return (head + body)[:BIG - 2] + (b"\r\n" if final_newline else b"no final line end")
+    return (head + body)[: BIG - 2] + (b"\r\n" if final_newline else b"no final line end")
 
 
 # half the sessions send by DATA, half by BDAT in chunks whose edges fall
@@ -313,8 +334,10 @@ def test_parallel_big_messages_stay_within_the_session_bound(bed):
         assert codes(out) == expected, out[-300:]
     growth = after - before
     bound = SESSIONS * session_memory_bound(dconfig.DEFAULTS) + PROCESS_SLACK
-    print(f"VmHWM {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB (+{growth / 2**20:.1f}; bound "
-          f"{bound / 2**20:.0f}) for {SESSIONS} x {BIG / 2**20:.0f} MiB")
+    print(
+        f"VmHWM {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB (+{growth / 2**20:.1f}; bound "
+        f"{bound / 2**20:.0f}) for {SESSIONS} x {BIG / 2**20:.0f} MiB"
+    )
     assert growth < bound, f"resident peak grew {growth / 2**20:.1f} MiB for {SESSIONS} messages"
     for u in users:
         [path] = [p for p in messages(bed["layout"].path(u)) if b"Subject: big" in p.read_bytes()[:200]]
@@ -334,19 +357,22 @@ def test_over_the_size_limit_or_cut_mid_data_leaves_nothing(tmp_path, bed):
     with Pdeliveryd(root, STORE, port, env_with(bed["conf"], settings)) as srv:
         layout = MailboxLayout(root)
         big = b"Subject: too big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 3000
-        for chunk in (0, 100_000):                       # DATA, BDAT
+        for chunk in (0, 100_000):  # DATA, BDAT
             out, _ = send_message(port, "juan@x", big, chunk)
             assert codes(out)[-2:] == ["552", "221"]
         # cut in the middle of a spooled message: the spool is let go as well
         with socket.create_connection((STORE, port), timeout=30) as s:
             s.sendall(b"LHLO mx\r\nMAIL FROM:<s@x>\r\nRCPT TO:<juan@x>\r\nDATA\r\n" + stuff(big)[:500_000])
             pwtest.wait_for(lambda: spool_files(srv.proc.pid), 30, describe=lambda: "no spool file while in DATA")
-        pwtest.wait_for(lambda: not spool_files(srv.proc.pid), 30,
-                        describe=lambda: f"spool files left open: {spool_files(srv.proc.pid)}")
+        pwtest.wait_for(
+            lambda: not spool_files(srv.proc.pid),
+            30,
+            describe=lambda: f"spool files left open: {spool_files(srv.proc.pid)}",
+        )
         box = layout.path("juan")
         assert messages(box) == []
         assert not (box / "tmp").exists() or list((box / "tmp").iterdir()) == []
-        assert sorted(p.name for p in root.iterdir()) == [ROOT_MARKER]     # no spool names either
+        assert sorted(p.name for p in root.iterdir()) == [ROOT_MARKER]  # no spool names either
 
 
 def test_docs_state_the_bound_the_code_computes():

@@ -4,6 +4,7 @@ per recipient; a `Return-Path` already in the message (Sendmail's F=P) is
 replaced, an earlier hop's `Delivered-To` for another address stays, and
 the rest of the message is stored byte for byte, whether pdeliveryd keeps
 it in memory or copies it from its spool file."""
+
 import os
 import random
 
@@ -13,8 +14,8 @@ from delivery import message as msg
 from delivery.layout import MailboxLayout
 from delivery.maildir import ROOT_MARKER, MaildirWriter
 from delivery.message import HEADER_SCAN_MAX
-from tests.support.delivery_util import NAME_RE, codes, lmtp_session, messages, one_store
 from tests.delivery.test_delivery_streaming import receive, session_script, spooler, stuff
+from tests.support.delivery_util import NAME_RE, codes, lmtp_session, messages, one_store
 
 OURS = b"Return-Path: <s@x>\nDelivered-To: juan@x\n"
 REST = b"Received: from a by mx (8.17) id 4AbC;\n\tMon, 7 Dec 2026\nSubject: t\n\nReturn-Path: <body@x>\nbody\n"
@@ -22,13 +23,21 @@ REST = b"Received: from a by mx (8.17) id 4AbC;\n\tMon, 7 Dec 2026\nSubject: t\n
 CASES = [
     # name, the message (CRLF), what follows our trace headers in the stored file (LF)
     ("one Return-Path", b"Return-Path: <mta@x>\r\n" + REST.replace(b"\n", b"\r\n"), REST),
-    ("two Return-Paths, one folded",
-     b"Return-Path: <mta@x>\r\nReturn-Path:\r\n <old@x>\r\n" + REST.replace(b"\n", b"\r\n"), REST),
-    ("Return-Path lower case, after other fields",
-     b"Received: a\r\nreturn-path : <x@y>\r\nSubject: s\r\n\r\nb\r\n", b"Received: a\nSubject: s\n\nb\n"),
-    ("an earlier hop's Delivered-To stays",
-     b"Delivered-To: list@lists.example\r\nReturn-Path: <mta@x>\r\nSubject: s\r\n\r\nb\r\n",
-     b"Delivered-To: list@lists.example\nSubject: s\n\nb\n"),
+    (
+        "two Return-Paths, one folded",
+        b"Return-Path: <mta@x>\r\nReturn-Path:\r\n <old@x>\r\n" + REST.replace(b"\n", b"\r\n"),
+        REST,
+    ),
+    (
+        "Return-Path lower case, after other fields",
+        b"Received: a\r\nreturn-path : <x@y>\r\nSubject: s\r\n\r\nb\r\n",
+        b"Received: a\nSubject: s\n\nb\n",
+    ),
+    (
+        "an earlier hop's Delivered-To stays",
+        b"Delivered-To: list@lists.example\r\nReturn-Path: <mta@x>\r\nSubject: s\r\n\r\nb\r\n",
+        b"Delivered-To: list@lists.example\nSubject: s\n\nb\n",
+    ),
     ("none: unchanged", REST.replace(b"\n", b"\r\n"), REST),
     ("no header section", b"\r\nReturn-Path: <body@x>\r\n", b"\nReturn-Path: <body@x>\n"),
     ("only a header, no empty line", b"Return-Path: <a@b>\r\nSubject: s", b"Subject: s"),
@@ -90,7 +99,7 @@ def test_header_section_longer_than_the_scan_keeps_fields_past_it(tmp_path, writ
     ev = receive(session_script(stuff(message), None), [1000, 200_000], spooler(tmp_path, 0))
     path = writer.deliver("juan", ev.body.stored_with(msg.trace_headers("s@x", "juan@x"), "juan@x"))
     stored = open(path, "rb").read()
-    assert stored == OURS + message[len(b"Return-Path: <a@b>\r\n"):].replace(b"\r\n", b"\n")
+    assert stored == OURS + message[len(b"Return-Path: <a@b>\r\n") :].replace(b"\r\n", b"\n")
     assert size_suffix(path) == (len(stored), len(stored) + stored.count(b"\n"))
     ev.body.discard()
 
@@ -100,13 +109,18 @@ STORE = "127.0.0.33"
 
 def test_pdeliveryd_stores_one_return_path_the_envelope_senders(tmp_path):
     with one_store(tmp_path, STORE) as (_, port):
-        data = (b"Return-Path: <ana@mx.example>\r\nReturn-Path: <ana@mx.example>\r\n"
-                b"Delivered-To: list@lists.example\r\nSubject: two\r\n\r\nbody\r\n")
-        big = data + (b"y" * 98 + b"\r\n") * 3000                  # past spool_memory_max: from the spool
+        data = (
+            b"Return-Path: <ana@mx.example>\r\nReturn-Path: <ana@mx.example>\r\n"
+            b"Delivered-To: list@lists.example\r\nSubject: two\r\n\r\nbody\r\n"
+        )
+        big = data + (b"y" * 98 + b"\r\n") * 3000  # past spool_memory_max: from the spool
         for payload in (data, big):
-            out = lmtp_session(STORE, port, b"LHLO mx\r\nMAIL FROM:<ana@example.org>\r\n"
-                               b"RCPT TO:<juan@example.org>\r\nRCPT TO:<ana@example.org>\r\nDATA\r\n"
-                               + stuff(payload) + b"QUIT\r\n")
+            out = lmtp_session(
+                STORE,
+                port,
+                b"LHLO mx\r\nMAIL FROM:<ana@example.org>\r\n"
+                b"RCPT TO:<juan@example.org>\r\nRCPT TO:<ana@example.org>\r\nDATA\r\n" + stuff(payload) + b"QUIT\r\n",
+            )
             assert codes(out) == ["220", "250", "250", "250", "250", "354", "250", "250", "221"], out
         layout = MailboxLayout(tmp_path / "root")
         for user in ("juan", "ana"):
@@ -115,6 +129,10 @@ def test_pdeliveryd_stores_one_return_path_the_envelope_senders(tmp_path):
             for f, payload in zip(sorted(files, key=lambda p: os.stat(p).st_size), (data, big)):
                 stored = f.read_bytes()
                 assert stored.count(b"Return-Path:") == 1 and stored.count(b"Delivered-To:") == 2
-                assert stored == (b"Return-Path: <ana@example.org>\nDelivered-To: " + user.encode()
-                                  + b"@example.org\n" + payload[62:].replace(b"\r\n", b"\n"))
+                assert stored == (
+                    b"Return-Path: <ana@example.org>\nDelivered-To: "
+                    + user.encode()
+                    + b"@example.org\n"
+                    + payload[62:].replace(b"\r\n", b"\n")
+                )
                 assert size_suffix(f) == (len(stored), len(stored) + stored.count(b"\n"))

@@ -1,17 +1,17 @@
 """Direct calls into libnss_pwserver.so.2 through cffi (ABI mode), as glibc
 makes them: return codes, *errnop, errno, and the ERANGE path with a 1-byte
 buffer growing until the entry fits (the same entry comes back)."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 
 from tests.support import nss_util as u
-from tests.support.pwtest import client_conf
 from tests.support.nss_util import EACCES, EAGAIN, ENOENT, ffi, group_tuple, grow, passwd_tuple, shadow_tuple
 from tests.support.nss_util import NSS_NOTFOUND as NOTFOUND
 from tests.support.nss_util import NSS_SUCCESS as SUCCESS
 from tests.support.nss_util import NSS_UNAVAIL as UNAVAIL
+from tests.support.pwtest import client_conf
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,7 @@ def server(shadow_key, tmp_path_factory):
 
 @pytest.fixture
 def conf(tmp_path, server, shadow_key, monkeypatch):
-    path = client_conf(tmp_path / "pwserver.conf", [server.address], enumerate_=True,
-                       shadow_keyfile=shadow_key[1])
+    path = client_conf(tmp_path / "pwserver.conf", [server.address], enumerate_=True, shadow_keyfile=shadow_key[1])
     monkeypatch.setenv("PWSERVER_CONF", str(path))
     return path
 
@@ -50,12 +49,12 @@ def plain_conf(tmp_path, server, monkeypatch):
 
 def test_getpwnam_erange_then_same_entry(nss, conf):
     for src in u.parse_passwd(u.PASSWD)[:6]:
-        st, err, pw, eranges = grow(lambda r, b, n, e: nss._nss_pwserver_getpwnam_r(src[0].encode(), r, b, n, e),
-                                    "struct passwd *")
+        st, err, pw, eranges = grow(
+            lambda r, b, n, e: nss._nss_pwserver_getpwnam_r(src[0].encode(), r, b, n, e), "struct passwd *"
+        )
         assert st == SUCCESS and eranges >= 1
         assert passwd_tuple(pw) == src
-        st, err, pw, _ = grow(lambda r, b, n, e: nss._nss_pwserver_getpwuid_r(src[2], r, b, n, e),
-                              "struct passwd *")
+        st, err, pw, _ = grow(lambda r, b, n, e: nss._nss_pwserver_getpwuid_r(src[2], r, b, n, e), "struct passwd *")
         assert st == SUCCESS and passwd_tuple(pw) == src
 
 
@@ -91,21 +90,24 @@ def test_group_erange_including_50000_members(nss, conf, server):
     groups = {g[0]: g for g in u.parse_group(u.GROUP)}
     for name in ("pwstaff", "pwempty", "pwbig"):
         before = u.server_stats(server)["tcp_requests"] + 1  # the STATS itself
-        st, err, gr, eranges = grow(lambda r, b, n, e: nss._nss_pwserver_getgrnam_r(name.encode(), r, b, n, e),
-                                    "struct group *")
+        st, err, gr, eranges = grow(
+            lambda r, b, n, e: nss._nss_pwserver_getgrnam_r(name.encode(), r, b, n, e), "struct group *"
+        )
         assert st == SUCCESS and eranges >= 1
         assert group_tuple(gr) == groups[name]
         if name == "pwbig":
             assert u.server_stats(server)["tcp_requests"] > before
-        st, err, gr, _ = grow(lambda r, b, n, e: nss._nss_pwserver_getgrgid_r(groups[name][2], r, b, n, e),
-                              "struct group *")
+        st, err, gr, _ = grow(
+            lambda r, b, n, e: nss._nss_pwserver_getgrgid_r(groups[name][2], r, b, n, e), "struct group *"
+        )
         assert st == SUCCESS and group_tuple(gr) == groups[name]
 
 
 def test_shadow_erange_and_empty_fields(nss, conf):
     for src in u.parse_shadow(u.SHADOW):
-        st, err, sp, eranges = grow(lambda r, b, n, e: nss._nss_pwserver_getspnam_r(src[0].encode(), r, b, n, e),
-                                    "struct spwd *")
+        st, err, sp, eranges = grow(
+            lambda r, b, n, e: nss._nss_pwserver_getspnam_r(src[0].encode(), r, b, n, e), "struct spwd *"
+        )
         assert st == SUCCESS and eranges >= 1
         assert shadow_tuple(sp) == src
 

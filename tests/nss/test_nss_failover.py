@@ -1,6 +1,7 @@
 """Failover of libnss_pwserver.so.2 through real glibc (getent): a primary
 that silently drops packets, the shared health record, both servers down,
 and the primary coming back."""
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,9 @@ def pair():
 def conf_for(tmp_path, servers, **kw):
     kw.setdefault("timeout_ms", TIMEOUT_MS)
     kw.setdefault("hedge_ms", HEDGE_MS)
-    return client_conf(tmp_path / "pwserver.conf", [s.address for s in servers],
-                       health_file=tmp_path / "run" / "health", **kw)
+    return client_conf(
+        tmp_path / "pwserver.conf", [s.address for s in servers], health_file=tmp_path / "run" / "health", **kw
+    )
 
 
 def health_lines(tmp_path) -> list[list[str]]:
@@ -93,8 +95,9 @@ def run_many(conf, n):
     env = u.module_env(conf)
     t = time.monotonic()
     for i in range(n):
-        r = subprocess.run(["getent", "-s", "pwserver", "passwd", f"user{i:04d}"], env=env,
-                           stdout=subprocess.PIPE, timeout=30)
+        r = subprocess.run(
+            ["getent", "-s", "pwserver", "passwd", f"user{i:04d}"], env=env, stdout=subprocess.PIPE, timeout=30
+        )
         assert r.returncode == 0 and r.stdout.startswith(f"user{i:04d}:".encode())
     return time.monotonic() - t
 
@@ -129,8 +132,13 @@ def test_both_down_is_unavail_within_the_timeout_and_files_still_resolve(tmp_pat
     ns.write_text("passwd: files pwserver\ngroup: files pwserver\n")
     script = 'mount --bind "$0" /etc/nsswitch.conf && getent passwd root && id -u root && exec id alice'
     t = time.monotonic()
-    r = subprocess.run(["unshare", "-m", "sh", "-c", script, str(ns)], env=u.module_env(conf),
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, str(ns)],
+        env=u.module_env(conf),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.stdout.splitlines()[:2] == ["root:x:0:0:root:/root:/bin/bash", "0"]
     assert r.returncode == 1 and "no such user" in r.stderr
     assert time.monotonic() - t < TIMEOUT_MS / 1000 + 0.5
@@ -169,14 +177,24 @@ def test_unprivileged_process_keeps_health_in_memory(pair):
         d.chmod(0o755)
         (d / "run").mkdir(mode=0o755)
         write_key(d / "shadow.key")  # mode 0600, root's
-        conf = client_conf(d / "pwserver.conf", [primary.address, secondary.address],
-                           health_file=d / "run" / "health", shadow_keyfile=d / "shadow.key",
-                           timeout_ms=TIMEOUT_MS, hedge_ms=HEDGE_MS)
+        conf = client_conf(
+            d / "pwserver.conf",
+            [primary.address, secondary.address],
+            health_file=d / "run" / "health",
+            shadow_keyfile=d / "shadow.key",
+            timeout_ms=TIMEOUT_MS,
+            hedge_ms=HEDGE_MS,
+        )
         conf.chmod(0o644)
         queries = [["passwd", "alice"], ["passwd", "bob"], ["uid", "2003"], ["shadow", "alice"]]
-        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                            sys.executable, "-c", u.DRIVER], input="".join(json.dumps(q) + "\n" for q in queries),
-                           env=u.module_env(conf), capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", u.DRIVER],
+            input="".join(json.dumps(q) + "\n" for q in queries),
+            env=u.module_env(conf),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         results = [json.loads(line) for line in r.stdout.splitlines()]
         assert [x[0] for x in results] == [u.NSS_SUCCESS] * 3 + [u.NSS_UNAVAIL]
@@ -234,13 +252,15 @@ def test_messy_config_and_health_files(tmp_path, pair):
     run.mkdir()
     (run / "health").write_text(
         "garbage line\n\x00\x01binary\ndown\ndown 1.2.3.4:5 notanumber\n"
-        f"down {secondary.address} {int(time.time()) + 100000}\n" + "x" * 10000 + "\n")
+        f"down {secondary.address} {int(time.time()) + 100000}\n" + "x" * 10000 + "\n"
+    )
     conf = tmp_path / "pwserver.conf"
     conf.write_text(
         "# a comment\n\n   \nunknown_key value\nserver\nserver not-an-address:xx\n"
         "server [::1\ntimeout_ms banana\nhedge_ms -5\n" + "server 127.0.0.1:1" + "1" * 600 + "\n"
         f"server {secondary.address}   # the only good one\n"
-        f"timeout_ms 3000\nhealth_file {run / 'health'}\n")
+        f"timeout_ms 3000\nhealth_file {run / 'health'}\n"
+    )
     r, took = timed_getent(conf, "passwd", "carol.d-x")
     assert r.returncode == 0 and r.stdout.startswith("carol.d-x:x:2003:")
     assert took < 1.0  # the all-down probe waits hedge_ms, not the timeout

@@ -1,6 +1,7 @@
 """libnss_pwserver.so.2 through real glibc: getent -s pwserver, id, and
 Python's pwd/grp in a subprocess, compared field by field with the source
 files the server was given."""
+
 from __future__ import annotations
 
 import ctypes
@@ -45,9 +46,23 @@ def test_exports_only_nss_entry_points(lib):
     needed = [line.split()[-1] for line in soname.splitlines() if "NEEDED" in line]
     assert sorted(needed) == ["ld-linux-x86-64.so.2", "libc.so.6"], needed  # libsodium: dlopen only
     handle = ctypes.CDLL(str(lib))
-    for name in ("getpwnam_r", "getpwuid_r", "setpwent", "getpwent_r", "endpwent", "getgrnam_r",
-                 "getgrgid_r", "setgrent", "getgrent_r", "endgrent", "initgroups_dyn", "getspnam_r",
-                 "setspent", "getspent_r", "endspent"):
+    for name in (
+        "getpwnam_r",
+        "getpwuid_r",
+        "setpwent",
+        "getpwent_r",
+        "endpwent",
+        "getgrnam_r",
+        "getgrgid_r",
+        "setgrent",
+        "getgrent_r",
+        "endgrent",
+        "initgroups_dyn",
+        "getspnam_r",
+        "setspent",
+        "getspent_r",
+        "endspent",
+    ):
         assert getattr(handle, "_nss_pwserver_" + name) is not None
 
 
@@ -65,8 +80,13 @@ def test_getent_passwd_by_name_and_uid(conf, name):
 
 
 def test_getent_unknown_is_notfound(conf):
-    for args in (["passwd", "nosuchuser"], ["passwd", "424242"], ["group", "nosuch"],
-                 ["passwd", "bad:name"], ["shadow", "nosuch"]):
+    for args in (
+        ["passwd", "nosuchuser"],
+        ["passwd", "424242"],
+        ["group", "nosuch"],
+        ["passwd", "bad:name"],
+        ["shadow", "nosuch"],
+    ):
         r = u.getent(conf, *args)
         assert r.returncode == 2 and r.stdout == "", args
 
@@ -92,8 +112,7 @@ def test_getent_group_with_50000_members_over_tcp(conf, server):
 
 
 def test_getent_initgroups(conf):
-    for user, want in (("alice", [3000, 3001]), ("carol.d-x", [3001]), ("bob", [3000]),
-                       ("user0001", [])):
+    for user, want in (("alice", [3000, 3001]), ("carol.d-x", [3001]), ("bob", [3000]), ("user0001", [])):
         r = u.getent(conf, "initgroups", user)
         assert r.returncode == 0, (user, r.stderr)
         fields = r.stdout.split()
@@ -112,8 +131,9 @@ def test_getent_shadow_needs_the_shadow_key(tmp_path, server, shadow_key):
         assert got == want
     # a wrong key: the server cannot open the request and stays silent
     write_key(tmp_path / "wrong.key")
-    wrong = client_conf(tmp_path / "wrong.conf", [server.address], timeout_ms=300,
-                        shadow_keyfile=tmp_path / "wrong.key")
+    wrong = client_conf(
+        tmp_path / "wrong.conf", [server.address], timeout_ms=300, shadow_keyfile=tmp_path / "wrong.key"
+    )
     assert u.getent(wrong, "shadow", "alice").returncode == 2
 
 
@@ -121,13 +141,13 @@ def test_enumeration_only_when_enabled(tmp_path, server, shadow_key):
     off = client_conf(tmp_path / "off.conf", [server.address])
     r = u.getent(off, "passwd")
     assert r.returncode == 0 and r.stdout == ""
-    on = client_conf(tmp_path / "on.conf", [server.address], enumerate_=True,
-                     shadow_keyfile=shadow_key[1])
+    on = client_conf(tmp_path / "on.conf", [server.address], enumerate_=True, shadow_keyfile=shadow_key[1])
     before = tcp_requests(server)
     r = u.getent(on, "passwd")
     assert r.returncode == 0
-    assert [line.split(":") for line in r.stdout.splitlines()] == \
-        [[str(x) for x in rec] for rec in u.parse_passwd(u.PASSWD)]
+    assert [line.split(":") for line in r.stdout.splitlines()] == [
+        [str(x) for x in rec] for rec in u.parse_passwd(u.PASSWD)
+    ]
     assert tcp_requests(server) - before >= 3  # 2504 users: three pages over TCP
     r = u.getent(on, "group")
     assert [line.split(":")[0] for line in r.stdout.splitlines()] == [g[0] for g in u.parse_group(u.GROUP)]
@@ -137,6 +157,7 @@ def test_enumeration_only_when_enabled(tmp_path, server, shadow_key):
 
 # ---- through nsswitch.conf, in a private mount namespace -------------------------
 
+
 def in_namespace(tmp_path, conf, argv, nsswitch="files pwserver"):
     """Runs argv with an nsswitch.conf naming pwserver bind-mounted over
     /etc/nsswitch.conf in a private mount namespace (the real one is never
@@ -144,8 +165,13 @@ def in_namespace(tmp_path, conf, argv, nsswitch="files pwserver"):
     ns = tmp_path / "nsswitch.conf"
     ns.write_text(f"passwd: {nsswitch}\ngroup: {nsswitch}\nshadow: {nsswitch}\n")
     script = 'mount --bind "$0" /etc/nsswitch.conf && exec "$@"'
-    return subprocess.run(["unshare", "-m", "sh", "-c", script, str(ns), *argv], env=u.module_env(conf),
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, str(ns), *argv],
+        env=u.module_env(conf),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_id_through_nsswitch(tmp_path, conf):
@@ -267,8 +293,22 @@ def check_setuid(work, server):
     (work / "bin" / "probe-suid").chmod(0o4755)
     conf = client_conf(work / "pwserver.conf", [server.address], health_file=work / "health")
     conf.chmod(0o644)
-    r = subprocess.run(["unshare", "-m", "sh", "-c", SETUID_SCENARIO, "sh", str(work),
-                        str(install.system_libdir()), str(u.LIB), str(conf)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            SETUID_SCENARIO,
+            "sh",
+            str(work),
+            str(install.system_libdir()),
+            str(u.LIB),
+            str(conf),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["plain /home/alice", "setuid none"]

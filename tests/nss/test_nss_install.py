@@ -1,6 +1,7 @@
 """`pwmail nss install|uninstall [--dry-run]`, run for real inside a private
 mount namespace with overlays on /etc and the system library folder: the
 machine's own files are never touched."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,20 +12,24 @@ import sys
 
 import pytest
 
+from nss_module import install
 from tests.support import nss_util as u
 from tests.support.pwtest import client_conf
-from nss_module import install
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mount namespaces need root")
 
 
 def test_add_and_remove_service_text():
-    text = ("# comment: passwd: files\npasswd:   files systemd\ngroup: compat [NOTFOUND=return] ldap # x\n"
-            "shadow:files\nhosts: files dns\ngshadow: files\n")
+    text = (
+        "# comment: passwd: files\npasswd:   files systemd\ngroup: compat [NOTFOUND=return] ldap # x\n"
+        "shadow:files\nhosts: files dns\ngshadow: files\n"
+    )
     added = install.add_service(text)
-    assert added == ("# comment: passwd: files\npasswd:   files pwserver systemd\n"
-                     "group: compat [NOTFOUND=return] pwserver ldap # x\nshadow:files pwserver\n"
-                     "hosts: files dns\ngshadow: files\n")
+    assert added == (
+        "# comment: passwd: files\npasswd:   files pwserver systemd\n"
+        "group: compat [NOTFOUND=return] pwserver ldap # x\nshadow:files pwserver\n"
+        "hosts: files dns\ngshadow: files\n"
+    )
     assert install.add_service(added) == added  # idempotent
     assert install.remove_service(added) == text
     assert install.add_service("passwd: ldap\n") == "passwd: ldap pwserver\n"
@@ -74,12 +79,16 @@ def test_install_uninstall_in_private_mount_namespace(tmp_path):
     u.build_module()
     with u.FakePwServer(u.PASSWD, u.GROUP, u.SHADOW) as server:
         conf = client_conf(tmp_path / "pwserver.conf", [server.address])
-        env = dict(os.environ, PWSERVER_CONF=str(conf), PYTHON=sys.executable,
-                   PYTHONPATH=str(u.ROOT))
+        env = dict(os.environ, PWSERVER_CONF=str(conf), PYTHON=sys.executable, PYTHONPATH=str(u.ROOT))
         work = tmp_path / "ns"
         work.mkdir()
-        r = subprocess.run(["unshare", "-m", "sh", "-c", SCENARIO, "sh", str(work), str(libdir)],
-                           env=env, capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            ["unshare", "-m", "sh", "-c", SCENARIO, "sh", str(work), str(libdir)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "+passwd:" in r.stdout and "pwserver" in r.stdout  # the dry-run diff
     assert r.stdout.rstrip().endswith("== done")

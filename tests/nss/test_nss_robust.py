@@ -2,6 +2,7 @@
 forked children at once, valgrind memcheck, and a fuzz test of the reply
 parser (garbage, truncated, wrong id, wrong source) run in a child process
 so that a crash would show as its exit status."""
+
 from __future__ import annotations
 
 import random
@@ -70,8 +71,13 @@ print(len(errors), len(bad_children))
 def test_sixteen_threads_and_forked_children(tmp_path):
     with u.FakePwServer(u.PASSWD, u.GROUP, u.SHADOW) as server:
         conf = client_conf(tmp_path / "pwserver.conf", [server.address])
-        r = subprocess.run([sys.executable, "-c", THREADS_AND_FORK], env=u.module_env(conf),
-                           capture_output=True, text=True, timeout=240)
+        r = subprocess.run(
+            [sys.executable, "-c", THREADS_AND_FORK],
+            env=u.module_env(conf),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         assert r.stdout.split() == ["0", "0"]
         assert server.answered >= 16 * 150 + 8 * 20
@@ -128,14 +134,23 @@ print(out)
 """
     with u.FakePwServer(u.PASSWD, u.GROUP, u.SHADOW) as server:
         conf = client_conf(tmp_path / "pwserver.conf", [server.address])
-        r = subprocess.run([sys.executable, "-c", script], env=u.module_env(conf),
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-c", script], env=u.module_env(conf), capture_output=True, text=True, timeout=60
+        )
         assert r.returncode == 0, r.stderr[-2000:]
-        assert r.stdout.strip() == str({"thread_exit_closes": True, "one_socket": True, "cloexec": True,
-                                        "after_close": True, "victim_untouched": True})
+        assert r.stdout.strip() == str(
+            {
+                "thread_exit_closes": True,
+                "one_socket": True,
+                "cloexec": True,
+                "after_close": True,
+                "victim_untouched": True,
+            }
+        )
 
 
 # ---- valgrind ----------------------------------------------------------------------
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is in deps/debian-packages.txt")
@@ -143,15 +158,42 @@ def test_valgrind_memcheck_clean(tmp_path, shadow_key):
     primary = u.FakePwServer(mode="drop")
     with u.FakePwServer(u.PASSWD, u.GROUP, u.SHADOW, shadow_key=shadow_key[0]) as server:
         try:
-            conf = client_conf(tmp_path / "pwserver.conf", [primary.address, server.address],
-                               shadow_keyfile=shadow_key[1], enumerate_=True, timeout_ms=5000)
-            for args in (["passwd", "alice"], ["passwd", "2003"], ["passwd", "nosuch"],
-                         ["group", "pwbig"], ["group", "3001"], ["initgroups", "alice"],
-                         ["shadow", "alice"], ["passwd"], ["group"]):
-                r = subprocess.run(["valgrind", "-q", "--error-exitcode=99", "--leak-check=full",
-                                    "--errors-for-leak-kinds=definite,indirect", "--track-fds=no",
-                                    "getent", "-s", "pwserver", *args],
-                                   env=u.module_env(conf), capture_output=True, text=True, timeout=300)
+            conf = client_conf(
+                tmp_path / "pwserver.conf",
+                [primary.address, server.address],
+                shadow_keyfile=shadow_key[1],
+                enumerate_=True,
+                timeout_ms=5000,
+            )
+            for args in (
+                ["passwd", "alice"],
+                ["passwd", "2003"],
+                ["passwd", "nosuch"],
+                ["group", "pwbig"],
+                ["group", "3001"],
+                ["initgroups", "alice"],
+                ["shadow", "alice"],
+                ["passwd"],
+                ["group"],
+            ):
+                r = subprocess.run(
+                    [
+                        "valgrind",
+                        "-q",
+                        "--error-exitcode=99",
+                        "--leak-check=full",
+                        "--errors-for-leak-kinds=definite,indirect",
+                        "--track-fds=no",
+                        "getent",
+                        "-s",
+                        "pwserver",
+                        *args,
+                    ],
+                    env=u.module_env(conf),
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
                 missing = args[-1] == "nosuch"
                 assert r.returncode == (2 if missing else 0), (args, r.stderr[-3000:])
                 assert missing or r.stdout.strip(), args
@@ -161,23 +203,24 @@ def test_valgrind_memcheck_clean(tmp_path, shadow_key):
 
 # ---- fuzz of the reply parser ----------------------------------------------------
 
+
 def bad_replies(rng: random.Random, rid: int, good: bytes, sender: socket.socket):
     """Bad datagrams for one request: (bytes, whether sent from the wrong
     address). Each must be ignored."""
     body = msgpack.unpackb(good)
     cases = [
         (rng.randbytes(rng.randint(0, 1500)), False),
-        (good[: rng.randint(0, len(good) - 1)], False),                       # truncated
+        (good[: rng.randint(0, len(good) - 1)], False),  # truncated
         (msgpack.packb([1, rid ^ (1 << rng.randint(0, 63)), *body[2:]]), False),  # wrong id
-        (good, True),                                                            # wrong source
-        (msgpack.packb([2, rid, *body[2:]]), False),                             # wrong version
+        (good, True),  # wrong source
+        (msgpack.packb([2, rid, *body[2:]]), False),  # wrong version
         (msgpack.packb([1, rid, 0, rng.choice([None, 7, "x", [1, 2], {"a": 1}])]), False),
         (msgpack.packb([1, rid, 0, [(body[3] or ["x"])[0], "x", -1, 2**40, "", "", "", ""]]), False),
-        (bytes([0x94, 0x01, 0xcf]) + rid.to_bytes(8, "big") + b"\x00\xdd\xff\xff\xff\xff", False),
-        (bytes([0x94, 0x01, 0xcf]) + rid.to_bytes(8, "big") + b"\x00\x98\xdb\xff\xff\xff\xf0", False),
-        (bytes([0xC1, 0x01]) + rng.randbytes(60), False),                       # sealed, no key
-        (good + b"\x00", False),                                                 # trailing byte
-        (msgpack.packb([1, rid, 9, None]), False),                               # unknown status
+        (bytes([0x94, 0x01, 0xCF]) + rid.to_bytes(8, "big") + b"\x00\xdd\xff\xff\xff\xff", False),
+        (bytes([0x94, 0x01, 0xCF]) + rid.to_bytes(8, "big") + b"\x00\x98\xdb\xff\xff\xff\xf0", False),
+        (bytes([0xC1, 0x01]) + rng.randbytes(60), False),  # sealed, no key
+        (good + b"\x00", False),  # trailing byte
+        (msgpack.packb([1, rid, 9, None]), False),  # unknown status
     ]
     return rng.sample(cases, rng.randint(1, len(cases)))
 
@@ -349,8 +392,12 @@ def test_helgrind_no_data_race(tmp_path):
     subprocess.run(["cc", "-O1", "-g", "-pthread", "-o", str(tmp_path / "threads"), str(src), "-ldl"], check=True)
     with u.FakePwServer(u.PASSWD, u.GROUP) as server:
         conf = client_conf(tmp_path / "pwserver.conf", [server.address], timeout_ms=20000)
-        r = subprocess.run(["valgrind", "--tool=helgrind", "-q", "--error-exitcode=99",
-                            str(tmp_path / "threads"), str(u.LIB)],
-                           env=u.module_env(conf), capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            ["valgrind", "--tool=helgrind", "-q", "--error-exitcode=99", str(tmp_path / "threads"), str(u.LIB)],
+            env=u.module_env(conf),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() == "bad 0"

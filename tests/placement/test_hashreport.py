@@ -1,11 +1,12 @@
 """pwmail hash-report: the figures on name lists small enough to check by hand."""
+
 import random
 import subprocess
 
 import pytest
 
-from tests.support import pwtest
 from pwmail.placement.hashreport import ALL_SCHEMES, ascii_login, isp_logins, leaf_dir, measure, read_names
+from tests.support import pwtest
 
 
 def test_leaf_dirs_follow_the_layout_and_the_extra_schemes():
@@ -23,7 +24,7 @@ def test_measure_counts_directories_mean_max_and_cv():
     s = measure(names, "first3")
     assert (s.dirs, s.largest, s.sizes) == (3, 2, [2, 1, 1])
     assert s.mean == pytest.approx(4 / 3)
-    assert s.cv == pytest.approx(((2 - 4 / 3) ** 2 + 2 * (1 - 4 / 3) ** 2) ** 0.5 / 3 ** 0.5 / (4 / 3))
+    assert s.cv == pytest.approx(((2 - 4 / 3) ** 2 + 2 * (1 - 4 / 3) ** 2) ** 0.5 / 3**0.5 / (4 / 3))
     even = measure(["abc", "abd", "abe"], "first3")
     assert even.cv == 0 and even.dirs == 3
 
@@ -41,11 +42,18 @@ def test_cli_on_a_passwd_file_with_chart(tmp_path):
     pytest.importorskip("matplotlib")
     (tmp_path / "passwd").write_text("".join(f"u{i:05d}:x:{i}:1::/:/bin/sh\n" for i in range(3000)))
     png = tmp_path / "fig.png"
-    r = subprocess.run([str(pwtest.BIN / "pwmail"), "hash-report", "--users", str(tmp_path / "passwd"),
-                        "--png", str(png)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [str(pwtest.BIN / "pwmail"), "hash-report", "--users", str(tmp_path / "passwd"), "--png", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
-    rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in r.stdout.splitlines()
-            if line.startswith("| ") and "scheme" not in line}
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2:]
+        for line in r.stdout.splitlines()
+        if line.startswith("| ") and "scheme" not in line
+    }
     assert set(rows) == set(ALL_SCHEMES)
     # u00000..u02999: first3 has three directories (u/0/0, u/0/1, u/0/2) of 1000
     assert rows["first3"][1].strip() == "3" and rows["first3"][3].strip() == "1000"

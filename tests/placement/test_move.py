@@ -2,6 +2,7 @@
 two storage addresses (127.0.0.2, 127.0.0.3), deliveries through
 pdelivery's router over LMTP and a POP-like reader while 1,000 mailboxes
 move; a crash at every failure point, then a rerun."""
+
 import os
 import pathlib
 import random
@@ -12,16 +13,16 @@ import time
 
 import pytest
 
-from tests.support import pwtest
 from delivery import config as dconfig
 from delivery.layout import MailboxLayout
 from delivery.lmtpclient import crlf
 from delivery.maildir import ROOT_MARKER, MaildirWriter
 from delivery.pdelivery import Router, send
-from tests.support.delivery_util import Pdeliveryd, env_with, free_port_on, write_users
 from pwcache.client import Client
 from pwmail.genusers import make_names
 from pwmail.placement.move import FAIL_EXIT, FAIL_POINTS, MailhostsFile, is_maildir, scan
+from tests.support import pwtest
+from tests.support.delivery_util import Pdeliveryd, env_with, free_port_on, write_users
 
 S2, S3, S4 = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 N_USERS = 1000
@@ -41,16 +42,25 @@ def bed(tmp_path_factory):
     roots = {h: d / f"store-{h}" for h in (S2, S3, S4)}
     port = free_port_on([S2, S3])
     settings = d / "pwmail.toml"
-    settings.write_text(f"[delivery]\nlmtp_port = {port}\nconnect_timeout = 2.0\ntimeout = 20.0\n"
-                        f'[placement]\nrule = "hash"\nhosts = ["{S2}"]\n')
+    settings.write_text(
+        f"[delivery]\nlmtp_port = {port}\nconnect_timeout = 2.0\ntimeout = 20.0\n"
+        f'[placement]\nrule = "hash"\nhosts = ["{S2}"]\n'
+    )
     (roots[S4]).mkdir()
     (roots[S4] / ROOT_MARKER).touch()
     with pwtest.PwServer(d / "users", env={"PWMAIL_CONF": str(settings)}) as pw:
         conf = pwtest.client_conf(d / "pwserver.conf", [pw.address], timeout_ms=300, recheck_s=1)
         env = env_with(conf, settings)
         with Pdeliveryd(roots[S2], S2, port, env), Pdeliveryd(roots[S3], S3, port, env):
-            yield {"d": d, "names": names, "roots": roots, "pw": pw, "env": env, "settings": settings,
-                   "map": MailhostsFile(d / "users" / "mailhosts")}
+            yield {
+                "d": d,
+                "names": names,
+                "roots": roots,
+                "pw": pw,
+                "env": env,
+                "settings": settings,
+                "map": MailhostsFile(d / "users" / "mailhosts"),
+            }
 
 
 def pwmail(bed, *args, fail=None, timeout=600):
@@ -62,9 +72,20 @@ def pwmail(bed, *args, fail=None, timeout=600):
 
 
 def _argv(bed, *args):
-    argv = [str(pwtest.BIN / "pwmail"), *args, "--mailhosts", str(bed["map"].path),
-            "--server", bed["pw"].address, "--pwserver-pid", str(bed["pw"].proc.pid),
-            "--journal-dir", str(bed["d"] / "journal"), "--layout", "first3"]
+    argv = [
+        str(pwtest.BIN / "pwmail"),
+        *args,
+        "--mailhosts",
+        str(bed["map"].path),
+        "--server",
+        bed["pw"].address,
+        "--pwserver-pid",
+        str(bed["pw"].proc.pid),
+        "--journal-dir",
+        str(bed["d"] / "journal"),
+        "--layout",
+        "first3",
+    ]
     for host, root in bed["roots"].items():
         argv += ["--root", f"{host}={root}"]
     return argv
@@ -81,8 +102,10 @@ def msgid(path: pathlib.Path) -> str:
 def seed(bed, user, n, host=S2):
     """n messages already in the mailbox (one read by POP: in cur/ with flags)."""
     w = MaildirWriter(layout(bed, host))
-    paths = [pathlib.Path(w.deliver(user, f"Message-ID: <seed-{user}-{i}>\nSubject: {i}\n\nold\n".encode()))
-             for i in range(n)]
+    paths = [
+        pathlib.Path(w.deliver(user, f"Message-ID: <seed-{user}-{i}>\nSubject: {i}\n\nold\n".encode()))
+        for i in range(n)
+    ]
     if n:
         os.rename(paths[0], paths[0].parent.parent / "cur" / (paths[0].name + ":2,S"))
     return {k: v[0] for k, v in scan(layout(bed, host).path(user)).items()}
@@ -189,8 +212,9 @@ def test_move_1000_mailboxes_while_mail_flows(bed):
     reader.start()
     time.sleep(1)
     t0 = time.monotonic()
-    r = pwmail(bed, "move", *names, "--to", S3, "--settle", "1", "--batch", "250",
-               "--bwlimit", "0", "--files-per-second", "0")
+    r = pwmail(
+        bed, "move", *names, "--to", S3, "--settle", "1", "--batch", "250", "--bwlimit", "0", "--files-per-second", "0"
+    )
     took = time.monotonic() - t0
     reader.stop.set()
     reader.join(30)
@@ -222,8 +246,10 @@ def test_move_1000_mailboxes_while_mail_flows(bed):
     expected = {m: u for m, u in {**seeded, **deliverer.delivered}.items() if m not in reader.deleted}
     assert seen == expected
     assert not list((bed["d"] / "journal").glob("*.json"))
-    print(f"seeded in {t_seed:.1f} s; moved {N_USERS} mailboxes in {took:.1f} s; {len(deliverer.delivered)} delivered during the run, "
-          f"{deliverer.deferred} deferred while frozen, {reader.read} read, {len(reader.deleted)} deleted")
+    print(
+        f"seeded in {t_seed:.1f} s; moved {N_USERS} mailboxes in {took:.1f} s; {len(deliverer.delivered)} delivered during the run, "
+        f"{deliverer.deferred} deferred while frozen, {reader.read} read, {len(reader.deleted)} deleted"
+    )
 
 
 @pytest.mark.parametrize("point", FAIL_POINTS)
@@ -285,8 +311,17 @@ def test_move_refuses_a_stray_copy_and_unknown_users(bed):
 def test_rebalance_moves_what_the_new_host_wins(bed):
     from pwcache.placement import PlacementRule
 
-    r = pwmail(bed, "rebalance", "--add", S4, "--hosts", f"{S2},{S3}",
-               "--passwd", str(bed["d"] / "users" / "passwd"), "--dry-run")
+    r = pwmail(
+        bed,
+        "rebalance",
+        "--add",
+        S4,
+        "--hosts",
+        f"{S2},{S3}",
+        "--passwd",
+        str(bed["d"] / "users" / "passwd"),
+        "--dry-run",
+    )
     assert r.returncode == 0, r.stderr
     planned = [line.split()[0] for line in r.stdout.splitlines() if "->" in line]
     rule = PlacementRule("hash", ((S2, 1.0), (S3, 1.0), (S4, 1.0)))
@@ -294,8 +329,20 @@ def test_rebalance_moves_what_the_new_host_wins(bed):
     hosts = {u: bed["map"].read().get(u, (S2, False))[0] for u in users}
     assert planned == [u for u in users if rule.pick(u) == S4 and hosts[u] != S4]
     assert 0.25 < len(planned) / len(users) < 0.42  # about a third
-    r = pwmail(bed, "rebalance", "--add", S4, "--hosts", f"{S2},{S3}",
-               "--passwd", str(bed["d"] / "users" / "passwd"), "--max-moves", "10", "--settle", "0")
+    r = pwmail(
+        bed,
+        "rebalance",
+        "--add",
+        S4,
+        "--hosts",
+        f"{S2},{S3}",
+        "--passwd",
+        str(bed["d"] / "users" / "passwd"),
+        "--max-moves",
+        "10",
+        "--settle",
+        "0",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "10 move(s) done" in r.stdout
     now = bed["map"].read()
@@ -322,11 +369,19 @@ def test_frozen_sync_waits_for_an_open_pop_session(bed):
     session.open()  # pop3d's session lock; it also moves new/ to cur/
     before = {k: v[0] for k, v in scan(layout(bed, S2).path("popopen1")).items()}
     env = dict(bed["env"])
-    proc = subprocess.Popen([*_argv(bed, "move", "popopen1", "--to", S3, "--settle", "0")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*_argv(bed, "move", "popopen1", "--to", S3, "--settle", "0")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        pwtest.wait_for(lambda: _journal_step(bed, "popopen1") == "frozen", 60,
-                        describe=lambda: f"the move is at {_journal_step(bed, 'popopen1')!r}, not frozen")
+        pwtest.wait_for(
+            lambda: _journal_step(bed, "popopen1") == "frozen",
+            60,
+            describe=lambda: f"the move is at {_journal_step(bed, 'popopen1')!r}, not frozen",
+        )
         time.sleep(1)
         assert proc.poll() is None, "the move did not wait for the POP session"
         assert bed["map"].read()["popopen1"] == (S2, True)
@@ -387,8 +442,14 @@ def test_resume_refuses_an_unmounted_root(bed):
 def test_throttled_and_every_step_logged_to_syslog(bed, tmp_path):
     port = pwtest.free_port()
     out = tmp_path / "messages"
-    syslogd = [str(pwtest.BIN / "python"), str(pwtest.ROOT / "pwmail/testbed/syslogd.py"),
-               "--listen", f"127.0.0.1:{port}", "--out", str(out)]
+    syslogd = [
+        str(pwtest.BIN / "python"),
+        str(pwtest.ROOT / "pwmail/testbed/syslogd.py"),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--out",
+        str(out),
+    ]
     with pwtest.Process(syslogd, tmp_path / "syslogd.log"):
         w = MaildirWriter(layout(bed, S2))
         for i in range(4):
@@ -396,8 +457,13 @@ def test_throttled_and_every_step_logged_to_syslog(bed, tmp_path):
         time.sleep(0.3)
         env = {**bed["env"], "PWMAIL_SYSLOG": f"127.0.0.1:{port}"}
         t0 = time.monotonic()
-        r = subprocess.run([*_argv(bed, "move", "throttled", "--to", S3, "--settle", "0", "--bwlimit", "200000")],
-                           capture_output=True, text=True, env=env, timeout=120)
+        r = subprocess.run(
+            [*_argv(bed, "move", "throttled", "--to", S3, "--settle", "0", "--bwlimit", "200000")],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         took = time.monotonic() - t0
         assert r.returncode == 0, r.stdout + r.stderr
         assert took >= 1.9, f"400 KB at 200 KB/s took {took:.2f} s"

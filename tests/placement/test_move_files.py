@@ -1,5 +1,6 @@
 """pwmail move, the file side: the mailhosts map rewrite and the Maildir
 mirror (real files, no servers)."""
+
 import os
 import pathlib
 
@@ -20,8 +21,12 @@ def test_mailhosts_update_keeps_comments_order_and_drops_duplicates(tmp_path):
     m.update({"juan": ("store2", True), "nuevo": ("store1", False)})
     assert f.read_text() == "# map\nana store1\njuan store2 frozen\nluis store2\nnuevo store1\n"
     assert oct(f.stat().st_mode & 0o777) == "0o640"
-    assert m.read() == {"ana": ("store1", False), "juan": ("store2", True), "luis": ("store2", False),
-                        "nuevo": ("store1", False)}
+    assert m.read() == {
+        "ana": ("store1", False),
+        "juan": ("store2", True),
+        "luis": ("store2", False),
+        "nuevo": ("store1", False),
+    }
     m.update({"juan": ("store2", False)})
     assert m.read()["juan"] == ("store2", False)
     assert not list(tmp_path.glob(".mailhosts.tmp*"))
@@ -102,10 +107,16 @@ def test_scan_skips_tmp(tmp_path, name):
 def test_storage_roots_from_settings_and_flags():
     from pwmail.placement.move import MoveError, storage_roots
 
-    data = {"delivery": {"root": "/srv/mail", "mailhost_names": ["store1", "store1.example"]},
-            "move": {"roots": {"store2": "/mnt/store2", "store1.example": "/x"}}}
+    data = {
+        "delivery": {"root": "/srv/mail", "mailhost_names": ["store1", "store1.example"]},
+        "move": {"roots": {"store2": "/mnt/store2", "store1.example": "/x"}},
+    }
     assert storage_roots(data, ["store3=/mnt/s3", "store2=/nfs/s2"]) == {
-        "store1": "/srv/mail", "store1.example": "/x", "store2": "/nfs/s2", "store3": "/mnt/s3"}
+        "store1": "/srv/mail",
+        "store1.example": "/x",
+        "store2": "/nfs/s2",
+        "store3": "/mnt/s3",
+    }
     with pytest.raises(MoveError):
         storage_roots({}, ["store3"])
     with pytest.raises(MoveError):

@@ -2,6 +2,7 @@
 to pop3d on two storage addresses while the mailboxes move from one to
 the other. Frozen users get [IN-USE]; afterwards every UIDL is the same as
 before (nothing to download twice) and deleted messages stay deleted."""
+
 from __future__ import annotations
 
 import poplib
@@ -12,9 +13,9 @@ import time
 
 import pytest
 
+from pwmail.placement.move import MailhostsFile, is_maildir
 from tests.support import pwtest
 from tests.support.pop_util import client_conf, deliver, make_root, message, start_pop3d, start_proxy, write_users
-from pwmail.placement.move import MailhostsFile, is_maildir
 
 pytestmark = pytest.mark.slow
 N = 40
@@ -32,9 +33,11 @@ def bed(tmp_path_factory):
         conf = client_conf(tmp / "pwserver.conf", pws.address, key)
         s1 = start_pop3d(tmp, tmp / "store1", conf, host="127.0.0.2")
         s2 = start_pop3d(tmp, tmp / "store2", conf, host="127.0.0.3")
-        settings = (f'backends = {{ store1 = "127.0.0.2:{s1.port}", store2 = "127.0.0.3:{s2.port}" }}\n'
-                    "auth_failure_delay = 0.05\nthrottle_user_failures = 1000\nthrottle_user_ip_failures = 1000\nthrottle_ip_failures = 100000\n"
-                    "max_connections_per_ip = 1000\n")
+        settings = (
+            f'backends = {{ store1 = "127.0.0.2:{s1.port}", store2 = "127.0.0.3:{s2.port}" }}\n'
+            "auth_failure_delay = 0.05\nthrottle_user_failures = 1000\nthrottle_user_ip_failures = 1000\nthrottle_ip_failures = 100000\n"
+            "max_connections_per_ip = 1000\n"
+        )
         with s1, s2, start_proxy(tmp, conf, settings) as proxy:
             yield {"tmp": tmp, "pw": pws, "proxy": proxy, "layouts": layouts, "users": users}
 
@@ -112,12 +115,36 @@ def test_pop_sessions_go_on_while_mailboxes_move(bed):
     for c in clients:
         c.start()
     time.sleep(1)
-    r = subprocess.run([str(pwtest.BIN / "pwmail"), "move", *USERS, "--to", "store2",
-                        "--mailhosts", str(bed["users"] / "mailhosts"), "--server", bed["pw"].address,
-                        "--pwserver-pid", str(bed["pw"].proc.pid), "--journal-dir", str(bed["tmp"] / "journal"),
-                        "--root", f"store1={bed['tmp'] / 'store1'}", "--root", f"store2={bed['tmp'] / 'store2'}",
-                        "--settle", "1", "--batch", "10", "--pop-wait", "30"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            str(pwtest.BIN / "pwmail"),
+            "move",
+            *USERS,
+            "--to",
+            "store2",
+            "--mailhosts",
+            str(bed["users"] / "mailhosts"),
+            "--server",
+            bed["pw"].address,
+            "--pwserver-pid",
+            str(bed["pw"].proc.pid),
+            "--journal-dir",
+            str(bed["tmp"] / "journal"),
+            "--root",
+            f"store1={bed['tmp'] / 'store1'}",
+            "--root",
+            f"store2={bed['tmp'] / 'store2'}",
+            "--settle",
+            "1",
+            "--batch",
+            "10",
+            "--pop-wait",
+            "30",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     time.sleep(0.5)
     for c in clients:
         c.stop.set()
@@ -133,5 +160,7 @@ def test_pop_sessions_go_on_while_mailboxes_move(bed):
         assert not is_maildir(bed["layouts"]["store1"].path(user))
         deleted = set().union(*(c.deleted.get(user, set()) for c in clients))
         assert uidls(bed, user) == sorted(set(before[user]) - deleted), user
-    print(f"{sum(c.sessions for c in clients)} POP sessions, {sum(c.in_use for c in clients)} [IN-USE], "
-          f"{sum(len(d) for c in clients for d in c.deleted.values())} deleted during the move")
+    print(
+        f"{sum(c.sessions for c in clients)} POP sessions, {sum(c.in_use for c in clients)} [IN-USE], "
+        f"{sum(len(d) for c in clients for d in c.deleted.values())} deleted during the move"
+    )

@@ -1,17 +1,22 @@
 """pwmail placement-report: users, messages and bytes per host from real
 files and Maildirs, and from a running pwserver."""
+
 import json
 import os
 import subprocess
 
-from tests.support import pwtest
 from delivery.layout import MailboxLayout
 from delivery.maildir import ROOT_MARKER, MaildirWriter
-from tests.support.delivery_util import write_users
 from pwmail.placement.report import build, imbalance
+from tests.support import pwtest
+from tests.support.delivery_util import write_users
 
-USERS = {"ana": (1, 1, "s1", False), "juan": (2, 2, "s1", False), "pepe": (3, 3, "s2", True),
-         "luis": (4, 4, "s1", False)}
+USERS = {
+    "ana": (1, 1, "s1", False),
+    "juan": (2, 2, "s1", False),
+    "pepe": (3, 3, "s2", True),
+    "luis": (4, 4, "s1", False),
+}
 
 
 def setup(tmp_path):
@@ -32,15 +37,40 @@ def setup(tmp_path):
 
 def test_report_from_files(tmp_path):
     roots = setup(tmp_path)
-    r = subprocess.run([str(pwtest.BIN / "pwmail"), "placement-report", "--passwd", str(tmp_path / "users/passwd"),
-                        "--mailhosts", str(tmp_path / "users/mailhosts"), "--root", f"s1={roots['s1']}",
-                        "--root", f"s2={roots['s2']}", "--strays", "--json"],
-                       capture_output=True, text=True, env={**os.environ, "PWMAIL_CONF": str(tmp_path / "none.toml")})
+    r = subprocess.run(
+        [
+            str(pwtest.BIN / "pwmail"),
+            "placement-report",
+            "--passwd",
+            str(tmp_path / "users/passwd"),
+            "--mailhosts",
+            str(tmp_path / "users/mailhosts"),
+            "--root",
+            f"s1={roots['s1']}",
+            "--root",
+            f"s2={roots['s2']}",
+            "--strays",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PWMAIL_CONF": str(tmp_path / "none.toml")},
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     hosts = {h["host"]: h for h in out["hosts"]}
-    assert (hosts["s1"]["users"], hosts["s1"]["mailboxes"], hosts["s1"]["messages"], hosts["s1"]["bytes"]) == (3, 2, 3, 160)
-    assert (hosts["s2"]["users"], hosts["s2"]["frozen"], hosts["s2"]["messages"], hosts["s2"]["bytes"]) == (1, 1, 1, 1000)
+    assert (hosts["s1"]["users"], hosts["s1"]["mailboxes"], hosts["s1"]["messages"], hosts["s1"]["bytes"]) == (
+        3,
+        2,
+        3,
+        160,
+    )
+    assert (hosts["s2"]["users"], hosts["s2"]["frozen"], hosts["s2"]["messages"], hosts["s2"]["bytes"]) == (
+        1,
+        1,
+        1,
+        1000,
+    )
     assert out["imbalance"]["users"] == 3 / 2 - 1
     assert [p.split("/")[-1] for _, p in out["strays"]] == ["ana"]
 
@@ -55,6 +85,7 @@ def test_report_from_a_running_server(tmp_path):
     roots = setup(tmp_path)
     with pwtest.PwServer(tmp_path / "users") as pw:
         from pwmail.placement.report import users_from_server
+
         users = users_from_server(pw.address)
     assert users == {n: (h, False) for n, (_, _, h, _) in USERS.items()}
     rep = build(users, roots, "first3", {})

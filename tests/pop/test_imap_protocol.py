@@ -1,16 +1,27 @@
 """The sans-I/O IMAP pre-login state machine (pop/imap_protocol.py):
 table-driven cases fed whole and one byte at a time, literals, the limits,
 and a Hypothesis fuzz (random bytes and mutated valid commands)."""
+
 from __future__ import annotations
 
 import base64
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pop import imap_protocol as I
-from pop.imap_protocol import (NEED_DATA, NEED_REPLY, Closed, LocalProtocolError, Login, RemoteProtocolError,
-                               ServerConnection, StartTLS, State)
+from pop.imap_protocol import (
+    NEED_DATA,
+    NEED_REPLY,
+    Closed,
+    LocalProtocolError,
+    Login,
+    RemoteProtocolError,
+    ServerConnection,
+    StartTLS,
+    State,
+)
 from tests.support import sansio_util
 
 CAPS = b"IMAP4rev1 SASL-IR LITERAL+ ID ENABLE IDLE"
@@ -30,22 +41,26 @@ CASES = [
     (b"a3 LOGOUT\r\nb NOOP\r\n", [Closed()], b"* BYE Logging out.\r\na3 OK Logout completed.\r\n"),
     (b"a4 LOGIN juan secret\r\n", [Login("juan", "secret", "LOGIN", "a4")], b""),
     (b'a5 LOGIN "ju an" "s\\"e\\\\c"\r\n', [Login("ju an", 's"e\\c', "LOGIN", "a5")], b""),
-    (b"a6 LOGIN {4}\r\njuan {2}\r\npw\r\n", [Login("juan", "pw", "LOGIN", "a6")],
-     b"+ Ready for literal data\r\n+ Ready for literal data\r\n"),
+    (
+        b"a6 LOGIN {4}\r\njuan {2}\r\npw\r\n",
+        [Login("juan", "pw", "LOGIN", "a6")],
+        b"+ Ready for literal data\r\n+ Ready for literal data\r\n",
+    ),
     (b"a7 LOGIN {4+}\r\njuan {2+}\r\npw\r\n", [Login("juan", "pw", "LOGIN", "a7")], b""),
     (b"a8 LOGIN juan\r\n", [], b"a8 BAD LOGIN needs a user name and a password\r\n"),
     (b'a9 LOGIN "juan pw\r\n', [], b"a9 BAD Unterminated quoted string\r\n"),
     (b'b1 LOGIN "j\\x" pw\r\n', [], b"b1 BAD Invalid escape in quoted string\r\n"),
     (b"b2 AUTHENTICATE PLAIN " + b64(b"\0juan\0pw") + b"\r\n", [Login("juan", "pw", "PLAIN", "b2")], b""),
-    (b"b3 authenticate plain\r\n" + b64(b"juan\0juan\0pw") + b"\r\n", [Login("juan", "pw", "PLAIN", "b3")],
-     b"+ \r\n"),
+    (b"b3 authenticate plain\r\n" + b64(b"juan\0juan\0pw") + b"\r\n", [Login("juan", "pw", "PLAIN", "b3")], b"+ \r\n"),
     (b"b4 AUTHENTICATE PLAIN\r\n*\r\n", [], b"+ \r\nb4 BAD Authentication cancelled.\r\n"),
-    (b"b5 AUTHENTICATE PLAIN " + b64(b"admin\0juan\0pw") + b"\r\n", [],
-     b"b5 NO [AUTHORIZATIONFAILED] Authorization identity not supported.\r\n"),
+    (
+        b"b5 AUTHENTICATE PLAIN " + b64(b"admin\0juan\0pw") + b"\r\n",
+        [],
+        b"b5 NO [AUTHORIZATIONFAILED] Authorization identity not supported.\r\n",
+    ),
     (b"b6 AUTHENTICATE PLAIN !!!\r\n", [], b"b6 BAD Invalid AUTHENTICATE PLAIN response.\r\n"),
     (b"b7 AUTHENTICATE CRAM-MD5\r\n", [], b"b7 NO Unsupported authentication mechanism.\r\n"),
-    (b'b8 ID ("name" "mutt" "version" NIL)\r\n', [],
-     b'* ID ("name" "pwmail imap-proxy")\r\nb8 OK ID completed.\r\n'),
+    (b'b8 ID ("name" "mutt" "version" NIL)\r\n', [], b'* ID ("name" "pwmail imap-proxy")\r\nb8 OK ID completed.\r\n'),
     (b"b9 ID NIL\r\n", [], b'* ID ("name" "pwmail imap-proxy")\r\nb9 OK ID completed.\r\n'),
     (b'c1 ID ("name")\r\n', [], b"c1 BAD ID needs field-value pairs\r\n"),
     (b"c2 SELECT INBOX\r\n", [], b"c2 BAD Not logged in\r\n"),
@@ -56,7 +71,7 @@ CASES = [
     (b"c5\r\n", [], b"c5 BAD Missing command\r\n"),
     (b"c6 LOGIN {2000}\r\n", [], b"c6 BAD [LIMIT] Literal too big\r\n"),
     (b"c7 LOGIN \xff pw\r\n", [], b"c7 BAD Invalid characters in command\r\n"),
-    (b"c8 NOOP\nc9 NOOP\n", [], b"c8 OK NOOP completed.\r\nc9 OK NOOP completed.\r\n"),   # bare LF accepted
+    (b"c8 NOOP\nc9 NOOP\n", [], b"c8 OK NOOP completed.\r\nc9 OK NOOP completed.\r\n"),  # bare LF accepted
 ]
 
 
@@ -79,8 +94,10 @@ def test_logindisabled_before_tls_when_plaintext_is_off():
     conn = ServerConnection(starttls=True, plaintext_auth=False)
     assert conn.capabilities()[-2:] == ["STARTTLS", "LOGINDISABLED"]
     _, out = drive(conn, b"a LOGIN juan pw\r\nb AUTHENTICATE PLAIN " + b64(b"\0juan\0pw") + b"\r\n")
-    assert out == (b"a NO [PRIVACYREQUIRED] Plaintext authentication disallowed, use STARTTLS first.\r\n"
-                   b"b NO [PRIVACYREQUIRED] Plaintext authentication disallowed, use STARTTLS first.\r\n")
+    assert out == (
+        b"a NO [PRIVACYREQUIRED] Plaintext authentication disallowed, use STARTTLS first.\r\n"
+        b"b NO [PRIVACYREQUIRED] Plaintext authentication disallowed, use STARTTLS first.\r\n"
+    )
     events, out = drive(conn, b"c STARTTLS\r\nd LOGIN injected pw\r\n")
     assert events == [StartTLS("c")]
     conn.accept_stls()
@@ -157,7 +174,7 @@ def test_command_over_the_total_limit_is_refused():
     part = b"{%d+}\r\n%s " % (I.MAX_LITERAL, b"v" * I.MAX_LITERAL)
     data = b'a ID ("f" ' + part * (I.MAX_COMMAND // I.MAX_LITERAL + 1)
     conn.receive_data(data)
-    with pytest.raises(RemoteProtocolError):       # a LITERAL+ that would pass the total: fatal
+    with pytest.raises(RemoteProtocolError):  # a LITERAL+ that would pass the total: fatal
         for _ in range(100):
             conn.next_event()
     assert b"[LIMIT]" in bytes(conn.data_to_send())
@@ -172,7 +189,7 @@ def test_too_many_bad_commands_end_the_session():
 
 def test_too_much_pipelined_input_is_fatal():
     conn = ServerConnection()
-    drive(conn, b"a LOGIN juan pw\r\n")          # waiting for the answer: nothing more is parsed
+    drive(conn, b"a LOGIN juan pw\r\n")  # waiting for the answer: nothing more is parsed
     conn.receive_data(b"b NOOP\r\n" * (I.MAX_PENDING_INPUT // 8 + 1))
     with pytest.raises(RemoteProtocolError):
         conn.receive_data(b"c NOOP\r\n")
@@ -188,12 +205,40 @@ def test_id_limits():
 
 
 # --- Fuzz: parse, or raise the peer-error type, nothing else; always bounded --------------------
-VALID = [b"a LOGIN juan pw\r\n", b'b LOGIN "j\\"u" {2+}\r\npw\r\n', b"c LOGIN {4}\r\njuan pw\r\n",
-         b"d AUTHENTICATE PLAIN " + b64(b"\0juan\0pw") + b"\r\n", b"e AUTHENTICATE PLAIN\r\n=\r\n",
-         b'f ID ("name" "x" "os" NIL)\r\n', b"g CAPABILITY\r\n", b"h STARTTLS\r\n", b"i NOOP\r\n",
-         b"j LOGOUT\r\n", b"k AUTHENTICATE PLAIN\r\n*\r\n"]
-WORDS = [b"{", b"}", b"+}", b"{5}", b"{0+}", b"(", b")", b'"', b"\\", b" ", b"\r\n", b"\n", b"\r", b"\x00",
-         b"\xff", b"NIL", b"*", b"]", b"{99999999999}"]
+VALID = [
+    b"a LOGIN juan pw\r\n",
+    b'b LOGIN "j\\"u" {2+}\r\npw\r\n',
+    b"c LOGIN {4}\r\njuan pw\r\n",
+    b"d AUTHENTICATE PLAIN " + b64(b"\0juan\0pw") + b"\r\n",
+    b"e AUTHENTICATE PLAIN\r\n=\r\n",
+    b'f ID ("name" "x" "os" NIL)\r\n',
+    b"g CAPABILITY\r\n",
+    b"h STARTTLS\r\n",
+    b"i NOOP\r\n",
+    b"j LOGOUT\r\n",
+    b"k AUTHENTICATE PLAIN\r\n*\r\n",
+]
+WORDS = [
+    b"{",
+    b"}",
+    b"+}",
+    b"{5}",
+    b"{0+}",
+    b"(",
+    b")",
+    b'"',
+    b"\\",
+    b" ",
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b"\x00",
+    b"\xff",
+    b"NIL",
+    b"*",
+    b"]",
+    b"{99999999999}",
+]
 
 
 def mutate(rnd, data: bytes) -> bytes:
@@ -214,7 +259,8 @@ fuzz_input = st.one_of(
     st.binary(max_size=400),
     st.lists(st.one_of(st.sampled_from(VALID + WORDS), st.binary(max_size=30)), max_size=40).map(b"".join),
     st.tuples(st.lists(st.sampled_from(VALID), min_size=1, max_size=8), st.randoms()).map(
-        lambda t: b"".join(mutate(t[1], v) for v in t[0])),
+        lambda t: b"".join(mutate(t[1], v) for v in t[0])
+    ),
 )
 
 
@@ -227,10 +273,10 @@ def test_fuzz_parser_only_events_or_peer_errors(data, starttls, plaintext, chunk
     sent = 0
     try:
         for i in range(0, len(data) + 1, chunk):
-            conn.receive_data(data[i:i + chunk] if i < len(data) else b"")
+            conn.receive_data(data[i : i + chunk] if i < len(data) else b"")
             for _ in range(1000):
                 ev = conn.next_event()
-                assert len(conn._in) <= I.MAX_PENDING_INPUT + chunk      # buffered input stays bounded
+                assert len(conn._in) <= I.MAX_PENDING_INPUT + chunk  # buffered input stays bounded
                 if ev is NEED_DATA:
                     break
                 assert ev is not NEED_REPLY, "NEED_REPLY with every event answered"
@@ -239,7 +285,7 @@ def test_fuzz_parser_only_events_or_peer_errors(data, starttls, plaintext, chunk
                     return
                 if isinstance(ev, Login):
                     assert ev.user and ev.password and len(ev.user.encode()) <= I.MAX_CREDENTIAL
-                    conn.reject_login()        # accept_login would end the pre-login part
+                    conn.reject_login()  # accept_login would end the pre-login part
                 else:
                     conn.accept_stls()
                 out = bytes(conn.data_to_send())

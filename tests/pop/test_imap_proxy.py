@@ -2,6 +2,7 @@
 verbatim): userdb passwd and passdb shadow through libnss_pwserver in a
 private mount namespace, the hashed Maildirs that delivery writes. Real
 clients: Python's imaplib and curl."""
+
 from __future__ import annotations
 
 import base64
@@ -21,29 +22,47 @@ import time
 import pytest
 
 from tests.support.imap_util import DovecotImap, docs_block, start_imap_proxy
-from tests.support.pop_util import (NSS_DIR, UID0, client_conf, deliver, free_port, make_root, message, self_signed,
-                                    write_users)
+from tests.support.pop_util import (
+    NSS_DIR,
+    UID0,
+    client_conf,
+    deliver,
+    free_port,
+    make_root,
+    message,
+    self_signed,
+    write_users,
+)
 from tests.support.pwtest import PwServer, write_key
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.root,
-    pytest.mark.skipif(not shutil.which("dovecot") or not pathlib.Path("/usr/lib/dovecot/imap").exists(),
-                       reason="dovecot-imapd not installed (deps/debian-packages.txt)"),
+    pytest.mark.skipif(
+        not shutil.which("dovecot") or not pathlib.Path("/usr/lib/dovecot/imap").exists(),
+        reason="dovecot-imapd not installed (deps/debian-packages.txt)",
+    ),
     pytest.mark.skipif(os.geteuid() != 0, reason="Dovecot's master and mount namespaces need root"),
-    pytest.mark.skipif(not (NSS_DIR / "libnss_pwserver.so.2").exists(),
-                       reason="libnss_pwserver.so.2 not built (make nss)"),
+    pytest.mark.skipif(
+        not (NSS_DIR / "libnss_pwserver.so.2").exists(), reason="libnss_pwserver.so.2 not built (make nss)"
+    ),
 ]
 
 DELAY = 0.5
 TIMEOUT = 20
-USERS = {"ana": ("ana imap", "store1"), "bruno": ("bruno-imap", "store2"), "carla": ('ca"rla\\', "store1"),
-         "dario": ("dario-imap", "doomed"), "elena": ("elena-imap", "store1"), "frozen": ("frozen-imap", "store1"),
-         "gone": ("gone-imap", "nowhere")}
+USERS = {
+    "ana": ("ana imap", "store1"),
+    "bruno": ("bruno-imap", "store2"),
+    "carla": ('ca"rla\\', "store1"),
+    "dario": ("dario-imap", "doomed"),
+    "elena": ("elena-imap", "store1"),
+    "frozen": ("frozen-imap", "store1"),
+    "gone": ("gone-imap", "nowhere"),
+}
 
 
 def uid_of(user: str) -> int:
-    return UID0 + sorted(USERS).index(user)       # as write_users numbers them
+    return UID0 + sorted(USERS).index(user)  # as write_users numbers them
 
 
 @pytest.fixture(scope="module")
@@ -60,17 +79,30 @@ def bed(tmp_path_factory):
         layouts = {name: make_root(shared / name) for name in ("store1", "store2")}
         with PwServer(users, shadow_key=key) as pws:
             conf = client_conf(tmp / "pwserver.conf", pws.address, key)
-            with DovecotImap(shared / "dove1", layouts["store1"], conf, "127.0.0.6", tls=(cert, certkey)) as d1, \
-                    DovecotImap(shared / "dove2", layouts["store2"], conf, "127.0.0.7") as d2:
-                settings = (f'backends = {{store1 = "127.0.0.6:{d1.port}", store2 = "127.0.0.7:{d2.port}", '
-                            f'nowhere = "127.0.0.1:{free_port()}"}}\nauth_failure_delay = {DELAY}\n'
-                            f'backend_retries = 0\ntls_cert = "{cert}"\ntls_key = "{certkey}"\n'
-                            'tls_listen = "127.0.0.1:0"\n')
+            with (
+                DovecotImap(shared / "dove1", layouts["store1"], conf, "127.0.0.6", tls=(cert, certkey)) as d1,
+                DovecotImap(shared / "dove2", layouts["store2"], conf, "127.0.0.7") as d2,
+            ):
+                settings = (
+                    f'backends = {{store1 = "127.0.0.6:{d1.port}", store2 = "127.0.0.7:{d2.port}", '
+                    f'nowhere = "127.0.0.1:{free_port()}"}}\nauth_failure_delay = {DELAY}\n'
+                    f'backend_retries = 0\ntls_cert = "{cert}"\ntls_key = "{certkey}"\n'
+                    'tls_listen = "127.0.0.1:0"\n'
+                )
                 with start_imap_proxy(tmp, conf, settings) as proxy:
                     m = re.search(r"imap-proxy \(IMAPS\): ready on (\S+):(\d+)", proxy.output())
-                    yield {"tmp": tmp, "shared": shared, "layouts": layouts, "dove": {"store1": d1, "store2": d2},
-                           "proxy": proxy, "imaps": (m.group(1), int(m.group(2))), "cert": cert,
-                           "certkey": certkey, "conf": conf, "settings": settings}
+                    yield {
+                        "tmp": tmp,
+                        "shared": shared,
+                        "layouts": layouts,
+                        "dove": {"store1": d1, "store2": d2},
+                        "proxy": proxy,
+                        "imaps": (m.group(1), int(m.group(2))),
+                        "cert": cert,
+                        "certkey": certkey,
+                        "conf": conf,
+                        "settings": settings,
+                    }
     finally:
         shutil.rmtree(shared, ignore_errors=True)
 
@@ -142,8 +174,9 @@ def test_dovecot_runs_the_documented_block(bed):
     documented = dove.workdir / "local-imap.conf"
     assert documented.read_text() == docs_block()
     assert f"!include {documented}\n" in dove.conf.read_text()
-    r = subprocess.run(["doveconf", "-c", str(dove.conf), "-h", "protocols"], capture_output=True, text=True,
-                       timeout=30)
+    r = subprocess.run(
+        ["doveconf", "-c", str(dove.conf), "-h", "protocols"], capture_output=True, text=True, timeout=30
+    )
     assert r.stdout.split() == ["imap", "pop3"], r.stderr
 
 
@@ -185,7 +218,7 @@ def test_authenticate_plain_sasl_ir_and_quoted_password(bed):
     assert b"x2 OK" in tagged(s, b"x2")
     s.close()
     m = imaplib.IMAP4(*bed["proxy"].address, timeout=TIMEOUT)
-    assert m.login("carla", USERS["carla"][0])[0] == "OK"      # imaplib quotes the " and \
+    assert m.login("carla", USERS["carla"][0])[0] == "OK"  # imaplib quotes the " and \
     m.logout()
 
 
@@ -233,7 +266,7 @@ def test_idle_woken_by_delivery(bed):
     s.sendall(b"i3 IDLE\r\n")
     assert read_until(s, b"\r\n").startswith(b"+ ")
     put(bed, "bruno", message("wake up"))
-    s.settimeout(60)          # Dovecot notices new mail through inotify, at worst at its next check
+    s.settimeout(60)  # Dovecot notices new mail through inotify, at worst at its next check
     seen = b""
     while not re.search(rb"\* %d EXISTS\r\n" % (exists + 1), seen):
         chunk = s.recv(65536)
@@ -251,15 +284,35 @@ def test_curl_imap(bed):
     m.login("elena", USERS["elena"][0])
     n = int(m.select("INBOX")[1][0])
     m.logout()
-    r = subprocess.run(["curl", "-sS", "--max-time", str(TIMEOUT), "-u", f"elena:{USERS['elena'][0]}",
-                        f"imap://{bed['proxy'].address[0]}:{bed['proxy'].address[1]}/INBOX;MAILINDEX={n}"],
-                       capture_output=True, timeout=TIMEOUT + 5)
+    r = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            str(TIMEOUT),
+            "-u",
+            f"elena:{USERS['elena'][0]}",
+            f"imap://{bed['proxy'].address[0]}:{bed['proxy'].address[1]}/INBOX;MAILINDEX={n}",
+        ],
+        capture_output=True,
+        timeout=TIMEOUT + 5,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.replace(b"\r\n", b"\n") == body
-    r = subprocess.run(["curl", "-sS", "--max-time", str(TIMEOUT), "-u", "elena:wrong",
-                        f"imap://{bed['proxy'].address[0]}:{bed['proxy'].address[1]}/INBOX"],
-                       capture_output=True, timeout=TIMEOUT + 5)
-    assert r.returncode == 67, r      # CURLE_LOGIN_DENIED
+    r = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            str(TIMEOUT),
+            "-u",
+            "elena:wrong",
+            f"imap://{bed['proxy'].address[0]}:{bed['proxy'].address[1]}/INBOX",
+        ],
+        capture_output=True,
+        timeout=TIMEOUT + 5,
+    )
+    assert r.returncode == 67, r  # CURLE_LOGIN_DENIED
 
 
 def _failed_login(bed, user: str, password: str) -> tuple[bytes, float]:
@@ -325,14 +378,15 @@ def test_imap_deletion_seen_by_pop(bed):
 
 
 def test_unfinished_literal_is_cut_by_prelogin_timeout(bed, tmp_path):
-    with start_imap_proxy(tmp_path, bed["conf"], bed["settings"].replace('tls_listen = "127.0.0.1:0"\n', "")
-                          + "prelogin_timeout = 1.0\n") as proxy:
+    with start_imap_proxy(
+        tmp_path, bed["conf"], bed["settings"].replace('tls_listen = "127.0.0.1:0"\n', "") + "prelogin_timeout = 1.0\n"
+    ) as proxy:
         s = raw(bed, proxy.address)
         s.sendall(b"t1 LOGIN {64}\r\n")
         assert read_until(s, b"\r\n").startswith(b"+ ")
         s.sendall(b"only a few")
         started = time.monotonic()
-        rest = read_until(s, b"\x00")          # until the proxy closes
+        rest = read_until(s, b"\x00")  # until the proxy closes
         assert rest == b"* BYE Disconnected for inactivity.\r\n"
         assert time.monotonic() - started < 15
         s.close()
@@ -340,7 +394,7 @@ def test_unfinished_literal_is_cut_by_prelogin_timeout(bed, tmp_path):
 
 def test_backend_killed_mid_session_closes_client(bed):
     layout = make_root(bed["shared"] / "doomed")
-    deliver(layout, "dario", message("doomed"), uid_of("dario"), UID0)     # (the Maildir, owned by dario)
+    deliver(layout, "dario", message("doomed"), uid_of("dario"), UID0)  # (the Maildir, owned by dario)
     with DovecotImap(bed["shared"] / "dove-doomed", layout, bed["conf"], "127.0.0.8") as dove:
         settings = bed["settings"].replace("store1 =", f'doomed = "127.0.0.8:{dove.port}", store1 =')
         settings = settings.replace('tls_listen = "127.0.0.1:0"\n', "")
@@ -357,7 +411,7 @@ def test_backend_killed_mid_session_closes_client(bed):
                     pass
             s.settimeout(30)
             tail = b""
-            while chunk := s.recv(65536):     # the proxy closes the client's side: EOF, not a hang
+            while chunk := s.recv(65536):  # the proxy closes the client's side: EOF, not a hang
                 tail += chunk
                 assert len(tail) < 65536
             s.close()
@@ -369,12 +423,12 @@ def test_long_literals_both_ways(bed):
     """A 3 MiB APPEND literal up and its FETCH down pass the relay untouched."""
     big = message("big", lines=3) + b"".join(b"%07d %s\r\n" % (i, b"x" * 60) for i in range(3 * 1024 * 1024 // 70))
     big = big.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    put(bed, "elena", message("before the big one"))       # (the Maildir, owned by elena)
+    put(bed, "elena", message("before the big one"))  # (the Maildir, owned by elena)
     m = imaplib.IMAP4(*bed["proxy"].address, timeout=60)
     m.login("elena", USERS["elena"][0])
     typ, data = m.append("INBOX", None, None, big)
     assert typ == "OK", data
-    uid = re.search(rb"\[APPENDUID \d+ (\d+)\]", data[0]).group(1).decode()     # (UIDPLUS)
+    uid = re.search(rb"\[APPENDUID \d+ (\d+)\]", data[0]).group(1).decode()  # (UIDPLUS)
     m.select("INBOX")
     typ, data = m.uid("FETCH", uid, "(BODY.PEEK[])")
     m.logout()
@@ -399,8 +453,22 @@ def test_backend_over_tls(bed, tmp_path, mode):
 
 def test_curl_imaps(bed):
     put(bed, "ana", message("curl imaps"))
-    r = subprocess.run(["curl", "-sS", "--max-time", str(TIMEOUT), "--cacert", bed["cert"],
-                        "-u", f"ana:{USERS['ana'][0]}", f"imaps://{bed['imaps'][0]}:{bed['imaps'][1]}/",
-                        "-X", "EXAMINE INBOX"], capture_output=True, timeout=TIMEOUT + 5)
+    r = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            str(TIMEOUT),
+            "--cacert",
+            bed["cert"],
+            "-u",
+            f"ana:{USERS['ana'][0]}",
+            f"imaps://{bed['imaps'][0]}:{bed['imaps'][1]}/",
+            "-X",
+            "EXAMINE INBOX",
+        ],
+        capture_output=True,
+        timeout=TIMEOUT + 5,
+    )
     assert r.returncode == 0, r.stderr
     assert re.search(rb"\* \d+ EXISTS", r.stdout), r.stdout

@@ -2,6 +2,7 @@
 unknown user, a throttled client, pwserver down, a mailbox being moved,
 LOGINDISABLED before STARTTLS, the connection limits. A real pwserver on
 loopback; no Dovecot (tests/test_imap_proxy.py has the logins that work)."""
+
 from __future__ import annotations
 
 import re
@@ -25,9 +26,11 @@ def bed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("imap-errors")
     cert, key = self_signed(tmp)
     with users_pwserver(tmp, USERS, frozen={"moving"}) as conf:
-        settings = (f'backends = {{store1 = "127.0.0.1:{free_port()}"}}\nauth_failure_delay = {DELAY}\n'
-                    f'backend_retries = 0\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
-                    "throttle_user_ip_failures = 3\n")
+        settings = (
+            f'backends = {{store1 = "127.0.0.1:{free_port()}"}}\nauth_failure_delay = {DELAY}\n'
+            f'backend_retries = 0\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+            "throttle_user_ip_failures = 3\n"
+        )
         with start_imap_proxy(tmp, conf, settings) as proxy:
             yield {"tmp": tmp, "conf": conf, "proxy": proxy, "settings": settings, "cert": cert}
 
@@ -78,7 +81,7 @@ def test_pwserver_down_is_unavailable(bed):
 
 def test_throttled_by_the_shared_throttle(bed):
     answers = []
-    for n in range(5):          # three failures for (user, address), then refused: a new connection each
+    for n in range(5):  # three failures for (user, address), then refused: a new connection each
         s = greet(bed["proxy"].address)
         answers.append(ask(s, b"t%d" % n, b"LOGIN throttled wrong"))
         s.close()
@@ -88,8 +91,9 @@ def test_throttled_by_the_shared_throttle(bed):
 
 
 def test_logindisabled_until_starttls(bed):
-    with start_imap_proxy(bed["tmp"], bed["conf"], bed["settings"] + "plaintext_auth = false\n",
-                          name="imap-proxy-tlsonly") as proxy:
+    with start_imap_proxy(
+        bed["tmp"], bed["conf"], bed["settings"] + "plaintext_auth = false\n", name="imap-proxy-tlsonly"
+    ) as proxy:
         s = socket.create_connection(proxy.address, timeout=TIMEOUT)
         greeting = s.recv(4096)
         assert b"LOGINDISABLED" in greeting and b"STARTTLS" in greeting and b"AUTH=PLAIN" not in greeting
@@ -104,8 +108,9 @@ def test_logindisabled_until_starttls(bed):
 
 
 def test_too_many_connections_per_address(bed):
-    with start_imap_proxy(bed["tmp"], bed["conf"], bed["settings"] + "max_connections_per_ip = 2\n",
-                          name="imap-proxy-few") as proxy:
+    with start_imap_proxy(
+        bed["tmp"], bed["conf"], bed["settings"] + "max_connections_per_ip = 2\n", name="imap-proxy-few"
+    ) as proxy:
         held = [greet(proxy.address) for _ in range(2)]
         s = socket.create_connection(proxy.address, timeout=TIMEOUT)
         assert s.recv(4096) == b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n"
@@ -121,7 +126,7 @@ def test_sighup_rereads_imap_and_sigterm_drains(bed):
         settings.write_text("[imap]\n" + bed["settings"] + "max_connections_per_ip = 1\n")
         proxy.signal(signal.SIGHUP)
         proxy.wait_line(r"reloaded settings", "the reload")
-        s = socket.create_connection(proxy.address, timeout=TIMEOUT)      # a second one: over the new limit
+        s = socket.create_connection(proxy.address, timeout=TIMEOUT)  # a second one: over the new limit
         assert s.recv(4096) == b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n"
         s.close()
         held.close()

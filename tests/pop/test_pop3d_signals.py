@@ -2,6 +2,7 @@
 stops listening and lets open sessions finish within shutdown_grace. Each
 test runs its own pop3d (it gets signals) against one real pwserver, with
 poplib or a plain socket as the client."""
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,7 @@ from tests.support.pwtest import wait_for
 
 USERS = {"juan": ("juan-pw", "127.0.0.1"), "maria": ("maria pw", "127.0.0.1")}
 HOST = "127.0.0.1"
-OTHER = "127.0.0.2"          # a second client address on loopback (a "proxy" for trusted_networks)
+OTHER = "127.0.0.2"  # a second client address on loopback (a "proxy" for trusted_networks)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,7 @@ def bed(tmp_path, pwserver):
         d = start_pop3d(tmp_path, tmp_path / "spool", pwserver, host=HOST, settings=settings)
         started.append(d)
         return d
+
     # the file start_pop3d writes and names in PWMAIL_CONF
     yield {"layout": layout, "start": start, "settings": tmp_path / f"pwmail-pop3d-{HOST}.toml"}
     for d in started:
@@ -74,8 +76,9 @@ def hup_and_wait(d, line: str) -> None:
     """SIGHUP, then wait until the log has one more `line` than before."""
     before = d.output().count(line)
     d.signal(signal.SIGHUP)
-    wait_for(lambda: d.output().count(line) > before, timeout=10,
-             describe=lambda: f"no {line!r} after SIGHUP:\n{d.output()}")
+    wait_for(
+        lambda: d.output().count(line) > before, timeout=10, describe=lambda: f"no {line!r} after SIGHUP:\n{d.output()}"
+    )
 
 
 def refused(address) -> bool:
@@ -100,8 +103,9 @@ def test_sighup_applies_new_settings_to_new_sessions_only(bed):
     old_proxy, greeting = connect(d, OTHER)
     assert greeting.startswith(b"+OK") and b"[XCLIENT]" not in greeting
     old_client = poplib.POP3(*d.address, timeout=10)
-    bed["settings"].write_text(f'[pop]\ntrusted_networks = ["{OTHER}/32"]\npop3d_failure_delay = 0.0\n'
-                               "pop3d_timeout = 1.0\n")
+    bed["settings"].write_text(
+        f'[pop]\ntrusted_networks = ["{OTHER}/32"]\npop3d_failure_delay = 0.0\npop3d_timeout = 1.0\n'
+    )
     hup_and_wait(d, "reloaded settings")
     assert d.proc.poll() is None
 
@@ -126,7 +130,7 @@ def test_sighup_applies_new_settings_to_new_sessions_only(bed):
     # sessions open before the SIGHUP keep what they started with
     assert command(old_proxy, "XCLIENT ADDR=192.0.2.8 PORT=4001").startswith(b"-ERR")
     assert failed_login_time(old_client) >= 1.0
-    assert "USER" in old_client.capa()                              # idle > 1 s, still open
+    assert "USER" in old_client.capa()  # idle > 1 s, still open
     old_proxy.close()
     old_client.quit()
 
@@ -134,9 +138,11 @@ def test_sighup_applies_new_settings_to_new_sessions_only(bed):
 def test_sighup_with_a_bad_file_keeps_the_old_settings(bed):
     deliver(bed["layout"], "juan", message("kept"))
     d = bed["start"](f'trusted_networks = ["{OTHER}/32"]\n')
-    for bad in ("trusted_networks = [\n",                     # not TOML
-                'trusted_networks = ["not a network"]\n',      # TOML, but no network
-                "pop3d_timeout = 1\nno_such_key = 2\n"):        # a typo in a key
+    for bad in (
+        "trusted_networks = [\n",  # not TOML
+        'trusted_networks = ["not a network"]\n',  # TOML, but no network
+        "pop3d_timeout = 1\nno_such_key = 2\n",
+    ):  # a typo in a key
         bed["settings"].write_text("[pop]\n" + bad)
         hup_and_wait(d, "reload failed, keeping the old settings")
         assert d.proc.poll() is None
@@ -149,7 +155,7 @@ def test_sighup_with_a_bad_file_keeps_the_old_settings(bed):
     out = d.output()
     assert "reloaded settings" not in out
     assert out.count("reload failed, keeping the old settings") == 3
-    assert f"SettingsError: {bed['settings']}" in out                  # each reason is logged
+    assert f"SettingsError: {bed['settings']}" in out  # each reason is logged
     assert "'not a network' does not appear to be an IPv4 or IPv6 network" in out
     assert "unknown key(s) in [pop]: no_such_key" in out
     p = login(d, "juan")
@@ -167,11 +173,11 @@ def test_sighup_root_change_is_restart_only(bed, tmp_path):
     out = d.output()
     assert "reload: root changed; it takes effect at restart" in out
     assert "reload: layout changed; it takes effect at restart" in out
-    p = login(d, "juan")                       # still the first spool
+    p = login(d, "juan")  # still the first spool
     assert p.stat()[0] == 1
     p.quit()
     # the file's root stays ignored on the next reload too (no new warning)
-    bed["settings"].write_text('[pop]\npop3d_timeout = 100.0\n')
+    bed["settings"].write_text("[pop]\npop3d_timeout = 100.0\n")
     hup_and_wait(d, "reloaded settings")
     assert d.output().count("root changed") == 1
 
@@ -181,9 +187,9 @@ def test_sigterm_lets_open_sessions_finish(bed):
     layout = bed["layout"]
     paths = [deliver(layout, "juan", message(s)) for s in ("one", "two")]
     deliver(layout, "maria", message("hers"))
-    d = bed["start"]()                          # shutdown_grace: the default, 30 s
+    d = bed["start"]()  # shutdown_grace: the default, 30 s
     juan = login(d, "juan")
-    maria = poplib.POP3(*d.address, timeout=10)      # connected, not yet logged in
+    maria = poplib.POP3(*d.address, timeout=10)  # connected, not yet logged in
     d.signal(signal.SIGTERM)
     d.wait_line(r"stopping: 2 sessions open", "the drain", timeout=10)
     assert refused(d.address)
@@ -195,11 +201,11 @@ def test_sigterm_lets_open_sessions_finish(bed):
     _, lines, _ = juan.retr(1)
     assert b"\n".join(lines) + b"\n" == message("one")
     juan.dele(1)
-    assert d.proc.poll() is None               # juan's session still open
+    assert d.proc.poll() is None  # juan's session still open
     juan.quit()
     ended = time.monotonic()
     assert exit_status(d, 10) == 0
-    assert time.monotonic() - ended < 5        # the grace is 30 s
+    assert time.monotonic() - ended < 5  # the grace is 30 s
     cur = layout.path("juan") / "cur"
     assert [n.split(":")[0] for n in os.listdir(cur)] == [os.path.basename(paths[1])]
     out = d.output()
@@ -217,7 +223,7 @@ def test_sigterm_cuts_idle_sessions_after_the_grace(bed):
     assert exit_status(d, 10) == 0
     assert 0.9 < time.monotonic() - t0 < 5
     juan.sock.settimeout(5)
-    assert juan.file.readline() == b""         # closed by pop3d, nothing more said
+    assert juan.file.readline() == b""  # closed by pop3d, nothing more said
     juan.close()
     assert os.listdir(bed["layout"].path("juan") / "cur") == [os.path.basename(path) + ":2,"]
     out = d.output()

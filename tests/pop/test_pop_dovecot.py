@@ -3,6 +3,7 @@ shadow through libnss_pwserver (nsswitch.conf overlaid in a private mount
 namespace, never the real one), mail_location on the same hashed Maildirs
 that delivery writes, XCLIENT from the proxy. Real clients: poplib, curl,
 mpop, fetchmail."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,21 @@ import time
 
 import pytest
 
-from tests.support.pop_util import (NSS_DIR, UID0, Dovecot, client_conf, curl_pop, deliver, fetchmail_fetch, make_root,
-                      message, mpop_fetch, self_signed, start_proxy, write_users)
+from tests.support.pop_util import (
+    NSS_DIR,
+    UID0,
+    Dovecot,
+    client_conf,
+    curl_pop,
+    deliver,
+    fetchmail_fetch,
+    make_root,
+    message,
+    mpop_fetch,
+    self_signed,
+    start_proxy,
+    write_users,
+)
 from tests.support.pwtest import PwServer, write_key
 
 pytestmark = [
@@ -25,18 +39,26 @@ pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(not shutil.which("dovecot"), reason="dovecot-pop3d not installed (deps/debian-packages.txt)"),
     pytest.mark.skipif(os.geteuid() != 0, reason="Dovecot's master and mount namespaces need root"),
-    pytest.mark.skipif(not (NSS_DIR / "libnss_pwserver.so.2").exists(), reason="libnss_pwserver.so.2 not built (make nss)"),
+    pytest.mark.skipif(
+        not (NSS_DIR / "libnss_pwserver.so.2").exists(), reason="libnss_pwserver.so.2 not built (make nss)"
+    ),
 ]
 
 DELAY = 0.5
-USERS = {"ana": ("ana dove", "dove"), "bruno": ("bruno-dove", "dove"), "carla": ("carla-dove", "dove"),
-         "dario": ("dario-dove", "dove"), "elena": ("elena-dove", "dove"),
-         "yroot": ("yroot-dove", "dove"), "zlow": ("zlow-dove", "dove")}
-LOW_UID = 500       # below first_valid_uid
+USERS = {
+    "ana": ("ana dove", "dove"),
+    "bruno": ("bruno-dove", "dove"),
+    "carla": ("carla-dove", "dove"),
+    "dario": ("dario-dove", "dove"),
+    "elena": ("elena-dove", "dove"),
+    "yroot": ("yroot-dove", "dove"),
+    "zlow": ("zlow-dove", "dove"),
+}
+LOW_UID = 500  # below first_valid_uid
 
 
 def uid_of(user: str) -> int:
-    return UID0 + sorted(USERS).index(user)       # as write_users numbers them
+    return UID0 + sorted(USERS).index(user)  # as write_users numbers them
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +79,12 @@ def bed(tmp_path_factory):
         with PwServer(users, shadow_key=key) as pws:
             conf = client_conf(tmp / "pwserver.conf", pws.address, key)
             with Dovecot(shared / "dovecot", layout, conf, "127.0.0.6", tls=(cert, certkey)) as dove:
-                settings = (f'backends = {{dove = "127.0.0.6:{dove.port}"}}\nauth_failure_delay = {DELAY}\n'
-                            f'tls_cert = "{cert}"\ntls_key = "{certkey}"\n')
+                settings = (
+                    f'backends = {{dove = "127.0.0.6:{dove.port}"}}\nauth_failure_delay = {DELAY}\n'
+                    f'tls_cert = "{cert}"\ntls_key = "{certkey}"\n'
+                )
                 with start_proxy(tmp, conf, settings) as proxy:
-                    yield {"tmp": tmp, "layout": layout, "dovecot": dove, "proxy": proxy, "cert": cert,
-                           "conf": conf}
+                    yield {"tmp": tmp, "layout": layout, "dovecot": dove, "proxy": proxy, "cert": cert, "conf": conf}
     finally:
         shutil.rmtree(shared, ignore_errors=True)
 
@@ -72,8 +95,9 @@ def put(bed, user, body) -> str:
 
 
 def test_dovecot_sees_users_through_nss(bed):
-    r = subprocess.run(["doveadm", "-c", str(bed["dovecot"].conf), "user", "ana"], capture_output=True,
-                       text=True, timeout=30)
+    r = subprocess.run(
+        ["doveadm", "-c", str(bed["dovecot"].conf), "user", "ana"], capture_output=True, text=True, timeout=30
+    )
     assert r.returncode == 0, r.stderr + bed["dovecot"].output()
     fields = dict(line.split(None, 1) for line in r.stdout.splitlines() if len(line.split(None, 1)) == 2)
     assert fields["uid"] == str(uid_of("ana"))
@@ -84,7 +108,7 @@ def test_poplib_through_proxy_to_dovecot(bed):
     bodies = [message("dove one"), message("dove two", extra=b".dot\n")]
     paths = [put(bed, "ana", b) for b in bodies]
     src = socket.socket()
-    src.bind(("127.0.0.9", 0))                  # a client address the backend can only learn by XCLIENT
+    src.bind(("127.0.0.9", 0))  # a client address the backend can only learn by XCLIENT
     src.settimeout(10)
     src.connect(bed["proxy"].address)
     p = poplib.POP3.__new__(poplib.POP3)
@@ -154,8 +178,9 @@ def test_mpop_to_dovecot(bed, tmp_path):
     bodies = [message(f"mpop dove {i}") for i in range(2)]
     for b in bodies:
         put(bed, "carla", b)
-    rc, msgs, out = mpop_fetch(tmp_path, bed["proxy"].address, "carla", USERS["carla"][0], keep=False,
-                               cafile=bed["cert"])
+    rc, msgs, out = mpop_fetch(
+        tmp_path, bed["proxy"].address, "carla", USERS["carla"][0], keep=False, cafile=bed["cert"]
+    )
     assert rc == 0, out + bed["dovecot"].output()[-2000:]
     assert msgs == bodies
     assert os.listdir(bed["layout"].path("carla") / "cur") == []
@@ -168,7 +193,7 @@ def test_fetchmail_to_dovecot(bed, tmp_path):
     assert rc == 0, out
     assert len(msgs) == 2
     rc, msgs, out = fetchmail_fetch(tmp_path, bed["proxy"].address, "dario", USERS["dario"][0])
-    assert rc == 1, out                          # UIDL remembered: nothing new
+    assert rc == 1, out  # UIDL remembered: nothing new
 
 
 def test_trap_uid_below_first_valid_uid_is_refused(bed):
@@ -177,17 +202,17 @@ def test_trap_uid_below_first_valid_uid_is_refused(bed):
     p.user("zlow")
     with pytest.raises(poplib.error_proto) as e:
         p.pass_(USERS["zlow"][0])
-    assert e.value.args[0].startswith(b"-ERR [SYS/TEMP]")    # Dovecot's answer, passed on
+    assert e.value.args[0].startswith(b"-ERR [SYS/TEMP]")  # Dovecot's answer, passed on
     time.sleep(0.3)
     assert "Mail access for users with UID 500 not permitted" in bed["dovecot"].output()
 
 
 def test_trap_root_owned_maildir_is_refused(bed):
-    deliver(bed["layout"], "yroot", message("root owned"))     # no uid given: root-owned, 0700
+    deliver(bed["layout"], "yroot", message("root owned"))  # no uid given: root-owned, 0700
     p = poplib.POP3(*bed["proxy"].address, timeout=10)
     p.user("yroot")
     with pytest.raises(poplib.error_proto) as e:
-        p.pass_(USERS["yroot"][0])       # Dovecot may say +OK and then fail to open INBOX
+        p.pass_(USERS["yroot"][0])  # Dovecot may say +OK and then fail to open INBOX
         p.stat()
     assert e.value.args[0].startswith(b"-ERR [SYS/TEMP]")
     time.sleep(0.3)
@@ -200,8 +225,7 @@ def test_proxy_to_dovecot_over_tls(bed, mode):
     backend's certificate is verified against backend_ca."""
     dove = bed["dovecot"]
     port = dove.port if mode == "stls" else dove.pop3s_port
-    settings = (f'backends = {{dove = "127.0.0.6:{port}"}}\nbackend_tls = "{mode}"\n'
-                f'backend_ca = "{bed["cert"]}"\n')
+    settings = f'backends = {{dove = "127.0.0.6:{port}"}}\nbackend_tls = "{mode}"\nbackend_ca = "{bed["cert"]}"\n'
     body = message(f"over {mode}")
     put(bed, "bruno", body)
     with start_proxy(bed["tmp"], bed["conf"], settings, name=f"proxy-{mode}") as proxy:
@@ -211,8 +235,10 @@ def test_proxy_to_dovecot_over_tls(bed, mode):
         n, _ = p.stat()
         assert b"\n".join(p.retr(n)[1]) + b"\n" == body
         p.quit()
-    wrong_ca = (f'backends = {{dove = "127.0.0.6:{port}"}}\nbackend_tls = "{mode}"\n'
-                f'backend_ca = "/etc/ssl/certs/ca-certificates.crt"\nbackend_retries = 0\n')
+    wrong_ca = (
+        f'backends = {{dove = "127.0.0.6:{port}"}}\nbackend_tls = "{mode}"\n'
+        f'backend_ca = "/etc/ssl/certs/ca-certificates.crt"\nbackend_retries = 0\n'
+    )
     with start_proxy(bed["tmp"], bed["conf"], wrong_ca, name=f"proxy-{mode}-badca") as proxy:
         p = poplib.POP3(*proxy.address, timeout=10)
         p.user("bruno")
@@ -223,8 +249,11 @@ def test_proxy_to_dovecot_over_tls(bed, mode):
 def test_dovecot_logged_no_errors(bed):
     log = bed["dovecot"].output()
     assert "Login: user=<ana>" in log
-    bad = [ln for ln in log.splitlines() if (": Error:" in ln or ": Fatal:" in ln or ": Panic:" in ln)
-           and "zlow" not in ln and "yroot" not in ln]
+    bad = [
+        ln
+        for ln in log.splitlines()
+        if (": Error:" in ln or ": Fatal:" in ln or ": Panic:" in ln) and "zlow" not in ln and "yroot" not in ln
+    ]
     assert bad == []
     for pw, _ in USERS.values():
         assert pw not in log

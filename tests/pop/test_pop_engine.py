@@ -2,6 +2,7 @@
 Python proxy alone: the same client bytes must get the same answers, byte
 for byte, whichever side answers them. Two proxies on one pwserver and one
 pop3d: `engine = true` (the default) and `engine = false`."""
+
 from __future__ import annotations
 
 import base64
@@ -12,13 +13,26 @@ import time
 
 import pytest
 
-from tests.support.pop_util import client_conf, deliver, make_root, message, read_reply, start_pop3d, start_proxy, write_users
+from tests.support.pop_util import (
+    client_conf,
+    deliver,
+    make_root,
+    message,
+    read_reply,
+    start_pop3d,
+    start_proxy,
+    write_users,
+)
 from tests.support.pwtest import PwServer, write_key
 
 pytestmark = pytest.mark.slow
 
-USERS = {"ana": ("ana-secret", "store1"), "beto": ("beto pw", "store1"), "frozen": ("frozen-pw", "store1"),
-         "remote": ("remote-pw", "mail.example.invalid")}
+USERS = {
+    "ana": ("ana-secret", "store1"),
+    "beto": ("beto pw", "store1"),
+    "frozen": ("frozen-pw", "store1"),
+    "remote": ("remote-pw", "mail.example.invalid"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +48,27 @@ def bed(tmp_path_factory):
     with PwServer(users, shadow_key=key) as pws:
         conf = client_conf(tmp / "pwserver.conf", pws.address, key)
         store = start_pop3d(tmp, tmp / "store1", conf, host="127.0.0.2", trusted=["127.0.0.0/8"])
-        settings = (f'backends = {{ store1 = "127.0.0.2:{store.port}" }}\n'
-                    "auth_failure_delay = 0.05\nprelogin_timeout = 5.0\nbackend_retries = 0\n"
-                    "backend_connect_timeout = 1.0\nthrottle_user_failures = 100000\n"
-                    "throttle_ip_failures = 100000\nthrottle_user_ip_failures = 100000\nmax_connections_per_ip = 1000\n")
-        with store, start_proxy(tmp, conf, settings, name="engine") as engine, \
-                start_proxy(tmp, conf, settings + "engine = false\n", name="python") as python:
-            yield {"tmp": tmp, "conf": conf, "engine": engine, "python": python, "store": store,
-                   "settings": settings, "pw": pws, "key": key}
+        settings = (
+            f'backends = {{ store1 = "127.0.0.2:{store.port}" }}\n'
+            "auth_failure_delay = 0.05\nprelogin_timeout = 5.0\nbackend_retries = 0\n"
+            "backend_connect_timeout = 1.0\nthrottle_user_failures = 100000\n"
+            "throttle_ip_failures = 100000\nthrottle_user_ip_failures = 100000\nmax_connections_per_ip = 1000\n"
+        )
+        with (
+            store,
+            start_proxy(tmp, conf, settings, name="engine") as engine,
+            start_proxy(tmp, conf, settings + "engine = false\n", name="python") as python,
+        ):
+            yield {
+                "tmp": tmp,
+                "conf": conf,
+                "engine": engine,
+                "python": python,
+                "store": store,
+                "settings": settings,
+                "pw": pws,
+                "key": key,
+            }
 
 
 def session(address, data: bytes, *, timeout: float = 10.0) -> bytes:
@@ -62,13 +89,48 @@ def plain(user: str, password: str) -> str:
 # Lines a client may send before and after login (no DELE: both proxies
 # must find the same mailbox).
 WORDS = [
-    "CAPA", "capa", "CAPA now", "QUIT", "quit", "NOOP", "STAT", "LIST", "UIDL", "RETR 1", "TOP 2 0",
-    "USER ana", "user ana", "USER beto", "USER nobody", "USER frozen", "USER remote", "USER  ana", "USER ana x",
-    "USER", "USER añá", "USER " + "a" * 300, "USER \x01ana",
-    "PASS ana-secret", "pass ana-secret", "PASS beto pw", "PASS  beto pw", "PASS wrong", "PASS frozen-pw",
-    "PASS remote-pw", "PASS", "PASS " + "p" * 300, "PASS tab\there",
-    f"AUTH PLAIN {plain('ana', 'ana-secret')}", f"AUTH PLAIN {plain('beto', 'nope')}", "AUTH", "AUTH PLAIN",
-    "", "\x00", "XCLIENT ADDR=10.1.2.3", "APOP ana 0123456789abcdef", "STLS ",
+    "CAPA",
+    "capa",
+    "CAPA now",
+    "QUIT",
+    "quit",
+    "NOOP",
+    "STAT",
+    "LIST",
+    "UIDL",
+    "RETR 1",
+    "TOP 2 0",
+    "USER ana",
+    "user ana",
+    "USER beto",
+    "USER nobody",
+    "USER frozen",
+    "USER remote",
+    "USER  ana",
+    "USER ana x",
+    "USER",
+    "USER añá",
+    "USER " + "a" * 300,
+    "USER \x01ana",
+    "PASS ana-secret",
+    "pass ana-secret",
+    "PASS beto pw",
+    "PASS  beto pw",
+    "PASS wrong",
+    "PASS frozen-pw",
+    "PASS remote-pw",
+    "PASS",
+    "PASS " + "p" * 300,
+    "PASS tab\there",
+    f"AUTH PLAIN {plain('ana', 'ana-secret')}",
+    f"AUTH PLAIN {plain('beto', 'nope')}",
+    "AUTH",
+    "AUTH PLAIN",
+    "",
+    "\x00",
+    "XCLIENT ADDR=10.1.2.3",
+    "APOP ana 0123456789abcdef",
+    "STLS ",
 ]
 
 
@@ -80,7 +142,7 @@ def script(rnd: random.Random) -> bytes:
     ends = [rnd.choice(["\r\n", "\r\n", "\n"]) for _ in lines]
     data = "".join(line + end for line, end in zip(lines, ends)).encode()
     if rnd.random() < 0.1:
-        data = data[:-1]            # the last line never ends
+        data = data[:-1]  # the last line never ends
     return data
 
 
@@ -95,12 +157,16 @@ def test_engine_and_python_answer_alike(bed):
     assert "Traceback" not in bed["engine"].output() + bed["python"].output()
 
 
-@pytest.mark.parametrize("data", [
-    b"CAPA\r\n" * 300,                                   # past the engine's 1 KiB of history
-    b"USER ana\r\n" + b"CAPA\r\n" * 170 + b"PASS ana-secret\r\nSTAT\r\nQUIT\r\n",
-    b"USER ana\r\nPASS ana-secret\r\n" + b"NOOP\r\n" * 400 + b"QUIT\r\n",   # pipelined past the login
-    b"USER ana\r\n" + b"x" * 2000 + b"\r\n",            # a long line that starts inside the history
-], ids=["many-capa", "capa-then-login", "pipelined-after-login", "long-line"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"CAPA\r\n" * 300,  # past the engine's 1 KiB of history
+        b"USER ana\r\n" + b"CAPA\r\n" * 170 + b"PASS ana-secret\r\nSTAT\r\nQUIT\r\n",
+        b"USER ana\r\nPASS ana-secret\r\n" + b"NOOP\r\n" * 400 + b"QUIT\r\n",  # pipelined past the login
+        b"USER ana\r\n" + b"x" * 2000 + b"\r\n",  # a long line that starts inside the history
+    ],
+    ids=["many-capa", "capa-then-login", "pipelined-after-login", "long-line"],
+)
 def test_long_pipelines_answer_alike(bed, data):
     assert session(bed["engine"].address, data) == session(bed["python"].address, data)
 
@@ -141,9 +207,10 @@ def test_throttle_blocks_reach_the_engine(bed):
 
 def test_clients_that_leave_mid_login_do_not_hurt(bed):
     """Clients vanish at every step of the engine's login; it goes on."""
+
     def leave(step: int):
         s = socket.create_connection(bed["engine"].address, timeout=10)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")   # close = RST
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # close = RST
         s.sendall(b"USER ana\r\nPASS ana-secret\r\n" if step else b"USER ana\r\n")
         if step > 1:
             time.sleep(0.001 * step)
@@ -170,7 +237,7 @@ def test_stop_log_counts_the_engine(bed):
     settings = bed["settings"]
     with start_proxy(bed["tmp"], bed["conf"], settings, name="engine-stop") as proxy:
         session(proxy.address, b"USER ana\r\nPASS ana-secret\r\nQUIT\r\n")
-        session(proxy.address, b"NOOP\r\n")                  # handed over
+        session(proxy.address, b"NOOP\r\n")  # handed over
     out = proxy.output()
     stopping = next(line for line in out.splitlines() if "stopping:" in line)
     assert "'login_ok': 1" in stopping and "'handoffs': 1" in stopping and "'connections': 2" in stopping
@@ -182,14 +249,20 @@ def test_lookups_fail_over_to_the_next_password_server(bed, first):
     a first server that stays silent or refuses is passed over, and the
     login still goes through the engine (no handover)."""
     from tests.support import pwtest
-    blackhole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)     # bound, never answers
+
+    blackhole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound, never answers
     blackhole.bind(("127.0.0.1", 0))
     port = blackhole.getsockname()[1]
     if first == "refusing":
-        blackhole.close()                    # nothing listens: ICMP port unreachable
+        blackhole.close()  # nothing listens: ICMP port unreachable
     try:
-        conf = pwtest.client_conf(bed["tmp"] / f"pwserver-{first}.conf", [f"127.0.0.1:{port}", bed["pw"].address],
-                                  timeout_ms=500, hedge_ms=100, shadow_keyfile=bed["key"])
+        conf = pwtest.client_conf(
+            bed["tmp"] / f"pwserver-{first}.conf",
+            [f"127.0.0.1:{port}", bed["pw"].address],
+            timeout_ms=500,
+            hedge_ms=100,
+            shadow_keyfile=bed["key"],
+        )
         with start_proxy(bed["tmp"], conf, bed["settings"], name=f"engine-{first}") as proxy:
             for _ in range(3):
                 answer = session(proxy.address, b"USER ana\r\nPASS ana-secret\r\nSTAT\r\nQUIT\r\n")

@@ -1,5 +1,6 @@
 """pop3d: crypt(3) checks, the Maildir mailbox, and the daemon with poplib
 against a real pwserver."""
+
 from __future__ import annotations
 
 import base64
@@ -16,8 +17,7 @@ import pytest
 
 from pop import crypt
 from pop.mailbox import MailboxBusy, MaildirMailbox
-from tests.support.pop_util import (client_conf, deliver, make_root, message, read_reply, start_pop3d,
-                      write_users)
+from tests.support.pop_util import client_conf, deliver, make_root, message, read_reply, start_pop3d, write_users
 from tests.support.pwtest import PwServer, free_port, write_key
 
 FAILURE_DELAY = 0.4
@@ -42,26 +42,27 @@ def test_crypt_locked_and_weak_hashes_never_match(hashed):
 def test_crypt_unknown_user_costs_like_a_real_check():
     real = crypt.hash_password("pw", "$y$")
 
-    def fastest(hashed: str) -> float:          # the least disturbed of 5 runs
+    def fastest(hashed: str) -> float:  # the least disturbed of 5 runs
         times = []
         for _ in range(5):
             t0 = time.perf_counter()
             crypt.check_password("wrong", hashed)
             times.append(time.perf_counter() - t0)
         return min(times)
+
     assert 0.5 < fastest("!") / fastest(real) < 2.0
 
 
 def test_dummy_hash_learns_the_method_and_cost_of_the_first_real_user():
     dummy = crypt.DummyHash()
-    assert dummy.hash.startswith("$y$") and not dummy.settled        # libxcrypt's default until then
+    assert dummy.hash.startswith("$y$") and not dummy.settled  # libxcrypt's default until then
     real = crypt.hash_password("pw", "$6$", 20000)
-    assert not dummy.check("pw", None)                               # no user: never matches
-    dummy.learn("!")                                                 # a locked account teaches nothing
+    assert not dummy.check("pw", None)  # no user: never matches
+    dummy.learn("!")  # a locked account teaches nothing
     assert not dummy.settled
     assert not dummy.check("wrong", real)
     assert dummy.hash.startswith("$6$rounds=20000$") and dummy.hash != real
-    dummy.learn(crypt.hash_password("pw", "$y$"))                    # once: the first one decides
+    dummy.learn(crypt.hash_password("pw", "$y$"))  # once: the first one decides
     assert dummy.hash.startswith("$6$rounds=20000$")
     assert dummy.check("pw", real) and not dummy.check("pw", None) and not dummy.check("pw", "!")
 
@@ -70,7 +71,7 @@ def test_dummy_hash_configured_model():
     model = crypt.hash_password("anything", "$y$", 7)
     dummy = crypt.DummyHash(model)
     assert dummy.hash.startswith(model[:7]) and dummy.hash != model and dummy.settled
-    dummy.learn(crypt.hash_password("pw", "$6$"))                    # a configured model stays
+    dummy.learn(crypt.hash_password("pw", "$6$"))  # a configured model stays
     assert dummy.hash.startswith(model[:7])
     for bad in ("!", "$1$abc$def", "$y$nonsense"):
         with pytest.raises(crypt.CryptError):
@@ -100,7 +101,7 @@ def test_mailbox_moves_new_to_cur_and_keeps_uidl(tmp_path):
         assert sorted(os.listdir(box_path / "cur")) == sorted(os.path.basename(p) + ":2," for p in (p1, p2))
         assert box.messages[0].size == len(message("one")) + message("one").count(b"\n")
         assert box.stat() == (2, sum(m.size for m in box.messages))
-    with MaildirMailbox(box_path) as box:      # a second session: same UIDLs from cur/
+    with MaildirMailbox(box_path) as box:  # a second session: same UIDLs from cur/
         assert [m.uidl for m in box.messages] == [os.path.basename(p1), os.path.basename(p2)]
 
 
@@ -108,7 +109,7 @@ def test_mailbox_size_without_w_field(tmp_path):
     box_path = tmp_path / "box"
     for sub in ("cur", "new", "tmp"):
         (box_path / sub).mkdir(parents=True)
-    data = b"a\nb\r\n" * 100_000 + b"c"        # CRLF split across read chunks somewhere
+    data = b"a\nb\r\n" * 100_000 + b"c"  # CRLF split across read chunks somewhere
     (box_path / "new" / "1700000000.M1P1Q1.host").write_bytes(data)
     with MaildirMailbox(box_path) as box:
         # + the CRLF that RETR adds after the last line "c"
@@ -122,8 +123,12 @@ def test_mailbox_orders_by_delivery_time_when_file_times_tie(tmp_path):
     box_path = tmp_path / "box"
     for sub in ("cur", "new", "tmp"):
         (box_path / sub).mkdir(parents=True)
-    names = ["1700000000.M99999P7Q1.host", "1700000000.M100000P7Q2.host", "1700000000.M100000P7Q10.host",
-             "1700000001.M5P7Q11.host"]
+    names = [
+        "1700000000.M99999P7Q1.host",
+        "1700000000.M100000P7Q2.host",
+        "1700000000.M100000P7Q10.host",
+        "1700000001.M5P7Q11.host",
+    ]
     for name in reversed(names):
         (box_path / "new" / name).write_bytes(name.encode() + b"\n")
         os.utime(box_path / "new" / name, (1700000005, 1700000005))
@@ -143,7 +148,7 @@ def test_mailbox_deletes_only_at_commit_and_one_session(tmp_path):
     box.reset()
     assert box.stat()[0] == 3
     box.delete(1)
-    assert len(os.listdir(layout.path("maria") / "cur")) == 3   # nothing removed before commit
+    assert len(os.listdir(layout.path("maria") / "cur")) == 3  # nothing removed before commit
     assert box.commit() == 0
     box.close()
     assert len(os.listdir(layout.path("maria") / "cur")) == 2
@@ -189,8 +194,12 @@ def test_mailbox_top(tmp_path):
 
 
 # --- the daemon ---------------------------------------------------------------------------------
-USERS = {"juan": ("juan-pw", "127.0.0.1"), "maria": ("maria pw", "127.0.0.1"),
-         "moved": ("moved-pw", "127.0.0.1"), "sha": ("sha-pw", "127.0.0.1")}
+USERS = {
+    "juan": ("juan-pw", "127.0.0.1"),
+    "maria": ("maria pw", "127.0.0.1"),
+    "moved": ("moved-pw", "127.0.0.1"),
+    "sha": ("sha-pw", "127.0.0.1"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +211,7 @@ def bed(tmp_path_factory):
         sh.write(f"sha:{crypt.hash_password('sha-pw', '$6$')}:19000:0:99999:7:::\n")
         pw.write("sha:x:20100:20000::/var/spool/mail/sha:/usr/sbin/nologin\n")
         mh.write("sha 127.0.0.1\n")
-        sh.write(f"old:{crypt.hash_password('old-pw', '$6$')}:19000:0:99999:7::19001:\n")   # expired in 2022
+        sh.write(f"old:{crypt.hash_password('old-pw', '$6$')}:19000:0:99999:7::19001:\n")  # expired in 2022
         pw.write("old:x:20101:20000::/var/spool/mail/old:/usr/sbin/nologin\n")
         mh.write("old 127.0.0.1\n")
     key = tmp / "shadow.key"
@@ -224,7 +233,7 @@ def login(bed, user, password=None):
 def test_pop3d_capa_and_greeting(bed):
     p = poplib.POP3(*bed["pop3d"].address, timeout=10)
     assert p.getwelcome().startswith(b"+OK")
-    assert b"[XCLIENT]" not in p.getwelcome()          # we are not a trusted proxy
+    assert b"[XCLIENT]" not in p.getwelcome()  # we are not a trusted proxy
     caps = p.capa()
     assert {"TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "USER"} <= set(caps)
     assert caps["SASL"] == ["PLAIN"] and "PIPELINING" not in caps and "APOP" not in caps
@@ -263,7 +272,7 @@ def test_pop3d_session(bed):
     # a session that ends without QUIT deletes nothing
     p = login(bed, "juan")
     p.dele(1)
-    p.close()                                  # no QUIT
+    p.close()  # no QUIT
     time.sleep(0.3)
     p = login(bed, "juan")
     assert p.stat()[0] == 1
@@ -281,8 +290,7 @@ def test_pop3d_one_session_per_mailbox(bed):
 
 def test_pop3d_wrong_password_and_unknown_user_look_the_same(bed):
     answers, times = [], []
-    for user, pw in (("juan", "wrong"), ("nosuchuser", "wrong"), ("juan", ""), ("bad/name", "x"),
-                     ("old", "old-pw")):
+    for user, pw in (("juan", "wrong"), ("nosuchuser", "wrong"), ("juan", ""), ("bad/name", "x"), ("old", "old-pw")):
         p = poplib.POP3(*bed["pop3d"].address, timeout=10)
         p.user(user)
         t0 = time.monotonic()
@@ -344,7 +352,7 @@ def test_pop3d_never_logs_passwords(bed):
 
 
 # --- timing of unknown users (no failure delay) ---------------------------------------------------
-SLOW_COST = 7       # yescrypt cost above libxcrypt's default (5): ~4 times as slow
+SLOW_COST = 7  # yescrypt cost above libxcrypt's default (5): ~4 times as slow
 
 
 def timed_pass(address, user: str, password: str) -> float:
@@ -378,10 +386,10 @@ def test_pop3d_unknown_user_takes_as_long_as_a_wrong_password(tmp_path, dummy):
     with PwServer(users, shadow_key=key) as pws:
         conf = client_conf(tmp_path / "pwserver.conf", pws.address, key)
         with start_pop3d(tmp_path, tmp_path / "spool", conf, settings=settings) as d:
-            if dummy == "learned":          # the first real user looked up gives the shape
+            if dummy == "learned":  # the first real user looked up gives the shape
                 timed_pass(d.address, "slowpoke", "warm-up")
             unknown, wrong = [], []
-            for i in range(7):              # interleaved, so load changes hit both alike
+            for i in range(7):  # interleaved, so load changes hit both alike
                 unknown.append(timed_pass(d.address, f"nobody{i}", "wrong"))
                 wrong.append(timed_pass(d.address, "slowpoke", "wrong"))
     # Generous: the bug was a factor of 100 (a refused hash), a default-cost

@@ -1,15 +1,29 @@
 """The sans-I/O POP3 state machine (pop/protocol.py): table-driven cases fed
 whole, one byte at a time and with trailing data; invariants by Hypothesis."""
+
 from __future__ import annotations
 
 import base64
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pop import protocol as P
-from pop.protocol import (NEED_DATA, NEED_REPLY, Closed, Command, Login, LocalProtocolError,
-                          MultilineEncoder, RemoteProtocolError, ServerConnection, StartTLS, State, XClient)
+from pop.protocol import (
+    NEED_DATA,
+    NEED_REPLY,
+    Closed,
+    Command,
+    LocalProtocolError,
+    Login,
+    MultilineEncoder,
+    RemoteProtocolError,
+    ServerConnection,
+    StartTLS,
+    State,
+    XClient,
+)
 from tests.support import sansio_util
 
 
@@ -28,11 +42,14 @@ def drive(conn: ServerConnection, data: bytes, *, bytewise: bool = False):
 
 # (input, expected events, expected output) in the AUTHORIZATION state.
 AUTH_CASES = [
-    (b"CAPA\r\n", [], b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n"
-                      b"USER\r\nSASL PLAIN\r\n.\r\n"),
+    (
+        b"CAPA\r\n",
+        [],
+        b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nUSER\r\nSASL PLAIN\r\n.\r\n",
+    ),
     (b"USER juan\r\n", [], b"+OK\r\n"),
     (b"user juan\r\nPASS se cret\r\n", [Login("juan", "se cret", "USER")], b"+OK\r\n"),
-    (b"USER juan\nPASS x\n", [Login("juan", "x", "USER")], b"+OK\r\n"),       # bare LF accepted
+    (b"USER juan\nPASS x\n", [Login("juan", "x", "USER")], b"+OK\r\n"),  # bare LF accepted
     (b"PASS x\r\n", [], b"-ERR No user given, send USER first\r\n"),
     (b"USER\r\n", [], b"-ERR Invalid user name\r\n"),
     (b"USER a b\r\n", [], b"-ERR Invalid user name\r\n"),
@@ -43,13 +60,12 @@ AUTH_CASES = [
     (b"USER j\x00x\r\n", [], b"-ERR Invalid characters in command\r\n"),
     (b"USER \xff\r\n", [], b"-ERR Invalid characters in command\r\n"),
     (b"STLS\r\n", [], b"-ERR STLS not available\r\n"),
-    (b"XCLIENT ADDR=1.2.3.4\r\n", [], b"-ERR Unknown command\r\n"),           # not a trusted peer
+    (b"XCLIENT ADDR=1.2.3.4\r\n", [], b"-ERR Unknown command\r\n"),  # not a trusted peer
     (b"AUTH\r\n", [], b"+OK\r\nPLAIN\r\n.\r\n"),
     (b"AUTH LOGIN\r\n", [], b"-ERR Unsupported authentication mechanism\r\n"),
     (f"AUTH PLAIN {PLAIN_JUAN}\r\n".encode(), [Login("juan", "pw", "PLAIN")], b""),
     (f"AUTH plain {PLAIN_SAME_AUTHZ}\r\n".encode(), [Login("juan", "pw", "PLAIN")], b""),
-    (f"AUTH PLAIN {PLAIN_OTHER_AUTHZ}\r\n".encode(), [],
-     b"-ERR [AUTH] Authorization identity not supported\r\n"),
+    (f"AUTH PLAIN {PLAIN_OTHER_AUTHZ}\r\n".encode(), [], b"-ERR [AUTH] Authorization identity not supported\r\n"),
     (f"AUTH PLAIN\r\n{PLAIN_JUAN}\r\n".encode(), [Login("juan", "pw", "PLAIN")], b"+ \r\n"),
     (b"AUTH PLAIN\r\n*\r\n", [], b"+ \r\n-ERR Authentication cancelled\r\n"),
     (b"AUTH PLAIN !!!!\r\n", [], b"-ERR [AUTH] Invalid AUTH PLAIN response\r\n"),
@@ -73,7 +89,7 @@ def test_trailing_data_after_login_is_kept_for_the_backend():
     conn = ServerConnection()
     events, out = drive(conn, b"USER juan\r\nPASS pw\r\nSTAT\r\nLIST\r\n")
     assert events == [Login("juan", "pw")]
-    assert conn.next_event() is NEED_REPLY            # nothing parsed past the login
+    assert conn.next_event() is NEED_REPLY  # nothing parsed past the login
     conn.accept_login(send=False)
     assert conn.state is State.TRANSACTION
     assert conn.trailing_data() == b"STAT\r\nLIST\r\n"
@@ -97,7 +113,7 @@ def test_rejected_login_returns_to_authorization_and_ends_after_max_attempts():
 
 def test_line_too_long_is_fatal_and_bounded():
     conn = ServerConnection()
-    conn.receive_data(b"USER " + b"a" * (P.MAX_LINE + 10))      # never a line end
+    conn.receive_data(b"USER " + b"a" * (P.MAX_LINE + 10))  # never a line end
     with pytest.raises(RemoteProtocolError):
         conn.next_event()
     assert conn.data_to_send() == b"-ERR Line too long\r\n"
@@ -121,9 +137,9 @@ def test_too_many_bad_commands_end_the_session():
 def test_too_much_pipelined_input_is_fatal():
     conn = ServerConnection()
     drive(conn, b"USER a\r\nPASS b\r\n")
-    conn.receive_data(b"NOOP\r\n" * (P.MAX_PENDING_INPUT // 6 + 1))    # one big read is taken
+    conn.receive_data(b"NOOP\r\n" * (P.MAX_PENDING_INPUT // 6 + 1))  # one big read is taken
     with pytest.raises(RemoteProtocolError):
-        conn.receive_data(b"NOOP\r\n")                                 # more while still unanswered is not
+        conn.receive_data(b"NOOP\r\n")  # more while still unanswered is not
     assert conn.data_to_send().endswith(b"-ERR Too much pipelined input\r\n")
 
 
@@ -136,7 +152,7 @@ def test_stls_drops_plaintext_sent_after_it():
     assert events == [StartTLS()]
     conn.accept_stls()
     assert conn.data_to_send() == b"+OK Begin TLS negotiation now.\r\n"
-    assert conn.next_event() is NEED_DATA                 # the injected lines are gone
+    assert conn.next_event() is NEED_DATA  # the injected lines are gone
     assert conn.tls_active and "STLS" not in conn.capabilities()
     events, out = drive(conn, b"PASS x\r\n")
     assert out == b"-ERR No user given, send USER first\r\n"
@@ -220,7 +236,7 @@ def test_replies_in_order_and_quit_closes():
 def test_multiline_reply_and_misuse():
     conn = logged_in()
     with pytest.raises(LocalProtocolError):
-        conn.reply_ok()                      # nothing to answer
+        conn.reply_ok()  # nothing to answer
     drive(conn, b"LIST\r\n")
     conn.reply_lines("2 messages", ["1 10", "2 20", ".3 dot"])
     assert conn.data_to_send() == b"+OK 2 messages\r\n1 10\r\n2 20\r\n..3 dot\r\n.\r\n"
@@ -269,7 +285,7 @@ def test_multiline_encoder_cases(data, expected):
     enc = MultilineEncoder()
     assert enc.feed(data) + enc.finish() == expected
     enc = MultilineEncoder()
-    assert b"".join(enc.feed(data[i:i + 1]) for i in range(len(data))) + enc.finish() == expected
+    assert b"".join(enc.feed(data[i : i + 1]) for i in range(len(data))) + enc.finish() == expected
 
 
 @settings(max_examples=300, deadline=None)
@@ -300,9 +316,34 @@ def test_crlf_size():
 
 
 # --- Fuzz: parse, or raise the peer-error type, nothing else -----------------------------------
-COMMAND_WORDS = [b"USER", b"PASS", b"AUTH", b"PLAIN", b"CAPA", b"QUIT", b"STLS", b"STAT", b"LIST",
-                 b"RETR", b"DELE", b"TOP", b"UIDL", b"NOOP", b"RSET", b"XCLIENT", b"=", b"*", b"1",
-                 b" ", b"\r\n", b"\n", b"\r", b"\x00", b"\xff", b"AGp1YW4AcHc="]
+COMMAND_WORDS = [
+    b"USER",
+    b"PASS",
+    b"AUTH",
+    b"PLAIN",
+    b"CAPA",
+    b"QUIT",
+    b"STLS",
+    b"STAT",
+    b"LIST",
+    b"RETR",
+    b"DELE",
+    b"TOP",
+    b"UIDL",
+    b"NOOP",
+    b"RSET",
+    b"XCLIENT",
+    b"=",
+    b"*",
+    b"1",
+    b" ",
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b"\x00",
+    b"\xff",
+    b"AGp1YW4AcHc=",
+]
 fuzz_input = st.lists(st.one_of(st.sampled_from(COMMAND_WORDS), st.binary(max_size=40)), max_size=60).map(b"".join)
 
 
@@ -314,7 +355,7 @@ def test_fuzz_parser_only_events_or_peer_errors(data, stls, xclient, chunk, rnd)
     allowed = (Login, StartTLS, XClient, Command, Closed)
     try:
         for i in range(0, len(data) + 1, chunk):
-            conn.receive_data(data[i:i + chunk] if i < len(data) else b"")
+            conn.receive_data(data[i : i + chunk] if i < len(data) else b"")
             for _ in range(1000):
                 ev = conn.next_event()
                 if ev is NEED_DATA:

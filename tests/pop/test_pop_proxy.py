@@ -1,5 +1,6 @@
 """pop-proxy end to end: real pwserver, two pop3d backends on their own
 loopback addresses, the proxy in front; clients are poplib and raw sockets."""
+
 from __future__ import annotations
 
 import base64
@@ -13,20 +14,34 @@ import time
 
 import pytest
 
-from tests.support.pop_util import (client_conf, deliver, make_root, message, read_reply, self_signed, start_pop3d,
-                      start_proxy, write_users)
+from tests.support.pop_util import (
+    client_conf,
+    deliver,
+    make_root,
+    message,
+    read_reply,
+    self_signed,
+    start_pop3d,
+    start_proxy,
+    write_users,
+)
 from tests.support.pwtest import PwServer, free_port, write_key
 
 DELAY = 0.5
 pytestmark = pytest.mark.slow
 
 USERS = {
-    "ana": ("ana-secret", "store1"), "alberto": ("alb pw", "store1"),
-    "bruno": ("bruno-secret", "store2"), "beatriz": ("bea-secret", "store2"),
-    "frozen": ("frozen-pw", "store1"), "victim": ("victim-pw", "store1"),
-    "lost": ("lost-pw", "deadstore"), "carla": ("carla-pw", "store3"),
-    "tls": ("tls-pw", "store2"), "big": ("big-pw", "store1"),
-    "byaddr": ("byaddr-pw", "127.0.0.2"),       # a mailhost given as an address: --backend-port
+    "ana": ("ana-secret", "store1"),
+    "alberto": ("alb pw", "store1"),
+    "bruno": ("bruno-secret", "store2"),
+    "beatriz": ("bea-secret", "store2"),
+    "frozen": ("frozen-pw", "store1"),
+    "victim": ("victim-pw", "store1"),
+    "lost": ("lost-pw", "deadstore"),
+    "carla": ("carla-pw", "store3"),
+    "tls": ("tls-pw", "store2"),
+    "big": ("big-pw", "store1"),
+    "byaddr": ("byaddr-pw", "127.0.0.2"),  # a mailhost given as an address: --backend-port
 }
 
 
@@ -42,17 +57,30 @@ def bed(tmp_path_factory):
         conf = client_conf(tmp / "pwserver.conf", pws.address, key)
         s1 = start_pop3d(tmp, tmp / "store1", conf, host="127.0.0.2", trusted=["127.0.0.0/8"])
         s2 = start_pop3d(tmp, tmp / "store2", conf, host="127.0.0.3", trusted=["127.0.0.0/8"])
-        backends = {"store1": f"127.0.0.2:{s1.port}", "store2": f"127.0.0.3:{s2.port}",
-                    "deadstore": f"127.0.0.1:{free_port()}", "store3": "127.0.0.4:1"}
+        backends = {
+            "store1": f"127.0.0.2:{s1.port}",
+            "store2": f"127.0.0.3:{s2.port}",
+            "deadstore": f"127.0.0.1:{free_port()}",
+            "store3": "127.0.0.4:1",
+        }
         settings = (
             "backends = {" + ", ".join(f'{k} = "{v}"' for k, v in backends.items()) + "}\n"
             f"auth_failure_delay = {DELAY}\nprelogin_timeout = 2.0\nbackend_retries = 2\n"
             "backend_retry_delay = 0.1\nbackend_connect_timeout = 1.0\n"
             "throttle_user_failures = 4\nthrottle_ip_failures = 1000\nmax_connections_per_ip = 1000\n"
-            f'tls_cert = "{cert}"\ntls_key = "{certkey}"\n')
+            f'tls_cert = "{cert}"\ntls_key = "{certkey}"\n'
+        )
         with s1, s2, start_proxy(tmp, conf, settings) as proxy:
-            yield {"tmp": tmp, "conf": conf, "proxy": proxy, "layouts": layouts, "stores": {"store1": s1, "store2": s2},
-                   "settings": settings, "cert": cert, "certkey": certkey}
+            yield {
+                "tmp": tmp,
+                "conf": conf,
+                "proxy": proxy,
+                "layouts": layouts,
+                "stores": {"store1": s1, "store2": s2},
+                "settings": settings,
+                "cert": cert,
+                "certkey": certkey,
+            }
 
 
 def pop(bed, *, timeout: float = 10) -> poplib.POP3:
@@ -92,8 +120,9 @@ def test_routes_each_user_to_their_backend(bed):
     time.sleep(0.2)
     assert f"login user=bruno from=127.0.0.1:{port}" in bed["stores"]["store2"].output()
     assert "user=bruno" not in bed["stores"]["store1"].output()
-    assert re.search(rf"logout user=bruno from=127\.0\.0\.1:{port} backend=store2 seconds=\S+ in=\d+ out=\d+",
-                     bed["proxy"].output())
+    assert re.search(
+        rf"logout user=bruno from=127\.0\.0\.1:{port} backend=store2 seconds=\S+ in=\d+ out=\d+", bed["proxy"].output()
+    )
 
 
 def test_prelogin_capa(bed):
@@ -119,9 +148,16 @@ def failed_login(bed, user, password) -> tuple[bytes, float]:
 
 
 def test_unknown_user_looks_like_wrong_password(bed):
-    results = [failed_login(bed, u, pw) for u, pw in
-               [("alberto", "wrong"), ("nosuchuser", "wrong"), ("alberto", "wrong"), ("no:such", "x"),
-                ("x" * 200, "wrong")]]
+    results = [
+        failed_login(bed, u, pw)
+        for u, pw in [
+            ("alberto", "wrong"),
+            ("nosuchuser", "wrong"),
+            ("alberto", "wrong"),
+            ("no:such", "x"),
+            ("x" * 200, "wrong"),
+        ]
+    ]
     assert {text for text, _ in results} == {b"-ERR [AUTH] Authentication failed."}
     times = [t for _, t in results]
     # all at the same moment after PASS (slack for a loaded machine); the
@@ -133,7 +169,7 @@ def test_unknown_user_looks_like_wrong_password(bed):
 def test_failures_are_throttled_per_user(bed):
     for _ in range(4):
         assert failed_login(bed, "victim", "guess")[0] == b"-ERR [AUTH] Authentication failed."
-    text, t = failed_login(bed, "victim", USERS["victim"][0])      # even the right password
+    text, t = failed_login(bed, "victim", USERS["victim"][0])  # even the right password
     assert text.startswith(b"-ERR [LOGIN-DELAY]")
     # other users are not affected
     login(bed, "alberto").quit()
@@ -172,7 +208,7 @@ def test_frozen_mailbox_is_in_use(bed):
 def test_backend_down_is_sys_temp_after_bounded_retries(bed):
     text, t = failed_login(bed, "lost", USERS["lost"][0])
     assert text.startswith(b"-ERR [SYS/TEMP]")
-    assert 0.3 <= t < 3.0            # tries at 0, 0.1, 0.3 s, then gives up
+    assert 0.3 <= t < 3.0  # tries at 0, 0.1, 0.3 s, then gives up
     assert "backend deadstore for user=lost" in bed["proxy"].output()
 
 
@@ -189,8 +225,8 @@ def test_slow_client_that_never_finishes_a_line_is_dropped(bed):
     with socket.create_connection(bed["proxy"].address, timeout=10) as s:
         assert read_reply(s).startswith(b"+OK")
         t0 = time.monotonic()
-        s.sendall(b"USER ana")            # no line end, ever
-        for ch in b"xxxxxx":              # a byte now and then does not keep it alive
+        s.sendall(b"USER ana")  # no line end, ever
+        for ch in b"xxxxxx":  # a byte now and then does not keep it alive
             time.sleep(0.3)
             try:
                 s.sendall(bytes([ch]))
@@ -223,7 +259,7 @@ def test_client_that_never_reads_cannot_fill_the_proxy(bed):
                 sent += s.send(chunk)
             except BlockingIOError:
                 time.sleep(0.01)
-        assert sent < 32 << 20              # the proxy stopped reading
+        assert sent < 32 << 20  # the proxy stopped reading
         assert rss_kib(proxy.proc.pid) - rss0 < 64 << 10
     login(bed, "alberto").quit()
 
@@ -305,18 +341,18 @@ def test_pop3s_implicit_tls(bed, tmp_path):
 def test_stls_command_injection_is_ignored(bed):
     with socket.create_connection(bed["proxy"].address, timeout=10) as raw:
         read_reply(raw)
-        raw.sendall(b"STLS\r\nCAPA\r\n")            # CAPA in clear text, before the handshake
+        raw.sendall(b"STLS\r\nCAPA\r\n")  # CAPA in clear text, before the handshake
         assert read_reply(raw) == b"+OK Begin TLS negotiation now.\r\n"
         s = tls_context(bed).wrap_socket(raw, server_hostname="localhost")
         s.sendall(b"NOOP\r\n")
-        assert read_reply(s) == b"-ERR Not logged in\r\n"   # the first answer is to NOOP, not to CAPA
+        assert read_reply(s) == b"-ERR Not logged in\r\n"  # the first answer is to NOOP, not to CAPA
         s.sendall(b"QUIT\r\n")
         assert read_reply(s) == b"+OK Bye.\r\n"
 
 
 @pytest.mark.parametrize("mode", ["plain", "stls"])
 def test_large_retr_through_the_relay(bed, mode):
-    body = b"".join(b"%07d " % i + b"y" * 70 + b"\n" for i in range(100_000))   # ~7.8 MB
+    body = b"".join(b"%07d " % i + b"y" * 70 + b"\n" for i in range(100_000))  # ~7.8 MB
     deliver(bed["layouts"]["store1"], "big", body)
     p = pop(bed, timeout=60)
     if mode == "stls":
@@ -340,8 +376,9 @@ def test_backend_killed_mid_session_closes_the_client(bed, mode):
     settings = bed["settings"].replace('store3 = "127.0.0.4:1"', 'store3 = "127.0.0.4:{port}"')
     deliver(bed["layouts"]["store3"], "carla", message("hi"))
     with start_store3(bed) as store3:
-        with start_proxy(bed["tmp"], bed["conf"], settings.replace("{port}", str(store3.port)),
-                         name=f"proxy-kill-{mode}") as proxy:
+        with start_proxy(
+            bed["tmp"], bed["conf"], settings.replace("{port}", str(store3.port)), name=f"proxy-kill-{mode}"
+        ) as proxy:
             p = poplib.POP3(*proxy.address, timeout=10)
             if mode == "stls":
                 p.stls(tls_context(bed))
@@ -380,12 +417,12 @@ def test_idle_session_after_login_is_closed(bed, mode):
         p.pass_(USERS["alberto"][0])
         p.noop()
         time.sleep(0.6)
-        p.noop()                     # traffic keeps it alive
+        p.noop()  # traffic keeps it alive
         time.sleep(0.6)
         p.noop()
         t0 = time.monotonic()
         try:
-            line = p.file.readline()     # nothing more is said: the proxy just closes
+            line = p.file.readline()  # nothing more is said: the proxy just closes
         except OSError:
             line = b""
         assert line == b""
@@ -416,11 +453,23 @@ def test_random_bytes_never_take_the_proxy_down(bed):
     """Garbage from many clients (also inside a TLS session and after a
     login): each gets answers or a close, and the proxy goes on serving."""
     rnd = random.Random(5)
-    words = [b"USER ana\r\n", b"PASS x\r\n", b"AUTH PLAIN\r\n", b"CAPA\r\n", b"\r\n", b"\x00\xff", b"STLS\r\n",
-             b"AUTH PLAIN =\r\n", b"*\r\n", b"QUIT"]
+    words = [
+        b"USER ana\r\n",
+        b"PASS x\r\n",
+        b"AUTH PLAIN\r\n",
+        b"CAPA\r\n",
+        b"\r\n",
+        b"\x00\xff",
+        b"STLS\r\n",
+        b"AUTH PLAIN =\r\n",
+        b"*\r\n",
+        b"QUIT",
+    ]
     for i in range(60):
-        blob = b"".join(rnd.choice(words) if rnd.random() < 0.5 else rnd.randbytes(rnd.randint(1, 300))
-                        for _ in range(rnd.randint(1, 30)))
+        blob = b"".join(
+            rnd.choice(words) if rnd.random() < 0.5 else rnd.randbytes(rnd.randint(1, 300))
+            for _ in range(rnd.randint(1, 30))
+        )
         with socket.create_connection(bed["proxy"].address, timeout=10) as s:
             read_reply(s)
             if i % 3 == 0:

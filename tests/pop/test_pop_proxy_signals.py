@@ -2,6 +2,7 @@
 sends new sessions to the new settings while open ones go on where they
 were; a stop refuses new connections at once and lets open sessions end
 (within shutdown_grace). With the engine (default) and without it."""
+
 from __future__ import annotations
 
 import poplib
@@ -12,14 +13,23 @@ import time
 
 import pytest
 
-from tests.support.pop_util import (deliver, make_root, message, read_reply, self_signed, start_pop3d, start_proxy,
-                      users_pwserver)
+from tests.support.pop_util import (
+    deliver,
+    make_root,
+    message,
+    read_reply,
+    self_signed,
+    start_pop3d,
+    start_proxy,
+    users_pwserver,
+)
 
 pytestmark = pytest.mark.slow
 
 USERS = {"ana": ("ana-pw", "store"), "beto": ("beto-pw", "store"), "caro": ("caro-pw", "store")}
-COMMON = ("auth_failure_delay = 0.05\nbackend_retries = 0\nbackend_connect_timeout = 1.0\n"
-          "max_connections_per_ip = 1000\n")
+COMMON = (
+    "auth_failure_delay = 0.05\nbackend_retries = 0\nbackend_connect_timeout = 1.0\nmax_connections_per_ip = 1000\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +45,12 @@ def stores(tmp_path_factory):
                     deliver(layout, user, message(f"{user} {i} on store{n}"))
             servers[n] = start_pop3d(tmp, tmp / f"store{n}", conf, host=host, trusted=["127.0.0.0/8"])
         try:
-            yield {"tmp": tmp, "conf": conf, "store": servers,
-                   "backend": {n: f'"{s.host}:{s.port}"' for n, s in servers.items()}}
+            yield {
+                "tmp": tmp,
+                "conf": conf,
+                "store": servers,
+                "backend": {n: f'"{s.host}:{s.port}"' for n, s in servers.items()},
+            }
         finally:
             for s in servers.values():
                 s.stop()
@@ -83,7 +97,7 @@ def test_sighup_new_sessions_get_the_new_backend_open_ones_stay(stores, engine):
         rewrite(stores, name, f"backends = {{ store = {stores['backend'][2]} }}\n" + COMMON + f"engine = {engine}\n")
         proxy.signal(signal.SIGHUP)
         proxy.wait_line("reloaded settings", "the reload")
-        if engine == "true":     # the old engine (a thread, 4 lookup workers) drains beside the new one
+        if engine == "true":  # the old engine (a thread, 4 lookup workers) drains beside the new one
             assert threads(proxy.proc.pid) >= base + 5
         after = login(proxy, "beto")
         assert subject(after) == "Subject: beto 0 on store2"
@@ -157,6 +171,7 @@ def test_throttle_blocks_reach_the_new_engine(stores):
             finally:
                 p.close()
             return False
+
         assert blocked()
         rewrite(stores, name, f"backends = {{ store = {stores['backend'][1]} }}\n" + COMMON + extra)
         proxy.signal(signal.SIGHUP)
@@ -172,14 +187,14 @@ def test_sigterm_lets_an_open_session_finish(stores, engine):
         count = p.stat()[0]
         proxy.signal(signal.SIGTERM)
         proxy.wait_line("waiting up to 30 s", "the drain")
-        with pytest.raises(OSError):            # refused at once, not queued
+        with pytest.raises(OSError):  # refused at once, not queued
             socket.create_connection(proxy.address, timeout=2).close()
         assert subject(p, count).startswith("Subject: caro")
         p.dele(count)
         assert p.quit().startswith(b"+OK")
         t0 = time.monotonic()
         assert wait_exit(proxy, 10) == 0
-        assert time.monotonic() - t0 < 5          # not the whole grace
+        assert time.monotonic() - t0 < 5  # not the whole grace
         assert "stopping: 0 sessions cut" in proxy.output()
         # The deletion reached the mailbox.
         p = poplib.POP3(*stores["store"][1].address, timeout=10)
@@ -202,11 +217,11 @@ def test_sigterm_closes_what_is_left_after_the_grace(stores, engine):
         assert 0.9 <= time.monotonic() - t0 < 5
         assert "stopping: 1 sessions cut" in proxy.output()
         p.sock.settimeout(5)
-        assert p.sock.recv(100) == b""              # closed, not hanging
+        assert p.sock.recv(100) == b""  # closed, not hanging
         p.close()
     # The DELE was never committed: no QUIT reached the backend.
     deadline = time.monotonic() + 10
-    while True:         # the backend notices the closed session and unlocks the mailbox
+    while True:  # the backend notices the closed session and unlocks the mailbox
         try:
             q = poplib.POP3(*stores["store"][1].address, timeout=10)
             q.user("beto")
@@ -275,7 +290,7 @@ def test_sighup_loads_a_renewed_certificate(stores):
 
     with proxy_for(stores, name, f'tls_cert = "{old_cert}"\ntls_key = "{old_key}"\n') as proxy:
         assert served() == pem(old_cert)
-        rewrite(stores, name, base + f'tls_cert = "{new_cert}"\ntls_key = "{old_key}"\n')    # key does not match
+        rewrite(stores, name, base + f'tls_cert = "{new_cert}"\ntls_key = "{old_key}"\n')  # key does not match
         proxy.signal(signal.SIGHUP)
         proxy.wait_line("reload failed, keeping the old settings", "the failed reload")
         assert served() == pem(old_cert)

@@ -2,13 +2,15 @@
 the size pop3d announces is the octets RETR sends (RFC 1939: CRLF line
 ends, before dot-stuffing), also for a message without a final line end,
 with bare LF, bare CR, CR before CRLF, or lines starting with dots."""
+
 from __future__ import annotations
 
 import os
 import poplib
 import random
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from delivery import message as delivery_message
 from pop import mailbox
@@ -17,8 +19,23 @@ from pop.protocol import MessageSize, MultilineEncoder
 from tests.support.pop_util import deliver, make_root, start_pop3d, users_pwserver
 
 # Pieces random messages are made of: the line ends and dots that matter.
-PIECES = [b"a", b"Zz", b" ", b"\t", b".", b"..", b"\r", b"\n", b"\r\n", b"\r\r\n", b"\n.", b"\n.\n",
-          b"\n..\n", b"\xff\x00", b"x" * 70]
+PIECES = [
+    b"a",
+    b"Zz",
+    b" ",
+    b"\t",
+    b".",
+    b"..",
+    b"\r",
+    b"\n",
+    b"\r\n",
+    b"\r\r\n",
+    b"\n.",
+    b"\n.\n",
+    b"\n..\n",
+    b"\xff\x00",
+    b"x" * 70,
+]
 
 
 def sent_octets(data: bytes, cuts=()) -> int:
@@ -44,20 +61,31 @@ def size_of(data: bytes, cuts=()) -> int:
     return counter.size
 
 
-CASES = [(b"", 0), (b"a", 3), (b"a\n", 3), (b"a\r\n", 3), (b"a\r", 3), (b"a\rb", 5), (b"\r\r\n", 3),
-         (b".\n", 3), (b"no final newline\n\nbody", 26)]
+CASES = [
+    (b"", 0),
+    (b"a", 3),
+    (b"a\n", 3),
+    (b"a\r\n", 3),
+    (b"a\r", 3),
+    (b"a\rb", 5),
+    (b"\r\r\n", 3),
+    (b".\n", 3),
+    (b"no final newline\n\nbody", 26),
+]
 
 
 def test_message_size_cases():
     for data, size in CASES:
         assert size_of(data) == size == sent_octets(data), data
-        assert size_of(data, range(len(data))) == size, data      # one byte at a time
+        assert size_of(data, range(len(data))) == size, data  # one byte at a time
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.lists(st.sampled_from(PIECES) | st.binary(max_size=8), max_size=30),
-       st.lists(st.integers(min_value=0, max_value=300), max_size=6),
-       st.lists(st.integers(min_value=0, max_value=300), max_size=6))
+@given(
+    st.lists(st.sampled_from(PIECES) | st.binary(max_size=8), max_size=30),
+    st.lists(st.integers(min_value=0, max_value=300), max_size=6),
+    st.lists(st.integers(min_value=0, max_value=300), max_size=6),
+)
 def test_message_size_is_what_the_encoder_sends(pieces, cuts, other_cuts):
     data = b"".join(pieces)
     assert size_of(data, cuts) == sent_octets(data, other_cuts)
@@ -71,10 +99,10 @@ def random_message(rng: random.Random) -> bytes:
 def test_pop3d_list_stat_and_retr_agree_for_random_messages(tmp_path):
     rng = random.Random(13_8)
     layout = make_root(tmp_path / "spool")
-    stored = {}       # UIDL (the file's base name) -> the bytes stored
+    stored = {}  # UIDL (the file's base name) -> the bytes stored
     for i in range(80):
         raw = random_message(rng)
-        if i % 2:     # through delivery's own code: trace headers, CRLF -> LF (pdeliveryd)
+        if i % 2:  # through delivery's own code: trace headers, CRLF -> LF (pdeliveryd)
             raw = delivery_message.for_maildir(raw, "a@example.org", "rita@example.org")
         stored[os.path.basename(deliver(layout, "rita", raw))] = raw
     with users_pwserver(tmp_path, {"rita": ("rita-pw", "127.0.0.1")}) as conf:
@@ -114,6 +142,7 @@ def test_mailbox_size_is_read_once_per_file(tmp_path, monkeypatch):
         def __init__(self):
             super().__init__()
             reads.append(1)
+
     monkeypatch.setattr(mailbox, "MessageSize", CountingSize)
     layout = make_root(tmp_path / "spool")
     path = deliver(layout, "sara", b"one line, no end")

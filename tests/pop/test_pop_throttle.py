@@ -4,6 +4,7 @@ off: a real pwserver, a real pop3d backend, the proxy in front. Attempts
 count from their start, so parallel ones cannot pass a limit; the limit
 per (user, address) comes before the much higher one per user, so an
 attacker's address does not lock the owner out."""
+
 from __future__ import annotations
 
 import socket
@@ -26,8 +27,10 @@ def bed(tmp_path_factory):
     make_root(tmp / "store1")
     with users_pwserver(tmp, USERS) as conf:
         store = start_pop3d(tmp, tmp / "store1", conf, host="127.0.0.2", trusted=["127.0.0.0/8"])
-        settings = (f'backends = {{ store1 = "127.0.0.2:{store.port}" }}\n'
-                    "auth_failure_delay = 0.2\nbackend_retries = 0\nmax_connections_per_ip = 1000\n")
+        settings = (
+            f'backends = {{ store1 = "127.0.0.2:{store.port}" }}\n'
+            "auth_failure_delay = 0.2\nbackend_retries = 0\nmax_connections_per_ip = 1000\n"
+        )
         with store:
             yield {"tmp": tmp, "conf": conf, "store": store, "settings": settings}
 
@@ -51,7 +54,10 @@ def attempts(address, user_passwords, source: str = "127.0.0.1") -> list[bytes]:
         s.sendall(f"PASS {password}\r\n".encode())
         answers[i] = read_reply(s, 30)
         s.close()
-    threads = [threading.Thread(target=one, args=(i, s, pw)) for i, (s, (_, pw)) in enumerate(zip(socks, user_passwords))]
+
+    threads = [
+        threading.Thread(target=one, args=(i, s, pw)) for i, (s, (_, pw)) in enumerate(zip(socks, user_passwords))
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -61,12 +67,13 @@ def attempts(address, user_passwords, source: str = "127.0.0.1") -> list[bytes]:
 
 def checked_at_backend(bed, before: str) -> int:
     """Failed logins the backend logged since its output was `before`."""
-    return bed["store"].output()[len(before):].count("login failed user=")
+    return bed["store"].output()[len(before) :].count("login failed user=")
 
 
 def proxy(bed, engine: str, name: str, extra: str = ""):
-    return start_proxy(bed["tmp"], bed["conf"], bed["settings"] + f"engine = {engine}\n" + extra,
-                       name=f"{name}-{engine}")
+    return start_proxy(
+        bed["tmp"], bed["conf"], bed["settings"] + f"engine = {engine}\n" + extra, name=f"{name}-{engine}"
+    )
 
 
 @ENGINE
@@ -100,6 +107,7 @@ def test_user_alone_has_its_own_higher_limit(bed, engine):
 
         def from_address(src):
             results[src] = attempts(p.address, [("victim", "guess")] * 10, source=src)
+
         threads = [threading.Thread(target=from_address, args=(f"127.0.0.{10 + i}",)) for i in range(4)]
         for t in threads:
             t.start()
@@ -113,7 +121,7 @@ def test_user_alone_has_its_own_higher_limit(bed, engine):
 
 @ENGINE
 def test_the_owner_logs_in_from_elsewhere_after_an_attack(bed, engine):
-    with proxy(bed, engine, "owner") as p:       # the defaults: 10 per (user, address), 100 per user
+    with proxy(bed, engine, "owner") as p:  # the defaults: 10 per (user, address), 100 per user
         answers = attempts(p.address, [("victim", "guess")] * 12, source="127.0.0.1")
         assert any(a.startswith(b"-ERR [LOGIN-DELAY]") for a in answers), answers
         # The attacker's address is refused even the right password ...
@@ -123,16 +131,22 @@ def test_the_owner_logs_in_from_elsewhere_after_an_attack(bed, engine):
 
 
 def test_throttle_counts_in_flight_and_drains():
-    t = LoginThrottle({"throttle_ip_failures": 20, "throttle_user_ip_failures": 3,
-                       "throttle_user_failures": 5, "throttle_window": 30.0})
+    t = LoginThrottle(
+        {
+            "throttle_ip_failures": 20,
+            "throttle_user_ip_failures": 3,
+            "throttle_user_failures": 5,
+            "throttle_window": 30.0,
+        }
+    )
     assert [t.begin("10.0.0.1", "Ana", 0) for _ in range(4)][:3] == [ADMITTED] * 3
-    assert t.begin("10.0.0.1", "ana", 0) != ADMITTED           # 3 in flight (case folded)
-    assert t.begin("10.0.0.2", "ana", 0) == ADMITTED           # another address: 4 of 5 for the user
+    assert t.begin("10.0.0.1", "ana", 0) != ADMITTED  # 3 in flight (case folded)
+    assert t.begin("10.0.0.2", "ana", 0) == ADMITTED  # another address: 4 of 5 for the user
     for _ in range(3):
         t.end("10.0.0.1", "ana", VERDICT_FAILED, 0)
-    assert t.begin("10.0.0.1", "ana", 1) != ADMITTED           # 3 failed
-    assert t.begin("10.0.0.1", "ana", 11) == ADMITTED          # one drained (30 s / 3)
-    t.end("10.0.0.1", "ana", VERDICT_OK, 11)                   # success from there clears (user, address)
+    assert t.begin("10.0.0.1", "ana", 1) != ADMITTED  # 3 failed
+    assert t.begin("10.0.0.1", "ana", 11) == ADMITTED  # one drained (30 s / 3)
+    t.end("10.0.0.1", "ana", VERDICT_OK, 11)  # success from there clears (user, address)
     t.end("10.0.0.2", "ana", VERDICT_OK, 11)
     assert [t.begin("10.0.0.1", "ana", 11) for _ in range(3)] == [ADMITTED] * 3
     for _ in range(3):
@@ -143,12 +157,19 @@ def test_throttle_counts_in_flight_and_drains():
 
 
 def test_throttle_table_is_bounded():
-    t = LoginThrottle({"throttle_ip_failures": 20, "throttle_user_ip_failures": 10,
-                       "throttle_user_failures": 100, "throttle_window": 300.0}, max_keys=4)
-    assert t.begin("10.0.0.1", "ana", 0) == ADMITTED          # 3 keys
+    t = LoginThrottle(
+        {
+            "throttle_ip_failures": 20,
+            "throttle_user_ip_failures": 10,
+            "throttle_user_failures": 100,
+            "throttle_window": 300.0,
+        },
+        max_keys=4,
+    )
+    assert t.begin("10.0.0.1", "ana", 0) == ADMITTED  # 3 keys
     t.end("10.0.0.1", "ana", VERDICT_FAILED, 0)
-    assert t.begin("10.0.0.2", "bea", 0) == ADMITTED          # 3 more: idle ones make room
+    assert t.begin("10.0.0.2", "bea", 0) == ADMITTED  # 3 more: idle ones make room
     assert len(t) <= 4 and t.evicted() >= 2
-    assert t.begin("10.0.0.3", "cid", 0) != ADMITTED          # all 4 left are in flight (bea's)
+    assert t.begin("10.0.0.3", "cid", 0) != ADMITTED  # all 4 left are in flight (bea's)
     t.end("10.0.0.2", "bea", VERDICT_OK, 0)
     assert t.begin("10.0.0.3", "cid", 0) == ADMITTED

@@ -6,6 +6,7 @@ its MAILHOST reader against a peer; and the two builds that link it
 The NSS maps over it are tested in test_nss_*.py, the POP engine over it in
 test_pop_engine.py.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -41,9 +42,28 @@ def lib(tmp_path_factory):
     own or libc's (--no-undefined), and -Werror holds. Never unloaded, as
     the NSS module: its fork and thread-exit hooks point into it."""
     out = tmp_path_factory.mktemp("pwclient") / "libpwclient.so"
-    subprocess.run(["cc", "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-D_FORTIFY_SOURCE=2",
-                    "-shared", "-fPIC", "-Wl,--no-undefined", "-Wl,-z,nodelete", f"-I{CSRC}", "-o", str(out),
-                    *(str(CSRC / s) for s in client_sources()), "-ldl", "-lpthread"], check=True)
+    subprocess.run(
+        [
+            "cc",
+            "-std=gnu11",
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-D_FORTIFY_SOURCE=2",
+            "-shared",
+            "-fPIC",
+            "-Wl,--no-undefined",
+            "-Wl,-z,nodelete",
+            f"-I{CSRC}",
+            "-o",
+            str(out),
+            *(str(CSRC / s) for s in client_sources()),
+            "-ldl",
+            "-lpthread",
+        ],
+        check=True,
+    )
     ffi = FFI()
     ffi.cdef(CDEF)
     return ffi, ffi.dlopen(str(out))
@@ -77,15 +97,19 @@ def test_mailhost_longer_than_the_callers_buffer_is_refused(lib, tmp_path, monke
     host = "store7.example:1110"
     with u.FakePwServer(u.PASSWD, mailhost=host) as server:
         monkeypatch.setenv("PWSERVER_CONF", str(client_conf(tmp_path / "pwserver.conf", [server.address])))
-        assert mailhost_of(lib, "alice", cap=len(host))[:3] == (0, -EINVAL, None)   # no room for the NUL
+        assert mailhost_of(lib, "alice", cap=len(host))[:3] == (0, -EINVAL, None)  # no room for the NUL
         assert mailhost_of(lib, "alice", cap=len(host) + 1)[:3] == (0, 0, host)
 
 
-@pytest.mark.parametrize("payload", [["store1"], ["store1", 0], [b"store1", False], ["store1", False, 1], "store1"],
-                         ids=["one-field", "int-frozen", "bin-host", "three-fields", "bare-string"])
+@pytest.mark.parametrize(
+    "payload",
+    [["store1"], ["store1", 0], [b"store1", False], ["store1", False, 1], "store1"],
+    ids=["one-field", "int-frozen", "bin-host", "three-fields", "bare-string"],
+)
 def test_malformed_mailhost_answer_is_dropped(lib, tmp_path, monkeypatch, payload):
     """An answer of another shape is not an answer: the lookup keeps
     waiting and ends UNAVAIL (-EAGAIN), never with a half-read host."""
+
     def hook(server, pkt, addr):
         req = msgpack.unpackb(pkt)
         server.udp.sendto(msgpack.packb([1, req[1], PW_OK, payload], use_bin_type=True), addr)
@@ -125,8 +149,9 @@ def test_nss_module_and_pop_engine_compile_the_same_client():
     assert engine == [str(ROOT / "pop" / "_csrc" / "pop_engine.c")] + expect
     assert not any("nss_module" in str((ROOT / d).resolve()) for d in build_engine.INCLUDE_DIRS)
 
-    dry = subprocess.run(["make", "-n", "-B", "-C", str(ROOT / "nss_module")], check=True,
-                         capture_output=True, text=True).stdout
+    dry = subprocess.run(
+        ["make", "-n", "-B", "-C", str(ROOT / "nss_module")], check=True, capture_output=True, text=True
+    ).stdout
     words = dry.split()
     nss = [str((ROOT / "nss_module" / w).resolve()) for w in words if w.endswith(".c")]
     assert [p for p in nss if "/_csrc/" in p] == expect

@@ -1,4 +1,5 @@
 """The Python client and pwquery against a real pwserver on loopback."""
+
 import asyncio
 import socket
 import subprocess
@@ -9,7 +10,6 @@ import pytest
 
 from pwcache.client import AsyncClient, Client, Denied, Unavailable
 from pwcache.keys import write_key
-
 from tests.support.pwtest import BIN, PwServer, free_port, gen_users
 
 
@@ -33,14 +33,18 @@ def server(users):
 
 
 def source(users, name):
-    return {line.split(":")[0]: line.split(":") for line in (users / name).read_text().splitlines()
-            if line and not line.startswith("#")}
+    return {
+        line.split(":")[0]: line.split(":")
+        for line in (users / name).read_text().splitlines()
+        if line and not line.startswith("#")
+    }
 
 
 def test_every_operation_matches_the_source_files(server, users):
     passwd, shadow, group = source(users, "passwd"), source(users, "shadow"), source(users, "group")
-    mailhosts = dict(line.split() for line in (users / "mailhosts").read_text().splitlines()
-                     if not line.startswith("#"))
+    mailhosts = dict(
+        line.split() for line in (users / "mailhosts").read_text().splitlines() if not line.startswith("#")
+    )
     with Client([server.address], shadow_keyfile=str(users / "shadow.key")) as c:
         for name in list(passwd)[:60]:
             e = c.passwd_by_name(name)
@@ -130,17 +134,20 @@ def test_hedged_failover_costs_one_delay_then_nothing(server, tmp_path):
     silent = SilentServer()
     health = str(tmp_path / "health")
     try:
-        with Client([silent.address, server.address], timeout_ms=2000, hedge_ms=50,
-                    health_file=health, recheck_s=30) as c:
+        with Client(
+            [silent.address, server.address], timeout_ms=2000, hedge_ms=50, health_file=health, recheck_s=30
+        ) as c:
             t0 = time.monotonic()
             assert c.ping()
             first = time.monotonic() - t0
             assert 0.05 <= first < 1.0  # the hedge delay, never the 2 s timeout
         assert "down " + silent.address in open(health).read()
         # another process, sharing only the health file, goes straight to the live server
-        code = ("import time; from pwcache.client import Client\n"
-                f"c = Client([{silent.address!r}, {server.address!r}], health_file={health!r}, hedge_ms=1000)\n"
-                "t = time.monotonic(); c.ping(); print(time.monotonic() - t)")
+        code = (
+            "import time; from pwcache.client import Client\n"
+            f"c = Client([{silent.address!r}, {server.address!r}], health_file={health!r}, hedge_ms=1000)\n"
+            "t = time.monotonic(); c.ping(); print(time.monotonic() - t)"
+        )
         seen_before = silent.received()
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         assert float(out.stdout) < 0.5  # hedge_ms is 1 s: it never waited for the dead server

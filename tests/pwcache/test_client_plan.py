@@ -1,5 +1,6 @@
 """The client's server-choice plan (sans-I/O), its configuration reader and
 the shared health record."""
+
 import os
 
 import pytest
@@ -121,9 +122,18 @@ enumerate yes
     assert config.parse("").servers == [("127.0.0.1", 7773)]
 
 
-@pytest.mark.parametrize("text", ["server", "server host:99999", "timeout_ms x", "bogus 1",
-                                  "enumerate maybe", "hedge_ms -1",
-                                  "\n".join(f"server h{i}" for i in range(9))])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "server",
+        "server host:99999",
+        "timeout_ms x",
+        "bogus 1",
+        "enumerate maybe",
+        "hedge_ms -1",
+        "\n".join(f"server h{i}" for i in range(9)),
+    ],
+)
 def test_config_errors_name_the_line(text):
     with pytest.raises(config.ConfigError, match="<config>:"):
         config.parse(text)

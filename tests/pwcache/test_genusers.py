@@ -1,25 +1,27 @@
 """`pwmail gen-users`: the files are well formed, names are realistic and
 unique, every hash is a real crypt(3) hash of the listed password, and the
 mailhosts agree with the server's default rule."""
+
 import ctypes
 import re
 import subprocess
 
 from pwcache.placement import PlacementRule
-
 from tests.support.pwtest import BIN
 
 
 def test_generated_files(tmp_path):
     out = tmp_path / "users"
-    r = subprocess.run([str(BIN / "pwmail"), "gen-users", "2000", "--out", str(out),
-                        "--hosts", "store1,store2:3", "--groups", "20"], capture_output=True, text=True)
+    r = subprocess.run(
+        [str(BIN / "pwmail"), "gen-users", "2000", "--out", str(out), "--hosts", "store1,store2:3", "--groups", "20"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     passwd = [line.split(":") for line in (out / "passwd").read_text().splitlines()]
     shadow = {f[0]: f for f in (line.split(":") for line in (out / "shadow").read_text().splitlines())}
     passwords = dict(line.split(" ", 1) for line in (out / "passwords").read_text().splitlines())
-    mailhosts = dict(line.split() for line in (out / "mailhosts").read_text().splitlines()
-                     if not line.startswith("#"))
+    mailhosts = dict(line.split() for line in (out / "mailhosts").read_text().splitlines() if not line.startswith("#"))
     groups = [line.split(":") for line in (out / "group").read_text().splitlines()]
 
     names = [f[0] for f in passwd]
@@ -52,8 +54,10 @@ def test_generated_files(tmp_path):
 
 def test_same_seed_same_names(tmp_path):
     for d in ("a", "b"):
-        subprocess.run([str(BIN / "pwmail"), "gen-users", "50", "--out", str(tmp_path / d)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [str(BIN / "pwmail"), "gen-users", "50", "--out", str(tmp_path / d)], check=True, capture_output=True
+        )
+
     def first(d):
         return [line.split(":")[0] for line in (tmp_path / d / "passwd").read_text().splitlines()]
 
@@ -63,6 +67,7 @@ def test_same_seed_same_names(tmp_path):
 def test_bad_arguments(tmp_path):
     r = subprocess.run([str(BIN / "pwmail"), "gen-users", "0", "--out", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and "between" in r.stderr
-    r = subprocess.run([str(BIN / "pwmail"), "gen-users", "5", "--out", str(tmp_path), "--hosts", ","],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [str(BIN / "pwmail"), "gen-users", "5", "--out", str(tmp_path), "--hosts", ","], capture_output=True, text=True
+    )
     assert r.returncode == 1 and "no host" in r.stderr

@@ -1,4 +1,5 @@
 """pwserver end to end: a real process on loopback, raw UDP and TCP packets."""
+
 import os
 import pathlib
 import shutil
@@ -10,17 +11,31 @@ import time
 import msgpack
 import pytest
 
-from tests.support.pwserver_util import (BADREQUEST, BADVERSION, DENIED, KEY_NETWORK, KEY_SHADOW, NOTFOUND, OK, TRUNCATED,
-                           TcpConn, request, seal, stats, udp_exchange, udp_query, unseal, passwd_line,
-                           write_sources)
-from tests.support.pwtest import BIN, PwServer, wait_for, write_key
-
 from pwmail.base.errors import EX_CONFIG
+from tests.support.pwserver_util import (
+    BADREQUEST,
+    BADVERSION,
+    DENIED,
+    KEY_NETWORK,
+    KEY_SHADOW,
+    NOTFOUND,
+    OK,
+    TRUNCATED,
+    TcpConn,
+    passwd_line,
+    request,
+    seal,
+    stats,
+    udp_exchange,
+    udp_query,
+    unseal,
+    write_sources,
+)
+from tests.support.pwtest import BIN, PwServer, wait_for, write_key
 
 USERS = [(f"user{i:04d}", 10000 + i) for i in range(200)]
 BIG = [f"member{i:05d}" for i in range(50_000)]
-GROUPS = [("staff", 50, ["user0000", "user0001"]), ("dev", 51, ["user0001", "ghost"]),
-          ("biggroup", 29999, BIG)]
+GROUPS = [("staff", 50, ["user0000", "user0001"]), ("dev", 51, ["user0001", "ghost"]), ("biggroup", 29999, BIG)]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +50,10 @@ def sources(tmp_path_factory):
 @pytest.fixture(scope="module")
 def keys(sources):
     d, _ = sources
-    return {"shadow": (d / "shadow.key", write_key(d / "shadow.key")),
-            "network": (d / "network.key", write_key(d / "network.key"))}
+    return {
+        "shadow": (d / "shadow.key", write_key(d / "shadow.key")),
+        "network": (d / "network.key", write_key(d / "network.key")),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +70,10 @@ def test_ready_line_counts_users(server):
 
 def test_every_lookup_over_udp(server):
     a = server.addr
-    assert udp_query(a, "passwd", "user0007")[2:] == [OK, ["user0007", "x", 10007, 100, "", "/home/user0007", "/bin/sh", ""]]
+    assert udp_query(a, "passwd", "user0007")[2:] == [
+        OK,
+        ["user0007", "x", 10007, 100, "", "/home/user0007", "/bin/sh", ""],
+    ]
     assert udp_query(a, "uid", 10007)[3][0] == "user0007"
     assert udp_query(a, "group", "staff")[2:] == [OK, ["staff", "x", 50, ["user0000", "user0001"]]]
     assert udp_query(a, "gid", 51)[3] == ["dev", "x", 51, ["user0001", "ghost"]]
@@ -63,8 +83,15 @@ def test_every_lookup_over_udp(server):
     assert udp_query(a, "mailhost", "user0000")[2:] == [OK, ["store9", False]]
     assert udp_query(a, "passwd", "user0000")[3][7] == "store9"
     assert udp_query(a, "ping")[3] == ["pwserver 0.1.0", 1, len(USERS) + 1]
-    for op, arg in (("passwd", "nobody"), ("uid", 5), ("group", "nogroup"), ("gid", 7),
-                    ("initgroups", "nobody"), ("mailhost", "nobody"), ("passwd", "ghost")):
+    for op, arg in (
+        ("passwd", "nobody"),
+        ("uid", 5),
+        ("group", "nogroup"),
+        ("gid", 7),
+        ("initgroups", "nobody"),
+        ("mailhost", "nobody"),
+        ("passwd", "ghost"),
+    ):
         assert udp_query(a, op, arg)[2:] == [NOTFOUND, None], (op, arg)
 
 
@@ -129,29 +156,35 @@ def test_passwd_answers_never_hold_a_hash(server):
     assert udp_query(server.addr, "passwd", "user0004")[3][1] == "x"
 
 
-@pytest.mark.parametrize("packet, counter", [
-    (b"", "bad_packet"),
-    (b"\xff\xfe garbage", "bad_packet"),
-    (b"\x94", "bad_packet"),                                 # truncated msgpack
-    (msgpack.packb([1]), "bad_packet"),
-    (bytes(2000), "oversize"),
-    (b"\xc1\x01" + bytes(60), "bad_seal"),
-])
+@pytest.mark.parametrize(
+    "packet, counter",
+    [
+        (b"", "bad_packet"),
+        (b"\xff\xfe garbage", "bad_packet"),
+        (b"\x94", "bad_packet"),  # truncated msgpack
+        (msgpack.packb([1]), "bad_packet"),
+        (bytes(2000), "oversize"),
+        (b"\xc1\x01" + bytes(60), "bad_seal"),
+    ],
+)
 def test_dropped_packets_are_counted(server, packet, counter):
     before = stats(server.addr)[counter]
     assert udp_exchange(server.addr, packet, timeout=0.3) is None
     assert stats(server.addr)[counter] == before + 1
 
 
-@pytest.mark.parametrize("packet, status", [
-    (msgpack.packb([2, 7, 1, "user0001", bytes(100)]), BADVERSION),
-    (msgpack.packb([1, 7, 99, "x", bytes(100)]), BADREQUEST),            # unknown op
-    (msgpack.packb([1, 7, 1, 5, bytes(100)]), BADREQUEST),               # int for a name
-    (msgpack.packb([1, 7, 1, "a:b", bytes(100)]), BADREQUEST),
-    (b"\x95\x01\x07\x01\xa2\xc3\x28\xc4\x64" + bytes(100), BADREQUEST),  # bad UTF-8
-    (msgpack.packb([1, 7, 1, "x" * 256, bytes(100)]), BADREQUEST),       # name too long
-    (msgpack.packb([1, 7, 2, 2**32 - 1, bytes(100)]), BADREQUEST),       # uid out of range
-])
+@pytest.mark.parametrize(
+    "packet, status",
+    [
+        (msgpack.packb([2, 7, 1, "user0001", bytes(100)]), BADVERSION),
+        (msgpack.packb([1, 7, 99, "x", bytes(100)]), BADREQUEST),  # unknown op
+        (msgpack.packb([1, 7, 1, 5, bytes(100)]), BADREQUEST),  # int for a name
+        (msgpack.packb([1, 7, 1, "a:b", bytes(100)]), BADREQUEST),
+        (b"\x95\x01\x07\x01\xa2\xc3\x28\xc4\x64" + bytes(100), BADREQUEST),  # bad UTF-8
+        (msgpack.packb([1, 7, 1, "x" * 256, bytes(100)]), BADREQUEST),  # name too long
+        (msgpack.packb([1, 7, 2, 2**32 - 1, bytes(100)]), BADREQUEST),  # uid out of range
+    ],
+)
 def test_bad_requests_get_an_error_answer(server, packet, status):
     counter = "bad_version" if status == BADVERSION else "bad_request"
     before = stats(server.addr)[counter]
@@ -176,7 +209,10 @@ def test_network_key_drops_everything_unsealed(sources, keys, tmp_path):
         assert udp_exchange(s.addr, request("passwd", "user0001"), timeout=0.5) is None
         raw = udp_exchange(s.addr, seal(nkey, KEY_NETWORK, request("passwd", "user0001", rid=3, pad=0)))
         assert raw[1] == KEY_NETWORK
-        assert msgpack.unpackb(unseal(nkey, raw))[2:] == [OK, ["user0001", "x", 10001, 100, "", "/home/user0001", "/bin/sh", ""]]
+        assert msgpack.unpackb(unseal(nkey, raw))[2:] == [
+            OK,
+            ["user0001", "x", 10001, 100, "", "/home/user0001", "/bin/sh", ""],
+        ]
         # the network key does not open shadow
         raw = udp_exchange(s.addr, seal(nkey, KEY_NETWORK, request("shadow", "user0001", rid=4, pad=0)))
         assert msgpack.unpackb(unseal(nkey, raw))[2] == DENIED
@@ -199,6 +235,7 @@ def test_allowlist_drops_other_sources(sources):
                 assert c.exchange(request("ping")) is None
                 raise ConnectionError
         import socket
+
         with socket.create_connection(s.addr, source_address=("127.0.0.2", 0)) as t:
             packet = request("stats", pad=0)
             t.sendall(len(packet).to_bytes(4, "big") + packet)
@@ -250,11 +287,20 @@ def test_cli_help_and_errors(tmp_path):
     assert out.returncode == 0
     for flag in ("--listen", "--passwd", "--shadow-key", "--network-key", "--allow", "--threads", "--config"):
         assert flag in out.stdout
-    bad = subprocess.run([str(BIN / "pwserver"), "--passwd", str(tmp_path / "missing"), "--listen", "127.0.0.1:0"],
-                         capture_output=True, text=True, timeout=30)
+    bad = subprocess.run(
+        [str(BIN / "pwserver"), "--passwd", str(tmp_path / "missing"), "--listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert bad.returncode == 1 and "missing" in bad.stderr
-    nopw = subprocess.run([str(BIN / "pwserver")], capture_output=True, text=True, timeout=30,
-                          env={"PWMAIL_CONF": "/nonexistent", "PATH": "/usr/bin:/bin"})
+    nopw = subprocess.run(
+        [str(BIN / "pwserver")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PWMAIL_CONF": "/nonexistent", "PATH": "/usr/bin:/bin"},
+    )
     assert nopw.returncode == EX_CONFIG and "passwd" in nopw.stderr
 
 
@@ -263,6 +309,7 @@ def test_tcp_pipelined_big_answers_are_paced(server):
     # while the server holds at most a few MB of output for the connection
     import socket
     import struct
+
     packet = request("group", "biggroup", rid=1, pad=0)
     with socket.create_connection(server.addr, timeout=20) as t:
         t.sendall((struct.pack(">I", len(packet)) + packet) * 40)
@@ -281,6 +328,7 @@ def test_tcp_pipelined_big_answers_are_paced(server):
 @pytest.mark.slow
 def test_tcp_idle_connection_is_closed(server):
     import socket
+
     with socket.create_connection(server.addr, timeout=30) as t:
         t0 = time.monotonic()
         assert t.recv(10) == b""  # closed by the server
@@ -319,20 +367,43 @@ def test_answers_leave_from_the_address_asked(tmp_path):
     # a wildcard listener, inside a private network namespace (loopback only)
     script = tmp_path / "check.py"
     script.write_text(WILDCARD_CHECK)
-    run = subprocess.run(["unshare", "-n", "sh", "-c", f"ip link set lo up && {sys.executable} {script} "
-                          f"{pathlib.Path(__file__).parents[2]}"], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            "unshare",
+            "-n",
+            "sh",
+            "-c",
+            f"ip link set lo up && {sys.executable} {script} {pathlib.Path(__file__).parents[2]}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.stdout.strip() == "ok", run.stderr[-2000:]
 
 
-@pytest.mark.parametrize("toml", ['[pwserver]\nthreads = "many"\n', '[pwserver]\nthreads = 0\n',
-                                  '[pwserver]\nnosuchkey = 1\n', '[placement]\nrule = "nearest"\n',
-                                  '[pwserver]\nallow = "10.0.0.0/8"\n', 'not toml [',
-                                  '[pwserver]\nbusy_poll_us = -1\n', '[pwserver]\nbusy_poll_us = 10001\n',
-                                  '[pwserver]\nbusy_poll_us = "fast"\n'])
+@pytest.mark.parametrize(
+    "toml",
+    [
+        '[pwserver]\nthreads = "many"\n',
+        "[pwserver]\nthreads = 0\n",
+        "[pwserver]\nnosuchkey = 1\n",
+        '[placement]\nrule = "nearest"\n',
+        '[pwserver]\nallow = "10.0.0.0/8"\n',
+        "not toml [",
+        "[pwserver]\nbusy_poll_us = -1\n",
+        "[pwserver]\nbusy_poll_us = 10001\n",
+        '[pwserver]\nbusy_poll_us = "fast"\n',
+    ],
+)
 def test_bad_settings_exit_ex_config(tmp_path, toml):
     paths = write_sources(tmp_path, USERS[:2])
     conf = tmp_path / "pwmail.toml"
     conf.write_text(toml)
-    run = subprocess.run([str(BIN / "pwserver"), "--config", str(conf), "--passwd", str(paths["passwd"]),
-                          "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=30)
+    run = subprocess.run(
+        [str(BIN / "pwserver"), "--config", str(conf), "--passwd", str(paths["passwd"]), "--listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert run.returncode == EX_CONFIG and any(line.startswith("pwserver: ") for line in run.stderr.splitlines())

@@ -1,6 +1,7 @@
 """The C table and answer path under AddressSanitizer and UBSan: a driver
 built here from pwcache/_csrc feeds them random and mutated sources and
 packets (seeded), and any memory error or undefined behaviour aborts it."""
+
 import pathlib
 import shutil
 import subprocess
@@ -100,9 +101,26 @@ def run_under_sanitizers(tmp_path, driver_source: str, rounds: int = 3000) -> No
     driver = tmp_path / "driver.c"
     driver.write_text(driver_source)
     exe = tmp_path / "driver"
-    subprocess.run(["gcc", "-std=gnu11", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-                    "-I", str(CSRC), str(driver), *(str(CSRC / s) for s in SOURCES), "-ldl", "-lpthread", "-lm",
-                    "-o", str(exe)], check=True)
+    subprocess.run(
+        [
+            "gcc",
+            "-std=gnu11",
+            "-O1",
+            "-g",
+            "-fsanitize=address,undefined",
+            "-fno-sanitize-recover=all",
+            "-I",
+            str(CSRC),
+            str(driver),
+            *(str(CSRC / s) for s in SOURCES),
+            "-ldl",
+            "-lpthread",
+            "-lm",
+            "-o",
+            str(exe),
+        ],
+        check=True,
+    )
     run = subprocess.run([str(exe), str(rounds)], capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "ok"

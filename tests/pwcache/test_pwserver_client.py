@@ -1,5 +1,6 @@
 """pwserver through the project's Python client (pwcache/client.py): the
 client's view of every operation, TCP fallback, keys, enumeration."""
+
 import pytest
 
 from pwcache.client import Client, Denied
@@ -13,8 +14,9 @@ BIG = [n for n, _ in USERS]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("client")
-    paths = write_sources(d, USERS, [("small", 70, ["cl000", "cl001"]), ("everyone", 71, BIG)],
-                          mailhosts={"cl000": "store1"})
+    paths = write_sources(
+        d, USERS, [("small", 70, ["cl000", "cl001"]), ("everyone", 71, BIG)], mailhosts={"cl000": "store1"}
+    )
     write_key(d / "shadow.key")
     write_key(d / "network.key")
     return d, paths

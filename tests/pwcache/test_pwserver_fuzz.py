@@ -1,5 +1,6 @@
 """Fuzzing the server's decoder and answer path: any packet is dropped or
 answered with a well-formed answer, within the size rules, never a crash."""
+
 import random
 import socket
 import struct
@@ -44,10 +45,12 @@ def check_answer(packet: bytes, answer: bytes | None, tcp: bool) -> None:
     assert version == 1 and 0 <= status <= 6 and isinstance(rid, int)
 
 
-valid_ops = st.builds(lambda op, arg, rid: request(op, arg, rid=rid),
-                      st.integers(0, 14),
-                      st.one_of(st.none(), st.integers(-5, 2**33), st.text(max_size=20), st.binary(max_size=10)),
-                      st.integers(0, 2**64 - 1))
+valid_ops = st.builds(
+    lambda op, arg, rid: request(op, arg, rid=rid),
+    st.integers(0, 14),
+    st.one_of(st.none(), st.integers(-5, 2**33), st.text(max_size=20), st.binary(max_size=10)),
+    st.integers(0, 2**64 - 1),
+)
 
 
 def mutate(data: bytes, cuts: list[int]) -> bytes:
@@ -61,11 +64,18 @@ def mutate(data: bytes, cuts: list[int]) -> bytes:
 packets = st.one_of(
     st.binary(max_size=1100),
     valid_ops,
-    st.builds(lambda p, n: p[:n], valid_ops, st.integers(0, 300)),           # truncated
+    st.builds(lambda p, n: p[:n], valid_ops, st.integers(0, 300)),  # truncated
     st.builds(mutate, valid_ops, st.lists(st.integers(0, 10_000), max_size=4)),  # bit flips
-    st.builds(lambda obj: msgpack.packb(obj), st.recursive(
-        st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.text(max_size=8), st.binary(max_size=8)),
-        lambda inner: st.lists(inner, max_size=6), max_leaves=12)),
+    st.builds(
+        lambda obj: msgpack.packb(obj),
+        st.recursive(
+            st.one_of(
+                st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.text(max_size=8), st.binary(max_size=8)
+            ),
+            lambda inner: st.lists(inner, max_size=6),
+            max_leaves=12,
+        ),
+    ),
     st.builds(lambda p: seal(KEY, 2, p), valid_ops),
     st.builds(lambda p: b"\xc1" + p, st.binary(max_size=80)),
 )
@@ -101,7 +111,7 @@ def test_live_server_survives_garbage(tmp_path):
                     p = rnd.randbytes(rnd.randrange(0, 1500))
                 else:
                     p = request(rnd.randrange(0, 14), rnd.choice([None, "u1", 3, "é", ""]))
-                    p = p[:rnd.randrange(1, len(p) + 1)] if kind == 1 else mutate(p, [rnd.randrange(10_000)])
+                    p = p[: rnd.randrange(1, len(p) + 1)] if kind == 1 else mutate(p, [rnd.randrange(10_000)])
                 u.sendto(p, s.addr)
         for _ in range(50):  # TCP: random frames, bad lengths, half frames
             with socket.create_connection(s.addr) as t:

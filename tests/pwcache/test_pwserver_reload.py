@@ -1,5 +1,6 @@
 """A million users: load time, memory, and reloads under a steady query
 load with not one failed query."""
+
 import json
 import os
 import pathlib
@@ -26,10 +27,13 @@ class QueryLoad:
     without an answer in 2 s is a failure."""
 
     def __init__(self, addr, threads: int = 2):
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.pwserver_load", addr[0], str(addr[1]),
-                                      str(N), str(threads)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     cwd=pathlib.Path(__file__).parents[2])
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.pwserver_load", addr[0], str(addr[1]), str(N), str(threads)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=pathlib.Path(__file__).parents[2],
+        )
         assert self.proc.stdout.readline().strip() == "started"
 
     def finish(self) -> dict:
@@ -58,8 +62,10 @@ def test_million_users_reload_under_load(tmp_path):
         first = stats(srv.addr)
         rss = rss_bytes(srv.proc.pid)
         cpu_ms = int(re.search(r"\((\d+) ms CPU", srv.output()).group(1))
-        print(f"\n1M users: {source_bytes / MiB:.0f} MiB of sources, loaded in {first['load_ms']} ms "
-              f"({cpu_ms} ms CPU), RSS {rss / MiB:.0f} MiB (budget {budget / MiB:.0f} MiB)")
+        print(
+            f"\n1M users: {source_bytes / MiB:.0f} MiB of sources, loaded in {first['load_ms']} ms "
+            f"({cpu_ms} ms CPU), RSS {rss / MiB:.0f} MiB (budget {budget / MiB:.0f} MiB)"
+        )
         assert rss < budget
         # < 3 s: the CPU the load took (its wall time is what a shared machine gives it)
         assert cpu_ms < 3000
@@ -74,8 +80,10 @@ def test_million_users_reload_under_load(tmp_path):
         wait_for(lambda: stats(srv.addr)["generation"] >= 3)
         time.sleep(1)
         result = load.finish()
-        print(f"{result['ok']} queries answered during {stats(srv.addr)['generation'] - 1} reloads, "
-              f"max latency {result['max_latency_ms']:.1f} ms, {result['over_100ms']} over 100 ms")
+        print(
+            f"{result['ok']} queries answered during {stats(srv.addr)['generation'] - 1} reloads, "
+            f"max latency {result['max_latency_ms']:.1f} ms, {result['over_100ms']} over 100 ms"
+        )
         assert result["failures"] == []
         assert result["ok"] > 5000
         # the old tables were freed

@@ -5,6 +5,7 @@ counts it in STATS; SIGUSR1 serves it on purpose, once. A pwserver that
 would serve nothing does not start. A missing source is logged once, and
 once when it is back. A real pwserver on loopback, its files replaced as
 operators do, and real lookups (raw UDP, the Python client, pwquery)."""
+
 import os
 import random
 import signal
@@ -13,10 +14,9 @@ import time
 
 import pytest
 
+from pwmail.base.errors import EX_CONFIG
 from tests.support.pwserver_util import NOTFOUND, OK, passwd_line, stats, udp_query, write_sources
 from tests.support.pwtest import BIN, PwServer, wait_for
-
-from pwmail.base.errors import EX_CONFIG
 
 USERS = [(f"user{i:04d}", 10000 + i) for i in range(40)]
 POLL = 0.1  # s between checks of the sources: a "once" that is not shows up as many lines
@@ -78,8 +78,9 @@ def still_served(s) -> None:
         assert udp_query(s.addr, "passwd", name)[2] == OK
     with s.client() as c:
         assert c.passwd_by_name(USERS[-1][0]).uid == USERS[-1][1]
-    run = subprocess.run([str(BIN / "pwquery"), "--server", s.address, "passwd", USERS[0][0]],
-                         capture_output=True, text=True, timeout=30)
+    run = subprocess.run(
+        [str(BIN / "pwquery"), "--server", s.address, "passwd", USERS[0][0]], capture_output=True, text=True, timeout=30
+    )
     assert run.returncode == 0 and run.stdout.startswith(USERS[0][0] + ":"), run
 
 
@@ -140,7 +141,7 @@ def test_garbage_lines_beside_every_user_are_refused(server):
     garbage = "".join(f"not a passwd line {i}\n" for i in range(1001))  # default limit: 1000
     replace(server.paths["passwd"], passwd_of(USERS) + garbage.encode())
     refused_once(server, "1001 malformed lines", 3)
-    replace(server.paths["passwd"], passwd_of(USERS) + garbage.encode()[:-len("not a passwd line 1000\n")])
+    replace(server.paths["passwd"], passwd_of(USERS) + garbage.encode()[: -len("not a passwd line 1000\n")])
     wait_for(lambda: generation(server) == 2)  # 1000: at the limit, served
 
 
@@ -159,12 +160,26 @@ def test_limits_from_the_settings_file(tmp_path):
 
 def start(paths, *args) -> subprocess.CompletedProcess:
     """pwserver expected to refuse to start: its exit status and output."""
-    return subprocess.run([str(BIN / "pwserver"), "--passwd", str(paths["passwd"]), "--listen", "127.0.0.1:0", *args],
-                          capture_output=True, text=True, timeout=30, env=os.environ | QUIET_SYSLOG)
+    return subprocess.run(
+        [str(BIN / "pwserver"), "--passwd", str(paths["passwd"]), "--listen", "127.0.0.1:0", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=os.environ | QUIET_SYSLOG,
+    )
 
 
-@pytest.mark.parametrize("toml", ["reload_max_shrink = 1.5", "reload_max_shrink = -0.1", 'reload_max_shrink = "10%"',
-                                  "reload_max_bad_lines = -1", "reload_max_bad_lines = 1.5", 'allow_empty = "yes"'])
+@pytest.mark.parametrize(
+    "toml",
+    [
+        "reload_max_shrink = 1.5",
+        "reload_max_shrink = -0.1",
+        'reload_max_shrink = "10%"',
+        "reload_max_bad_lines = -1",
+        "reload_max_bad_lines = 1.5",
+        'allow_empty = "yes"',
+    ],
+)
 def test_bad_guard_settings_exit_ex_config(tmp_path, toml):
     paths = write_sources(tmp_path, USERS[:2])
     conf = tmp_path / "pwmail.toml"

@@ -2,6 +2,7 @@
 "TCP connections"): trickling senders, more connections than the limits from
 one and from several addresses, clients that pipeline without reading. A
 real pwserver on loopback; other 127.x.y.z addresses stand for other hosts."""
+
 import select
 import socket
 import struct
@@ -14,7 +15,16 @@ import pytest
 
 from pwcache.tcp_server import TCP_DEFAULTS
 from pwmail.base.errors import EX_CONFIG
-from tests.support.pwserver_util import OK, TcpConn, request, rss_bytes, stats, udp_query, write_many_users, write_sources
+from tests.support.pwserver_util import (
+    OK,
+    TcpConn,
+    request,
+    rss_bytes,
+    stats,
+    udp_query,
+    write_many_users,
+    write_sources,
+)
 from tests.support.pwtest import BIN, PwServer, wait_for
 
 USERS = [(f"user{i:04d}", 10000 + i) for i in range(50)]
@@ -210,7 +220,7 @@ def test_non_reading_pipeliners_keep_memory_bounded(tmp_path):
             page = c.exchange(request("passwd_enum", 0, pad=0))
         assert msgpack.unpackb(page)[2] == OK
         before = rss_bytes(server.proc.pid)
-        frames = (struct.pack(">I", len(request("passwd_enum", 0, pad=0))) + request("passwd_enum", 0, pad=0))
+        frames = struct.pack(">I", len(request("passwd_enum", 0, pad=0))) + request("passwd_enum", 0, pad=0)
         socks = []
         try:
             for src in addresses:
@@ -234,6 +244,7 @@ def test_non_reading_pipeliners_keep_memory_bounded(tmp_path):
                 n = stats(server.addr)["tcp_requests"]
                 done, last[0] = n == last[0] + 1, n
                 return done
+
             bound = clients * (TCP_DEFAULTS["tcp_max_queued"] + 2 * len(page)) + 32 * 2**20
 
             def check_peak() -> None:
@@ -243,20 +254,35 @@ def test_non_reading_pipeliners_keep_memory_bounded(tmp_path):
             check_peak()
             assert udp_query(server.addr, "passwd", "auser0000000")[2] == OK
             assert legit_ping(server) < LEGIT_SECONDS
-            wait_for(lambda: rss() and stats(server.addr)["tcp_send_timeouts"] == clients,
-                     timeout=IDLE_TIMEOUT + 30, step=0.5)
+            wait_for(
+                lambda: rss() and stats(server.addr)["tcp_send_timeouts"] == clients,
+                timeout=IDLE_TIMEOUT + 30,
+                step=0.5,
+            )
             check_peak()
         finally:
             for s in socks:
                 s.close()
 
 
-@pytest.mark.parametrize("toml", ['tcp_max_per_source = 0', 'tcp_max_per_source = 300',
-                                  'tcp_max_connections = "many"', 'tcp_frame_timeout = 0',
-                                  'tcp_idle_timeout = -1', 'tcp_max_queued = -1'])
+@pytest.mark.parametrize(
+    "toml",
+    [
+        "tcp_max_per_source = 0",
+        "tcp_max_per_source = 300",
+        'tcp_max_connections = "many"',
+        "tcp_frame_timeout = 0",
+        "tcp_idle_timeout = -1",
+        "tcp_max_queued = -1",
+    ],
+)
 def test_bad_tcp_settings_exit_ex_config(sources, tmp_path, toml):
     conf = tmp_path / "pwmail.toml"
     conf.write_text(f"[pwserver]\n{toml}\n")
-    run = subprocess.run([str(BIN / "pwserver"), "--config", str(conf), "--passwd", str(sources["passwd"]),
-                          "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=30)
+    run = subprocess.run(
+        [str(BIN / "pwserver"), "--config", str(conf), "--passwd", str(sources["passwd"]), "--listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert run.returncode == EX_CONFIG and "tcp_" in run.stderr

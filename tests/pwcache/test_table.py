@@ -1,4 +1,5 @@
 """The C table against a Python reference (dicts), with Hypothesis."""
+
 import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -14,8 +15,19 @@ text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters=
 
 users = st.lists(st.tuples(names, ids, ids, text), max_size=40)
 groups = st.lists(st.tuples(names, ids, st.lists(names, max_size=6)), max_size=10)
-garbage = st.lists(st.sampled_from(["no colons here", "a:b:c", "x:x:notanumber:1:g:/h:/s",
-                                    "y:x:1:2:g:/h:/s:extra", ":x:1:2:g:/h:/s", "+nis:x:1:2:::"]), max_size=4)
+garbage = st.lists(
+    st.sampled_from(
+        [
+            "no colons here",
+            "a:b:c",
+            "x:x:notanumber:1:g:/h:/s",
+            "y:x:1:2:g:/h:/s:extra",
+            ":x:1:2:g:/h:/s",
+            "+nis:x:1:2:::",
+        ]
+    ),
+    max_size=4,
+)
 RULE = PlacementRule.from_settings({"rule": "hash", "hosts": ["s1", "s2:2"]})
 
 
@@ -112,14 +124,16 @@ def test_any_bytes_load_without_crashing(p, s, g, m):
 
 
 def test_malformed_lines_are_counted():
-    passwd = (b"ok:x:1:1::/:/bin/sh\n"
-              b"short:x:1\n"
-              b"baduid:x:-1:1::/:/bin/sh\n"
-              b"bigid:x:4294967295:1::/:/bin/sh\n"
-              b"badutf8:x:2:2:\xff\xfe:/:/bin/sh\n"
-              b"# a comment\n\n"
-              b"ok:x:3:3::/:/bin/sh\n"
-              b"other:x:1:1::/:/bin/sh")  # no final newline; duplicate uid
+    passwd = (
+        b"ok:x:1:1::/:/bin/sh\n"
+        b"short:x:1\n"
+        b"baduid:x:-1:1::/:/bin/sh\n"
+        b"bigid:x:4294967295:1::/:/bin/sh\n"
+        b"badutf8:x:2:2:\xff\xfe:/:/bin/sh\n"
+        b"# a comment\n\n"
+        b"ok:x:3:3::/:/bin/sh\n"
+        b"other:x:1:1::/:/bin/sh"
+    )  # no final newline; duplicate uid
     shadow = b"ok:h:1:2:3:4:5:6:7\nnouser:h:::::::\nok:h:::::::\nbad:h\n"
     group = b"g:x:10:ok,,\xff,ok\ng:x:11:\nh:x:10:\nbroken\n"
     mh = b"ok host1 frozen\nok host2\nonlyname\nstranger h\n# c\n"
@@ -127,7 +141,13 @@ def test_malformed_lines_are_counted():
         s = t.stats()
         assert (s["users"], s["passwd_bad"], s["passwd_dup_name"], s["passwd_dup_uid"]) == (2, 4, 1, 1)
         assert (s["shadows"], s["shadow_orphan"], s["shadow_dup"], s["shadow_bad"]) == (1, 1, 1, 1)
-        assert (s["groups"], s["group_dup_name"], s["group_dup_gid"], s["group_bad"], s["group_bad_member"]) == (2, 1, 1, 1, 1)
+        assert (s["groups"], s["group_dup_name"], s["group_dup_gid"], s["group_bad"], s["group_bad_member"]) == (
+            2,
+            1,
+            1,
+            1,
+            1,
+        )
         assert (s["mailhosts_dup"], s["mailhosts_bad"], s["mailhosts_unknown"]) == (1, 1, 1)
         assert t.mailhost("ok") == ("host1", True)
         assert msgpack.unpackb(t.shadow_by_name("ok")) == ["ok", "h", 1, 2, 3, 4, 5, 6, 7]

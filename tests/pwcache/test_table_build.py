@@ -1,10 +1,12 @@
 """The build script: its cdef comes from the headers' cffi regions, and the
 built module has every function Python calls."""
+
 import pathlib
 import re
 
-from pwcache import build_pwtable
 from pwcache._pwtable import ffi, lib
+
+from pwcache import build_pwtable
 
 PKG = pathlib.Path(build_pwtable.__file__).resolve().parent
 

@@ -2,6 +2,7 @@
 pwcache/changes.py): the real answer path sees each change, lookups during
 changes see the old or the new record whole, and the delta is folded so
 memory stays bounded. docs/pwserver.md, "Changes"."""
+
 from __future__ import annotations
 
 import random
@@ -98,8 +99,9 @@ def served():
 
 def test_insert_user_with_shadow_and_mailhost(served):
     gen = served.generation()
-    status = served.changes.apply([("passwd", passwd("new", 2000, gecos="New")), ("shadow", shadow("new", "$6$n")),
-                                   ("mailhosts", "new store9")])
+    status = served.changes.apply(
+        [("passwd", passwd("new", 2000, gecos="New")), ("shadow", shadow("new", "$6$n")), ("mailhosts", "new store9")]
+    )
     assert status == ["applied"] * 3
     assert served.generation() == gen + 1  # one batch, one generation
     rec = ["new", "x", 2000, 100, "New", "/home/new", "/bin/sh", "store9"]
@@ -141,21 +143,22 @@ def test_delete_user(served):
 
 def test_refused_changes_are_counted_and_change_nothing(served):
     gen, before = served.generation(), served.found("passwd_by_name", "u2")
-    status = served.changes.apply([
-        ("passwd", "u2:x:notanumber:100::/h:/bin/sh"),    # bad, as in a file
-        ("passwd", passwd("u2", 1003)),                     # u3's uid
-        ("passwd", "+nis:x:5:5::/:/bin/sh"),                # NIS compat entries are not served
-        ("passwd", passwd("u2", 1002) + "\n" + passwd("x", 9)),  # two lines in one change
-        ("shadow", shadow("ghost")),                        # no such user
-        ("mailhosts", "ghost store1"),
-        ("mailhosts", "u2 store1 melted"),
-        ("group", "staff:x:10:u1"),                         # wheel's gid
-        ("del_user", "ghost"),
-        ("del_group", "ghost"),
-        ("passwd", "# a comment"),
-    ])
-    assert status == ["bad", "dup_id", "bad", "bad", "unknown", "unknown", "bad", "dup_id", "unknown", "unknown",
-                      "bad"]
+    status = served.changes.apply(
+        [
+            ("passwd", "u2:x:notanumber:100::/h:/bin/sh"),  # bad, as in a file
+            ("passwd", passwd("u2", 1003)),  # u3's uid
+            ("passwd", "+nis:x:5:5::/:/bin/sh"),  # NIS compat entries are not served
+            ("passwd", passwd("u2", 1002) + "\n" + passwd("x", 9)),  # two lines in one change
+            ("shadow", shadow("ghost")),  # no such user
+            ("mailhosts", "ghost store1"),
+            ("mailhosts", "u2 store1 melted"),
+            ("group", "staff:x:10:u1"),  # wheel's gid
+            ("del_user", "ghost"),
+            ("del_group", "ghost"),
+            ("passwd", "# a comment"),
+        ]
+    )
+    assert status == ["bad", "dup_id", "bad", "bad", "unknown", "unknown", "bad", "dup_id", "unknown", "unknown", "bad"]
     assert served.generation() == gen  # nothing applied: no new generation
     assert served.found("passwd_by_name", "u2") == before
     st = served.stats()
@@ -214,8 +217,14 @@ def test_group_members_validated_as_in_files(served):
 
 
 def test_enumeration_lists_each_record_once(served):
-    served.changes.apply([("passwd", passwd("u3", 1003, gecos="v2")), ("passwd", passwd("zz", 3000)),
-                          ("del_user", "u4"), ("group", "staff:x:100:u9")])
+    served.changes.apply(
+        [
+            ("passwd", passwd("u3", 1003, gecos="v2")),
+            ("passwd", passwd("zz", 3000)),
+            ("del_user", "u4"),
+            ("group", "staff:x:100:u9"),
+        ]
+    )
     served.changes.apply([("passwd", passwd("u3", 1003, gecos="v3"))])
     names = [r[0] for r in served.enumerate("passwd_enum")]
     assert sorted(names) == sorted({n for n, _ in USERS} - {"u4"} | {"zz"})
@@ -235,6 +244,7 @@ class Model:
     def __init__(self, src):
         def lines(b):
             return [ln for ln in b.decode().splitlines() if ln]
+
         self.passwd = {ln.split(":")[0]: ln for ln in lines(src["passwd"])}
         self.shadow = {ln.split(":")[0]: ln for ln in lines(src["shadow"])}
         self.group = {ln.split(":")[0]: ln for ln in lines(src["group"])}
@@ -276,6 +286,7 @@ class Model:
     def table(self, rule=None):
         def buf(m):
             return "".join(ln + "\n" for ln in m.values()).encode()
+
         return Table.from_bytes(buf(self.passwd), buf(self.shadow), buf(self.group), buf(self.mailhosts), rule=rule)
 
 
@@ -347,9 +358,12 @@ def test_lookups_during_10000_changes_see_old_or_new_records_never_notfound():
     rng = random.Random(7)
     stable = [f"s{i}" for i in range(200)]
     transient = [f"t{i}" for i in range(200)]
-    src = dict(passwd="".join(passwd(n, 10000 + i, gecos="v0") + "\n" for i, n in enumerate(stable)).encode(),
-               shadow="".join(shadow(n, "$6$0") + "\n" for n in stable).encode(),
-               group=b"", mailhosts="".join(f"{n} store0\n" for n in stable).encode())
+    src = dict(
+        passwd="".join(passwd(n, 10000 + i, gecos="v0") + "\n" for i, n in enumerate(stable)).encode(),
+        shadow="".join(shadow(n, "$6$0") + "\n" for n in stable).encode(),
+        group=b"",
+        mailhosts="".join(f"{n} store0\n" for n in stable).encode(),
+    )
     served = Served(Table.from_bytes(**src), fold_entries=150)
     switch = sys.getswitchinterval()
     sys.setswitchinterval(1e-4)  # the writer gets the GIL back soon after each C call
@@ -368,16 +382,24 @@ def test_lookups_during_10000_changes_see_old_or_new_records_never_notfound():
             while not stop.is_set():
                 i = r.randrange(len(stable))
                 name = stable[i]
-                for op, arg in (("passwd_by_name", name), ("passwd_by_uid", 10000 + i), ("shadow_by_name", name),
-                                ("mailhost", name), ("initgroups", name)):
+                for op, arg in (
+                    ("passwd_by_name", name),
+                    ("passwd_by_uid", 10000 + i),
+                    ("shadow_by_name", name),
+                    ("mailhost", name),
+                    ("initgroups", name),
+                ):
                     status, payload = served.ask(op, arg, answerer)
                     asked[0] += 1
                     if status != OK:
                         errors.append((op, arg, status))
                         continue
                     with lock:
-                        if op.startswith("passwd") and (payload[0] != name or payload[2] != 10000 + i or
-                                                         (payload[4], payload[7]) not in pw_seen[name]):
+                        if op.startswith("passwd") and (
+                            payload[0] != name
+                            or payload[2] != 10000 + i
+                            or (payload[4], payload[7]) not in pw_seen[name]
+                        ):
                             errors.append((op, arg, payload))
                         elif op == "shadow_by_name" and payload[1] not in sh_seen[name]:
                             errors.append((op, arg, payload))
@@ -449,16 +471,21 @@ def test_lookups_during_10000_changes_see_old_or_new_records_never_notfound():
 
 def test_delta_is_folded_and_memory_stays_bounded():
     n = 2000
-    src = dict(passwd="".join(passwd(f"u{i}", 1000 + i) + "\n" for i in range(n)).encode(),
-               shadow="".join(shadow(f"u{i}") + "\n" for i in range(n)).encode(), group=b"", mailhosts=b"")
+    src = dict(
+        passwd="".join(passwd(f"u{i}", 1000 + i) + "\n" for i in range(n)).encode(),
+        shadow="".join(shadow(f"u{i}") + "\n" for i in range(n)).encode(),
+        group=b"",
+        mailhosts=b"",
+    )
     served = Served(Table.from_bytes(**src), fold_entries=100)
     fresh_bytes = served.stats()["table_bytes"]
     rng = random.Random(3)
     peak = 0
     for step in range(3000):
         i = rng.randrange(n)
-        served.changes.apply([("passwd", passwd(f"u{i}", 1000 + i, gecos=f"step {step}")),
-                              ("shadow", shadow(f"u{i}", f"$6${step}"))])
+        served.changes.apply(
+            [("passwd", passwd(f"u{i}", 1000 + i, gecos=f"step {step}")), ("shadow", shadow(f"u{i}", f"$6${step}"))]
+        )
         if step % 100 == 0:
             served.changes.wait_folded(60)
         peak = max(peak, served.stats()["delta_entries"])

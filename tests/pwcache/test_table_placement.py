@@ -1,6 +1,7 @@
 """The default placement rule: C (pw_placement.c) == Python (placement.py)
 == tests/vectors/placement.json, and the properties docs/placement.md
 promises."""
+
 import json
 import pathlib
 from collections import Counter
@@ -54,7 +55,7 @@ def test_weights_and_minimal_moves():
     four = PlacementRule.from_settings({"rule": "hash", "hosts": ["a", "b", "c:2", "d"]})
     moved = [n for n in names if three.pick(n) != four.pick(n)]
     assert all(four.pick(n) == "d" for n in moved)  # only to the new host
-    assert 0.15 < len(moved) / len(names) < 0.25     # about w_new / sum(w) = 1/5
+    assert 0.15 < len(moved) / len(names) < 0.25  # about w_new / sum(w) = 1/5
 
 
 def test_the_table_applies_the_rule_to_users_without_a_map_entry():
@@ -67,10 +68,17 @@ def test_the_table_applies_the_rule_to_users_without_a_map_entry():
             assert t.mailhost(n) == (VECTORS["cases"][4]["expect"][n], False)
 
 
-@pytest.mark.parametrize("bad", [
-    {"rule": "nearest"}, {"rule": "ranges", "ranges": ["a-c"]}, {"rule": "ranges", "ranges": ["c-a s1"]},
-    {"rule": "hash", "hosts": ["s1:0"]}, {"rule": "hash", "hosts": ["s1:x"]}, {"rule": "hash", "hosts": "s1"},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"rule": "nearest"},
+        {"rule": "ranges", "ranges": ["a-c"]},
+        {"rule": "ranges", "ranges": ["c-a s1"]},
+        {"rule": "hash", "hosts": ["s1:0"]},
+        {"rule": "hash", "hosts": ["s1:x"]},
+        {"rule": "hash", "hosts": "s1"},
+    ],
+)
 def test_bad_settings_are_refused(bad):
     with pytest.raises(PlacementError):
         PlacementRule.from_settings(bad)

@@ -4,6 +4,7 @@
 The C code is compiled here into a small shared library and called through
 cffi in ABI mode, exactly as the NSS module and the server use it.
 """
+
 import json
 import pathlib
 import subprocess
@@ -51,8 +52,22 @@ void pw_put_answer_header(pwp_buf *b, uint64_t id, int status);
 @pytest.fixture(scope="module")
 def c(tmp_path_factory):
     out = tmp_path_factory.mktemp("wire") / "libpwwire.so"
-    subprocess.run(["cc", "-std=gnu11", "-O1", "-g", "-shared", "-fPIC", "-Wall", "-Werror",
-                    "-o", str(out), str(ROOT / "pwcache/_csrc/pw_wire.c")], check=True)
+    subprocess.run(
+        [
+            "cc",
+            "-std=gnu11",
+            "-O1",
+            "-g",
+            "-shared",
+            "-fPIC",
+            "-Wall",
+            "-Werror",
+            "-o",
+            str(out),
+            str(ROOT / "pwcache/_csrc/pw_wire.c"),
+        ],
+        check=True,
+    )
     ffi = FFI()
     ffi.cdef(CDEF)
     return ffi, ffi.dlopen(str(out))
@@ -146,8 +161,16 @@ def test_passwd_answer_in_c_both_ways(c):
     assert (rid[0], st[0]) == (VECTORS["id"], 0)
     v = ffi.new("pw_passwd_view *")
     assert lib.pw_get_passwd(r, v) == 0
-    got = [c_str(ffi, v.name), c_str(ffi, v.passwd), v.uid, v.gid, c_str(ffi, v.gecos),
-           c_str(ffi, v.dir), c_str(ffi, v.shell), c_str(ffi, v.mailhost)]
+    got = [
+        c_str(ffi, v.name),
+        c_str(ffi, v.passwd),
+        v.uid,
+        v.gid,
+        c_str(ffi, v.gecos),
+        c_str(ffi, v.dir),
+        c_str(ffi, v.shell),
+        c_str(ffi, v.mailhost),
+    ]
     assert got == vec["payload"]
     # and the C writer packs the same bytes as the reference packer
     out = ffi.new("uint8_t[512]")
@@ -181,8 +204,7 @@ def test_group_and_shadow_answers_in_c(c):
         else:
             s = ffi.new("pw_shadow_view *")
             assert lib.pw_get_shadow(r, s) == 0
-            got = [c_str(ffi, s.name), c_str(ffi, s.hash), s.lastchg, s.min, s.max, s.warn,
-                   s.inact, s.expire, s.flag]
+            got = [c_str(ffi, s.name), c_str(ffi, s.hash), s.lastchg, s.min, s.max, s.warn, s.inact, s.expire, s.flag]
             assert got == vec["payload"]
             out = ffi.new("uint8_t[512]")
             b = ffi.new("pwp_buf *")
@@ -228,10 +250,17 @@ def test_mailhost_and_initgroups_answers_in_c(c):
             assert get(r, view) == -1 and r.p == start, (op, n)
 
 
-@pytest.mark.parametrize("payload, ok", [
-    ([["store1", True]], True),
-    ([["store1"]], False), ([["store1", 1]], False), ([[b"store1", False]], False), (["store1"], False),
-], ids=["good", "one-field", "int-frozen", "bin-host", "not-an-array"])
+@pytest.mark.parametrize(
+    "payload, ok",
+    [
+        ([["store1", True]], True),
+        ([["store1"]], False),
+        ([["store1", 1]], False),
+        ([[b"store1", False]], False),
+        (["store1"], False),
+    ],
+    ids=["good", "one-field", "int-frozen", "bin-host", "not-an-array"],
+)
 def test_mailhost_reader_refuses_other_shapes(c, payload, ok):
     ffi, lib = c
     data = msgpack.packb(payload[0], use_bin_type=True)
@@ -273,7 +302,7 @@ def test_enumeration_page_reader(c):
         r = ffi.new("pwp_reader *")
         lib.pwp_reader_init(r, ffi.from_buffer(data), len(data))
         assert lib.pw_get_page(r, page) == -1, bad
-    data = msgpack.packb([None, [0] * 1001])   # more than PW_ENUM_PAGE records
+    data = msgpack.packb([None, [0] * 1001])  # more than PW_ENUM_PAGE records
     lib.pwp_reader_init(r, ffi.from_buffer(data), len(data))
     assert lib.pw_get_page(r, page) == -1
 

@@ -1,5 +1,6 @@
 """Helpers for the delivery tests: users served by a real pwserver, real
 `pdeliveryd` processes on loopback addresses, Maildir inspection."""
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,9 @@ def write_users(d: pathlib.Path, users=USERS) -> pathlib.Path:
 
 def client_conf(path: pathlib.Path, servers: list[str], timeout_ms: int = 300) -> pathlib.Path:
     """pwserver.conf with the delivery tests' short timeouts."""
-    return pwtest.client_conf(path, servers, timeout_ms=timeout_ms, hedge_ms=50, recheck_s=1,
-                              health_file=path.parent / "pwserver-health")
+    return pwtest.client_conf(
+        path, servers, timeout_ms=timeout_ms, hedge_ms=50, recheck_s=1, health_file=path.parent / "pwserver-health"
+    )
 
 
 @contextlib.contextmanager
@@ -62,14 +64,33 @@ def free_port_on(hosts: list[str]) -> int:
 class Pdeliveryd(pwtest.Process):
     """A running pdeliveryd (stopped by PID: SIGTERM, then SIGKILL)."""
 
-    def __init__(self, root: pathlib.Path, host: str, port: int, env: dict, *, extra=(), init_root=True,
-                 layout: str | None = None, wrap: list[str] | None = None, prestart: str = ""):
+    def __init__(
+        self,
+        root: pathlib.Path,
+        host: str,
+        port: int,
+        env: dict,
+        *,
+        extra=(),
+        init_root=True,
+        layout: str | None = None,
+        wrap: list[str] | None = None,
+        prestart: str = "",
+    ):
         self.root, self.host, self.port = root, host, port
         root.mkdir(parents=True, exist_ok=True)
         if init_root and not wrap:
             subprocess.run([str(BIN / "pdeliveryd"), "--root", str(root), "--init-root"], check=True, env=env)
-        argv = [str(BIN / "pdeliveryd"), "--listen", f"{host}:{port}", "--root", str(root), "--log-stderr",
-                *(["--layout", layout] if layout else []), *extra]
+        argv = [
+            str(BIN / "pdeliveryd"),
+            "--listen",
+            f"{host}:{port}",
+            "--root",
+            str(root),
+            "--log-stderr",
+            *(["--layout", layout] if layout else []),
+            *extra,
+        ]
         if wrap:  # e.g. unshare --mount, with a shell prelude that mounts something first
             argv = [*wrap, "sh", "-c", prestart + ' exec "$@"', "sh", *argv]
         super().__init__(argv, root.parent / f"pdeliveryd-{host}-{port}.log", env=env)
@@ -94,7 +115,7 @@ def lmtp_session(host: str, port: int, script: bytes, timeout: float = 10) -> by
         while True:
             try:
                 chunk = s.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 break
             if not chunk:
                 break
@@ -133,20 +154,35 @@ class LmtpProxy(pwtest.Process):
     """A running lmtp-proxy on HOST:PORT (and `unix` if given), with `settings`
     as its [delivery] section (TOML values), then `other_sections`."""
 
-    def __init__(self, d: pathlib.Path, port: int, conf: pathlib.Path, settings: dict, *, host: str = "127.0.0.1",
-                 unix: pathlib.Path | None = None, other_sections: str = ""):
+    def __init__(
+        self,
+        d: pathlib.Path,
+        port: int,
+        conf: pathlib.Path,
+        settings: dict,
+        *,
+        host: str = "127.0.0.1",
+        unix: pathlib.Path | None = None,
+        other_sections: str = "",
+    ):
         self.host, self.port, self.unix = host, port, unix
         d.mkdir(parents=True, exist_ok=True)
         self.settings = d / f"lmtp-proxy-{port}.toml"
-        self.other_sections = other_sections       # TOML of sections besides [delivery]
+        self.other_sections = other_sections  # TOML of sections besides [delivery]
         self.write_settings(settings)
-        argv = [str(BIN / "lmtp-proxy"), "--listen", f"{host}:{port}", "--log-stderr",
-                *(["--unix", str(unix)] if unix else [])]
+        argv = [
+            str(BIN / "lmtp-proxy"),
+            "--listen",
+            f"{host}:{port}",
+            "--log-stderr",
+            *(["--unix", str(unix)] if unix else []),
+        ]
         super().__init__(argv, d / f"lmtp-proxy-{port}.log", env=env_with(conf, self.settings))
         self.wait_line(r"lmtp-proxy: ready on", "lmtp-proxy", 30)
 
     def write_settings(self, settings: dict) -> None:
         import json
+
         lines = "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
         self.settings.write_text(f"[delivery]\n{lines}\n{self.other_sections}")
 
@@ -162,6 +198,7 @@ class CountingRelay:
 
     def __init__(self, listen: tuple[str, int], target: tuple[str, int]):
         import threading
+
         self.target = target
         self.accepted = 0
         self.sock = socket.create_server(listen)

@@ -1,14 +1,14 @@
 """Helpers of the IMAP tests: Dovecot IMAP with docs/imap.md's
 configuration block as it stands, and imap-proxy processes on loopback."""
+
 from __future__ import annotations
 
 import os
 import pathlib
 import re
 
-from tests.support.pop_util import NSS_DIR, ROOT, Daemon, Dovecot, free_port
-
 from delivery.layout import MailboxLayout
+from tests.support.pop_util import NSS_DIR, ROOT, Daemon, Dovecot, free_port
 
 DOCS = ROOT / "docs" / "imap.md"
 
@@ -68,9 +68,19 @@ service pop3-login {{
 """
 
 
-def start_imap_proxy(tmp: pathlib.Path, conf: os.PathLike | str, settings: str = "", argv: list[str] = (),
-                     name: str = "imap-proxy", env: dict | None = None) -> Daemon:
+def start_imap_proxy(
+    tmp: pathlib.Path,
+    conf: os.PathLike | str,
+    settings: str = "",
+    argv: list[str] = (),
+    name: str = "imap-proxy",
+    env: dict | None = None,
+) -> Daemon:
     cfg = tmp / f"pwmail-{name}.toml"
     cfg.write_text("[imap]\n" + settings)
-    return Daemon("imap-proxy", ["--listen", "127.0.0.1:0", *argv],
-                  {"PWSERVER_CONF": str(conf), "PWMAIL_CONF": str(cfg), **(env or {})}, tmp / f"{name}.log")
+    return Daemon(
+        "imap-proxy",
+        ["--listen", "127.0.0.1:0", *argv],
+        {"PWSERVER_CONF": str(conf), "PWMAIL_CONF": str(cfg), **(env or {})},
+        tmp / f"{name}.log",
+    )

@@ -6,6 +6,7 @@ Its `mode` makes it misbehave on purpose: "drop" reads every request and
 never answers (a silently dead server, not one that refuses), and `hook`
 lets a test send garbage, wrong ids or packets from another address.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,19 @@ import threading
 import cffi
 import msgpack
 
-from tests.support.pwserver_util import (BADREQUEST, DENIED, KEY_NETWORK, KEY_SHADOW, NOTFOUND, OK, TRUNCATED, recv_exact,
-                           seal, stats, unseal)
+from tests.support.pwserver_util import (
+    BADREQUEST,
+    DENIED,
+    KEY_NETWORK,
+    KEY_SHADOW,
+    NOTFOUND,
+    OK,
+    TRUNCATED,
+    recv_exact,
+    seal,
+    stats,
+    unseal,
+)
 from tests.support.pwtest import ROOT, PwServer
 
 NSS_DIR = ROOT / "nss_module"
@@ -72,9 +84,20 @@ def parse_shadow(text: str) -> list[list]:
 class FakePwServer:
     """A pwserver peer on 127.0.0.1 (UDP and TCP on one port), in threads."""
 
-    def __init__(self, passwd: str = "", group: str = "", shadow: str = "", *, mode: str = "serve",
-                 shadow_key: bytes | None = None, network_key: bytes | None = None,
-                 mailhost: str = "store1", frozen: bool = False, port: int = 0, hook=None):
+    def __init__(
+        self,
+        passwd: str = "",
+        group: str = "",
+        shadow: str = "",
+        *,
+        mode: str = "serve",
+        shadow_key: bytes | None = None,
+        network_key: bytes | None = None,
+        mailhost: str = "store1",
+        frozen: bool = False,
+        port: int = 0,
+        hook=None,
+    ):
         self.users = parse_passwd(passwd)
         self.groups = parse_group(group)
         self.shadows = parse_shadow(shadow)
@@ -82,10 +105,10 @@ class FakePwServer:
         self.shadow_key = shadow_key
         self.network_key = network_key
         self.mailhost = mailhost
-        self.frozen = frozen       # MAILHOST's second field, for every user
+        self.frozen = frozen  # MAILHOST's second field, for every user
         self.hook = hook
-        self.requests = 0          # UDP requests received (answered or not)
-        self.answered = 0          # UDP + TCP answers sent
+        self.requests = 0  # UDP requests received (answered or not)
+        self.answered = 0  # UDP + TCP answers sent
         self.tcp_requests = 0
         for attempt in range(50):  # a UDP port whose TCP twin is free too
             self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -103,8 +126,10 @@ class FakePwServer:
                     raise
         self.tcp.listen(64)
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._serve_udp, daemon=True),
-                         threading.Thread(target=self._serve_tcp, daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._serve_udp, daemon=True),
+            threading.Thread(target=self._serve_tcp, daemon=True),
+        ]
         for t in self._threads:
             t.start()
 
@@ -148,7 +173,7 @@ class FakePwServer:
             hit = [[self.mailhost, self.frozen] for r in self.users if r[0] == arg]
         elif op in (10, 11, 12):
             rows = {10: [u(r) for r in self.users], 11: self.groups, 12: self.shadows}[op]
-            page = rows[arg:arg + ENUM_PAGE]
+            page = rows[arg : arg + ENUM_PAGE]
             nxt = arg + ENUM_PAGE if arg + ENUM_PAGE < len(rows) else None
             return OK, [nxt, page]
         elif op == 9:
@@ -197,7 +222,7 @@ class FakePwServer:
         while not self._stop.is_set():
             try:
                 pkt, addr = self.udp.recvfrom(2048)
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             self.requests += 1
             if self.mode == "drop":
@@ -263,8 +288,9 @@ def module_env(conf) -> dict:
 
 
 def getent(conf, *args, timeout=30) -> subprocess.CompletedProcess:
-    return subprocess.run(["getent", "-s", "pwserver", *args], env=module_env(conf),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["getent", "-s", "pwserver", *args], env=module_env(conf), capture_output=True, text=True, timeout=timeout
+    )
 
 
 # ---- a small user base used by the tests -----------------------------------------
@@ -287,11 +313,7 @@ GROUP = (
     "pwbig:x:3003:" + ",".join(BIG_GROUP_MEMBERS) + "\n"
     "alice:x:2001:\n"
 )
-SHADOW = (
-    "alice:$6$salt$hashhashhash:19000:0:99999:7:::\n"
-    "bob:!:19001:1:2:3:4:20000:\n"
-    "carol.d-x:$y$j9T$abc$def:::::::\n"
-)
+SHADOW = "alice:$6$salt$hashhashhash:19000:0:99999:7:::\nbob:!:19001:1:2:3:4:20000:\ncarol.d-x:$y$j9T$abc$def:::::::\n"
 
 
 def write_sources(d) -> dict:
@@ -352,8 +374,17 @@ def group_tuple(gr):
 
 
 def shadow_tuple(sp):
-    return [s(sp.sp_namp), s(sp.sp_pwdp), sp.sp_lstchg, sp.sp_min, sp.sp_max, sp.sp_warn,
-            sp.sp_inact, sp.sp_expire, -1 if sp.sp_flag == 2**64 - 1 else sp.sp_flag]
+    return [
+        s(sp.sp_namp),
+        s(sp.sp_pwdp),
+        sp.sp_lstchg,
+        sp.sp_min,
+        sp.sp_max,
+        sp.sp_warn,
+        sp.sp_inact,
+        sp.sp_expire,
+        -1 if sp.sp_flag == 2**64 - 1 else sp.sp_flag,
+    ]
 
 
 _KEEP: list = []
@@ -414,8 +445,15 @@ for line in sys.stdin:
 def run_driver(conf, queries, timeout=120) -> list:
     import json
     import sys
-    r = subprocess.run([sys.executable, "-c", DRIVER], input="".join(json.dumps(q) + "\n" for q in queries),
-                       env=module_env(conf), capture_output=True, text=True, timeout=timeout)
+
+    r = subprocess.run(
+        [sys.executable, "-c", DRIVER],
+        input="".join(json.dumps(q) + "\n" for q in queries),
+        env=module_env(conf),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     return [json.loads(line) for line in r.stdout.splitlines()]
 

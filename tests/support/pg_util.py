@@ -3,6 +3,7 @@ of its own: initdb and the server run as `nobody` (uid/gid 65534, through
 setpriv: PostgreSQL refuses to run as root), the Unix socket in that folder,
 TCP on a free loopback port. Nothing is added to the machine's /etc/passwd.
 Stopped by its PID (`pg_ctl stop` first, SIGKILL if it does not stop)."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,8 @@ from tests.support.pwtest import free_port, wait_for
 
 PG_BIN = pathlib.Path(os.environ.get("PWMAIL_PG_BIN", "/usr/lib/postgresql/15/bin"))
 NOBODY = 65534
-SUPERUSER = "pwmail"        # initdb's bootstrap role (runs as OS user nobody)
-START_TIMEOUT = 60.0        # seconds: generous, the machine is shared
+SUPERUSER = "pwmail"  # initdb's bootstrap role (runs as OS user nobody)
+START_TIMEOUT = 60.0  # seconds: generous, the machine is shared
 
 
 def available() -> bool:
@@ -38,8 +39,15 @@ class PostgresServer:
 
     def _as_nobody(self, *argv: str, **kw) -> subprocess.CompletedProcess:
         cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
-        return subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=self.root,
-                              env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, **kw)
+        return subprocess.run(
+            cmd,
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=self.root,
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            **kw,
+        )
 
     def start(self) -> PostgresServer:
         for d in (self.data, self.sock):
@@ -47,15 +55,45 @@ class PostgresServer:
             os.chown(d, NOBODY, NOBODY)
         self.log.touch()
         os.chown(self.log, NOBODY, NOBODY)
-        self._as_nobody(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", SUPERUSER, "-A", "trust",
-                        "-E", "UTF8", "--locale=C.UTF-8", "--no-sync")
-        opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.sock} "
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
-        self._as_nobody(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts,
-                        "-w", "-t", str(int(START_TIMEOUT)), "start", timeout=START_TIMEOUT + 30)
+        self._as_nobody(
+            str(PG_BIN / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            SUPERUSER,
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "--no-sync",
+        )
+        opts = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.sock} "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        )
+        self._as_nobody(
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-o",
+            opts,
+            "-w",
+            "-t",
+            str(int(START_TIMEOUT)),
+            "start",
+            timeout=START_TIMEOUT + 30,
+        )
         pidfile = self.data / "postmaster.pid"
-        self.pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().split("\n", 1)[0],
-                                timeout=START_TIMEOUT, describe=self.log.read_text))
+        self.pid = int(
+            wait_for(
+                lambda: pidfile.exists() and pidfile.read_text().split("\n", 1)[0],
+                timeout=START_TIMEOUT,
+                describe=self.log.read_text,
+            )
+        )
         return self
 
     def dsn(self, dbname: str = "postgres") -> str:
@@ -70,12 +108,11 @@ class PostgresServer:
 
     def stop(self) -> None:
         pidfile = self.data / "postmaster.pid"
-        if self.pid is None and pidfile.exists():      # start() failed after the server came up
+        if self.pid is None and pidfile.exists():  # start() failed after the server came up
             self.pid = int(pidfile.read_text().split("\n", 1)[0])
         if self.pid is not None:
             try:
-                self._as_nobody(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop",
-                                timeout=60)
+                self._as_nobody(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop", timeout=60)
             except (subprocess.SubprocessError, OSError):
                 pass
             try:

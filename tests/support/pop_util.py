@@ -1,5 +1,6 @@
 """Helpers of the POP tests: users with known passwords, Maildir messages,
 and pop3d / pop-proxy processes on loopback that stop by themselves."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,18 +10,18 @@ import re
 import socket
 import subprocess
 
+from delivery.layout import MailboxLayout
+from delivery.maildir import ROOT_MARKER, MaildirWriter
+from pop.crypt import hash_password
 from tests.support import pwtest
 from tests.support.pwtest import BIN, ROOT, Process, free_port, read_reply  # noqa: F401  (the POP tests take it from here)
-
-from delivery.layout import MailboxLayout
-from delivery.maildir import MaildirWriter, ROOT_MARKER
-from pop.crypt import hash_password
 
 UID0 = 20000
 
 
-def write_users(out: pathlib.Path, users: dict[str, tuple[str, str]], frozen: set[str] = frozenset(),
-                prefix: str = "$y$") -> pathlib.Path:
+def write_users(
+    out: pathlib.Path, users: dict[str, tuple[str, str]], frozen: set[str] = frozenset(), prefix: str = "$y$"
+) -> pathlib.Path:
     """passwd, shadow and mailhosts for {name: (password, mailhost)}."""
     out.mkdir(parents=True, exist_ok=True)
     hashes = {}
@@ -91,8 +92,14 @@ class Daemon(PopServer):
         self.host, self.port = m.group(1), int(m.group(2))
 
 
-def start_pop3d(tmp: pathlib.Path, root: pathlib.Path, conf: os.PathLike | str, host: str = "127.0.0.1",
-                trusted: list[str] = (), settings: str = "") -> Daemon:
+def start_pop3d(
+    tmp: pathlib.Path,
+    root: pathlib.Path,
+    conf: os.PathLike | str,
+    host: str = "127.0.0.1",
+    trusted: list[str] = (),
+    settings: str = "",
+) -> Daemon:
     cfg = tmp / f"pwmail-pop3d-{host}.toml"
     cfg.write_text("[pop]\n" + settings)
     argv = ["--listen", f"{host}:0", "--root", str(root)]
@@ -101,59 +108,120 @@ def start_pop3d(tmp: pathlib.Path, root: pathlib.Path, conf: os.PathLike | str, 
     return Daemon("pop3d", argv, {"PWSERVER_CONF": str(conf), "PWMAIL_CONF": str(cfg)}, tmp / f"pop3d-{host}.log")
 
 
-def start_proxy(tmp: pathlib.Path, conf: os.PathLike | str, settings: str = "", argv: list[str] = (),
-                name: str = "proxy", env: dict | None = None) -> Daemon:
+def start_proxy(
+    tmp: pathlib.Path,
+    conf: os.PathLike | str,
+    settings: str = "",
+    argv: list[str] = (),
+    name: str = "proxy",
+    env: dict | None = None,
+) -> Daemon:
     cfg = tmp / f"pwmail-{name}.toml"
     cfg.write_text("[pop]\n" + settings)
-    return Daemon("pop-proxy", ["--listen", "127.0.0.1:0", *argv],
-                  {"PWSERVER_CONF": str(conf), "PWMAIL_CONF": str(cfg), **(env or {})}, tmp / f"{name}.log")
+    return Daemon(
+        "pop-proxy",
+        ["--listen", "127.0.0.1:0", *argv],
+        {"PWSERVER_CONF": str(conf), "PWMAIL_CONF": str(cfg), **(env or {})},
+        tmp / f"{name}.log",
+    )
 
 
 def self_signed(tmp: pathlib.Path, cn: str = "localhost", ips: tuple = ("127.0.0.1",)) -> tuple[str, str]:
     cert, key = tmp / "cert.pem", tmp / "key.pem"
     san = ",".join([f"DNS:{cn}"] + [f"IP:{ip}" for ip in ips])
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", f"/CN={cn}", "-addext", f"subjectAltName={san}",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={cn}",
+            "-addext",
+            f"subjectAltName={san}",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return str(cert), str(key)
 
 
 # --- real POP3 clients ------------------------------------------------------------------------
-def curl_pop(address: tuple[str, int], user: str, password: str, path: str = "", *,
-             cafile: str | None = None, request: str | None = None,
-             timeout: float = 30) -> subprocess.CompletedProcess:
+def curl_pop(
+    address: tuple[str, int],
+    user: str,
+    password: str,
+    path: str = "",
+    *,
+    cafile: str | None = None,
+    request: str | None = None,
+    timeout: float = 30,
+) -> subprocess.CompletedProcess:
     """curl pop3://...; with cafile, STLS is required (--ssl-reqd); request:
     another command (-X UIDL)."""
-    argv = ["curl", "-sS", "--max-time", str(int(timeout)), "-u", f"{user}:{password}",
-            f"pop3://{address[0]}:{address[1]}/{path}", *(["-X", request] if request else [])]
+    argv = [
+        "curl",
+        "-sS",
+        "--max-time",
+        str(int(timeout)),
+        "-u",
+        f"{user}:{password}",
+        f"pop3://{address[0]}:{address[1]}/{path}",
+        *(["-X", request] if request else []),
+    ]
     if cafile:
         argv[1:1] = ["--ssl-reqd", "--cacert", cafile]
     return subprocess.run(argv, capture_output=True, timeout=timeout + 5)
 
 
-def mpop_fetch(workdir: pathlib.Path, address: tuple[str, int], user: str, password: str, *,
-               keep: bool = True, cafile: str | None = None, timeout: float = 60) -> tuple[int, list[bytes], str]:
+def mpop_fetch(
+    workdir: pathlib.Path,
+    address: tuple[str, int],
+    user: str,
+    password: str,
+    *,
+    keep: bool = True,
+    cafile: str | None = None,
+    timeout: float = 60,
+) -> tuple[int, list[bytes], str]:
     """mpop into a Maildir of its own; (exit status, messages got so far, output)."""
     workdir.mkdir(parents=True, exist_ok=True)
     out = workdir / "Maildir"
     for sub in ("cur", "new", "tmp"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     # In clear text mpop wants the method named (USER/PASS here); with TLS it picks SASL PLAIN.
-    tls = (f"tls on\ntls_starttls on\ntls_trust_file {cafile}\n" if cafile else "tls off\nauth user\n")
+    tls = f"tls on\ntls_starttls on\ntls_trust_file {cafile}\n" if cafile else "tls off\nauth user\n"
     rc = workdir / "mpoprc"
-    rc.write_text(f"defaults\naccount test\nhost {address[0]}\nport {address[1]}\nuser {user}\n"
-                  f"password {password}\n{tls}keep {'on' if keep else 'off'}\n"
-                  f"uidls_file {workdir / 'uidls'}\ndelivery maildir {out}\nreceived_header off\n"
-                  f"timeout {int(timeout)}\n")
+    rc.write_text(
+        f"defaults\naccount test\nhost {address[0]}\nport {address[1]}\nuser {user}\n"
+        f"password {password}\n{tls}keep {'on' if keep else 'off'}\n"
+        f"uidls_file {workdir / 'uidls'}\ndelivery maildir {out}\nreceived_header off\n"
+        f"timeout {int(timeout)}\n"
+    )
     rc.chmod(0o600)
     r = subprocess.run(["mpop", "-C", str(rc), "-q", "test"], capture_output=True, timeout=timeout + 5)
     msgs = [p.read_bytes() for p in sorted((out / "new").iterdir())]
     return r.returncode, msgs, (r.stdout + r.stderr).decode(errors="replace")
 
 
-def fetchmail_fetch(workdir: pathlib.Path, address: tuple[str, int], user: str, password: str, *,
-                    keep: bool = True, cafile: str | None = None,
-                    timeout: float = 60) -> tuple[int, list[bytes], str]:
+def fetchmail_fetch(
+    workdir: pathlib.Path,
+    address: tuple[str, int],
+    user: str,
+    password: str,
+    *,
+    keep: bool = True,
+    cafile: str | None = None,
+    timeout: float = 60,
+) -> tuple[int, list[bytes], str]:
     """fetchmail (POP3, UIDL tracking) handing each message to a tiny MDA
     that writes one file; (exit status, messages got so far, output)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -162,15 +230,22 @@ def fetchmail_fetch(workdir: pathlib.Path, address: tuple[str, int], user: str, 
     mda = workdir / "mda.sh"
     mda.write_text('#!/bin/sh\nexec cat > "$1/$(date +%s%N).$$"\n')
     mda.chmod(0o755)
-    tls = (f" sslproto 'tls1.2+' sslcertck sslcertfile '{cafile}' sslcommonname 'localhost'"
-           if cafile else " sslproto ''")
+    tls = (
+        f" sslproto 'tls1.2+' sslcertck sslcertfile '{cafile}' sslcommonname 'localhost'" if cafile else " sslproto ''"
+    )
     rc = workdir / "fetchmailrc"
-    rc.write_text(f"set no bouncemail\npoll {address[0]} with proto POP3 port {address[1]} uidl timeout {int(timeout)}\n"
-                  f"  user '{user}' there with password '{password}' is root here"
-                  f"{' keep' if keep else ' nokeep'}{tls}\n  mda '{mda} {out}'\n")
+    rc.write_text(
+        f"set no bouncemail\npoll {address[0]} with proto POP3 port {address[1]} uidl timeout {int(timeout)}\n"
+        f"  user '{user}' there with password '{password}' is root here"
+        f"{' keep' if keep else ' nokeep'}{tls}\n  mda '{mda} {out}'\n"
+    )
     rc.chmod(0o600)
-    r = subprocess.run(["fetchmail", "-f", str(rc), "--nosyslog", "-v"], capture_output=True,
-                       timeout=timeout + 5, env={**os.environ, "FETCHMAILHOME": str(workdir)})
+    r = subprocess.run(
+        ["fetchmail", "-f", str(rc), "--nosyslog", "-v"],
+        capture_output=True,
+        timeout=timeout + 5,
+        env={**os.environ, "FETCHMAILHOME": str(workdir)},
+    )
     msgs = [p.read_bytes() for p in sorted(out.iterdir())]
     return r.returncode, msgs, (r.stdout + r.stderr).decode(errors="replace")
 
@@ -203,8 +278,17 @@ class Dovecot(PopServer):
 
     GREETING = b"+OK"
 
-    def __init__(self, workdir: pathlib.Path, layout: MailboxLayout, pwserver_conf: str, host: str,
-                 *, first_valid_uid: int = 10000, tls: tuple[str, str] | None = None, timeout: float = 30.0):
+    def __init__(
+        self,
+        workdir: pathlib.Path,
+        layout: MailboxLayout,
+        pwserver_conf: str,
+        host: str,
+        *,
+        first_valid_uid: int = 10000,
+        tls: tuple[str, str] | None = None,
+        timeout: float = 30.0,
+    ):
         """tls: (cert, key) to offer STLS and listen for POP3S on `pop3s_port` too."""
         self.workdir, self.host, self.port = workdir, host, free_port(host)
         self.pop3s_port = free_port(host) if tls else 0
@@ -215,9 +299,10 @@ class Dovecot(PopServer):
         self.conf = workdir / "dovecot.conf"
         self.conf.write_text(self.config_text(layout, pwserver_conf, first_valid_uid, ssl_conf))
         nss = nsswitch_with_pwserver(workdir / "nsswitch.conf")
-        script = f'mount --bind {nss} /etc/nsswitch.conf && exec dovecot -F -c {self.conf}'
-        super().__init__(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                         workdir / "dovecot.stderr")
+        script = f"mount --bind {nss} /etc/nsswitch.conf && exec dovecot -F -c {self.conf}"
+        super().__init__(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script], workdir / "dovecot.stderr"
+        )
         self.wait_until(self._greets, "dovecot", timeout)
 
     def config_text(self, layout: MailboxLayout, pwserver_conf: str, first_valid_uid: int, ssl_conf: str) -> str:

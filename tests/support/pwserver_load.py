@@ -2,6 +2,7 @@
 delay it): `python pwserver_load.py HOST PORT N THREADS`; runs until its
 stdin closes, then prints a JSON summary. Users are those of
 pwserver_util.write_many_users; every answer is checked."""
+
 import json
 import random
 import secrets
@@ -31,7 +32,7 @@ def run(addr, n: int, seed: int, stop: threading.Event, out: dict) -> None:
                     answer = msgpack.unpackb(s.recv(9000))
                     if answer[1] == rid:
                         break
-            except socket.timeout:
+            except TimeoutError:
                 out["failures"].append(f"timeout: {name}")
                 continue
             latency = time.monotonic() - t0
@@ -56,9 +57,17 @@ def main() -> None:
     stop.set()
     for t in ts:
         t.join(10)
-    print(json.dumps({"ok": sum(o["ok"] for o in outs), "failures": sum((o["failures"] for o in outs), [])[:20],
-                      "max_latency_ms": max(o["max_latency_ms"] for o in outs),
-                      "over_100ms": sum(o["over_100ms"] for o in outs)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "ok": sum(o["ok"] for o in outs),
+                "failures": sum((o["failures"] for o in outs), [])[:20],
+                "max_latency_ms": max(o["max_latency_ms"] for o in outs),
+                "over_100ms": sum(o["over_100ms"] for o in outs),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Helpers for the pwserver tests: source files and raw protocol packets
 (msgpack + PyNaCl, written from docs/protocol.md independently of the C
 code). The pwserver process itself is pwtest.PwServer."""
+
 from __future__ import annotations
 
 import pathlib
@@ -13,8 +14,20 @@ from nacl import bindings as sodium
 
 from tests.support.pwtest import PwServer
 
-OP = {"passwd": 1, "uid": 2, "group": 3, "gid": 4, "initgroups": 5, "shadow": 6, "mailhost": 7,
-      "stats": 8, "ping": 9, "passwd_enum": 10, "group_enum": 11, "shadow_enum": 12}
+OP = {
+    "passwd": 1,
+    "uid": 2,
+    "group": 3,
+    "gid": 4,
+    "initgroups": 5,
+    "shadow": 6,
+    "mailhost": 7,
+    "stats": 8,
+    "ping": 9,
+    "passwd_enum": 10,
+    "group_enum": 11,
+    "shadow_enum": 12,
+}
 OK, NOTFOUND, TRUNCATED, DENIED, BADREQUEST, BADVERSION, UNAVAILABLE = range(7)
 KEY_NETWORK, KEY_SHADOW = 1, 2
 
@@ -23,8 +36,13 @@ def passwd_line(name: str, uid: int, gid: int = 100, gecos: str = "") -> str:
     return f"{name}:x:{uid}:{gid}:{gecos}:/home/{name}:/bin/sh\n"
 
 
-def write_sources(d: pathlib.Path, users: list[tuple[str, int]], groups: list[tuple[str, int, list[str]]] = (),
-                  mailhosts: dict[str, str] | None = None, shadow: bool = True) -> dict[str, pathlib.Path]:
+def write_sources(
+    d: pathlib.Path,
+    users: list[tuple[str, int]],
+    groups: list[tuple[str, int, list[str]]] = (),
+    mailhosts: dict[str, str] | None = None,
+    shadow: bool = True,
+) -> dict[str, pathlib.Path]:
     """Writes passwd (and shadow, group, mailhosts) into d; returns paths."""
     paths = {"passwd": d / "passwd"}
     paths["passwd"].write_text("".join(passwd_line(n, u) for n, u in users))
@@ -67,7 +85,7 @@ def udp_exchange(addr, packet: bytes, timeout: float = 2.0, source: str = "127.0
         s.sendto(packet, addr)
         try:
             return s.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             return None
 
 
@@ -114,7 +132,7 @@ class TcpConn:
     def close(self) -> None:
         self.s.close()
 
-    def __enter__(self) -> "TcpConn":
+    def __enter__(self) -> TcpConn:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -137,12 +155,14 @@ def write_many_users(d: pathlib.Path, n: int, tag: str = "a", groups: int = 300)
     hashes = "$6$rounds=5000$abcdefghijklmnop$" + "x" * 86
     names = [f"{chr(97 + i % 26)}user{i:07d}" for i in range(n)]
     files = {
-        "passwd": "".join([f"{nm}:x:{10000 + i}:100:User {i} {tag}:/home/{nm}:/bin/bash\n"
-                           for i, nm in enumerate(names)]),
+        "passwd": "".join(
+            [f"{nm}:x:{10000 + i}:100:User {i} {tag}:/home/{nm}:/bin/bash\n" for i, nm in enumerate(names)]
+        ),
         "shadow": "".join([f"{nm}:{hashes}:19700:0:99999:7:::\n" for nm in names]),
         "mailhosts": "".join([f"{nm} store{i % 8}\n" for i, nm in enumerate(names)]),
-        "group": "".join([f"grp{g}:x:{1000 + g}:{','.join(names[g::groups][:(n * 3 // 2) // groups])}\n"
-                          for g in range(groups)]),
+        "group": "".join(
+            [f"grp{g}:x:{1000 + g}:{','.join(names[g::groups][: (n * 3 // 2) // groups])}\n" for g in range(groups)]
+        ),
     }
     paths = {}
     for name, text in files.items():

@@ -1,6 +1,7 @@
 """Test helpers shared by every part's tests: users on disk, key files and
 client configurations, a process of ours that stops by PID, and a real
 `pwserver` on loopback."""
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ import tempfile
 import time
 
 BIN = pathlib.Path(sys.executable).parent
-ROOT = pathlib.Path(__file__).resolve().parents[2]    # the checkout
+ROOT = pathlib.Path(__file__).resolve().parents[2]  # the checkout
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -109,8 +110,9 @@ class Process:
     def __init__(self, argv: list[str], log: pathlib.Path, env: dict | None = None):
         self.log_path = pathlib.Path(log)
         self.log_file = open(self.log_path, "w+b")
-        self.proc = subprocess.Popen(argv, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            argv, stdout=self.log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
 
     def wait_until(self, ready, what: str, timeout: float = 30.0):
         """Polls ready() until it returns something true, which is
@@ -163,9 +165,16 @@ class PwServer(Process):
     one; host, port and users come from its "ready" line. The log lies
     beside passwd; PWMAIL_CONF is /nonexistent unless `env` names one."""
 
-    def __init__(self, sources: pathlib.Path | dict[str, pathlib.Path], *args: str, listen: str = "127.0.0.1:0",
-                 shadow_key: os.PathLike | str | None = None, network_key: os.PathLike | str | None = None,
-                 env: dict | None = None, timeout: float = 60.0):
+    def __init__(
+        self,
+        sources: pathlib.Path | dict[str, pathlib.Path],
+        *args: str,
+        listen: str = "127.0.0.1:0",
+        shadow_key: os.PathLike | str | None = None,
+        network_key: os.PathLike | str | None = None,
+        env: dict | None = None,
+        timeout: float = 60.0,
+    ):
         if isinstance(sources, dict):
             paths = sources
         else:

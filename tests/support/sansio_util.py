@@ -1,4 +1,5 @@
 """Driving a sans-I/O server connection in tests (pop/protocol.py, pop/imap_protocol.py)."""
+
 from __future__ import annotations
 
 
@@ -6,7 +7,7 @@ def drive(conn, data: bytes, closed: type, *, bytewise: bool = False):
     """Feed data, collect (events, output) until an event waits for its
     answer (NEED_REPLY) or the session closes (an event of type `closed`)."""
     events = []
-    chunks = [data[i:i + 1] for i in range(len(data))] if bytewise else [data]
+    chunks = [data[i : i + 1] for i in range(len(data))] if bytewise else [data]
     for chunk in chunks:
         conn.receive_data(chunk)
         while True:

@@ -2,6 +2,7 @@
 the client configuration parses to the client's defaults, the systemd units
 pass `systemd-analyze verify`, and every daemon with a Type=notify unit
 really sends READY=1."""
+
 from __future__ import annotations
 
 import pathlib
@@ -24,9 +25,15 @@ from pwmail.base import settings
 from tests.support.pwtest import BIN, ROOT
 
 EXAMPLES = ROOT / "examples"
-SECTIONS = {"pwserver": pwcache.server.DEFAULTS, "placement": pwcache.placement.DEFAULTS,
-            "delivery": delivery.config.DEFAULTS, "pop": pop.config.DEFAULTS, "imap": pop.config.IMAP_DEFAULTS,
-            "move": pwmail.placement.move.DEFAULTS, "db": pwmail.db.connect.DEFAULTS}
+SECTIONS = {
+    "pwserver": pwcache.server.DEFAULTS,
+    "placement": pwcache.placement.DEFAULTS,
+    "delivery": delivery.config.DEFAULTS,
+    "pop": pop.config.DEFAULTS,
+    "imap": pop.config.IMAP_DEFAULTS,
+    "move": pwmail.placement.move.DEFAULTS,
+    "db": pwmail.db.connect.DEFAULTS,
+}
 UNITS = sorted((EXAMPLES / "systemd").glob("*.service"))
 
 
@@ -47,8 +54,7 @@ def test_settings_example_lists_every_key_with_its_default():
 
 
 def test_settings_example_as_installed_changes_nothing(tmp_path):
-    assert tomllib.loads((EXAMPLES / "pwmail.toml").read_text()) == {
-        name: {} for name in SECTIONS}
+    assert tomllib.loads((EXAMPLES / "pwmail.toml").read_text()) == {name: {} for name in SECTIONS}
     live = tmp_path / "pwmail.toml"
     live.write_text(uncommented_settings())
     assert delivery.config.load(str(live)) == delivery.config.load(str(tmp_path / "absent.toml"))
@@ -59,14 +65,15 @@ def test_settings_example_as_installed_changes_nothing(tmp_path):
 
 def test_client_configuration_example_is_the_clients_defaults():
     text = (EXAMPLES / "pwserver.conf").read_text()
-    live = "\n".join(re.sub(r"^# (\w+ \S+)\s*(#.*)?$", r"\1", line) for line in text.splitlines()
-                     if not line.startswith("# server "))
+    live = "\n".join(
+        re.sub(r"^# (\w+ \S+)\s*(#.*)?$", r"\1", line) for line in text.splitlines() if not line.startswith("# server ")
+    )
     cfg = pwcache.config.parse(live, "examples/pwserver.conf")
     default = pwcache.config.ClientConfig()
     assert cfg.servers == default.servers
     for key in ("timeout_ms", "hedge_ms", "enumerate", "health_file", "recheck_s"):
         assert getattr(cfg, key) == getattr(default, key), key
-    assert cfg.keyfile and cfg.shadow_keyfile      # shown, commented out, with where they usually live
+    assert cfg.keyfile and cfg.shadow_keyfile  # shown, commented out, with where they usually live
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="needs systemd-analyze (systemd)")
@@ -76,8 +83,12 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
         # the units name /usr/local/bin (pip install as root); here the commands are in the venv
         (tmp_path / unit.name).write_text(unit.read_text().replace("/usr/local/bin/", f"{BIN}/"))
         assert f"/usr/local/bin/{unit.stem} " in unit.read_text()
-    run = subprocess.run(["systemd-analyze", "verify", *(str(tmp_path / u.name) for u in UNITS)],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        ["systemd-analyze", "verify", *(str(tmp_path / u.name) for u in UNITS)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0 and run.stdout + run.stderr == "", run.stdout + run.stderr
 
 
@@ -87,14 +98,14 @@ def daemon_argv(name: str, tmp: pathlib.Path) -> list[str]:
     root = tmp / "spool"
     root.mkdir(exist_ok=True)
     (root / ".pwmail-root").touch()
-    return {"pwserver": ["--listen", "127.0.0.1:0", "--passwd", str(passwd), "--log-stderr"],
-            "pdeliveryd": ["--listen", "127.0.0.1:0", "--root", str(root), "--users", f"passwd:{passwd}",
-                           "--log-stderr"],
-            "pop3d": ["--listen", "127.0.0.1:0", "--root", str(root), "--stderr"],
-            "pop-proxy": ["--listen", "127.0.0.1:0", "--stderr"],
-            "imap-proxy": ["--listen", "127.0.0.1:0", "--stderr"],
-
-"lmtp-proxy": ["--listen", "127.0.0.1:0", "--log-stderr"]}[name]
+    return {
+        "pwserver": ["--listen", "127.0.0.1:0", "--passwd", str(passwd), "--log-stderr"],
+        "pdeliveryd": ["--listen", "127.0.0.1:0", "--root", str(root), "--users", f"passwd:{passwd}", "--log-stderr"],
+        "pop3d": ["--listen", "127.0.0.1:0", "--root", str(root), "--stderr"],
+        "pop-proxy": ["--listen", "127.0.0.1:0", "--stderr"],
+        "imap-proxy": ["--listen", "127.0.0.1:0", "--stderr"],
+        "lmtp-proxy": ["--listen", "127.0.0.1:0", "--log-stderr"],
+    }[name]
 
 
 @pytest.mark.parametrize("unit", [u.stem for u in UNITS])
@@ -105,8 +116,12 @@ def test_every_notify_unit_gets_ready(unit, tmp_path):
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(notify_path))
         notify.settimeout(60)
-        env = {"PATH": "/usr/bin:/bin", "NOTIFY_SOCKET": str(notify_path), "PWMAIL_CONF": str(tmp_path / "pwmail.toml"),
-               "PWSERVER_CONF": str(tmp_path / "pwserver.conf")}
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "NOTIFY_SOCKET": str(notify_path),
+            "PWMAIL_CONF": str(tmp_path / "pwmail.toml"),
+            "PWSERVER_CONF": str(tmp_path / "pwserver.conf"),
+        }
         with open(tmp_path / "log", "wb") as log:
             proc = subprocess.Popen([str(BIN / unit), *daemon_argv(unit, tmp_path)], env=env, stdout=log, stderr=log)
         try:

@@ -3,6 +3,7 @@ as subprocesses, each given a bad pwmail.toml with --config (or a bad flag,
 or a busy address). Every one says what is wrong in one line naming the
 file and the key (or the flag, or the address) and exits EX_CONFIG (78),
 never a traceback."""
+
 from __future__ import annotations
 
 import re
@@ -12,20 +13,22 @@ import subprocess
 import time
 
 import pytest
-from tests.support.pwserver_util import write_sources
-from tests.support.pwtest import BIN, PwServer, Process, client_conf, wait_for
 
-EX_CONFIG = 78      # sysexits.h, documented in every part's docs
+from tests.support.pwserver_util import write_sources
+from tests.support.pwtest import BIN, Process, PwServer, client_conf, wait_for
+
+EX_CONFIG = 78  # sysexits.h, documented in every part's docs
 
 SYSLOG_NOTE = "cannot log to syslog"
-RUN_TIMEOUT = 20        # a daemon that wrongly starts is killed after this (and the test fails)
+RUN_TIMEOUT = 20  # a daemon that wrongly starts is killed after this (and the test fails)
 
 
 def run(argv: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "PWMAIL_CONF": "/nonexistent", "PWSERVER_CONF": "/nonexistent", **(env or {})}
     try:
-        return subprocess.run([str(BIN / argv[0]), *argv[1:]], capture_output=True, text=True,
-                              timeout=RUN_TIMEOUT, env=env)
+        return subprocess.run(
+            [str(BIN / argv[0]), *argv[1:]], capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env
+        )
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{argv[0]} did not refuse its configuration (still running after {RUN_TIMEOUT} s): {e.stderr}")
 
@@ -89,8 +92,9 @@ FILE_MISTAKES = [
 ]
 
 
-@pytest.mark.parametrize("name,text,wanted", FILE_MISTAKES, ids=[f"{n}-{t.split(chr(10))[1] or t.strip()}"
-                                                                for n, t, _ in FILE_MISTAKES])
+@pytest.mark.parametrize(
+    "name,text,wanted", FILE_MISTAKES, ids=[f"{n}-{t.split(chr(10))[1] or t.strip()}" for n, t, _ in FILE_MISTAKES]
+)
 def test_file_mistake_one_line_naming_file_and_key(tmp_path, users, name, text, wanted):
     conf = tmp_path / "bad-pwmail.toml"
     conf.write_text(text)
@@ -99,26 +103,35 @@ def test_file_mistake_one_line_naming_file_and_key(tmp_path, users, name, text, 
     assert "--" not in line.split(str(conf), 1)[1], f"a file's value reported as a flag: {line}"
 
 
-@pytest.mark.parametrize("text,wanted", [
-    ('[pop]\ntls_listen = "127.0.0.1:0"\n', ["tls_listen needs tls_cert"]),
-    ('[pop]\ntls_cert = "/nonexistent/cert.pem"\n', ["tls_cert /nonexistent/cert.pem"]),
-])
+@pytest.mark.parametrize(
+    "text,wanted",
+    [
+        ('[pop]\ntls_listen = "127.0.0.1:0"\n', ["tls_listen needs tls_cert"]),
+        ('[pop]\ntls_cert = "/nonexistent/cert.pem"\n', ["tls_cert /nonexistent/cert.pem"]),
+    ],
+)
 def test_proxy_tls_mistakes_one_line(tmp_path, users, text, wanted):
     conf = tmp_path / "bad-pwmail.toml"
     conf.write_text(text)
-    assert_one_line(run(daemon_argv("pop-proxy", tmp_path, users) + ["--listen", "127.0.0.1:0", "--config", str(conf)]),
-                    "pop-proxy", *wanted)
+    assert_one_line(
+        run(daemon_argv("pop-proxy", tmp_path, users) + ["--listen", "127.0.0.1:0", "--config", str(conf)]),
+        "pop-proxy",
+        *wanted,
+    )
 
 
-@pytest.mark.parametrize("name,flags,wanted", [
-    ("pdeliveryd", ["--lmtp-port", "0"], "--lmtp-port 0"),
-    ("pdeliveryd", ["--listen", "127.0.0.1:99999"], "--listen 127.0.0.1:99999"),
-    ("pop-proxy", ["--backend-port", "70000"], "--backend-port 70000"),
-    ("pop3d", ["--listen", "127.0.0.1:99999"], "--listen 127.0.0.1:99999"),
-    ("pop3d", ["--trusted", "10.0.0.0/33"], "--trusted"),
-    ("pwserver", ["--threads", "0"], "--threads 0"),
-    ("pwserver", ["--allow", "10.0.0.0/33"], "--allow"),
-])
+@pytest.mark.parametrize(
+    "name,flags,wanted",
+    [
+        ("pdeliveryd", ["--lmtp-port", "0"], "--lmtp-port 0"),
+        ("pdeliveryd", ["--listen", "127.0.0.1:99999"], "--listen 127.0.0.1:99999"),
+        ("pop-proxy", ["--backend-port", "70000"], "--backend-port 70000"),
+        ("pop3d", ["--listen", "127.0.0.1:99999"], "--listen 127.0.0.1:99999"),
+        ("pop3d", ["--trusted", "10.0.0.0/33"], "--trusted"),
+        ("pwserver", ["--threads", "0"], "--threads 0"),
+        ("pwserver", ["--allow", "10.0.0.0/33"], "--allow"),
+    ],
+)
 def test_flag_mistake_named_as_the_flag(tmp_path, users, name, flags, wanted):
     conf = tmp_path / "empty.toml"
     conf.write_text("")
@@ -134,7 +147,7 @@ def test_busy_address_one_line(tmp_path, users, name):
         tcp.bind(("127.0.0.1", 0))
         tcp.listen()
         port = tcp.getsockname()[1]
-        udp.bind(("127.0.0.1", port))      # pwserver's UDP side too
+        udp.bind(("127.0.0.1", port))  # pwserver's UDP side too
         r = run(daemon_argv(name, tmp_path, users) + ["--listen", f"127.0.0.1:{port}", "--config", str(conf)])
     assert_one_line(r, name, f"cannot listen on 127.0.0.1:{port}", "in use")
 
@@ -152,8 +165,9 @@ def test_bad_client_configuration_exit_78(tmp_path, users):
 def test_admin_command_settings_mistake_exit_78(tmp_path, users):
     conf = tmp_path / "bad-pwmail.toml"
     conf.write_text('[placement]\nrule = "nearest"\n')
-    r = run(["pwmail", "placement-report", "--passwd", str(users["passwd"]), "--users-only"],
-            env={"PWMAIL_CONF": str(conf)})
+    r = run(
+        ["pwmail", "placement-report", "--passwd", str(users["passwd"]), "--users-only"], env={"PWMAIL_CONF": str(conf)}
+    )
     assert_one_line(r, "pwmail placement-report", str(conf), "[placement] rule")
 
 
@@ -162,14 +176,18 @@ def test_section_types_from_defaults(tmp_path):
     float is the default is taken, as a float); true is not an integer."""
     from pwmail.base import settings
 
-    section = settings.Section("t", {"n": 1, "x": 1.5, "on": True, "name": "", "hosts": []},
-                               {"n": settings.positive})
+    section = settings.Section("t", {"n": 1, "x": 1.5, "on": True, "name": "", "hosts": []}, {"n": settings.positive})
     path = tmp_path / "t.toml"
     path.write_text("[t]\nx = 2\n")
     assert section.load(str(path))["x"] == 2.0 and isinstance(section.load(str(path))["x"], float)
-    for text, wanted in (("n = true", "n = True: want an integer"), ("n = 1.5", "n = 1.5: want an integer"),
-                         ("on = 1", "on = 1: want true or false"), ('hosts = "a"', "hosts = 'a': want a list"),
-                         ("n = 0", "n = 0: must be above 0"), ("x = 'fast'", "x = 'fast': want a number")):
+    for text, wanted in (
+        ("n = true", "n = True: want an integer"),
+        ("n = 1.5", "n = 1.5: want an integer"),
+        ("on = 1", "on = 1: want true or false"),
+        ('hosts = "a"', "hosts = 'a': want a list"),
+        ("n = 0", "n = 0: must be above 0"),
+        ("x = 'fast'", "x = 'fast': want a number"),
+    ):
         path.write_text(f"[t]\n{text}\n")
         with pytest.raises(settings.SettingsError, match=re.escape(f"{path}: [t] {wanted}")):
             section.load(str(path))
@@ -179,7 +197,7 @@ def test_section_types_from_defaults(tmp_path):
 
 
 def test_shadow_without_key_warns_at_start(tmp_path, users):
-    with PwServer(users) as s:          # passwd and shadow, no --shadow-key
+    with PwServer(users) as s:  # passwd and shadow, no --shadow-key
         out = s.output()
     assert "shadow lookups are not enabled on this server" in out and str(users["shadow"]) in out
 
@@ -198,21 +216,25 @@ def test_skipped_lines_located_first_few(tmp_path, users):
         log = s.output()
     located = re.findall(rf"{re.escape(str(users['passwd']))}:(\d+): line skipped \((.+?)\)", log)
     assert [int(n) for n, _ in located] == [3, 5, 6, 9, 10] and {w for _, w in located} == {"malformed"}, log
-    assert "passwd_bad=6" in log                       # all counted, the sixth not located
-    assert f"{users['shadow']}:" not in log            # the load's five notes were used up by passwd
+    assert "passwd_bad=6" in log  # all counted, the sixth not located
+    assert f"{users['shadow']}:" not in log  # the load's five notes were used up by passwd
 
 
 def test_table_locates_skipped_lines_in_every_source():
     from pwcache.table import Table
 
     ok = "a:x:1:1::/:/bin/sh\n"
-    t = Table.from_bytes(passwd=ok.encode(), shadow=b"# c\nghost:x:1:0:9:7:::\n",
-                         group=b"g:x:5:\n\ng:x:6:\n", mailhosts=b"a\n")
-    assert sorted(t.skipped_lines()) == [("group", 3, "duplicate name"), ("mailhosts", 1, "malformed"),
-                                         ("shadow", 2, "no such user in passwd")]
+    t = Table.from_bytes(
+        passwd=ok.encode(), shadow=b"# c\nghost:x:1:0:9:7:::\n", group=b"g:x:5:\n\ng:x:6:\n", mailhosts=b"a\n"
+    )
+    assert sorted(t.skipped_lines()) == [
+        ("group", 3, "duplicate name"),
+        ("mailhosts", 1, "malformed"),
+        ("shadow", 2, "no such user in passwd"),
+    ]
     t.close()
     t = Table.from_bytes(passwd=(ok + "bad\n" * 9).encode())
-    assert t.skipped_lines() == [("passwd", n, "malformed") for n in range(2, 7)]   # the first five only
+    assert t.skipped_lines() == [("passwd", n, "malformed") for n in range(2, 7)]  # the first five only
     assert t.stats()["passwd_bad"] == 9
     t.close()
 
@@ -242,9 +264,10 @@ def test_gen_users_private_files_0600(tmp_path):
     out = tmp_path / "users"
     out.mkdir()
     (out / "shadow").write_text("old\n")
-    (out / "shadow").chmod(0o644)           # there before, readable by all: tightened too
-    r = subprocess.run([str(BIN / "pwmail"), "gen-users", "30", "--out", str(out)], capture_output=True, text=True,
-                       timeout=120)
+    (out / "shadow").chmod(0o644)  # there before, readable by all: tightened too
+    r = subprocess.run(
+        [str(BIN / "pwmail"), "gen-users", "30", "--out", str(out)], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     for name in ("shadow", "passwords"):
         assert (out / name).stat().st_mode & 0o777 == 0o600, name
@@ -278,8 +301,12 @@ def test_pwquery_refused_primary_next_server_at_once(tmp_path, users):
     """The secondary is asked as soon as the primary refuses, not after
     hedge_ms (set as long as the timeout here)."""
     with PwServer(users) as s:
-        conf = client_conf(tmp_path / "pwserver.conf", [f"127.0.0.1:{refusing_port()}", s.address],
-                           timeout_ms=TIMEOUT_MS, hedge_ms=TIMEOUT_MS - 1000)
+        conf = client_conf(
+            tmp_path / "pwserver.conf",
+            [f"127.0.0.1:{refusing_port()}", s.address],
+            timeout_ms=TIMEOUT_MS,
+            hedge_ms=TIMEOUT_MS - 1000,
+        )
         t0 = time.monotonic()
         r = run(["pwquery", "--pwserver-conf", str(conf), "passwd", "alice"])
         took = time.monotonic() - t0
@@ -296,15 +323,15 @@ def test_common_flags_in_help(name):
     assert r.returncode == 0
     flags = set(re.findall(r"--[a-z-]+", r.stdout))
     assert {"--config", "--log-stderr"} <= flags
-    assert ("--pwserver-conf" in flags) == (name != "pwserver")     # pwserver asks no password server
-    assert "--stderr" not in flags                                   # the old spelling is hidden
+    assert ("--pwserver-conf" in flags) == (name != "pwserver")  # pwserver asks no password server
+    assert "--stderr" not in flags  # the old spelling is hidden
 
 
 @pytest.mark.parametrize("name", ["pop3d", "pop-proxy"])
 def test_log_stderr_and_old_spelling(tmp_path, users, name):
     conf = tmp_path / "pwmail.toml"
     conf.write_text("")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:     # syslog elsewhere: stderr only by the flag
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:  # syslog elsewhere: stderr only by the flag
         sink.bind(("127.0.0.1", 0))
         for flag in ("--log-stderr", "--stderr"):
             start_with_stderr_log(tmp_path, users, name, flag, f"127.0.0.1:{sink.getsockname()[1]}")

@@ -2,6 +2,7 @@
 (pdeliveryd and pop3d each) and a pop-proxy. All up: exit 0. Then one thing
 at a time goes wrong and status names it and exits 1: a store's pdeliveryd
 stopped, a reload refused by the guard, a password server stopped."""
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,25 @@ STORES = ["127.0.0.2", "127.0.0.3"]
 
 
 def status(bed, *extra) -> tuple[int, dict]:
-    run = subprocess.run([str(BIN / "pwmail"), "status", "--json", "--timeout", "5", "--config", str(bed["settings"]),
-                          "--pwserver-conf", str(bed["conf"]), "--proxy", bed["proxy"], *extra],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            str(BIN / "pwmail"),
+            "status",
+            "--json",
+            "--timeout",
+            "5",
+            "--config",
+            str(bed["settings"]),
+            "--pwserver-conf",
+            str(bed["conf"]),
+            "--proxy",
+            bed["proxy"],
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.stderr == "", run.stderr
     return run.returncode, json.loads(run.stdout)
 
@@ -41,11 +58,19 @@ def bed(tmp_path):
         proxy = start_proxy(tmp_path, conf)
         backends = ", ".join(f'"{h}" = "{h}:{d.port}"' for h, d in pop3ds.items())
         settings = tmp_path / "pwmail.toml"
-        settings.write_text(f'[placement]\nrule = "hash"\nhosts = {json.dumps(STORES)}\n'
-                            f"[delivery]\nlmtp_port = {port}\n[pop]\nbackends = {{ {backends} }}\n")
+        settings.write_text(
+            f'[placement]\nrule = "hash"\nhosts = {json.dumps(STORES)}\n'
+            f"[delivery]\nlmtp_port = {port}\n[pop]\nbackends = {{ {backends} }}\n"
+        )
         try:
-            yield {"settings": settings, "conf": conf, "pwservers": [pws1, pws2], "stores": stores,
-                   "users": users, "proxy": f"{proxy.host}:{proxy.port}"}
+            yield {
+                "settings": settings,
+                "conf": conf,
+                "pwservers": [pws1, pws2],
+                "stores": stores,
+                "users": users,
+                "proxy": f"{proxy.host}:{proxy.port}",
+            }
         finally:
             for p in [proxy, *pop3ds.values(), *stores.values()]:
                 p.stop()
@@ -73,7 +98,7 @@ def test_all_well_then_each_fault_named(bed):
     rc, report = status(bed)
     bad = [c for c in report["checks"] if c["kind"] == "pwserver"]
     assert rc == 1 and all(not c["ok"] and "refused" in c["detail"] for c in bad)
-    assert all(c["facts"]["users"] == 5 for c in bad)          # still serving the old generation
+    assert all(c["facts"]["users"] == 5 for c in bad)  # still serving the old generation
 
     # a password server stopped
     bed["pwservers"][1].stop()
@@ -83,11 +108,19 @@ def test_all_well_then_each_fault_named(bed):
 
 
 def test_text_output_and_bad_settings(bed, tmp_path):
-    run = subprocess.run([str(BIN / "pwmail"), "status", "--config", str(bed["settings"]), "--pwserver-conf",
-                          str(bed["conf"])], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [str(BIN / "pwmail"), "status", "--config", str(bed["settings"]), "--pwserver-conf", str(bed["conf"])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0 and run.stdout.splitlines()[-1] == "all well", run.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text("[delivery]\nlmtp_prot = 24\n")
-    run = subprocess.run([str(BIN / "pwmail"), "status", "--config", str(bad), "--pwserver-conf", str(bed["conf"])],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [str(BIN / "pwmail"), "status", "--config", str(bad), "--pwserver-conf", str(bed["conf"])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 78 and "lmtp_prot" in run.stderr and len(run.stderr.splitlines()) == 1

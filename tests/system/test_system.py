@@ -1,6 +1,7 @@
 """The whole system across hosts (issue 6): pwmail on the namespace test bed,
 end to end and under faults. Each test is bounded in time; the bed tears
 everything down even when one fails."""
+
 from __future__ import annotations
 
 import os
@@ -13,12 +14,12 @@ from email.parser import BytesParser
 
 import pytest
 
-from tests.support.pwtest import wait_for
 from pwmail.testbed import TestBed, namespace_support
 from pwmail.testbed.system import PartMissing, PwmailSystem, hosts_for
+from tests.support.pwtest import wait_for
 
 USERS = 3000
-TIMEOUT_MS = 1000      # per-try timeout of every pwserver client on the bed
+TIMEOUT_MS = 1000  # per-try timeout of every pwserver client on the bed
 HEDGE_MS = 50
 RECHECK_S = 2
 
@@ -32,8 +33,14 @@ def system():
         pytest.skip(reason)
     with TestBed(hosts_for()) as bed:
         # PWMAIL_TESTBED_USERS: a folder of users made earlier by `pwmail gen-users`.
-        s = PwmailSystem(bed, users=USERS, timeout_ms=TIMEOUT_MS, hedge_ms=HEDGE_MS, recheck_s=RECHECK_S,
-                         users_dir=os.environ.get("PWMAIL_TESTBED_USERS"))
+        s = PwmailSystem(
+            bed,
+            users=USERS,
+            timeout_ms=TIMEOUT_MS,
+            hedge_ms=HEDGE_MS,
+            recheck_s=RECHECK_S,
+            users_dir=os.environ.get("PWMAIL_TESTBED_USERS"),
+        )
         try:
             s.start()
         except PartMissing as e:
@@ -62,6 +69,7 @@ def message_ids_on_disk(s: PwmailSystem, user: str) -> list[str]:
 def requests_seen(s: PwmailSystem, pw: str) -> int:
     """pwserver's `requests` counter on host pw (this query included)."""
     from pwcache.client import Client
+
     with s.bed.inside("client1"), Client([f"{s.bed.addr(pw)}:{s.ports.pwserver}"], timeout_ms=TIMEOUT_MS) as c:
         return c.stats()["requests"]
 
@@ -120,10 +128,12 @@ def test_pw1_cut_lookups_deliveries_and_logins_go_on_through_pw2(system):
         t0 = time.monotonic()
         assert len(s.pop_fetch(user)) >= 3
         login = time.monotonic() - t0
-        print(f"\nFIGURE pw1 cut (timeout {TIMEOUT_MS} ms, hedge {HEDGE_MS} ms): {len(names)} lookups from one "
-              f"client in {total * 1000:.0f} ms (20 before the cut: {base * 1000:.0f} ms), slowest "
-              f"{max(lat) * 1000:.0f} ms; pdelivery processes {', '.join(f'{x * 1000:.0f}' for x in deliveries)} ms; "
-              f"getent processes {', '.join(f'{x * 1000:.0f}' for x in getents)} ms; POP login+fetch {login * 1000:.0f} ms")
+        print(
+            f"\nFIGURE pw1 cut (timeout {TIMEOUT_MS} ms, hedge {HEDGE_MS} ms): {len(names)} lookups from one "
+            f"client in {total * 1000:.0f} ms (20 before the cut: {base * 1000:.0f} ms), slowest "
+            f"{max(lat) * 1000:.0f} ms; pdelivery processes {', '.join(f'{x * 1000:.0f}' for x in deliveries)} ms; "
+            f"getent processes {', '.join(f'{x * 1000:.0f}' for x in getents)} ms; POP login+fetch {login * 1000:.0f} ms"
+        )
     finally:
         bed.restore("pw1")
     # pw1 is back: after the recheck interval, traffic goes back to it
@@ -159,20 +169,22 @@ def test_store2_cut_defers_its_users_then_every_message_exactly_once(system):
                 if user == u1:
                     assert r.returncode == 0, r.stderr
                 else:
-                    assert r.returncode == 75, (r.returncode, r.stderr)   # EX_TEMPFAIL: kept for retry
+                    assert r.returncode == 75, (r.returncode, r.stderr)  # EX_TEMPFAIL: kept for retry
                     deferred.append((user, data))
     finally:
         bed.restore("store2")
-    for user, data in deferred:      # the MTA's queue run
+    for user, data in deferred:  # the MTA's queue run
         r = s.deliver(user, data)
         assert r.returncode == 0, r.stderr
     for user, mids in sent.items():
         on_disk = message_ids_on_disk(s, user)
         assert sorted(m for m in on_disk if m in mids) == sorted(mids)
         assert all(on_disk.count(m) == 1 for m in mids)
-    print(f"\nFIGURE store2 cut: store1 user delivered in {', '.join(f'{x * 1000:.0f}' for x in waits[u1])} ms; "
-          f"store2 user got 75 after {', '.join(f'{x:.1f}' for x in waits[u2])} s; after restore "
-          f"{len(deferred)} retries delivered, every message once")
+    print(
+        f"\nFIGURE store2 cut: store1 user delivered in {', '.join(f'{x * 1000:.0f}' for x in waits[u1])} ms; "
+        f"store2 user got 75 after {', '.join(f'{x:.1f}' for x in waits[u2])} s; after restore "
+        f"{len(deferred)} retries delivered, every message once"
+    )
 
 
 @pytest.mark.timeout(300)
@@ -180,14 +192,14 @@ def test_pdeliveryd_sigkill_during_burst_keeps_every_acknowledged_message_once(s
     s, bed = system, system.bed
     users = fresh(s, "store1", 20)
     total, threads_n, kill_after = 1000, 4, 400
-    acked: list[tuple[str, str]] = []      # got 250: must be on disk exactly once
-    lost: list[tuple[str, str]] = []       # in flight at the kill: on disk at most once
+    acked: list[tuple[str, str]] = []  # got 250: must be on disk exactly once
+    lost: list[tuple[str, str]] = []  # in flight at the kill: on disk at most once
     unsent: list[int] = []
     lock = threading.Lock()
 
     def connect() -> smtplib.LMTP:
         conn = smtplib.LMTP(timeout=10)
-        with bed.inside("mx1"):            # connect() makes the socket
+        with bed.inside("mx1"):  # connect() makes the socket
             conn.connect(bed.addr("store1"), s.ports.lmtp)
         return conn
 
@@ -197,7 +209,7 @@ def test_pdeliveryd_sigkill_during_burst_keeps_every_acknowledged_message_once(s
             user = users[i % len(users)]
             data, mid = mk(s, user, f"burst {i}")
             deadline = time.monotonic() + 60
-            while conn is None:            # while pdeliveryd is down: wait, bounded
+            while conn is None:  # while pdeliveryd is down: wait, bounded
                 try:
                     conn = connect()
                 except OSError:
@@ -246,10 +258,12 @@ def test_pdeliveryd_sigkill_during_burst_keeps_every_acknowledged_message_once(s
             m = re.search(r",S=(\d+)", f.name)
             assert m, f.name
             assert f.stat().st_size == int(m.group(1)), f.name
-    print(f"\nFIGURE pdeliveryd SIGKILL: burst of {total} over {threads_n} LMTP sessions, killed after "
-          f"{at_kill} acknowledged and restarted; {len(acked)} acknowledged in all, each on disk once; "
-          f"{len(lost)} in flight at the kill ({sum(on_disk.count(m) for _, m in lost)} of them committed "
-          f"without their 250); no partial file in new/")
+    print(
+        f"\nFIGURE pdeliveryd SIGKILL: burst of {total} over {threads_n} LMTP sessions, killed after "
+        f"{at_kill} acknowledged and restarted; {len(acked)} acknowledged in all, each on disk once; "
+        f"{len(lost)} in flight at the kill ({sum(on_disk.count(m) for _, m in lost)} of them committed "
+        f"without their 250); no partial file in new/"
+    )
 
 
 @pytest.mark.timeout(120)
@@ -259,6 +273,7 @@ def test_pop1_restart_clients_reconnect_and_continue(system):
     data, mid = mk(s, user, "before pop1 restart")
     assert s.deliver(user, data).returncode == 0
     import poplib
+
     with bed.inside("client1"):
         pop = poplib.POP3(bed.addr("pop1"), s.ports.proxy, timeout=10)
     pop.user(user)
@@ -300,10 +315,12 @@ def test_central_log_has_one_line_per_delivery_and_login_from_every_host(system)
             assert s.deliver(user, data).returncode == 0
         for _ in range(2):
             assert len(s.pop_fetch(user)) == 3
-        expect = {(store, rf"pdeliveryd\[\d+\]: .*delivered .*to={user}\b"): 3,
-                  ("mx1", rf"pdelivery\[\d+\]: .*delivered .*to={user}\b"): 3,
-                  ("pop1", rf"pop-proxy\[\d+\]: .*login user={user}\b"): 2,
-                  (store, rf"pop3d\[\d+\]: .*login user={user}\b"): 2}
+        expect = {
+            (store, rf"pdeliveryd\[\d+\]: .*delivered .*to={user}\b"): 3,
+            ("mx1", rf"pdelivery\[\d+\]: .*delivered .*to={user}\b"): 3,
+            ("pop1", rf"pop-proxy\[\d+\]: .*login user={user}\b"): 2,
+            (store, rf"pop3d\[\d+\]: .*login user={user}\b"): 2,
+        }
         counts = lambda: {k: log_count(bed, *k) for k in expect}  # noqa: E731
         wait_for(lambda: counts() == expect, 5, 0.1, describe=lambda: f"{counts()} != {expect}")
     hosts = {line.split(" ", 2)[1] for line in bed.log_lines()}

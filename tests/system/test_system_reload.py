@@ -1,5 +1,6 @@
 """pwserver reloaded with 1,000,000 users while another host queries it
 steadily: not one lookup fails (issue 6)."""
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,9 @@ def test_reload_of_a_million_users_under_query_load_from_another_host():
     from pwcache.client import Client, PwError
 
     with TestBed(["pw1", "pw2", "client1", "log1"]) as bed:
-        s = PwmailSystem(bed, users=USERS, stores=["store1", "store2"],
-                         users_dir=os.environ.get("PWMAIL_TESTBED_USERS_1M"))
+        s = PwmailSystem(
+            bed, users=USERS, stores=["store1", "store2"], users_dir=os.environ.get("PWMAIL_TESTBED_USERS_1M")
+        )
         s.generate_users()
         s.write_configs()
         s.start_pwserver("pw1")
@@ -87,6 +89,8 @@ def test_reload_of_a_million_users_under_query_load_from_another_host():
         assert counts["failed"] == 0
         assert generation == 2 and users == USERS
         assert counts["during"] > 0
-        print(f"\nFIGURE reload: {USERS:,} users reloaded in {reload_s:.2f} s under load from client1; "
-              f"{counts['ok']:,} lookups, {counts['during']:,} during the reload, 0 failed, "
-              f"slowest during the reload {slowest[0] * 1000:.1f} ms")
+        print(
+            f"\nFIGURE reload: {USERS:,} users reloaded in {reload_s:.2f} s under load from client1; "
+            f"{counts['ok']:,} lookups, {counts['during']:,} during the reload, 0 failed, "
+            f"slowest during the reload {slowest[0] * 1000:.1f} ms"
+        )

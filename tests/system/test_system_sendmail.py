@@ -3,6 +3,7 @@ client1 to Sendmail on mx1:25, which runs pdelivery (the documented mailer
 block of docs/delivery.md) for local users; pdelivery finds the user on
 pw1/pw2 and hands the message over LMTP to pdeliveryd on the user's store.
 Each test is bounded in time; the bed tears everything down."""
+
 from __future__ import annotations
 
 import re
@@ -10,11 +11,10 @@ import time
 
 import pytest
 
-from pwmail.testbed import sendmail
-from tests.support.delivery_util import wait_for
+from pwmail.testbed import TestBed, namespace_support, sendmail
 from pwmail.testbed.sendmail import message
-from pwmail.testbed import TestBed, namespace_support
 from pwmail.testbed.system import MAIL_DOMAIN, PwmailSystem, hosts_for
+from tests.support.delivery_util import wait_for
 
 USERS = 3000
 SENDER = f"ana@{MAIL_DOMAIN}"
@@ -45,8 +45,13 @@ def fresh(s: PwmailSystem, store: str) -> str:
 
 def sendmail_said(s: PwmailSystem) -> str:
     """Sendmail's output and its local log, for failure messages."""
-    return s.bed.output("mx1", "sendmail")[-2000:] + "\n" + s.bed.output("mx1", "devlog")[-500:] + "\n" + \
-        "\n".join(s.bed.dir("mx1").joinpath("sendmail", "maillog").read_text().splitlines()[-20:])
+    return (
+        s.bed.output("mx1", "sendmail")[-2000:]
+        + "\n"
+        + s.bed.output("mx1", "devlog")[-500:]
+        + "\n"
+        + "\n".join(s.bed.dir("mx1").joinpath("sendmail", "maillog").read_text().splitlines()[-20:])
+    )
 
 
 def queue_id(stored: bytes) -> str:
@@ -74,19 +79,25 @@ def test_smtp_from_client1_lands_once_byte_for_byte_on_the_users_store(system):
         assert stored.startswith(f"Return-Path: <{SENDER}>\nDelivered-To: {user}\nReceived: ".encode())
         body = data.replace(b"\r\n", b"\n")
         assert stored.endswith(body)
-        received = stored[len(f"Return-Path: <{SENDER}>\nDelivered-To: {user}\n"):-len(body)]
-        assert re.fullmatch(rb"Received: from [^\n]*\[" + bed.addr("client1").encode() + rb"\][^\n]*\n"
-                            rb"(\t[^\n]*\n)+", received), received
+        received = stored[len(f"Return-Path: <{SENDER}>\nDelivered-To: {user}\n") : -len(body)]
+        assert re.fullmatch(
+            rb"Received: from [^\n]*\[" + bed.addr("client1").encode() + rb"\][^\n]*\n"
+            rb"(\t[^\n]*\n)+",
+            received,
+        ), received
         qid = queue_id(stored)
         # the queue is empty, and the central log has the delivery from mx1 (Sendmail and pdelivery) and the store
         assert wait_for(lambda: s.sendmail_queue() == [], 30), sendmail_said(s)
-        want = [("mx1", rf"sendmail\[\d+\]: {qid}: to=<{rcpt}>.* mailer=local, .*stat=Sent"),
-                ("mx1", rf"pdelivery\[\d+\]: .*delivered qid={qid} to={user}\b"),
-                (store, rf"pdeliveryd\[\d+\]: .*delivered .*to={user}\b")]
+        want = [
+            ("mx1", rf"sendmail\[\d+\]: {qid}: to=<{rcpt}>.* mailer=local, .*stat=Sent"),
+            ("mx1", rf"pdelivery\[\d+\]: .*delivered qid={qid} to={user}\b"),
+            (store, rf"pdeliveryd\[\d+\]: .*delivered .*to={user}\b"),
+        ]
 
         def logged():
             lines = bed.log_lines()
             return all(any(line.split(" ", 2)[1] == h and re.search(rx, line) for line in lines) for h, rx in want)
+
         assert wait_for(logged, 10), (want, bed.log_lines()[-20:])
         # one delivery line per host, not more
         assert sum(1 for line in bed.log_lines() if re.search(want[1][1], line)) == 1
@@ -121,9 +132,10 @@ def test_store2_cut_stays_queued_in_sendmail_then_one_queue_run_delivers_once(sy
         t0 = time.monotonic()
         assert s.smtp_send(SENDER, [rcpt], data) == {}
 
-        def tried():      # the queue file records one delivery attempt (pdelivery exited 75)
+        def tried():  # the queue file records one delivery attempt (pdelivery exited 75)
             qf = s.sendmail_queue()
             return qf and re.search(rb"^N[1-9]", qf[0].read_bytes(), re.M)
+
         assert wait_for(tried, 90), sendmail_said(s)
         deferred_after = time.monotonic() - t0
         assert len(s.sendmail_queue()) == 1
@@ -137,7 +149,7 @@ def test_store2_cut_stays_queued_in_sendmail_then_one_queue_run_delivers_once(sy
     delivered_after = time.monotonic() - t0
     assert len(s.messages_on_disk(user, "store2")) == 1
     assert s.messages_on_disk(user, "store2")[0].read_bytes().endswith(data.replace(b"\r\n", b"\n"))
-    run = s.sendmail_queue_run()                       # another queue run changes nothing
+    run = s.sendmail_queue_run()  # another queue run changes nothing
     assert run.returncode == 0, run.stderr
     time.sleep(0.5)
     assert len(s.messages_on_disk(user, "store2")) == 1
@@ -146,5 +158,7 @@ def test_store2_cut_stays_queued_in_sendmail_then_one_queue_run_delivers_once(sy
     lines = [line for line in bed.log_lines() if line.split(" ", 2)[1] == "mx1" and f"to=<{rcpt}>" in line]
     assert any("stat=Deferred" in line for line in lines), lines
     assert sum("stat=Sent" in line for line in lines) == 1, lines
-    print(f"\nFIGURE sendmail on mx1, store2 cut: queued (pdelivery 75) after {deferred_after:.1f} s; "
-          f"after restore one queue run delivered it in {delivered_after:.1f} s, once")
+    print(
+        f"\nFIGURE sendmail on mx1, store2 cut: queued (pdelivery 75) after {deferred_after:.1f} s; "
+        f"after restore one queue run delivered it in {delivered_after:.1f} s, once"
+    )

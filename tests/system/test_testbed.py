@@ -1,6 +1,7 @@
 """The test bed itself: hosts reach each other, a cut link drops silently
 (timeouts, not refusals), restore, kill/restart, the central log, and
 teardown that leaves nothing behind."""
+
 from __future__ import annotations
 
 import os
@@ -12,9 +13,9 @@ import time
 
 import pytest
 
-from tests.support.pwtest import wait_for
 from pwmail.testbed import SUBNET, LoopbackBed, TestBed, cleanup_stale, namespace_support
 from pwmail.testbed.syslogd import format_line
+from tests.support.pwtest import wait_for
 
 ECHO = r"""
 import socket, sys, threading
@@ -74,6 +75,7 @@ def bed():
 
 def test_addresses_are_in_the_private_range(bed):
     import ipaddress
+
     net = ipaddress.ip_network(SUBNET)
     addrs = [bed.addr(h) for h in bed.names()]
     assert len(set(addrs)) == len(addrs)
@@ -91,8 +93,10 @@ def test_hosts_reach_each_other_udp_and_tcp(bed):
 
 
 def test_loopback_is_up_inside_each_host(bed):
-    code = ("import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); s.listen();"
-            "c=socket.create_connection(s.getsockname(),timeout=2); print('lo ok')")
+    code = (
+        "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); s.listen();"
+        "c=socket.create_connection(s.getsockname(),timeout=2); print('lo ok')"
+    )
     for h in bed.names():
         r = bed.exec(h, [sys.executable, "-c", code], timeout=10)
         assert r.returncode == 0, r.stderr
@@ -109,7 +113,7 @@ def test_host_names_resolve_inside_the_bed_only(bed):
 
 def test_processes_run_inside_their_namespace(bed):
     r = bed.exec("b1", ["ip", "netns", "identify", str(os.getpid())])
-    assert r.stdout.strip() == b""       # this process: the machine's own namespace
+    assert r.stdout.strip() == b""  # this process: the machine's own namespace
     pid = bed.proc("b1", "echo").pid
     r = bed.exec("a1", ["ip", "netns", "identify", str(pid)])
     assert r.stdout.decode().strip() == bed.ns("b1")
@@ -159,6 +163,7 @@ def test_closed_port_is_refused_but_cut_host_is_silent(bed):
 
 def test_inside_is_per_thread_and_restores(bed):
     import threading
+
     before = os.stat("/proc/thread-self/ns/net").st_ino
     errors, seen = [], []
 
@@ -168,7 +173,7 @@ def test_inside_is_per_thread_and_restores(bed):
             for _ in range(20):
                 with bed.inside(host):
                     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                    s.bind((bed.addr(host), 0))        # only possible inside host
+                    s.bind((bed.addr(host), 0))  # only possible inside host
                     s.close()
                 assert os.stat("/proc/thread-self/ns/net").st_ino == mine
             seen.append(host)
@@ -199,9 +204,11 @@ def test_kill_and_restart(bed):
 
 
 def test_central_log_names_the_sending_host(bed):
-    code = ("from pwmail.base.logsetup import setup_logging; import logging;"
-            "log = setup_logging('probe'); log.info('testbed probe from %s', 'here');"
-            "logging.shutdown()")
+    code = (
+        "from pwmail.base.logsetup import setup_logging; import logging;"
+        "log = setup_logging('probe'); log.info('testbed probe from %s', 'here');"
+        "logging.shutdown()"
+    )
     for h in ("a1", "c1"):
         r = bed.exec(h, [sys.executable, "-c", code])
         assert r.returncode == 0, r.stderr
@@ -215,9 +222,12 @@ def test_central_log_names_the_sending_host(bed):
 
 def test_syslog_line_format():
     import datetime
-    now = datetime.datetime(2026, 11, 30, 1, 2, 3, 4, tzinfo=datetime.timezone.utc)
-    assert format_line(b"<22>pdeliveryd[7]: INFO ok\x00", "store1", now) == \
-        "2026-11-30T01:02:03.000004Z store1 mail.info pdeliveryd[7]: INFO ok\n"
+
+    now = datetime.datetime(2026, 11, 30, 1, 2, 3, 4, tzinfo=datetime.UTC)
+    assert (
+        format_line(b"<22>pdeliveryd[7]: INFO ok\x00", "store1", now)
+        == "2026-11-30T01:02:03.000004Z store1 mail.info pdeliveryd[7]: INFO ok\n"
+    )
     assert format_line(b"no pri\nsecond", "x", now).endswith(" x user.notice no pri\\nsecond\n")
     assert format_line(b"<999>odd", "x", now).endswith(" x user.notice odd\n")
 
@@ -243,7 +253,7 @@ def test_teardown_leaves_nothing_even_on_failure():
 def test_leftovers_of_a_dead_run_are_removed():
     _need_namespaces()
     p = subprocess.Popen(["true"])
-    p.wait()                                   # its pid is now a dead run's
+    p.wait()  # its pid is now a dead run's
     stale = f"pwtb{p.pid}-zz"
     subprocess.run(["ip", "netns", "add", stale], check=True)
     sleeper = subprocess.Popen(["ip", "netns", "exec", stale, "sleep", "60"])

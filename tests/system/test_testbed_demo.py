@@ -1,5 +1,6 @@
 """`pwmail demo --once` end to end: on namespaces (as root) and on loopback
 addresses, with fewer users than the default to keep it quick."""
+
 from __future__ import annotations
 
 import shutil
@@ -10,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pwmail.testbed import sendmail
-from pwmail.testbed import namespace_support
+from pwmail.testbed import namespace_support, sendmail
 from pwmail.testbed.system import PartMissing, require
 
 PWMAIL = str(Path(sys.executable).parent / "pwmail")
@@ -23,8 +23,9 @@ def run_demo(*args: str) -> subprocess.CompletedProcess:
         require("gen-users", "pwserver", "client", "layout", "pdeliveryd", "pdelivery", "pop3d", "pop-proxy", "nss")
     except PartMissing as e:
         pytest.skip(str(e))
-    return subprocess.run([PWMAIL, "demo", "--once", "--users", "5000", *args],
-                          capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        [PWMAIL, "demo", "--once", "--users", "5000", *args], capture_output=True, text=True, timeout=240
+    )
 
 
 def check_account(r: subprocess.CompletedProcess) -> None:
@@ -47,14 +48,14 @@ def test_demo_once_on_namespaces():
     r = run_demo()
     check_account(r)
     assert "network namespaces on one private bridge, 10.77.0.0/24" in r.stdout
-    if sendmail.unavailable() is None:            # one message through real Sendmail on mx1
+    if sendmail.unavailable() is None:  # one message through real Sendmail on mx1
         assert "mx1      10.77.0.4    Sendmail (SMTP, port 25)" in r.stdout
         assert "-> Sendmail on mx1:25 -> pdelivery" in r.stdout
         assert r.stdout.count("accepted by Sendmail and in its Maildir on store") == 1
     else:
         assert "SMTP: no Sendmail on mx1" in r.stdout
     work = r.stdout.split("(work folder ", 1)[1].split(")", 1)[0]
-    assert not Path(work).exists()                     # torn down
+    assert not Path(work).exists()  # torn down
     tag = Path(work).name.rsplit("-", 1)[0]
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert tag + "-" not in left
@@ -71,6 +72,7 @@ def test_demo_once_on_loopback():
 def test_demo_names_a_missing_part(tmp_path):
     # The same check the demo makes, for a part that is certainly absent.
     import pwmail.testbed.system as ts
+
     ts.PARTS["nothing-here"] = ("pwcache.no_such_part", "a part that does not exist")
     try:
         with pytest.raises(PartMissing, match=r"part nothing-here not available yet"):
@@ -85,9 +87,14 @@ def test_installed_package_runs_the_demo_outside_the_checkout(tmp_path):
     --once` from a folder that is not the checkout: the test bed, the NSS
     module and the Sendmail mailer files come with the package."""
     repo = Path(__file__).resolve().parents[2]
-    source = tmp_path / "source"        # pip builds in the tree it is given: not in the checkout
-    shutil.copytree(repo, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "*.so",
-                                                                 "*.so.*", "__pycache__", ".pytest_cache"))
+    source = tmp_path / "source"  # pip builds in the tree it is given: not in the checkout
+    shutil.copytree(
+        repo,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "build", "*.egg-info", "*.so", "*.so.*", "__pycache__", ".pytest_cache"
+        ),
+    )
     # Sendmail runs pdelivery as the user mail: the environment must not sit
     # below pytest's private (0700) temporary folder.
     place = Path(tempfile.mkdtemp(prefix="pwmail-installed-"))
@@ -95,12 +102,22 @@ def test_installed_package_runs_the_demo_outside_the_checkout(tmp_path):
         place.chmod(0o755)
         venv = place / "venv"
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-        build = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(source)], capture_output=True,
-                               text=True, timeout=400, cwd=tmp_path)
+        build = subprocess.run(
+            [str(venv / "bin" / "pip"), "install", "-q", str(source)],
+            capture_output=True,
+            text=True,
+            timeout=400,
+            cwd=tmp_path,
+        )
         assert build.returncode == 0, build.stderr[-3000:]
-        assert "BuildBackendWarning" not in build.stderr, build.stderr[-3000:]   # no setuptools warnings either
-        r = subprocess.run([str(venv / "bin" / "pwmail"), "demo", "--once", "--users", "5000"],
-                           capture_output=True, text=True, timeout=240, cwd=tmp_path)
+        assert "BuildBackendWarning" not in build.stderr, build.stderr[-3000:]  # no setuptools warnings either
+        r = subprocess.run(
+            [str(venv / "bin" / "pwmail"), "demo", "--once", "--users", "5000"],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            cwd=tmp_path,
+        )
         check_account(r)
     finally:
         shutil.rmtree(place)

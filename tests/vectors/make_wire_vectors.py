@@ -4,6 +4,7 @@ The bytes come from the msgpack reference packer, not from either of our
 implementations; tests/pwcache/test_wire_vectors.py checks both against them.
 Run: .venv/bin/python tests/vectors/make_wire_vectors.py
 """
+
 import json
 import pathlib
 
@@ -25,9 +26,22 @@ def padded(body, pad_to=256):
 
 
 requests = []
-for op, arg in [(1, "jgarcia"), (2, 10000), (3, "proj0001"), (4, 20001), (5, "jgarcia"),
-                (6, "jgarcia"), (7, "jgarcia"), (8, None), (9, None), (10, 0), (11, 1000),
-                (1, "ñandú"), (1, "a" * 40), (2, 4294967294)]:
+for op, arg in [
+    (1, "jgarcia"),
+    (2, 10000),
+    (3, "proj0001"),
+    (4, 20001),
+    (5, "jgarcia"),
+    (6, "jgarcia"),
+    (7, "jgarcia"),
+    (8, None),
+    (9, None),
+    (10, 0),
+    (11, 1000),
+    (1, "ñandú"),
+    (1, "a" * 40),
+    (2, 4294967294),
+]:
     body = [1, ID, op, arg]
     requests.append({"op": op, "arg": arg, "id": ID, "plain": pack(body), "padded": padded(body)})
 
