@@ -370,7 +370,11 @@ class FrontSession(asyncio.Protocol):
         if self.relay is not None:
             self.relay.resume_backend()
         elif not self.closing and not self.tls_pending and (self.task is None or self.task.done()):
-            self.transport.resume_reading()
+            if self.conn is not None:
+                self._process()  # the commands left when writing paused
+            busy = self.task is not None and not self.task.done()
+            if not (self.closing or self.tls_pending or self.write_paused or busy):
+                self.transport.resume_reading()
 
     # --- pre-login ---------------------------------------------------------------------------
     def _release(self) -> None:
@@ -443,6 +447,12 @@ class FrontSession(asyncio.Protocol):
                 self.task = asyncio.get_running_loop().create_task(self._login(event))
                 break
             self.other_event(event)
+            # Answer by answer: a client that sends and does not read is
+            # stopped at the transport's high-water mark, the rest of its
+            # commands wait in the machine (one read at most; resume_writing).
+            self._flush()
+            if self.write_paused:
+                break
         if self._flush() or progressed:
             self._arm_timer()
 
