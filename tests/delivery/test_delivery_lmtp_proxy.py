@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from delivery.layout import MailboxLayout
 from delivery.lmtpclient import dot_stuff
 from tests.support import pwtest
 from tests.support.delivery_util import (
@@ -23,7 +22,7 @@ from tests.support.delivery_util import (
     free_port_on,
     lmtp_session,
     messages,
-    users_served,
+    two_stores,
     wait_for,
 )
 
@@ -37,22 +36,8 @@ def msg(subject: str, size: int = 0) -> bytes:
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
-    d = tmp_path_factory.mktemp("lmtp-proxy")
-    with users_served(d) as (_, conf, env):
-        port = free_port_on(STORES)
-        stores = {h: Pdeliveryd(d / f"store-{h}", h, port, env) for h in STORES}
-        try:
-            yield {
-                "d": d,
-                "conf": conf,
-                "env": env,
-                "port": port,
-                "stores": stores,
-                "layout": {h: MailboxLayout(d / f"store-{h}") for h in STORES},
-            }
-        finally:
-            for s in stores.values():  # the current ones: a test may have restarted one
-                s.stop()
+    with two_stores(tmp_path_factory.mktemp("lmtp-proxy"), STORES) as bed:
+        yield bed
 
 
 def restart_store(bed, host: str) -> None:

@@ -12,9 +12,8 @@ import tempfile
 
 import pytest
 
-from delivery.layout import MailboxLayout
 from tests.support import postfix_util
-from tests.support.delivery_util import LmtpProxy, Pdeliveryd, free_port, free_port_on, messages, users_served, wait_for
+from tests.support.delivery_util import LmtpProxy, Pdeliveryd, free_port, messages, two_stores, wait_for
 
 STORES = ["127.0.0.2", "127.0.0.3"]
 HOME = {"juan": STORES[0], "ana": STORES[0], "mudando": STORES[0], "pepe": STORES[1], "jo": STORES[1]}
@@ -27,32 +26,22 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
-    d = tmp_path_factory.mktemp("postfix")
-    with users_served(d) as (_, conf, env):
-        port = free_port_on(STORES)
-        stores = {h: Pdeliveryd(d / f"store-{h}", h, port, env) for h in STORES}
-        proxy = LmtpProxy(d / "proxy", free_port(), conf, {"lmtp_port": port, "connect_timeout": 2.0})
+    with two_stores(tmp_path_factory.mktemp("postfix"), STORES) as bed:
+        proxy = LmtpProxy(
+            bed["d"] / "proxy", free_port(), bed["conf"], {"lmtp_port": bed["port"], "connect_timeout": 2.0}
+        )
         # Postfix's user must reach its folder: not below pytest's 0700 ones
-        with tempfile.TemporaryDirectory(prefix="pwmail-postfix-", dir="/tmp") as work:
+        with proxy, tempfile.TemporaryDirectory(prefix="pwmail-postfix-", dir="/tmp") as work:
             os.chmod(work, 0o755)
-            pf = postfix_util.Postfix(
-                pathlib.Path(work) / "postfix",
-                smtp_port=free_port(),
-                lmtp=f"inet:{proxy.host}:{proxy.port}",
-                pwserver_conf=conf,
-            )
-            bed = {"d": d, "env": env, "port": port, "stores": stores, "proxy": proxy, "postfix": pf}
-            try:
-                yield bed
-            finally:
-                pf.stop()
-                proxy.stop()
-                for s in bed["stores"].values():
-                    s.stop()
+            lmtp = f"inet:{proxy.host}:{proxy.port}"
+            with postfix_util.Postfix(
+                pathlib.Path(work) / "postfix", smtp_port=free_port(), lmtp=lmtp, pwserver_conf=bed["conf"]
+            ) as pf:
+                yield {**bed, "proxy": proxy, "postfix": pf}
 
 
 def box(bed, user: str):
-    return MailboxLayout(bed["d"] / f"store-{HOME[user]}").path(user)
+    return bed["layout"][HOME[user]].path(user)
 
 
 def counts(bed, users) -> dict[str, int]:
@@ -98,7 +87,7 @@ def test_delivers_to_users_on_both_stores(bed):
     # each through the proxy, each on its own store only
     assert "to=juan@example.org via 127.0.0.2: 250" in bed["proxy"].output()
     assert "to=pepe@example.org via 127.0.0.3: 250" in bed["proxy"].output()
-    assert not MailboxLayout(bed["d"] / f"store-{STORES[1]}").path("juan").exists()
+    assert not bed["layout"][STORES[1]].path("juan").exists()
 
 
 def test_unknown_user_refused_at_smtp_time_through_nss(bed):
