@@ -88,6 +88,8 @@ def test_delivers_to_users_on_both_stores(bed):
     assert "to=juan@example.org via 127.0.0.2: 250" in bed["proxy"].output()
     assert "to=pepe@example.org via 127.0.0.3: 250" in bed["proxy"].output()
     assert not bed["layout"][STORES[1]].path("juan").exists()
+    # lmtp-proxy announces DSN: Postfix's ORCPT goes through it to the store's log
+    bed["stores"][STORES[1]].wait_line(r"delivered qid=\S+ to=pepe .* orcpt=rfc822;pepe@example\.org", "orcpt", 10)
 
 
 def test_unknown_user_refused_at_smtp_time_through_nss(bed):
