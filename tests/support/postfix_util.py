@@ -51,7 +51,7 @@ def unavailable() -> str | None:
     """None when Postfix can run here, else the reason."""
     if os.geteuid() != 0:
         return "Postfix's master needs root (and a mount namespace)"
-    for tool in ("unshare", "nsenter", "apt-get", "dpkg"):
+    for tool in ("unshare", "nsenter", "setsid", "apt-get", "dpkg"):
         if shutil.which(tool) is None:
             return f"the command {tool} is not installed"
     if not (NSS_DIR / "libnss_pwserver.so.2").exists():
@@ -89,7 +89,8 @@ NAMESPACE_SETUP = """set -e
 mount --bind "$D/nsswitch.conf" /etc/nsswitch.conf
 mount --bind "$D/passwd" /etc/passwd
 mount --bind "$D/group" /etc/group
-exec "$@"
+# its own process group: the master's SIGTERM handler signals its group (its daemons)
+exec setsid "$@"
 """
 
 
@@ -222,4 +223,5 @@ smtp      unix  -       -       n       -       -       smtp
         return self.maillog.read_text(errors="replace") if self.maillog.exists() else ""
 
     def stop(self, timeout: float = 30) -> int:
+        """SIGTERM: the master stops its daemons and exits."""
         return super().stop(timeout)
