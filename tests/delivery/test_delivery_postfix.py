@@ -37,7 +37,7 @@ def bed(tmp_path_factory):
             with postfix_util.Postfix(
                 pathlib.Path(work) / "postfix", smtp_port=free_port(), lmtp=lmtp, pwserver_conf=bed["conf"]
             ) as pf:
-                yield {**bed, "proxy": proxy, "postfix": pf}
+                yield {**bed, "proxy": proxy, "postfix": pf, "work": pathlib.Path(work)}
 
 
 def box(bed, user: str):
@@ -56,9 +56,9 @@ def message(subject: str, to: str) -> bytes:
     ).encode()
 
 
-def send(bed, rcpts: list[str], subject: str) -> dict:
-    """SMTP to Postfix; the refused recipients (smtplib's dict) are returned."""
-    pf = bed["postfix"]
+def send(bed, rcpts: list[str], subject: str, pf=None) -> dict:
+    """SMTP to Postfix (the bed's, else `pf`); the refused recipients (smtplib's dict) are returned."""
+    pf = pf or bed["postfix"]
     with smtplib.SMTP(pf.host, pf.port, timeout=60) as s:
         return s.sendmail("ana@example.net", rcpts, message(subject, ", ".join(rcpts)))
 
@@ -143,3 +143,21 @@ def test_frozen_user_deferred_in_postfix_queue(bed):
     assert counts(bed, ["mudando"]) == {"mudando": 0}
     bed["postfix"].run("postsuper", "-d", "ALL")  # an empty queue for the tests after this one
     assert wait_for(lambda: queue_empty(bed), 30)
+
+
+def test_over_lmtp_proxys_unix_socket(bed):
+    """mailbox_transport = lmtp:unix:PATH (docs/delivery.md's alternative),
+    the socket opened to Postfix's user by proxy_unix_mode."""
+    sock = bed["work"] / "lmtp-proxy.sock"
+    settings = {"lmtp_port": bed["port"], "proxy_unix_mode": 0o666}
+    before = counts(bed, ["jo", "juan"])
+    with (
+        LmtpProxy(bed["d"] / "proxy-unix", free_port(), bed["conf"], settings, unix=sock) as proxy,
+        postfix_util.Postfix(
+            bed["work"] / "postfix-unix", smtp_port=free_port(), lmtp=f"unix:{sock}", pwserver_conf=bed["conf"]
+        ) as pf,
+    ):
+        assert send(bed, ["jo@example.org", "juan@example.org"], "over the unix socket", pf) == {}
+        assert wait_for(lambda: counts(bed, ["jo", "juan"]) == {u: n + 1 for u, n in before.items()}, 60)
+        assert "to=jo@example.org via 127.0.0.3: 250" in proxy.output()
+        assert re.search(r"to=<jo@example\.org>, relay=\S*lmtp-proxy\.sock.*status=sent", pf.log()), pf.log()
