@@ -6,6 +6,9 @@ cache folder, in a temporary folder renamed into place (tests running at
 once see a whole root or none).
 
     python -m tests.support.debroot postfix     # what `make build` runs
+
+The cache is /var/cache/pwmail-test, or $PWMAIL_DEB_CACHE (every folder
+above it must be traversable by the daemons' own users, e.g. Postfix's).
 """
 
 from __future__ import annotations
