@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 APT_STAMP := .apt-installed
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv build nss pdelivery test lint lint-c demo clean
+.PHONY: all deps venv build nss pdelivery debroots test lint lint-c demo clean
 
 all: build
 
@@ -50,7 +50,14 @@ $(PDELIVERY): $(STAMP) $(APT_STAMP) $(wildcard delivery/_csrc/*.c delivery/_csrc
 	$(MAKE) -C delivery/_csrc
 	install -m 0755 delivery/_csrc/pdelivery $@
 
-build: deps venv nss pdelivery
+# Postfix for tests/delivery/test_delivery_postfix.py: its package conflicts
+# with sendmail-bin, so it is not installed but unpacked (apt-get download,
+# dpkg -x) into /var/cache/pwmail-test/postfix/root, once
+# (tests/support/debroot.py). Needs root, as the Debian packages above.
+debroots: $(STAMP)
+	@if [ "$$(id -u)" = 0 ]; then $(PY) -m tests.support.debroot postfix >/dev/null; fi
+
+build: deps venv nss pdelivery debroots
 
 test: build
 	@set +e; $(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \

@@ -235,7 +235,7 @@ def main(argv=None) -> int:
         choices=["none", "nginx"],
         default="none",
         help="also measure nginx's mail proxy in the same rounds (fetched from the Debian "
-        "archive into /var/cache/pwmail-bench; benchmarks/nginx_peer.py)",
+        "archive into /var/cache/pwmail-test; benchmarks/nginx_peer.py)",
     )
     ap.add_argument(
         "--measure",

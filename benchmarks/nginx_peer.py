@@ -1,7 +1,8 @@
 """nginx's mail proxy as the peer of pop-proxy in bench_pop.py (--peer nginx).
 
 nginx (Debian's 1.22 with libnginx-mod-mail) is unpacked from the Debian
-archive into a cache folder with `apt-get download` and `dpkg -x`: nothing
+archive into a cache folder with `apt-get download` and `dpkg -x`
+(tests/support/debroot.py, /var/cache/pwmail-test/nginx): nothing
 is installed on the machine and no system service starts. It runs one
 worker (pop-proxy is one process too), `pop3_auth plain`, a `proxy_buffer`
 of 1 MiB (pop-proxy's `relay_buffer`; nginx's default of one page gives
@@ -15,40 +16,21 @@ more). nginx logs in to the backend with USER and PASS.
 from __future__ import annotations
 
 import pathlib
-import shutil
 import socket
-import subprocess
 import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.support
 
+from tests.support import debroot  # noqa: E402
 from tests.support.pwtest import Process  # noqa: E402
 
-CACHE = pathlib.Path("/var/cache/pwmail-bench/nginx")
-PACKAGES = ("nginx", "libnginx-mod-mail")
 
-
-def unpack(cache: pathlib.Path = CACHE) -> tuple[pathlib.Path, pathlib.Path]:
-    """(the nginx binary, the mail module), fetched once."""
-    binary = cache / "root/usr/sbin/nginx"
-    module = cache / "root/usr/lib/nginx/modules/ngx_mail_module.so"
-    if not (binary.exists() and module.exists()):
-        if not shutil.which("apt-get"):
-            raise SystemExit("--peer nginx needs apt-get (Debian) to fetch nginx")
-        shutil.rmtree(cache, ignore_errors=True)
-        (cache / "debs").mkdir(parents=True)
-        subprocess.run(
-            ["apt-get", "download", *PACKAGES],
-            cwd=cache / "debs",
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for deb in (cache / "debs").glob("*.deb"):
-            subprocess.run(["dpkg", "-x", str(deb), str(cache / "root")], check=True)
-    return binary, module
+def unpack() -> tuple[pathlib.Path, pathlib.Path]:
+    """(the nginx binary, the mail module), fetched once (tests/support/debroot.py)."""
+    root = debroot.unpacked("nginx", debroot.PACKAGES["nginx"])
+    return root / "usr/sbin/nginx", root / "usr/lib/nginx/modules/ngx_mail_module.so"
 
 
 def free_port(host: str) -> int:

@@ -11,6 +11,8 @@ goes; unknown `550 5.1.1`, frozen `450 4.2.1`, password server down
 `spool_memory_max` bytes in memory, the rest in an unnamed file in
 `proxy_spool_dir`) and, after the client's end of data, sent to every store
 holding a recipient at once, over pooled connections (delivery/storepool.py).
+DSN is announced: RET, ENVID, NOTIFY and ORCPT go on to the stores that
+announce DSN too (pdeliveryd does), and are dropped for the others.
 Each accepted recipient gets its store's own reply, in RCPT order; a store
 down or too slow (`connect_timeout`, `timeout` per reply) gives `451 4.4.1`
 to its recipients only. No recipient hears `250` before its store said it.
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from delivery import config as dconfig
 from delivery.layout import LayoutError, check_user
 from delivery.lmtp import MessageReceived, RcptRequest, Reply
-from delivery.lmtpclient import LMTPUnavailable, command_line
+from delivery.lmtpclient import LMTPUnavailable
 from delivery.lmtpsessions import READ_SIZE, LMTPSessions, reader_memory_bound
 from delivery.message import HEADER_SCAN_MAX
 from delivery.pdelivery import refused_rcpt
@@ -49,7 +51,7 @@ from delivery.replies import (
     store_unavailable,
 )
 from delivery.spool import WireBody, open_unnamed
-from delivery.storepool import SEND_CHUNK, Envelope, StorePool
+from delivery.storepool import SEND_CHUNK, Envelope, Recipient, StorePool
 from delivery.users import LookupUnavailable, PwserverLookup, user_from_address
 from pwmail.base import daemon
 from pwmail.base.logsetup import setup_logging
@@ -57,8 +59,9 @@ from pwmail.base.logsetup import setup_logging
 log = logging.getLogger("lmtp-proxy")
 
 RESTART_ONLY = ("proxy_listen", "proxy_unix", "proxy_unix_mode")
-# MAIL parameters the proxy sets itself for each store (the others are passed on)
-_OWN_MAIL_PARAMS = {"SIZE", "BODY", "XQUEUEID"}
+# the client's MAIL parameters passed on as they came (to a store offering DSN);
+# SIZE, BODY and XQUEUEID the proxy sets itself for each store
+DSN_MAIL_PARAMS = ("RET", "ENVID")
 # asyncio's write buffer to a store before drain() waits (its default high-water mark)
 STORE_WRITE_BUFFER = 64 * 1024
 
@@ -79,26 +82,21 @@ def session_memory_bound(cfg: dict, stores: int = 1) -> int:
 
 @dataclass(frozen=True)
 class Routed:
-    """An accepted recipient: the RCPT line for its store, and where that is."""
+    """An accepted recipient: its RCPT for the store, and which store."""
 
-    address: str
     host: str
-    rcpt: bytes
+    rcpt: Recipient
 
 
-def _param_text(params) -> str:
-    """Parameters an event carries (a dict, a list or a string), as " K=V" text."""
-    if not params:
-        return ""
-    if isinstance(params, str):
-        return " " + params.strip()
-    if isinstance(params, dict):
-        return "".join(f" {k}={v}" if v != "" else f" {k}" for k, v in params.items())
-    return "".join(f" {p}" for p in params)
+def _param_text(params: dict[str, str]) -> str:
+    """RFC 3461 parameters as lmtp.py checked them, as " K=V" text."""
+    return "".join(f" {k}={v}" for k, v in params.items())
 
 
 class LMTPProxy(LMTPSessions):
     greeting = "LMTP lmtp-proxy ready"
+    # DSN announced, its parameters passed on to the stores that announce it too
+    dsn = True
 
     def __init__(self, cfg: dict, users, *, hostname: str | None = None, config_path: str | None = None):
         self.users = users
@@ -159,8 +157,7 @@ class LMTPProxy(LMTPSessions):
         if not host:
             return R_NO_ROUTE
         host += self.cfg["mailhost_suffix"]
-        line = command_line(f"RCPT TO:<{ev.address}>{_param_text(getattr(ev, 'params', None))}")
-        accepted.append(Routed(ev.address, host, line))
+        accepted.append(Routed(host, Recipient(ev.address, _param_text(ev.params))))
         return R_RCPT_OK
 
     async def message(self, ev: MessageReceived, accepted: list[Routed]) -> list[Reply]:
@@ -169,8 +166,8 @@ class LMTPProxy(LMTPSessions):
         if getattr(body, "error", None) is not None:
             log.error("qid=%s: spool: %s", ev.queue_id or "-", body.error)
             return replies
-        params = {k: v for k, v in ev.params.items() if k not in _OWN_MAIL_PARAMS}
-        env = Envelope(ev.sender, ev.queue_id, ev.params.get("BODY", ""), _param_text(params))
+        dsn = {k: ev.params[k] for k in DSN_MAIL_PARAMS if k in ev.params}
+        env = Envelope(ev.sender, ev.queue_id, ev.params.get("BODY", ""), _param_text(dsn))
         by_host: dict[str, list[int]] = {}
         for i, r in enumerate(accepted):
             by_host.setdefault(r.host, []).append(i)
@@ -194,7 +191,7 @@ class LMTPProxy(LMTPSessions):
                 logging.INFO if reply.ok else logging.WARNING,
                 "qid=%s to=%s via %s: %s",
                 ev.queue_id or "-",
-                r.address,
+                r.rcpt.address,
                 r.host,
                 reply,
             )

@@ -7,7 +7,8 @@ once (the others wait for a place, up to `timeout`, so that the proxy stays
 below the store's sessions_per_address_max). A transaction takes an idle
 connection (or opens one),
 sends `RSET` first when it was used before, then MAIL, the RCPTs (pipelined
-when the store offers PIPELINING) and the body from its spool (`BDAT n LAST`
+when the store offers PIPELINING; the client's DSN parameters on both when
+the store offers DSN, else none) and the body from its spool (`BDAT n LAST`
 with CHUNKING, else DATA, dot-stuffed as it goes), and reads one reply per
 accepted recipient. Replies are checked as lmtpclient checks them (each one
 must be one its command can have, in order). A connection the store closed
@@ -46,12 +47,23 @@ SEND_CHUNK = 256 * 1024  # bytes of a body read from the spool and written to a 
 @dataclass(frozen=True)
 class Envelope:
     """What a MAIL command to a store carries (SIZE is the body's; the
-    rest is offered only where the store announces it, `passed` verbatim)."""
+    rest is offered only where the store announces it)."""
 
     sender: str
     queue_id: str | None = None
     body_type: str = ""  # BODY= as the client gave it
-    passed: str = ""  # other MAIL parameters of the client's, " K=V" each
+    dsn: str = ""  # the client's RFC 3461 MAIL parameters, " RET=... ENVID=...", for a store offering DSN
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """A RCPT for a store: the address, and the client's RFC 3461 parameters
+    (" NOTIFY=... ORCPT=...") for a store offering DSN. A store without DSN
+    gets the bare address: it would refuse them (555), and the notices they
+    ask for are the MTA's to send anyway."""
+
+    address: str
+    dsn: str = ""
 
 
 class DotStuffer:
@@ -142,14 +154,18 @@ class StoreConnection:
             raise LMTPUnavailable(str(e)) from e
 
     def mail_line(self, env: Envelope, size: int) -> bytes:
-        params = mail_params(self.ext, size, env.queue_id, env.body_type) + env.passed
+        params = mail_params(self.ext, size, env.queue_id, env.body_type) + (env.dsn if "DSN" in self.ext else "")
         return command_line(f"MAIL FROM:<{env.sender}>{params}")
 
-    async def transaction(self, env: Envelope, rcpts: list[bytes], body: SpooledBody) -> list[Reply]:
-        """One reply per RCPT line: its refusal, or the store's reply after the data."""
+    def rcpt_line(self, rcpt: Recipient) -> bytes:
+        return command_line(f"RCPT TO:<{rcpt.address}>{rcpt.dsn if 'DSN' in self.ext else ''}")
+
+    async def transaction(self, env: Envelope, rcpts: list[Recipient], body: SpooledBody) -> list[Reply]:
+        """One reply per recipient: its refusal, or the store's reply after the data."""
         self.data_sent = False
         mail = self.mail_line(env, body.size)
-        cmds = ([("RSET", b"RSET\r\n")] if self.used else []) + [("MAIL", mail)] + [("RCPT", r) for r in rcpts]
+        cmds = [("RSET", b"RSET\r\n")] if self.used else []
+        cmds += [("MAIL", mail)] + [("RCPT", self.rcpt_line(r)) for r in rcpts]
         self.used = True
         replies = []
         if "PIPELINING" in self.ext:
@@ -273,8 +289,10 @@ class StorePool:
         for conn in self._idle.pop(key, []):
             conn.close()
 
-    async def deliver(self, host: str, port: int, env: Envelope, rcpts: list[bytes], body: SpooledBody) -> list[Reply]:
-        """One reply per RCPT line, from the store; LMTPUnavailable when it could not answer."""
+    async def deliver(
+        self, host: str, port: int, env: Envelope, rcpts: list[Recipient], body: SpooledBody
+    ) -> list[Reply]:
+        """One reply per recipient, from the store; LMTPUnavailable when it could not answer."""
         key = (host, port)
         await self._take_slot(key)
         try:
@@ -282,7 +300,7 @@ class StorePool:
         finally:
             await self._give_slot(key)
 
-    async def _deliver(self, key: tuple[str, int], env: Envelope, rcpts: list[bytes], body: SpooledBody):
+    async def _deliver(self, key: tuple[str, int], env: Envelope, rcpts: list[Recipient], body: SpooledBody):
         while True:
             conn = await self._acquire(key)
             reused = conn.used

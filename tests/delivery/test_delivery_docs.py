@@ -26,3 +26,13 @@ def test_every_documented_block_is_the_shipped_file():
     )
     for name, text in blocks.items():
         assert text == shipped[name], f"docs/delivery.md's {name} block differs from {MAILERS / name}.m4"
+
+
+def test_every_documented_postfix_block_is_the_shipped_file():
+    """main.cf and master.cf lines of "Postfix through lmtp-proxy", which
+    tests/delivery/test_delivery_postfix.py runs (tests/support/postfix_util.py)."""
+    blocks = dict(re.findall(r"<!-- (postfix-[\w-]+\.cf) -->\s*```\n(.*?)```", DOCS.read_text(), re.S))
+    shipped = {p.name: p.read_text() for p in MAILERS.glob("postfix-*.cf")}
+    assert set(blocks) == set(shipped) == {"postfix-main.cf", "postfix-master.cf"}
+    for name, text in blocks.items():
+        assert text == shipped[name], f"docs/delivery.md's {name} block differs from {MAILERS / name}"

@@ -3,14 +3,15 @@
 proxy as a process, and LMTP clients (smtplib.LMTP, raw pipelined sessions)."""
 
 import os
+import shutil
 import signal
 import smtplib
 import socket
+import subprocess
 import time
 
 import pytest
 
-from delivery.layout import MailboxLayout
 from delivery.lmtpclient import dot_stuff
 from tests.support import pwtest
 from tests.support.delivery_util import (
@@ -23,7 +24,7 @@ from tests.support.delivery_util import (
     free_port_on,
     lmtp_session,
     messages,
-    users_served,
+    two_stores,
     wait_for,
 )
 
@@ -37,22 +38,8 @@ def msg(subject: str, size: int = 0) -> bytes:
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
-    d = tmp_path_factory.mktemp("lmtp-proxy")
-    with users_served(d) as (_, conf, env):
-        port = free_port_on(STORES)
-        stores = {h: Pdeliveryd(d / f"store-{h}", h, port, env) for h in STORES}
-        try:
-            yield {
-                "d": d,
-                "conf": conf,
-                "env": env,
-                "port": port,
-                "stores": stores,
-                "layout": {h: MailboxLayout(d / f"store-{h}") for h in STORES},
-            }
-        finally:
-            for s in stores.values():  # the current ones: a test may have restarted one
-                s.stop()
+    with two_stores(tmp_path_factory.mktemp("lmtp-proxy"), STORES) as bed:
+        yield bed
 
 
 def restart_store(bed, host: str) -> None:
@@ -345,3 +332,58 @@ def test_unix_socket(bed, tmp_path):
         assert len(messages(box(bed, "jo"))) == n + 1
         p.stop()
     assert not path.exists()
+
+
+def test_dsn_parameters_of_dovecots_proxy_passed_on_to_the_store(bed, proxy):
+    """The RCPT Dovecot's LMTP proxy sends (ORCPT always), and RET/ENVID:
+    lmtp-proxy announces DSN, accepts them and gives them to pdeliveryd,
+    which announces DSN too and logs the ORCPT."""
+    p = proxy()
+    n = len(messages(box(bed, "juan")))
+    out = lmtp_session(
+        p.host,
+        p.port,
+        b"LHLO mx\r\nMAIL FROM:<s@example.org> RET=HDRS ENVID=env+2B1\r\n"
+        b"RCPT TO:<juan@example.org> ORCPT=rfc822;juan@example.org\r\n"
+        b"DATA\r\nSubject: dsn through the proxy\r\n\r\nx\r\n.\r\nQUIT\r\n",
+    )
+    assert b"250-DSN\r\n" in out
+    assert codes(out) == ["220", "250", "250", "250", "354", "250", "221"], out
+    assert len(messages(box(bed, "juan"))) == n + 1
+    bed["stores"]["127.0.0.2"].wait_line(r"delivered qid=- to=juan .* orcpt=rfc822;juan@example\.org", "orcpt", 10)
+
+
+@pytest.mark.skipif(not shutil.which("swaks"), reason="swaks not installed (deps/debian-packages.txt)")
+def test_swaks_as_a_second_lmtp_client(bed, proxy):
+    """swaks (another LMTP client than smtplib's): one message to users on
+    both stores and an unknown one, one reply per accepted recipient."""
+    p = proxy()
+    n_jo, n_ana = len(messages(box(bed, "jo"))), len(messages(box(bed, "ana")))
+    r = subprocess.run(
+        [
+            "swaks",
+            "--protocol",
+            "LMTP",
+            "--server",
+            f"{p.host}:{p.port}",
+            "--from",
+            "s@example.org",
+            "--to",
+            "jo@example.org,nadie@example.org,ana@example.org",
+            "--header",
+            "Subject: via swaks",
+            "--body",
+            ".dotted line from swaks",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    replies = [line for line in r.stdout.splitlines() if line.startswith("<")]
+    assert any("550 5.1.1" in line for line in replies), r.stdout
+    # after the data: one reply per accepted recipient, in RCPT order
+    after_data = [line.split()[1:4] for line in replies if " delivered " in line]
+    assert after_data == [["250", "2.0.0", "jo"], ["250", "2.0.0", "ana"]], r.stdout
+    assert len(messages(box(bed, "jo"))) == n_jo + 1 and len(messages(box(bed, "ana"))) == n_ana + 1
+    stored = messages(box(bed, "ana"))[-1].read_bytes()
+    assert b"Subject: via swaks\n" in stored and b"\n.dotted line from swaks\n" in stored

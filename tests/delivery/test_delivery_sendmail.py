@@ -20,20 +20,17 @@ import time
 
 import pytest
 
-from delivery.layout import MailboxLayout
 from pwmail.testbed import sendmail as testbed_sendmail
 from pwmail.testbed.sendmail import CF_M4, SENDMAIL, SendmailDir, SyslogSink, enter, message
 from tests.support import pwtest
 from tests.support.delivery_util import (
     LmtpProxy,
     Pdeliveryd,
-    client_conf,
     free_port,
-    free_port_on,
     messages,
     stop_process,
+    two_stores,
     wait_for,
-    write_users,
 )
 
 STORES = ["127.0.0.2", "127.0.0.3"]
@@ -110,25 +107,10 @@ class SendmailMX:
 def _bed(tmp_path_factory, block, proxy: str = ""):
     """Sendmail with the mailer `block`, two stores; with `proxy` ("tcp" or
     "unix") an lmtp-proxy in front of them, the [IPC] mailer's target."""
-    d = tmp_path_factory.mktemp("sendmail")
-    users = write_users(d / "users")
-    lmtp_port = free_port_on(STORES)
-    with pwtest.PwServer(users) as pw:
-        conf = client_conf(d / "pwserver.conf", [pw.address])
-        env = {**os.environ, "PWSERVER_CONF": str(conf)}
-        stores: dict[str, Pdeliveryd] = {}
+    with two_stores(tmp_path_factory.mktemp("sendmail"), STORES) as bed:
+        bed["lmtp_port"] = bed["port"]
         m = None
-        bed = {
-            "stores": stores,
-            "env": env,
-            "lmtp_port": lmtp_port,
-            "d": d,
-            "conf": conf,
-            "layout": {h: MailboxLayout(d / f"store-{h}") for h in STORES},
-        }
         try:
-            for h in STORES:
-                stores[h] = Pdeliveryd(d / f"store-{h}", h, lmtp_port, env)
             target = None
             if proxy == "unix":
                 # Sendmail refuses a socket below a world-writable folder (/tmp): one of ours in /run
@@ -137,7 +119,7 @@ def _bed(tmp_path_factory, block, proxy: str = ""):
                 unix = bed["run"] / "lmtp-proxy.sock" if proxy == "unix" else None
                 bed["proxy"] = start_proxy(bed, free_port(), unix)
                 target = str(bed["proxy"].unix) if proxy == "unix" else f"127.0.0.1 {bed['proxy'].port}"
-            bed["mx"] = m = SendmailMX(d / "mx", free_port(), lmtp_port, pw.address, block, target)
+            bed["mx"] = m = SendmailMX(bed["d"] / "mx", free_port(), bed["port"], bed["pw"].address, block, target)
             yield bed
         finally:
             if m is not None:
@@ -146,8 +128,6 @@ def _bed(tmp_path_factory, block, proxy: str = ""):
                 bed["proxy"].stop()
             if bed.get("run"):
                 shutil.rmtree(bed["run"], ignore_errors=True)
-            for s in stores.values():  # the current ones: a test may have restarted one
-                s.stop()
 
 
 def start_proxy(bed, port: int, unix: pathlib.Path | None = None) -> LmtpProxy:

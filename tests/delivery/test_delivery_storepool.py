@@ -12,7 +12,7 @@ import pytest
 from delivery import storepool
 from delivery.lmtpclient import dot_stuff
 from delivery.spool import WireBody, open_unnamed
-from delivery.storepool import DotStuffer, Envelope, StorePool
+from delivery.storepool import DotStuffer, Envelope, Recipient, StorePool
 
 BODY = b".first line dotted\r\nmiddle\r\n.\r\n..two dots\r\n\r\n.\r\nlast\r\n"
 
@@ -30,7 +30,8 @@ class ScriptedStore:
     """One connection at a time, LHLO offering only ENHANCEDSTATUSCODES;
     `nobody` is refused at RCPT. Records every line and each message's data."""
 
-    def __init__(self):
+    def __init__(self, extensions: bytes = b"250 ENHANCEDSTATUSCODES\r\n"):
+        self.extensions = extensions  # the LHLO reply's lines after the first
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.lines: list[bytes] = []
@@ -55,7 +56,7 @@ class ScriptedStore:
             self.lines.append(line)
             verb = line[:4].upper()
             if verb == b"LHLO":
-                conn.sendall(b"250-scripted\r\n250 ENHANCEDSTATUSCODES\r\n")
+                conn.sendall(b"250-scripted\r\n" + self.extensions)
             elif verb in (b"MAIL", b"RSET"):
                 accepted = 0
                 conn.sendall(b"250 2.1.0 ok\r\n" if verb == b"MAIL" else b"250 2.0.0 ok\r\n")
@@ -89,6 +90,52 @@ def store():
     s.close()
 
 
+DSN_STORE = b"250-ENHANCEDSTATUSCODES\r\n250 DSN\r\n"
+
+
+def one_transaction(store, tmp_path) -> list[bytes]:
+    """A message with the client's DSN parameters (MAIL and RCPT) through the pool: the lines the store got."""
+
+    async def run():
+        pool = StorePool(
+            "proxy.test", pool_size=1, pool_idle=60.0, connections_max=1, connect_timeout=5.0, timeout=10.0
+        )
+        env = Envelope("s@x", None, "", " RET=HDRS ENVID=e+2B1")
+        rcpts = [Recipient("user@example.org", " ORCPT=rfc822;user@example.org"), Recipient("b@x", " NOTIFY=NEVER")]
+        replies = await pool.deliver("127.0.0.1", store.port, env, rcpts, spooled(tmp_path, BODY))
+        pool.close()
+        return replies
+
+    assert [r.code for r in asyncio.run(run())] == [250, 250]
+    return store.lines[1:4]
+
+
+@pytest.mark.parametrize(
+    "extensions, expected",
+    [
+        (
+            DSN_STORE,
+            [
+                b"MAIL FROM:<s@x> RET=HDRS ENVID=e+2B1\r\n",
+                b"RCPT TO:<user@example.org> ORCPT=rfc822;user@example.org\r\n",
+                b"RCPT TO:<b@x> NOTIFY=NEVER\r\n",
+            ],
+        ),
+        (
+            b"250 ENHANCEDSTATUSCODES\r\n",
+            [b"MAIL FROM:<s@x>\r\n", b"RCPT TO:<user@example.org>\r\n", b"RCPT TO:<b@x>\r\n"],
+        ),
+    ],
+    ids=["store-offers-dsn", "store-without-dsn"],
+)
+def test_dsn_parameters_only_to_a_store_offering_dsn(tmp_path, extensions, expected):
+    store = ScriptedStore(extensions)
+    try:
+        assert one_transaction(store, tmp_path) == expected
+    finally:
+        store.close()
+
+
 def spooled(tmp_path, data: bytes) -> WireBody:
     body = WireBody(lambda: open_unnamed(tmp_path), memory_max=8)  # past 8 bytes: a spool file
     for i in range(0, len(data), 5):
@@ -108,9 +155,9 @@ def test_data_without_chunking_or_pipelining_and_rset_on_reuse(store, tmp_path, 
         )
         env = Envelope("s@x", "Q1", "8BITMIME")
         first = await pool.deliver(
-            "127.0.0.1", store.port, env, [b"RCPT TO:<a@x>\r\n", b"RCPT TO:<nobody@x>\r\n", b"RCPT TO:<b@x>\r\n"], body
+            "127.0.0.1", store.port, env, [Recipient("a@x"), Recipient("nobody@x"), Recipient("b@x")], body
         )
-        second = await pool.deliver("127.0.0.1", store.port, env, [b"RCPT TO:<c@x>\r\n"], body)
+        second = await pool.deliver("127.0.0.1", store.port, env, [Recipient("c@x")], body)
         pool.close()
         return first, second
 

@@ -150,6 +150,36 @@ def one_store(d: pathlib.Path, host: str):
             yield srv, port
 
 
+STORES = ("127.0.0.2", "127.0.0.3")  # USERS' mailhosts
+
+
+@contextlib.contextmanager
+def two_stores(d: pathlib.Path, hosts=STORES):
+    """users_served() and a pdeliveryd on each of `hosts` (one port, roots
+    d/store-HOST): yields {"d", "pw", "conf", "env", "port", "stores", "layout"}.
+    A test may replace a store in "stores" (a restart): the ones there at
+    the end are stopped."""
+    from delivery.layout import MailboxLayout
+
+    with users_served(d) as (pw, conf, env):
+        port = free_port_on(list(hosts))
+        stores = {h: Pdeliveryd(d / f"store-{h}", h, port, env) for h in hosts}
+        bed = {
+            "d": d,
+            "pw": pw,
+            "conf": conf,
+            "env": env,
+            "port": port,
+            "stores": stores,
+            "layout": {h: MailboxLayout(d / f"store-{h}") for h in hosts},
+        }
+        try:
+            yield bed
+        finally:
+            for s in bed["stores"].values():
+                s.stop()
+
+
 class LmtpProxy(pwtest.Process):
     """A running lmtp-proxy on HOST:PORT (and `unix` if given), with `settings`
     as its [delivery] section (TOML values), then `other_sections`."""
