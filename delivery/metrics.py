@@ -6,7 +6,20 @@ from __future__ import annotations
 
 import collections
 
+from pwmail.base.hostport import format_hostport
 from pwmail.base.metrics import Collected, Histogram, Metric
+
+# lmtp-proxy's per-store figures (StorePool.depths) -> (metric, kind, help)
+STORE_DEPTHS = {
+    "in_use": ("lmtp_proxy_store_transactions", "gauge", "transactions on the store's connections now"),
+    "waiting": (
+        "lmtp_proxy_store_waiting",
+        "gauge",
+        "transactions waiting for a connection to the store (proxy_store_connections_max reached)",
+    ),
+    "idle": ("lmtp_proxy_store_idle_connections", "gauge", "idle connections kept for the store"),
+    "opened": ("lmtp_proxy_store_connections_opened", "counter", "connections opened to the store"),
+}
 
 
 class DeliveryCounts:
@@ -51,6 +64,22 @@ def collector(server):
                 sum(conn.data_size for conn in server.conns.values()),
             ),
         ]
+        found.append(
+            Metric.one(
+                "lmtp_messages_delivering",
+                "gauge",
+                "messages whose data is in and whose replies are not",
+                len(server.busy),
+            )
+        )
+        pool = getattr(server, "pool", None)  # lmtp-proxy's connections to the stores
+        if pool is not None:
+            depths = pool.depths()
+            for figure, (name, kind, help) in STORE_DEPTHS.items():
+                metric = Metric(name, kind, help, ("store",))
+                for addr, of_store in depths.items():
+                    metric.samples[(format_hostport(addr),)] = of_store[figure]
+                found.append(metric)
         store = getattr(server, "store", None)  # pdeliveryd's; the proxy keeps no duplicate table
         if store is not None:
             found += [

@@ -253,6 +253,15 @@ def test_lmtp_proxy_counts_the_stores_replies(served, tmp_path):
                 key("lmtp_delivery_seconds_count"): 2,
             }
             assert key("lmtp_dedup_entries") not in after  # the proxy keeps no duplicate table
+            # both messages over one connection to the store, kept idle after them
+            store = f"{STORE}:{port}"
+            assert {k: v for k, v in after.items() if k[0].startswith("lmtp_proxy_store_")} == {
+                key("lmtp_proxy_store_transactions", store=store): 0,
+                key("lmtp_proxy_store_waiting", store=store): 0,
+                key("lmtp_proxy_store_idle_connections", store=store): 1,
+                key("lmtp_proxy_store_connections_opened_total", store=store): 1,
+            }
+            assert after[key("lmtp_messages_delivering")] == 0
 
 
 # ---- pop3d, pop-proxy, imap-proxy -------------------------------------------------------
