@@ -122,7 +122,7 @@ def serve(
     """Starts answering `GET /metrics` on `listen` (HOST:PORT, port 0 picks
     one) with what `collect()` says; a busy address is a ConfigError naming
     it. Says "NAME: metrics on HOST:PORT" on stderr."""
-    from prometheus_client import start_http_server
+    from prometheus_client import ProcessCollector, start_http_server
     from prometheus_client.registry import Collector, CollectorRegistry
 
     def current() -> Collected:
@@ -139,6 +139,7 @@ def serve(
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DaemonCollector())
+    ProcessCollector(registry=registry)  # process_*: resident memory, CPU seconds, open descriptors (sizing)
     host, port = parse_listen(listen, 0)
     try:
         httpd, thread = start_http_server(port, addr=host, registry=registry)
