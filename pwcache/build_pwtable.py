@@ -14,7 +14,7 @@ from cffi import FFI
 HERE = pathlib.Path(__file__).resolve().parent
 # setuptools wants source paths relative to the project root (its cwd).
 CSRC = pathlib.Path(os.path.relpath(HERE / "_csrc"))
-SOURCES = ["pw_wire.c", "pw_seal.c", "pw_placement.c", "pw_table.c", "pw_server.c"]
+SOURCES = ["pw_wire.c", "pw_seal.c", "pw_placement.c", "pw_table.c", "pw_delta.c", "pw_server.c"]
 EXTRA_COMPILE_ARGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-fvisibility=hidden"]
 if os.environ.get("PWMAIL_DEBUG_C"):
     EXTRA_COMPILE_ARGS += ["-O0", "-g", "-fsanitize=address,undefined"]

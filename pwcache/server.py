@@ -97,6 +97,12 @@ class ServerCore(CHandle):
     def __init__(self):
         super().__init__(lib.pws_new())
         self.generation = 0
+        # One writer at a time (a reload, changes, a fold: pwcache/changes.py);
+        # the serving threads never take it.
+        self.lock = threading.Lock()
+        self.table_ptr = ffi.NULL  # the table served (owned by the C server)
+        self.installs = 0  # whole tables installed: a fold of an older one is dropped
+        self.load_ms = 0
         self.counter_ids = {ffi.string(lib.pws_counter_name(i)).decode(): i for i in range(lib.pws_ncounters())}
 
     def set_keys(self, network_key: bytes | None, shadow_key: bytes | None) -> None:
@@ -118,8 +124,18 @@ class ServerCore(CHandle):
     def install(self, table: Table, load_ms: int) -> None:
         """Publishes `table` (the server takes it) and frees the previous
         one once no serving thread can still read it."""
-        self.generation += 1
-        _swap_table(self.ptr, table.detach(), self.generation, load_ms)
+        with self.lock:
+            self.installs += 1
+            self.load_ms = load_ms
+            self.publish(table.detach())
+
+    def publish(self, table_ptr, new_generation: bool = True) -> None:
+        """(self.lock held) Serves a C table as the next generation (or the
+        same one: records unchanged, counters only) and frees the previous
+        one once no serving thread can still read it."""
+        self.generation += 1 if new_generation else 0
+        self.table_ptr = table_ptr
+        _swap_table(self.ptr, table_ptr, self.generation, self.load_ms)
 
     def slot(self) -> int:
         slot = lib.pws_slot_acquire(self.ptr)

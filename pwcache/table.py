@@ -8,6 +8,7 @@ record exactly as the server sends it (docs/protocol.md, "Records").
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from pwcache._pwtable import ffi, lib
 from pwcache.placement import PlacementRule
@@ -21,6 +22,58 @@ SKIP_SOURCES = ("passwd", "shadow", "group", "mailhosts")
 
 class TableError(Exception):
     """A table could not be built."""
+
+
+# pwt_apply's kinds of change: a line as in that source, or a name to delete.
+CHANGE_KINDS = {
+    "passwd": lib.PWT_CH_PASSWD,
+    "shadow": lib.PWT_CH_SHADOW,
+    "group": lib.PWT_CH_GROUP,
+    "mailhosts": lib.PWT_CH_MAILHOSTS,
+    "del_user": lib.PWT_CH_DEL_USER,
+    "del_group": lib.PWT_CH_DEL_GROUP,
+}
+# What became of each change (pwt_change_status).
+CHANGE_STATUS = {
+    lib.PWT_APPLIED: "applied",
+    lib.PWT_REFUSED_BAD: "bad",  # malformed, as that line in a file would be
+    lib.PWT_REFUSED_UNKNOWN: "unknown",  # no such user or group
+    lib.PWT_REFUSED_DUP_ID: "dup_id",  # the uid or gid is another's
+}
+
+Change = tuple[str, "str | bytes"]  # (kind, line or name)
+
+
+def apply_changes_to(ptr, changes: Iterable[Change], rule: PlacementRule | None = None):
+    """Applies changes to a copy of the C table `ptr` (ptr is unchanged).
+    Returns (the new C table, each change's status from CHANGE_STATUS)."""
+    items = list(changes)
+    arr = ffi.new("pwt_change[]", max(len(items), 1))
+    keep = []  # the texts stay alive for the call
+    for i, item in enumerate(items):
+        kind, text = item
+        if kind not in CHANGE_KINDS:
+            raise ValueError(f"unknown change kind {kind!r} (one of {', '.join(CHANGE_KINDS)})")
+        raw = _name_bytes(text)
+        buf = ffi.new("char[]", raw)
+        keep.append(buf)
+        arr[i].kind, arr[i].text, arr[i].len = CHANGE_KINDS[kind], buf, len(raw)
+    status = ffi.new("int[]", max(len(items), 1))
+    err = ffi.new("char[]", _ERRCAP)
+    crule = CRule(rule) if rule is not None else None
+    try:
+        new = lib.pwt_apply(ptr, arr, len(items), crule.ptr if crule else ffi.NULL, status, err, _ERRCAP)
+    finally:
+        if crule:
+            crule.close()
+    if new == ffi.NULL:
+        raise MemoryError(ffi.string(err).decode(errors="replace"))
+    return new, [CHANGE_STATUS[status[i]] for i in range(len(items))]
+
+
+def fold_table(ptr, rule: PlacementRule | None = None):
+    """A new C table holding ptr's records in a fresh base, no delta."""
+    return Table._build(lambda crule, err: lib.pwt_fold(ptr, crule, err, _ERRCAP), rule).detach()
 
 
 class CHandle:
@@ -208,6 +261,39 @@ class Table(CHandle):
         return [
             (SKIP_SOURCES[notes[0][i].source], notes[0][i].line, ffi.string(notes[0][i].why).decode()) for i in range(n)
         ]
+
+    # -- changes (docs/pwserver.md, "Changes") -------------------------------
+
+    def apply_changes(self, changes: Iterable[Change], rule: PlacementRule | None = None) -> list[str]:
+        """Applies changes in order; returns each one's status (see
+        CHANGE_STATUS). For a table no other thread reads: a served table
+        changes through the server core (pwcache/changes.py)."""
+        new, status = apply_changes_to(self.ptr, changes, rule)
+        old, self._ptr = self._ptr, new
+        lib.pwt_free(old)
+        return status
+
+    def delta_entries(self) -> int:
+        """Users and groups changed since the base was built."""
+        return lib.pwt_delta_entries(self.ptr)
+
+    def fold(self, rule: PlacementRule | None = None) -> None:
+        """Builds a new base holding every change (the delta is emptied)."""
+        new = fold_table(self.ptr, rule)
+        old, self._ptr = self._ptr, new
+        lib.pwt_free(old)
+
+    def enumerate(self, kind: str = "passwd") -> list[bytes]:
+        """Every record of a map (passwd, group, shadow) in slot order, as
+        enumeration pages list them."""
+        m = {"passwd": lib.PWT_PASSWD, "group": lib.PWT_GROUP, "shadow": lib.PWT_SHADOW}[kind]
+        n = ffi.new("uint32_t *")
+        out = []
+        for i in range(lib.pwt_enum_size(self.ptr, m)):
+            rec = lib.pwt_enum_record(self.ptr, m, i, n)
+            if rec != ffi.NULL:
+                out.append(bytes(ffi.buffer(rec, n[0])))
+        return out
 
 
 def stats_of(ptr) -> dict[str, int]:

@@ -301,6 +301,8 @@ static void put_stats(pws_server *s, const pwt_table *t, pwp_buf *b)
         {"mailhosts_bad", st.mailhosts_bad}, {"mailhosts_dup", st.mailhosts_dup},
         {"mailhosts_unknown", st.mailhosts_unknown},
         {"too_many_groups", st.too_many_groups},
+        {"changes_applied", st.changes_applied}, {"changes_refused", st.changes_refused},
+        {"delete_unknown", st.delete_unknown}, {"delta_entries", st.delta_entries},
         {"reloads_refused", rf.count}, {"last_refusal_time", rf.time},
         {"last_refusal_reason", rf.reason}, {"last_refused_users", rf.users},
         {"last_refused_bad_lines", rf.bad_lines},

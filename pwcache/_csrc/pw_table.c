@@ -9,7 +9,7 @@
  * freed table goes back to the system.
  */
 #define _GNU_SOURCE
-#include "pw_table.h"
+#include "pw_table_int.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -21,67 +21,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "pw_wire.h"
-
-#define NONE UINT32_MAX
-
-typedef struct {
-    uint8_t *data;
-    size_t len, cap;
-} arena;
-
-typedef struct {
-    uint64_t *slots; /* see index_probe */
-    uint32_t cap;    /* any size: positions are (hash * cap) >> 32 */
-} index_t;
-
-/* 20 bytes a user: the name and uid are read from the record itself. */
-typedef struct {
-    uint32_t pw_off;    /* in t->pw: the passwd record, or (pw_len 0) the name
-                           alone as a msgpack str; DEAD: a duplicate */
-    uint32_t sh_off;
-    uint32_t gids_off;  /* in t->gids */
-    uint16_t pw_len;    /* 0: no passwd record (a group member only) */
-    uint16_t sh_len;    /* 0: no shadow record */
-    uint16_t ngids;
-    uint16_t host;      /* index in t->hosts or NO_HOST; FROZEN bit */
-} user_t;
-
-#define DEAD UINT32_MAX
-#define NO_HOST 0x7fffu
-#define FROZEN 0x8000u
-
-typedef struct {
-    uint32_t name_off;  /* in t->gr */
-    uint32_t rec_off;
-    uint32_t rec_len;
-    uint32_t gid;
-    uint8_t name_len;
-} group_t;
-
-typedef struct {
-    uint32_t off; /* in hostbuf */
-    uint16_t len;
-} host_t;
-
-struct pwt_table {
-    user_t *users;
-    uint32_t nusers, users_cap;
-    group_t *groups;
-    uint32_t ngroups;
-    arena pw, sh, gr, hostbuf;
-    uint32_t *gids;
-    host_t *hosts;
-    uint32_t nhosts, hosts_cap;
-    index_t by_name, by_uid, gr_by_name, gr_by_gid;
-    pwt_load_stats st;
-    pwt_skip_note notes[PWT_SKIP_NOTES];
-    uint32_t nnotes;
-    /* where note_skip's line count stands: source, position, line there */
-    uint32_t note_source;
-    const char *note_at;
-    uint32_t note_line;
-};
 
 /* ---- small helpers ----------------------------------------------------- */
 
@@ -139,13 +78,6 @@ static void arena_trim(arena *a)
     }
 }
 
-static uint64_t mix64(uint64_t x)
-{
-    x ^= x >> 33;
-    x *= 0xff51afd7ed558ccdull;
-    x ^= x >> 33;
-    return x;
-}
 
 /* Room for n entries at a load of at most 3/4 (probes stay within a cache
  * line or two: 8 slots a line). */
@@ -226,10 +158,6 @@ static int index_grow(index_t *ix, uint32_t count, const void *ctx, hash_fn hash
     return 0;
 }
 
-static inline uint64_t name_hash(const char *s, size_t n)
-{
-    return mix64(pw_fnv1a(PW_FNV_BASIS, s, n));
-}
 
 /* The key of entry i for index_fill; n == 0: leave the entry out. */
 typedef struct {
@@ -271,27 +199,6 @@ static inline ikey name_key(const char *name, size_t n)
     return (ikey){h, (uint32_t)(h >> 32), name, n};
 }
 
-static inline uint64_t id_hash(uint32_t id)
-{
-    return mix64((uint64_t)id + 0x9e3779b97f4a7c15ull);
-}
-
-/* The name of an entry: the first string of its record, or its bare str. */
-static inline const char *user_name(const pwt_table *t, const user_t *u, size_t *n)
-{
-    const uint8_t *p = t->pw.data + u->pw_off + (u->pw_len ? 1 : 0); /* array header */
-    if (p[0] == 0xd9) {
-        *n = p[1];
-        return (const char *)p + 2;
-    }
-    *n = p[0] & 0x1f;
-    return (const char *)p + 1;
-}
-
-static inline const char *group_name(const pwt_table *t, const group_t *g)
-{
-    return (const char *)t->gr.data + g->name_off;
-}
 
 static int user_same(const void *ctx, uint32_t i, const void *key, size_t n)
 {
@@ -324,14 +231,34 @@ static uint32_t find_id(const index_t *ix, uint32_t id)
     return ix->slots ? index_probe(ix, id_hash(id), id, NULL, NULL, NULL, 0, NULL) : NONE;
 }
 
-static uint32_t find_user(const pwt_table *t, const char *name, size_t n)
+static inline uint32_t find_user(const pwt_table *t, const char *name, size_t n)
 {
     return find_name(&t->by_name, user_same, t, name, n);
 }
 
-static uint32_t find_group(const pwt_table *t, const char *name, size_t n)
+static inline uint32_t find_group(const pwt_table *t, const char *name, size_t n)
 {
     return find_name(&t->gr_by_name, group_same, t, name, n);
+}
+
+uint32_t pwt_find_user(const pwt_table *t, const char *name, size_t n)
+{
+    return find_user(t, name, n);
+}
+
+uint32_t pwt_find_uid(const pwt_table *t, uint32_t uid)
+{
+    return find_id(&t->by_uid, uid);
+}
+
+uint32_t pwt_find_group(const pwt_table *t, const char *name, size_t n)
+{
+    return find_group(t, name, n);
+}
+
+uint32_t pwt_find_gid(const pwt_table *t, uint32_t gid)
+{
+    return find_id(&t->gr_by_gid, gid);
 }
 
 static uint64_t user_name_hash(const void *ctx, uint32_t i)
@@ -342,120 +269,6 @@ static uint64_t user_name_hash(const void *ctx, uint32_t i)
     return name_hash(name, n);
 }
 
-/* ---- line parsing -------------------------------------------------------- */
-
-typedef struct {
-    const char *p;
-    size_t n;
-} field;
-
-static size_t count_lines(const char *buf, size_t len)
-{
-    size_t n = 0;
-    const char *p = buf, *end = buf + len;
-    while (p < end) {
-        const char *nl = memchr(p, '\n', (size_t)(end - p));
-        n++;
-        if (!nl)
-            break;
-        p = nl + 1;
-    }
-    return n;
-}
-
-/* Next line without its newline (and a trailing \r); 0 at the end. */
-static int next_line(const char **pos, const char *end, field *line)
-{
-    if (*pos >= end)
-        return 0;
-    const char *p = *pos;
-    const char *nl = memchr(p, '\n', (size_t)(end - p));
-    const char *stop = nl ? nl : end;
-    *pos = nl ? nl + 1 : end;
-    if (stop > p && stop[-1] == '\r')
-        stop--;
-    line->p = p;
-    line->n = (size_t)(stop - p);
-    return 1;
-}
-
-static int blank_or_comment(const field *line)
-{
-    for (size_t i = 0; i < line->n; i++) {
-        char c = line->p[i];
-        if (c == '#')
-            return 1;
-        if (c != ' ' && c != '\t')
-            return 0;
-    }
-    return 1;
-}
-
-/* Splits on ':'; returns the number of fields, or -1 past `max`. */
-static int split_colons(const field *line, field *f, int max)
-{
-    const char *p = line->p, *end = p + line->n;
-    int k = 0;
-    for (;;) {
-        const char *c = memchr(p, ':', (size_t)(end - p));
-        if (k == max)
-            return -1;
-        f[k].p = p;
-        f[k].n = (size_t)((c ? c : end) - p);
-        k++;
-        if (!c)
-            return k;
-        p = c + 1;
-    }
-}
-
-static int parse_id(const field *f, uint32_t *out)
-{
-    uint64_t v = 0;
-    if (f->n == 0 || f->n > 10)
-        return -1;
-    for (size_t i = 0; i < f->n; i++) {
-        if (f->p[i] < '0' || f->p[i] > '9')
-            return -1;
-        v = v * 10 + (uint64_t)(f->p[i] - '0');
-    }
-    if (v > PW_MAX_ID)
-        return -1;
-    *out = (uint32_t)v;
-    return 0;
-}
-
-/* shadow(5) numbers: empty is -1. */
-static int parse_long(const field *f, int64_t *out)
-{
-    size_t i = 0;
-    int neg = 0;
-    int64_t v = 0;
-    if (f->n == 0) {
-        *out = -1;
-        return 0;
-    }
-    if (f->p[0] == '-') {
-        neg = 1;
-        i = 1;
-    }
-    if (i == f->n || f->n - i > 18)
-        return -1;
-    for (; i < f->n; i++) {
-        if (f->p[i] < '0' || f->p[i] > '9')
-            return -1;
-        v = v * 10 + (f->p[i] - '0');
-    }
-    *out = neg ? -v : v;
-    return 0;
-}
-
-/* A user or group name as it may appear in a file. NIS compat entries
- * ("+name", "-name") are not served. */
-static int file_name_ok(const field *f)
-{
-    return pw_valid_name(f->p, f->n) && f->p[0] != '+' && f->p[0] != '-';
-}
 
 /* ---- hosts --------------------------------------------------------------- */
 
@@ -518,27 +331,6 @@ static void mh_dup(void *ctx, uint32_t i)
     m->dups++;
 }
 
-/* Splits on blanks into at most `max` words; -1 past that. */
-static int split_words(const field *line, field *w, int max)
-{
-    const char *p = line->p, *end = p + line->n;
-    int k = 0;
-    while (p < end) {
-        while (p < end && (*p == ' ' || *p == '\t'))
-            p++;
-        if (p == end || *p == '#')
-            break;
-        const char *s = p;
-        while (p < end && *p != ' ' && *p != '\t')
-            p++;
-        if (k == max)
-            return -1;
-        w[k].p = s;
-        w[k].n = (size_t)(p - s);
-        k++;
-    }
-    return k;
-}
 
 static int load_mailhosts(pwt_table *t, mh_map *m, const char *buf, size_t len)
 {
@@ -551,10 +343,8 @@ static int load_mailhosts(pwt_table *t, mh_map *m, const char *buf, size_t len)
     while (next_line(&pos, end, &line)) {
         if (blank_or_comment(&line))
             continue;
-        int k = split_words(&line, w, 3);
-        /* "user host" or "user host frozen" */
-        if (k < 2 || !file_name_ok(&w[0]) || !pw_valid_utf8(w[1].p, w[1].n) ||
-            (k == 3 && !(w[2].n == 6 && memcmp(w[2].p, "frozen", 6) == 0))) {
+        int frozen;
+        if (parse_mailhosts_line(&line, w, &frozen) < 0) {
             t->st.mailhosts_bad++;
             note_skip(t, PWT_SRC_MAILHOSTS, buf, line.p, "malformed");
             continue;
@@ -569,7 +359,7 @@ static int load_mailhosts(pwt_table *t, mh_map *m, const char *buf, size_t len)
         e->name = w[0].p;
         e->name_len = (uint8_t)w[0].n;
         e->host = (uint16_t)h;
-        e->frozen = k == 3;
+        e->frozen = (uint8_t)frozen;
         e->used = 0;
         m->n++;
     }
@@ -653,10 +443,7 @@ static int load_passwd(pwt_table *t, mh_map *mh, const pwpl_rule *rule,
         if (blank_or_comment(&line))
             continue;
         uint32_t uid, gid;
-        if (split_colons(&line, f, 8) != 7 || line.n > PWT_MAX_LINE ||
-            !file_name_ok(&f[0]) || parse_id(&f[2], &uid) < 0 ||
-            parse_id(&f[3], &gid) < 0 || !pw_valid_utf8(f[4].p, f[4].n) ||
-            !pw_valid_utf8(f[5].p, f[5].n) || !pw_valid_utf8(f[6].p, f[6].n)) {
+        if (parse_passwd_line(&line, f, &uid, &gid) < 0) {
             t->st.passwd_bad++;
             note_skip(t, PWT_SRC_PASSWD, buf, line.p, "malformed");
             continue;
@@ -726,12 +513,7 @@ static int load_shadow(pwt_table *t, const char *buf, size_t len)
         if (blank_or_comment(&line))
             continue;
         pw_shadow_view v;
-        if (split_colons(&line, f, 9) != 9 || line.n > PWT_MAX_LINE ||
-            !file_name_ok(&f[0]) || !pw_valid_utf8(f[1].p, f[1].n) ||
-            parse_long(&f[2], &v.lastchg) < 0 || parse_long(&f[3], &v.min) < 0 ||
-            parse_long(&f[4], &v.max) < 0 || parse_long(&f[5], &v.warn) < 0 ||
-            parse_long(&f[6], &v.inact) < 0 || parse_long(&f[7], &v.expire) < 0 ||
-            parse_long(&f[8], &v.flag) < 0) {
+        if (parse_shadow_line(&line, f, &v) < 0) {
             t->st.shadow_bad++;
             note_skip(t, PWT_SRC_SHADOW, buf, line.p, "malformed");
             continue;
@@ -750,10 +532,6 @@ static int load_shadow(pwt_table *t, const char *buf, size_t len)
             note_skip(t, PWT_SRC_SHADOW, buf, line.p, "duplicate name");
             continue;
         }
-        v.name.p = f[0].p;
-        v.name.n = (uint32_t)f[0].n;
-        v.hash.p = f[1].p;
-        v.hash.n = (uint32_t)f[1].n;
         size_t need = line.n + 80;
         if (arena_reserve(&t->sh, need) < 0)
             return -1;
@@ -850,8 +628,7 @@ static int load_group(pwt_table *t, const char *buf, size_t len,
         if (blank_or_comment(&line))
             continue;
         uint32_t gid;
-        if (split_colons(&line, f, 4) != 4 || !file_name_ok(&f[0]) ||
-            parse_id(&f[2], &gid) < 0) {
+        if (parse_group_line(&line, f, &gid) < 0) {
             t->st.group_bad++;
             note_skip(t, PWT_SRC_GROUP, buf, line.p, "malformed");
             continue;
@@ -867,11 +644,10 @@ static int load_group(pwt_table *t, const char *buf, size_t len,
         /* members: validate and hash, pack, then resolve */
         uint32_t nmem = 0;
         const char *p = f[3].p, *mend = f[3].p + f[3].n;
-        while (p < mend) {
-            const char *c = memchr(p, ',', (size_t)(mend - p));
-            const char *stop = c ? c : mend;
-            size_t n = (size_t)(stop - p);
-            if (n && pw_valid_name(p, n)) {
+        field mf;
+        int valid;
+        while (next_member(&p, mend, &mf, &valid)) {
+            if (valid) {
                 if (nmem == refs_cap) {
                     size_t grown = refs_cap ? refs_cap * 2 : 1024;
                     member_ref *r = realloc(refs, grown * sizeof *r);
@@ -880,11 +656,10 @@ static int load_group(pwt_table *t, const char *buf, size_t len,
                     refs = r;
                     refs_cap = grown;
                 }
-                refs[nmem++] = (member_ref){p, (uint32_t)n, name_hash(p, n)};
-            } else if (n) {
+                refs[nmem++] = (member_ref){mf.p, (uint32_t)mf.n, name_hash(mf.p, mf.n)};
+            } else {
                 t->st.group_bad_member++;
             }
-            p = c ? c + 1 : mend;
         }
         size_t need = line.n + 5 * (size_t)nmem + 32;
         if (arena_reserve(&t->gr, need) < 0)
@@ -1063,10 +838,15 @@ static pwt_table *build(sources *src, const pwpl_rule *rule, char *err, size_t e
     pthread_once(&once, fix_mmap_threshold);
     pwt_table *t = calloc(1, sizeof *t);
     mh_map mh = {0};
+    if (t) {
+        t->shared = calloc(1, sizeof *t->shared);
+        if (t->shared)
+            atomic_init(&t->shared->refs, 1);
+    }
     membership *ms = NULL;
     size_t nms = 0;
     set_err(err, errcap, "out of memory (or a source past 4 GiB)");
-    if (!t)
+    if (!t || !t->shared)
         goto fail;
     /* the rule's hosts get the same indexes in the table */
     for (int i = 0; rule && i < pwpl_nhosts(rule); i++) {
@@ -1140,6 +920,12 @@ pwt_table *pwt_build(const char *passwd, size_t passwd_len,
     return build(&src, rule, err, errcap);
 }
 
+pwt_table *pwt_build_sources(const char *const buf[4], const size_t len[4], const pwpl_rule *rule, char *err,
+                             size_t errcap)
+{
+    return pwt_build(buf[0], len[0], buf[1], len[1], buf[2], len[2], buf[3], len[3], rule, err, errcap);
+}
+
 pwt_table *pwt_load_files(const char *passwd, const char *shadow,
                           const char *group, const char *mailhosts,
                           const pwpl_rule *rule, char *err, size_t errcap)
@@ -1157,6 +943,13 @@ void pwt_free(pwt_table *t)
 {
     if (!t)
         return;
+    pwd_release(t->delta);
+    /* the base goes with the last table that shares it */
+    if (t->shared && atomic_fetch_sub_explicit(&t->shared->refs, 1, memory_order_acq_rel) != 1) {
+        free(t);
+        return;
+    }
+    free(t->shared);
     free(t->users);
     free(t->groups);
     free(t->pw.data);
@@ -1186,55 +979,47 @@ uint32_t pwt_skip_notes(const pwt_table *t, const pwt_skip_note **notes)
 
 /* ---- lookups ------------------------------------------------------------- */
 
-const uint8_t *pwt_passwd_by_name(const pwt_table *t, const char *name, size_t n, uint32_t *len)
+/* Each lookup reads the base alone while no change was applied (one
+ * predictable branch: the hot path of a table loaded from files); else
+ * pw_delta.c looks in the delta first and falls back to these. */
+
+const char *pwt_base_user_name(const pwt_table *t, uint32_t i, size_t *n)
 {
-    uint32_t i = find_user(t, name, n);
+    return user_name(t, &t->users[i], n);
+}
+
+const char *pwt_base_group_name(const pwt_table *t, uint32_t i, size_t *n)
+{
+    *n = t->groups[i].name_len;
+    return group_name(t, &t->groups[i]);
+}
+
+const uint8_t *pwt_base_passwd(const pwt_table *t, uint32_t i, uint32_t *len)
+{
     if (i == NONE || !t->users[i].pw_len)
         return NULL;
     *len = t->users[i].pw_len;
     return t->pw.data + t->users[i].pw_off;
 }
 
-const uint8_t *pwt_passwd_by_uid(const pwt_table *t, uint32_t uid, uint32_t *len)
+const uint8_t *pwt_base_shadow(const pwt_table *t, uint32_t i, uint32_t *len)
 {
-    uint32_t i = find_id(&t->by_uid, uid);
-    if (i == NONE)
-        return NULL;
-    *len = t->users[i].pw_len;
-    return t->pw.data + t->users[i].pw_off;
-}
-
-const uint8_t *pwt_shadow_by_name(const pwt_table *t, const char *name, size_t n, uint32_t *len)
-{
-    uint32_t i = find_user(t, name, n);
     if (i == NONE || !t->users[i].sh_len)
         return NULL;
     *len = t->users[i].sh_len;
     return t->sh.data + t->users[i].sh_off;
 }
 
-const uint8_t *pwt_group_by_name(const pwt_table *t, const char *name, size_t n, uint32_t *len)
+const uint8_t *pwt_base_group(const pwt_table *t, uint32_t i, uint32_t *len)
 {
-    uint32_t i = find_group(t, name, n);
     if (i == NONE)
         return NULL;
     *len = t->groups[i].rec_len;
     return t->gr.data + t->groups[i].rec_off;
 }
 
-const uint8_t *pwt_group_by_gid(const pwt_table *t, uint32_t gid, uint32_t *len)
+int pwt_base_mailhost(const pwt_table *t, uint32_t i, const char **host, size_t *host_len, int *frozen)
 {
-    uint32_t i = find_id(&t->gr_by_gid, gid);
-    if (i == NONE)
-        return NULL;
-    *len = t->groups[i].rec_len;
-    return t->gr.data + t->groups[i].rec_off;
-}
-
-int pwt_mailhost(const pwt_table *t, const char *name, size_t n,
-                 const char **host, size_t *host_len, int *frozen)
-{
-    uint32_t i = find_user(t, name, n);
     if (i == NONE || !t->users[i].pw_len)
         return -1;
     const user_t *u = &t->users[i];
@@ -1250,8 +1035,52 @@ int pwt_mailhost(const pwt_table *t, const char *name, size_t n,
     return 0;
 }
 
-int pwt_initgroups(const pwt_table *t, const char *name, size_t n,
-                   const uint32_t **gids, uint32_t *count)
+#define WITH_DELTA(t) __builtin_expect((t)->delta != NULL, 0)
+
+const uint8_t *pwt_passwd_by_name(const pwt_table *t, const char *name, size_t n, uint32_t *len)
+{
+    if (WITH_DELTA(t))
+        return pwd_passwd_by_name(t, name, n, len);
+    return pwt_base_passwd(t, find_user(t, name, n), len);
+}
+
+const uint8_t *pwt_passwd_by_uid(const pwt_table *t, uint32_t uid, uint32_t *len)
+{
+    if (WITH_DELTA(t))
+        return pwd_passwd_by_uid(t, uid, len);
+    return pwt_base_passwd(t, find_id(&t->by_uid, uid), len);
+}
+
+const uint8_t *pwt_shadow_by_name(const pwt_table *t, const char *name, size_t n, uint32_t *len)
+{
+    if (WITH_DELTA(t))
+        return pwd_shadow_by_name(t, name, n, len);
+    return pwt_base_shadow(t, find_user(t, name, n), len);
+}
+
+const uint8_t *pwt_group_by_name(const pwt_table *t, const char *name, size_t n, uint32_t *len)
+{
+    if (WITH_DELTA(t))
+        return pwd_group_by_name(t, name, n, len);
+    return pwt_base_group(t, find_group(t, name, n), len);
+}
+
+const uint8_t *pwt_group_by_gid(const pwt_table *t, uint32_t gid, uint32_t *len)
+{
+    if (WITH_DELTA(t))
+        return pwd_group_by_gid(t, gid, len);
+    return pwt_base_group(t, find_id(&t->gr_by_gid, gid), len);
+}
+
+int pwt_mailhost(const pwt_table *t, const char *name, size_t n,
+                 const char **host, size_t *host_len, int *frozen)
+{
+    if (WITH_DELTA(t))
+        return pwd_mailhost(t, name, n, host, host_len, frozen);
+    return pwt_base_mailhost(t, find_user(t, name, n), host, host_len, frozen);
+}
+
+int pwt_base_initgroups(const pwt_table *t, const char *name, size_t n, const uint32_t **gids, uint32_t *count)
 {
     uint32_t i = find_user(t, name, n);
     if (i == NONE)
@@ -1261,24 +1090,34 @@ int pwt_initgroups(const pwt_table *t, const char *name, size_t n,
     return 0;
 }
 
-uint32_t pwt_enum_size(const pwt_table *t, int map)
+int pwt_initgroups(const pwt_table *t, const char *name, size_t n,
+                   const uint32_t **gids, uint32_t *count)
+{
+    if (WITH_DELTA(t))
+        return pwd_initgroups(t, name, n, gids, count);
+    return pwt_base_initgroups(t, name, n, gids, count);
+}
+
+uint32_t pwt_base_enum_size(const pwt_table *t, int map)
 {
     return map == PWT_GROUP ? t->ngroups : t->nusers;
 }
 
+const uint8_t *pwt_base_enum_record(const pwt_table *t, int map, uint32_t i, uint32_t *len)
+{
+    if (i >= pwt_base_enum_size(t, map))
+        return NULL;
+    if (map == PWT_GROUP)
+        return pwt_base_group(t, i, len);
+    return map == PWT_SHADOW ? pwt_base_shadow(t, i, len) : pwt_base_passwd(t, i, len);
+}
+
+uint32_t pwt_enum_size(const pwt_table *t, int map)
+{
+    return WITH_DELTA(t) ? pwd_enum_size(t, map) : pwt_base_enum_size(t, map);
+}
+
 const uint8_t *pwt_enum_record(const pwt_table *t, int map, uint32_t i, uint32_t *len)
 {
-    if (i >= pwt_enum_size(t, map))
-        return NULL;
-    if (map == PWT_GROUP) {
-        *len = t->groups[i].rec_len;
-        return t->gr.data + t->groups[i].rec_off;
-    }
-    const user_t *u = &t->users[i];
-    if (map == PWT_SHADOW) {
-        *len = u->sh_len;
-        return u->sh_len ? t->sh.data + u->sh_off : NULL;
-    }
-    *len = u->pw_len;
-    return u->pw_len ? t->pw.data + u->pw_off : NULL;
+    return WITH_DELTA(t) ? pwd_enum_record(t, map, i, len) : pwt_base_enum_record(t, map, i, len);
 }

@@ -10,6 +10,11 @@
  * Indexes: open addressing with linear probing on user name, uid, group
  * name and gid; each user's supplementary gids (INITGROUPS) are a reverse
  * index of the group member lists, built at load.
+ *
+ * Changes (pwt_apply) make a new table that shares the base and adds a
+ * small delta of changed records on top, consulted first; the old table
+ * stays valid and unchanged for its readers. pwt_fold builds a new base
+ * from both when the delta has grown (docs/pwserver.md, "Changes").
  */
 #ifndef PW_TABLE_H
 #define PW_TABLE_H
@@ -37,7 +42,35 @@ typedef struct {
     uint64_t mailhosts_bad, mailhosts_dup, mailhosts_unknown;
     uint64_t too_many_groups;  /* memberships past PWT_MAX_USER_GROUPS */
     uint64_t bytes;            /* bytes held by the table */
+    /* pwt_apply: changes applied and refused (each refusal is also counted
+     * above as the same line in a file would be, or in delete_unknown) */
+    uint64_t changes_applied, changes_refused, delete_unknown;
+    uint64_t delta_entries;    /* users and groups held in the delta */
 } pwt_load_stats;
+
+/* One change for pwt_apply: a line as in the source files (without its
+ * newline), or for deletions the name alone. */
+enum pwt_change_kind {
+    PWT_CH_PASSWD = 0,    /* insert or replace a user (shadow, host, groups stay) */
+    PWT_CH_SHADOW = 1,    /* the user's shadow entry (the user must exist) */
+    PWT_CH_GROUP = 2,     /* insert or replace a group and its members */
+    PWT_CH_MAILHOSTS = 3, /* "user host [frozen]" (the user must exist) */
+    PWT_CH_DEL_USER = 4,  /* passwd, shadow and host go; group lists stay */
+    PWT_CH_DEL_GROUP = 5,
+};
+typedef struct {
+    int kind;
+    const char *text;
+    size_t len;
+} pwt_change;
+
+/* What became of each change. */
+enum pwt_change_status {
+    PWT_APPLIED = 0,
+    PWT_REFUSED_BAD = 1,     /* malformed, as a line of the file would be */
+    PWT_REFUSED_UNKNOWN = 2, /* no such user (shadow, mailhosts, delete) or group */
+    PWT_REFUSED_DUP_ID = 3,  /* the uid or gid belongs to another user or group */
+};
 
 
 /* The first skipped lines of a load, located (the server logs them):
@@ -89,9 +122,25 @@ int pwt_mailhost(const pwt_table *t, const char *name, size_t n,
 int pwt_initgroups(const pwt_table *t, const char *name, size_t n,
                    const uint32_t **gids, uint32_t *count);
 
-/* Enumeration: slots 0..pwt_enum_size-1; a slot may hold no record (NULL). */
+/* Enumeration: slots 0..pwt_enum_size-1; a slot may hold no record (NULL).
+ * With a delta: the base's slots (a changed record's slot is empty), then
+ * the delta's, each changed name keeping its slot in later tables. */
 uint32_t pwt_enum_size(const pwt_table *t, int map);
 const uint8_t *pwt_enum_record(const pwt_table *t, int map, uint32_t i, uint32_t *len);
+
+/* Applies n changes in order to a copy of t and returns it (t is not
+ * changed: its readers go on). A refused change is counted and skipped,
+ * never half-applied; status[i] (may be NULL) says which. `rule` (may be
+ * NULL) places new users, as at load. NULL only when memory runs out. */
+pwt_table *pwt_apply(const pwt_table *t, const pwt_change *changes, size_t n,
+                     const pwpl_rule *rule, int *status, char *err, size_t errcap);
+/* Users and groups held in the delta (0: none). */
+size_t pwt_delta_entries(const pwt_table *t);
+/* A new table with t's records in a new base and no delta (t unchanged);
+ * the skipped-line counters carry over. NULL with a reason in err. */
+pwt_table *pwt_fold(const pwt_table *t, const pwpl_rule *rule, char *err, size_t errcap);
+/* Another handle on t's records (sharing them; freed with pwt_free). */
+pwt_table *pwt_share(const pwt_table *t);
 /* cffi: end */
 
 #endif /* PW_TABLE_H */

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 CSRC = pathlib.Path(__file__).resolve().parents[2] / "pwcache" / "_csrc"
-SOURCES = ["pw_wire.c", "pw_seal.c", "pw_placement.c", "pw_table.c", "pw_server.c"]
+SOURCES = ["pw_wire.c", "pw_seal.c", "pw_placement.c", "pw_table.c", "pw_delta.c", "pw_server.c"]
 
 DRIVER = r"""
 #include <stdio.h>
@@ -99,11 +99,11 @@ int main(int argc, char **argv)
 """
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
-def test_c_code_under_sanitizers(tmp_path):
+def run_under_sanitizers(tmp_path, driver_source: str, rounds: int = 3000) -> None:
+    """Builds a C driver with the table and server sources under ASan and
+    UBSan (any error aborts it), runs it, and checks it said "ok"."""
     driver = tmp_path / "driver.c"
-    driver.write_text(DRIVER)
+    driver.write_text(driver_source)
     exe = tmp_path / "driver"
     subprocess.run(
         [
@@ -125,6 +125,12 @@ def test_c_code_under_sanitizers(tmp_path):
         ],
         check=True,
     )
-    run = subprocess.run([str(exe), "3000"], capture_output=True, text=True, timeout=240)
+    run = subprocess.run([str(exe), str(rounds)], capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "ok"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_c_code_under_sanitizers(tmp_path):
+    run_under_sanitizers(tmp_path, DRIVER)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -141,6 +142,19 @@ class Process:
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
+        if sig == signal.SIGSTOP:
+            # kill() returns before every thread has stopped: under load a
+            # thread may still answer a request sent right after it.
+            wait_for(self.stopped, timeout=20, describe=lambda: f"pid {self.proc.pid} stopped by SIGSTOP")
+
+    def stopped(self) -> bool:
+        """Every thread of the process is stopped (state T in /proc)."""
+        tasks = pathlib.Path(f"/proc/{self.proc.pid}/task")
+        try:
+            states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in tasks.iterdir()]
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        return bool(states) and all(state == "T" for state in states)
 
     def stop(self, timeout: float = 15.0) -> int:
         stop_process(self.proc, timeout)
