@@ -410,8 +410,7 @@ class Loader:
         self.signature = None
         self.users = 0
         self.refused = 0  # loads the guard refused (STATS reloads_refused)
-        self.load_ms = 0  # the served generation's load (metrics)
-        self.loaded_at = 0.0  # when it was put in place, Unix time
+        self.loaded_at = 0.0  # Unix time the last whole load was put in place (metrics)
         self._refused_signature = None  # the files of the last refusal
         self._missing: set[str] = set()  # sources found missing (logged once)
         self._accept = False  # the next load is served whatever the guard says
@@ -445,7 +444,7 @@ class Loader:
         cpu_ms = int((time.thread_time() - cpu0) * 1000)
         self.core.install(table, load_ms)
         self.users = stats["users"]
-        self.load_ms, self.loaded_at = load_ms, time.time()
+        self.loaded_at = time.time()
         skipped = {k: v for k, v in stats.items() if v and k not in ("users", "groups", "shadows", "bytes")}
         log.info(
             "loaded generation %d: %d users, %d groups, %d shadow entries in %d ms (%d ms CPU, %d table bytes)%s",

@@ -5,6 +5,8 @@ Imported only when `metrics_listen` is set (pwmail/base/metrics.py)."""
 
 from __future__ import annotations
 
+from pwcache._pwtable import ffi
+from pwcache.table import stats_of
 from pwmail.base.metrics import Collected, Metric, counter_families
 
 LOOKUPS = "pwserver_lookups", "answers sent, by result", ("result",)
@@ -35,27 +37,30 @@ def collector(core, loader):
     """collect() for the exporter, over the running ServerCore and Loader."""
 
     def collect() -> Collected:
-        generation = core.generation
+        with core.lock:  # the served table stays while its figures are read (a reload frees the old one)
+            generation, installs, load_ms = core.generation, core.installs, core.load_ms
+            users = stats_of(core.table_ptr)["users"] if core.table_ptr != ffi.NULL else 0
         return [
             *counter_families(core.counters(), COUNTERS, "pwserver"),
             Metric.one(
-                "pwserver_generation", "gauge", "generation of the tables served (1 = the first load)", generation
+                "pwserver_generation",
+                "gauge",
+                "generation of the tables served (a load or a batch of live changes makes the next)",
+                generation,
             ),
-            Metric.one("pwserver_users", "gauge", "users in the tables served", loader.users),
+            Metric.one("pwserver_users", "gauge", "users in the tables served", users),
             Metric.one(
                 "pwserver_reloads",
                 "counter",
-                "loads served after the first (SIGHUP, a source changed)",
-                max(0, generation - 1),
+                "whole loads served after the first (SIGHUP, SIGUSR1, a source changed)",
+                max(0, installs - 1),
             ),
             Metric.one("pwserver_reloads_refused", "counter", "loads the reload guard refused", loader.refused),
-            Metric.one(
-                "pwserver_load_seconds", "gauge", "time the served generation took to load", loader.load_ms / 1000
-            ),
+            Metric.one("pwserver_load_seconds", "gauge", "time the last whole load took", load_ms / 1000),
             Metric.one(
                 "pwserver_loaded_timestamp_seconds",
                 "gauge",
-                "Unix time the served generation was put in place",
+                "Unix time the last whole load was put in place",
                 loader.loaded_at,
             ),
         ]
