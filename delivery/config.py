@@ -51,6 +51,9 @@ DEFAULTS: dict[str, Any] = {
     "proxy_store_connections_max": 100,  # connections to one store at once (below its sessions_per_address_max)
     "proxy_spool_dir": "/var/tmp",  # where message data past spool_memory_max waits (unnamed files)
     "shutdown_grace": 30.0,  # seconds open transactions may take after SIGTERM
+    # Prometheus metrics (delivery/metrics.py): HOST:PORT; "" = off
+    "metrics_listen": "",  # pdeliveryd's
+    "proxy_metrics_listen": "",  # lmtp-proxy's
 }
 
 
@@ -62,6 +65,8 @@ CHECKS: dict[str, settings.Check] = {
     "lmtp_port": settings.port,
     "listen": settings.address(empty=True, port_zero=True),
     "layout": settings.one_of(*SCHEMES),
+    "metrics_listen": settings.address(empty=True, port_zero=True),
+    "proxy_metrics_listen": settings.address(empty=True, port_zero=True),
     "users": _users,
     "mailhost_names": settings.each(lambda v: None if isinstance(v, str) else "want a string"),
     **{

@@ -297,6 +297,12 @@ class LMTPServerConnection:
         return dict(self._params)
 
     @property
+    def data_size(self) -> int:
+        """Bytes of message data received so far for the message not yet
+        whole (in memory or its spool file; 0 between messages)."""
+        return self._body.size if self._body is not None else 0
+
+    @property
     def in_transaction_data(self) -> bool:
         """Between a first BDAT chunk and BDAT LAST (the commands between
         chunks are part of the message's data time)."""

@@ -39,6 +39,7 @@ from delivery.lmtp import MessageReceived, RcptRequest, Reply
 from delivery.lmtpclient import LMTPUnavailable
 from delivery.lmtpsessions import READ_SIZE, LMTPSessions, reader_memory_bound
 from delivery.message import HEADER_SCAN_MAX
+from delivery.metrics import collector as delivery_metrics
 from delivery.pdelivery import refused_rcpt
 from delivery.replies import (
     R_BAD_ADDRESS,
@@ -53,7 +54,8 @@ from delivery.replies import (
 from delivery.spool import WireBody, open_unnamed
 from delivery.storepool import SEND_CHUNK, Envelope, Recipient, StorePool
 from delivery.users import LookupUnavailable, PwserverLookup, user_from_address
-from pwmail.base import daemon
+from pwmail.base import daemon, metrics
+from pwmail.base.errors import exit_on_config_error
 from pwmail.base.logsetup import setup_logging
 
 log = logging.getLogger("lmtp-proxy")
@@ -242,6 +244,9 @@ async def serve(cfg: dict, args) -> int:
     if unix:
         servers.append(await _unix_server(proxy, unix, int(cfg["proxy_unix_mode"])))
     proxy.start_sweeper()
+    exporter = metrics.optional(
+        cfg["proxy_metrics_listen"], delivery_metrics(proxy), name="lmtp-proxy", loop=asyncio.get_running_loop()
+    )
 
     def reload() -> None:
         new = daemon.reread_settings(lambda: effective_config(args), proxy.cfg, RESTART_ONLY)
@@ -274,6 +279,8 @@ async def serve(cfg: dict, args) -> int:
         if unix and os.path.exists(unix):
             os.unlink(unix)
         proxy.pool.close()
+        if exporter is not None:
+            exporter.close()
         await proxy.users.close()
     return 0
 
@@ -288,8 +295,8 @@ def main(argv=None) -> int:
         print(f"lmtp-proxy: {e}", file=sys.stderr)
         return 78  # EX_CONFIG
     daemon.raise_nofile()
-    daemon.run(serve(cfg, args))
-    return 0
+    # a listener that cannot bind (the metrics address busy): one line, EX_CONFIG
+    return exit_on_config_error("lmtp-proxy", lambda: daemon.run(serve(cfg, args)))
 
 
 if __name__ == "__main__":

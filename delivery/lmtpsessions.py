@@ -18,6 +18,7 @@ import logging
 from delivery import config as dconfig
 from delivery.body import Body
 from delivery.lmtp import CLOSED, NEED_DATA, LMTPServerConnection, MessageReceived, PeerError, RcptRequest, Reply
+from delivery.metrics import DeliveryCounts
 
 log = logging.getLogger("delivery.sessions")
 
@@ -56,6 +57,7 @@ class LMTPSessions:
         self.conns: dict[asyncio.StreamWriter, LMTPServerConnection] = {}
         self.stopping = False
         self.refused_sessions = 0
+        self.counts = DeliveryCounts()  # replies and latency (delivery/metrics.py)
         self._sweeper: asyncio.Task | None = None
         self.cfg = cfg
 
@@ -145,10 +147,12 @@ class LMTPSessions:
                 elif isinstance(ev, MessageReceived):
                     self.in_data.pop(writer, None)
                     self.busy.add(writer)
+                    started = loop.time()
                     try:
                         replies = await self.message(ev, accepted[-len(ev.recipients) :])
                     finally:
                         self.busy.discard(writer)
+                    self.counts.delivered(replies, loop.time() - started)
                     accepted.clear()
                     messages += 1
                     conn.answer_message(replies)

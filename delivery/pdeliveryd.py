@@ -27,9 +27,10 @@ from delivery.lmtp import MessageReceived, RcptRequest, Reply
 from delivery.lmtpsessions import READ_SIZE, LMTPSessions, reader_memory_bound
 from delivery.maildir import ROOT_MARKER, MaildirWriter, clean_tree
 from delivery.message import HEADER_SCAN_MAX
+from delivery.metrics import collector as delivery_metrics
 from delivery.store import MailStore, RecipientCheck
 from delivery.users import PasswdFileLookup, PwserverLookup
-from pwmail.base import cli, daemon
+from pwmail.base import cli, daemon, metrics
 from pwmail.base.errors import exit_on_config_error
 from pwmail.base.logsetup import setup_logging
 from pwmail.base.sdnotify import notify_ready
@@ -197,6 +198,7 @@ async def serve(cfg: dict, host: str, port: int, args) -> int:
     server = DeliveryServer(cfg, make_users(cfg["users"], args.pwserver_conf), hostname=args.hostname)
     await server.start(host, port)
     loop = asyncio.get_running_loop()
+    exporter = metrics.optional(cfg["metrics_listen"], delivery_metrics(server), name="pdeliveryd", loop=loop)
     stop = asyncio.Event()
 
     def on_term():
@@ -224,6 +226,8 @@ async def serve(cfg: dict, host: str, port: int, args) -> int:
     notify_ready()  # systemd Type=notify (examples/systemd/pdeliveryd.service)
     await stop.wait()
     await server.wait_stopped()
+    if exporter is not None:
+        exporter.close()
     log.info("stopped; %d message(s) delivered", server.store.delivered)
     return 0
 

@@ -231,6 +231,7 @@ class StorePool:
         self._idle: dict[tuple[str, int], list[StoreConnection]] = collections.defaultdict(list)
         self.opened: collections.Counter[tuple[str, int]] = collections.Counter()
         self._in_use: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._waiting: collections.Counter[tuple[str, int]] = collections.Counter()  # for a place (metrics)
         self._freed: dict[tuple[str, int], asyncio.Condition] = {}
         self.configure(
             pool_size=pool_size,
@@ -251,11 +252,28 @@ class StorePool:
         transactions are on the store's connections, and take a place."""
         cond = self._freed.setdefault(key, asyncio.Condition())
         async with cond:
+            self._waiting[key] += 1
             try:
                 await asyncio.wait_for(cond.wait_for(lambda: self._in_use[key] < self.connections_max), self.timeout)
             except TimeoutError:
                 raise LMTPUnavailable(f"all {self.connections_max} connections busy for {self.timeout:g} s") from None
+            finally:
+                self._waiting[key] -= 1
             self._in_use[key] += 1
+
+    def depths(self) -> dict[tuple[str, int], dict[str, int]]:
+        """Per store: transactions on its connections, transactions waiting
+        for a place, idle connections kept, connections opened so far."""
+        keys = set(self.opened) | set(self._in_use) | set(self._waiting)
+        return {
+            key: {
+                "in_use": self._in_use[key],
+                "waiting": self._waiting[key],
+                "idle": len(self._idle.get(key, ())),
+                "opened": self.opened[key],
+            }
+            for key in keys
+        }
 
     async def _give_slot(self, key: tuple[str, int]) -> None:
         cond = self._freed[key]

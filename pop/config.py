@@ -41,6 +41,7 @@ PROXY_DEFAULTS: dict[str, Any] = {
     "throttle_window": 300.0,  # ... within this many seconds: refused
     "relay_buffer": 1048576,  # bytes buffered per direction after login
     "splice": True,  # zero-copy relay (Linux) when neither side is TLS
+    "metrics_listen": "",  # HOST:PORT for Prometheus metrics (pop/metrics.py); "" = off
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -56,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "pop3d_failure_delay": 2.0,  # for peers outside trusted_networks
     "pop3d_timeout": 600.0,
     "pop3d_dummy_hash": "",  # method and cost for unknown users ("" = the first real user's)
+    "pop3d_metrics_listen": "",  # pop3d's metrics_listen (the one above is pop-proxy's)
 }
 
 # imap-proxy's [imap] section (docs/imap.md).
@@ -72,6 +74,8 @@ CHECKS: dict[str, settings.Check] = {
     "listen": settings.address(port_zero=True),
     "pop3d_listen": settings.address(port_zero=True),
     "tls_listen": settings.address(empty=True, port_zero=True),
+    "metrics_listen": settings.address(empty=True, port_zero=True),
+    "pop3d_metrics_listen": settings.address(empty=True, port_zero=True),
     "backend_port": settings.port,
     "backends": settings.each(settings.address()),
     "backend_tls": settings.one_of("none", "tls", "stls"),

@@ -21,17 +21,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import logging
 import time
 
 from delivery.layout import SCHEMES, LayoutError, MailboxLayout, check_user
 from pwcache.client import AsyncClient, Denied, PwError, Unavailable
-from pwmail.base import cli, daemon
+from pwmail.base import cli, daemon, metrics
 from pwmail.base.errors import exit_on_config_error
 from pwmail.base.logsetup import setup_logging
 
 from . import config as popconfig
 from . import crypt
+from . import metrics as popmetrics
 from .mailbox import MailboxBusy, MaildirMailbox
 from .protocol import NEED_DATA, NEED_REPLY, Closed, Command, Login, RemoteProtocolError, ServerConnection, XClient
 
@@ -57,6 +59,7 @@ class Pop3Server:
         self.dummy_model: str | None = None
         self.configure(trusted=trusted, failure_delay=failure_delay, timeout=timeout, dummy_hash=dummy_hash)
         self.tasks: set[asyncio.Task] = set()
+        self.logins: collections.Counter[str] = collections.Counter()  # by result (pop/metrics.py)
 
     def configure(self, *, trusted, failure_delay: float, timeout: float, dummy_hash: str = "") -> None:
         """New values for sessions that start from now on (a session copies
@@ -204,6 +207,7 @@ class Pop3Session:
             except OSError as e:
                 log.error("%s: cannot open %s: %s", event.user, box.path, e)
                 code, text = "SYS/TEMP", "Mailbox unavailable, try again later."
+        server.logins[popmetrics.POP3D_RESULTS.get(code, "unavailable")] += 1
         if code is None:
             self.mailbox, self.user = box, event.user
             count, size = box.stat()
@@ -330,6 +334,9 @@ async def serve(args, cfg) -> None:
         log.info("reloaded settings")
 
     stop = daemon.handle_signals(on_reload=reload)
+    exporter = metrics.optional(
+        cfg["pop3d_metrics_listen"], popmetrics.pop3d_collector(server), name="pop3d", loop=asyncio.get_running_loop()
+    )
     daemon.announce("pop3d", sock)
     log.info("serving %s on %s", layout, sock.getsockname())
     try:
@@ -342,6 +349,8 @@ async def serve(args, cfg) -> None:
         log.info("stopped")
     finally:
         srv.close()
+        if exporter is not None:
+            exporter.close()
         await pw.close()
 
 

@@ -31,12 +31,13 @@ from collections import Counter
 from collections.abc import Callable
 
 from pwcache.client import AsyncClient, PwError, Unavailable
-from pwmail.base import cli, daemon
+from pwmail.base import cli, daemon, metrics
 from pwmail.base.errors import ConfigError
 from pwmail.base.hostport import parse_hostport
 from pwmail.base.logsetup import setup_logging
 from pwmail.base.settings import Section
 
+from . import metrics as popmetrics
 from . import throttle as popthrottle
 from .backend import BackendError
 from .protocol import RemoteProtocolError
@@ -574,6 +575,8 @@ class FrontSession(asyncio.Protocol):
             self.relay.bytes_up,
             self.relay.bytes_down,
         )
+        self.server.stats["bytes_up"] += self.relay.bytes_up  # (metrics: proxy_relayed_bytes_total)
+        self.server.stats["bytes_down"] += self.relay.bytes_down
         self._release()
 
 
@@ -677,6 +680,8 @@ async def serve(
             )
         )
 
+    exporter = metrics.optional(cfg["metrics_listen"], popmetrics.proxy_collector(server), name=name, loop=loop)
+
     def reload() -> None:
         new = daemon.reread_settings(settings, server.cfg, server.restart_only)
         setup_logging(name, stderr=args.log_stderr, daemon=True)
@@ -714,4 +719,6 @@ async def serve(
         if server.throttle.evicted():
             server.stats["throttle_evicted"] = server.throttle.evicted()
         log.info("stopping: %d sessions cut; %s", cut, dict(server.stats))
+        if exporter is not None:
+            exporter.close()
         await pw.close()

@@ -49,12 +49,14 @@ DEFAULTS: dict = {
     "busy_poll_us": 50,
     "poll_seconds": 2.0,
     "syslog": "",
+    "metrics_listen": "",  # HOST:PORT for Prometheus metrics (pwcache/server_metrics.py); "" = off
 }
 SECTION = settings.Section(
     "pwserver",
     DEFAULTS,
     {
         "listen": settings.address(port_zero=True),
+        "metrics_listen": settings.address(empty=True, port_zero=True),
         "allow": settings.networks,
         "threads": settings.between(1, 32),
         "busy_poll_us": settings.between(0, 10000),
@@ -227,6 +229,7 @@ class Config:
     rule: PlacementRule
     guard: GuardLimits
     accept_shrink: bool  # serve the first load even if the guard refuses it
+    metrics_listen: str = ""  # "" = no metrics
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -348,6 +351,7 @@ def load_config(args: argparse.Namespace) -> Config:
         rule=rule,
         guard=guard,
         accept_shrink=args.accept_shrink,
+        metrics_listen=cfg["metrics_listen"],
     )
 
 
@@ -406,6 +410,7 @@ class Loader:
         self.signature = None
         self.users = 0
         self.refused = 0  # loads the guard refused (STATS reloads_refused)
+        self.loaded_at = 0.0  # Unix time the last whole load was put in place (metrics)
         self._refused_signature = None  # the files of the last refusal
         self._missing: set[str] = set()  # sources found missing (logged once)
         self._accept = False  # the next load is served whatever the guard says
@@ -439,6 +444,7 @@ class Loader:
         cpu_ms = int((time.thread_time() - cpu0) * 1000)
         self.core.install(table, load_ms)
         self.users = stats["users"]
+        self.loaded_at = time.time()
         skipped = {k: v for k, v in stats.items() if v and k not in ("users", "groups", "shadows", "bytes")}
         log.info(
             "loaded generation %d: %d users, %d groups, %d shadow entries in %d ms (%d ms CPU, %d table bytes)%s",
@@ -564,6 +570,17 @@ def format_counters(counters: dict[str, int]) -> str:
     return ", ".join(f"{k}={v}" for k, v in counters.items() if v) or "none"
 
 
+def start_metrics(listen: str, core: ServerCore, loader: Loader):
+    """The metrics exporter when `metrics_listen` is set, else None; imported
+    only then (a server without metrics does not load prometheus_client)."""
+    if not listen:
+        return None
+    from pwcache import server_metrics
+    from pwmail.base import metrics
+
+    return metrics.serve(listen, server_metrics.collector(core, loader), name="pwserver")
+
+
 def serve(cfg: Config) -> int:
     core = ServerCore()
     stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
@@ -619,6 +636,12 @@ def serve(cfg: Config) -> int:
             return 1
         if isinstance(e, OSError):  # from binding: the address busy or not ours
             raise listen_error(*cfg.listen, e) from None
+        raise
+    try:
+        exporter = start_metrics(cfg.metrics_listen, core, loader)
+    except ConfigError:
+        for closing in (udp.close, tcp.close, core.close, lambda: os.close(stop_fd)):
+            closing()
         raise
 
     host, port = udp.getsockname()[:2]
@@ -676,6 +699,8 @@ def serve(cfg: Config) -> int:
         core.release(slot)
     tcp_server.join()
     loader.stop()
+    if exporter is not None:
+        exporter.close()
     log.info("stopped; counters: %s", format_counters(core.counters()))
     udp.close()
     tcp.close()
