@@ -254,7 +254,7 @@ async def serve(cfg: dict, args) -> int:
         proxy.apply(new)
         log.info("reloaded settings")
 
-    stop = daemon.handle_signals(on_reload=reload)
+    stop = daemon.handle_signals(on_reload=reload, clients=proxy.users.clients)
     log.info(
         "listening on %s%s; message data: %.1f MiB per session at most (one store), the rest spooled in %s",
         sock.getsockname(),

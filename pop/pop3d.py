@@ -329,7 +329,7 @@ async def serve(args, cfg) -> None:
         setup_logging("pop3d", stderr=args.log_stderr, daemon=True)
         log.info("reloaded settings")
 
-    stop = daemon.handle_signals(on_reload=reload)
+    stop = daemon.handle_signals(on_reload=reload, clients=[pw])
     daemon.announce("pop3d", sock)
     log.info("serving %s on %s", layout, sock.getsockname())
     try:

@@ -675,7 +675,7 @@ async def serve(
         setup_logging(name, stderr=args.log_stderr, daemon=True)
         server.reload(new)
 
-    stop = daemon.handle_signals(on_reload=reload)
+    stop = daemon.handle_signals(on_reload=reload, clients=[pw])
     if tls_listen:
         daemon.announce(f"{name} ({tls_name})", tls_sock)
     daemon.announce(name, sock)
