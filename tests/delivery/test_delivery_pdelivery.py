@@ -349,7 +349,8 @@ def test_valgrind_memcheck_clean(bed, tmp_path):
     bad_settings.write_text("[delivery]\nlmtp_port = 24\n[placement]\nrule = 'hash'\nhosts = ['a:x']\n")
     hosts = tmp_path / "hosts.toml"  # the [hosts] reader: inline tables kept, then freed
     hosts.write_text(
-        f'[delivery]\nlmtp_port = 9\n[hosts]\n"127.0.0.2" = {{ address = "127.0.0.2", lmtp = {bed["port"]}, pop = 110 }}\n'
+        "[delivery]\nlmtp_port = 9\n[hosts]\n"
+        f'"127.0.0.2" = {{ address = "127.0.0.2", lmtp = {bed["port"]}, pop = 110 }}\n'
         '"127.0.0.3" = "127.0.0.3"\n[pop]\nbackends = { a = { b = [1, { c = 2 }] } }\n'
     )
     bad_hosts = tmp_path / "bad-hosts.toml"
