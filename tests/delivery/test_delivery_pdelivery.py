@@ -323,7 +323,7 @@ def test_settings_errors_are_78_naming_file_and_key(bed, tmp_path, text, key):
 
 
 def test_other_sections_may_use_all_of_toml(bed, tmp_path):
-    """Only [delivery] and [placement] are read; the others are skipped,
+    """Only [delivery], [placement] and [hosts] are read; the others are skipped,
     whatever TOML they hold (inline tables, multi-line strings and arrays)."""
     settings = tmp_path / "pwmail.toml"
     settings.write_text(
