@@ -11,7 +11,7 @@ from typing import Any
 
 from delivery import lmtp, spool
 from delivery.layout import DEFAULT_SCHEME, SCHEMES
-from pwmail.base import settings
+from pwmail.base import hostmap, settings
 from pwmail.base.hostport import parse_hostport  # noqa: F401  (delivery's modules take it from here)
 
 DEFAULTS: dict[str, Any] = {
@@ -114,3 +114,10 @@ def placement_rule(path: str | None = None):
     from pwcache import placement
 
     return placement.PlacementRule.from_settings(settings.section("placement", placement.DEFAULTS, path))
+
+
+def store_address(hosts: hostmap.HostMap, cfg: dict[str, Any], mailhost: str) -> tuple[str, int]:
+    """Where the LMTP of `mailhost` is: its [hosts] entry, else the name with
+    `mailhost_suffix` (resolved by DNS) and `lmtp_port` (pdelivery, lmtp-proxy)."""
+    port = int(cfg["lmtp_port"])
+    return hosts.address(mailhost, "lmtp", port) or (mailhost + cfg["mailhost_suffix"], port)

@@ -5,8 +5,8 @@
 A long-running process in front of the pdeliveryd stores (what Dovecot's
 `lmtp_proxy = yes` does), so that an MX pays no start-up per message. Each
 RCPT is answered at once from the password server (asyncio client): the
-user's mailhost + `mailhost_suffix`, port `lmtp_port`, is where its copy
-goes; unknown `550 5.1.1`, frozen `450 4.2.1`, password server down
+user's mailhost, as `[hosts]` maps it (else the name + `mailhost_suffix`
+by DNS, port `lmtp_port`), is where its copy goes; unknown `550 5.1.1`, frozen `450 4.2.1`, password server down
 `451 4.4.3`. The message data is spooled as it arrives (spool.WireBody:
 `spool_memory_max` bytes in memory, the rest in an unnamed file in
 `proxy_spool_dir`) and, after the client's end of data, sent to every store
@@ -54,7 +54,7 @@ from delivery.replies import (
 from delivery.spool import WireBody, open_unnamed
 from delivery.storepool import SEND_CHUNK, Envelope, Recipient, StorePool
 from delivery.users import LookupUnavailable, PwserverLookup, user_from_address
-from pwmail.base import daemon, metrics
+from pwmail.base import daemon, hostmap, metrics
 from pwmail.base.errors import exit_on_config_error
 from pwmail.base.logsetup import setup_logging
 
@@ -87,6 +87,7 @@ class Routed:
     """An accepted recipient: its RCPT for the store, and which store."""
 
     host: str
+    port: int
     rcpt: Recipient
 
 
@@ -119,9 +120,10 @@ class LMTPProxy(LMTPSessions):
 
     def apply(self, cfg: dict) -> None:
         placement = dconfig.placement_rule(self.config_path)  # may raise: nothing changed yet
+        hosts = hostmap.load(self.config_path)
         super().apply(cfg)
         self.pool.configure(**self._pool_settings(cfg))
-        self.placement = placement
+        self.placement, self.hosts = placement, hosts
 
     def mailhost(self, rec) -> str | None:
         """The user's mailhost, else the [placement] rule's pick (as pdelivery)."""
@@ -158,8 +160,8 @@ class LMTPProxy(LMTPSessions):
         host = self.mailhost(rec)
         if not host:
             return R_NO_ROUTE
-        host += self.cfg["mailhost_suffix"]
-        accepted.append(Routed(host, Recipient(ev.address, _param_text(ev.params))))
+        host, port = dconfig.store_address(self.hosts, self.cfg, host)
+        accepted.append(Routed(host, port, Recipient(ev.address, _param_text(ev.params))))
         return R_RCPT_OK
 
     async def message(self, ev: MessageReceived, accepted: list[Routed]) -> list[Reply]:
@@ -170,12 +172,12 @@ class LMTPProxy(LMTPSessions):
             return replies
         dsn = {k: ev.params[k] for k in DSN_MAIL_PARAMS if k in ev.params}
         env = Envelope(ev.sender, ev.queue_id, ev.params.get("BODY", ""), _param_text(dsn))
-        by_host: dict[str, list[int]] = {}
+        by_host: dict[tuple[str, int], list[int]] = {}
         for i, r in enumerate(accepted):
-            by_host.setdefault(r.host, []).append(i)
-        port = int(self.cfg["lmtp_port"])
+            by_host.setdefault((r.host, r.port), []).append(i)
 
-        async def relay(host: str, idx: list[int]) -> None:
+        async def relay(store: tuple[str, int], idx: list[int]) -> None:
+            host, port = store
             try:
                 got = await self.pool.deliver(host, port, env, [accepted[i].rcpt for i in idx], body)
             except LMTPUnavailable as e:
@@ -254,7 +256,7 @@ async def serve(cfg: dict, args) -> int:
         proxy.apply(new)
         log.info("reloaded settings")
 
-    stop = daemon.handle_signals(on_reload=reload)
+    stop = daemon.handle_signals(on_reload=reload, clients=proxy.users.clients)
     log.info(
         "listening on %s%s; message data: %.1f MiB per session at most (one store), the rest spooled in %s",
         sock.getsockname(),
@@ -291,6 +293,7 @@ def main(argv=None) -> int:
     try:
         cfg = effective_config(args)
         daemon.parse_listen(cfg["proxy_listen"], int(cfg["lmtp_port"]))
+        hostmap.load(args.config)
     except Exception as e:
         print(f"lmtp-proxy: {e}", file=sys.stderr)
         return 78  # EX_CONFIG

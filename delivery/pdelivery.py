@@ -11,7 +11,8 @@ benchmark measures both, and Router/send serve tests/placement/test_move.py.
 
 Each user is looked up in the password server; the message goes over LMTP
 to the user's mailhost (from the password server, else the `[placement]`
-default rule), port `lmtp_port` of `[delivery]` (default 24).
+default rule), at its `[hosts]` address (pwmail/base/hostmap.py), else the
+name + `mailhost_suffix` by DNS, port `lmtp_port` of `[delivery]` (default 24).
 
 Exit codes (sysexits, and only these): 0 when every user's copy is durable
 (pdeliveryd said 250, and its replies matched the commands sent, to the
@@ -47,6 +48,7 @@ from delivery.lmtpclient import InvalidArgument, LMTPUnavailable, check_address,
 from delivery.replies import R_BAD_ADDRESS, R_FROZEN, R_LOOKUP_DOWN, R_NO_ROUTE, R_NO_USER, store_unavailable
 from delivery.replies import R_RCPT_OK as R_OK
 from delivery.users import user_from_address
+from pwmail.base import hostmap
 from pwmail.base.logsetup import setup_logging
 
 EX_OK = 0
@@ -66,15 +68,17 @@ R_BAD_QUEUE_ID = Reply(501, "5.5.4", "bad XQUEUEID")
 @dataclass
 class Route:
     user: str
-    host: str | None
+    host: str | None  # the store's address (the [hosts] map's, or the mailhost + mailhost_suffix)
     reply: Reply  # R_OK when routable
+    port: int | None = None  # its LMTP port; None: [delivery] lmtp_port
 
 
 class Router:
     """User -> mailhost, through the password server (pwcache.client.Client)."""
 
-    def __init__(self, cfg: dict, client=None, placement=None):
+    def __init__(self, cfg: dict, client=None, placement=None, hosts: hostmap.HostMap | None = None):
         self.cfg = cfg
+        self.hosts = hosts if hosts is not None else hostmap.load()
         if client is None:
             from pwcache.client import Client
 
@@ -114,7 +118,8 @@ class Router:
                 host = None
         if not host:
             return Route(user, None, R_NO_ROUTE)
-        return Route(user, host + self.cfg["mailhost_suffix"], R_OK)
+        host, port = dconfig.store_address(self.hosts, self.cfg, host)
+        return Route(user, host, R_OK, port)
 
 
 def send(
@@ -122,14 +127,13 @@ def send(
 ) -> list[Reply]:
     """Deliver to every routable address, one LMTP session per mailhost."""
     replies: list[Reply | None] = [None] * len(routes)
-    by_host: dict[str, list[int]] = {}
+    by_host: dict[tuple[str, int], list[int]] = {}
     for i, r in enumerate(routes):
         if r.reply.ok:
-            by_host.setdefault(r.host, []).append(i)
+            by_host.setdefault((r.host, r.port or int(cfg["lmtp_port"])), []).append(i)
         else:
             replies[i] = r.reply
-    port = int(cfg["lmtp_port"])
-    for host, idx in by_host.items():
+    for (host, port), idx in by_host.items():
         try:
             got = deliver(
                 host,
@@ -285,7 +289,7 @@ def _main(argv) -> int:
     sender = check_address(args.sender, "sender", empty_ok=True)
     users = [check_address(u) for u in args.users]
     queue_id = check_queue_id(args.queue_id) if args.queue_id else None
-    router = Router(cfg)
+    router = Router(cfg, hosts=hostmap.load(args.config))
     if args.lmtp:
         return run_lmtp(cfg, router, queue_id, sys.stdin.buffer, sys.stdout.buffer)
     return run_users(cfg, router, users, sender, queue_id, sys.stdin.buffer)

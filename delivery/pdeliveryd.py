@@ -210,6 +210,7 @@ async def serve(cfg: dict, host: str, port: int, args) -> int:
             new = effective_config(args)
         except Exception as e:
             log.error("reload failed, keeping the old settings: %s", e)
+            daemon.reconfigure_clients(server.users.clients)
             return
         for key in ("root", "layout", "listen", "lmtp_port", "users", "io_threads"):
             if new[key] != server.cfg[key]:
@@ -218,6 +219,7 @@ async def serve(cfg: dict, host: str, port: int, args) -> int:
         setup_logging("pdeliveryd", stderr=args.log_stderr, daemon=True, level=args.log_level.upper())
         server.apply(new)
         log.info("reloaded settings")
+        daemon.reconfigure_clients(server.users.clients)
 
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGINT, on_term)

@@ -53,6 +53,7 @@ class PwserverLookup:
 
             client = AsyncClient.from_config(pwserver_conf)
         self.client = client
+        self.clients = (client,)  # what SIGHUP re-configures (daemon.reconfigure_clients)
 
     async def lookup(self, name: str) -> Recipient | None:
         from pwcache.client import PwError
@@ -74,6 +75,8 @@ class PasswdFileLookup:
     """Users from a passwd(5) file, re-read when it changes."""
 
     RECHECK = 1.0  # seconds between checks that the file changed
+
+    clients = ()  # no pwserver client: SIGHUP has none to re-configure
 
     def __init__(self, path: str):
         self.path = path

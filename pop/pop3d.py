@@ -333,7 +333,7 @@ async def serve(args, cfg) -> None:
         setup_logging("pop3d", stderr=args.log_stderr, daemon=True)
         log.info("reloaded settings")
 
-    stop = daemon.handle_signals(on_reload=reload)
+    stop = daemon.handle_signals(on_reload=reload, clients=[pw])
     exporter = metrics.optional(
         cfg["pop3d_metrics_listen"], popmetrics.pop3d_collector(server), name="pop3d", loop=asyncio.get_running_loop()
     )

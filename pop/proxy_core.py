@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from pwcache.client import AsyncClient, PwError, Unavailable
-from pwmail.base import cli, daemon, metrics
+from pwmail.base import cli, daemon, hostmap, metrics
 from pwmail.base.errors import ConfigError
 from pwmail.base.hostport import parse_hostport
 from pwmail.base.logsetup import setup_logging
@@ -627,10 +627,13 @@ def arg_parser(prog: str, description: str, section: str, protocol: str, tls_nam
 
 
 def with_flags(section: Section, cfg: dict, args) -> dict:
-    """The settings section with the command line's flags over it (checked as the file's values are)."""
+    """The settings section with the command line's flags over it (checked as the file's values are),
+    and the [hosts] map under its `backends` (this protocol's port of each; `backends` wins)."""
     cfg = section.override(
         cfg, {key: getattr(args, key) for key in ("listen", "tls_listen", "tls_cert", "tls_key", "backend_port")}
     )
+    hosts = hostmap.load(args.config).targets(section.name, cfg["backend_port"])
+    cfg["backends"] = {**hosts, **cfg["backends"]}
     if cfg["tls_listen"] and not cfg["tls_cert"]:
         raise ConfigError(f"tls_listen needs tls_cert and tls_key (in [{section.name}], or --tls-cert and --tls-key)")
     return cfg
@@ -687,7 +690,7 @@ async def serve(
         setup_logging(name, stderr=args.log_stderr, daemon=True)
         server.reload(new)
 
-    stop = daemon.handle_signals(on_reload=reload)
+    stop = daemon.handle_signals(on_reload=reload, clients=[pw])
     if tls_listen:
         daemon.announce(f"{name} ({tls_name})", tls_sock)
     daemon.announce(name, sock)

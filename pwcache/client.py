@@ -182,31 +182,73 @@ class _Base:
         recheck_s: float | None = None,
         config: config_mod.ClientConfig | None = None,
     ):
-        cfg = config or config_mod.ClientConfig()
+        # What the caller gave stays over whatever the file says, at every reconfigure().
+        self._overrides = {
+            "servers": servers,
+            "timeout_ms": timeout_ms,
+            "hedge_ms": hedge_ms,
+            "keyfile": keyfile,
+            "shadow_keyfile": shadow_keyfile,
+            "health_file": health_file,
+            "recheck_s": recheck_s,
+        }
+        self._config_path: str | None = None  # from_config's file, re-read by reconfigure()
+        self.health: HealthRecord | None = None
+        self._apply(config or config_mod.ClientConfig(), **self._overrides)
+
+    def _apply(
+        self,
+        cfg: config_mod.ClientConfig,
+        *,
+        servers,
+        timeout_ms,
+        hedge_ms,
+        keyfile,
+        shadow_keyfile,
+        health_file,
+        recheck_s,
+    ) -> None:
+        """The configuration in use from now on; everything that can fail
+        (a key file) comes first, so a failure changes nothing."""
         if servers:
             cfg.servers = [config_mod.parse_hostport(s) for s in servers]
             if health_file == "":
                 health_file = None  # explicit servers: no shared record unless asked
+        keyfile = keyfile or cfg.keyfile
+        shadow_keyfile = shadow_keyfile or cfg.shadow_keyfile
+        network_key = read_keyfile(keyfile) if keyfile else None
+        shadow_key = None
+        if shadow_keyfile:
+            try:
+                shadow_key = read_keyfile(shadow_keyfile)
+            except PermissionError:
+                shadow_key = None  # not root: shadow lookups will be denied
+        health_path = cfg.health_file if health_file == "" else health_file
+        recheck = recheck_s if recheck_s is not None else cfg.recheck_s
         self.servers: list[Server] = list(cfg.servers)
         self.timeout = (timeout_ms if timeout_ms is not None else cfg.timeout_ms) / 1000.0
         self.hedge = (hedge_ms if hedge_ms is not None else cfg.hedge_ms) / 1000.0
-        keyfile = keyfile or cfg.keyfile
-        shadow_keyfile = shadow_keyfile or cfg.shadow_keyfile
-        self.network_key = read_keyfile(keyfile) if keyfile else None
-        self.shadow_key = None
-        if shadow_keyfile:
-            try:
-                self.shadow_key = read_keyfile(shadow_keyfile)
-            except PermissionError:
-                self.shadow_key = None  # not root: shadow lookups will be denied
-        self.health = HealthRecord(
-            cfg.health_file if health_file == "" else health_file, recheck_s if recheck_s is not None else cfg.recheck_s
-        )
+        self.network_key, self.shadow_key = network_key, shadow_key
+        if self.health is None or (self.health.path, self.health.recheck_s) != (health_path, recheck):
+            self.health = HealthRecord(health_path, recheck)  # else what it learnt is kept
         self._addr_cache: dict[Server, tuple[int, Any]] = {}
 
     @classmethod
     def from_config(cls, path: str | None = None, **overrides):
-        return cls(config=config_mod.load(path), **overrides)
+        client = cls(config=config_mod.load(path), **overrides)
+        client._config_path = path or ""
+        return client
+
+    def reconfigure(self) -> bool:
+        """Re-reads the client configuration file (SIGHUP: servers, timeouts,
+        keys, the health record), the constructor's arguments still over it.
+        Queries in flight finish with what they started with. False for a
+        client not made by from_config (nothing to re-read); a file or key
+        that cannot be used raises (ConfigError, OSError) and changes nothing."""
+        if self._config_path is None:
+            return False
+        self._apply(config_mod.load(self._config_path or None), **self._overrides)
+        return True
 
     # -- packets ---------------------------------------------------------
     def _key_for(self, op: Op) -> tuple[int, bytes | None]:

@@ -5,8 +5,8 @@ Checks, each with a verdict:
   (generation, users, refused reloads from the reload guard);
 * the shared health record: servers the clients on this host marked down;
 * every storage host the settings name (`[placement]` hosts and ranges,
-  `[pop] backends`, `--store`): its LMTP port greets with 220 and its POP
-  port with +OK;
+  `[hosts]`, `[pop] backends`, `--store`): its LMTP port greets with 220
+  and its POP port with +OK, at the `[hosts]` address when it has one;
 * every proxy given with `--proxy HOST:PORT`: greets with +OK.
 
 Exit 0 only when every check passed, 1 otherwise (EX_CONFIG 78 for
@@ -29,7 +29,7 @@ from pwcache.client import Client, PwError
 from pwcache.health import HealthRecord
 from pwcache.placement import DEFAULTS as PLACEMENT_DEFAULTS
 from pwcache.placement import PlacementError, PlacementRule
-from pwmail.base import hostport, settings
+from pwmail.base import hostmap, hostport, settings
 from pwmail.base.errors import ConfigError
 
 GREETING_MAX = 512  # bytes of a greeting line read at most
@@ -114,13 +114,14 @@ def check_health(cfg: client_config.ClientConfig) -> Check:
     return Check("health", cfg.health_file, True, "no server marked down")
 
 
-def storage_hosts(placement: dict, pop_cfg: dict, extra: list[str]) -> list[str]:
+def storage_hosts(placement: dict, pop_cfg: dict, extra: list[str], hosts: hostmap.HostMap | None = None) -> list[str]:
     """Storage host names in the order the settings give them, once each."""
     names: list[str] = []
     try:
         names += [h for h, _ in PlacementRule.from_settings(placement).hosts]
     except PlacementError as e:
         raise ConfigError(str(e)) from e
+    names += list(hosts.hosts if hosts is not None else ())
     names += list(pop_cfg["backends"])
     names += extra
     return list(dict.fromkeys(names))
@@ -138,13 +139,17 @@ def run_checks(args) -> list[Check]:
     dcfg = delivery.config.load(args.config)
     pcfg = pop.config.load(args.config)
     placement = settings.section("placement", PLACEMENT_DEFAULTS, args.config)
+    hosts = hostmap.load(args.config)
     checks = [check_pwserver(s, cfg) for s in cfg.servers]
     checks.append(check_health(cfg))
-    for name in storage_hosts(placement, pcfg, args.store):
-        lmtp = store_address(name, int(dcfg["lmtp_port"]), dcfg["mailhost_suffix"])
+    pop_backends = {**hosts.targets("pop", int(pcfg["backend_port"])), **pcfg["backends"]}  # as pop-proxy
+    for name in storage_hosts(placement, pcfg, args.store, hosts):
+        lmtp = hosts.address(name, "lmtp", int(dcfg["lmtp_port"])) or store_address(
+            name, int(dcfg["lmtp_port"]), dcfg["mailhost_suffix"]
+        )
         ok, text = greeting(lmtp, b"220", args.timeout)
         checks.append(Check("lmtp", f"{name} ({hostport.format_hostport(lmtp)})", ok, text))
-        pop_addr = store_address(name, int(pcfg["backend_port"]), mapped=pcfg["backends"].get(name))
+        pop_addr = store_address(name, int(pcfg["backend_port"]), mapped=pop_backends.get(name))
         ok, text = greeting(pop_addr, b"+OK", args.timeout)
         checks.append(Check("pop", f"{name} ({hostport.format_hostport(pop_addr)})", ok, text))
     for proxy in args.proxy:

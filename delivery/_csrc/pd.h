@@ -55,6 +55,13 @@ const char *pd_reply_str(const pd_reply *r, char *buf, size_t cap);
 /* ---- settings (pd_conf.c) ----------------------------------------------- */
 typedef struct pwpl_rule pwpl_rule;
 
+/* One [hosts] entry (pwmail/base/hostmap.py): a mailhost name and its address. */
+typedef struct {
+    char name[PD_HOST_MAX];
+    char address[PD_HOST_MAX];
+    long lmtp_port;                       /* 0: [delivery] lmtp_port */
+} pd_host;
+
 typedef struct {
     long lmtp_port;
     double connect_timeout, timeout;      /* seconds */
@@ -62,6 +69,8 @@ typedef struct {
     char recipient_delimiter[16];
     long message_size_max, message_line_max, recipients_max, command_line_max, bad_commands_max;
     pwpl_rule *placement;                 /* [placement]; never NULL after pd_conf_load */
+    pd_host *hosts;                       /* [hosts], nhosts of them */
+    int nhosts;
 } pd_conf;
 
 /* Reads `path` (NULL: $PWMAIL_CONF, else /etc/pwmail.toml; a missing file
@@ -83,7 +92,8 @@ const char *pd_shown(const char *text, char *buf, size_t cap);
 /* ---- routing (pd_route.c) ----------------------------------------------- */
 typedef struct {
     pd_reply reply;                       /* 250 2.1.5 when routable */
-    char host[PD_HOST_MAX + 16];          /* the mailhost, suffix included */
+    char host[PD_HOST_MAX + 16];          /* its [hosts] address, else the mailhost + suffix */
+    long port;                            /* its [hosts] LMTP port; 0: lmtp_port */
 } pd_route;
 
 void pd_route_user(const pd_conf *c, const char *address, pd_route *out);

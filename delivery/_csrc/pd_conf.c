@@ -1,11 +1,13 @@
 /*
- * pd_conf.c - pdelivery's settings: the [delivery] and [placement] sections
- * of /etc/pwmail.toml (or $PWMAIL_CONF, or --config), with the defaults of
- * delivery/config.py and pwcache/placement.py.
+ * pd_conf.c - pdelivery's settings: the [delivery], [placement] and [hosts]
+ * sections of /etc/pwmail.toml (or $PWMAIL_CONF, or --config), with the
+ * defaults of delivery/config.py and pwcache/placement.py, and the checks of
+ * pwmail/base/hostmap.py.
  *
  * The reader knows the subset of TOML those sections use: tables `[name]`,
  * `key = value` with strings (basic and literal), integers, floats,
- * booleans and arrays of them, comments. The other sections are only
+ * booleans and arrays of them, inline tables of those ([hosts] entries),
+ * comments. The other sections are only
  * skipped, so their values may be anything TOML has (inline tables,
  * multi-line strings, nested arrays). Anything it does not understand, an
  * unknown key in [delivery] (a typo, as settings.section refuses it) or a
@@ -26,6 +28,7 @@
 
 #define CONF_FILE_MAX (4 << 20)      /* a settings file larger than this is refused */
 #define CONF_KEYS_MAX 64             /* keys kept per section we read */
+#define CONF_HOSTS_MAX 4096          /* [hosts] entries (hostmap.HOSTS_MAX) */
 #define CONF_ITEMS_MAX 1024          /* strings in one array (PWPL_MAX_HOSTS) */
 
 /* delivery/config.py DEFAULTS: every key [delivery] may have (pdeliveryd's
@@ -43,7 +46,7 @@ static const char *const DELIVERY_KEYS[] = {
     "proxy_store_connections_max", "proxy_spool_dir", "shutdown_grace", NULL};
 static const char *const PLACEMENT_KEYS[] = {"rule", "ranges", "hosts", NULL};
 
-enum vtype { V_STR, V_INT, V_FLOAT, V_BOOL, V_ARRAY, V_OTHER };
+enum vtype { V_STR, V_INT, V_FLOAT, V_BOOL, V_ARRAY, V_TABLE, V_OTHER };
 
 typedef struct value {
     int type;
@@ -52,6 +55,9 @@ typedef struct value {
     double f;                      /* V_FLOAT */
     int n;                         /* V_ARRAY: items, all V_STR (else the array is V_OTHER) */
     char **items;
+    int nt;                        /* V_TABLE: an inline table without dotted keys */
+    char **tkeys;
+    struct value *tvals;
 } value;
 
 typedef struct {
@@ -61,8 +67,8 @@ typedef struct {
 } entry;
 
 typedef struct {
-    entry e[CONF_KEYS_MAX];
-    int n, seen;
+    entry *e;
+    int n, cap, max, seen;         /* max: the keys it may have */
 } section;
 
 typedef struct {
@@ -91,6 +97,12 @@ static void value_free(value *v)
     for (int k = 0; k < v->n; k++)
         free(v->items[k]);
     free(v->items);
+    for (int k = 0; k < v->nt; k++) {
+        free(v->tkeys[k]);
+        value_free(&v->tvals[k]);
+    }
+    free(v->tkeys);
+    free(v->tvals);
     memset(v, 0, sizeof *v);
 }
 
@@ -356,36 +368,65 @@ static int parse_array(parser *ps, value *v, int depth)
     }
 }
 
-/* { k = v, ... }: skipped, V_OTHER. */
-static int skip_inline_table(parser *ps, value *v, int depth)
+/* Keeps `key = item` in the inline table v (V_TABLE); a key given twice or
+ * no memory makes v V_OTHER (refused where a table is wanted). */
+static void table_add(value *v, char *key, value *item)
+{
+    for (int k = 0; v->type == V_TABLE && k < v->nt; k++)
+        if (!strcmp(v->tkeys[k], key))
+            v->type = V_OTHER;
+    char **keys = v->type == V_TABLE ? realloc(v->tkeys, sizeof *keys * (size_t)(v->nt + 1)) : NULL;
+    if (keys)
+        v->tkeys = keys;
+    value *vals = keys ? realloc(v->tvals, sizeof *vals * (size_t)(v->nt + 1)) : NULL;
+    if (!vals) {
+        v->type = V_OTHER;
+        free(key);
+        value_free(item);
+        return;
+    }
+    v->tvals = vals;
+    v->tkeys[v->nt] = key;
+    v->tvals[v->nt++] = *item;
+}
+
+/* { k = v, ... }: V_TABLE with its items, or V_OTHER when a key is dotted. */
+static int parse_inline_table(parser *ps, value *v, int depth)
 {
     ps->p++;
-    v->type = V_OTHER;
+    v->type = V_TABLE;
     for (;;) {
         skip_blank(ps);
         if (ps->p < ps->end && *ps->p == '}') {
             ps->p++;
             return 0;
         }
-        char *key;
+        char *key, *more;
         if (parse_key(ps, &key) < 0)
             return -1;
-        free(key);
         skip_blank(ps);
         while (ps->p < ps->end && *ps->p == '.') {    /* dotted keys are fine in what we skip */
             ps->p++;
-            if (parse_key(ps, &key) < 0)
+            v->type = V_OTHER;
+            if (parse_key(ps, &more) < 0) {
+                free(key);
                 return -1;
-            free(key);
+            }
+            free(more);
             skip_blank(ps);
         }
-        if (ps->p >= ps->end || *ps->p != '=')
+        if (ps->p >= ps->end || *ps->p != '=') {
+            free(key);
             return fail(ps, "expected = in an inline table");
+        }
         ps->p++;
         value item = {0};
-        if (parse_value(ps, &item, depth + 1) < 0)
+        if (parse_value(ps, &item, depth + 1) < 0) {
+            free(key);
+            value_free(&item);
             return -1;
-        value_free(&item);
+        }
+        table_add(v, key, &item);
         skip_blank(ps);
         if (ps->p < ps->end && *ps->p == ',')
             ps->p++;
@@ -411,7 +452,7 @@ static int parse_value(parser *ps, value *v, int depth)
     if (c == '[')
         return parse_array(ps, v, depth);
     if (c == '{')
-        return skip_inline_table(ps, v, depth);
+        return parse_inline_table(ps, v, depth);
     return parse_scalar(ps, v);
 }
 
@@ -424,8 +465,11 @@ static int known(const char *const *keys, const char *key)
     return 0;
 }
 
+/* The sections we read, in this order. */
+static const char *const SECTION_NAMES[3] = {"delivery", "placement", "hosts"};
+
 /* [name] or [[name]] at p: the section it opens, or NULL for one we skip. */
-static int parse_header(parser *ps, section *delivery, section *placement, section **cur)
+static int parse_header(parser *ps, section *const secs[3], section **cur)
 {
     int array = ps->end - ps->p >= 2 && ps->p[1] == '[';
     ps->p += array ? 2 : 1;
@@ -450,12 +494,12 @@ static int parse_header(parser *ps, section *delivery, section *placement, secti
         return fail(ps, "bad table header");
     ps->p += array ? 2 : 1;
     *cur = NULL;
-    if (!strncmp(name, "delivery.", 9) || !strncmp(name, "placement.", 10))
-        return fail(ps, "[%s]: [%.*s] has no sub-tables", name, (int)strcspn(name, "."), name);
-    if (!strcmp(name, "delivery"))
-        *cur = delivery;
-    else if (!strcmp(name, "placement"))
-        *cur = placement;
+    if (!strncmp(name, "delivery.", 9) || !strncmp(name, "placement.", 10) || !strncmp(name, "hosts.", 6))
+        return fail(ps, "[%s]: [%.*s] has no sub-tables (write each host on one line)", name,
+                    (int)strcspn(name, "."), name);
+    for (int k = 0; k < 3; k++)
+        if (!strcmp(name, SECTION_NAMES[k]))
+            *cur = secs[k];
     if (*cur && array)
         return fail(ps, "[[%s]]: [%s] must be a table", name, name);
     if (*cur && (*cur)->seen++)
@@ -505,8 +549,16 @@ static int parse_entry(parser *ps, section *cur, const char *name)
     for (int k = 0; !rc && k < cur->n; k++)
         if (!strcmp(cur->e[k].key, key))
             rc = fail(ps, "[%s] %s given twice", name, key);
-    if (!rc && cur->n == CONF_KEYS_MAX)
+    if (!rc && cur->n == cur->max)
         rc = fail(ps, "[%s]: too many keys", name);
+    if (!rc && cur->n == cur->cap) {
+        int cap = cur->cap ? cur->cap * 2 : 16;
+        entry *grown = realloc(cur->e, sizeof *grown * (size_t)cap);
+        if (grown)
+            cur->e = grown, cur->cap = cap;
+        else
+            rc = fail(ps, "out of memory");
+    }
     if (rc) {
         free(key);
         value_free(&v);
@@ -516,7 +568,7 @@ static int parse_entry(parser *ps, section *cur, const char *name)
     return 0;
 }
 
-static int parse_file(parser *ps, section *delivery, section *placement)
+static int parse_file(parser *ps, section *const secs[3])
 {
     section *cur = NULL;
     const char *name = "";
@@ -525,9 +577,11 @@ static int parse_file(parser *ps, section *delivery, section *placement)
         if (ps->p >= ps->end)
             break;
         if (*ps->p == '[') {
-            if (parse_header(ps, delivery, placement, &cur) < 0)
+            if (parse_header(ps, secs, &cur) < 0)
                 return -1;
-            name = cur == delivery ? "delivery" : "placement";
+            for (int k = 0; k < 3; k++)
+                if (cur == secs[k])
+                    name = SECTION_NAMES[k];
         } else if (parse_entry(ps, cur, name) < 0) {
             return -1;
         }
@@ -693,6 +747,75 @@ static int apply_placement(const section *s, pd_conf *c, const char *path, char 
     return 0;
 }
 
+/* One [hosts] entry: "ADDRESS" or { address = "ADDRESS", lmtp = PORT, pop = PORT, imap = PORT }
+ * (hostmap._entry's checks; pop and imap are checked, pdelivery uses lmtp). */
+static int usable_address(const value *v)
+{
+    return v->type == V_STR && usable_host(v->s, strlen(v->s)) && strlen(v->s) < PD_HOST_MAX;
+}
+
+static int host_entry(const entry *e, pd_host *h, const char *path, char *err, size_t cap)
+{
+    char shown[128];
+    pd_shown(e->key, shown, sizeof shown);
+    if (!usable_host(e->key, strlen(e->key)) || strlen(e->key) >= sizeof shown) {
+        snprintf(err, cap, "%s: line %d: [hosts] %s: not a host name", path, e->line, shown);
+        return -1;
+    }
+    snprintf(shown, sizeof shown, "%s", e->key);      /* no space in it: shown as it is */
+    snprintf(h->name, sizeof h->name, "%s", e->key);
+    h->lmtp_port = 0;
+    const value *address = e->v.type == V_STR ? &e->v : NULL;
+    if (e->v.type != V_STR && e->v.type != V_TABLE) {
+        snprintf(err, cap, "%s: line %d: [hosts] %s must be an address or { address = ..., lmtp = PORT, ... }",
+                 path, e->line, shown);
+        return -1;
+    }
+    for (int k = 0; e->v.type == V_TABLE && k < e->v.nt; k++) {
+        const char *key = e->v.tkeys[k];
+        const value *item = &e->v.tvals[k];
+        if (!strcmp(key, "address")) {
+            address = item;
+        } else if (!strcmp(key, "lmtp") || !strcmp(key, "pop") || !strcmp(key, "imap")) {
+            if (item->type != V_INT || item->i < 1 || item->i > 65535) {
+                snprintf(err, cap, "%s: line %d: [hosts] %s.%s must be a port, 1 to 65535", path, e->line, shown, key);
+                return -1;
+            }
+            if (key[0] == 'l')
+                h->lmtp_port = (long)item->i;
+        } else {
+            char shown_key[64];
+            snprintf(err, cap, "%s: line %d: unknown key in [hosts] %s: %s", path, e->line, shown,
+                     pd_shown(key, shown_key, sizeof shown_key));
+            return -1;
+        }
+    }
+    if (!address || !usable_address(address)) {
+        snprintf(err, cap, "%s: line %d: [hosts] %s.address must be an address (a name or an IP, no port, no spaces)",
+                 path, e->line, shown);
+        return -1;
+    }
+    snprintf(h->address, sizeof h->address, "%s", address->s);
+    return 0;
+}
+
+static int apply_hosts(const section *s, pd_conf *c, const char *path, char *err, size_t cap)
+{
+    if (!s->n)
+        return 0;
+    c->hosts = calloc((size_t)s->n, sizeof *c->hosts);
+    if (!c->hosts) {
+        snprintf(err, cap, "%s: out of memory", path);
+        return -1;
+    }
+    for (int k = 0; k < s->n; k++) {
+        if (host_entry(&s->e[k], &c->hosts[k], path, err, cap) < 0)
+            return -1;
+        c->nhosts++;
+    }
+    return 0;
+}
+
 static void defaults(pd_conf *c)
 {
     memset(c, 0, sizeof *c);
@@ -713,6 +836,7 @@ static void section_free(section *s)
         free(s->e[k].key);
         value_free(&s->e[k].v);
     }
+    free(s->e);
 }
 
 int pd_conf_load(const char *path, pd_conf *c, char *err, size_t errcap)
@@ -741,9 +865,8 @@ int pd_conf_load(const char *path, pd_conf *c, char *err, size_t errcap)
             return -1;
         }
     }
-    static section delivery, placement;       /* large: not on the stack */
-    memset(&delivery, 0, sizeof delivery);
-    memset(&placement, 0, sizeof placement);
+    section delivery = {.max = CONF_KEYS_MAX}, placement = {.max = CONF_KEYS_MAX}, hosts = {.max = CONF_HOSTS_MAX};
+    section *const secs[3] = {&delivery, &placement, &hosts};
     parser ps = {path, text, text + len, 1, err, errcap};
     int rc = 0;
     if (text && (memchr(text, 0, len) || !pd_utf8_valid(text, len))) {
@@ -751,13 +874,16 @@ int pd_conf_load(const char *path, pd_conf *c, char *err, size_t errcap)
         rc = -1;
     }
     if (!rc && text)
-        rc = parse_file(&ps, &delivery, &placement);
+        rc = parse_file(&ps, secs);
     if (!rc)
         rc = apply_delivery(&delivery, c, path, err, errcap);
     if (!rc)
         rc = apply_placement(&placement, c, path, err, errcap);
+    if (!rc)
+        rc = apply_hosts(&hosts, c, path, err, errcap);
     section_free(&delivery);
     section_free(&placement);
+    section_free(&hosts);
     free(text);
     return rc;
 }
@@ -766,4 +892,7 @@ void pd_conf_free(pd_conf *c)
 {
     pwpl_free(c->placement);
     c->placement = NULL;
+    free(c->hosts);
+    c->hosts = NULL;
+    c->nhosts = 0;
 }

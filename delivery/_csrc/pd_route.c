@@ -132,6 +132,13 @@ void pd_route_user(const pd_conf *c, const char *address, pd_route *out)
         pd_reply_set(&out->reply, 451, "4.4.0", "no mailhost for user");
         return;
     }
+    out->port = 0;
     snprintf(out->host, sizeof out->host, "%.*s%s", (int)hn, host, c->mailhost_suffix);
+    for (int k = 0; k < c->nhosts; k++)      /* the [hosts] map first; DNS (with the suffix) otherwise */
+        if (strlen(c->hosts[k].name) == hn && !memcmp(c->hosts[k].name, host, hn)) {
+            snprintf(out->host, sizeof out->host, "%s", c->hosts[k].address);
+            out->port = c->hosts[k].lmtp_port;
+            break;
+        }
     pd_reply_set(&out->reply, 250, "2.1.5", "recipient OK");
 }

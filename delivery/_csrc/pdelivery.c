@@ -180,16 +180,17 @@ static int send_message(const pd_conf *c, const pd_route *routes, const char *co
         if (done[first])
             continue;
         const char *host = routes[first].host;
+        long port = routes[first].port ? routes[first].port : c->lmtp_port;
         size_t k = 0;
         for (size_t i = first; i < n; i++)
-            if (!done[i] && !strcmp(routes[i].host, host)) {
+            if (!done[i] && !strcmp(routes[i].host, host) && routes[i].port == routes[first].port) {
                 idx[k] = i;
                 batch[k++] = addresses[i];
             }
         pd_message m = {sender, batch, k, data, len, queue_id};
         char err[512];
-        if (pd_lmtp_deliver(host, c->lmtp_port, &m, c->connect_timeout, c->timeout, got, err, sizeof err) < 0) {
-            pd_log(PD_LOG_WARNING, "%s:%ld: %s", host, c->lmtp_port, err);
+        if (pd_lmtp_deliver(host, port, &m, c->connect_timeout, c->timeout, got, err, sizeof err) < 0) {
+            pd_log(PD_LOG_WARNING, "%s:%ld: %s", host, port, err);
             for (size_t j = 0; j < k; j++)
                 pd_reply_set(&got[j], 451, "4.4.1", "storage host %s unavailable: %s", host, err);
         }

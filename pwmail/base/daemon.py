@@ -1,8 +1,9 @@
 """What every daemon shares as a process: raising the descriptor limit,
 binding (a busy address is a ConfigError, which errors.exit_on_config_error
 around each main turns into one line and EX_CONFIG), readiness (the "ready"
-line, sd_notify), running until SIGTERM/SIGINT, re-reading the settings on
-SIGHUP, letting sessions finish at shutdown, and the choice of event loop."""
+line, sd_notify), running until SIGTERM/SIGINT, re-reading the settings and
+the pwserver client configuration on SIGHUP, letting sessions finish at
+shutdown, and the choice of event loop."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from .errors import ConfigError, listen_error
 from .hostport import parse_hostport
@@ -76,26 +77,45 @@ def announce(name: str, sock: socket.socket) -> None:
     notify_ready()
 
 
-def handle_signals(on_reload: Callable[[], None] | None = None) -> asyncio.Event:
+def reconfigure_clients(clients: Iterable) -> None:
+    """SIGHUP's second half: each pwserver client (pwcache.client's
+    `reconfigure()`) re-reads /etc/pwserver.conf (servers, timeouts, keys).
+    Apart from the settings: a bad pwserver.conf keeps the old client
+    configuration (logged) and does not undo the settings' reload."""
+    for client in clients:
+        try:
+            if client.reconfigure():
+                log.info("reloaded the pwserver client configuration: %d server(s)", len(client.servers))
+        except (ConfigError, OSError) as e:
+            log.error("reload of the pwserver client configuration failed, keeping the old one: %s", e)
+        except Exception:
+            log.exception("reload of the pwserver client configuration failed, keeping the old one")
+
+
+def handle_signals(on_reload: Callable[[], None] | None = None, clients: Iterable = ()) -> asyncio.Event:
     """Installs the handlers; returns the event SIGTERM or SIGINT sets.
     Call it before announce(): a signal sent as soon as the "ready" line
     shows must find them. SIGHUP calls on_reload (an error there is logged
-    and the old settings stay); it never ends the process."""
+    and the old settings stay), then reconfigure_clients(clients); it never
+    ends the process."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    clients = list(clients)
 
     def on_hup() -> None:
-        if on_reload is None:
+        if on_reload is None and not clients:
             log.info("SIGHUP: nothing to reload")
             return
         try:
-            on_reload()
+            if on_reload is not None:
+                on_reload()
         except ConfigError as e:  # the file's mistake, in one line
             log.error("reload failed, keeping the old settings: %s: %s", type(e).__name__, e)
         except Exception:
             log.exception("reload failed, keeping the old settings")
+        reconfigure_clients(clients)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     return stop

@@ -323,7 +323,7 @@ def test_settings_errors_are_78_naming_file_and_key(bed, tmp_path, text, key):
 
 
 def test_other_sections_may_use_all_of_toml(bed, tmp_path):
-    """Only [delivery] and [placement] are read; the others are skipped,
+    """Only [delivery], [placement] and [hosts] are read; the others are skipped,
     whatever TOML they hold (inline tables, multi-line strings and arrays)."""
     settings = tmp_path / "pwmail.toml"
     settings.write_text(
@@ -347,6 +347,14 @@ def test_other_sections_may_use_all_of_toml(bed, tmp_path):
 def test_valgrind_memcheck_clean(bed, tmp_path):
     bad_settings = tmp_path / "pwmail.toml"
     bad_settings.write_text("[delivery]\nlmtp_port = 24\n[placement]\nrule = 'hash'\nhosts = ['a:x']\n")
+    hosts = tmp_path / "hosts.toml"  # the [hosts] reader: inline tables kept, then freed
+    hosts.write_text(
+        "[delivery]\nlmtp_port = 9\n[hosts]\n"
+        f'"127.0.0.2" = {{ address = "127.0.0.2", lmtp = {bed["port"]}, pop = 110 }}\n'
+        '"127.0.0.3" = "127.0.0.3"\n[pop]\nbackends = { a = { b = [1, { c = 2 }] } }\n'
+    )
+    bad_hosts = tmp_path / "bad-hosts.toml"
+    bad_hosts.write_text('[hosts]\nstore1 = { address = "10.0.0.1", lmtp = 1, lmtp = 2, x = { y = 1 } }\n')
     runs = [
         (["-f", "a@x", "-i", "VG1", "-d", "juan", "pepe", "nadie"], MSG, bed["env"], 67),
         (["-f", "a@x", "-d", "mudando"], MSG, bed["env"], 75),
@@ -354,6 +362,8 @@ def test_valgrind_memcheck_clean(bed, tmp_path):
         (["-l"], LMTP_SCRIPTS["errors"] + LMTP_SCRIPTS["bdat"], bed["env"], 0),
         (["-f", "a@x>", "-d", "juan"], MSG, bed["env"], 64),
         (["-d", "juan"], MSG, env_with(bed["conf"], bad_settings), 78),
+        (["-f", "a@x", "-i", "VG3", "-d", "juan"], MSG, env_with(bed["conf"], hosts), 0),
+        (["-d", "juan"], MSG, env_with(bed["conf"], bad_hosts), 78),
     ]
     for args, stdin, env, code in runs:
         r = subprocess.run(

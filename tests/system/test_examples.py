@@ -21,13 +21,14 @@ import pwcache.placement
 import pwcache.server
 import pwmail.db.connect
 import pwmail.placement.move
-from pwmail.base import settings
+from pwmail.base import hostmap, settings
 from tests.support.pwtest import BIN, ROOT
 
 EXAMPLES = ROOT / "examples"
 SECTIONS = {
     "pwserver": pwcache.server.DEFAULTS,
     "placement": pwcache.placement.DEFAULTS,
+    "hosts": hostmap.DEFAULTS,
     "delivery": delivery.config.DEFAULTS,
     "pop": pop.config.DEFAULTS,
     "imap": pop.config.IMAP_DEFAULTS,
@@ -61,6 +62,18 @@ def test_settings_example_as_installed_changes_nothing(tmp_path):
     assert pop.config.load(str(live)) == pop.config.load(str(tmp_path / "absent.toml"))
     assert pop.config.load_imap(str(live)) == pop.config.load_imap(str(tmp_path / "absent.toml"))
     assert settings.section("pwserver", pwcache.server.DEFAULTS, str(live)) == pwcache.server.DEFAULTS
+
+
+def test_hosts_example_entries_load(tmp_path):
+    """The [hosts] section's two example forms, made live, are what the loader takes."""
+    text = (EXAMPLES / "pwmail.toml").read_text()
+    entries = re.findall(r"^#   (store\d = .*)$", text, re.M)
+    live = tmp_path / "pwmail.toml"
+    live.write_text("[hosts]\n" + "\n".join(entries) + "\n")
+    hosts = hostmap.load(str(live))
+    assert hosts.address("store1", "pop", 110) == ("10.0.0.11", 110)
+    assert hosts.address("store2", "imap", 993) == ("10.0.0.12", 143)
+    assert hosts.address("store3", "lmtp", 24) is None
 
 
 def test_client_configuration_example_is_the_clients_defaults():

@@ -6,6 +6,7 @@ stopped, a reload refused by the guard, a password server stopped."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -124,3 +125,30 @@ def test_text_output_and_bad_settings(bed, tmp_path):
         timeout=120,
     )
     assert run.returncode == 78 and "lmtp_prot" in run.stderr and len(run.stderr.splitlines()) == 1
+
+
+def test_stores_named_in_hosts_are_checked_at_their_mapped_addresses(bed, tmp_path):
+    """[hosts] names DNS does not know: their LMTP and POP ports are checked
+    at the mapped address (a bad entry: one line, 78)."""
+    pop_ports = {}
+    for backend in re.findall(r'"([\d.]+)" = "[\d.]+:(\d+)"', bed["settings"].read_text()):
+        pop_ports[backend[0]] = int(backend[1])
+    lmtp_port = bed["stores"]["127.0.0.2"].port
+    mapped = tmp_path / "mapped.toml"
+    mapped.write_text(
+        f"[delivery]\nlmtp_port = {lmtp_port}\n[hosts]\n"
+        + "".join(f'store{i} = {{ address = "{h}", pop = {pop_ports[h]} }}\n' for i, h in enumerate(STORES, 1))
+    )
+    rc, report = status({**bed, "settings": mapped})
+    assert (rc, failed(report)) == (0, []), report
+    targets = {(c["kind"], c["target"]) for c in report["checks"]}
+    assert ("lmtp", f"store1 (127.0.0.2:{lmtp_port})") in targets
+    assert ("pop", f"store2 (127.0.0.3:{pop_ports['127.0.0.3']})") in targets
+    mapped.write_text('[hosts]\nstore1 = { address = "127.0.0.2", lmtp = 0 }\n')
+    run = subprocess.run(
+        [str(BIN / "pwmail"), "status", "--config", str(mapped), "--pwserver-conf", str(bed["conf"])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 78 and "store1.lmtp" in run.stderr and len(run.stderr.splitlines()) == 1
