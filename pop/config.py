@@ -41,6 +41,7 @@ PROXY_DEFAULTS: dict[str, Any] = {
     "throttle_window": 300.0,  # ... within this many seconds: refused
     "relay_buffer": 1048576,  # bytes buffered per direction after login
     "splice": True,  # zero-copy relay (Linux) when neither side is TLS
+    "kick_check_interval": 3.0,  # seconds between checks for moved users' sessions (0 = no kicks)
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -103,6 +104,7 @@ CHECKS: dict[str, settings.Check] = {
             "backend_retry_delay",
             "auth_failure_delay",
             "pop3d_failure_delay",
+            "kick_check_interval",
         )
     },
 }

@@ -40,6 +40,7 @@ log = logging.getLogger("pop-proxy")
 
 GREETING = "POP3 ready."
 TOO_MANY = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
+KICKED = b"-ERR [IN-USE] Mailbox is being moved, log in again in a few minutes.\r\n"
 # Codes a backend may give after a good password; passed on to the client.
 PASSED_CODES = {"IN-USE", "LOGIN-DELAY", "SYS/TEMP", "SYS/PERM"}
 
@@ -167,6 +168,7 @@ class ClientSide(core.FrontSession):
 
     Login, StartTLS, Closed = Login, StartTLS, Closed
     too_many = TOO_MANY
+    farewell = KICKED
     greeting = GREETING
 
     def __init__(self, server: ProxyServer, implicit_tls: bool = False, handoff: popengine.Handoff | None = None):

@@ -8,31 +8,18 @@ and are seen through IMAP (through the proxy) and POP (Dovecot's)."""
 from __future__ import annotations
 
 import imaplib
-import os
 import pathlib
 import poplib
 import re
-import shutil
 import ssl
 import subprocess
 
 import pytest
 
-from tests.support.imap_util import imap_bed, put
-from tests.support.pop_util import NSS_DIR, message
+from tests.support.imap_util import DOVECOT_IMAP_MARKS, imap_bed, put
+from tests.support.pop_util import message
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.root,
-    pytest.mark.skipif(
-        not shutil.which("dovecot") or not pathlib.Path("/usr/lib/dovecot/imap").exists(),
-        reason="dovecot-imapd not installed (deps/debian-packages.txt)",
-    ),
-    pytest.mark.skipif(os.geteuid() != 0, reason="Dovecot's master and mount namespaces need root"),
-    pytest.mark.skipif(
-        not (NSS_DIR / "libnss_pwserver.so.2").exists(), reason="libnss_pwserver.so.2 not built (make nss)"
-    ),
-]
+pytestmark = DOVECOT_IMAP_MARKS
 
 TIMEOUT = 20
 SYNC_TIMEOUT = 120  # one sync run of a client, on a loaded machine

@@ -11,7 +11,6 @@ import os
 import pathlib
 import poplib
 import re
-import shutil
 import signal
 import socket
 import ssl
@@ -21,27 +20,15 @@ import time
 import pytest
 
 from tests.support import imap_util
-from tests.support.imap_util import DovecotImap, docs_block, imap_bed, put, start_imap_proxy
+from tests.support.imap_util import DOVECOT_IMAP_MARKS, DovecotImap, docs_block, imap_bed, put, start_imap_proxy
 from tests.support.pop_util import (
-    NSS_DIR,
     UID0,
     deliver,
     make_root,
     message,
 )
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.root,
-    pytest.mark.skipif(
-        not shutil.which("dovecot") or not pathlib.Path("/usr/lib/dovecot/imap").exists(),
-        reason="dovecot-imapd not installed (deps/debian-packages.txt)",
-    ),
-    pytest.mark.skipif(os.geteuid() != 0, reason="Dovecot's master and mount namespaces need root"),
-    pytest.mark.skipif(
-        not (NSS_DIR / "libnss_pwserver.so.2").exists(), reason="libnss_pwserver.so.2 not built (make nss)"
-    ),
-]
+pytestmark = DOVECOT_IMAP_MARKS
 
 DELAY = 0.5
 TIMEOUT = 20

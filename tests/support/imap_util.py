@@ -10,6 +10,8 @@ import re
 import shutil
 import tempfile
 
+import pytest
+
 from delivery.layout import MailboxLayout
 from tests.support.pop_util import (
     NSS_DIR,
@@ -27,6 +29,20 @@ from tests.support.pop_util import (
 from tests.support.pwtest import PwServer, write_key
 
 DOCS = ROOT / "docs" / "imap.md"
+
+# The marks of a test module that runs Dovecot IMAP (as root, with the NSS module built).
+DOVECOT_IMAP_MARKS = [
+    pytest.mark.slow,
+    pytest.mark.root,
+    pytest.mark.skipif(
+        not shutil.which("dovecot") or not pathlib.Path("/usr/lib/dovecot/imap").exists(),
+        reason="dovecot-imapd not installed (deps/debian-packages.txt)",
+    ),
+    pytest.mark.skipif(os.geteuid() != 0, reason="Dovecot's master and mount namespaces need root"),
+    pytest.mark.skipif(
+        not (NSS_DIR / "libnss_pwserver.so.2").exists(), reason="libnss_pwserver.so.2 not built (make nss)"
+    ),
+]
 
 
 def docs_block(name: str = "dovecot-imap") -> str:
