@@ -21,7 +21,8 @@ Kicks on move: the core keeps the logged-in sessions by user and, every
 of each user with a session open (one lookup per user, not per session).
 A user now frozen (`pwmail move` copying the mailbox) or on another
 mailhost (moved) has their sessions closed, each with its protocol's
-farewell (docs/moving.md).
+farewell (docs/moving.md); pop-proxy's engine reports and closes the
+sessions it relays itself (engine_sessions, kick_engine_sessions).
 
 serve(): listeners (plain and implicit TLS), SIGHUP reload, SIGTERM drain.
 """
@@ -213,7 +214,7 @@ class ProxyCore:
         while True:
             interval = self.cfg["kick_check_interval"]  # (re-read each round: SIGHUP may change it)
             await asyncio.sleep(interval if interval > 0 else KICK_OFF_RECHECK)
-            if interval > 0 and self.by_user:
+            if interval > 0:
                 try:
                     await self.kick_moved()
                 except Exception:
@@ -221,34 +222,50 @@ class ProxyCore:
 
     async def kick_moved(self) -> int:
         """Close the sessions of users frozen or moved to another mailhost
-        since their login; the number closed. Users the password server
-        cannot answer for keep their sessions (until the next check)."""
-        users, kicked, unavailable = list(self.by_user), 0, 0
+        since their login; the number of users kicked. Users the password
+        server cannot answer for keep their sessions (until the next check)."""
+        engine = self.engine_sessions()
+        users, kicked, unavailable = list(set(self.by_user) | set(engine)), 0, 0
         for i in range(0, len(users), KICK_LOOKUPS_AT_ONCE):
             batch = users[i : i + KICK_LOOKUPS_AT_ONCE]
             answers = await asyncio.gather(*(self.pw.mailhost(u) for u in batch), return_exceptions=True)
             for user, entry in zip(batch, answers, strict=True):
                 if isinstance(entry, Unavailable):
                     unavailable += 1
-                    continue
-                if entry is None or isinstance(entry, BaseException):
-                    continue  # (a user deleted meanwhile: not a move)
-                for session in list(self.by_user.get(user, ())):
-                    if entry.frozen or entry.host != session.backend_name:
-                        log.info(
-                            "kick user=%s from=%s:%s backend=%s: mailbox %s",
-                            user,
-                            session.addr,
-                            session.port,
-                            session.backend_name,
-                            "frozen" if entry.frozen else f"moved to {entry.host}",
-                        )
-                        self.stats["kicked"] += 1
-                        kicked += 1
-                        session.kick()
+                elif entry is not None and not isinstance(entry, BaseException):  # (None: deleted, not moved)
+                    kicked += self.kick_user(user, "" if entry.frozen else entry.host, engine.get(user, ()))
         if unavailable:
             log.warning("kick check: password server unavailable for %d users", unavailable)
         return kicked
+
+    def kick_user(self, user: str, keep: str, engine_hosts=()) -> bool:
+        """Close `user`'s sessions on a mailhost other than `keep` ("": all,
+        the user is frozen); engine_hosts: the mailhosts of the user's
+        sessions in an engine."""
+        why = f"moved to {keep}" if keep else "frozen"
+        doomed = [s for s in self.by_user.get(user, ()) if not keep or (s.backend_name and s.backend_name != keep)]
+        for session in doomed:
+            log.info(
+                "kick user=%s from=%s:%s backend=%s: mailbox %s",
+                user,
+                session.addr,
+                session.port,
+                session.backend_name,
+                why,
+            )
+            session.kick()
+        self.stats["kicked"] += len(doomed)
+        in_engine = any(not keep or host != keep for host in engine_hosts)
+        if in_engine:
+            self.kick_engine_sessions(user, keep, why)
+        return bool(doomed) or in_engine
+
+    def engine_sessions(self) -> dict[str, set[str]]:
+        """{user: mailhosts} of the sessions a front end relays outside Python (pop-proxy's engine)."""
+        return {}
+
+    def kick_engine_sessions(self, user: str, keep: str, why: str) -> None:
+        pass
 
     # --- the login decision ---------------------------------------------------------------
     async def login(self, session: FrontSession, event) -> tuple:
