@@ -214,17 +214,18 @@ def test_frozen_user_is_kicked_others_are_not(bed, mailhosts, protocol, transpor
         bea.close()
 
 
-def test_user_moved_to_another_mailhost_is_kicked(bed, mailhosts):
+@pytest.mark.parametrize("protocol", ["imap", "pop"])  # (pop: plain, in the C engine)
+def test_user_moved_to_another_mailhost_is_kicked(bed, mailhosts, protocol):
     # (a freeze shorter than the interval: the session is on the old store)
-    with start(bed, "imap") as proxy:
-        ana = Session("imap", proxy.address, "ana")
-        bea = Session("imap", proxy.address, "bea")
+    with start(bed, protocol) as proxy:
+        ana = Session(protocol, proxy.address, "ana")
+        bea = Session(protocol, proxy.address, "bea")
         mailhosts({"ana": "store2"})
-        assert ana.farewell() == FAREWELL["imap"]
+        assert ana.farewell() == FAREWELL[protocol]
         assert bea.alive()
         assert "mailbox moved to store2" in proxy.output()
         # A new login goes to the new mailhost and stays.
-        again = Session("imap", proxy.address, "ana")
+        again = Session(protocol, proxy.address, "ana")
         time.sleep(INTERVAL * 4)
         assert again.alive()
         for s in (ana, bea, again):
