@@ -42,6 +42,7 @@ PROXY_DEFAULTS: dict[str, Any] = {
     "relay_buffer": 1048576,  # bytes buffered per direction after login
     "splice": True,  # zero-copy relay (Linux) when neither side is TLS
     "metrics_listen": "",  # HOST:PORT for Prometheus metrics (pop/metrics.py); "" = off
+    "kick_check_interval": 3.0,  # seconds between checks for moved users' sessions (0 = no kicks)
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -107,6 +108,7 @@ CHECKS: dict[str, settings.Check] = {
             "backend_retry_delay",
             "auth_failure_delay",
             "pop3d_failure_delay",
+            "kick_check_interval",
         )
     },
 }

@@ -39,6 +39,7 @@ STAT_NAMES = (
 )
 
 READ_AT_HANDOFF = 262144  # as much as one read of an asyncio transport
+RELAY_USERS_BUFFER = 1 << 20  # bytes of user names per kick check (past it, users wait for a later check)
 OUTCOME_NONE, OUTCOME_ANSWER, OUTCOME_ERROR = lib.PE_OUTCOME_NONE, lib.PE_OUTCOME_ANSWER, lib.PE_OUTCOME_ERROR
 
 
@@ -220,6 +221,24 @@ class Engine:
         out = ffi.new("uint64_t[]", lib.PE_NSTATS)
         lib.pe_stats(self._e, out)
         return {name: out[i] for i, name in enumerate(STAT_NAMES) if out[i]}
+
+    # --- kicks on move (docs/pop.md) ---------------------------------------------------------
+    def relay_users(self) -> set[tuple[str, str]]:
+        """(user, mailhost) of the sessions the engine relays now."""
+        if self._e == ffi.NULL:
+            return set()
+        buf = ffi.new("char[]", RELAY_USERS_BUFFER)
+        n = lib.pe_relay_users(self._e, buf, RELAY_USERS_BUFFER)
+        pairs = (item.decode("utf-8", "replace").partition("\n") for item in ffi.buffer(buf, n)[:].split(b"\0"))
+        return {(user, host) for user, _, host in pairs if user}
+
+    def kick(self, user: str, keep: str, farewell: bytes) -> bool:
+        """Close the relayed sessions of `user` whose mailhost is not `keep`
+        ("" = all) after `farewell`, soon (in the engine thread). False when
+        too many kicks are pending: ask again at the next check."""
+        if self._e == ffi.NULL:
+            return True
+        return lib.pe_kick(self._e, user.encode(), keep.encode(), farewell) == 0
 
     def _take_handoffs(self) -> None:
         ev = self._ev

@@ -33,6 +33,7 @@ log = logging.getLogger("imap-proxy")
 
 GREETING = "IMAP ready."
 TOO_MANY = b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n"
+KICKED = b"* BYE [UNAVAILABLE] Mailbox is being moved, log in again in a few minutes.\r\n"
 # The core's codes as RFC 5530 response codes (others pass as they are).
 IMAP_CODES = {
     core.FAILED: "AUTHENTICATIONFAILED",
@@ -79,6 +80,7 @@ class ImapClientSide(core.FrontSession):
 
     Login, StartTLS, Closed = Login, StartTLS, Closed
     too_many = TOO_MANY
+    farewell = KICKED
     greeting = GREETING
 
     def new_conn(self) -> ServerConnection:

@@ -40,6 +40,7 @@ log = logging.getLogger("pop-proxy")
 
 GREETING = "POP3 ready."
 TOO_MANY = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
+KICKED = b"-ERR [IN-USE] Mailbox is being moved, log in again in a few minutes.\r\n"
 # Codes a backend may give after a good password; passed on to the client.
 PASSED_CODES = {"IN-USE", "LOGIN-DELAY", "SYS/TEMP", "SYS/PERM"}
 
@@ -130,6 +131,22 @@ class ProxyServer(core.ProxyCore):
     def open_sessions(self) -> int:
         return self.connections + sum(e.open_sessions() for e in self.engines())
 
+    # --- kicks on move: the engines' sessions ---------------------------------------------------
+    def engine_sessions(self) -> dict[str, set[str]]:
+        sessions: dict[str, set[str]] = {}
+        for engine in self.engines():
+            for user, host in engine.relay_users():
+                sessions.setdefault(user, set()).add(host)
+        return sessions
+
+    def kick_engine_sessions(self, user: str, keep: str, why: str) -> None:
+        # (the engine logs each session it closes)
+        log.info("kick user=%s: mailbox %s; the engine closes the user's sessions", user, why)
+        self.stats["kicked_engine"] += 1
+        for engine in self.engines():
+            if not engine.kick(user, keep, KICKED):
+                log.warning("kick user=%s: the engine has too many kicks pending; at the next check", user)
+
     def protocol(self) -> ClientSide:
         return ClientSide(self)
 
@@ -167,6 +184,7 @@ class ClientSide(core.FrontSession):
 
     Login, StartTLS, Closed = Login, StartTLS, Closed
     too_many = TOO_MANY
+    farewell = KICKED
     greeting = GREETING
 
     def __init__(self, server: ProxyServer, implicit_tls: bool = False, handoff: popengine.Handoff | None = None):

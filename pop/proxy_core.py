@@ -16,6 +16,14 @@ events, accept_login / reject_login / accept_stls / abort. It does the
 pre-login timeout, STARTTLS, the failure delay, and after the login the
 byte relay (pop/relay.py).
 
+Kicks on move: the core keeps the logged-in sessions by user and, every
+`kick_check_interval` seconds, asks the password server for the mailhost
+of each user with a session open (one lookup per user, not per session).
+A user now frozen (`pwmail move` copying the mailbox) or on another
+mailhost (moved) has their sessions closed, each with its protocol's
+farewell (docs/moving.md); pop-proxy's engine reports and closes the
+sessions it relays itself (engine_sessions, kick_engine_sessions).
+
 serve(): listeners (plain and implicit TLS), SIGHUP reload, SIGTERM drain.
 """
 
@@ -47,6 +55,8 @@ log = logging.getLogger("proxy")
 
 TLS_HANDSHAKE_TIMEOUT = 30.0
 MAX_MAILHOSTS = 4096  # parsed backend addresses kept
+KICK_LOOKUPS_AT_ONCE = 64  # mailhost lookups in flight per kick check
+KICK_OFF_RECHECK = 1.0  # seconds between looks at kick_check_interval while it is 0 (off)
 
 # The core's result codes (POP's RFC 2449/3206 names; imap-proxy maps them to RFC 5530's).
 FAILED = "AUTH"  # wrong password or unknown user: the one failure the throttle counts
@@ -103,6 +113,8 @@ class ProxyCore:
         self.per_ip: Counter[str] = Counter()
         self.stats: Counter[str] = Counter()
         self._addresses: dict[str, tuple[str, int] | None] = {}
+        self.by_user: dict[str, set[FrontSession]] = {}  # logged-in sessions (for kicks)
+        self._watch: asyncio.Task | None = None
         self.use_splice = bool(cfg["splice"]) and HAVE_SPLICE and cfg["backend_tls"] == "none"
 
     # --- what a front end says -------------------------------------------------------------
@@ -179,6 +191,82 @@ class ProxyCore:
             self._addresses.clear()
         self._addresses[mailhost] = address
         return address
+
+    # --- kicks on move ---------------------------------------------------------------------
+    def track(self, session: FrontSession) -> None:
+        self.by_user.setdefault(session.user, set()).add(session)
+
+    def untrack(self, session: FrontSession) -> None:
+        sessions = self.by_user.get(session.user)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self.by_user[session.user]
+
+    def start_watch(self) -> None:
+        self._watch = asyncio.get_running_loop().create_task(self._watch_moves())
+
+    def stop_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    async def _watch_moves(self) -> None:
+        while True:
+            interval = self.cfg["kick_check_interval"]  # (re-read each round: SIGHUP may change it)
+            await asyncio.sleep(interval if interval > 0 else KICK_OFF_RECHECK)
+            if interval > 0:
+                try:
+                    await self.kick_moved()
+                except Exception:
+                    log.exception("kick check failed")
+
+    async def kick_moved(self) -> int:
+        """Close the sessions of users frozen or moved to another mailhost
+        since their login; the number of users kicked. Users the password
+        server cannot answer for keep their sessions (until the next check)."""
+        engine = self.engine_sessions()
+        users, kicked, unavailable = list(set(self.by_user) | set(engine)), 0, 0
+        for i in range(0, len(users), KICK_LOOKUPS_AT_ONCE):
+            batch = users[i : i + KICK_LOOKUPS_AT_ONCE]
+            answers = await asyncio.gather(*(self.pw.mailhost(u) for u in batch), return_exceptions=True)
+            for user, entry in zip(batch, answers, strict=True):
+                if isinstance(entry, Unavailable):
+                    unavailable += 1
+                elif entry is not None and not isinstance(entry, BaseException):  # (None: deleted, not moved)
+                    kicked += self.kick_user(user, "" if entry.frozen else entry.host, engine.get(user, ()))
+        if unavailable:
+            log.warning("kick check: password server unavailable for %d users", unavailable)
+        return kicked
+
+    def kick_user(self, user: str, keep: str, engine_hosts=()) -> bool:
+        """Close `user`'s sessions on a mailhost other than `keep` ("": all,
+        the user is frozen); engine_hosts: the mailhosts of the user's
+        sessions in an engine."""
+        why = f"moved to {keep}" if keep else "frozen"
+        doomed = [s for s in self.by_user.get(user, ()) if not keep or (s.backend_name and s.backend_name != keep)]
+        for session in doomed:
+            log.info(
+                "kick user=%s from=%s:%s backend=%s: mailbox %s",
+                user,
+                session.addr,
+                session.port,
+                session.backend_name,
+                why,
+            )
+            session.kick()
+        self.stats["kicked"] += len(doomed)
+        in_engine = any(not keep or host != keep for host in engine_hosts)
+        if in_engine:
+            self.kick_engine_sessions(user, keep, why)
+        return bool(doomed) or in_engine
+
+    def engine_sessions(self) -> dict[str, set[str]]:
+        """{user: mailhosts} of the sessions a front end relays outside Python (pop-proxy's engine)."""
+        return {}
+
+    def kick_engine_sessions(self, user: str, keep: str, why: str) -> None:
+        pass
 
     # --- the login decision ---------------------------------------------------------------
     async def login(self, session: FrontSession, event) -> tuple:
@@ -262,6 +350,7 @@ class FrontSession(asyncio.Protocol):
     StartTLS: type = object
     Closed: type = object
     too_many = b""  # the answer to a connection over the limits
+    farewell = b""  # the last line of a session kicked for a move
     greeting = ""
 
     def __init__(self, server: ProxyCore, implicit_tls: bool = False):
@@ -510,6 +599,11 @@ class FrontSession(asyncio.Protocol):
         self._process()
 
     # --- after login -------------------------------------------------------------------------
+    def kick(self) -> None:
+        """The user's mailbox is being moved: end the session (the core's kick check)."""
+        if self.relay is not None:
+            self.relay.kick(self.farewell)
+
     def _start_relay(self, backend, answer: bytes) -> None:
         self.conn.accept_login(send=False)
         self._cancel_timer()
@@ -544,6 +638,7 @@ class FrontSession(asyncio.Protocol):
                 idle_timeout=cfg["idle_timeout"],
                 on_close=self._relay_closed,
             )
+            self.server.track(self)
             self.relay.start()
             return
         relay = TransportRelay(
@@ -556,6 +651,7 @@ class FrontSession(asyncio.Protocol):
         )
         self.relay = relay
         backend.relay = relay
+        self.server.track(self)
         relay.from_backend(to_client)
         if to_backend:
             relay.from_client(to_backend)
@@ -577,6 +673,7 @@ class FrontSession(asyncio.Protocol):
         )
         self.server.stats["bytes_up"] += self.relay.bytes_up  # (metrics: proxy_relayed_bytes_total)
         self.server.stats["bytes_down"] += self.relay.bytes_down
+        self.server.untrack(self)
         self._release()
 
 
@@ -691,6 +788,7 @@ async def serve(
         server.reload(new)
 
     stop = daemon.handle_signals(on_reload=reload, clients=[pw])
+    server.start_watch()
     if tls_listen:
         daemon.announce(f"{name} ({tls_name})", tls_sock)
     daemon.announce(name, sock)
@@ -718,6 +816,7 @@ async def serve(
         sock.close()
         cut = await daemon.drain(server.open_sessions, server.cfg["shutdown_grace"], "sessions")
     finally:
+        server.stop_watch()
         server.finish()
         if server.throttle.evicted():
             server.stats["throttle_evicted"] = server.throttle.evicted()

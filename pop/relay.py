@@ -235,6 +235,22 @@ class SpliceRelay:
             except OSError:
                 self.close()
 
+    def kick(self, farewell: bytes) -> None:
+        """End the session from the proxy's side: the backend is cut at
+        once (nothing more reaches it), the client gets `farewell` (best
+        effort: what the pipe still held for it is dropped)."""
+        if self.closed:
+            return
+        try:
+            self.backend.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self.client.send(farewell)
+        except OSError:
+            pass
+        self.close()
+
     def close(self, error: Exception | None = None) -> None:
         if self.closed:
             return
@@ -307,6 +323,15 @@ class TransportRelay:
 
     def resume_backend(self) -> None:
         self.bt.resume_reading()
+
+    def kick(self, farewell: bytes) -> None:
+        """End the session from the proxy's side: the backend is cut at
+        once, the client gets what was buffered for it, then `farewell`."""
+        if self.closed:
+            return
+        self.bt.abort()
+        self.ct.write(farewell)
+        self.close()
 
     def close(self, error: Exception | None = None) -> None:
         if self.closed:

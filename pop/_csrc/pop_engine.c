@@ -143,6 +143,10 @@ typedef struct pe_job {
     char host[PE_NAME_MAX];
 } pe_job;
 
+typedef struct {
+    char user[PE_NAME_MAX], keep[PE_NAME_MAX], farewell[PE_NAME_MAX];
+} pe_kick_req;
+
 typedef struct pe_qevent {
     struct pe_qevent *next;
     pe_event ev;
@@ -176,6 +180,11 @@ struct pe_engine {
     /* Events to Python. */
     pthread_mutex_t qlock;
     pe_qevent *events, *events_tail;
+    /* Kicks: relayed sessions per user, and the kicks asked for (klock). */
+    pthread_mutex_t klock;
+    pe_map relay_users;
+    pe_kick_req kicks[PE_KICKS_MAX], kicking[PE_KICKS_MAX];
+    size_t nkicks;
     uint8_t scratch[COPY_CHUNK];
 };
 
@@ -634,8 +643,12 @@ static void release_count(pe_engine *e, pe_conn *c)
 
 /* Releases everything but the client socket (closed or handed over); the
  * struct itself waits on the graveyard until the epoll batch is done. */
+static void relay_count(pe_engine *e, pe_conn *c, int delta);
+
 static void conn_free(pe_engine *e, pe_conn *c)
 {
+    if (c->state == RELAY)
+        relay_count(e, c, -1);
     attempt_end(e, c, PE_VERDICT_NONE);
     timer_stop(c);
     close_fd(&c->bfd);
@@ -1238,6 +1251,86 @@ static void backend_lines(pe_engine *e, pe_conn *c)
     }
 }
 
+/* ---- kicks on move ----------------------------------------------------------------- */
+
+/* The relayed sessions per user and mailhost, for pe_relay_users (out of
+ * memory: the pair goes unlisted, and unkicked). Neither a user name (a
+ * command line's) nor a mailhost holds a newline. */
+static void relay_count(pe_engine *e, pe_conn *c, int delta)
+{
+    char key[2 * PE_NAME_MAX];
+    snprintf(key, sizeof key, "%s\n%s", c->user, c->mailhost);
+    pthread_mutex_lock(&e->klock);
+    pe_entry *x = map_get(&e->relay_users, key);
+    double n = (x ? x->value : 0) + delta;
+    if (n > 0)
+        map_put(&e->relay_users, key, n);
+    else
+        map_del(&e->relay_users, key);
+    pthread_mutex_unlock(&e->klock);
+}
+
+size_t pe_relay_users(pe_engine *e, char *buf, size_t cap)
+{
+    size_t len = 0;
+    pthread_mutex_lock(&e->klock);
+    for (size_t i = 0; i < MAP_BUCKETS; i++)
+        for (pe_entry *x = e->relay_users.buckets[i]; x; x = x->next) {
+            size_t n = strlen(x->key) + 1;
+            if (len + n <= cap) {
+                memcpy(buf + len, x->key, n);
+                len += n;
+            }
+        }
+    pthread_mutex_unlock(&e->klock);
+    return len;
+}
+
+int pe_kick(pe_engine *e, const char *user, const char *keep, const char *farewell)
+{
+    pthread_mutex_lock(&e->klock);
+    if (e->nkicks >= PE_KICKS_MAX) {
+        pthread_mutex_unlock(&e->klock);
+        return -1;
+    }
+    pe_kick_req *k = &e->kicks[e->nkicks++];
+    snprintf(k->user, sizeof k->user, "%s", user);
+    snprintf(k->keep, sizeof k->keep, "%s", keep);
+    snprintf(k->farewell, sizeof k->farewell, "%s", farewell);
+    pthread_mutex_unlock(&e->klock);
+    uint64_t one = 1;
+    ssize_t r = write(e->wake_fd, &one, sizeof one);
+    (void)r;
+    return 0;
+}
+
+static void relay_close(pe_engine *e, pe_conn *c, const char *error);
+
+/* In the engine thread, woken by pe_kick. Relayed sessions are all on
+ * the relay deadline list (idle_timeout is positive). */
+static void run_kicks(pe_engine *e)
+{
+    pthread_mutex_lock(&e->klock);
+    size_t n = e->nkicks;
+    memcpy(e->kicking, e->kicks, n * sizeof e->kicks[0]);
+    e->nkicks = 0;
+    pthread_mutex_unlock(&e->klock);
+    for (size_t i = 0; i < n; i++) {
+        pe_kick_req *k = &e->kicking[i];
+        for (pe_conn *c = e->relay.head, *next; c; c = next) {
+            next = c->tnext;
+            if (c->state != RELAY || strcmp(c->user, k->user) != 0 || (k->keep[0] && !strcmp(c->mailhost, k->keep)))
+                continue;
+            log_record(e, LOG_INFO_LEVEL, "kick user=%s from=%s:%d backend=%s", c->user, c->addr, c->port,
+                       c->mailhost);
+            shutdown(c->bfd, SHUT_RDWR);    /* nothing more reaches the old copy */
+            ssize_t r = send(c->cfd, k->farewell, strlen(k->farewell), MSG_NOSIGNAL | MSG_DONTWAIT);
+            (void)r;
+            relay_close(e, c, NULL);
+        }
+    }
+}
+
 /* ---- relay ---------------------------------------------------------------------- */
 
 static void relay_close(pe_engine *e, pe_conn *c, const char *error)
@@ -1493,6 +1586,7 @@ static void relay_pump(pe_engine *e, pe_conn *c)
 static void start_relay(pe_engine *e, pe_conn *c, const char *first, size_t n)
 {
     c->state = RELAY;
+    relay_count(e, c, +1);
     c->login_at = e->now;
     e->stats[ST_LOGINS]++;
     attempt_end(e, c, PE_VERDICT_OK);
@@ -1639,8 +1733,10 @@ int pe_run(pe_engine *e)
             pe_end *end = evs[i].data.ptr;
             if (end->kind == END_LISTEN)
                 on_accept(e);
-            else if (end->kind == END_WAKE)
+            else if (end->kind == END_WAKE) {
                 drain_lookups(e);
+                run_kicks(e);
+            }
             else
                 conn_event(e, end, evs[i].events);
         }
@@ -1694,6 +1790,7 @@ pe_engine *pe_new(const pe_config *cfg, int listen_fd)
     pthread_mutex_init(&e->jlock, NULL);
     pthread_cond_init(&e->jcond, NULL);
     pthread_mutex_init(&e->qlock, NULL);
+    pthread_mutex_init(&e->klock, NULL);
     e->lend = (pe_end){NULL, END_LISTEN};
     e->wend = (pe_end){NULL, END_WAKE};
     struct epoll_event lev = {.events = EPOLLIN, .data.ptr = &e->lend};
@@ -1797,6 +1894,7 @@ void pe_free(pe_engine *e)
         pe_event_release(&ev);
     }
     map_clear(&e->per_ip);
+    map_clear(&e->relay_users);
     for (int i = 0; i < 7; i++)
         free(e->texts[i]);
     if (e->cfg.syslog_fd >= 0)

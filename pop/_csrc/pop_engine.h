@@ -127,6 +127,16 @@ int pe_event_fd(pe_engine *e);
 int pe_next_event(pe_engine *e, pe_event *ev);
 void pe_event_release(pe_event *ev);
 void pe_stats(pe_engine *e, uint64_t *out);
+/* Kicks on move (docs/pop.md, "Kicks on move"); any thread may call them.
+ * The distinct "user\nmailhost" of the sessions the engine relays, each
+ * followed by a NUL, in buf (those past `cap` bytes are left out); the
+ * bytes written. */
+size_t pe_relay_users(pe_engine *e, char *buf, size_t cap);
+/* Asks the engine thread to close the relayed sessions of `user` whose
+ * mailhost is not `keep` ("" = every one), each after the line `farewell`.
+ * 0, or -1 when PE_KICKS_MAX kicks are already pending (ask again later). */
+int pe_kick(pe_engine *e, const char *user, const char *keep, const char *farewell);
+#define PE_KICKS_MAX 64
 /* After pe_run returned. */
 void pe_free(pe_engine *e);
 /* cffi: end */

@@ -6,7 +6,9 @@ namespace on a private bridge when run as root, a loopback address
 (127.77.0.x) otherwise. It delivers a handful of messages through
 `pdelivery` (and, where Sendmail is installed and the hosts are
 namespaces, one over SMTP through real Sendmail on mx1, which runs
-pdelivery), fetches them through `pop-proxy` with poplib, resolves a user
+pdelivery), fetches them through `pop-proxy` with poplib (and, on the
+namespace bed with Dovecot IMAP, lists them through `imap-proxy` with
+imaplib), resolves a user
 with `getent` through the NSS module, prints what went where, and keeps
 running until Ctrl-C (`--once`: exits 0 when every check passed).
 
@@ -52,22 +54,35 @@ def describe_hosts(sysm) -> None:
         if sysm.sendmail_wanted()
         else "pdelivery (the MX's local mailer)"
     )
+    imap = sysm.imap_unavailable() is None
     roles = {
         "pw1": "pwserver (primary)",
         "pw2": "pwserver (secondary)",
         "mx1": mx,
-        "pop1": "pop-proxy (the POP distributor)",
-        "client1": "POP client, lookups",
+        "pop1": "pop-proxy (the POP distributor)" + (" + imap-proxy (the IMAP one)" if imap else ""),
+        "client1": "POP and IMAP client, lookups" if imap else "POP client, lookups",
         "log1": "syslog collector (central log)",
     }
     for s in sysm.stores:
-        roles[s] = "pdeliveryd (LMTP) + pop3d over a hashed Maildir tree"
+        roles[s] = "pdeliveryd (LMTP) + pop3d" + (" + Dovecot IMAP" if imap else "") + " over a hashed Maildir tree"
     if sysm.netns:
         say(f"hosts: network namespaces on one private bridge, {bed.subnet} (exists only inside them)")
     else:
         say(f"hosts: loopback addresses {bed.subnet} (not root: no namespaces, no link cuts)")
     for h in bed.names():
         say(f"  {h:<8} {bed.addr(h):<12} {roles.get(h, '')}")
+
+
+def imap_check(sysm, sent: dict[str, list[str]]) -> None:
+    """The same messages through imap-proxy to Dovecot IMAP, on the Maildirs POP just read."""
+    say("IMAP: imaplib on client1 -> imap-proxy on pop1 -> Dovecot IMAP on the user's store")
+    for user, subjects in sent.items():
+        t0 = time.monotonic()
+        got = sysm.imap_subjects(user)
+        ms = (time.monotonic() - t0) * 1000
+        if sorted(got) != sorted(subjects):
+            raise DemoFailure(f"{user}: IMAP shows subjects {got}, expected {subjects}")
+        say(f"  {user:<12} {len(got)} message{'s' * (len(got) > 1)} in INBOX, subjects match ({ms:.0f} ms)")
 
 
 def run_checks(sysm, n_messages: int = 6) -> dict:
@@ -131,6 +146,12 @@ def run_checks(sysm, n_messages: int = 6) -> dict:
                 f"{user}: POP returned {len(msgs)} messages, expected {len(subjects)} with subjects {subjects}"
             )
         say(f"  {user:<12} {len(msgs)} message{'s' * (len(msgs) > 1)} fetched, subjects match ({ms:.0f} ms)")
+
+    say("")
+    if sysm.imap:
+        imap_check(sysm, sent)
+    else:
+        say(f"IMAP: no Dovecot IMAP on the stores ({sysm.imap_unavailable() or 'not started'})")
 
     say("")
     user = users[0]
@@ -214,6 +235,8 @@ def instructions(sysm, users: list[str]) -> None:
             "# Sendmail's queue"
         )
     say(f"  {on} client1 curl -s pop3://{user}:{pw}@{pop}/1")
+    if sysm.imap:
+        say(f"  {on} client1 curl -s 'imap://{user}:{pw}@{bed.addr('pop1')}:{sysm.ports.imap}/INBOX;MAILINDEX=1'")
     say(f"  tail -f {bed.syslog_file()}")
     say(f"  ({on} HOST COMMAND runs a command on any host: {', '.join(bed.names())})")
     say("Ctrl-C stops everything.")

@@ -17,6 +17,7 @@ landed gives PartMissing ("part X not available yet"), never a stand-in.
 from __future__ import annotations
 
 import contextlib
+import imaplib
 import importlib.util
 import os
 import poplib
@@ -50,6 +51,7 @@ PARTS = {
     "pdelivery": ("delivery.pdelivery", "the local mailer `pdelivery` (issue 4)"),
     "pop3d": ("pop.pop3d", "the POP3 server `pop3d` (issue 5)"),
     "pop-proxy": ("pop.proxy", "the POP distributor `pop-proxy` (issue 5)"),
+    "imap-proxy": ("pop.imap_proxy", "the IMAP distributor `imap-proxy` (issue 16)"),
 }
 PROGRAMS = {
     "pwserver": "pwserver",
@@ -57,6 +59,7 @@ PROGRAMS = {
     "pdelivery": "pdelivery",
     "pop3d": "pop3d",
     "pop-proxy": "pop-proxy",
+    "imap-proxy": "imap-proxy",
     "gen-users": "pwmail",
 }
 
@@ -112,10 +115,11 @@ class Ports:
     pop3d: int
     proxy: int
     smtp: int
+    imap: int  # Dovecot IMAP on the stores and imap-proxy on pop1
 
 
-NETNS_PORTS = Ports(pwserver=7773, lmtp=24, pop3d=110, proxy=110, smtp=25)
-LOOPBACK_PORTS = Ports(pwserver=7773, lmtp=2424, pop3d=1110, proxy=1110, smtp=2525)
+NETNS_PORTS = Ports(pwserver=7773, lmtp=24, pop3d=110, proxy=110, smtp=25, imap=143)
+LOOPBACK_PORTS = Ports(pwserver=7773, lmtp=2424, pop3d=1110, proxy=1110, smtp=2525, imap=1143)
 # The mail domain of the generated users (user@example.org) and the MX's name.
 MAIL_DOMAIN = "example.org"
 
@@ -166,6 +170,7 @@ class PwmailSystem:
         self.recheck_s = recheck_s
         self.shadow_key = bed.workdir / "shadow.key"
         self.settings = bed.workdir / "pwmail.toml"
+        self.imap = False  # Dovecot IMAP on the stores and imap-proxy on pop1, once started
         self._passwords: dict[str, str] | None = None
         self._mailhosts: dict[str, str] | None = None
 
@@ -304,6 +309,44 @@ class PwmailSystem:
 
         return sendmail.unavailable()
 
+    def imap_unavailable(self) -> str | None:
+        """None when Dovecot IMAP (and so imap-proxy) can run on the bed, else why not."""
+        if not self.netns:
+            return "Dovecot IMAP runs on the namespace bed only (as root), not on loopback addresses"
+        if not part_available("imap-proxy") or not NSS_LIB.exists():
+            return "imap-proxy or libnss_pwserver.so.2 is not there"
+        from . import dovecot
+
+        return dovecot.unavailable()
+
+    def start_imap(self) -> None:
+        """Dovecot IMAP on every store (the same Maildirs as pop3d), imap-proxy on pop1."""
+        from delivery.layout import MailboxLayout
+
+        from . import dovecot
+
+        reason = self.imap_unavailable()
+        if reason:
+            raise PartMissing(f"IMAP: {reason}")
+        for store in self.stores:
+            # Dovecot's mail processes run as the user: the way down to the spool must be open.
+            for p in (self.bed.workdir, self.bed.dir(store), self.spool(store)):
+                p.chmod(p.stat().st_mode | 0o011)
+            d = self.bed.dir(store) / "dovecot"
+            conf = dovecot.config(
+                d,
+                listen=self.bed.addr(store),
+                port=self.ports.imap,
+                mail_location=MailboxLayout(self.spool(store)).dovecot_location(),
+                proxy=self.bed.addr("pop1"),
+                env=self.env(store),
+            )
+            self.bed.run(store, dovecot.command(d, conf), name="dovecot", env=self.env(store))
+        for store in self.stores:
+            self.wait_listening(store, "dovecot", self.ports.imap)
+        self.run_proxy("imap-proxy", self.ports.imap, self.ports.imap)
+        self.imap = True
+
     def sendmail_wanted(self) -> bool:
         """Whether start() starts Sendmail on mx1."""
         return bool(self.want_sendmail) or (self.want_sendmail is None and self.sendmail_unavailable() is None)
@@ -367,20 +410,14 @@ class PwmailSystem:
 
     def start_proxy(self) -> None:
         require("pop-proxy")
-        self.bed.run(
-            "pop1",
-            [
-                program("pop-proxy"),
-                "--listen",
-                f"{self.bed.addr('pop1')}:{self.ports.proxy}",
-                "--backend-port",
-                str(self.ports.pop3d),
-                "--stderr",
-            ],
-            name="pop-proxy",
-            env=self.env("pop1"),
-        )
-        self.wait_listening("pop1", "pop-proxy", self.ports.proxy)
+        self.run_proxy("pop-proxy", self.ports.proxy, self.ports.pop3d)
+
+    def run_proxy(self, name: str, port: int, backend_port: int) -> None:
+        """A distributor (pop-proxy, imap-proxy) on pop1:port, to the stores' backend_port."""
+        listen = f"{self.bed.addr('pop1')}:{port}"
+        argv = [program(name), "--listen", listen, "--backend-port", str(backend_port), "--stderr"]
+        self.bed.run("pop1", argv, name=name, env=self.env("pop1"))
+        self.wait_listening("pop1", name, port)
 
     def wait_listening(self, host: str, name: str, port: int, timeout: float = START_TIMEOUT_S) -> None:
         try:
@@ -399,6 +436,8 @@ class PwmailSystem:
         for s in self.stores:
             self.start_store(s)
         self.start_proxy()
+        if self.imap_unavailable() is None:
+            self.start_imap()
         if self.sendmail_wanted():
             self.start_sendmail()
 
@@ -495,6 +534,25 @@ class PwmailSystem:
             with contextlib.suppress(Exception):
                 pop.close()
         return msgs
+
+    def imap_subjects(self, user: str, host: str = "client1", timeout: float = 20.0) -> list[str]:
+        """Log in through imap-proxy with imaplib; the Subject of every message in INBOX."""
+        with self.bed.inside(host):
+            imap = imaplib.IMAP4(self.bed.addr("pop1"), self.ports.imap, timeout=timeout)
+        try:
+            imap.login(user, self.passwords[user])
+            count = int(imap.select("INBOX", readonly=True)[1][0])
+            subjects = []
+            if count:
+                _, data = imap.fetch("1:*", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+                for item in data:
+                    if isinstance(item, tuple):
+                        subjects.append(item[1].decode(errors="replace").partition(":")[2].strip())
+            imap.logout()
+        finally:
+            with contextlib.suppress(Exception):
+                imap.shutdown()
+        return subjects
 
     def getent(self, user: str, host: str = "mx1", database: str = "passwd") -> tuple[int, str, float]:
         """`getent -s pwserver DATABASE USER` through the NSS module; returns

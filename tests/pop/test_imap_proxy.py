@@ -11,42 +11,24 @@ import os
 import pathlib
 import poplib
 import re
-import shutil
 import signal
 import socket
 import ssl
 import subprocess
-import tempfile
 import time
 
 import pytest
 
-from tests.support.imap_util import DovecotImap, docs_block, start_imap_proxy
+from tests.support import imap_util
+from tests.support.imap_util import DOVECOT_IMAP_MARKS, DovecotImap, docs_block, imap_bed, put, start_imap_proxy
 from tests.support.pop_util import (
-    NSS_DIR,
     UID0,
-    client_conf,
     deliver,
-    free_port,
     make_root,
     message,
-    self_signed,
-    write_users,
 )
-from tests.support.pwtest import PwServer, write_key
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.root,
-    pytest.mark.skipif(
-        not shutil.which("dovecot") or not pathlib.Path("/usr/lib/dovecot/imap").exists(),
-        reason="dovecot-imapd not installed (deps/debian-packages.txt)",
-    ),
-    pytest.mark.skipif(os.geteuid() != 0, reason="Dovecot's master and mount namespaces need root"),
-    pytest.mark.skipif(
-        not (NSS_DIR / "libnss_pwserver.so.2").exists(), reason="libnss_pwserver.so.2 not built (make nss)"
-    ),
-]
+pytestmark = DOVECOT_IMAP_MARKS
 
 DELAY = 0.5
 TIMEOUT = 20
@@ -62,53 +44,13 @@ USERS = {
 
 
 def uid_of(user: str) -> int:
-    return UID0 + sorted(USERS).index(user)  # as write_users numbers them
+    return imap_util.uid_of(USERS, user)
 
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("imap")
-    # Dovecot's login and mail processes must reach base_dir and the Maildirs.
-    shared = pathlib.Path(tempfile.mkdtemp(prefix="imap-dovecot-", dir="/tmp"))
-    shared.chmod(0o755)
-    try:
-        users = write_users(tmp / "users", USERS, frozen={"frozen"})
-        key = tmp / "shadow.key"
-        write_key(key)
-        cert, certkey = self_signed(shared, ips=("127.0.0.1", "127.0.0.6"))
-        layouts = {name: make_root(shared / name) for name in ("store1", "store2")}
-        with PwServer(users, shadow_key=key) as pws:
-            conf = client_conf(tmp / "pwserver.conf", pws.address, key)
-            with (
-                DovecotImap(shared / "dove1", layouts["store1"], conf, "127.0.0.6", tls=(cert, certkey)) as d1,
-                DovecotImap(shared / "dove2", layouts["store2"], conf, "127.0.0.7") as d2,
-            ):
-                settings = (
-                    f'backends = {{store1 = "127.0.0.6:{d1.port}", store2 = "127.0.0.7:{d2.port}", '
-                    f'nowhere = "127.0.0.1:{free_port()}"}}\nauth_failure_delay = {DELAY}\n'
-                    f'backend_retries = 0\ntls_cert = "{cert}"\ntls_key = "{certkey}"\n'
-                    'tls_listen = "127.0.0.1:0"\n'
-                )
-                with start_imap_proxy(tmp, conf, settings) as proxy:
-                    m = re.search(r"imap-proxy \(IMAPS\): ready on (\S+):(\d+)", proxy.output())
-                    yield {
-                        "tmp": tmp,
-                        "shared": shared,
-                        "layouts": layouts,
-                        "dove": {"store1": d1, "store2": d2},
-                        "proxy": proxy,
-                        "imaps": (m.group(1), int(m.group(2))),
-                        "cert": cert,
-                        "certkey": certkey,
-                        "conf": conf,
-                        "settings": settings,
-                    }
-    finally:
-        shutil.rmtree(shared, ignore_errors=True)
-
-
-def put(bed, user: str, body: bytes) -> str:
-    return deliver(bed["layouts"][USERS[user][1]], user, body, uid_of(user), UID0)
+    with imap_bed(tmp_path_factory.mktemp("imap"), USERS, frozen={"frozen"}, delay=DELAY) as b:
+        yield b
 
 
 class SourcedIMAP4(imaplib.IMAP4):

@@ -220,3 +220,14 @@ class PwServer(Process):
         from pwcache.client import Client
 
         return Client([self.address], **kw)
+
+
+def move_argv(
+    users: list[str], to: str, *, mailhosts: pathlib.Path, pwserver: PwServer, journal: pathlib.Path, roots: dict
+) -> list[str]:
+    """`pwmail move USERS --to TO` on a test's mailhosts file, pwserver, journal folder and {host: root}."""
+    argv = [str(BIN / "pwmail"), "move", *users, "--to", to, "--mailhosts", str(mailhosts)]
+    argv += ["--server", pwserver.address, "--pwserver-pid", str(pwserver.proc.pid), "--journal-dir", str(journal)]
+    for host, root in roots.items():
+        argv += ["--root", f"{host}={root}"]
+    return argv

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pwmail.testbed import namespace_support, sendmail
+from pwmail.testbed import dovecot, namespace_support, sendmail
 from pwmail.testbed.system import PartMissing, require
 
 PWMAIL = str(Path(sys.executable).parent / "pwmail")
@@ -54,6 +54,11 @@ def test_demo_once_on_namespaces():
         assert r.stdout.count("accepted by Sendmail and in its Maildir on store") == 1
     else:
         assert "SMTP: no Sendmail on mx1" in r.stdout
+    if dovecot.unavailable() is None:  # every user also through imap-proxy to Dovecot IMAP
+        assert "-> imap-proxy on pop1 -> Dovecot IMAP on the user's store" in r.stdout
+        assert r.stdout.count("in INBOX, subjects match") == 4
+    else:
+        assert "IMAP: no Dovecot IMAP on the stores" in r.stdout
     work = r.stdout.split("(work folder ", 1)[1].split(")", 1)[0]
     assert not Path(work).exists()  # torn down
     tag = Path(work).name.rsplit("-", 1)[0]
@@ -67,6 +72,7 @@ def test_demo_once_on_loopback():
     check_account(r)
     assert "loopback addresses 127.77.0.0/24" in r.stdout
     assert "SMTP: no Sendmail on mx1 (Sendmail runs on the namespace bed only" in r.stdout
+    assert "IMAP: no Dovecot IMAP on the stores (Dovecot IMAP runs on the namespace bed only" in r.stdout
 
 
 def test_demo_names_a_missing_part(tmp_path):
