@@ -43,7 +43,9 @@ static const char *const DELIVERY_KEYS[] = {
     "tmp_max_age", "spool_memory_max", "io_threads", "connect_timeout", "timeout", "mailhost_suffix",
     /* lmtp-proxy's */
     "proxy_listen", "proxy_unix", "proxy_unix_mode", "proxy_pool_size", "proxy_pool_idle",
-    "proxy_store_connections_max", "proxy_spool_dir", "shutdown_grace", NULL};
+    "proxy_store_connections_max", "proxy_spool_dir", "shutdown_grace",
+    /* pdeliveryd's and lmtp-proxy's Prometheus exporters */
+    "metrics_listen", "proxy_metrics_listen", NULL};
 static const char *const PLACEMENT_KEYS[] = {"rule", "ranges", "hosts", NULL};
 
 enum vtype { V_STR, V_INT, V_FLOAT, V_BOOL, V_ARRAY, V_TABLE, V_OTHER };
