@@ -96,6 +96,24 @@ def _unix(path):
     return start, connect
 
 
+def fake_writer(family: int):
+    """A stream writer whose socket of `family` records its setsockopt calls."""
+    calls: list[tuple] = []
+
+    class Sock:
+        def setsockopt(self, *a):
+            calls.append(a)
+
+    sock = Sock()
+    sock.family = family
+
+    class Writer:
+        def get_extra_info(self, name):
+            return sock if name == "socket" else None
+
+    return Writer(), calls
+
+
 def test_every_read_of_a_tcp_session_is_acked_at_once(monkeypatch):
     rec = Recorder()
     monkeypatch.setattr(lmtpsessions, "ack_now", rec)
@@ -109,19 +127,8 @@ def test_every_read_of_a_tcp_session_is_acked_at_once(monkeypatch):
 def test_ack_now_leaves_unix_sockets_alone(monkeypatch, tmp_path):
     rec = Recorder()
     monkeypatch.setattr(lmtpsessions, "ack_now", rec)
-    calls = []
-
-    class NoSetsockopt:
-        family = socket.AF_UNIX
-
-        def setsockopt(self, *a):
-            calls.append(a)
-
-    class Writer:
-        def get_extra_info(self, name):
-            return NoSetsockopt() if name == "socket" else None
-
-    ack_now(Writer())
+    writer, calls = fake_writer(socket.AF_UNIX)
+    ack_now(writer)
     assert calls == []
     out = asyncio.run(_session(*_unix(tmp_path / "s"), rounds=1))
     assert b"250 2.0.0 ok\r\n" in out
@@ -129,17 +136,6 @@ def test_ack_now_leaves_unix_sockets_alone(monkeypatch, tmp_path):
 
 
 def test_ack_now_sets_tcp_quickack():
-    calls = []
-
-    class TcpSocket:
-        family = socket.AF_INET
-
-        def setsockopt(self, *a):
-            calls.append(a)
-
-    class Writer:
-        def get_extra_info(self, name):
-            return TcpSocket() if name == "socket" else None
-
-    ack_now(Writer())
+    writer, calls = fake_writer(socket.AF_INET)
+    ack_now(writer)
     assert calls == [(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)]
