@@ -234,13 +234,27 @@ class QueueingSendmail:
         self.syslog.close()
 
 
-def run_path(name: str, mx: QueueingSendmail, stores: Stores, users: list[str], n: int, rnd, tag: str) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of process `pid` so far (/proc/PID/stat)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_message(daemons: dict[str, int], before: dict[str, float], n: int) -> dict[str, float]:
+    """ms of CPU per message of each long-running daemon since `before`."""
+    return {name: round(1000 * (cpu_seconds(pid) - before[name]) / max(n, 1), 3) for name, pid in daemons.items()}
+
+
+def run_path(
+    name: str, mx: QueueingSendmail, stores: Stores, users: list[str], n: int, rnd, tag: str, daemons: dict[str, int]
+) -> dict:
     """Queue n messages, time one queue run to all durable, check them."""
     expected = {f"{tag}.{i}@{DOMAIN}": rnd.choice(users) for i in range(n)}
     target_host = STORES[0] if name == "direct" else None  # the limit: every message into one store
     boxes = {stores.box(u, target_host) for u in set(expected.values())}
     before = stores.snapshot(boxes)
     mx.submit([(f"{u}@{DOMAIN}", make_message(m, f"{u}@{DOMAIN}")) for m, u in expected.items()])
+    cpu0 = {d: cpu_seconds(pid) for d, pid in daemons.items()}
     t0 = time.perf_counter()
     run = mx.queue_run()
     deadline = time.monotonic() + QUEUE_RUN_TIMEOUT
@@ -249,6 +263,7 @@ def run_path(name: str, mx: QueueingSendmail, stores: Stores, users: list[str], 
             raise RuntimeError(f"{name}: only {stores.count_new(before)} of {n} delivered: {mx.output()}")
         time.sleep(0.05)
     seconds = time.perf_counter() - t0
+    cpu = cpu_per_message(daemons, cpu0, n)
     if run.returncode != 0:
         raise RuntimeError(f"{name}: sendmail -q exited {run.returncode}: {run.stderr}")
     if target_host:
@@ -260,7 +275,7 @@ def run_path(name: str, mx: QueueingSendmail, stores: Stores, users: list[str], 
     drained = time.monotonic() + 60
     while (left := len(mx.dir.queue_files())) and time.monotonic() < drained:
         time.sleep(0.05)
-    return {"rate": n / seconds, "seconds": seconds, "left_in_queue": left, **check}
+    return {"rate": n / seconds, "seconds": seconds, "left_in_queue": left, "cpu_ms": cpu, **check}
 
 
 def verify(stores: Stores, before, expected_box: dict[str, pathlib.Path]) -> dict:
@@ -299,12 +314,14 @@ async def _load(targets: list[tuple[str, int, list[bytes]]], seconds: float) -> 
     return sum(counts) / (loop.time() - t0), sum(counts)
 
 
-def run_load(name: str, targets, stores: Stores, seconds: float) -> dict:
+def run_load(targets, stores: Stores, seconds: float, daemons: dict[str, int]) -> dict:
     boxes = {stores.box(u) for u in stores.users}
     before = stores.snapshot(boxes)
+    cpu0 = {d: cpu_seconds(pid) for d, pid in daemons.items()}
     rate, ok = asyncio.run(_load(targets, seconds))
+    cpu = cpu_per_message(daemons, cpu0, ok)
     stored = stores.count_new(before)
-    return {"rate": rate, "delivered": ok, "stored": stored}
+    return {"rate": rate, "delivered": ok, "stored": stored, "cpu_ms": cpu}
 
 
 def ratios(rounds: list[dict], a: str, b: str) -> list[float]:
@@ -357,6 +374,8 @@ def main(argv=None) -> int:
             block, target = PATHS[p]
             mxs[p] = QueueingSendmail(work / f"mx-{p}", block, targets.get(target), pw.address, lmtp_port)
             started.append(mxs[p])
+        # whose CPU per message is reported (Dovecot's are several processes: not counted)
+        daemons = {"lmtp-proxy": proxy.proc.pid, **{f"pdeliveryd {h}": s.proc.pid for h, s in stores.procs.items()}}
         by_store = {h: [u.encode() for u in names if users[u] == h] for h in STORES}
         load_cells = {
             "proxy-16": [("127.0.0.1", proxy.port, [u.encode() for u in names])] * LOAD_CLIENTS,
@@ -371,12 +390,12 @@ def main(argv=None) -> int:
             order = paths if r % 2 == 0 else list(reversed(paths))
             result: dict = {}
             for p in order:
-                result[p] = run_path(p, mxs[p], stores, names, args.messages, rnd, f"r{r}.{p}")
+                result[p] = run_path(p, mxs[p], stores, names, args.messages, rnd, f"r{r}.{p}", daemons)
                 print(f"# round {r + 1}: {p}: {result[p]['rate']:.1f} messages/s {result[p]}", file=sys.stderr)
             if args.seconds > 0:
                 cells = list(load_cells.items()) if r % 2 == 0 else list(reversed(load_cells.items()))
                 for cell, cell_targets in cells:
-                    result[cell] = run_load(cell, cell_targets, stores, args.seconds)
+                    result[cell] = run_load(cell_targets, stores, args.seconds, daemons)
                     print(f"# round {r + 1}: {cell}: {result[cell]['rate']:.1f} messages/s", file=sys.stderr)
             rounds.append(result)
     finally:
@@ -417,11 +436,13 @@ def report(args, paths: list[str], rounds: list[dict]) -> None:
         f"2 stores, {len(rounds)} round(s), {os.cpu_count()} CPUs, load average "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end\n"
     )
-    print("| path | messages/s (median) | each round |")
-    print("|---|---:|---|")
+    daemons = list(rounds[0][cells[0]]["cpu_ms"])
+    print(f"| path | messages/s (median) | each round | {' | '.join(f'{d} CPU ms/message' for d in daemons)} |")
+    print(f"|---|---:|---|{'---:|' * len(daemons)}")
     for c in cells:
         rates = [r[c]["rate"] for r in rounds]
-        print(f"| {c} | {statistics.median(rates):.1f} | {', '.join(f'{x:.1f}' for x in rates)} |")
+        cpu = " | ".join(f"{statistics.median(r[c]['cpu_ms'][d] for r in rounds):.2f}" for d in daemons)
+        print(f"| {c} | {statistics.median(rates):.1f} | {', '.join(f'{x:.1f}' for x in rates)} | {cpu} |")
     print("\n| ratio (within a round) | median | each round | goal | met |")
     print("|---|---:|---|---:|---|")
     for a, b, goal, what in GOALS:
