@@ -37,7 +37,8 @@ def ack_now(writer: asyncio.StreamWriter) -> None:
     (Sendmail's LMTP mailer: 4096 bytes, the rest, then the final dot)
     holds each small piece back until the previous one is ACKed (Nagle), so
     a delayed ACK cost every message 40 ms. The kernel clears the flag as it
-    goes, hence once per read; a UNIX socket has no ACKs."""
+    goes, hence once per read of message data (a command read is ACKed by
+    its reply; each call is a system call); a UNIX socket has no ACKs."""
     sock = writer.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         try:
@@ -147,14 +148,16 @@ class LMTPSessions:
                     if self.stopping and conn.phase == conn.READY:
                         writer.write(bytes(R_SHUTDOWN))
                         break
-                    if conn.phase in (conn.DATA, conn.BDAT) or conn.in_transaction_data:
+                    in_message = conn.phase in (conn.DATA, conn.BDAT) or conn.in_transaction_data
+                    if in_message:
                         # the data clock starts once and runs to the end of the message
                         self.in_data.setdefault(writer, loop.time())
                     else:
                         self.in_data.pop(writer, None)
                     self.sessions[writer] = loop.time()  # the idle sweeper watches from here
                     data = await reader.read(READ_SIZE)
-                    ack_now(writer)
+                    if in_message:  # where a client writes pieces with no reply between them
+                        ack_now(writer)
                     self.sessions[writer] = None
                     conn.receive_data(data)
                 elif isinstance(ev, RcptRequest):
