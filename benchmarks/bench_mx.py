@@ -266,11 +266,7 @@ def run_path(
     cpu = cpu_per_message(daemons, cpu0, n)
     if run.returncode != 0:
         raise RuntimeError(f"{name}: sendmail -q exited {run.returncode}: {run.stderr}")
-    if target_host:
-        expected_box = {m: stores.box(u, target_host) for m, u in expected.items()}
-    else:
-        expected_box = {m: stores.box(u) for m, u in expected.items()}
-    check = verify(stores, before, expected_box)
+    check = verify(stores, before, {m: stores.box(u, target_host) for m, u in expected.items()})
     # the queue run's child removes a message's queue file just after the store's 250
     drained = time.monotonic() + 60
     while (left := len(mx.dir.queue_files())) and time.monotonic() < drained:
