@@ -86,8 +86,10 @@ async def _reply(reader: asyncio.StreamReader) -> bytes:
             return line
 
 
-async def _client(port: int, users, stuffed: bytes, deadline: float, counts: list[int], i: int):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def _client(
+    port: int, users, stuffed: bytes, deadline: float, counts: list[int], i: int, host: str = "127.0.0.1"
+):
+    reader, writer = await asyncio.open_connection(host, port)
     await _reply(reader)
     writer.write(b"LHLO bench.example\r\n")
     await _reply(reader)

@@ -10,12 +10,24 @@ sends `RSET` first when it was used before, then MAIL, the RCPTs (pipelined
 when the store offers PIPELINING; the client's DSN parameters on both when
 the store offers DSN, else none) and the body from its spool (`BDAT n LAST`
 with CHUNKING, else DATA, dot-stuffed as it goes), and reads one reply per
-accepted recipient. Replies are checked as lmtpclient checks them (each one
-must be one its command can have, in order). A connection the store closed
-while it sat in the pool (its idle timeout, a restart) fails before the data
-was sent: the idle ones of that store are dropped and the transaction is
-tried once more on a new connection. Nothing is retried after the data went
-(the store may hold the copy; the MTA's retry is deduplicated by the store).
+accepted recipient. With both PIPELINING and CHUNKING (pdeliveryd) the whole
+transaction goes in one write, BDAT and the body's first piece with the
+commands, and the replies are read after it: one round trip a message, not
+two (RFC 3030 lets BDAT be pipelined; with no recipient accepted the store
+answers BDAT once, its refusal). Replies are checked as lmtpclient checks
+them (each one must be one its command can have, in order).
+
+A pooled connection the store closed (its idle timeout, a restart) is
+dropped unused when its end of file is already in; one found closed only
+once the transaction went (the store closed it as it came, or was killed)
+is retried once on a new connection, and only when the store answered
+nothing of that transaction and closed the connection (never after a
+timeout: a slow store may still be storing it). The store then cannot have
+said `250`, and it stores nothing before it has a whole message; if it was
+killed between storing one and answering, its durable duplicate table
+(queue id, recipient, digest) answers the retry without a second copy, as
+it does the MTA's own retry. The idle connections of that store are dropped
+too. Nothing else is retried (a 451 to the MTA, which retries).
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from dataclasses import dataclass
 from delivery.lmtp import Reply
 from delivery.lmtpclient import (
     REPLY_LINE_MAX,
+    LMTPProtocolError,
     LMTPUnavailable,
     check_fits,
     command_line,
@@ -42,6 +55,9 @@ from delivery.spool import SpooledBody
 log = logging.getLogger("lmtp-proxy.stores")
 
 SEND_CHUNK = 256 * 1024  # bytes of a body read from the spool and written to a store at once
+# a body's first piece up to this size goes out in the same write as the pipelined commands (one
+# system call, one segment); a bigger one on its own, so no copy of SEND_CHUNK is made to join them
+JOIN_MAX = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,17 @@ class DotStuffer:
         return (b"" if self._tail == b"\r\n" else b"\r\n") + b".\r\n"
 
 
+class StoreClosed(LMTPUnavailable):
+    """The store closed the connection (end of file, reset)."""
+
+
+def _check_rset(reply: Reply) -> None:
+    if reply.code == 421:  # said while the connection sat in the pool (a restart): nothing of ours was taken
+        raise StoreClosed(f"store closing the connection: {reply}")
+    if not reply.ok:
+        raise LMTPUnavailable("RSET refused")
+
+
 class StoreConnection:
     """One LMTP session with a store, between transactions or in one."""
 
@@ -94,6 +121,7 @@ class StoreConnection:
         self.ext: set[str] = set()
         self.used = False  # a transaction ran on it: RSET before the next
         self.data_sent = False  # the current transaction's data began to go
+        self.answered = False  # the store replied to something of the current transaction
         self.idle_since = 0.0
 
     @classmethod
@@ -131,9 +159,9 @@ class StoreConnection:
         except ValueError:  # longer than the reader's limit
             raise LMTPUnavailable("reply line too long") from None
         except OSError as e:
-            raise LMTPUnavailable(str(e)) from e
+            raise StoreClosed(str(e)) from e
         if not line.endswith(b"\n"):
-            raise LMTPUnavailable("connection closed by the server")
+            raise StoreClosed("connection closed by the server")
         return line.rstrip(b"\r\n").decode("utf-8", "replace")
 
     async def answer(self, command: str) -> tuple[Reply, list[str]]:
@@ -141,6 +169,8 @@ class StoreConnection:
         while continues(raw[-1], len(raw)):
             raw.append(await self._line())
         reply, lines = parse_reply(raw)
+        # a 421 closes the channel (RFC 5321 3.8): what came after it was not taken
+        self.answered = self.answered or reply.code != 421
         check_fits(command, reply, self.enhanced)
         return reply, lines
 
@@ -151,7 +181,7 @@ class StoreConnection:
         except TimeoutError:
             raise LMTPUnavailable(f"store took nothing for {self.timeout:g} s") from None
         except OSError as e:
-            raise LMTPUnavailable(str(e)) from e
+            raise StoreClosed(str(e)) from e
 
     def mail_line(self, env: Envelope, size: int) -> bytes:
         params = mail_params(self.ext, size, env.queue_id, env.body_type) + (env.dsn if "DSN" in self.ext else "")
@@ -162,11 +192,13 @@ class StoreConnection:
 
     async def transaction(self, env: Envelope, rcpts: list[Recipient], body: SpooledBody) -> list[Reply]:
         """One reply per recipient: its refusal, or the store's reply after the data."""
-        self.data_sent = False
+        self.data_sent = self.answered = False
         mail = self.mail_line(env, body.size)
         cmds = [("RSET", b"RSET\r\n")] if self.used else []
         cmds += [("MAIL", mail)] + [("RCPT", self.rcpt_line(r)) for r in rcpts]
         self.used = True
+        if "PIPELINING" in self.ext and "CHUNKING" in self.ext:
+            return await self._pipelined(cmds, body)
         replies = []
         if "PIPELINING" in self.ext:
             await self.send(b"".join(c for _, c in cmds))
@@ -177,8 +209,7 @@ class StoreConnection:
                 await self.send(c)
                 replies.append((await self.answer(verb))[0])
         if cmds[0][0] == "RSET":
-            if not replies.pop(0).ok:
-                raise LMTPUnavailable("RSET refused")
+            _check_rset(replies.pop(0))
         mail_reply, rcpt_replies = replies[0], replies[1:]
         if not mail_reply.ok:
             return [mail_reply] * len(rcpts)
@@ -189,6 +220,33 @@ class StoreConnection:
                 return [go if r.ok else r for r in rcpt_replies]
             for i in accepted:
                 rcpt_replies[i] = (await self.answer("message"))[0]
+        return rcpt_replies
+
+    async def _pipelined(self, cmds: list[tuple[str, bytes]], body: SpooledBody) -> list[Reply]:
+        """The commands, `BDAT size LAST` and the body in one go, then the replies."""
+        pieces = body.chunks(SEND_CHUNK)
+        head = b"".join(c for _, c in cmds) + b"BDAT %d LAST\r\n" % body.size
+        first = next(pieces, b"")
+        self.data_sent = True
+        if len(first) <= JOIN_MAX:
+            await self.send(head + first)
+        else:
+            await self.send(head)
+            await self.send(first)
+        for piece in pieces:
+            await self.send(piece)
+        replies = [(await self.answer(verb))[0] for verb, _ in cmds]
+        if cmds[0][0] == "RSET":
+            _check_rset(replies.pop(0))
+        mail_reply, rcpt_replies = replies[0], replies[1:]
+        accepted = [i for i, r in enumerate(rcpt_replies) if r.ok]
+        if not mail_reply.ok and accepted:
+            raise LMTPProtocolError(f"RCPT accepted after MAIL was refused ({mail_reply})")
+        if not accepted:
+            await self.answer("message")  # BDAT's one refusal (need MAIL, no valid recipients)
+            return rcpt_replies if mail_reply.ok else [mail_reply] * len(rcpt_replies)
+        for i in accepted:
+            rcpt_replies[i] = (await self.answer("message"))[0]
         return rcpt_replies
 
     async def _send_body(self, body: SpooledBody) -> Reply | None:
@@ -209,6 +267,10 @@ class StoreConnection:
             await self.send(stuff(piece))
         await self.send(stuff.end())
         return None
+
+    def closed_by_store(self) -> bool:
+        """Its end of file (or a reset) is in already: nothing more can go on it."""
+        return self.reader.at_eof() or self.reader.exception() is not None or self.writer.is_closing()
 
     def close(self) -> None:
         self.writer.transport.abort()
@@ -286,7 +348,7 @@ class StorePool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if now - conn.idle_since <= self.pool_idle:
+            if now - conn.idle_since <= self.pool_idle and not conn.closed_by_store():
                 conn.timeout = self.timeout
                 return conn
             conn.close()
@@ -326,7 +388,7 @@ class StorePool:
                 replies = await conn.transaction(env, rcpts, body)
             except LMTPUnavailable as e:
                 conn.close()
-                if reused and not conn.data_sent:
+                if reused and (not conn.data_sent or (isinstance(e, StoreClosed) and not conn.answered)):
                     # closed by the store while pooled: its other idle ones are likely closed too
                     log.info("store %s:%d: pooled connection unusable (%s), opening a new one", *key, e)
                     self._drop_idle(key)
