@@ -236,7 +236,7 @@ class PipeliningStore(ScriptedStore):
         super().close()
 
 
-def _two_transactions(port, body, second_rcpts=(b"RCPT TO:<c@x>\r\n",), timeout=10.0):
+def _two_transactions(port, body, second_rcpts=(Recipient("c@x"),), timeout=10.0):
     async def run():
         pool = StorePool(
             "proxy.test", pool_size=2, pool_idle=60.0, connections_max=4, connect_timeout=5.0, timeout=timeout
@@ -244,7 +244,7 @@ def _two_transactions(port, body, second_rcpts=(b"RCPT TO:<c@x>\r\n",), timeout=
         env = Envelope("s@x", "Q1", "8BITMIME")
         try:
             first = await pool.deliver(
-                "127.0.0.1", port, env, [b"RCPT TO:<a@x>\r\n", b"RCPT TO:<nobody@x>\r\n", b"RCPT TO:<b@x>\r\n"], body
+                "127.0.0.1", port, env, [Recipient("a@x"), Recipient("nobody@x"), Recipient("b@x")], body
             )
             await asyncio.sleep(0.2)  # a 421 and the close of a pooled connection are in before it is reused
             try:
@@ -278,7 +278,7 @@ def test_one_write_a_transaction_with_pipelining_and_chunking(tmp_path):
 def test_pipelined_transaction_with_no_recipient_reads_bdats_one_refusal(tmp_path):
     store = PipeliningStore()
     try:
-        first, second, _ = _two_transactions(store.port, spooled(tmp_path, BODY), [b"RCPT TO:<nobody@x>\r\n"])
+        first, second, _ = _two_transactions(store.port, spooled(tmp_path, BODY), [Recipient("nobody@x")])
     finally:
         store.close()
     assert [(r.code, r.status) for r in second] == [(550, "5.1.1")]
