@@ -74,7 +74,9 @@ def plan_changes(rows) -> Plan:
                 before.add(name)
 
     for _seq, kind, op, name, old_name in rows:
-        kind = "group" if kind == "member" else kind
+        if kind == "member":  # its group exists (a new group's own insert comes first)
+            touch("group", name, True)
+            continue
         if old_name:
             touch(kind, old_name, True)
         touch(kind, name, op != "insert" and not old_name)
@@ -115,6 +117,7 @@ class DbSource(Loader):
         self._notified = False  # a notification came in during a query (the socket will not show it)
         self._lost_at: float | None = None  # monotonic time the connection was lost (logged once)
         self._held: int | None = None  # the last seq of a batch the guard holds back (logged once)
+        self._needs_whole = False  # changes cannot be applied (a pruned log...): a whole load is due
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
     # -- the connection ----------------------------------------------------
@@ -164,6 +167,7 @@ class DbSource(Loader):
         import psycopg
 
         conn = self._connection()
+        self._notified = False  # the snapshot holds what was notified so far; what comes now wakes us again
         try:
             with conn.transaction(), conn.cursor() as cur:
                 return work(cur)
@@ -218,7 +222,6 @@ class DbSource(Loader):
             groups = cur.execute(GROUPS_BY_NAME, (list(plan.groups),)).fetchall() if plan.groups else []
             return rows, users, groups
 
-        self._notified = False  # what is notified from here on is read again
         got = self._read(read)
         if got is None:
             return False
@@ -249,6 +252,19 @@ class DbSource(Loader):
         )
         return True
 
+    def _load_whole(self, unless_refused: bool = False) -> None:
+        """A whole load instead of changes, until one is served. The guard
+        refused the database as it is: tried again (`unless_refused`) only
+        once its log moved on, or on SIGHUP or SIGUSR1, not on every poll."""
+        self._needs_whole = True
+        if unless_refused and self._refused_signature == (
+            "database",
+            self._read(lambda cur: cur.execute(LAST_SEQ).fetchone()[0]),
+        ):
+            return
+        self.load_logged()
+        self._needs_whole = self._refused_signature is not None
+
     def _hold(self, last: int, lost: int) -> None:
         """The guard holds back a batch that loses too many users (ERROR once)."""
         if self._held is not None:
@@ -274,9 +290,9 @@ class DbSource(Loader):
                 was_lost = self._lost_at is not None
                 if self._wanted.is_set():
                     self._wanted.clear()
-                    self.load_logged()
-                elif not self.catch_up():
-                    self.load_logged()
+                    self._load_whole()
+                elif self._needs_whole or not self.catch_up():
+                    self._load_whole(unless_refused=True)
                 if was_lost:
                     log.info(
                         "database connection back after %.0f s; caught up to seq %d",

@@ -123,11 +123,6 @@ def test_an_empty_database_is_refused_at_start_unless_allowed(pg, tmp_path):
         wait_for(lambda: s.client().passwd_by_name("first"), timeout=VISIBLE, describe=s.output)
 
 
-def test_source_and_files_together_are_a_configuration_error(site):
-    with pytest.raises(RuntimeError, match="use one or the other"):
-        PwServer({"passwd": site.dir / "gen" / "passwd"}, "--source", site.uri, log_dir=site.dir)
-
-
 def test_user_add_passwd_and_del_are_served_without_a_reload(site):
     with site.server() as s, Client([s.address], shadow_keyfile=str(site.key)) as c:
         generation = stats(s.addr)["generation"]
@@ -341,3 +336,35 @@ def test_the_nss_module_sees_a_new_user(site):
         conf = client_conf(site.dir / "nss.conf", [s.address])
         assert user(site.dsn, "add", "nssuser", "--no-password").returncode == 0
         wait_for(lambda: getent(conf, "passwd", "nssuser").returncode == 0, timeout=VISIBLE, describe=s.output)
+
+
+def test_a_whole_load_the_guard_refuses_is_not_tried_on_every_poll(site):
+    conf = site.dir / "poll.toml"
+    conf.write_text("[pwserver]\npoll_seconds = 0.5\n")
+    with site.server("--config", str(conf)) as s:
+        last = site.last_seq()
+        s.signal(signal.SIGSTOP)
+        try:  # most users deleted and the log pruned past the server: only a whole load can follow
+            site.sql("DELETE FROM pwmail.users WHERE uid IN (SELECT uid FROM pwmail.users ORDER BY uid LIMIT 200)")
+            site.sql(("DELETE FROM pwmail.changes WHERE seq <= %s", (last + 1,)))
+        finally:
+            s.signal(signal.SIGCONT)
+        s.wait_line("reload refused", "the guard's refusal", timeout=VISIBLE)
+        before = _transactions(site)
+        time.sleep(4)  # eight polls, each one look at the log: not a busy loop
+        assert _transactions(site) - before < 200
+        assert s.output().count("reload refused") == 1 and stats(s.addr)["users"] == 300
+        site.sql("INSERT INTO pwmail.users (name, uid, gid, home) VALUES ('later', 95000, 100, '/h')")
+        wait_for(lambda: s.output().count("reload refused") == 2, timeout=VISIBLE, describe=s.output)
+        s.signal(signal.SIGUSR1)
+        wait_for(lambda: stats(s.addr)["users"] == 101, timeout=VISIBLE, describe=s.output)
+        assert_serves_the_database(site, s)
+        site.sql("INSERT INTO pwmail.users (name, uid, gid, home) VALUES ('after', 95001, 100, '/h')")
+        wait_for(lambda: s.client().passwd_by_name("after"), timeout=VISIBLE, describe=s.output)
+
+
+def _transactions(site: Site) -> int:
+    """Transactions the database committed so far (PostgreSQL's statistics)."""
+    with psycopg.connect(site.dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_force_next_flush()")
+        return conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()").fetchone()[0]
