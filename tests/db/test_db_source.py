@@ -271,9 +271,15 @@ def big_site(pg, tmp_path):
 
 
 def _two_replicas(site: Site):
-    conf = site.dir / "pwmail.toml"
-    conf.write_text("[pwserver]\nreload_max_shrink = 1.0\nsource_reconnect_max = 1.0\npoll_seconds = 1.0\n")
-    return site.server("--config", str(conf)), site.server("--config", str(conf))
+    """One replica given --source, the other `source` in its settings."""
+    settings = "[pwserver]\nreload_max_shrink = 1.0\nsource_reconnect_max = 1.0\npoll_seconds = 1.0\n"
+    flag, conf = site.dir / "flag.toml", site.dir / "conf.toml"
+    flag.write_text(settings)
+    conf.write_text(settings + f'source = "{site.uri}"\n')
+    return (
+        site.server("--config", str(flag)),
+        PwServer({}, "--config", str(conf), shadow_key=site.key, log_dir=site.dir),
+    )
 
 
 def test_two_replicas_follow_thousands_of_changes_under_load(big_site):
