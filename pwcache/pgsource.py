@@ -30,9 +30,9 @@ from pwcache.source_sql import (
     GROUPS_BY_NAME,
     LAST_SEQ,
     LOG_AROUND,
-    SOURCE_QUERIES,
+    SOURCE_COPIES,
     USERS_BY_NAME,
-    copy_unescape,
+    copy_single_bytea,
     log_kept,
 )
 from pwcache.table import Change, Table, stats_of
@@ -185,9 +185,9 @@ class DbSource(Loader):
         def snapshot(cur):
             last = cur.execute(LAST_SEQ).fetchone()[0]
             texts = {}
-            for name, query in SOURCE_QUERIES.items():
-                with cur.copy(f"COPY ({query}) TO STDOUT") as copy:
-                    texts[name] = copy_unescape(b"".join(copy))
+            for name, copy_sql in SOURCE_COPIES.items():
+                with cur.copy(copy_sql) as copy:
+                    texts[name] = copy_single_bytea(b"".join(copy))
             return last, texts
 
         last, texts = self._read(snapshot)

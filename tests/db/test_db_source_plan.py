@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from pwcache.pgsource import plan_changes, render_batch
-from pwcache.source_sql import check_source_uri, log_kept
+from pwcache.source_sql import check_source_uri, copy_single_bytea, log_kept
 from tests.support.pwtest import BIN
 
 
@@ -79,3 +79,12 @@ def test_source_and_files_together_are_a_configuration_error(tmp_path):
         timeout=60,
     )
     assert proc.returncode == 78 and "use one or the other" in proc.stderr, proc.stderr
+
+
+def test_one_bytea_out_of_copys_binary_format():
+    row = (1).to_bytes(2, "big") + (5).to_bytes(4, "big") + b"a:x\n\\"
+    data = b"PGCOPY\n\xff\r\n\x00" + bytes(4) + (2).to_bytes(4, "big") + b"xx" + row + b"\xff\xff"
+    assert copy_single_bytea(data) == b"a:x\n\\"  # the header extension skipped, nothing unescaped
+    for bad in (b"COPY", data[:-8]):
+        with pytest.raises(ValueError):
+            copy_single_bytea(bad)
