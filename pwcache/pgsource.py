@@ -20,6 +20,7 @@ import logging
 import os
 import select
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from pwcache._pwtable import lib
 from pwcache.changes import TableChanges
@@ -101,6 +102,12 @@ def render_batch(plan: Plan, user_rows, group_rows) -> tuple[list[Change], int]:
     return batch, len(plan.users_before - present)
 
 
+def _copy(cur, name: str) -> bytes:
+    """A whole source (SOURCE_COPIES) in the cursor's snapshot."""
+    with cur.copy(SOURCE_COPIES[name]) as copy:
+        return copy_single_bytea(b"".join(copy))
+
+
 def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -128,13 +135,9 @@ class DbSource(Loader):
         import psycopg  # on use: a file-source pwserver does not load it
 
         try:
-            conn = psycopg.connect(
-                self.cfg.source, autocommit=True, connect_timeout=CONNECT_TIMEOUT, application_name="pwserver"
-            )
+            conn = self._connect(psycopg)
         except psycopg.Error as e:
             raise SourceUnreachable(f"cannot reach the database: {_one_line(e)}") from None
-        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        conn.read_only = True
         conn.add_notify_handler(self._on_notify)
         try:
             conn.execute(f"LISTEN {CHANNEL}")
@@ -143,6 +146,15 @@ class DbSource(Loader):
             raise SourceUnreachable(f"cannot listen on {CHANNEL}: {_one_line(e)}") from None
         self.conn = conn
         self._publish_state()
+        return conn
+
+    def _connect(self, psycopg):
+        """A connection whose transactions are read-only snapshots."""
+        conn = psycopg.connect(
+            self.cfg.source, autocommit=True, connect_timeout=CONNECT_TIMEOUT, application_name="pwserver"
+        )
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
         return conn
 
     def _on_notify(self, _notify) -> None:
@@ -184,10 +196,14 @@ class DbSource(Loader):
 
         def snapshot(cur):
             last = cur.execute(LAST_SEQ).fetchone()[0]
-            texts = {}
-            for name, copy_sql in SOURCE_COPIES.items():
-                with cur.copy(copy_sql) as copy:
-                    texts[name] = copy_single_bytea(b"".join(copy))
+            # the other sources are built at the same time by the database, on
+            # connections of their own sharing this snapshot
+            shared = cur.execute("SELECT pg_export_snapshot()").fetchone()[0]
+            first, *others = SOURCE_COPIES
+            with ThreadPoolExecutor(len(others), thread_name_prefix="pwserver-copy") as pool:
+                pending = {name: pool.submit(self._copy_in, shared, name) for name in others}
+                texts = {first: _copy(cur, first)}
+                texts.update((name, f.result()) for name, f in pending.items())
             return last, texts
 
         last, texts = self._read(snapshot)
@@ -197,6 +213,15 @@ class DbSource(Loader):
         self.last, self._held = last, None
         self._publish_state()
         log.info("database source: holds the change log up to seq %d", last)
+
+    def _copy_in(self, snapshot_id: str, name: str) -> bytes:
+        """One source read on a connection of its own, in the snapshot `snapshot_id`."""
+        import psycopg
+        from psycopg import sql
+
+        with self._connect(psycopg) as conn, conn.transaction(), conn.cursor() as cur:
+            cur.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
+            return _copy(cur, name)
 
     # -- following -----------------------------------------------------------
 
