@@ -9,7 +9,7 @@ import pytest
 
 from pwcache.pgsource import plan_changes, render_batch
 from pwcache.source_sql import check_source_uri, copy_single_bytea, log_kept
-from tests.support.pwtest import BIN
+from tests.support.pwtest import BIN, free_port
 
 
 def test_first_row_of_a_name_says_whether_the_table_held_it():
@@ -88,3 +88,16 @@ def test_one_bytea_out_of_copys_binary_format():
     for bad in (b"COPY", data[:-8]):
         with pytest.raises(ValueError):
             copy_single_bytea(bad)
+
+
+def test_a_database_out_of_reach_at_start_exits_1_without_binding():
+    uri = f"postgresql://pwmail@127.0.0.1:{free_port()}/pwmail"
+    proc = subprocess.run(
+        [str(BIN / "pwserver"), "--source", uri, "--listen", "127.0.0.1:0", "--log-stderr"],
+        capture_output=True,
+        text=True,
+        env={"PWMAIL_CONF": "/nonexistent", "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert proc.returncode == 1 and "cannot reach the database" in proc.stderr, proc.stderr
+    assert "ready on" not in proc.stderr
