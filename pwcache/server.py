@@ -25,6 +25,7 @@ from pwcache._pwtable import ffi, lib
 from pwcache.placement import SECTION as PLACEMENT
 from pwcache.placement import PlacementError, PlacementRule
 from pwcache.reload_guard import GUARD_DEFAULTS, GuardLimits, Reason, Refusal
+from pwcache.source_sql import SOURCE_DEFAULTS, check_source_uri
 from pwcache.table import CHandle, Table, TableError
 from pwcache.tcp_server import TCP_DEFAULTS, TcpLimits, TcpServer
 from pwmail.base import cli, settings
@@ -50,6 +51,7 @@ DEFAULTS: dict = {
     "poll_seconds": 2.0,
     "syslog": "",
     "metrics_listen": "",  # HOST:PORT for Prometheus metrics (pwcache/server_metrics.py); "" = off
+    **SOURCE_DEFAULTS,  # source, source_* (pwcache/source_sql.py)
 }
 SECTION = settings.Section(
     "pwserver",
@@ -66,6 +68,9 @@ SECTION = settings.Section(
             for key in ("tcp_max_connections", "tcp_max_per_source", "tcp_frame_timeout", "tcp_idle_timeout")
         },
         "tcp_max_queued": settings.non_negative,
+        "source": check_source_uri,
+        "source_reconnect_max": settings.positive,
+        "source_full_reload_changes": settings.positive,
     },
 )
 SOURCES = ("passwd", "shadow", "group", "mailhosts")
@@ -230,6 +235,9 @@ class Config:
     guard: GuardLimits
     accept_shrink: bool  # serve the first load even if the guard refuses it
     metrics_listen: str = ""  # "" = no metrics
+    source: str = ""  # a PostgreSQL URI instead of the files (pwcache/pgsource.py)
+    source_reconnect_max: float = SOURCE_DEFAULTS["source_reconnect_max"]
+    source_full_reload_changes: int = SOURCE_DEFAULTS["source_full_reload_changes"]
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -266,7 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--listen", metavar="HOST:PORT", help=f"address to serve (default {DEFAULTS['listen']}; port 0 picks one)"
     )
-    p.add_argument("--passwd", metavar="F", help="passwd(5) file (required here or in the settings)")
+    p.add_argument(
+        "--source",
+        metavar="URI",
+        help="follow a PostgreSQL user database (postgresql://...; docs/pwserver.md) instead of the files",
+    )
+    p.add_argument("--passwd", metavar="F", help="passwd(5) file (required here or in the settings, without --source)")
     p.add_argument("--shadow", metavar="F", help="shadow(5) file")
     p.add_argument("--group", metavar="F", help="group(5) file")
     p.add_argument("--mailhosts", metavar="F", help="mailhosts map: 'user host [frozen]' a line")
@@ -311,6 +324,7 @@ def load_config(args: argparse.Namespace) -> Config:
             key: getattr(args, key)
             for key in (
                 "listen",
+                "source",
                 "passwd",
                 "shadow",
                 "group",
@@ -329,8 +343,11 @@ def load_config(args: argparse.Namespace) -> Config:
         rule = PlacementRule.from_settings(PLACEMENT.load(args.config))
     except PlacementError as e:
         raise ConfigError(f"{path}: {e}") from None
-    if not cfg["passwd"]:
-        raise ConfigError("no passwd file: give --passwd F (or passwd in [pwserver])")
+    if cfg["source"] and any(cfg[k] for k in SOURCES):
+        given = ", ".join(k for k in SOURCES if cfg[k])
+        raise ConfigError(f"a database source (--source) and source files ({given}) given: use one or the other")
+    if not cfg["passwd"] and not cfg["source"]:
+        raise ConfigError("no passwd file: give --passwd F (or passwd in [pwserver]), or --source URI")
     threads, poll_seconds, busy_poll_us, allow = cfg["threads"], cfg["poll_seconds"], cfg["busy_poll_us"], cfg["allow"]
     try:
         tcp = TcpLimits.from_settings(cfg)
@@ -352,6 +369,9 @@ def load_config(args: argparse.Namespace) -> Config:
         guard=guard,
         accept_shrink=args.accept_shrink,
         metrics_listen=cfg["metrics_listen"],
+        source=cfg["source"],
+        source_reconnect_max=float(cfg["source_reconnect_max"]),
+        source_full_reload_changes=int(cfg["source_full_reload_changes"]),
     )
 
 
@@ -377,6 +397,11 @@ class SourceMissing(TableError):
     def __init__(self, text: str, logged: bool):
         super().__init__(text)
         self.logged = logged
+
+
+class SourceUnreachable(TableError):
+    """The database source cannot be read: not reachable, or the
+    connection lost (pwcache/pgsource.py reconnects)."""
 
 
 class Unservable(Exception):
@@ -429,13 +454,26 @@ class Loader:
         t0, cpu0 = time.monotonic(), time.thread_time()
         src = self.cfg.sources
         table = Table.from_files(src["passwd"], src["shadow"], src["group"], src["mailhosts"], self.cfg.rule)
-        stats, skipped_lines = table.stats(), table.skipped_lines()
+        skipped_lines = table.skipped_lines()
+        self.install_checked(table, sig, accept, t0, cpu0)
+        for source, line, why in skipped_lines:  # the first few, located
+            log.warning("%s:%d: line skipped (%s)", src[source], line, why)
+
+    def note_refusal(self, refusal: Refusal) -> None:
+        """Counts a refusal of the guard for STATS."""
+        self.refused += 1
+        self.core.set_refusals(self.refused, refusal)
+
+    def install_checked(self, table: Table, key, accept: bool, t0: float, cpu0: float) -> None:
+        """Serves a loaded table unless the reload guard refuses it
+        (LoadRefused, unless `accept`); `key` names what was loaded (the
+        files' signature): a refusal of the same key again says so."""
+        stats = table.stats()
         refusal = self.cfg.guard.check(stats, self.users)
         if refusal and not accept:
             table.close()
-            self.refused += 1
-            self.core.set_refusals(self.refused, refusal)
-            again, self._refused_signature = sig == self._refused_signature, sig
+            self.note_refusal(refusal)
+            again, self._refused_signature = key == self._refused_signature, key
             raise LoadRefused(refusal, again)
         if refusal:
             log.warning("serving a load the reload guard refuses, as the operator asked: %s", refusal.text)
@@ -457,8 +495,6 @@ class Loader:
             stats["bytes"],
             "; skipped: " + ", ".join(f"{k}={v}" for k, v in skipped.items()) if skipped else "",
         )
-        for source, line, why in skipped_lines:  # the first few, located
-            log.warning("%s:%d: line skipped (%s)", src[source], line, why)
 
     def _note_missing(self, sig: tuple) -> None:
         """Logs a source file that went missing, once, and once when it is
@@ -498,38 +534,57 @@ class Loader:
         self._wanted.set()
         self._thread.join(timeout=30)
 
-    def _run(self) -> None:
-        # builds yield the CPU to the serving threads (Linux: nice is per thread)
+    @staticmethod
+    def lower_priority() -> None:
+        """Builds yield the CPU to the serving threads (Linux: nice is per thread)."""
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), RELOAD_NICE)
         except OSError as e:
             log.warning("cannot lower the reload thread's priority: %s", e)
+
+    def _run(self) -> None:
+        self.lower_priority()
         while True:
             self._wanted.wait()
             self._wanted.clear()
             if self._stop:
                 return
-            accept, self._accept = self._accept, False  # the override is spent by this load, whatever comes of it
-            try:
-                self.load(accept)
-            except SourceMissing as e:
-                if not e.logged:
-                    log.info("reload skipped, still serving generation %d: %s", self.core.generation, e)
-            except LoadRefused as e:
-                # ERROR once for these files; asked again (SIGHUP), the same answer is news to nobody
-                log.log(
-                    logging.INFO if e.again else logging.ERROR,
-                    "reload refused%s, still serving generation %d (%d users): %s; fix the sources, "
-                    "or send SIGUSR1 to serve them anyway",
-                    " again" if e.again else "",
-                    self.core.generation,
-                    self.users,
-                    e,
-                )
-            except TableError as e:
-                log.error("reload failed, still serving generation %d: %s", self.core.generation, e)
-            except Exception:  # keep reloading later
-                log.exception("reload failed, still serving generation %d", self.core.generation)
+            self.load_logged()
+
+    def load_logged(self) -> None:
+        """load(), what goes wrong logged (the served generation stays)."""
+        accept, self._accept = self._accept, False  # the override is spent by this load, whatever comes of it
+        try:
+            self.load(accept)
+        except SourceUnreachable:
+            raise  # the database source reconnects (pwcache/pgsource.py)
+        except SourceMissing as e:
+            if not e.logged:
+                log.info("reload skipped, still serving generation %d: %s", self.core.generation, e)
+        except LoadRefused as e:
+            # ERROR once for these files; asked again (SIGHUP), the same answer is news to nobody
+            log.log(
+                logging.INFO if e.again else logging.ERROR,
+                "reload refused%s, still serving generation %d (%d users): %s; fix the sources, "
+                "or send SIGUSR1 to serve them anyway",
+                " again" if e.again else "",
+                self.core.generation,
+                self.users,
+                e,
+            )
+        except TableError as e:
+            log.error("reload failed, still serving generation %d: %s", self.core.generation, e)
+        except Exception:  # keep reloading later
+            log.exception("reload failed, still serving generation %d", self.core.generation)
+
+
+def make_loader(core: ServerCore, cfg: Config) -> Loader:
+    """The files' loader, or the database source's follower."""
+    if not cfg.source:
+        return Loader(core, cfg)
+    from pwcache.pgsource import DbSource  # on use: a file-source pwserver does not load psycopg
+
+    return DbSource(core, cfg)
 
 
 # ---- sockets --------------------------------------------------------------
@@ -613,7 +668,7 @@ def serve(cfg: Config) -> int:
             raise ConfigError("keys given but libsodium (libsodium.so.23) is not installed")
         for cidr in cfg.allow:
             core.allow(cidr)
-        loader = Loader(core, cfg)
+        loader = make_loader(core, cfg)
         try:
             loader.load(cfg.accept_shrink)  # bind only once there is something to serve
         except TableError as e:
@@ -719,12 +774,12 @@ def start(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     if cfg.syslog:
         setup_logging("pwserver", stderr=args.log_stderr, daemon=True, syslog_address=cfg.syslog)
-    if cfg.sources["shadow"] and not cfg.shadow_key:
+    if (cfg.sources["shadow"] or cfg.source) and not cfg.shadow_key:
         # shadow requests must be sealed with a key the server holds: every client would time out
         log.warning(
             "shadow source %s given but no shadow key (--shadow-key): shadow lookups are not enabled "
             "on this server, and its clients will report that no password server answered",
-            cfg.sources["shadow"],
+            cfg.sources["shadow"] or "(the database)",
         )
     return serve(cfg)
 

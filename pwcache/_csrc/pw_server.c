@@ -70,6 +70,7 @@ struct pws_server {
     _Atomic uint64_t loaded_time; /* Unix time the served generation was put in place */
     pthread_mutex_t refusals_lock; /* the reload thread writes, STATS reads */
     pws_refusals refusals;
+    _Atomic uint64_t source_seq, source_connected; /* pws_set_source */
     _Atomic int stopping;
     _Atomic unsigned busy_poll_us; /* 0: always block */
     _Atomic int spinner;           /* a thread is in its busy-poll window */
@@ -111,6 +112,12 @@ void pws_set_refusals(pws_server *s, const pws_refusals *r)
     pthread_mutex_lock(&s->refusals_lock);
     s->refusals = *r;
     pthread_mutex_unlock(&s->refusals_lock);
+}
+
+void pws_set_source(pws_server *s, uint64_t seq, int connected)
+{
+    atomic_store(&s->source_seq, seq);
+    atomic_store(&s->source_connected, connected ? 1 : 0);
 }
 
 void pws_set_keys(pws_server *s, const uint8_t *network_key, const uint8_t *shadow_key)
@@ -306,6 +313,8 @@ static void put_stats(pws_server *s, const pwt_table *t, pwp_buf *b)
         {"reloads_refused", rf.count}, {"last_refusal_time", rf.time},
         {"last_refusal_reason", rf.reason}, {"last_refused_users", rf.users},
         {"last_refused_bad_lines", rf.bad_lines},
+        {"source_seq", atomic_load(&s->source_seq)},
+        {"source_connected", atomic_load(&s->source_connected)},
     };
     size_t ntv = sizeof tv / sizeof tv[0];
     pwp_put_map(b, (uint32_t)(NCOUNTERS + ntv));

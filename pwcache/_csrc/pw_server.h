@@ -82,6 +82,11 @@ typedef struct {
  * one record or of the previous one, never a mix). */
 void pws_set_refusals(pws_server *s, const pws_refusals *r);
 
+/* What STATS says of a database source (pwcache/pgsource.py;
+ * docs/pwserver.md, "A PostgreSQL source"): the change log's last sequence
+ * number applied, and 1 while connected to the database (file sources: 0, 0). */
+void pws_set_source(pws_server *s, uint64_t seq, int connected);
+
 /* Counters, summed over slots. */
 int pws_ncounters(void);
 const char *pws_counter_name(int i);

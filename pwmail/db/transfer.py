@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import pathlib
-import re
+
+from pwcache.source_sql import SOURCE_QUERIES, copy_unescape
 
 from . import files
 from .progress import Progress
@@ -31,21 +32,6 @@ USER_COLUMNS = (
     "frozen",
 )
 
-# The export's SELECTs: each row is one line of the file. Users in uid order,
-# groups in gid order, members in the order they were added.
-_OPT = "coalesce({}::text, '')"
-EXPORT_QUERIES = {
-    "passwd": "SELECT name || ':x:' || uid || ':' || gid || ':' || gecos || ':' || home || ':' || shell "
-    "FROM pwmail.users ORDER BY uid",
-    "shadow": "SELECT name || ':' || password_hash || ':' || "
-    + " || ':' || ".join(_OPT.format(c) for c in USER_COLUMNS[7:14])
-    + " FROM pwmail.users WHERE password_hash IS NOT NULL ORDER BY uid",
-    "group": "SELECT g.name || ':x:' || g.gid || ':' || coalesce(string_agg(m.user_name, ',' ORDER BY m.position), '') "
-    "FROM pwmail.groups g LEFT JOIN pwmail.members m ON m.group_name = g.name "
-    "GROUP BY g.name, g.gid ORDER BY g.gid",
-    "mailhosts": "SELECT name || ' ' || mailhost || CASE WHEN frozen THEN ' frozen' ELSE '' END "
-    "FROM pwmail.users WHERE mailhost IS NOT NULL ORDER BY uid",
-}
 FILE_MODES = {
     "passwd": files.PUBLIC_MODE,
     "shadow": files.SHADOW_MODE,
@@ -55,8 +41,6 @@ FILE_MODES = {
 
 # COPY's text format escapes (PostgreSQL docs, "COPY ... File Formats")
 _COPY_ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-_COPY_UNESCAPE = re.compile(rb"\\(.)")
-_UNESCAPED = {b"\\": b"\\", b"t": b"\t", b"n": b"\n", b"r": b"\r", b"b": b"\b", b"f": b"\f", b"v": b"\v"}
 
 
 class ImportRefused(Exception):
@@ -180,24 +164,21 @@ def import_files(
     return {"users": len(site.names), "groups": len(site.groups), "members": len(site.members)}, site
 
 
-def _unescape(row: bytes) -> bytes:
-    return _COPY_UNESCAPE.sub(lambda m: _UNESCAPED.get(m.group(1), m.group(1)), row) if b"\\" in row else row
-
-
 def export_site(conn, folder: pathlib.Path) -> dict[str, int]:
     """Writes passwd, shadow, group and mailhosts into `folder` from one
     snapshot of the database; the four files replace the old ones together
-    at the end (files.StagedFiles). Returns the lines written per file."""
+    at the end (files.StagedFiles). Returns the lines written per file.
+    The SELECTs are the ones pwserver loads a database source with."""
     staged = files.StagedFiles(folder)
     counts: dict[str, int] = {}
     try:
         with conn.transaction(), conn.cursor() as cur:
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            for name, query in EXPORT_QUERIES.items():
+            for name, query in SOURCE_QUERIES.items():
                 n = 0
                 with staged.open(name, FILE_MODES[name]) as out, cur.copy(f"COPY ({query}) TO STDOUT") as copy:
                     for row in copy:
-                        out.write(_unescape(bytes(row)))
+                        out.write(copy_unescape(bytes(row)))
                         n += 1
                 counts[name] = n
         staged.commit()

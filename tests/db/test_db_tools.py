@@ -5,14 +5,14 @@ whole sites moved from files to the database and back."""
 from __future__ import annotations
 
 import itertools
-import os
 import stat
 import subprocess
 
 import pytest
 
 from tests.support import pg_util
-from tests.support.pwtest import BIN, gen_users
+from tests.support.pg_util import pwmail, user
+from tests.support.pwtest import gen_users
 
 psycopg = pytest.importorskip("psycopg")
 from pop import crypt  # noqa: E402
@@ -23,32 +23,12 @@ pytestmark = pytest.mark.skipif(not pg_util.available(), reason="needs root, set
 _db_numbers = itertools.count(1)
 
 
-@pytest.fixture(scope="session")
-def pg():
-    server = pg_util.PostgresServer()
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def dsn(pg) -> str:
     """A new empty database with the schema."""
     dsn = pg.create_database(f"t{next(_db_numbers)}")
     assert pwmail("db", "init", dsn).returncode == 0
     return dsn
-
-
-def pwmail(*args: str, stdin: str = "", conf: str = "/nonexistent/pwmail.toml") -> subprocess.CompletedProcess:
-    env = dict(os.environ, PWMAIL_CONF=conf)
-    return subprocess.run(
-        [str(BIN / "pwmail"), *args], input=stdin, capture_output=True, text=True, env=env, timeout=300
-    )
-
-
-def user(dsn: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    return pwmail("user", "--db", dsn, *args, stdin=stdin)
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:

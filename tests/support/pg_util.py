@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 import time
 
-from tests.support.pwtest import free_port, wait_for
+from tests.support.pwtest import BIN, free_port, wait_for
 
 PG_BIN = pathlib.Path(os.environ.get("PWMAIL_PG_BIN", "/usr/lib/postgresql/15/bin"))
 NOBODY = 65534
@@ -68,6 +68,10 @@ class PostgresServer:
             "--locale=C.UTF-8",
             "--no-sync",
         )
+        self._pg_ctl_start()
+        return self
+
+    def _pg_ctl_start(self) -> None:
         opts = (
             f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.sock} "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
@@ -94,7 +98,18 @@ class PostgresServer:
                 describe=self.log.read_text,
             )
         )
-        return self
+
+    def pause(self) -> None:
+        """Stops the server (`pg_ctl stop -m fast`: sessions are cut) until resume()."""
+        self._as_nobody(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop", timeout=60)
+        self.pid = None
+
+    def resume(self) -> None:
+        self._pg_ctl_start()
+
+    def uri(self, dbname: str) -> str:
+        """The database as a postgresql:// URI (pwserver --source)."""
+        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{dbname}"
 
     def dsn(self, dbname: str = "postgres") -> str:
         return f"host=127.0.0.1 port={self.port} user={SUPERUSER} dbname={dbname}"
@@ -123,3 +138,16 @@ class PostgresServer:
                 pass
             self.pid = None
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def pwmail(*args: str, stdin: str = "", conf: str = "/nonexistent/pwmail.toml") -> subprocess.CompletedProcess:
+    """The `pwmail` tool, settings from `conf` (none by default)."""
+    env = dict(os.environ, PWMAIL_CONF=conf)
+    return subprocess.run(
+        [str(BIN / "pwmail"), *args], input=stdin, capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def user(dsn: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    """`pwmail user --db DSN ...`"""
+    return pwmail("user", "--db", dsn, *args, stdin=stdin)

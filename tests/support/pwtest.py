@@ -177,7 +177,8 @@ class PwServer(Process):
     """A running `pwserver` serving `sources`: a folder (the files of
     SOURCES in it) or {name: path}. With port 0 in `listen` the server picks
     one; host, port and users come from its "ready" line. The log lies
-    beside passwd; PWMAIL_CONF is /nonexistent unless `env` names one."""
+    beside passwd (or in `log_dir`: a database source, `--source URI` in
+    `args`, has no passwd); PWMAIL_CONF is /nonexistent unless `env` names one."""
 
     def __init__(
         self,
@@ -188,6 +189,7 @@ class PwServer(Process):
         network_key: os.PathLike | str | None = None,
         env: dict | None = None,
         timeout: float = 60.0,
+        log_dir: pathlib.Path | None = None,
     ):
         if isinstance(sources, dict):
             paths = sources
@@ -200,7 +202,7 @@ class PwServer(Process):
             argv += ["--shadow-key", str(shadow_key)]
         if network_key:
             argv += ["--network-key", str(network_key)]
-        fd, log = tempfile.mkstemp(prefix="pwserver-", suffix=".log", dir=paths["passwd"].parent)
+        fd, log = tempfile.mkstemp(prefix="pwserver-", suffix=".log", dir=log_dir or paths["passwd"].parent)
         os.close(fd)
         super().__init__(argv + list(args), pathlib.Path(log), {"PWMAIL_CONF": "/nonexistent", **(env or {})})
         m = self.wait_line(READY, "pwserver", timeout)
