@@ -236,7 +236,10 @@ class PipeliningStore(ScriptedStore):
         super().close()
 
 
-def _two_transactions(port, body, second_rcpts=(Recipient("c@x"),), timeout=10.0):
+SECOND_RCPTS = (Recipient("c@x"),)
+
+
+def _two_transactions(port, body, second_rcpts=SECOND_RCPTS, timeout=10.0):
     async def run():
         pool = StorePool(
             "proxy.test", pool_size=2, pool_idle=60.0, connections_max=4, connect_timeout=5.0, timeout=timeout
