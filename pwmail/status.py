@@ -127,11 +127,9 @@ def storage_hosts(placement: dict, pop_cfg: dict, extra: list[str], hosts: hostm
     return list(dict.fromkeys(names))
 
 
-def store_address(name: str, port: int, suffix: str = "", mapped: str | None = None) -> tuple[str, int]:
-    if mapped:
-        return hostport.parse_hostport(mapped, port)
-    host, parsed_port = hostport.parse_hostport(name, port)
-    return host + suffix, parsed_port  # as pdelivery resolves a mailhost
+def pop_address(name: str, port: int, mapped: str | None = None) -> tuple[str, int]:
+    """Where pop-proxy would reach `name`'s POP: its backends/[hosts] target, else the name."""
+    return hostport.parse_hostport(mapped or name, port)
 
 
 def run_checks(args) -> list[Check]:
@@ -144,12 +142,10 @@ def run_checks(args) -> list[Check]:
     checks.append(check_health(cfg))
     pop_backends = {**hosts.targets("pop", int(pcfg["backend_port"])), **pcfg["backends"]}  # as pop-proxy
     for name in storage_hosts(placement, pcfg, args.store, hosts):
-        lmtp = hosts.address(name, "lmtp", int(dcfg["lmtp_port"])) or store_address(
-            name, int(dcfg["lmtp_port"]), dcfg["mailhost_suffix"]
-        )
+        lmtp = delivery.config.store_address(hosts, dcfg, name)  # as pdelivery and lmtp-proxy reach it
         ok, text = greeting(lmtp, b"220", args.timeout)
         checks.append(Check("lmtp", f"{name} ({hostport.format_hostport(lmtp)})", ok, text))
-        pop_addr = store_address(name, int(pcfg["backend_port"]), mapped=pop_backends.get(name))
+        pop_addr = pop_address(name, int(pcfg["backend_port"]), pop_backends.get(name))
         ok, text = greeting(pop_addr, b"+OK", args.timeout)
         checks.append(Check("pop", f"{name} ({hostport.format_hostport(pop_addr)})", ok, text))
     for proxy in args.proxy:
@@ -178,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", help="settings file (default $PWMAIL_CONF or /etc/pwmail.toml)")
     ap.add_argument("--pwserver-conf", help="client configuration (default $PWSERVER_CONF or /etc/pwserver.conf)")
     ap.add_argument(
-        "--store", action="append", default=[], metavar="HOST[:PORT]", help="another storage host to check (repeatable)"
+        "--store", action="append", default=[], metavar="HOST", help="another storage host to check (repeatable)"
     )
     ap.add_argument(
         "--proxy", action="append", default=[], metavar="HOST:PORT", help="a pop-proxy to check (repeatable)"
